@@ -20,6 +20,8 @@ import pandas as pd
 import shapely
 from shapely.geometry.base import BaseGeometry
 
+from core.io import write_atomic
+
 CELL_SIZE = 100.0
 RD_NEW = "EPSG:28992"
 _ROW_FACTOR = 10_000  # iy must stay below this: RD y < 1000 km
@@ -44,6 +46,10 @@ def cell_id(x: np.ndarray | float, y: np.ndarray | float) -> np.ndarray:
     y = np.asarray(y, dtype=np.float64)
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         raise ValueError("cell_id: coordinates must be finite (got NaN or inf)")
+    if ((np.abs(x) <= 180) & (np.abs(y) <= 90)).any():
+        raise ValueError(
+            "cell_id: coordinates look like lon/lat degrees; project them to EPSG:28992 metres"
+        )
     ix = np.floor(x / CELL_SIZE).astype(np.int64)
     iy = np.floor(y / CELL_SIZE).astype(np.int64)
     if (ix < 0).any() or (iy < 0).any() or (iy >= _ROW_FACTOR).any():
@@ -115,9 +121,8 @@ def clip_cells(
         cx, cy = cell_center(ids)
         keep = shapely.contains_xy(boundary, cx, cy)
     elif predicate == "intersects":
-        keep = shapely.intersects(boundary, cell_polygons(ids)) & ~shapely.touches(
-            boundary, cell_polygons(ids)
-        )
+        squares = cell_polygons(ids)
+        keep = shapely.intersects(boundary, squares) & ~shapely.touches(boundary, squares)
     else:
         raise ValueError(f"clip_cells: predicate must be 'center' or 'intersects', got {predicate!r}")
     return ids[keep]
@@ -200,11 +205,7 @@ def write_grid(cells: gpd.GeoDataFrame, path: str | PathLike) -> Path:
     path = Path(path)
     if "cell_id" not in cells.columns:
         raise ValueError(f"{path}: a grid table needs a 'cell_id' column")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    cells.to_parquet(tmp, index=False)
-    tmp.replace(path)
-    return path
+    return write_atomic(path, lambda tmp: cells.to_parquet(tmp, index=False))
 
 
 def read_grid(path: str | PathLike) -> gpd.GeoDataFrame:

@@ -14,6 +14,7 @@ from shapely.geometry.base import BaseGeometry
 
 from core import ASSETS
 from core.grid import RD_NEW, cell_center
+from core.io import read_table, require_columns
 
 BUURTEN_FILE = ASSETS / "amsterdam_buurten_2022.geojson"
 LANDMARKS_FILE = ASSETS / "amsterdam_landmarks.csv"
@@ -79,7 +80,7 @@ def assign_buurten(ids: np.ndarray, buurten: gpd.GeoDataFrame | None = None) -> 
     cx, cy = cell_center(ids)
     points = shapely.points(cx, cy)
     tree = shapely.STRtree(buurten.geometry.values)
-    point_idx, buurt_idx = tree.query(points, predicate="within")
+    point_idx, buurt_idx = tree.query(points, predicate="intersects")
     # A point on a shared edge matches two buurten: keep the first match per point.
     first = np.unique(point_idx, return_index=True)[1]
     out = pd.DataFrame(
@@ -95,11 +96,8 @@ def assign_buurten(ids: np.ndarray, buurten: gpd.GeoDataFrame | None = None) -> 
 
 def read_landmarks(path: str | PathLike = LANDMARKS_FILE) -> gpd.GeoDataFrame:
     """Named landmarks (``name``, ``kind``) as points in EPSG:28992."""
-    path = Path(path)
-    table = pd.read_csv(path)
-    missing = {"name", "kind", "lat", "lon"} - set(table.columns)
-    if missing:
-        raise ValueError(f"{path}: missing columns {sorted(missing)}")
+    table = read_table(path, "landmarks")
+    require_columns(table, ("name", "kind", "lat", "lon"), path)
     points = gpd.GeoDataFrame(
         table[["name", "kind"]], geometry=gpd.points_from_xy(table["lon"], table["lat"]), crs="EPSG:4326"
     )

@@ -1,0 +1,326 @@
+"""Street-level image catalogs: one table of images with position, source and file path.
+
+A catalog is a CSV, Parquet or GeoParquet file with columns ``id, source, path, heading,
+captured_at``, a position (``lon, lat`` in WGS84, ``x, y`` in RD New, or a point geometry in
+any CRS) and optionally ``pano_id, title, tags, license``. ``path`` is relative to the
+catalog's folder or absolute. Bad rows are rejected but always reported, never dropped quietly.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import shapely
+from pyproj import CRS, Transformer
+
+from core.grid import RD_NEW, cell_id
+from core.io import read_table, require_columns, write_atomic
+
+SOURCES = ("gsv", "flickr", "other")
+REQUIRED_COLUMNS = ("id", "source", "path", "heading", "captured_at")
+OPTIONAL_COLUMNS = ("pano_id", "title", "tags", "license")
+IMAGE_COLUMNS = (
+    *REQUIRED_COLUMNS[:3], "x", "y", *REQUIRED_COLUMNS[3:], *OPTIONAL_COLUMNS, "cell_id", "geometry"
+)
+PROBLEM_COLUMNS = ("id", "row", "kind", "problem")
+
+#: (min lon, min lat, max lon, max lat) of the Netherlands, WGS84.
+NL_LONLAT_BOUNDS = (3.2, 50.7, 7.3, 53.6)
+WGS84 = "EPSG:4326"
+
+# Rows failing a position check, and how to describe row i.
+PositionCheck = tuple[np.ndarray, Callable[[int], str]]
+
+
+@dataclass
+class Catalog:
+    """A read catalog.
+
+    Attributes:
+        images: accepted images, EPSG:28992 points with columns :data:`IMAGE_COLUMNS`;
+            ``path`` is absolute, ``captured_at`` is UTC (timezone-aware; values without a
+            zone are taken as UTC; NaT where empty), ``heading`` is float (NaN allowed).
+        problems: one row per problem of a rejected image, columns :data:`PROBLEM_COLUMNS`;
+            ``row`` is the 0-based row in the file.
+        path: the catalog file.
+    """
+
+    images: gpd.GeoDataFrame
+    problems: pd.DataFrame
+    path: Path
+
+    def summary(self) -> str:
+        """One line: images per source, cells covered and rejected rows by problem."""
+        per_source = self.images["source"].value_counts()
+        sources = ", ".join(f"{s} {int(per_source.get(s, 0))}" for s in SOURCES)
+        text = (
+            f"{self.path.name}: {len(self.images)} images ({sources}) in "
+            f"{self.images['cell_id'].nunique()} cells; "
+            f"{self.problems['row'].nunique()} rejected"
+        )
+        return text + (f" ({_kind_counts(self.problems)})" if len(self.problems) else "")
+
+
+def read_catalog(path: str | PathLike, check_files: bool = True) -> Catalog:
+    """Read and check an image catalog.
+
+    Rows are rejected, listed in ``problems`` and counted in one warning when: the id is
+    missing or duplicated (every row of a duplicated id), the source is not gsv/flickr/other,
+    the path is missing or (with ``check_files``) the file does not exist, heading is not a
+    number, captured_at is not an ISO 8601 time (empty is allowed), or the position is
+    missing, outside the Netherlands or has its two axes swapped.
+
+    Args:
+        path: a .csv, .parquet or .geoparquet catalog.
+        check_files: check that every image file exists.
+
+    Raises:
+        FileNotFoundError: if the catalog does not exist.
+        ValueError: naming the file, for an unknown extension, an unreadable file, missing
+            required columns or no position columns.
+    """
+    path = Path(path)
+    table = read_table(path, "image catalog")
+    require_columns(table, REQUIRED_COLUMNS, path)
+    table = table.reset_index(drop=True)
+    ids = table["id"]
+    id_text = ids.astype(str).str.strip().to_numpy()
+    found: list[tuple[int, str, str]] = []
+
+    def flag(mask: np.ndarray, kind: str, describe: Callable[[int], str]) -> None:
+        found.extend((int(i), kind, describe(int(i))) for i in np.flatnonzero(mask))
+
+    no_id = _blank(ids)
+    flag(no_id, "missing id", lambda i: "missing id")
+    counts = (
+        pd.Series(id_text).map(pd.Series(id_text[~no_id]).value_counts()).fillna(0).astype(int)
+    ).to_numpy()
+    duplicated = ~no_id & (counts > 1)
+    flag(duplicated, "duplicate id", lambda i: f"duplicate id {id_text[i]!r} ({counts[i]} rows)")
+
+    source = table["source"].astype(str).str.strip().str.lower()
+    flag(
+        ~source.isin(SOURCES).to_numpy(),
+        "unknown source",
+        lambda i: f"unknown source {table['source'][i]!r} (expected one of {list(SOURCES)})",
+    )
+
+    no_path = _blank(table["path"])
+    flag(no_path, "missing path", lambda i: "missing path")
+    folder = path.resolve().parent
+    # os.path.join keeps an absolute path as it is.
+    files = np.array(
+        [os.path.normpath(os.path.join(folder, str(p))) for p in table["path"]], dtype=object
+    )
+    if check_files:
+        absent = ~no_path & np.array([not os.path.isfile(f) for f in files], dtype=bool)
+        flag(absent, "missing file", lambda i: f"image file not found: {files[i]}")
+
+    heading = pd.to_numeric(table["heading"], errors="coerce")
+    flag(
+        (heading.isna() & ~_blank(table["heading"])).to_numpy(),
+        "bad heading",
+        lambda i: f"heading {table['heading'][i]!r} is not a number",
+    )
+
+    captured = _utc_times(table["captured_at"])
+    flag(
+        (captured.isna() & ~_blank(table["captured_at"])).to_numpy(),
+        "bad captured_at",
+        lambda i: f"captured_at {table['captured_at'][i]!r} is not an ISO 8601 time",
+    )
+
+    x, y, position_problems = _rd_positions(table, path)
+    for kind, (mask, describe) in position_problems.items():
+        flag(mask, kind, describe)
+
+    problems = pd.DataFrame(
+        [(id_text[i] if not no_id[i] else "", i, kind, text) for i, kind, text in found],
+        columns=list(PROBLEM_COLUMNS),
+    ).sort_values(["row", "kind"], ignore_index=True)
+    problems["row"] = problems["row"].astype(np.int64)
+    keep = np.ones(len(table), dtype=bool)
+    keep[problems["row"].to_numpy()] = False
+    if len(problems):
+        warnings.warn(
+            f"{path}: rejected {len(table) - int(keep.sum())} of {len(table)} images "
+            f"({_kind_counts(problems)}); see Catalog.problems",
+            stacklevel=2,
+        )
+
+    columns = {
+        "id": id_text,
+        "source": source.to_numpy(),
+        "path": files.astype(str),
+        "x": x,
+        "y": y,
+        "heading": heading.to_numpy(dtype=np.float64),
+        "captured_at": captured,
+    }
+    for name in OPTIONAL_COLUMNS:
+        columns[name] = table[name] if name in table.columns else pd.Series(pd.NA, index=table.index)
+    images = pd.DataFrame(columns)[keep].reset_index(drop=True)
+    images["cell_id"] = cell_id(images["x"].to_numpy(), images["y"].to_numpy())
+    images = gpd.GeoDataFrame(
+        images, geometry=gpd.points_from_xy(images["x"], images["y"]), crs=RD_NEW
+    )
+    return Catalog(images=images[list(IMAGE_COLUMNS)], problems=problems, path=path)
+
+
+def _blank(values: pd.Series) -> np.ndarray:
+    """True where a value is missing or an empty string."""
+    return (values.isna() | (values.astype(str).str.strip() == "")).to_numpy()
+
+
+def _utc_times(values: pd.Series) -> pd.Series:
+    """Times as timezone-aware UTC; NaT where empty or unparseable."""
+    if pd.api.types.is_datetime64_any_dtype(values):
+        return pd.to_datetime(values, utc=True)
+    return pd.to_datetime(values, utc=True, errors="coerce", format="ISO8601")
+
+
+def _rd_positions(
+    table: pd.DataFrame, path: Path
+) -> tuple[np.ndarray, np.ndarray, dict[str, PositionCheck]]:
+    """RD x, y of each row and the rows whose position is missing, outside NL or swapped.
+
+    Position comes from the point geometry if there is one, else ``x, y`` (RD New), else
+    ``lon, lat`` (WGS84).
+    """
+    if isinstance(table, gpd.GeoDataFrame):
+        if table.crs is None:
+            raise ValueError(f"{path}: the geometry has no CRS")
+        crs = CRS.from_user_input(table.crs)
+        shapes = np.asarray(table.geometry.array, dtype=object)
+        point = (shapely.get_type_id(shapes) == 0) & ~shapely.is_empty(shapes)
+        a = np.full(len(table), np.nan)
+        b = np.full(len(table), np.nan)
+        a[point] = shapely.get_x(shapes[point])
+        b[point] = shapely.get_y(shapes[point])
+        names = ("lon", "lat") if crs.is_geographic else ("x", "y")
+    elif {"x", "y"} <= set(table.columns):
+        crs, names = CRS.from_user_input(RD_NEW), ("x", "y")
+    elif {"lon", "lat"} <= set(table.columns):
+        crs, names = CRS.from_user_input(WGS84), ("lon", "lat")
+    else:
+        raise ValueError(
+            f"{path}: no position columns; need 'lon' and 'lat' (WGS84), 'x' and 'y' "
+            "(EPSG:28992) or a point geometry (GeoParquet)"
+        )
+    if not isinstance(table, gpd.GeoDataFrame):
+        a = pd.to_numeric(table[names[0]], errors="coerce").to_numpy(dtype=np.float64)
+        b = pd.to_numeric(table[names[1]], errors="coerce").to_numpy(dtype=np.float64)
+
+    to_lonlat = Transformer.from_crs(crs, WGS84, always_xy=True)
+    known = np.isfinite(a) & np.isfinite(b)
+    inside = known & _in_nl(*to_lonlat.transform(a, b))
+    swapped = known & ~inside & _in_nl(*to_lonlat.transform(b, a))
+    outside = known & ~inside & ~swapped
+
+    def at(i: int) -> str:
+        return f"{names[0]}={a[i]:.6g}, {names[1]}={b[i]:.6g}"
+
+    x, y = Transformer.from_crs(crs, RD_NEW, always_xy=True).transform(a, b)
+    x = np.where(inside, x, np.nan)
+    y = np.where(inside, y, np.nan)
+    swap_name = "lat/lon" if names == ("lon", "lat") else "x/y"
+    return x, y, {
+        "missing position": (~known, lambda i: f"missing or non-numeric {names[0]}/{names[1]}"),
+        "outside the Netherlands": (outside, lambda i: f"position outside the Netherlands ({at(i)})"),
+        "swapped position": (swapped, lambda i: f"{swap_name} swapped? ({at(i)})"),
+    }
+
+
+def _in_nl(lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
+    min_lon, min_lat, max_lon, max_lat = NL_LONLAT_BOUNDS
+    return (lon >= min_lon) & (lon <= max_lon) & (lat >= min_lat) & (lat <= max_lat)
+
+
+def _kind_counts(problems: pd.DataFrame) -> str:
+    counts = problems["kind"].value_counts(sort=False)
+    return ", ".join(f"{n} {kind}" for kind, n in counts.items())
+
+
+# --- joining to the grid ---------------------------------------------------------------------
+
+
+def _in_cells(images: pd.DataFrame, cell_ids: np.ndarray) -> np.ndarray:
+    """Mask of images whose ``cell_id`` is one of ``cell_ids``.
+
+    On a regular grid the cell id of a point is its spatial join, so this is an
+    ``np.isin`` on integers: a million points take milliseconds.
+    """
+    require_columns(images, ("cell_id",), "images")
+    return np.isin(images["cell_id"].to_numpy(), np.asarray(cell_ids, dtype=np.int64))
+
+
+def join_cells(images: gpd.GeoDataFrame, cell_ids: np.ndarray) -> gpd.GeoDataFrame:
+    """Keep the images that lie in one of ``cell_ids`` (e.g. a city grid).
+
+    Images in other cells are left out, and counted in a warning.
+
+    Returns:
+        The kept rows of ``images``, unchanged (no columns added).
+    """
+    inside = _in_cells(images, cell_ids)
+    n_outside = int((~inside).sum())
+    if n_outside:
+        warnings.warn(
+            f"join_cells: {n_outside} of {len(images)} images lie outside the "
+            f"{len(cell_ids)} grid cells and were left out",
+            stacklevel=2,
+        )
+    return images[inside]
+
+
+def images_per_cell(images: pd.DataFrame, cell_ids: np.ndarray) -> pd.DataFrame:
+    """Number of images per cell and source.
+
+    Returns:
+        int64 DataFrame indexed by ``cell_id`` (``cell_ids`` in their order) with columns
+        ``gsv``, ``flickr``, ``other``; 0 for cells without images.
+    """
+    inside = images[_in_cells(images, cell_ids)]
+    counts = inside.groupby(["cell_id", "source"]).size().unstack(fill_value=0)
+    counts = counts.reindex(
+        index=pd.Index(np.asarray(cell_ids, dtype=np.int64), name="cell_id"),
+        columns=list(SOURCES),
+        fill_value=0,
+    )
+    counts.columns.name = None
+    return counts.astype(np.int64)
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+def write_catalog(images: pd.DataFrame, path: str | PathLike) -> Path:
+    """Write images as a catalog that :func:`read_catalog` reads back, atomically.
+
+    Positions are stored as RD ``x, y`` and paths relative to the catalog's folder.
+
+    Args:
+        images: a table with :data:`REQUIRED_COLUMNS`, ``x`` and ``y`` (e.g.
+            ``Catalog.images``); optional columns present are kept.
+        path: ``.parquet`` or ``.csv``.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".parquet", ".csv"):
+        raise ValueError(f"{path}: a catalog is written as .parquet or .csv, not {suffix!r}")
+    require_columns(images, (*REQUIRED_COLUMNS, "x", "y"), "images")
+    columns = [*REQUIRED_COLUMNS, "x", "y", *(c for c in OPTIONAL_COLUMNS if c in images.columns)]
+    table = pd.DataFrame(images[columns]).reset_index(drop=True)
+    folder = path.parent.resolve()
+    table["path"] = [os.path.relpath(Path(p).resolve(), folder) for p in table["path"]]
+    if suffix == ".csv":
+        return write_atomic(path, lambda tmp: table.to_csv(tmp, index=False))
+    return write_atomic(path, lambda tmp: table.to_parquet(tmp, index=False))

@@ -1,0 +1,44 @@
+"""Loading a data root for the dashboard: cached, torch-free, read through core's readers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyproj
+import streamlit as st
+
+from core.grid import cell_origin, read_grid
+from core.sources.lbm import read_lbm
+from core.summary import GRID_FILE, LBM_GRID_FILE, SCORES_FILE
+
+DEFAULT_DATA = "data/demo"
+
+
+def data_root() -> Path:
+    """The data root: ``STADSBEELD_DATA`` or the demo city."""
+    return Path(os.environ.get("STADSBEELD_DATA", DEFAULT_DATA))
+
+
+@st.cache_data(show_spinner="Loading the grid ...")
+def load_cells(root: str) -> pd.DataFrame:
+    """Cells with buurt/district and the lon/lat corners of their squares (for the map)."""
+    grid = read_grid(Path(root) / GRID_FILE)
+    ids = grid["cell_id"].to_numpy()
+    x0, y0 = cell_origin(ids)
+    to_wgs84 = pyproj.Transformer.from_crs("EPSG:28992", "EPSG:4326", always_xy=True)
+    corners_x = np.stack([x0, x0 + 100, x0 + 100, x0], 1)
+    corners_y = np.stack([y0, y0, y0 + 100, y0 + 100], 1)
+    lon, lat = to_wgs84.transform(corners_x, corners_y)
+    table = pd.DataFrame(grid.drop(columns="geometry"))
+    table["polygon"] = np.stack([lon, lat], -1).round(6).tolist()
+    return table
+
+
+@st.cache_data(show_spinner="Loading the labels ...")
+def load_labels(root: str) -> pd.DataFrame:
+    """Leefbaarometer scores of all years, without geometry."""
+    labels = read_lbm(Path(root) / SCORES_FILE, Path(root) / LBM_GRID_FILE)
+    return pd.DataFrame(labels.drop(columns="geometry"))

@@ -1,0 +1,48 @@
+"""``python -m train``: subcommands with help, the demo build and its summary."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from train.__main__ import build_parser, main
+
+SMALL = "bbox:121000,486000,122000,487000"
+
+
+def test_help_lists_the_subcommands():
+    result = subprocess.run([sys.executable, "-m", "train", "--help"], capture_output=True, text=True, check=True)
+    assert "demo" in result.stdout and "summary" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["demo", "summary"])
+def test_each_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "--" in capsys.readouterr().out
+
+
+def test_demo_builds_prints_a_summary_and_respects_existing_output(tmp_path, capsys):
+    out = tmp_path / "demo"
+    args = ["demo", "--extent", SMALL, "--out", str(out), "--flickr-photos", "2000", "--workers", "1", "--quiet"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "cells:" in printed and "gsv" in printed and "coverage per district" in printed
+    assert "Centrum" in printed
+
+    assert main(args) == 2  # exists: neither --force nor --if-missing
+    assert "already exists" in capsys.readouterr().err
+    assert main([*args, "--if-missing"]) == 0
+    assert "already built" in capsys.readouterr().out
+
+    before = (out / "demo.json").read_text()
+    assert main([*args, "--force", "--seed", "8"]) == 0
+    assert (out / "demo.json").read_text() != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no staging folders left
+
+    capsys.readouterr()
+    assert main(["summary", "--data", str(out)]) == 0
+    assert "labelled" in capsys.readouterr().out

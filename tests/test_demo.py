@@ -1,0 +1,166 @@
+"""The synthetic Amsterdam: real formats on disk, determinism, LBM structure, extents."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pytest
+
+from core.demo import MANIFEST, DemoConfig, build_demo, city, extent_cells
+from core.grid import cell_center, read_grid
+from core.sources.aerial import AerialRaster
+from core.sources.catalog import read_catalog
+from core.sources.lbm import DIMENSIONS, read_lbm
+
+# About 150 cells around De Pijp and the Amstel: a little of everything, built in seconds.
+SMALL = "bbox:121000,485000,122500,486000"
+
+
+def small_config(seed: int = 7) -> DemoConfig:
+    return DemoConfig(seed=seed, extent=SMALL, flickr_photos=4000, workers=1)
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo") / "city"
+    build_demo(root, small_config(), progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def fields():
+    return city.build_fields(7)
+
+
+def test_build_writes_every_file_in_its_real_format(demo_root):
+    manifest = json.loads((demo_root / MANIFEST).read_text())
+    grid = read_grid(demo_root / "grid.parquet")
+    assert len(grid) == manifest["cells"] > 100
+    assert set(grid["district"]) <= {"Centrum", "Zuid", "Oost"}
+
+    labels = read_lbm(demo_root / "labels" / "lbm_scores.csv", demo_root / "labels" / "lbm_grid.gpkg")
+    assert sorted(labels["jaar"].unique()) == list(city.LABEL_YEARS)
+    assert set(labels["cell_id"]) <= set(grid["cell_id"])
+
+    catalog = read_catalog(demo_root / "street" / "catalog.parquet", check_files=True)
+    assert catalog.problems.empty
+    counts = catalog.images["source"].value_counts()
+    assert counts["gsv"] == manifest["images"]["gsv"] > 0
+    assert counts["flickr"] == manifest["images"]["flickr"] > 0
+    gsv = catalog.images[catalog.images["source"] == "gsv"]
+    assert gsv["heading"].notna().all() and gsv["pano_id"].notna().all()
+    # Several capture years per panorama location: what temporal pairs are made of.
+    assert gsv["captured_at"].dt.year.nunique() == 3
+
+    cx, cy = cell_center(labels["cell_id"].iloc[0])
+    with AerialRaster(demo_root / "aerial" / "aerial.tif") as raster:
+        patch = raster.patch(float(cx), float(cy), 256, 64)
+    assert not patch.edge and not patch.outside and patch.image.std() > 5
+
+    nodes = gpd.read_file(demo_root / "graph" / "streets.gpkg", layer="nodes")
+    edges = gpd.read_file(demo_root / "graph" / "streets.gpkg", layer="edges")
+    assert set(edges["u"]).union(edges["v"]) <= set(nodes["osmid"])
+    assert (edges["length"] > 50).all()
+
+    votes = pd.read_csv(demo_root / "perception" / "votes.csv")
+    assert set(votes["winner"]) <= {"left", "right", "equal"}
+    assert set(votes["left_id"]) <= set(gsv["id"])
+    socio = pd.read_csv(demo_root / "socioeconomic" / "buurt_targets.csv")
+    assert socio["cbsCode"].str.startswith("BU0363").all() and socio["income"].notna().all()
+    scenes = pd.read_csv(demo_root / "street" / "flickr_scene_labels.csv")
+    assert set(scenes["id"]) == set(catalog.images.loc[catalog.images["source"] == "flickr", "id"])
+
+
+def test_same_seed_gives_identical_files(demo_root, tmp_path):
+    again = tmp_path / "again"
+    build_demo(again, small_config(), progress=False)
+    for rel in ("labels/lbm_scores.csv", "street/flickr_scene_labels.csv", "perception/votes.csv"):
+        assert filecmp.cmp(demo_root / rel, again / rel, shallow=False), rel
+    first = pd.read_parquet(demo_root / "street" / "catalog.parquet")
+    second = pd.read_parquet(again / "street" / "catalog.parquet")
+    pd.testing.assert_frame_equal(first, second)
+    for rel in first["path"].iloc[:: max(1, len(first) // 20)]:
+        assert filecmp.cmp(demo_root / "street" / rel, again / "street" / rel, shallow=False)
+
+
+def test_another_seed_gives_another_city(fields):
+    other = city.build_fields(8)
+    a, b = city.scores(fields, 2020), city.scores(other, 2020)
+    common = a.merge(b, on="grid_id")
+    assert len(common) > 0.8 * len(a)
+    assert not np.allclose(common["won_x"], common["won_y"])
+
+
+def test_scores_follow_the_lbm_structure(fields):
+    for year in city.LABEL_YEARS:
+        table = city.scores(fields, year)
+        assert np.allclose(table["afw"], table[list(DIMENSIONS)].sum(axis=1), atol=1e-3)
+        assert np.allclose(table["lbm"], city.NATIONAL_MEAN + table["afw"], atol=1e-6)
+        assert table["lbm"].between(3.0, 5.5).all()
+        assert table[list(DIMENSIONS)].abs().max().max() < 0.6
+
+
+def test_district_character(fields):
+    table = city.scores(fields, 2020).merge(fields.cells[["district"]], left_on="grid_id", right_index=True)
+    mean = table.groupby("district")["lbm"].mean()
+    for high in ("Centrum", "Zuid"):
+        for low in ("Nieuw-West", "Noord", "Zuidoost"):
+            assert mean[high] > mean[low] + 0.1, (high, low)
+
+
+def test_years_differ_but_are_related(fields):
+    a = city.scores(fields, 2016).set_index("grid_id")["lbm"]
+    b = city.scores(fields, 2020).set_index("grid_id")["lbm"]
+    assert not np.allclose(a, b)
+    assert np.corrcoef(a, b)[0, 1] > 0.8
+
+
+def test_score_has_aerial_street_and_hidden_parts():
+    # The street-only components weigh about as much as the aerial ones in the housing score.
+    weights = city.SCORE_WEIGHTS["won"]
+    street_only = sum(abs(weights.get(c, 0)) for c in ("upkeep", "litter", "shops"))
+    aerial = sum(abs(weights.get(c, 0)) for c in ("era_value", "greenery", "density"))
+    hidden = sum(abs(weights.get(c, 0)) for c in city.VISIBILITY["neither"])
+    assert 0.7 <= street_only / aerial <= 1.1 and hidden > 0
+
+
+def test_flickr_is_clustered_in_the_centre(fields):
+    from core.demo.street import sample_flickr
+
+    photos = sample_flickr(fields, fields.cells.index.to_numpy(), seed=7, count=20_000)
+    district = fields.lookup(photos["cell_id"].to_numpy())["district"]
+    per_cell = district.value_counts() / fields.cells["district"].value_counts()
+    assert per_cell["Centrum"] > 10 * per_cell["Noord"]
+    assert per_cell["Centrum"] > 10 * per_cell["Zuidoost"]
+    off_topic = ~photos["scene"].isin(["building", "street"])
+    assert 0.4 < off_topic.mean() < 0.7
+
+
+@pytest.mark.parametrize(("extent", "district"), [("centrum", "Centrum"), ("Nieuw-West", "Nieuw-West")])
+def test_extent_by_district(fields, extent, district):
+    ids = extent_cells(fields, extent)
+    assert set(fields.lookup(ids)["district"]) == {district}
+
+
+@pytest.mark.parametrize(("extent", "message"), [
+    ("atlantis", "unknown extent 'atlantis'"),
+    ("bbox:1,2,3", "expected bbox:minx,miny,maxx,maxy"),
+    ("bbox:0,0,1000,1000", "no cell of Amsterdam"),
+])
+def test_bad_extent_is_a_clear_error(fields, extent, message):
+    with pytest.raises(ValueError, match=message):
+        extent_cells(fields, extent)
+
+
+def test_build_refuses_existing_folder_and_leaves_nothing_half_written(tmp_path):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(FileExistsError, match="already exists"):
+        build_demo(existing, small_config(), progress=False)
+    with pytest.raises(ValueError, match="unknown extent"):
+        build_demo(tmp_path / "new", DemoConfig(extent="atlantis"), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]

@@ -1,0 +1,1 @@
+"""Command line of Stadsbeeld: ``python -m train --help``."""
