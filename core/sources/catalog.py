@@ -116,10 +116,8 @@ def read_catalog(path: str | PathLike, check_files: bool = True) -> Catalog:
     no_path = _blank(table["path"])
     flag(no_path, "missing path", lambda i: "missing path")
     folder = path.resolve().parent
-    # os.path.join keeps an absolute path as it is.
-    files = np.array(
-        [os.path.normpath(os.path.join(folder, str(p))) for p in table["path"]], dtype=object
-    )
+    text = table["path"].astype(str)
+    files = np.where(text.str.startswith(os.sep), text, str(folder) + os.sep + text).astype(object)
     if check_files:
         absent = ~no_path & np.array([not os.path.isfile(f) for f in files], dtype=bool)
         flag(absent, "missing file", lambda i: f"image file not found: {files[i]}")
