@@ -37,6 +37,8 @@ def test_demo_builds_prints_a_summary_and_respects_existing_output(tmp_path, cap
     assert "already exists" in capsys.readouterr().err
     assert main([*args, "--if-missing"]) == 0
     assert "already built" in capsys.readouterr().out
+    assert main([*args, "--if-missing", "--seed", "3"]) == 2
+    assert "holds another demo city ({'seed': 7})" in capsys.readouterr().err
 
     before = (out / "demo.json").read_text()
     assert main([*args, "--force", "--seed", "8"]) == 0

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -16,6 +18,13 @@ def _demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if (out / MANIFEST).exists() and args.if_missing:
+        built = json.loads((out / MANIFEST).read_text())["config"]
+        wanted = {"seed": args.seed, "extent": args.extent, "flickr_photos": args.flickr_photos}
+        differs = {k: built.get(k) for k, v in wanted.items() if built.get(k) != v}
+        if differs:
+            print(f"error: {out} holds another demo city ({differs}); use --force to rebuild it "
+                  "or choose another --out", file=sys.stderr)
+            return 2
         print(f"demo city already built in {out} (remove it to rebuild)")
         return 0
     if out.exists() and not args.force:
@@ -30,8 +39,6 @@ def _demo(args: argparse.Namespace) -> int:
         old = out.with_name(f"{out.name}.old")
         out.rename(old)
         staged.rename(out)
-        import shutil
-
         shutil.rmtree(old)
     else:
         manifest = build_demo(out, config, progress=not args.quiet)
