@@ -20,12 +20,12 @@ from PIL import Image
 from scipy.stats import kendalltau
 
 from bench.common import measure, register
+from core.dataroot import DataRoot
 from core.demo import DemoConfig, build_demo
 from core.grid import cell_center, spatial_split
 from core.sources.aerial import AerialRaster
 from core.sources.catalog import read_catalog
 from core.sources.lbm import read_lbm
-from core.summary import CATALOG_FILE, LBM_GRID_FILE, SCENE_LABELS_FILE, SCORES_FILE
 
 
 @register("demo_build", repeat=1, seed=7, extents=("city", "centrum", "bbox:121000,485000,122500,486000"))
@@ -79,14 +79,15 @@ def bench_demo_signal(repeat: int, data: str, year: int, target: str, seeds: int
     root = Path(data)
     if not root.exists():
         build_demo(root, DemoConfig(), progress=False)
-    labels = read_lbm(root / SCORES_FILE, root / LBM_GRID_FILE, year=year)
+    paths = DataRoot(root)
+    labels = read_lbm(paths.scores, paths.lbm_grid, year=year)
     ids, y = labels["cell_id"].to_numpy(), labels[target].to_numpy()
     cx, cy = cell_center(ids)
-    with AerialRaster(root / "aerial" / "aerial.tif") as raster:
+    with AerialRaster(paths.aerial) as raster:
         aerial = np.stack([raster.patch(float(a), float(b), 256, 32).image for a, b in zip(cx, cy, strict=True)])
-    catalog = read_catalog(root / CATALOG_FILE, check_files=False).images
+    catalog = read_catalog(paths.catalog, check_files=False).images
     catalog = catalog[catalog["cell_id"].isin(ids)]
-    scenes = pd.read_csv(root / SCENE_LABELS_FILE).set_index("id")["scene"]
+    scenes = pd.read_csv(paths.scene_labels).set_index("id")["scene"]
     gsv = catalog[(catalog["source"] == "gsv") & (catalog["captured_at"].dt.year == year)]
     flickr = catalog[catalog["source"] == "flickr"]
     building = flickr[flickr["id"].map(scenes).isin(["building", "street"])]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -10,22 +9,20 @@ import pandas as pd
 import pyproj
 import streamlit as st
 
+from core.dataroot import DataRoot
 from core.grid import cell_origin, read_grid
 from core.sources.lbm import read_lbm
-from core.summary import GRID_FILE, LBM_GRID_FILE, SCORES_FILE
-
-DEFAULT_DATA = "data/demo"
 
 
 def data_root() -> Path:
     """The data root: ``STADSBEELD_DATA`` or the demo city."""
-    return Path(os.environ.get("STADSBEELD_DATA", DEFAULT_DATA))
+    return DataRoot.from_env().root
 
 
 @st.cache_data(show_spinner="Loading the grid ...")
 def load_cells(root: str) -> pd.DataFrame:
     """Cells with buurt/district and the lon/lat corners of their squares (for the map)."""
-    grid = read_grid(Path(root) / GRID_FILE)
+    grid = read_grid(DataRoot(Path(root)).grid)
     ids = grid["cell_id"].to_numpy()
     x0, y0 = cell_origin(ids)
     to_wgs84 = pyproj.Transformer.from_crs("EPSG:28992", "EPSG:4326", always_xy=True)
@@ -40,5 +37,6 @@ def load_cells(root: str) -> pd.DataFrame:
 @st.cache_data(show_spinner="Loading the labels ...")
 def load_labels(root: str) -> pd.DataFrame:
     """Leefbaarometer scores of all years, without geometry."""
-    labels = read_lbm(Path(root) / SCORES_FILE, Path(root) / LBM_GRID_FILE)
+    paths = DataRoot(Path(root))
+    labels = read_lbm(paths.scores, paths.lbm_grid)
     return pd.DataFrame(labels.drop(columns="geometry"))

@@ -9,7 +9,9 @@ import shutil
 import sys
 from pathlib import Path
 
-DEFAULT_DATA = os.environ.get("STADSBEELD_DATA", "data/demo")
+from core.dataroot import DataRoot
+
+DEFAULT_DATA = str(DataRoot.from_env().root)
 
 
 def _demo(args: argparse.Namespace) -> int:

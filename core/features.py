@@ -1,0 +1,193 @@
+"""Frozen-encoder feature cache: per-image features extracted once, pooled per cell.
+
+The ground branch of the fusion model is frozen, so its per-image features depend only on
+(backbone, weights, input size, image set). They are extracted once into a cache folder keyed by
+exactly that, as a memory-mapped ``features.npy`` plus ``index.parquet`` (image id -> row) and
+``meta.json``. Extraction writes rows in order and records how many are done after each chunk, so
+an interrupted extraction resumes where it stopped; a cache whose metadata does not match the
+request is never read (a different backbone or weights file gives a different folder).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from scipy import sparse
+from torch.utils.data import DataLoader, Dataset
+
+from core.io import write_atomic
+from core.models.backbones import backbone_fingerprint, create_backbone, normalise
+
+CACHE_VERSION = 1
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` = CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class ImageFiles(Dataset):
+    """JPEG/PNG files as uint8 tensors (3, px, px), resized on load."""
+
+    def __init__(self, paths: list[str], px: int):
+        self.paths, self.px = list(paths), px
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        path = self.paths[i]
+        try:
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("RGB").resize((self.px, self.px), Image.BILINEAR))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: not a readable image ({exc})") from exc
+        return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+
+
+@dataclass
+class FeatureSet:
+    """Features of an image set: ``ids[i]`` has features ``matrix[i]``."""
+
+    ids: np.ndarray
+    matrix: np.ndarray  # float32 (n, dim), memory-mapped from the cache
+    folder: Path
+
+    @property
+    def dim(self) -> int:
+        return int(self.matrix.shape[1])
+
+
+def image_set_key(ids: np.ndarray, paths: np.ndarray) -> str:
+    """Short hash of an ordered image set (ids and files)."""
+    digest = hashlib.sha256()
+    for image_id, path in zip(ids, paths, strict=True):
+        digest.update(f"{image_id}\0{path}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def extract_features(
+    images: pd.DataFrame,
+    backbone: str,
+    weights: str | Path | None,
+    cache_root: str | Path,
+    px: int = 32,
+    batch_size: int = 256,
+    workers: int = 2,
+    device: str = "auto",
+    chunk_batches: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+) -> FeatureSet:
+    """Features of ``images`` (columns ``id``, ``path``) from a frozen backbone, cached.
+
+    Args:
+        images: the image set; its order is the order of the returned rows.
+        backbone: registered backbone name; ``weights`` a local weights file or None (random
+            initialisation with a fixed seed, the floor baseline).
+        cache_root: folder holding one subfolder per (backbone, weights, px, image set).
+        px: input size the images are resized to.
+        batch_size, workers: DataLoader settings (workers load and decode JPEGs in parallel).
+        device: ``auto``, ``cpu`` or ``cuda``; on CUDA the forward runs in bf16 autocast.
+        chunk_batches: batches between progress checkpoints (the unit of resumption).
+        progress: called with (rows done, rows total) after each chunk.
+    """
+    ids = images["id"].astype(str).to_numpy()
+    paths = images["path"].astype(str).to_numpy()
+    fingerprint = backbone_fingerprint(backbone, weights)
+    key = f"{backbone}-{fingerprint}-{px}px-{image_set_key(ids, paths)}"
+    folder = Path(cache_root) / key
+    meta = {"version": CACHE_VERSION, "backbone": backbone, "fingerprint": fingerprint,
+            "weights": str(weights) if weights else None, "px": px, "count": len(ids)}
+    done = _resume_point(folder, meta)
+    torch.manual_seed(0)  # "random weights" must be the same random weights every time
+    model = create_backbone(backbone, weights=weights)
+    dim = model.num_features
+    if done is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        np.lib.format.open_memmap(folder / "features.npy", mode="w+", dtype=np.float32, shape=(len(ids), dim))
+        pd.DataFrame({"id": ids, "path": paths}).to_parquet(folder / "index.parquet", index=False)
+        done = 0
+        _write_meta(folder, {**meta, "dim": dim, "done": 0})
+    if done < len(ids):
+        _extract_rows(model, paths, folder, meta | {"dim": dim}, done, px, batch_size, workers,
+                      resolve_device(device), chunk_batches, progress)
+    return FeatureSet(ids=ids, matrix=np.load(folder / "features.npy", mmap_mode="r"), folder=folder)
+
+
+def _resume_point(folder: Path, meta: dict) -> int | None:
+    """Rows already extracted in ``folder``, or None when it must be (re)created."""
+    meta_path = folder / "meta.json"
+    if not meta_path.exists():
+        return None
+    stored = json.loads(meta_path.read_text())
+    if any(stored.get(k) != v for k, v in meta.items()):
+        raise ValueError(f"{meta_path}: feature cache was made for {stored}, not {meta}; remove the folder")
+    return int(stored["done"])
+
+
+def _write_meta(folder: Path, meta: dict) -> None:
+    write_atomic(folder / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+
+
+def _extract_rows(model: torch.nn.Module, paths: np.ndarray, folder: Path, meta: dict, start: int, px: int,
+                  batch_size: int, workers: int, device: torch.device, chunk_batches: int,
+                  progress: Callable[[int, int], None] | None) -> None:
+    model = model.to(device).eval().to(memory_format=torch.channels_last)
+    loader = DataLoader(ImageFiles(list(paths[start:]), px), batch_size=batch_size, num_workers=workers,
+                        pin_memory=device.type == "cuda", persistent_workers=False)
+    out = np.load(folder / "features.npy", mmap_mode="r+")
+    row, started = start, time.perf_counter()
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for batch_index, batch in enumerate(loader, start=1):
+            x = normalise(batch.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+            features = model(x).float().cpu().numpy()
+            out[row:row + len(features)] = features
+            row += len(features)
+            if batch_index % chunk_batches == 0 or row == len(paths):
+                out.flush()
+                _write_meta(folder, {**meta, "done": row,
+                                     "seconds": round(time.perf_counter() - started, 2)})
+                if progress:
+                    progress(row, len(paths))
+    del out
+
+
+def pool_by_cell(features: FeatureSet, image_cells: pd.Series, cell_ids: np.ndarray,
+                 keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Average-pool image features per cell.
+
+    Args:
+        features: the image features.
+        image_cells: cell id of each image, indexed by image id.
+        cell_ids: the cells to pool for (output order).
+        keep: optional boolean mask over ``features.ids`` (e.g. the scene filter's subset).
+
+    Returns:
+        ``(pooled (n_cells, dim) float32, counts (n_cells,) int)``; cells without images get zeros
+        and count 0 (the model decides how to treat them).
+    """
+    mask = np.ones(len(features.ids), bool) if keep is None else np.asarray(keep, bool)
+    cells = image_cells.reindex(features.ids).to_numpy()
+    mask &= ~pd.isna(cells)
+    rows = pd.Series(np.arange(len(cell_ids)), index=pd.Index(cell_ids))
+    target = rows.reindex(cells[mask].astype(np.int64)).to_numpy()
+    inside = ~np.isnan(target)
+    target = target[inside].astype(np.int64)
+    matrix = np.asarray(features.matrix)[mask][inside]
+    membership = sparse.csr_matrix((np.ones(len(target)), (target, np.arange(len(target)))),
+                                   shape=(len(cell_ids), len(target)))
+    sums = membership @ matrix.astype(np.float64)
+    counts = np.bincount(target, minlength=len(cell_ids))
+    pooled = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
+    return pooled, counts
