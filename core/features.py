@@ -56,6 +56,23 @@ class ImageFiles(Dataset):
         return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
 
 
+def load_pixels(images: pd.DataFrame, px: int, cache_root: str | Path, workers: int = 2) -> np.ndarray:
+    """All images of a set as one uint8 array (n, 3, px, px), decoded once and cached.
+
+    Small encoders train for several epochs on the same images; decoding the JPEGs once (in
+    DataLoader workers) and keeping the pixels in memory makes an epoch a pure tensor loop.
+    """
+    ids = images["id"].astype(str).to_numpy()
+    paths = images["path"].astype(str).to_numpy()
+    path = Path(cache_root) / f"pixels-{px}px-{image_set_key(ids, paths)}.npy"
+    if not path.exists():
+        loader = DataLoader(ImageFiles(list(paths), px), batch_size=512, num_workers=workers)
+        pixels = np.concatenate([batch.numpy() for batch in loader]) if len(paths) else \
+            np.zeros((0, 3, px, px), np.uint8)
+        write_atomic(path, lambda tmp: np.save(tmp, pixels))
+    return np.load(path, mmap_mode="r")
+
+
 @dataclass
 class FeatureSet:
     """Features of an image set: ``ids[i]`` has features ``matrix[i]``."""
@@ -110,8 +127,7 @@ def extract_features(
     meta = {"version": CACHE_VERSION, "backbone": backbone, "fingerprint": fingerprint,
             "weights": str(weights) if weights else None, "px": px, "count": len(ids)}
     done = _resume_point(folder, meta)
-    torch.manual_seed(0)  # "random weights" must be the same random weights every time
-    model = create_backbone(backbone, weights=weights)
+    model = create_backbone(backbone, weights=weights)  # no weights: the fixed-seed random floor
     dim = model.num_features
     if done is None:
         folder.mkdir(parents=True, exist_ok=True)

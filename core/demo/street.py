@@ -131,7 +131,7 @@ def sample_gsv(fields: CityFields, graph: StreetGraph, cell_ids: np.ndarray, see
     table["id"] = [f"gsv_{loc:06d}_{int(h):03d}_{y}" for loc, h, y in
                    zip(table["location"], table["heading"], table["year"], strict=True)]
     table["pano_id"] = [f"pano_{loc:06d}_{y}" for loc, y in zip(table["location"], table["year"], strict=True)]
-    table["scene"] = "street"
+    table["scene"] = table["drawn"] = "street"
     table["source"] = "gsv"
     table["night"] = False
     return _attach_latents(table, fields, rng, framing="gsv")
@@ -181,9 +181,17 @@ def sample_flickr(fields: CityFields, cell_ids: np.ndarray, seed: int, count: in
     probs /= probs.sum(1, keepdims=True)
     scene = (probs.cumsum(1) > rng.random((len(table), 1))).argmax(1)
     table["scene"] = np.array(SCENES)[scene]
+    # Scene labels are not the whole truth: one photo in seven shows mostly something else than
+    # its label says (a facade behind the "people", a boat in front of the "building").
+    drawn = table["scene"].to_numpy().copy()
+    ambiguous = rng.random(len(table)) < 0.15
+    on_topic = np.isin(drawn, BUILDING_SCENES)
+    drawn[ambiguous & ~on_topic] = "building"
+    drawn[ambiguous & on_topic] = rng.choice(["people", "water"], int((ambiguous & on_topic).sum()))
+    table["drawn"] = drawn
     year = np.clip(np.round(2004 + 16 * rng.beta(2.2, 1.3, len(table))), 2004, 2020).astype(int)
     table["year"], table["month"], table["day"] = year, rng.integers(1, 13, len(table)), rng.integers(1, 28, len(table))
-    table["night"] = (rng.random(len(table)) < 0.12) & (table["scene"] != "food")
+    table["night"] = (rng.random(len(table)) < 0.12) & (table["drawn"] != "food")
     table["heading"] = np.nan
     structure = [_facade_structure(rng) for _ in range(len(table))]
     table[list(FACADE_COLUMNS)] = pd.DataFrame(structure, index=table.index)
@@ -215,7 +223,7 @@ def _attach_latents(table: pd.DataFrame, fields: CityFields, rng: np.random.Gene
     if framing == "gsv":
         table["horizon"], table["ground"] = rng.uniform(0.12, 0.3, n), rng.uniform(0.76, 0.86, n)
     else:  # photographers frame facades closer and streets wider
-        close = table["scene"].isin(["building", "people"]).to_numpy()
+        close = table["drawn"].isin(["building", "people"]).to_numpy()
         table["horizon"] = np.where(close, rng.uniform(0.0, 0.12, n), rng.uniform(0.15, 0.35, n))
         table["ground"] = np.where(close, rng.uniform(0.85, 0.97, n), rng.uniform(0.62, 0.8, n))
     table["shift"] = rng.uniform(0, 1, n)
@@ -326,11 +334,11 @@ def render(table: pd.DataFrame, seed: int, px: int = RENDER_PX) -> np.ndarray:
             crown &= (table["season"].to_numpy() != 0)[:, None, None]
         img = np.where(crown[..., None], leaf, img)
 
-    off_topic = ~table["scene"].isin(BUILDING_SCENES).to_numpy()
+    off_topic = ~table["drawn"].isin(BUILDING_SCENES).to_numpy()
     if off_topic.any():
         img[off_topic] = _scenes(img[off_topic], table[off_topic], rng, u, v)
 
-    outdoor = table["scene"].isin(OUTDOOR_SCENES).to_numpy()[:, None, None]
+    outdoor = table["drawn"].isin(OUTDOOR_SCENES).to_numpy()[:, None, None]
     car = outdoor & col("car").astype(bool) & (np.abs(u - col("shift")) < 0.18) & (v > ground - 0.06) & (v < ground + 0.08)
     img = np.where(car[..., None], _hue(table["shift"].to_numpy()[:, None, None] * 3 % 1), img)
     img = img * day[..., None] + rng.standard_normal(img.shape, dtype=np.float32) * 4
@@ -341,7 +349,7 @@ def render(table: pd.DataFrame, seed: int, px: int = RENDER_PX) -> np.ndarray:
 
 def _scenes(img: np.ndarray, table: pd.DataFrame, rng: np.random.Generator, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Overlay the off-topic Flickr scenes on the rendered facades."""
-    scene = table["scene"].to_numpy()[:, None, None]
+    scene = table["drawn"].to_numpy()[:, None, None]
     n = len(table)
     r = rng.random((n, 6))[:, :, None, None]
     # Water: sky, a thin row of distant facades, water with ripples, a boat.

@@ -1,0 +1,82 @@
+"""Cell-level datasets: labelled cells with spatial splits, aerial patches, ground image sets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pandas as pd
+
+from core.dataroot import DataRoot
+from core.grid import read_grid, spatial_split
+from core.io import write_atomic
+from core.sources.aerial import AerialRaster
+from core.sources.catalog import read_catalog
+from core.sources.lbm import read_lbm, target
+
+
+def labelled_cells(root: DataRoot, year: int | None, column: str, block_size: float = 1000.0,
+                   split_seed: int = 0, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)) -> pd.DataFrame:
+    """Cells with a target value, their spatial-block split, buurt and district.
+
+    Args:
+        root: the data root.
+        year: label year (``None`` = the latest year in the file).
+        column: target column (``won``, ``lbm``, any LBM score, or ``lbm_class``).
+        block_size, split_seed, fractions: the spatial block split (see ``core.grid.spatial_split``).
+
+    Returns:
+        DataFrame with ``cell_id, true, split, district, buurt_naam``, sorted by cell id.
+    """
+    labels = read_lbm(root.scores, root.lbm_grid)
+    year = int(labels["jaar"].max()) if year is None else year
+    if year not in set(labels["jaar"]):
+        raise ValueError(f"{root.scores}: no labels for {year}; years present: {sorted(set(labels['jaar']))}")
+    values = target(labels[labels["jaar"] == year], column)
+    cells = pd.DataFrame({"cell_id": values.index.to_numpy(np.int64), "true": values.to_numpy(np.float32)})
+    cells = cells.sort_values("cell_id", ignore_index=True)
+    cells["split"] = spatial_split(cells["cell_id"].to_numpy(), fractions, block_size, split_seed)
+    grid = read_grid(root.grid).set_index("cell_id")
+    places = grid.reindex(cells["cell_id"])
+    cells["district"] = places["district"].fillna("").to_numpy() if "district" in places else ""
+    cells["buurt_naam"] = places["buurt_naam"].fillna("").to_numpy() if "buurt_naam" in places else ""
+    return cells
+
+
+def aerial_patches(root: DataRoot, cell_ids: np.ndarray, size_m: float = 256.0, px: int = 64) -> np.ndarray:
+    """uint8 patches (n, 3, px, px) of ``size_m`` metres around each cell centre, cached.
+
+    The cache key is the raster file (path, size, mtime), the patch geometry and the cell set, so
+    a changed raster or another extent never reuses stale patches.
+    """
+    raster = root.aerial
+    stat = raster.stat()
+    key_text = json.dumps([str(raster.resolve()), stat.st_size, stat.st_mtime_ns, size_m, px,
+                           hashlib.sha256(np.asarray(cell_ids, np.int64).tobytes()).hexdigest()])
+    key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
+    path = root.cache / "aerial" / f"patches-{int(size_m)}m-{px}px-{key}.npy"
+    if path.exists():
+        return np.load(path, mmap_mode="r")
+    with AerialRaster(raster) as source:
+        images, status = source.patches(np.asarray(cell_ids, np.int64), size_m, px)
+    write_atomic(path, lambda tmp: np.save(tmp, images))
+    write_atomic(path.with_suffix(".status.parquet"), lambda tmp: status.to_parquet(tmp, index=False))
+    return np.load(path, mmap_mode="r")
+
+
+def street_images(root: DataRoot, source: str, cell_ids: np.ndarray | None = None) -> pd.DataFrame:
+    """Valid catalog images of one source (``gsv``, ``flickr``, ``other``), optionally in some cells.
+
+    Returns:
+        DataFrame with ``id, path, cell_id, captured_at`` sorted by id (a stable image set).
+    """
+    catalog = read_catalog(root.catalog, check_files=False).images
+    images = catalog[catalog["source"] == source]
+    if cell_ids is not None:
+        images = images[images["cell_id"].isin(cell_ids)]
+    if images.empty:
+        raise ValueError(f"{root.catalog}: no {source!r} images" + (" in these cells" if cell_ids is not None else ""))
+    columns = ["id", "path", "cell_id", "captured_at"]
+    return pd.DataFrame(images[columns]).sort_values("id", ignore_index=True)
+

@@ -1,0 +1,50 @@
+"""Small pieces every training recipe uses: seeding, batching, augmentation, prediction."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+
+from core.models.backbones import normalise
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; return a torch generator for shuffling."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Index batches over ``range(n)``, shuffled when a generator is given."""
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    yield from order.split(batch_size)
+
+
+def augment_aerial(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random flips and quarter turns: an aerial view has no preferred orientation."""
+    if torch.rand(1, generator=generator) < 0.5:
+        images = images.flip(-1)
+    turns = int(torch.randint(0, 4, (1,), generator=generator))
+    return torch.rot90(images, turns, dims=(-2, -1))
+
+
+def augment_street(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Horizontal flip only: street scenes have an up and a down."""
+    return images.flip(-1) if torch.rand(1, generator=generator) < 0.5 else images
+
+
+def to_input(pixels: np.ndarray | torch.Tensor, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 pixels[index] -> normalised float batch on ``device``, channels-last."""
+    batch = torch.as_tensor(np.asarray(pixels[index.numpy()]))
+    return normalise(batch.to(device)).contiguous(memory_format=torch.channels_last)
+
+
+@torch.inference_mode()
+def predict(fn: Callable[[torch.Tensor], torch.Tensor], n: int, batch_size: int = 512) -> torch.Tensor:
+    """Concatenate ``fn(index_batch)`` over all items, in order, in inference mode."""
+    return torch.cat([fn(index).float().cpu() for index in batches(n, batch_size)])

@@ -1,0 +1,228 @@
+"""``python -m train fusion``: train and evaluate the cross-modal housing-quality model.
+
+Plain PyTorch, no Lightning: the loop is short, the data fits in memory (aerial patches as one
+uint8 array, ground features pooled per cell), and the same code must run on one CPU and on a GPU.
+
+Schedule (the paper's shape): the aerial backbone stays frozen for ``warmup_epochs`` while the
+fusion head learns on the ground features and the frozen aerial features, then everything but the
+frozen ground branch trains, with a one-cycle learning rate. The epoch with the best validation
+Kendall's tau is kept. The target is standardised on the training cells.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from core.dataroot import DataRoot
+from core.datasets import aerial_patches, labelled_cells, street_images
+from core.features import extract_features, pool_by_cell, resolve_device
+from core.metrics import grouped_metrics, kendall_tau_b, score_metrics
+from core.models.backbones import create_backbone
+from core.models.fusion import FusionRegressor
+from core.models.scene_filter import SUBSETS, SceneFilterConfig, select
+from core.runs import RunWriter
+from train.common import augment_aerial, batches, seed_everything, to_input
+from train.scene import scores_path
+
+GROUND_SOURCES = ("gsv", "flickr")
+
+
+@dataclass
+class FusionConfig:
+    """One fusion run. Defaults are the CPU demo schedule; ``paper_schedule()`` gives the paper's."""
+
+    data: str = "data/demo"
+    year: int | None = None
+    target: str = "won"
+    aerial: bool = True
+    aerial_backbone: str = "convnet_small"
+    aerial_weights: str | None = None
+    aerial_px: int = 64
+    patch_m: float = 256.0
+    ground: str | None = "gsv"
+    flickr_subset: str = "all"
+    scene_run: str | None = None
+    ground_backbone: str = "convnet_small"
+    ground_weights: str | None = None
+    ground_px: int = 32
+    epochs: int = 12
+    warmup_epochs: int = 0
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    split_seed: int | None = None
+    block_size: float = 1000.0
+    device: str = "auto"
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.aerial and self.ground is None:
+            raise ValueError("a fusion run needs aerial imagery, ground imagery, or both")
+        if self.ground is not None and self.ground not in GROUND_SOURCES:
+            raise ValueError(f"ground must be one of {GROUND_SOURCES} or None, got {self.ground!r}")
+        if self.flickr_subset not in SUBSETS:
+            raise ValueError(f"flickr_subset must be one of {SUBSETS}, got {self.flickr_subset!r}")
+        if self.ground == "flickr" and self.flickr_subset != "all" and not self.scene_run:
+            raise ValueError(f"the {self.flickr_subset!r} Flickr subset needs --scene-run (a scene filter run)")
+
+    @property
+    def label(self) -> str:
+        """Short description, e.g. ``aerial+flickr(building)``."""
+        parts = (["aerial"] if self.aerial else []) + (
+            [self.ground + (f"({self.flickr_subset})" if self.ground == "flickr" else "")] if self.ground else [])
+        return self.name or "+".join(parts)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> FusionConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def paper_schedule(**overrides) -> FusionConfig:
+    """The paper's setting for real data on a GPU: ResNet-50 both branches, 224 px, 25 epochs."""
+    return FusionConfig(**{"aerial_backbone": "resnet50", "ground_backbone": "resnet50", "aerial_px": 224,
+                           "ground_px": 224, "epochs": 25, "warmup_epochs": 5, "batch_size": 32, "lr": 1e-4,
+                           **overrides})
+
+
+@dataclass
+class GroundInputs:
+    """Pooled ground features per cell and how many images each cell had."""
+
+    pooled: np.ndarray
+    counts: np.ndarray
+    images: int
+
+
+def ground_inputs(config: FusionConfig, root: DataRoot, cell_ids: np.ndarray, log=print) -> GroundInputs:
+    """Extract (or reuse cached) frozen ground features and pool them per cell."""
+    images = street_images(root, config.ground, cell_ids)
+    keep = np.ones(len(images), bool)
+    if config.ground == "flickr" and config.flickr_subset != "all":
+        path = scores_path(root, config.scene_run)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no scene scores for scene run {config.scene_run!r}")
+        scores = pd.read_parquet(path).set_index("id").reindex(images["id"]).reset_index()
+        missing = scores.drop(columns="id").isna().all(axis=1).to_numpy()
+        keep = ~missing & select(scores.fillna(0.0), config.flickr_subset, SceneFilterConfig())
+    started = time.perf_counter()
+    features = extract_features(images, config.ground_backbone, config.ground_weights, root.cache / "features",
+                                px=config.ground_px, device=config.device)
+    log(f"ground features: {len(images)} {config.ground} images, {keep.sum()} kept "
+        f"({time.perf_counter() - started:.1f} s incl. cache)")
+    image_cells = pd.Series(images["cell_id"].to_numpy(), index=images["id"].to_numpy())
+    pooled, counts = pool_by_cell(features, image_cells, cell_ids, keep=keep)
+    return GroundInputs(pooled=pooled, counts=counts, images=int(keep.sum()))
+
+
+def train_fusion(config: FusionConfig, log=print) -> str:
+    """Train one configuration and write its run folder; returns the run id."""
+    root = DataRoot(Path(config.data))
+    device = resolve_device(config.device)
+    cells = labelled_cells(root, config.year, config.target, config.block_size,
+                           config.seed if config.split_seed is None else config.split_seed)
+    ids = cells["cell_id"].to_numpy()
+    aerial = aerial_patches(root, ids, config.patch_m, config.aerial_px) if config.aerial else None
+    ground = ground_inputs(config, root, ids, log) if config.ground else None
+    generator = seed_everything(config.seed)
+
+    train_rows = torch.from_numpy(np.flatnonzero(cells["split"].to_numpy() == "train"))
+    val_rows = torch.from_numpy(np.flatnonzero(cells["split"].to_numpy() == "val"))
+    true = cells["true"].to_numpy(np.float32)
+    mean, std = float(true[train_rows].mean()), float(true[train_rows].std())
+    y = torch.from_numpy((true - mean) / std)
+
+    backbone = (create_backbone(config.aerial_backbone, weights=config.aerial_weights, seed=config.seed)
+                if config.aerial else None)
+    model = FusionRegressor(backbone, ground.pooled.shape[1] if ground else None).to(device)
+    if backbone is not None:
+        model.aerial.to(memory_format=torch.channels_last)
+    ground_x = torch.from_numpy(np.asarray(ground.pooled)) if ground else None
+    has_ground = torch.from_numpy(ground.counts > 0) if ground else None
+
+    def forward(rows: torch.Tensor, train: bool) -> torch.Tensor:
+        x_aerial = None
+        if aerial is not None:
+            x_aerial = to_input(aerial, rows, device)
+            if train:
+                x_aerial = augment_aerial(x_aerial, generator)
+        x_ground = ground_x[rows].to(device) if ground_x is not None else None
+        mask = has_ground[rows].to(device) if has_ground is not None else None
+        return model(x_aerial, x_ground, mask)
+
+    def embed_all() -> tuple[np.ndarray, np.ndarray]:
+        model.eval()
+        outputs, embeddings = [], []
+        with torch.inference_mode():
+            for rows in batches(len(ids), 512):
+                x_aerial = to_input(aerial, rows, device) if aerial is not None else None
+                x_ground = ground_x[rows].to(device) if ground_x is not None else None
+                mask = has_ground[rows].to(device) if has_ground is not None else None
+                embedding = model.embed(x_aerial, x_ground, mask)
+                embeddings.append(embedding.float().cpu())
+                outputs.append(model.out(embedding).squeeze(1).float().cpu())
+        return torch.cat(outputs).numpy() * std + mean, torch.cat(embeddings).numpy()
+
+    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = (len(train_rows) + config.batch_size - 1) // config.batch_size
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, config.lr, total_steps=config.epochs * steps_per_epoch)
+    resolved = asdict(config) | {"label": config.label, "device_resolved": str(device), "target_mean": mean,
+                                 "target_std": std}
+    with RunWriter(root.runs, "fusion", resolved) as run:
+        run.log(f"{config.label}: {len(ids)} cells ({len(train_rows)} train, {len(val_rows)} val), "
+                f"target {config.target}, device {device}")
+        if ground:
+            run.log(f"ground: {ground.images} images, {int((ground.counts > 0).sum())} cells with images")
+        best_tau, best_state, best_epoch = -np.inf, None, 0
+        for epoch in range(1, config.epochs + 1):
+            frozen = epoch <= config.warmup_epochs
+            if model.aerial is not None:
+                model.aerial.requires_grad_(not frozen)
+            model.train()
+            started, total = time.perf_counter(), 0.0
+            for index in batches(len(train_rows), config.batch_size, generator):
+                rows = train_rows[index]
+                if len(rows) < 2:  # BatchNorm needs two samples
+                    continue
+                loss = nn.functional.mse_loss(forward(rows, True), y[rows].to(device))
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                schedule.step()
+                total += loss.item() * len(rows)
+            predicted, _ = embed_all()
+            val_tau = kendall_tau_b(predicted[val_rows.numpy()], true[val_rows.numpy()])
+            seconds = round(time.perf_counter() - started, 2)
+            run.log_epoch(epoch=epoch, train_loss=total / len(train_rows), val_kendall_tau=val_tau,
+                          aerial_frozen=frozen, seconds=seconds)
+            run.progress(epoch=epoch, epochs=config.epochs, loss=total / len(train_rows), val_kendall_tau=val_tau)
+            log(f"{config.label} epoch {epoch}/{config.epochs}: loss {total / len(train_rows):.4f}, "
+                f"val tau {val_tau:.3f} ({seconds} s)")
+            if val_tau > best_tau:
+                best_tau, best_epoch = val_tau, epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(best_state)
+        predicted, embeddings = embed_all()
+        result = cells.assign(predicted=predicted, residual=predicted - true,
+                              ground_images=ground.counts if ground else 0)
+        metrics = {"best_epoch": best_epoch, "label": config.label}
+        for split, part in result.groupby("split"):
+            metrics.update({f"{split}_{k}": v for k, v in score_metrics(part["predicted"], part["true"]).items()})
+        test = result[result["split"] == "test"]
+        metrics["test_per_district"] = grouped_metrics(test, "district").reset_index().to_dict(orient="records")
+        run.write_metrics(metrics)
+        run.write_predictions(result)
+        run.write_embeddings(ids, embeddings)
+        run.save_model({k: v.cpu() for k, v in model.state_dict().items()},
+                       {"kind": "fusion", "label": config.label})
+        run.log(f"test kendall tau {metrics['test_kendall_tau']:.3f} (best epoch {best_epoch})")
+    log(f"{config.label}: run {run.run_id}, test tau {metrics['test_kendall_tau']:.3f}")
+    return run.run_id
