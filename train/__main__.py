@@ -56,6 +56,112 @@ def _summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scene_filter(args: argparse.Namespace) -> int:
+    from train.scene import SceneTrainConfig, train_scene_filter
+
+    train_scene_filter(SceneTrainConfig(data=args.data, backbone=args.backbone, px=args.px, epochs=args.epochs,
+                                        seed=args.seed, device=args.device))
+    return 0
+
+
+def _perception(args: argparse.Namespace) -> int:
+    from train.perception import PerceptionConfig, train_perception
+
+    run_id = train_perception(PerceptionConfig(data=args.data, backbone=args.backbone, px=args.px,
+                                               epochs=args.epochs, seed=args.seed, device=args.device))
+    print(f"perception run {run_id}: ground weights at {Path(args.data) / 'runs' / run_id / 'backbone.safetensors'}")
+    return 0
+
+
+def _fusion_config(args: argparse.Namespace):
+    from train.common import resolve_weights
+    from train.fusion import FusionConfig, paper_schedule
+
+    runs = DataRoot(Path(args.data)).runs
+    values = {"data": args.data, "year": args.year, "target": args.target, "aerial": not args.no_aerial,
+              "ground": None if args.ground == "none" else args.ground, "flickr_subset": args.flickr_subset,
+              "scene_run": args.scene_run, "ground_weights": resolve_weights(runs, args.ground_weights),
+              "aerial_weights": resolve_weights(runs, args.aerial_weights), "seed": args.seed,
+              "split_seed": args.split_seed, "block_size": args.block_size, "device": args.device,
+              "name": args.name}
+    optional = {"aerial_backbone": args.aerial_backbone, "ground_backbone": args.ground_backbone,
+                "aerial_px": args.aerial_px, "ground_px": args.ground_px, "epochs": args.epochs,
+                "warmup_epochs": args.warmup_epochs, "batch_size": args.batch_size, "lr": args.lr}
+    values |= {k: v for k, v in optional.items() if v is not None}
+    return paper_schedule(**values) if args.schedule == "paper" else FusionConfig(**values)
+
+
+def _fusion(args: argparse.Namespace) -> int:
+    from train.fusion import train_fusion
+
+    train_fusion(_fusion_config(args))
+    return 0
+
+
+def _fusion_matrix(args: argparse.Namespace) -> int:
+    from train.common import resolve_weights
+    from train.demo_runs import ensure_encoders
+    from train.matrix import matrix_configs, run_matrix, write_report
+
+    root = DataRoot(Path(args.data))
+    encoders = ensure_encoders(root, device=args.device)
+    weights = {"pp2-like": encoders.perception_weights, "places-like": encoders.scene_weights, "random": None}
+    for item in args.ground_weights or []:
+        name, _, value = item.partition("=")
+        weights[name] = resolve_weights(root.runs, value)
+    base = _fusion_config(args)
+    configs = matrix_configs(base, encoders.scene_run, weights)
+    results = run_matrix(configs, args.seeds)
+    csv, md = write_report(results, Path(args.out) if args.out else root.root / "reports", args.schedule)
+    print(md.read_text())
+    print(f"written {csv} and {md}")
+    return 0
+
+
+def _demo_runs(args: argparse.Namespace) -> int:
+    from train.demo_runs import ensure_default_runs
+
+    ensure_default_runs(DataRoot(Path(args.data)), device=args.device)
+    return 0
+
+
+def _add_fusion_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default=DEFAULT_DATA, help="data root (default: %(default)s)")
+    parser.add_argument("--schedule", choices=("demo", "paper"), default="demo",
+                        help="demo: small CNNs at 64/32 px, 12 epochs (CPU); paper: ResNet-50 at 224 px, 25 epochs "
+                             "with 5 warm-up epochs (GPU)")
+    parser.add_argument("--year", type=int, help="label year (default: latest)")
+    parser.add_argument("--target", default="won", help="lbm, afw, fys, onv, soc, vrz, won or lbm_class")
+    parser.add_argument("--no-aerial", action="store_true", help="ground only")
+    parser.add_argument("--ground", choices=("gsv", "flickr", "none"), default="gsv")
+    parser.add_argument("--flickr-subset", choices=("all", "outdoor", "building"), default="all")
+    parser.add_argument("--scene-run", help="scene filter run id (needed for outdoor/building)")
+    parser.add_argument("--ground-weights", help="weights file or run id of the frozen ground encoder")
+    parser.add_argument("--aerial-weights", help="weights file or run id for the aerial backbone")
+    parser.add_argument("--aerial-backbone")
+    parser.add_argument("--ground-backbone")
+    parser.add_argument("--aerial-px", type=int)
+    parser.add_argument("--ground-px", type=int)
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--warmup-epochs", type=int, help="epochs with the aerial backbone frozen")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split-seed", type=int, help="spatial split seed (default: --seed)")
+    parser.add_argument("--block-size", type=float, default=1000.0, help="spatial block size in metres")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--name", default="", help="label of the run (default: from its modalities)")
+
+
+def _add_encoder_options(parser: argparse.ArgumentParser, epochs: int) -> None:
+    parser.add_argument("--data", default=DEFAULT_DATA, help="data root (default: %(default)s)")
+    parser.add_argument("--backbone", default="convnet_small")
+    parser.add_argument("--px", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one subcommand per task."""
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
@@ -80,6 +186,38 @@ def build_parser() -> argparse.ArgumentParser:
                                   description="Cells, images per source, coverage per district, scores.")
     summary.add_argument("--data", default=DEFAULT_DATA, help="data root (default: %(default)s)")
     summary.set_defaults(run=_summary)
+
+    scene = commands.add_parser("scene-filter", help="train the Places365-style scene classifier on scene labels",
+                                description="Train a scene classifier, score every Flickr photo (cached beside "
+                                            "the catalog) and save its backbone as ground weights.")
+    _add_encoder_options(scene, epochs=6)
+    scene.set_defaults(run=_scene_filter)
+
+    perception = commands.add_parser("perception", help="train a Place Pulse 2 style perception encoder",
+                                     description="Train on pairwise votes (perception/votes.csv) with a RankNet "
+                                                 "loss and save the backbone as ground weights.")
+    _add_encoder_options(perception, epochs=6)
+    perception.set_defaults(run=_perception)
+
+    fusion = commands.add_parser("fusion", help="train one aerial/ground fusion model",
+                                 description="Train the cross-modal housing-quality model and write a run folder.")
+    _add_fusion_options(fusion)
+    fusion.set_defaults(run=_fusion)
+
+    matrix = commands.add_parser("fusion-matrix", help="the paper's experiment matrix over several seeds",
+                                 description="aerial, GSV, aerial+GSV, aerial+Flickr (all/outdoor/building) and "
+                                             "ground-weight variants; writes fusion_matrix.csv and .md.")
+    _add_fusion_options(matrix)
+    matrix.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    matrix.add_argument("--out", help="report folder (default: DATA/reports)")
+    matrix.set_defaults(run=_fusion_matrix)
+
+    demo_runs = commands.add_parser("demo-runs", help="train the dashboard's default runs if missing",
+                                    description="Scene filter, perception encoder, and the fusion runs aerial, "
+                                                "aerial+gsv and aerial+flickr(building), each only if missing.")
+    demo_runs.add_argument("--data", default=DEFAULT_DATA, help="data root (default: %(default)s)")
+    demo_runs.add_argument("--device", default="auto")
+    demo_runs.set_defaults(run=_demo_runs)
     return parser
 
 

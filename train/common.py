@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,3 +49,15 @@ def to_input(pixels: np.ndarray | torch.Tensor, index: torch.Tensor, device: tor
 def predict(fn: Callable[[torch.Tensor], torch.Tensor], n: int, batch_size: int = 512) -> torch.Tensor:
     """Concatenate ``fn(index_batch)`` over all items, in order, in inference mode."""
     return torch.cat([fn(index).float().cpu() for index in batches(n, batch_size)])
+
+
+def resolve_weights(runs_root: Path, value: str | None) -> str | None:
+    """A weights argument: a file path, or the id of a run that saved ``backbone.safetensors``."""
+    if value in (None, "", "random"):
+        return None
+    if Path(value).is_file():
+        return str(value)
+    candidate = Path(runs_root) / value / "backbone.safetensors"
+    if candidate.is_file():
+        return str(candidate)
+    raise FileNotFoundError(f"{value}: neither a weights file nor a run in {runs_root} with backbone.safetensors")

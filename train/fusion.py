@@ -27,7 +27,7 @@ from core.metrics import grouped_metrics, kendall_tau_b, score_metrics
 from core.models.backbones import create_backbone
 from core.models.fusion import FusionRegressor
 from core.models.scene_filter import SUBSETS, SceneFilterConfig, select
-from core.runs import RunWriter
+from core.runs import RunWriter, load_run
 from train.common import augment_aerial, batches, seed_everything, to_input
 from train.scene import scores_path
 
@@ -93,17 +93,8 @@ def paper_schedule(**overrides) -> FusionConfig:
                            **overrides})
 
 
-@dataclass
-class GroundInputs:
-    """Pooled ground features per cell and how many images each cell had."""
-
-    pooled: np.ndarray
-    counts: np.ndarray
-    images: int
-
-
-def ground_inputs(config: FusionConfig, root: DataRoot, cell_ids: np.ndarray, log=print) -> GroundInputs:
-    """Extract (or reuse cached) frozen ground features and pool them per cell."""
+def ground_inputs(config: FusionConfig, root: DataRoot, cell_ids: np.ndarray, log=print) -> tuple[np.ndarray, np.ndarray]:
+    """Frozen ground features (extracted or from the cache) pooled per cell, and image counts."""
     images = street_images(root, config.ground, cell_ids)
     keep = np.ones(len(images), bool)
     if config.ground == "flickr" and config.flickr_subset != "all":
@@ -119,8 +110,48 @@ def ground_inputs(config: FusionConfig, root: DataRoot, cell_ids: np.ndarray, lo
     log(f"ground features: {len(images)} {config.ground} images, {keep.sum()} kept "
         f"({time.perf_counter() - started:.1f} s incl. cache)")
     image_cells = pd.Series(images["cell_id"].to_numpy(), index=images["id"].to_numpy())
-    pooled, counts = pool_by_cell(features, image_cells, cell_ids, keep=keep)
-    return GroundInputs(pooled=pooled, counts=counts, images=int(keep.sum()))
+    return pool_by_cell(features, image_cells, cell_ids, keep=keep)
+
+
+@dataclass
+class CellInputs:
+    """Model inputs of every labelled cell: aerial pixels and/or pooled ground features."""
+
+    aerial: np.ndarray | None
+    ground: torch.Tensor | None
+    has_ground: torch.Tensor | None
+
+    def batch(self, rows: torch.Tensor, device: torch.device, generator: torch.Generator | None = None):
+        """``(aerial, ground, has_ground)`` for ``rows``; aerial augmented when a generator is given."""
+        x_aerial = None
+        if self.aerial is not None:
+            x_aerial = to_input(self.aerial, rows, device)
+            if generator is not None:
+                x_aerial = augment_aerial(x_aerial, generator)
+        if self.ground is None:
+            return x_aerial, None, None
+        return x_aerial, self.ground[rows].to(device), self.has_ground[rows].to(device)
+
+
+def cell_inputs(config: FusionConfig, root: DataRoot, ids: np.ndarray, log=print) -> tuple[CellInputs, np.ndarray]:
+    """The inputs of ``config`` for cells ``ids``, and the ground image count per cell."""
+    aerial = aerial_patches(root, ids, config.patch_m, config.aerial_px) if config.aerial else None
+    if not config.ground:
+        return CellInputs(aerial, None, None), np.zeros(len(ids), int)
+    pooled, counts = ground_inputs(config, root, ids, log)
+    return CellInputs(aerial, torch.from_numpy(pooled), torch.from_numpy(counts > 0)), counts
+
+
+@torch.inference_mode()
+def predict_cells(model: FusionRegressor, inputs: CellInputs, n: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Standardised predictions (n,) and embeddings (n, hidden) of all cells, in order."""
+    model.eval()
+    outputs, embeddings = [], []
+    for rows in batches(n, 512):
+        embedding = model.embed(*inputs.batch(rows, device))
+        embeddings.append(embedding.float().cpu())
+        outputs.append(model.out(embedding).squeeze(1).float().cpu())
+    return torch.cat(outputs).numpy(), torch.cat(embeddings).numpy()
 
 
 def train_fusion(config: FusionConfig, log=print) -> str:
@@ -130,8 +161,7 @@ def train_fusion(config: FusionConfig, log=print) -> str:
     cells = labelled_cells(root, config.year, config.target, config.block_size,
                            config.seed if config.split_seed is None else config.split_seed)
     ids = cells["cell_id"].to_numpy()
-    aerial = aerial_patches(root, ids, config.patch_m, config.aerial_px) if config.aerial else None
-    ground = ground_inputs(config, root, ids, log) if config.ground else None
+    inputs, image_counts = cell_inputs(config, root, ids, log)
     generator = seed_everything(config.seed)
 
     train_rows = torch.from_numpy(np.flatnonzero(cells["split"].to_numpy() == "train"))
@@ -142,34 +172,9 @@ def train_fusion(config: FusionConfig, log=print) -> str:
 
     backbone = (create_backbone(config.aerial_backbone, weights=config.aerial_weights, seed=config.seed)
                 if config.aerial else None)
-    model = FusionRegressor(backbone, ground.pooled.shape[1] if ground else None).to(device)
+    model = FusionRegressor(backbone, inputs.ground.shape[1] if inputs.ground is not None else None).to(device)
     if backbone is not None:
         model.aerial.to(memory_format=torch.channels_last)
-    ground_x = torch.from_numpy(np.asarray(ground.pooled)) if ground else None
-    has_ground = torch.from_numpy(ground.counts > 0) if ground else None
-
-    def forward(rows: torch.Tensor, train: bool) -> torch.Tensor:
-        x_aerial = None
-        if aerial is not None:
-            x_aerial = to_input(aerial, rows, device)
-            if train:
-                x_aerial = augment_aerial(x_aerial, generator)
-        x_ground = ground_x[rows].to(device) if ground_x is not None else None
-        mask = has_ground[rows].to(device) if has_ground is not None else None
-        return model(x_aerial, x_ground, mask)
-
-    def embed_all() -> tuple[np.ndarray, np.ndarray]:
-        model.eval()
-        outputs, embeddings = [], []
-        with torch.inference_mode():
-            for rows in batches(len(ids), 512):
-                x_aerial = to_input(aerial, rows, device) if aerial is not None else None
-                x_ground = ground_x[rows].to(device) if ground_x is not None else None
-                mask = has_ground[rows].to(device) if has_ground is not None else None
-                embedding = model.embed(x_aerial, x_ground, mask)
-                embeddings.append(embedding.float().cpu())
-                outputs.append(model.out(embedding).squeeze(1).float().cpu())
-        return torch.cat(outputs).numpy() * std + mean, torch.cat(embeddings).numpy()
 
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = (len(train_rows) + config.batch_size - 1) // config.batch_size
@@ -179,8 +184,8 @@ def train_fusion(config: FusionConfig, log=print) -> str:
     with RunWriter(root.runs, "fusion", resolved) as run:
         run.log(f"{config.label}: {len(ids)} cells ({len(train_rows)} train, {len(val_rows)} val), "
                 f"target {config.target}, device {device}")
-        if ground:
-            run.log(f"ground: {ground.images} images, {int((ground.counts > 0).sum())} cells with images")
+        if config.ground:
+            run.log(f"ground: {int(image_counts.sum())} images, {int((image_counts > 0).sum())} cells with images")
         best_tau, best_state, best_epoch = -np.inf, None, 0
         for epoch in range(1, config.epochs + 1):
             frozen = epoch <= config.warmup_epochs
@@ -192,13 +197,13 @@ def train_fusion(config: FusionConfig, log=print) -> str:
                 rows = train_rows[index]
                 if len(rows) < 2:  # BatchNorm needs two samples
                     continue
-                loss = nn.functional.mse_loss(forward(rows, True), y[rows].to(device))
+                loss = nn.functional.mse_loss(model(*inputs.batch(rows, device, generator)), y[rows].to(device))
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
                 schedule.step()
                 total += loss.item() * len(rows)
-            predicted, _ = embed_all()
+            predicted = predict_cells(model, inputs, len(ids), device)[0] * std + mean
             val_tau = kendall_tau_b(predicted[val_rows.numpy()], true[val_rows.numpy()])
             seconds = round(time.perf_counter() - started, 2)
             run.log_epoch(epoch=epoch, train_loss=total / len(train_rows), val_kendall_tau=val_tau,
@@ -206,15 +211,16 @@ def train_fusion(config: FusionConfig, log=print) -> str:
             run.progress(epoch=epoch, epochs=config.epochs, loss=total / len(train_rows), val_kendall_tau=val_tau)
             log(f"{config.label} epoch {epoch}/{config.epochs}: loss {total / len(train_rows):.4f}, "
                 f"val tau {val_tau:.3f} ({seconds} s)")
-            if val_tau > best_tau:
+            if best_state is None or val_tau > best_tau:  # NaN tau (tiny val set) keeps epoch 1
                 best_tau, best_epoch = val_tau, epoch
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         model.load_state_dict(best_state)
-        predicted, embeddings = embed_all()
-        result = cells.assign(predicted=predicted, residual=predicted - true,
-                              ground_images=ground.counts if ground else 0)
+        predicted, embeddings = predict_cells(model, inputs, len(ids), device)
+        predicted = predicted * std + mean
+        result = cells.assign(predicted=predicted, residual=predicted - true, ground_images=image_counts)
         metrics = {"best_epoch": best_epoch, "label": config.label}
-        for split, part in result.groupby("split"):
+        for split in ("train", "val", "test"):
+            part = result[result["split"] == split]
             metrics.update({f"{split}_{k}": v for k, v in score_metrics(part["predicted"], part["true"]).items()})
         test = result[result["split"] == "test"]
         metrics["test_per_district"] = grouped_metrics(test, "district").reset_index().to_dict(orient="records")
@@ -226,3 +232,29 @@ def train_fusion(config: FusionConfig, log=print) -> str:
         run.log(f"test kendall tau {metrics['test_kendall_tau']:.3f} (best epoch {best_epoch})")
     log(f"{config.label}: run {run.run_id}, test tau {metrics['test_kendall_tau']:.3f}")
     return run.run_id
+
+
+def restore(run_dir: str | Path, device: str = "cpu") -> tuple[FusionRegressor, FusionConfig]:
+    """The trained model of a fusion run (weights from its safetensors) and its config."""
+    run = load_run(run_dir)
+    config = FusionConfig.from_dict(run.config)
+    ground_dim = None
+    if config.ground:
+        state = run.state_dict()
+        ground_dim = state["ground.weight"].shape[1] if "ground.weight" in state else state["missing"].shape[0]
+    backbone = create_backbone(config.aerial_backbone) if config.aerial else None
+    model = FusionRegressor(backbone, ground_dim)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in run.state_dict().items()})
+    return model.to(resolve_device(device)).eval(), config
+
+
+def predict_run(run_dir: str | Path, device: str = "cpu") -> pd.DataFrame:
+    """Re-predict a run's cells from its saved weights and the data root (``cell_id, predicted``)."""
+    model, config = restore(run_dir, device)
+    run = load_run(run_dir)
+    root = DataRoot(Path(config.data))
+    ids = run.predictions()["cell_id"].to_numpy()
+    inputs, _ = cell_inputs(config, root, ids, log=lambda _: None)
+    standardised, _ = predict_cells(model, inputs, len(ids), resolve_device(device))
+    return pd.DataFrame({"cell_id": ids,
+                         "predicted": standardised * run.config["target_std"] + run.config["target_mean"]})

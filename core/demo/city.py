@@ -120,7 +120,7 @@ SCORE_WEIGHTS: dict[str, dict[str, float]] = {
     "onv": {"upkeep": 0.6, "litter": -0.7, "density": -0.3, "noise": -0.5},
     "soc": {"upkeep": 0.5, "era_value": 0.3, "social": 0.8},
     "vrz": {"density": 0.7, "shops": 0.7, "greenery": 0.1},
-    "won": {"era_value": 0.55, "greenery": 0.4, "density": -0.2, "upkeep": 0.9, "social": 0.3,
+    "won": {"era_value": 1.0, "greenery": 0.6, "density": -0.3, "upkeep": 0.8, "social": 0.3,
             "noise": -0.2},
 }
 #: (mean, spread) of each dimension in Amsterdam, in LBM units.
