@@ -12,11 +12,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `streamlit run` puts only dashboard/ on the path
 
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import pydeck as pdk  # noqa: E402
 import streamlit as st  # noqa: E402
 
 from core.sources.lbm import SCORE_COLUMNS  # noqa: E402
-from dashboard.data import data_root, load_cells, load_labels  # noqa: E402
+from dashboard.data import data_root, load_cells, load_fusion_runs, load_labels, load_predictions  # noqa: E402
 
 LAYER_NAMES = {
     "lbm": "overall score (lbm)", "afw": "deviation from national mean (afw)",
@@ -36,6 +37,19 @@ def colours(values: np.ndarray) -> np.ndarray:
     return (PALETTE[i] + (PALETTE[i + 1] - PALETTE[i]) * (t - i)[:, None]).astype(int)
 
 
+def diverging(values: np.ndarray) -> np.ndarray:
+    """Blue (negative) .. white .. red (positive) colours, symmetric around zero."""
+    limit = max(float(np.nanpercentile(np.abs(values), 98)), 1e-9)
+    t = np.clip(values / limit, -1, 1)[:, None]
+    white, blue, red = np.array([247, 247, 247]), np.array([33, 102, 172]), np.array([178, 24, 43])
+    return np.where(t < 0, white + (blue - white) * -t, white + (red - white) * t).astype(int)
+
+
+def run_title(run: pd.Series) -> str:
+    tau = run.get("metrics.test_kendall_tau", float("nan"))
+    return f"{run['config.label']} · {run['config.target']} · test tau {tau:.3f} · {run['run_id']}"
+
+
 def main() -> None:
     st.set_page_config(page_title="Stadsbeeld", layout="wide")
     root = data_root()
@@ -45,15 +59,36 @@ def main() -> None:
                  f"`python -m train demo --out {root}`, or point STADSBEELD_DATA at a data root.")
         return
     cells, labels = load_cells(str(root)), load_labels(str(root))
-    years = sorted(labels["jaar"].unique())
+    runs = load_fusion_runs(str(root))
     with st.sidebar:
-        year = st.selectbox("Year", years, index=len(years) - 1)
-        column = st.selectbox("Layer", [*SCORE_COLUMNS, "lbm_class"], format_func=LAYER_NAMES.get)
+        source = st.radio("Show", ["Leefbaarometer labels", "Model run"] if len(runs) else ["Leefbaarometer labels"])
+        if source == "Model run":
+            run = runs.iloc[st.selectbox("Run", range(len(runs)), format_func=lambda i: run_title(runs.iloc[i]))]
+            column = st.selectbox("Layer", ["predicted", "true", "residual"],
+                                  format_func=lambda c: f"{c} {run['config.target']}" if c != "residual"
+                                  else "residual (predicted - true)")
+            split = st.selectbox("Cells", ["all", "test", "val", "train"])
+        else:
+            years = sorted(labels["jaar"].unique())
+            year = st.selectbox("Year", years, index=len(years) - 1)
+            column = st.selectbox("Layer", [*SCORE_COLUMNS, "lbm_class"], format_func=LAYER_NAMES.get)
         st.caption(f"Data root: `{root}`")
-    shown = cells.merge(labels[labels["jaar"] == year][["cell_id", column]], on="cell_id")
-    shown["fill"] = colours(shown[column].to_numpy(dtype=float)).tolist()
+
+    if source == "Model run":
+        values = load_predictions(str(run["path"]))
+        if split != "all":
+            values = values[values["split"] == split]
+        values = values[["cell_id", column]]
+        described = f"{column} {run['config.target']} of run {run['run_id']} ({run['config.label']})"
+        provenance = f"`{Path(run['path']) / 'predictions.parquet'}`"
+    else:
+        values = labels[labels["jaar"] == year][["cell_id", column]]
+        described = LAYER_NAMES[column]
+        provenance = f"`{root / 'labels' / 'lbm_scores.csv'}`, year {year}"
+    shown = cells.merge(values, on="cell_id")
+    data = shown[column].to_numpy(dtype=float)
+    shown["fill"] = (diverging(data) if column == "residual" else colours(data)).tolist()
     shown["value"] = shown[column].round(3)
-    lo, hi = shown[column].quantile([0.02, 0.98])
     left, right = st.columns([3, 1])
     with left:
         layer = pdk.Layer("PolygonLayer", shown[["polygon", "fill", "cell_id", "buurt_naam", "district", "value"]],
@@ -63,13 +98,23 @@ def main() -> None:
         st.pydeck_chart(pdk.Deck(layers=[layer], initial_view_state=view, map_style=None,
                                  tooltip={"text": "cell {cell_id}\n{buurt_naam} ({district})\n"
                                                   f"{column}: {{value}}"}), height=640)
-        st.caption(f"Colour: {LAYER_NAMES[column]}, red = {lo:.3f} or lower, green = {hi:.3f} or higher.")
+        if column == "residual":
+            st.caption(f"Colour: {described}; blue = predicted too low, red = predicted too high.")
+        else:
+            lo, hi = np.nanpercentile(data, [2, 98])
+            st.caption(f"Colour: {described}; red = {lo:.3f} or lower, green = {hi:.3f} or higher.")
     with right:
-        st.metric("Scored cells", f"{len(shown):,}")
-        st.metric(f"Mean {column}", f"{shown[column].mean():.3f}")
+        st.metric("Cells shown", f"{len(shown):,}")
+        if source == "Model run":
+            for name in ("test_kendall_tau", "test_spearman", "test_r2", "test_mae"):
+                value = run.get(f"metrics.{name}")
+                if value is not None and not pd.isna(value):
+                    st.metric(name.replace("test_", "test ").replace("_", " "), f"{value:.3f}")
+        else:
+            st.metric(f"Mean {column}", f"{shown[column].mean():.3f}")
         per_district = shown.groupby("district")[column].agg(["count", "mean"]).round(3)
         st.dataframe(per_district, width="stretch")
-        st.caption(f"Source: `{root / 'labels' / 'lbm_scores.csv'}`, year {year}.")
+        st.caption(f"Source: {provenance}.")
 
 
 main()

@@ -11,6 +11,7 @@ import streamlit as st
 
 from core.dataroot import DataRoot
 from core.grid import cell_origin, read_grid
+from core.runs import list_runs, load_run
 from core.sources.lbm import read_lbm
 
 
@@ -40,3 +41,15 @@ def load_labels(root: str) -> pd.DataFrame:
     paths = DataRoot(Path(root))
     labels = read_lbm(paths.scores, paths.lbm_grid)
     return pd.DataFrame(labels.drop(columns="geometry"))
+
+
+@st.cache_data(show_spinner=False, ttl=10)
+def load_fusion_runs(root: str) -> pd.DataFrame:
+    """Complete fusion runs of the data root, newest first (re-listed every 10 s)."""
+    return list_runs(DataRoot(Path(root)).runs, kind="fusion")
+
+
+@st.cache_data(show_spinner="Loading predictions ...")
+def load_predictions(run_path: str) -> pd.DataFrame:
+    """A run's per-cell predictions (cell_id, split, true, predicted, residual, ...)."""
+    return load_run(run_path).predictions()

@@ -27,7 +27,7 @@ def test_map_page_shows_the_scores(demo_root, monkeypatch):
     monkeypatch.setenv("STADSBEELD_DATA", str(demo_root))
     app = AppTest.from_file(APP, default_timeout=60).run()
     assert not app.exception
-    scored = next(m for m in app.metric if m.label == "Scored cells")
+    scored = next(m for m in app.metric if m.label == "Cells shown")
     assert int(scored.value.replace(",", "")) > 50
     assert app.selectbox[0].value == 2020
     app.selectbox[1].set_value("won").run()
@@ -43,6 +43,23 @@ def test_map_page_never_imports_torch(demo_root):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                             timeout=120, check=True)
     assert result.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_run_predictions_and_residuals_are_shown(demo_root, monkeypatch):
+    from train.fusion import FusionConfig, train_fusion
+
+    run_id = train_fusion(FusionConfig(data=str(demo_root), ground=None, epochs=1, block_size=300.0),
+                          log=lambda _: None)
+    monkeypatch.setenv("STADSBEELD_DATA", str(demo_root))
+    app = AppTest.from_file(APP, default_timeout=60).run()
+    app.radio[0].set_value("Model run").run()
+    assert not app.exception
+    assert any(run_id in option for option in app.selectbox[0].options)
+    app.selectbox[1].set_value("residual").run()
+    assert not app.exception
+    assert "blue = predicted too low" in app.caption[0].value
+    assert any(m.label == "test kendall tau" for m in app.metric)
+    assert f"{run_id}/predictions.parquet" in app.caption[-2].value + app.caption[-1].value
 
 
 def test_missing_data_root_explains_how_to_build_it(tmp_path, monkeypatch):
