@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from core.demo import DemoConfig, build_demo
@@ -51,6 +52,7 @@ def test_run_predictions_and_residuals_are_shown(demo_root, monkeypatch):
     run_id = train_fusion(FusionConfig(data=str(demo_root), ground=None, epochs=1, block_size=300.0),
                           log=lambda _: None)
     monkeypatch.setenv("STADSBEELD_DATA", str(demo_root))
+    st.cache_data.clear()  # the run list is cached for 10 s, and an earlier test listed none
     app = AppTest.from_file(APP, default_timeout=60).run()
     app.radio[0].set_value("Model run").run()
     assert not app.exception
