@@ -57,10 +57,14 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _scene_filter(args: argparse.Namespace) -> int:
+    from core.models.scene_filter import SceneFilterConfig
     from train.scene import SceneTrainConfig, train_scene_filter
 
+    scene_filter = SceneFilterConfig(building_scenes=tuple(args.building_scenes.split(",")),
+                                     indoor_scenes=tuple(args.indoor_scenes.split(",")), threshold=args.threshold)
     train_scene_filter(SceneTrainConfig(data=args.data, backbone=args.backbone, px=args.px, epochs=args.epochs,
-                                        seed=args.seed, device=args.device))
+                                        seed=args.seed, device=args.device, checkpoint=args.checkpoint,
+                                        scene_names=args.scene_names, filter=scene_filter))
     return 0
 
 
@@ -80,7 +84,7 @@ def _fusion_config(args: argparse.Namespace):
     runs = DataRoot(Path(args.data)).runs
     values = {"data": args.data, "year": args.year, "target": args.target, "aerial": not args.no_aerial,
               "ground": None if args.ground == "none" else args.ground, "flickr_subset": args.flickr_subset,
-              "scene_run": args.scene_run, "ground_weights": resolve_weights(runs, args.ground_weights),
+              "scene_run": args.scene_run, "scene_threshold": args.scene_threshold, "ground_weights": resolve_weights(runs, args.ground_weights),
               "aerial_weights": resolve_weights(runs, args.aerial_weights), "seed": args.seed,
               "split_seed": args.split_seed, "block_size": args.block_size, "device": args.device,
               "name": args.name}
@@ -136,6 +140,7 @@ def _add_fusion_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ground", choices=("gsv", "flickr", "none"), default="gsv")
     parser.add_argument("--flickr-subset", choices=("all", "outdoor", "building"), default="all")
     parser.add_argument("--scene-run", help="scene filter run id (needed for outdoor/building)")
+    parser.add_argument("--scene-threshold", type=float, help="override the scene run's threshold")
     parser.add_argument("--ground-weights", help="weights file or run id of the frozen ground encoder")
     parser.add_argument("--aerial-weights", help="weights file or run id for the aerial backbone")
     parser.add_argument("--aerial-backbone")
@@ -191,6 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Train a scene classifier, score every Flickr photo (cached beside "
                                             "the catalog) and save its backbone as ground weights.")
     _add_encoder_options(scene, epochs=6)
+    scene.add_argument("--checkpoint", help="a trained classifier (e.g. Places365 ResNet-50) to score with, "
+                                            "instead of training one")
+    scene.add_argument("--scene-names", help="its class names, one per line (categories_places365.txt works)")
+    scene.add_argument("--building-scenes", default="building,street",
+                       help="comma-separated building-related scenes (default: %(default)s)")
+    scene.add_argument("--indoor-scenes", default="food,interior",
+                       help="comma-separated indoor scenes, for the outdoor subset (default: %(default)s)")
+    scene.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default: %(default)s)")
     scene.set_defaults(run=_scene_filter)
 
     perception = commands.add_parser("perception", help="train a Place Pulse 2 style perception encoder",

@@ -12,7 +12,7 @@ Kendall's tau is kept. The target is standardised on the training cells.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +26,10 @@ from core.features import extract_features, pool_by_cell, resolve_device
 from core.metrics import grouped_metrics, kendall_tau_b, score_metrics
 from core.models.backbones import create_backbone
 from core.models.fusion import FusionRegressor
-from core.models.scene_filter import SUBSETS, SceneFilterConfig, select
+from core.models.scene_filter import SUBSETS, select
 from core.runs import RunWriter, load_run
 from train.common import augment_aerial, batches, seed_everything, to_input
-from train.scene import scores_path
+from train.scene import filter_config, scores_path
 
 GROUND_SOURCES = ("gsv", "flickr")
 
@@ -49,6 +49,7 @@ class FusionConfig:
     ground: str | None = "gsv"
     flickr_subset: str = "all"
     scene_run: str | None = None
+    scene_threshold: float | None = None
     ground_backbone: str = "convnet_small"
     ground_weights: str | None = None
     ground_px: int = 32
@@ -103,7 +104,10 @@ def ground_inputs(config: FusionConfig, root: DataRoot, cell_ids: np.ndarray, lo
             raise FileNotFoundError(f"{path}: no scene scores for scene run {config.scene_run!r}")
         scores = pd.read_parquet(path).set_index("id").reindex(images["id"]).reset_index()
         missing = scores.drop(columns="id").isna().all(axis=1).to_numpy()
-        keep = ~missing & select(scores.fillna(0.0), config.flickr_subset, SceneFilterConfig())
+        scene_filter = filter_config(root, config.scene_run)
+        if config.scene_threshold is not None:
+            scene_filter = replace(scene_filter, threshold=config.scene_threshold)
+        keep = ~missing & select(scores.fillna(0.0), config.flickr_subset, scene_filter)
     started = time.perf_counter()
     features = extract_features(images, config.ground_backbone, config.ground_weights, root.cache / "features",
                                 px=config.ground_px, device=config.device)

@@ -1,8 +1,15 @@
-"""``python -m train scene-filter``: the Places365-style scene classifier of the demo city.
+"""``python -m train scene-filter``: the Places365-style scene filter of the paper.
 
-Trains a classifier on the demo's Flickr scene labels (half of the photos, chosen by a hash of
-their id; the other half measures accuracy), scores every Flickr photo, caches the scores beside
-the catalog and saves the backbone as a ground encoder ("places-like" weights).
+Two ways to get a scene classifier:
+
+- on the demo city (or any root with ``street/flickr_scene_labels.csv``), train one on half of
+  the labelled photos (chosen by a hash of their id; the other half measures accuracy);
+- with ``--checkpoint`` (and ``--scene-names``), load a classifier a user has, such as a
+  Places365 ResNet-50, and only score.
+
+Either way every Flickr photo is scored, the scores are cached beside the catalog
+(``street/scene_scores-<run>.parquet``), and a ``scene`` run records the configuration, the
+filter's precision/recall where labels exist, and the backbone as ground weights.
 """
 
 from __future__ import annotations
@@ -22,14 +29,20 @@ from core.datasets import street_images
 from core.features import load_pixels, resolve_device
 from core.io import write_atomic
 from core.models.backbones import save_backbone
-from core.models.scene_filter import SceneClassifier, SceneFilterConfig, select
-from core.runs import RunWriter
+from core.models.scene_filter import (
+    SceneClassifier,
+    SceneFilterConfig,
+    load_scene_classifier,
+    read_scene_names,
+    select,
+)
+from core.runs import RunWriter, load_run
 from train.common import augment_street, batches, predict, seed_everything, to_input
 
 
 @dataclass
 class SceneTrainConfig:
-    """Scene classifier training on the data root's scene labels."""
+    """Scene classifier: trained on the root's scene labels, or loaded from ``checkpoint``."""
 
     data: str = "data/demo"
     backbone: str = "convnet_small"
@@ -39,12 +52,9 @@ class SceneTrainConfig:
     lr: float = 3e-3
     seed: int = 0
     device: str = "auto"
+    checkpoint: str | None = None
+    scene_names: str | None = None
     filter: SceneFilterConfig = field(default_factory=SceneFilterConfig)
-
-
-def _held_out(ids: pd.Series) -> np.ndarray:
-    """Half of the photos, fixed by a hash of the id (stable across runs and seeds)."""
-    return np.array([hashlib.md5(i.encode()).digest()[0] % 2 == 1 for i in ids])
 
 
 def scores_path(root: DataRoot, run_id: str) -> Path:
@@ -52,69 +62,67 @@ def scores_path(root: DataRoot, run_id: str) -> Path:
     return root.catalog.parent / f"scene_scores-{run_id}.parquet"
 
 
+def filter_config(root: DataRoot, run_id: str) -> SceneFilterConfig:
+    """The scene lists and threshold a scene run was made with."""
+    stored = load_run(root.runs / run_id).config["filter"]
+    return SceneFilterConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
+
+
+def _held_out(ids: pd.Series) -> np.ndarray:
+    """Half of the photos, fixed by a hash of the id (stable across runs and seeds)."""
+    return np.array([hashlib.md5(i.encode()).digest()[0] % 2 == 1 for i in ids])
+
+
+def _labels(root: DataRoot, photos: pd.DataFrame, scenes: tuple[str, ...]) -> np.ndarray | None:
+    """Scene index per photo (-1 where unlabelled), or None when the root has no labels."""
+    if not root.scene_labels.exists():
+        return None
+    labels = pd.read_csv(root.scene_labels).set_index("id")["scene"]
+    unknown = sorted(set(labels) - set(scenes))
+    if unknown:
+        raise ValueError(f"{root.scene_labels}: scenes {unknown} are not among the classifier's scenes")
+    index = labels.reindex(photos["id"]).map({s: i for i, s in enumerate(scenes)})
+    return index.fillna(-1).to_numpy(np.int64)
+
+
 def train_scene_filter(config: SceneTrainConfig, log=print) -> str:
-    """Train, evaluate, score all Flickr photos; returns the run id."""
+    """Train (or load), score all Flickr photos, record the filter's quality; returns the run id."""
     root = DataRoot(Path(config.data))
     device = resolve_device(config.device)
     generator = seed_everything(config.seed)
     photos = street_images(root, "flickr")
-    if not root.scene_labels.exists():
-        raise FileNotFoundError(f"{root.scene_labels}: no scene labels to train the scene filter on")
-    labels = pd.read_csv(root.scene_labels).set_index("id")["scene"]
-    scenes = tuple(config.filter.scenes)
-    unknown = sorted(set(labels) - set(scenes))
-    if unknown:
-        raise ValueError(f"{root.scene_labels}: scenes {unknown} are not in the configured list {scenes}")
-    photos = photos[photos["id"].isin(labels.index)].reset_index(drop=True)
-    y = torch.tensor(labels.reindex(photos["id"]).map({s: i for i, s in enumerate(scenes)}).to_numpy())
+    if config.checkpoint:
+        scenes = read_scene_names(config.scene_names) if config.scene_names else tuple(config.filter.scenes)
+        model = load_scene_classifier(config.checkpoint, config.backbone, scenes)
+    else:
+        scenes = tuple(config.filter.scenes)
+        model = SceneClassifier(config.backbone, scenes, seed=config.seed)
+    config.filter.scenes = scenes
+    truth = _labels(root, photos, scenes)
+    if truth is None and not config.checkpoint:
+        raise FileNotFoundError(f"{root.scene_labels}: no scene labels to train on; pass --checkpoint instead")
+    model = model.to(device).to(memory_format=torch.channels_last)
     pixels = load_pixels(photos, config.px, root.cache / "pixels")
-    held_out = _held_out(photos["id"])
-    train_index = torch.from_numpy(np.flatnonzero(~held_out))
+    held_out = _held_out(photos["id"]) if not config.checkpoint else np.ones(len(photos), bool)
 
-    model = SceneClassifier(config.backbone, scenes, seed=config.seed).to(device).to(memory_format=torch.channels_last)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
-    steps = config.epochs * ((len(train_index) + config.batch_size - 1) // config.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, config.lr, total_steps=steps)
     with RunWriter(root.runs, "scene", asdict(config)) as run:
-        run.log(f"{len(photos)} labelled photos, {len(train_index)} for training, device {device}")
-        for epoch in range(1, config.epochs + 1):
-            model.train()
-            started, total = time.perf_counter(), 0.0
-            for index in batches(len(train_index), config.batch_size, generator):
-                rows = train_index[index]
-                x = augment_street(to_input(pixels, rows, device), generator)
-                loss = nn.functional.cross_entropy(model(x), y[rows].to(device))
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                schedule.step()
-                total += loss.item() * len(rows)
-            accuracy = _accuracy(model, pixels, y, held_out, device)
-            run.log_epoch(epoch=epoch, train_loss=total / len(train_index), val_accuracy=accuracy,
-                          seconds=round(time.perf_counter() - started, 2))
-            run.progress(epoch=epoch, epochs=config.epochs, loss=total / len(train_index), val_accuracy=accuracy)
-            log(f"scene epoch {epoch}: loss {total / len(train_index):.3f}, held-out accuracy {accuracy:.3f}")
-
+        if not config.checkpoint:
+            _fit(model, pixels, torch.from_numpy(truth), held_out & (truth >= 0), ~held_out & (truth >= 0),
+                 config, generator, device, run, log)
         model.eval()
         probabilities = predict(lambda i: model(to_input(pixels, i, device)).softmax(1), len(photos)).numpy()
         scores = pd.DataFrame(probabilities, columns=[f"p_{s}" for s in scenes]).round(4)
         scores.insert(0, "id", photos["id"].to_numpy())
-        truth = y.numpy()
-        metrics = {"held_out_accuracy": float((probabilities.argmax(1) == truth)[held_out].mean())}
-        for subset in ("outdoor", "building"):
-            kept = select(scores, subset, config.filter)
-            wanted = np.isin(truth, [scenes.index(s) for s in scenes if _in_subset(s, subset, config.filter)])
-            metrics[f"{subset}_precision"] = float(wanted[kept & held_out].mean())
-            metrics[f"{subset}_recall"] = float(kept[wanted & held_out].mean())
-            metrics[f"{subset}_kept_share"] = float(kept.mean())
+        metrics = {"photos": len(photos)}
+        if truth is not None:
+            metrics |= _filter_quality(scores, probabilities, truth, held_out & (truth >= 0), scenes, config.filter)
         run.write_metrics(metrics)
-        run.write_predictions(pd.DataFrame({"cell_id": photos["cell_id"].to_numpy(np.int64),
-                                            "split": np.where(held_out, "test", "train"),
-                                            "true": truth.astype(float),
-                                            "predicted": probabilities.argmax(1).astype(float),
-                                            "image_id": photos["id"].to_numpy()}))
+        run.write_predictions(pd.DataFrame({
+            "cell_id": photos["cell_id"].to_numpy(np.int64), "split": np.where(held_out, "test", "train"),
+            "true": truth.astype(float) if truth is not None else np.nan,
+            "predicted": probabilities.argmax(1).astype(float), "image_id": photos["id"].to_numpy()}))
         run.save_model(model.state_dict(), {"scenes": ",".join(scenes), "backbone": config.backbone})
-        save_backbone(model.backbone, run.path / "backbone.safetensors", trained_on="scene labels",
+        save_backbone(model.backbone, run.path / "backbone.safetensors", trained_on="scene classification",
                       px=str(config.px))
         write_atomic(scores_path(root, run.run_id), lambda tmp: scores.to_parquet(tmp, index=False))
         run.log(f"metrics {metrics}")
@@ -122,17 +130,44 @@ def train_scene_filter(config: SceneTrainConfig, log=print) -> str:
     return run.run_id
 
 
-def _in_subset(scene: str, subset: str, config: SceneFilterConfig) -> bool:
-    if subset == "building":
-        return scene in config.building_scenes
-    return scene not in config.indoor_scenes
+def _fit(model: SceneClassifier, pixels: np.ndarray, truth: torch.Tensor, evaluate: np.ndarray, train: np.ndarray,
+         config: SceneTrainConfig, generator: torch.Generator, device: torch.device, run: RunWriter, log) -> None:
+    train_index = torch.from_numpy(np.flatnonzero(train))
+    held_out = torch.from_numpy(np.flatnonzero(evaluate))
+    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
+    steps = config.epochs * ((len(train_index) + config.batch_size - 1) // config.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, config.lr, total_steps=steps)
+    run.log(f"{int(train.sum())} labelled photos for training, {int(evaluate.sum())} held out, device {device}")
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        started, total = time.perf_counter(), 0.0
+        for index in batches(len(train_index), config.batch_size, generator):
+            rows = train_index[index]
+            x = augment_street(to_input(pixels, rows, device), generator)
+            loss = nn.functional.cross_entropy(model(x), truth[rows].to(device))
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            total += loss.item() * len(rows)
+        model.eval()
+        predicted = predict(lambda i: model(to_input(pixels, held_out[i], device)).argmax(1), len(held_out))
+        accuracy = float((predicted == truth[held_out]).float().mean())
+        run.log_epoch(epoch=epoch, train_loss=total / len(train_index), val_accuracy=accuracy,
+                      seconds=round(time.perf_counter() - started, 2))
+        run.progress(epoch=epoch, epochs=config.epochs, loss=total / len(train_index), val_accuracy=accuracy)
+        log(f"scene epoch {epoch}: loss {total / len(train_index):.3f}, held-out accuracy {accuracy:.3f}")
 
 
-@torch.inference_mode()
-def _accuracy(model: nn.Module, pixels: np.ndarray, y: torch.Tensor, held_out: np.ndarray,
-              device: torch.device) -> float:
-    model.eval()
-    index = torch.from_numpy(np.flatnonzero(held_out))
-    predicted = torch.cat([model(to_input(pixels, index[b], device)).argmax(1).cpu()
-                           for b in batches(len(index), 1024)])
-    return float((predicted == y[index]).float().mean())
+def _filter_quality(scores: pd.DataFrame, probabilities: np.ndarray, truth: np.ndarray, evaluate: np.ndarray,
+                    scenes: tuple[str, ...], config: SceneFilterConfig) -> dict[str, float]:
+    """Accuracy, and precision/recall of the outdoor and building subsets on the evaluated photos."""
+    metrics = {"held_out_accuracy": float((probabilities.argmax(1) == truth)[evaluate].mean())}
+    wanted_scenes = {"building": set(config.building_scenes), "outdoor": set(scenes) - set(config.indoor_scenes)}
+    for subset, wanted_names in wanted_scenes.items():
+        kept = select(scores, subset, config)
+        wanted = np.isin(truth, [scenes.index(s) for s in wanted_names if s in scenes])
+        metrics[f"{subset}_precision"] = float(wanted[kept & evaluate].mean())
+        metrics[f"{subset}_recall"] = float(kept[wanted & evaluate].mean())
+        metrics[f"{subset}_kept_share"] = float(kept.mean())
+    return metrics

@@ -186,8 +186,8 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """
     path = _weights_file(path)
     expected = model.state_dict()
-    state = _strip_common_prefix(_read_state_dict(path), expected.keys())
-    _check_fits(state, expected, path)
+    state = strip_common_prefix(read_state_dict(path), expected.keys())
+    check_state_fits(state, expected, path)
     model.load_state_dict(state)
     return model
 
@@ -267,18 +267,19 @@ def _timm_backbone(arch: str, weights: Path | None, **kwargs: object) -> nn.Modu
     with torch.device("meta"):
         expected = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
     # Same key cleaning as timm's reader; the classifier is dropped as timm does (num_classes=0).
-    state = clean_state_dict(_read_state_dict(weights))
+    state = clean_state_dict(read_state_dict(weights))
     classifier = expected.pretrained_cfg.get("classifier") or ()
     for head in (classifier,) if isinstance(classifier, str) else classifier:
         state.pop(f"{head}.weight", None)
         state.pop(f"{head}.bias", None)
-    _check_fits(state, expected.state_dict(), weights)
+    check_state_fits(state, expected.state_dict(), weights)
     return timm.create_model(
         arch, pretrained=True, pretrained_cfg_overlay={"file": str(weights)}, num_classes=0, **kwargs
     )
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file (safetensors, or a weights-only torch pickle), never unpickling code."""
     try:
         if path.suffix == ".safetensors":
             state = safetensors.torch.load_file(str(path))
@@ -302,10 +303,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _strip_common_prefix(
+def strip_common_prefix(
     state: dict[str, torch.Tensor], expected: Iterable[str]
 ) -> dict[str, torch.Tensor]:
-    """Drop the shortest dotted prefix that all keys share and that makes them match the model."""
+    """Drop the shortest dotted prefix (``module.``, ...) that all keys share and that makes them match."""
     expected = set(expected)
     if expected & state.keys():
         return state
@@ -320,7 +321,7 @@ def _strip_common_prefix(
     return state
 
 
-def _check_fits(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], path: Path) -> None:
+def check_state_fits(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], path: Path) -> None:
     """Raise a ValueError naming ``path`` and a few missing/unexpected keys and bad shapes."""
 
     def few(items: list[str]) -> str:

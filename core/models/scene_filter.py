@@ -10,13 +10,19 @@ the demo's scene labels (``train scene-filter``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from core.models.backbones import create_backbone
+from core.models.backbones import (
+    check_state_fits,
+    create_backbone,
+    read_state_dict,
+    strip_common_prefix,
+)
 
 SUBSETS = ("all", "outdoor", "building")
 
@@ -42,6 +48,43 @@ class SceneClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
+
+
+#: Names classifier heads go by in timm, torchvision and the Places365 release.
+_HEAD_PREFIXES = ("fc.", "head.", "classifier.", "last_linear.")
+
+
+def load_scene_classifier(path: str | Path, backbone: str, scenes: tuple[str, ...]) -> SceneClassifier:
+    """A classifier from a full checkpoint (backbone + head), e.g. a Places365 ResNet-50.
+
+    Accepts our own ``scene`` runs' ``model.safetensors`` and foreign layouts where the head is
+    called ``fc``/``head``/``classifier``/``last_linear`` and the rest is the backbone (an
+    optional ``module.`` prefix is dropped). The head must have one output per scene name.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: scene classifier checkpoint not found")
+    model = SceneClassifier(backbone, scenes)
+    expected = model.state_dict()
+    state = read_state_dict(path)
+    if not any(key.startswith("backbone.") for key in state):
+        state = strip_common_prefix(state, {k.removeprefix("backbone.") for k in expected})
+        state = {("head." + key.split(".", 1)[1] if key.startswith(_HEAD_PREFIXES) else "backbone." + key): value
+                 for key, value in state.items()}
+    check_state_fits(state, expected, path)
+    model.load_state_dict(state, strict=False)  # BatchNorm counters of old checkpoints may be absent
+    return model
+
+
+def read_scene_names(path: str | Path) -> tuple[str, ...]:
+    """Scene names, one per line; Places365's ``categories_places365.txt`` (``/a/abbey 0``) works too."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: scene names file not found")
+    names = [line.split()[0].strip("/").split("/", 1)[-1] for line in path.read_text().splitlines() if line.strip()]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: scene names must be unique")
+    return tuple(names)
 
 
 def select(scores: pd.DataFrame, subset: str, config: SceneFilterConfig) -> np.ndarray:
