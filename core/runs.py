@@ -308,28 +308,25 @@ class RunWriter:
         write_atomic(self._path / MODEL_FILE, lambda tmp: save_file(tensors, tmp, header))
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_mapping(path: Path, parse: Callable[[str], Any], errors: tuple[type[Exception], ...],
+                  kind: str, container: str) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+        value = parse(path.read_text(encoding="utf-8"))
+    except (*errors, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid {kind} ({exc})") from exc
     if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+        raise ValueError(f"{path}: expected a {kind} {container}, got {type(value).__name__}")
     return value
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return _read_mapping(path, json.loads, (json.JSONDecodeError,), "JSON", "object")
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
-    try:
-        value = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid YAML ({exc})") from exc
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a YAML mapping, got {type(value).__name__}")
-    return value
+    return _read_mapping(path, yaml.safe_load, (yaml.YAMLError,), "YAML", "mapping")
 
 
 def _read_epochs(path: Path) -> pd.DataFrame:

@@ -4,12 +4,44 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from core.models.backbones import normalise
+
+
+@dataclass
+class EncoderConfig:
+    """What every image-encoder recipe (scene filter, perception, ...) is configured by."""
+
+    data: str = "data/demo"
+    backbone: str = "convnet_small"
+    px: int = 32
+    epochs: int = 6
+    batch_size: int = 256
+    lr: float = 3e-3
+    seed: int = 0
+    device: str = "auto"
+
+
+class OneCycle:
+    """AdamW with a one-cycle learning rate over ``epochs`` passes of ``n`` items."""
+
+    def __init__(self, parameters, lr: float, weight_decay: float, epochs: int, n: int, batch_size: int):
+        self.optimiser = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+        steps = epochs * max(1, -(-n // batch_size))
+        self.schedule = torch.optim.lr_scheduler.OneCycleLR(self.optimiser, lr, total_steps=steps)
+
+    def step(self, loss: torch.Tensor) -> float:
+        """One optimisation step on ``loss``; returns its value."""
+        self.optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimiser.step()
+        self.schedule.step()
+        return loss.item()
 
 
 def seed_everything(seed: int) -> torch.Generator:

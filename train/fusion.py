@@ -28,7 +28,7 @@ from core.models.backbones import create_backbone
 from core.models.fusion import FusionRegressor
 from core.models.scene_filter import SUBSETS, select
 from core.runs import RunWriter, load_run
-from train.common import augment_aerial, batches, seed_everything, to_input
+from train.common import OneCycle, augment_aerial, batches, seed_everything, to_input
 from train.scene import filter_config, scores_path
 
 GROUND_SOURCES = ("gsv", "flickr")
@@ -180,9 +180,8 @@ def train_fusion(config: FusionConfig, log=print) -> str:
     if backbone is not None:
         model.aerial.to(memory_format=torch.channels_last)
 
-    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = (len(train_rows) + config.batch_size - 1) // config.batch_size
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, config.lr, total_steps=config.epochs * steps_per_epoch)
+    trainer = OneCycle(model.parameters(), config.lr, config.weight_decay, config.epochs, len(train_rows),
+                       config.batch_size)
     resolved = asdict(config) | {"label": config.label, "device_resolved": str(device), "target_mean": mean,
                                  "target_std": std}
     with RunWriter(root.runs, "fusion", resolved) as run:
@@ -202,11 +201,7 @@ def train_fusion(config: FusionConfig, log=print) -> str:
                 if len(rows) < 2:  # BatchNorm needs two samples
                     continue
                 loss = nn.functional.mse_loss(model(*inputs.batch(rows, device, generator)), y[rows].to(device))
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                schedule.step()
-                total += loss.item() * len(rows)
+                total += trainer.step(loss) * len(rows)
             predicted = predict_cells(model, inputs, len(ids), device)[0] * std + mean
             val_tau = kendall_tau_b(predicted[val_rows.numpy()], true[val_rows.numpy()])
             seconds = round(time.perf_counter() - started, 2)

@@ -23,24 +23,16 @@ from core.features import load_pixels, resolve_device
 from core.io import read_table, require_columns
 from core.models.backbones import create_backbone, save_backbone
 from core.runs import RunWriter
-from train.common import augment_street, batches, seed_everything, to_input
+from train.common import EncoderConfig, OneCycle, augment_street, batches, seed_everything, to_input
 
 WINNER_TARGET = {"left": 1.0, "right": 0.0, "equal": 0.5}
 
 
 @dataclass
-class PerceptionConfig:
-    """Perception training on pairwise votes."""
+class PerceptionConfig(EncoderConfig):
+    """Perception training on pairwise votes; ``test_share`` of them measure pair accuracy."""
 
-    data: str = "data/demo"
-    backbone: str = "convnet_small"
-    px: int = 32
-    epochs: int = 6
-    batch_size: int = 256
-    lr: float = 3e-3
     test_share: float = 0.2
-    seed: int = 0
-    device: str = "auto"
 
 
 def read_votes(path: Path, image_ids: pd.Index) -> pd.DataFrame:
@@ -89,9 +81,7 @@ def train_perception(config: PerceptionConfig, log=print) -> str:
     pixels = load_pixels(images, config.px, root.cache / "pixels")
 
     model = PerceptionModel(config.backbone, categories, config.seed).to(device).to(memory_format=torch.channels_last)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
-    steps = config.epochs * ((len(train_rows) + config.batch_size - 1) // config.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, config.lr, total_steps=steps)
+    trainer = OneCycle(model.parameters(), config.lr, 1e-4, config.epochs, len(train_rows), config.batch_size)
 
     def margin(rows: torch.Tensor, augment: bool) -> torch.Tensor:
         pair = torch.cat([left[rows], right[rows]])
@@ -109,11 +99,7 @@ def train_perception(config: PerceptionConfig, log=print) -> str:
             for index in batches(len(train_rows), config.batch_size, generator):
                 rows = train_rows[index]
                 loss = nn.functional.binary_cross_entropy_with_logits(margin(rows, True), target[rows].to(device))
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                schedule.step()
-                total += loss.item() * len(rows)
+                total += trainer.step(loss) * len(rows)
             accuracy = _pair_accuracy(model, margin, test, target, category, categories)
             run.log_epoch(epoch=epoch, train_loss=total / len(train_rows), val_accuracy=accuracy["all"],
                           seconds=round(time.perf_counter() - started, 2))

@@ -37,21 +37,21 @@ from core.models.scene_filter import (
     select,
 )
 from core.runs import RunWriter, load_run
-from train.common import augment_street, batches, predict, seed_everything, to_input
+from train.common import (
+    EncoderConfig,
+    OneCycle,
+    augment_street,
+    batches,
+    predict,
+    seed_everything,
+    to_input,
+)
 
 
 @dataclass
-class SceneTrainConfig:
+class SceneTrainConfig(EncoderConfig):
     """Scene classifier: trained on the root's scene labels, or loaded from ``checkpoint``."""
 
-    data: str = "data/demo"
-    backbone: str = "convnet_small"
-    px: int = 32
-    epochs: int = 6
-    batch_size: int = 256
-    lr: float = 3e-3
-    seed: int = 0
-    device: str = "auto"
     checkpoint: str | None = None
     scene_names: str | None = None
     filter: SceneFilterConfig = field(default_factory=SceneFilterConfig)
@@ -134,9 +134,7 @@ def _fit(model: SceneClassifier, pixels: np.ndarray, truth: torch.Tensor, evalua
          config: SceneTrainConfig, generator: torch.Generator, device: torch.device, run: RunWriter, log) -> None:
     train_index = torch.from_numpy(np.flatnonzero(train))
     held_out = torch.from_numpy(np.flatnonzero(evaluate))
-    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
-    steps = config.epochs * ((len(train_index) + config.batch_size - 1) // config.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, config.lr, total_steps=steps)
+    trainer = OneCycle(model.parameters(), config.lr, 1e-4, config.epochs, len(train_index), config.batch_size)
     run.log(f"{int(train.sum())} labelled photos for training, {int(evaluate.sum())} held out, device {device}")
     for epoch in range(1, config.epochs + 1):
         model.train()
@@ -145,11 +143,7 @@ def _fit(model: SceneClassifier, pixels: np.ndarray, truth: torch.Tensor, evalua
             rows = train_index[index]
             x = augment_street(to_input(pixels, rows, device), generator)
             loss = nn.functional.cross_entropy(model(x), truth[rows].to(device))
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-            total += loss.item() * len(rows)
+            total += trainer.step(loss) * len(rows)
         model.eval()
         predicted = predict(lambda i: model(to_input(pixels, held_out[i], device)).argmax(1), len(held_out))
         accuracy = float((predicted == truth[held_out]).float().mean())
