@@ -167,16 +167,23 @@ def sample_flickr(fields: CityFields, cell_ids: np.ndarray, seed: int, count: in
     bx = cells["x"].to_numpy()[pick] + rng.uniform(-50, 50, n_bg)
     by = cells["y"].to_numpy()[pick] + rng.uniform(-50, 50, n_bg)
     x, y = np.concatenate([sx, kx, bx]), np.concatenate([sy, ky, by])
-    table = pd.DataFrame({"x": x, "y": y, "cell_id": cell_id(x, y)})
+    origin = np.repeat(["hotspot", "canal", "local"], [n_spot, n_canal, n_bg])
+    table = pd.DataFrame({"x": x, "y": y, "cell_id": cell_id(x, y), "origin": origin})
     table = table[table["cell_id"].isin(fields.cells.index)].reset_index(drop=True)
 
     near = fields.lookup(table["cell_id"].to_numpy())
-    # Scene mix depends on the place: boats near water, lawns in parks, food in the centre.
+    # Scene mix depends on the place and the photographer: boats near water, lawns in parks;
+    # tourists at hot spots shoot each other, their food and their hotel rooms, residents their
+    # street. So the off-topic share of a cell's photos varies, and dilutes unfiltered averages.
     base = np.array([0.26, 0.18, 0.12, 0.10, 0.14, 0.10, 0.10])
     logits = np.log(base)[None, :].repeat(len(table), 0)
     logits[:, 2] += 2.0 * near["water"].to_numpy() + near["water_near"].to_numpy()
     logits[:, 3] += 3.0 * near["park"].to_numpy()
-    logits[:, 5] += 0.6 * (near["district"].to_numpy() == "Centrum")
+    tourist = (table["origin"] == "hotspot").to_numpy()
+    logits[tourist, 4:7] += np.array([0.9, 0.9, 0.6])
+    logits[(table["origin"] == "canal").to_numpy(), 2] += 1.0
+    local = (table["origin"] == "local").to_numpy()
+    logits[local, :2] += np.array([0.8, 0.6])
     probs = np.exp(logits)
     probs /= probs.sum(1, keepdims=True)
     scene = (probs.cumsum(1) > rng.random((len(table), 1))).argmax(1)
