@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 
 from train.__main__ import build_parser, main
@@ -48,3 +49,32 @@ def test_demo_builds_prints_a_summary_and_respects_existing_output(tmp_path, cap
     capsys.readouterr()
     assert main(["summary", "--data", str(out)]) == 0
     assert "labelled" in capsys.readouterr().out
+
+
+def test_fusion_schedule_is_the_papers_on_real_data_and_short_on_the_demo(tmp_path):
+    from train.__main__ import _fusion_config
+
+    real = tmp_path / "real"
+    real.mkdir()
+    paper = _fusion_config(build_parser().parse_args(["fusion", "--data", str(real)]))
+    assert (paper.aerial_backbone, paper.aerial_px, paper.epochs, paper.warmup_epochs) == ("resnet50", 224, 25, 5)
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "demo.json").write_text("{}")
+    short = _fusion_config(build_parser().parse_args(["fusion", "--data", str(demo), "--epochs", "3"]))
+    assert (short.aerial_backbone, short.epochs) == ("convnet_small", 3)
+    forced = _fusion_config(build_parser().parse_args(["fusion", "--data", str(demo), "--schedule", "paper"]))
+    assert forced.ground_backbone == "resnet50"
+
+
+def test_fusion_matrix_command_on_a_tiny_city(tiny_demo, tmp_path, capsys):
+    out = tmp_path / "reports"
+    code = main(["fusion-matrix", "--data", str(tiny_demo), "--seeds", "0", "--epochs", "1", "--block-size", "300",
+                 "--out", str(out), "--compare-weights", "random-again=random"])
+    assert code == 0
+    table = (out / "fusion_matrix.md").read_text()
+    for row in ("| aerial |", "| gsv |", "| aerial+gsv |", "| aerial+flickr(all) |", "| aerial+flickr(outdoor) |",
+                "| aerial+flickr(building) |", "| aerial+gsv [places-like weights] |", "| aerial+gsv [random weights] |"):
+        assert row in table
+    assert "share of that gap closed by building-filtered Flickr" in table
+    assert len(pd.read_csv(out / "fusion_matrix.csv")) == 9

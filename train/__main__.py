@@ -78,6 +78,7 @@ def _perception(args: argparse.Namespace) -> int:
 
 
 def _fusion_config(args: argparse.Namespace):
+    from core.demo import MANIFEST
     from train.common import resolve_weights
     from train.fusion import FusionConfig, paper_schedule
 
@@ -92,7 +93,10 @@ def _fusion_config(args: argparse.Namespace):
                 "aerial_px": args.aerial_px, "ground_px": args.ground_px, "epochs": args.epochs,
                 "warmup_epochs": args.warmup_epochs, "batch_size": args.batch_size, "lr": args.lr}
     values |= {k: v for k, v in optional.items() if v is not None}
-    return paper_schedule(**values) if args.schedule == "paper" else FusionConfig(**values)
+    schedule = args.schedule
+    if schedule == "auto":  # the paper's schedule for real data, the short one for the demo city
+        schedule = "demo" if (Path(args.data) / MANIFEST).exists() else "paper"
+    return paper_schedule(**values) if schedule == "paper" else FusionConfig(**values)
 
 
 def _fusion(args: argparse.Namespace) -> int:
@@ -103,20 +107,29 @@ def _fusion(args: argparse.Namespace) -> int:
 
 
 def _fusion_matrix(args: argparse.Namespace) -> int:
+    from core.demo import MANIFEST
     from train.common import resolve_weights
     from train.demo_runs import ensure_encoders
     from train.matrix import matrix_configs, run_matrix, write_report
 
     root = DataRoot(Path(args.data))
-    encoders = ensure_encoders(root, device=args.device)
-    weights = {"pp2-like": encoders.perception_weights, "places-like": encoders.scene_weights, "random": None}
-    for item in args.ground_weights or []:
+    base = _fusion_config(args)
+    weights: dict[str, str | None] = {"given": base.ground_weights} if base.ground_weights else {}
+    scene_run = args.scene_run
+    if (root.root / MANIFEST).exists():  # the demo's own stand-ins for Place Pulse 2 and Places365
+        encoders = ensure_encoders(root, device=args.device)
+        weights |= {"pp2-like": encoders.perception_weights, "places-like": encoders.scene_weights}
+        scene_run = scene_run or encoders.scene_run
+    for item in args.compare_weights:
         name, _, value = item.partition("=")
         weights[name] = resolve_weights(root.runs, value)
-    base = _fusion_config(args)
-    configs = matrix_configs(base, encoders.scene_run, weights)
-    results = run_matrix(configs, args.seeds)
-    csv, md = write_report(results, Path(args.out) if args.out else root.root / "reports", args.schedule)
+    weights.setdefault("random", None)
+    if not scene_run:
+        print("error: --scene-run is needed for the outdoor and building Flickr subsets", file=sys.stderr)
+        return 2
+    results = run_matrix(matrix_configs(base, scene_run, weights), args.seeds)
+    schedule = "paper schedule" if base.aerial_backbone == "resnet50" else "demo schedule"
+    csv, md = write_report(results, Path(args.out) if args.out else root.root / "reports", schedule)
     print(md.read_text())
     print(f"written {csv} and {md}")
     return 0
@@ -131,9 +144,9 @@ def _demo_runs(args: argparse.Namespace) -> int:
 
 def _add_fusion_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=DEFAULT_DATA, help="data root (default: %(default)s)")
-    parser.add_argument("--schedule", choices=("demo", "paper"), default="demo",
+    parser.add_argument("--schedule", choices=("auto", "demo", "paper"), default="auto",
                         help="demo: small CNNs at 64/32 px, 12 epochs (CPU); paper: ResNet-50 at 224 px, 25 epochs "
-                             "with 5 warm-up epochs (GPU)")
+                             "with 5 warm-up epochs (GPU); auto (default): demo on a demo city, paper otherwise")
     parser.add_argument("--year", type=int, help="label year (default: latest)")
     parser.add_argument("--target", default="won", help="lbm, afw, fys, onv, soc, vrz, won or lbm_class")
     parser.add_argument("--no-aerial", action="store_true", help="ground only")
@@ -223,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fusion_options(matrix)
     matrix.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     matrix.add_argument("--out", help="report folder (default: DATA/reports)")
+    matrix.add_argument("--compare-weights", action="append", default=[], metavar="NAME=FILE_OR_RUN",
+                        help="more ground weights to compare on aerial+gsv (repeatable), e.g. "
+                             "imagenet=resnet50_a1_in1k.safetensors")
     matrix.set_defaults(run=_fusion_matrix)
 
     demo_runs = commands.add_parser("demo-runs", help="train the dashboard's default runs if missing",
