@@ -20,6 +20,9 @@ class DataRoot:
 
     root: Path
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))  # accept str as well
+
     @classmethod
     def from_env(cls, path: str | os.PathLike | None = None) -> DataRoot:
         """``path``, else ``$STADSBEELD_DATA``, else the demo city."""

@@ -88,7 +88,7 @@ def write_report(results: pd.DataFrame, out: Path, schedule: str) -> tuple[Path,
     table, derived = summarise(results)
     csv = write_atomic(out / "fusion_matrix.csv", lambda tmp: results.to_csv(tmp, index=False))
     lines = [f"# Fusion experiment matrix ({schedule})", "",
-             f"Kendall's tau (tau-b) on the test blocks, mean ± std over seeds {sorted(results['seed'].unique())}.",
+             f"Kendall's tau (tau-b) on the test blocks, mean ± std over seeds {sorted(int(s) for s in results['seed'].unique())}.",
              "", "| configuration | tau | spearman | R² |", "|---|---|---|---|"]
     for name, row in table.iterrows():
         std = "" if np.isnan(row["tau_std"]) else f" ± {row['tau_std']:.3f}"

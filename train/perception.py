@@ -74,7 +74,7 @@ def train_perception(config: PerceptionConfig, log=print) -> str:
     left = torch.tensor(row[votes["left_id"]].to_numpy())
     right = torch.tensor(row[votes["right_id"]].to_numpy())
     categories = tuple(sorted(votes["category"].unique()))
-    category = torch.from_numpy(votes["category"].map({c: i for i, c in enumerate(categories)}).to_numpy())
+    category = torch.tensor(votes["category"].map({c: i for i, c in enumerate(categories)}).to_numpy())
     target = torch.tensor(votes["winner"].map(WINNER_TARGET).to_numpy(), dtype=torch.float32)
     test = torch.from_numpy(np.random.default_rng(config.seed).random(len(votes)) < config.test_share)
     train_rows = torch.nonzero(~test).squeeze(1)

@@ -107,7 +107,7 @@ def train_scene_filter(config: SceneTrainConfig, log=print) -> str:
 
     with RunWriter(root.runs, "scene", asdict(config)) as run:
         if not config.checkpoint:
-            _fit(model, pixels, torch.from_numpy(truth), held_out & (truth >= 0), ~held_out & (truth >= 0),
+            _fit(model, pixels, torch.tensor(truth), held_out & (truth >= 0), ~held_out & (truth >= 0),
                  config, generator, device, run, log)
         model.eval()
         probabilities = predict(lambda i: model(to_input(pixels, i, device)).softmax(1), len(photos)).numpy()
@@ -161,7 +161,12 @@ def _filter_quality(scores: pd.DataFrame, probabilities: np.ndarray, truth: np.n
     for subset, wanted_names in wanted_scenes.items():
         kept = select(scores, subset, config)
         wanted = np.isin(truth, [scenes.index(s) for s in wanted_names if s in scenes])
-        metrics[f"{subset}_precision"] = float(wanted[kept & evaluate].mean())
-        metrics[f"{subset}_recall"] = float(kept[wanted & evaluate].mean())
+        metrics[f"{subset}_precision"] = _share(wanted[kept & evaluate])
+        metrics[f"{subset}_recall"] = _share(kept[wanted & evaluate])
         metrics[f"{subset}_kept_share"] = float(kept.mean())
     return metrics
+
+
+def _share(flags: np.ndarray) -> float:
+    """Share of True, NaN when there is nothing to count (a tiny held-out set)."""
+    return float(flags.mean()) if len(flags) else float("nan")
