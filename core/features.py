@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,10 +88,16 @@ class FeatureSet:
 
 
 def image_set_key(ids: np.ndarray, paths: np.ndarray) -> str:
-    """Short hash of an ordered image set (ids and files)."""
+    """Short hash of an ordered image set: ids, files, and each file's size and modification
+    time, so an image replaced in place is never served from an old cache."""
     digest = hashlib.sha256()
     for image_id, path in zip(ids, paths, strict=True):
-        digest.update(f"{image_id}\0{path}\n".encode())
+        try:
+            stat = os.stat(path)
+            version = f"{stat.st_size}:{stat.st_mtime_ns}"
+        except OSError:
+            version = "missing"  # the loader reports the file by name
+        digest.update(f"{image_id}\0{path}\0{version}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -193,7 +200,7 @@ def pool_by_cell(features: FeatureSet, image_cells: pd.Series, cell_ids: np.ndar
         ``(pooled (n_cells, dim) float32, counts (n_cells,) int)``; cells without images get zeros
         and count 0 (the model decides how to treat them).
     """
-    mask = np.ones(len(features.ids), bool) if keep is None else np.asarray(keep, bool)
+    mask = np.ones(len(features.ids), bool) if keep is None else np.array(keep, bool)
     cells = image_cells.reindex(features.ids).to_numpy()
     mask &= ~pd.isna(cells)
     rows = pd.Series(np.arange(len(cell_ids)), index=pd.Index(cell_ids))

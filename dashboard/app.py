@@ -85,7 +85,7 @@ def main() -> None:
         values = labels[labels["jaar"] == year][["cell_id", column]]
         described = LAYER_NAMES[column]
         provenance = f"`{root / 'labels' / 'lbm_scores.csv'}`, year {year}"
-    shown = cells.merge(values, on="cell_id")
+    shown = cells.merge(values, on="cell_id").dropna(subset=[column])  # LBM leaves some scores empty
     data = shown[column].to_numpy(dtype=float)
     shown["fill"] = (diverging(data) if column == "residual" else colours(data)).tolist()
     shown["value"] = shown[column].round(3)

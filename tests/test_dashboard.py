@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
@@ -62,6 +64,21 @@ def test_run_predictions_and_residuals_are_shown(demo_root, monkeypatch):
     assert "blue = predicted too low" in app.caption[0].value
     assert any(m.label == "test kendall tau" for m in app.metric)
     assert f"{run_id}/predictions.parquet" in app.caption[-2].value + app.caption[-1].value
+
+
+def test_empty_label_values_do_not_break_the_map(demo_root, tmp_path, monkeypatch):
+    copy = tmp_path / "root"
+    shutil.copytree(demo_root, copy, ignore=shutil.ignore_patterns("images", "runs", "cache"))
+    scores = pd.read_csv(copy / "labels" / "lbm_scores.csv")
+    scores.loc[scores.index[-3:], "lbm"] = float("nan")  # the Leefbaarometer leaves some cells empty
+    scores.to_csv(copy / "labels" / "lbm_scores.csv", index=False)
+    monkeypatch.setenv("STADSBEELD_DATA", str(copy))
+    st.cache_data.clear()
+    app = AppTest.from_file(APP, default_timeout=60).run()
+    assert not app.exception
+    shown = int(next(m for m in app.metric if m.label == "Cells shown").value.replace(",", ""))
+    latest = scores[scores["jaar"] == scores["jaar"].max()]
+    assert shown == latest["lbm"].notna().sum()
 
 
 def test_missing_data_root_explains_how_to_build_it(tmp_path, monkeypatch):

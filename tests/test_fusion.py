@@ -167,3 +167,19 @@ def test_matrix_summary_and_derived_figures(tmp_path):
     assert pd.read_csv(csv).shape[0] == 6
     text = md.read_text()
     assert "| aerial+gsv | 0.400 ± 0.141 |" in text and "gap closed by building-filtered Flickr: 38%" in text
+
+
+def test_default_runs_are_reused_only_when_their_settings_match(tmp_path):
+    from core.runs import RunWriter
+    from train.demo_runs import _latest
+
+    root = DataRoot(tmp_path)
+    made = {}
+    for weights in (None, "a.safetensors"):
+        with RunWriter(root.runs, "fusion", {"label": "aerial", "target": "won", "ground_weights": weights}) as run:
+            run.write_metrics({"test_kendall_tau": 0.1})
+            run.write_predictions(pd.DataFrame({"cell_id": [1], "split": ["test"], "true": [0.0], "predicted": [0.0]}))
+        made[weights] = run.run_id
+    assert _latest(root, "fusion", label="aerial", ground_weights=None) == made[None]
+    assert _latest(root, "fusion", label="aerial", ground_weights="a.safetensors") == made["a.safetensors"]
+    assert _latest(root, "fusion", label="aerial", ground_weights="b.safetensors") is None

@@ -38,7 +38,7 @@ def _latest(root: DataRoot, kind: str, **config) -> str | None:
         column = f"config.{key}"
         if column not in runs:
             return None
-        runs = runs[runs[column] == value]
+        runs = runs[runs[column].isna() if value is None else runs[column] == value]
     return None if runs.empty else str(runs["run_id"].iloc[0])
 
 
@@ -59,7 +59,8 @@ def ensure_default_runs(root: DataRoot, device: str = "auto", log=print) -> list
     run_ids = []
     for changes in DEFAULT_CONFIGURATIONS:
         config = replace(base, **changes)
-        existing = _latest(root, "fusion", label=config.label, target=config.target)
+        existing = _latest(root, "fusion", label=config.label, target=config.target, epochs=config.epochs,
+                           seed=config.seed, scene_run=config.scene_run, ground_weights=config.ground_weights)
         if existing:
             log(f"{config.label}: run {existing} exists")
             run_ids.append(existing)

@@ -210,7 +210,7 @@ def train_fusion(config: FusionConfig, log=print) -> str:
             run.progress(epoch=epoch, epochs=config.epochs, loss=total / len(train_rows), val_kendall_tau=val_tau)
             log(f"{config.label} epoch {epoch}/{config.epochs}: loss {total / len(train_rows):.4f}, "
                 f"val tau {val_tau:.3f} ({seconds} s)")
-            if best_state is None or val_tau > best_tau:  # NaN tau (tiny val set) keeps epoch 1
+            if best_state is None or (not np.isnan(val_tau) and (np.isnan(best_tau) or val_tau > best_tau)):
                 best_tau, best_epoch = val_tau, epoch
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         model.load_state_dict(best_state)

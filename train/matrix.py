@@ -76,7 +76,8 @@ def summarise(results: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, float]]:
     derived: dict[str, float] = {}
     if {"aerial", "aerial+gsv", "aerial+flickr(building)"} <= set(wide.columns):
         gain = (wide["aerial+gsv"] - wide["aerial"]) / wide["aerial"]
-        closed = (wide["aerial+flickr(building)"] - wide["aerial"]) / (wide["aerial+gsv"] - wide["aerial"])
+        gap = (wide["aerial+gsv"] - wide["aerial"]).replace(0.0, np.nan)  # no gap, nothing to close
+        closed = (wide["aerial+flickr(building)"] - wide["aerial"]) / gap
         derived = {"gsv_gain_over_aerial_mean": float(gain.mean()), "gsv_gain_over_aerial_std": float(gain.std()),
                    "gap_closed_by_building_flickr_mean": float(closed.mean()),
                    "gap_closed_by_building_flickr_std": float(closed.std())}
