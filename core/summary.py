@@ -8,24 +8,27 @@ from pathlib import Path
 import pandas as pd
 
 from core.dataroot import DataRoot
+from core.demo.street import BUILDING_SCENES
 from core.grid import read_grid
 from core.sources.catalog import images_per_cell, read_catalog
 from core.sources.lbm import read_lbm
 
 
-def coverage_table(data: str | PathLike) -> pd.DataFrame:
+def coverage_table(root: DataRoot, labels: pd.DataFrame, catalog: pd.DataFrame) -> pd.DataFrame:
     """Per district: cells, labelled cells, and the share of labelled cells with GSV / Flickr
-    images (all, and building scenes where scene labels exist)."""
-    root = DataRoot(Path(data))
+    images (all, and building scenes where scene labels exist).
+
+    Args:
+        root: the data root (its grid and scene labels are read).
+        labels: its Leefbaarometer labels (``read_lbm``); catalog: its valid images.
+    """
     grid = read_grid(root.grid)
-    labels = read_lbm(root.scores, root.lbm_grid)
-    catalog = read_catalog(root.catalog, check_files=False).images
     counts = images_per_cell(catalog, grid["cell_id"].to_numpy())
     frame = grid[["cell_id", "district"]].set_index("cell_id").join(counts)
     frame["labelled"] = frame.index.isin(labels["cell_id"])
     if root.scene_labels.exists():
         scenes = pd.read_csv(root.scene_labels)
-        building_ids = scenes.loc[scenes["scene"].isin(["building", "street"]), "id"]
+        building_ids = scenes.loc[scenes["scene"].isin(BUILDING_SCENES), "id"]
         building = catalog[catalog["id"].isin(building_ids)]
         frame["flickr_building"] = images_per_cell(building, grid["cell_id"].to_numpy())["flickr"]
     lab = frame[frame["labelled"]]
@@ -45,7 +48,7 @@ def summarize(data: str | PathLike) -> str:
     root = DataRoot(Path(data))
     labels = read_lbm(root.scores, root.lbm_grid)
     catalog = read_catalog(root.catalog, check_files=False).images
-    coverage = coverage_table(data)
+    coverage = coverage_table(root, labels, catalog)
     lines = [
         f"data root: {root.root}",
         f"cells: {int(coverage['cells'].sum())}, labelled: {int(coverage['labelled'].sum())}, "

@@ -16,37 +16,23 @@ from core.sources.aerial import AerialRaster
 from core.sources.catalog import read_catalog
 from core.sources.lbm import DIMENSIONS, read_lbm
 
-# About 150 cells around De Pijp and the Amstel: a little of everything, built in seconds.
-SMALL = "bbox:121000,485000,122500,486000"
-
-
-def small_config(seed: int = 7) -> DemoConfig:
-    return DemoConfig(seed=seed, extent=SMALL, flickr_photos=4000, workers=1)
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo") / "city"
-    build_demo(root, small_config(), progress=False)
-    return root
-
 
 @pytest.fixture(scope="module")
 def fields():
     return city.build_fields(7)
 
 
-def test_build_writes_every_file_in_its_real_format(demo_root):
-    manifest = json.loads((demo_root / MANIFEST).read_text())
-    grid = read_grid(demo_root / "grid.parquet")
+def test_build_writes_every_file_in_its_real_format(tiny_demo):
+    manifest = json.loads((tiny_demo / MANIFEST).read_text())
+    grid = read_grid(tiny_demo / "grid.parquet")
     assert len(grid) == manifest["cells"] > 100
     assert set(grid["district"]) <= {"Centrum", "Zuid", "Oost"}
 
-    labels = read_lbm(demo_root / "labels" / "lbm_scores.csv", demo_root / "labels" / "lbm_grid.gpkg")
+    labels = read_lbm(tiny_demo / "labels" / "lbm_scores.csv", tiny_demo / "labels" / "lbm_grid.gpkg")
     assert sorted(labels["jaar"].unique()) == list(city.LABEL_YEARS)
     assert set(labels["cell_id"]) <= set(grid["cell_id"])
 
-    catalog = read_catalog(demo_root / "street" / "catalog.parquet", check_files=True)
+    catalog = read_catalog(tiny_demo / "street" / "catalog.parquet", check_files=True)
     assert catalog.problems.empty
     counts = catalog.images["source"].value_counts()
     assert counts["gsv"] == manifest["images"]["gsv"] > 0
@@ -57,34 +43,34 @@ def test_build_writes_every_file_in_its_real_format(demo_root):
     assert gsv["captured_at"].dt.year.nunique() == 3
 
     cx, cy = cell_center(labels["cell_id"].iloc[0])
-    with AerialRaster(demo_root / "aerial" / "aerial.tif") as raster:
+    with AerialRaster(tiny_demo / "aerial" / "aerial.tif") as raster:
         patch = raster.patch(float(cx), float(cy), 256, 64)
     assert not patch.edge and not patch.outside and patch.image.std() > 5
 
-    nodes = gpd.read_file(demo_root / "graph" / "streets.gpkg", layer="nodes")
-    edges = gpd.read_file(demo_root / "graph" / "streets.gpkg", layer="edges")
+    nodes = gpd.read_file(tiny_demo / "graph" / "streets.gpkg", layer="nodes")
+    edges = gpd.read_file(tiny_demo / "graph" / "streets.gpkg", layer="edges")
     assert set(edges["u"]).union(edges["v"]) <= set(nodes["osmid"])
     assert (edges["length"] > 50).all()
 
-    votes = pd.read_csv(demo_root / "perception" / "votes.csv")
+    votes = pd.read_csv(tiny_demo / "perception" / "votes.csv")
     assert set(votes["winner"]) <= {"left", "right", "equal"}
     assert set(votes["left_id"]) <= set(gsv["id"])
-    socio = pd.read_csv(demo_root / "socioeconomic" / "buurt_targets.csv")
+    socio = pd.read_csv(tiny_demo / "socioeconomic" / "buurt_targets.csv")
     assert socio["cbsCode"].str.startswith("BU0363").all() and socio["income"].notna().all()
-    scenes = pd.read_csv(demo_root / "street" / "flickr_scene_labels.csv")
+    scenes = pd.read_csv(tiny_demo / "street" / "flickr_scene_labels.csv")
     assert set(scenes["id"]) == set(catalog.images.loc[catalog.images["source"] == "flickr", "id"])
 
 
-def test_same_seed_gives_identical_files(demo_root, tmp_path):
+def test_same_seed_gives_identical_files(tiny_demo, tiny_config, tmp_path):
     again = tmp_path / "again"
-    build_demo(again, small_config(), progress=False)
+    build_demo(again, tiny_config, progress=False)
     for rel in ("labels/lbm_scores.csv", "street/flickr_scene_labels.csv", "perception/votes.csv"):
-        assert filecmp.cmp(demo_root / rel, again / rel, shallow=False), rel
-    first = pd.read_parquet(demo_root / "street" / "catalog.parquet")
+        assert filecmp.cmp(tiny_demo / rel, again / rel, shallow=False), rel
+    first = pd.read_parquet(tiny_demo / "street" / "catalog.parquet")
     second = pd.read_parquet(again / "street" / "catalog.parquet")
     pd.testing.assert_frame_equal(first, second)
     for rel in first["path"].iloc[:: max(1, len(first) // 20)]:
-        assert filecmp.cmp(demo_root / "street" / rel, again / "street" / rel, shallow=False)
+        assert filecmp.cmp(tiny_demo / "street" / rel, again / "street" / rel, shallow=False)
 
 
 def test_another_seed_gives_another_city(fields):
@@ -162,11 +148,11 @@ def test_bad_extent_is_a_clear_error(fields, extent, message):
         extent_cells(fields, extent)
 
 
-def test_build_refuses_existing_folder_and_leaves_nothing_half_written(tmp_path):
+def test_build_refuses_existing_folder_and_leaves_nothing_half_written(tiny_config, tmp_path):
     existing = tmp_path / "existing"
     existing.mkdir()
     with pytest.raises(FileExistsError, match="already exists"):
-        build_demo(existing, small_config(), progress=False)
+        build_demo(existing, tiny_config, progress=False)
     with pytest.raises(ValueError, match="unknown extent"):
         build_demo(tmp_path / "new", DemoConfig(extent="atlantis"), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]

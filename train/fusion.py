@@ -27,7 +27,7 @@ from core.metrics import grouped_metrics, kendall_tau_b, score_metrics
 from core.models.backbones import create_backbone
 from core.models.fusion import FusionRegressor
 from core.models.scene_filter import SUBSETS, select
-from core.runs import RunWriter, load_run
+from core.runs import Run, RunWriter, load_run
 from train.common import OneCycle, augment_aerial, batches, seed_everything, to_input
 from train.scene import filter_config, scores_path
 
@@ -233,27 +233,25 @@ def train_fusion(config: FusionConfig, log=print) -> str:
     return run.run_id
 
 
-def restore(run_dir: str | Path, device: str = "cpu") -> tuple[FusionRegressor, FusionConfig]:
+def restore(run: Run, device: str = "cpu") -> tuple[FusionRegressor, FusionConfig]:
     """The trained model of a fusion run (weights from its safetensors) and its config."""
-    run = load_run(run_dir)
     config = FusionConfig.from_dict(run.config)
+    state = {k: torch.from_numpy(v) for k, v in run.state_dict().items()}
     ground_dim = None
     if config.ground:
-        state = run.state_dict()
         ground_dim = state["ground.weight"].shape[1] if "ground.weight" in state else state["missing"].shape[0]
     backbone = create_backbone(config.aerial_backbone) if config.aerial else None
     model = FusionRegressor(backbone, ground_dim)
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in run.state_dict().items()})
+    model.load_state_dict(state)
     return model.to(resolve_device(device)).eval(), config
 
 
 def predict_run(run_dir: str | Path, device: str = "cpu") -> pd.DataFrame:
     """Re-predict a run's cells from its saved weights and the data root (``cell_id, predicted``)."""
-    model, config = restore(run_dir, device)
     run = load_run(run_dir)
-    root = DataRoot(Path(config.data))
+    model, config = restore(run, device)
     ids = run.predictions()["cell_id"].to_numpy()
-    inputs, _ = cell_inputs(config, root, ids, log=lambda _: None)
+    inputs, _ = cell_inputs(config, DataRoot(Path(config.data)), ids, log=lambda _: None)
     standardised, _ = predict_cells(model, inputs, len(ids), resolve_device(device))
     return pd.DataFrame({"cell_id": ids,
                          "predicted": standardised * run.config["target_std"] + run.config["target_mean"]})

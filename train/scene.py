@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +97,7 @@ def train_scene_filter(config: SceneTrainConfig, log=print) -> str:
     else:
         scenes = tuple(config.filter.scenes)
         model = SceneClassifier(config.backbone, scenes, seed=config.seed)
-    config.filter.scenes = scenes
+    config = replace(config, filter=replace(config.filter, scenes=scenes))  # recorded with the run
     truth = _labels(root, photos, scenes)
     if truth is None and not config.checkpoint:
         raise FileNotFoundError(f"{root.scene_labels}: no scene labels to train on; pass --checkpoint instead")
