@@ -143,13 +143,22 @@ class RunWriter:
         runs_root: folder holding the runs; created if missing.
         kind: model kind, the run id's prefix (``fusion``, ``contrastive``, ...).
         config: the resolved config; must be YAML-serialisable (plain Python values).
+        on_progress: called by :meth:`progress` with the values and ``run_id`` (a job worker
+            reports them); an exception it raises (e.g. a cancel) fails the run.
 
     Raises:
         ValueError: for a bad ``kind`` or a config that is not a YAML-serialisable dict.
     """
 
-    def __init__(self, runs_root: str | PathLike, kind: str, config: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        runs_root: str | PathLike,
+        kind: str,
+        config: Mapping[str, Any],
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         self.run_id = new_run_id(kind)
+        self._on_progress = on_progress
         self.runs_root = Path(runs_root)
         if not isinstance(config, Mapping):
             raise ValueError(f"run config: expected a mapping, got {type(config).__name__}")
@@ -234,8 +243,10 @@ class RunWriter:
 
     def progress(self, **values: Any) -> None:
         """Replace ``progress.json`` atomically with ``values`` (epoch, loss, val tau, ...) and
-        the time, for a job worker to poll."""
+        the time, then pass ``values`` and ``run_id`` to ``on_progress``."""
         _write_json(self._path / PROGRESS_FILE, {**values, "time": _now()})
+        if self._on_progress is not None:
+            self._on_progress({**values, "run_id": self.run_id})
 
     def write_metrics(self, metrics: Mapping[str, Any]) -> None:
         """Write the final ``metrics.json`` (NaN and inf as null)."""

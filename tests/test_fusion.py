@@ -12,11 +12,12 @@ import torch
 
 from core.dataroot import DataRoot
 from core.datasets import labelled_cells
+from core.experiments import summarise_matrix
 from core.models.backbones import create_backbone, save_backbone
 from core.models.fusion import FusionRegressor
 from core.runs import list_runs, load_run
 from train.fusion import FusionConfig, predict_run, train_fusion
-from train.matrix import summarise, write_report
+from train.matrix import write_report
 
 QUICK = {"epochs": 2, "batch_size": 64, "block_size": 300.0}  # enough blocks for three splits
 
@@ -159,7 +160,7 @@ def test_matrix_summary_and_derived_figures(tmp_path):
         for s, taus in {0: (0.2, 0.3, 0.25), 1: (0.3, 0.5, 0.35)}.items()
         for c, t in zip(("aerial", "aerial+gsv", "aerial+flickr(building)"), taus, strict=True)
     ])
-    table, derived = summarise(results)
+    table, derived = summarise_matrix(results)
     assert table.loc["aerial+gsv", "tau_mean"] == pytest.approx(0.4)
     assert derived["gsv_gain_over_aerial_mean"] == pytest.approx((0.5 + 2 / 3) / 2)
     assert derived["gap_closed_by_building_flickr_mean"] == pytest.approx((0.5 + 0.25) / 2)

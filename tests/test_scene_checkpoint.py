@@ -8,9 +8,10 @@ import torch
 
 from core.dataroot import DataRoot
 from core.models.backbones import create_backbone
-from core.models.scene_filter import SceneFilterConfig, load_scene_classifier, read_scene_names
+from core.models.scene_filter import load_scene_classifier, read_scene_names
 from core.runs import load_run
-from train.scene import SceneTrainConfig, filter_config, scores_path, train_scene_filter
+from core.scenes import SceneFilterConfig, filter_config, scores_path
+from train.scene import SceneTrainConfig, train_scene_filter
 
 
 @pytest.fixture

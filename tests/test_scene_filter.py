@@ -8,10 +8,10 @@ import pytest
 
 from core.dataroot import DataRoot
 from core.models.backbones import create_backbone
-from core.models.scene_filter import SceneFilterConfig, select
 from core.runs import load_run
+from core.scenes import SceneFilterConfig, scores_path, select
 from train.perception import PerceptionConfig, read_votes, train_perception
-from train.scene import SceneTrainConfig, scores_path, train_scene_filter
+from train.scene import SceneTrainConfig, train_scene_filter
 
 SCORES = pd.DataFrame({
     "id": ["facade", "food", "boat", "people-before-facade"],

@@ -57,7 +57,7 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _scene_filter(args: argparse.Namespace) -> int:
-    from core.models.scene_filter import SceneFilterConfig
+    from core.scenes import SceneFilterConfig
     from train.scene import SceneTrainConfig, train_scene_filter
 
     scene_filter = SceneFilterConfig(building_scenes=tuple(args.building_scenes.split(",")),
@@ -140,6 +140,18 @@ def _demo_runs(args: argparse.Namespace) -> int:
 
     ensure_default_runs(DataRoot(Path(args.data)), device=args.device)
     return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from train.worker import Worker
+
+    try:
+        worker = Worker(args.data)
+    except (FileNotFoundError, ValueError) as exc:  # no data root, not a job database
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return worker.loop(exit_when_idle=args.exit_when_idle, poll=args.poll,
+                       stale_after=args.stale_after, once=args.once)
 
 
 def _add_fusion_options(parser: argparse.ArgumentParser) -> None:
@@ -247,6 +259,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo_runs.add_argument("--data", default=DEFAULT_DATA, help="data root (default: %(default)s)")
     demo_runs.add_argument("--device", default="auto")
     demo_runs.set_defaults(run=_demo_runs)
+
+    worker = commands.add_parser(
+        "worker", help="run the dashboard's queued training jobs",
+        description="Run the jobs queued in DATA/runs/jobs.sqlite one at a time (one worker per "
+                    "data root; a second one exits at once). SIGTERM stops the current job as "
+                    "failed and exits.")
+    worker.add_argument("--data", default=DEFAULT_DATA, help="data root (default: %(default)s)")
+    worker.add_argument("--exit-when-idle", type=float, metavar="SECONDS",
+                        help="exit after this long with nothing queued (default: never)")
+    worker.add_argument("--poll", type=float, default=1.0, metavar="SECONDS",
+                        help="time between looks at an empty queue (default: %(default)s)")
+    worker.add_argument("--stale-after", type=float, default=30.0, metavar="SECONDS",
+                        help="fail a running job whose heartbeat is this old: its worker died "
+                             "(default: %(default)s)")
+    worker.add_argument("--once", action="store_true", help="run at most one job, then exit")
+    worker.set_defaults(run=_worker)
     return parser
 
 

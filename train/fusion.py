@@ -12,8 +12,10 @@ Kendall's tau is kept. The target is standardised on the training cells.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,10 +28,9 @@ from core.features import extract_features, pool_by_cell, resolve_device
 from core.metrics import grouped_metrics, kendall_tau_b, score_metrics
 from core.models.backbones import create_backbone
 from core.models.fusion import FusionRegressor
-from core.models.scene_filter import SUBSETS, select
 from core.runs import Run, RunWriter, load_run
+from core.scenes import SUBSETS, filter_config, scores_path, select
 from train.common import OneCycle, augment_aerial, batches, seed_everything, to_input
-from train.scene import filter_config, scores_path
 
 GROUND_SOURCES = ("gsv", "flickr")
 
@@ -158,8 +159,17 @@ def predict_cells(model: FusionRegressor, inputs: CellInputs, n: int, device: to
     return torch.cat(outputs).numpy(), torch.cat(embeddings).numpy()
 
 
-def train_fusion(config: FusionConfig, log=print) -> str:
-    """Train one configuration and write its run folder; returns the run id."""
+def train_fusion(config: FusionConfig, log=print,
+                 progress: Callable[[dict[str, Any]], None] | None = None) -> str:
+    """Train one configuration and write its run folder; returns the run id.
+
+    Args:
+        config: the run's configuration.
+        log: takes each progress line.
+        progress: called with ``epoch`` 0 and the run id as soon as the run folder exists, then
+            after every epoch with the epoch, loss and validation tau (see
+            :meth:`core.runs.RunWriter.progress`); an exception it raises fails the run.
+    """
     root = DataRoot(Path(config.data))
     device = resolve_device(config.device)
     cells = labelled_cells(root, config.year, config.target, config.block_size,
@@ -184,7 +194,8 @@ def train_fusion(config: FusionConfig, log=print) -> str:
                        config.batch_size)
     resolved = asdict(config) | {"label": config.label, "device_resolved": str(device), "target_mean": mean,
                                  "target_std": std}
-    with RunWriter(root.runs, "fusion", resolved) as run:
+    with RunWriter(root.runs, "fusion", resolved, on_progress=progress) as run:
+        run.progress(epoch=0, epochs=config.epochs)  # tells a job its run id before epoch 1
         run.log(f"{config.label}: {len(ids)} cells ({len(train_rows)} train, {len(val_rows)} val), "
                 f"target {config.target}, device {device}")
         if config.ground:

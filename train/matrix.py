@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from core.dataroot import DataRoot
+from core.experiments import summarise_matrix
 from core.io import write_atomic
 from core.runs import load_run
 from train.fusion import FusionConfig, train_fusion
@@ -65,28 +66,9 @@ def run_matrix(configs: list[FusionConfig], seeds: list[int], log=print) -> pd.D
     return pd.DataFrame(rows)
 
 
-def summarise(results: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, float]]:
-    """Per-configuration mean/std of the test metrics, and the paper's derived figures."""
-    order = list(dict.fromkeys(results["configuration"]))
-    table = results.groupby("configuration", sort=False).agg(
-        tau_mean=("test_kendall_tau", "mean"), tau_std=("test_kendall_tau", "std"),
-        spearman_mean=("test_spearman", "mean"), r2_mean=("test_r2", "mean"), seeds=("seed", "nunique"),
-    ).reindex(order)
-    wide = results.pivot(index="seed", columns="configuration", values="test_kendall_tau")
-    derived: dict[str, float] = {}
-    if {"aerial", "aerial+gsv", "aerial+flickr(building)"} <= set(wide.columns):
-        gain = (wide["aerial+gsv"] - wide["aerial"]) / wide["aerial"]
-        gap = (wide["aerial+gsv"] - wide["aerial"]).replace(0.0, np.nan)  # no gap, nothing to close
-        closed = (wide["aerial+flickr(building)"] - wide["aerial"]) / gap
-        derived = {"gsv_gain_over_aerial_mean": float(gain.mean()), "gsv_gain_over_aerial_std": float(gain.std()),
-                   "gap_closed_by_building_flickr_mean": float(closed.mean()),
-                   "gap_closed_by_building_flickr_std": float(closed.std())}
-    return table, derived
-
-
 def write_report(results: pd.DataFrame, out: Path, schedule: str) -> tuple[Path, Path]:
     """Write ``fusion_matrix.csv`` (per run) and ``fusion_matrix.md`` (the summary table)."""
-    table, derived = summarise(results)
+    table, derived = summarise_matrix(results)
     csv = write_atomic(out / "fusion_matrix.csv", lambda tmp: results.to_csv(tmp, index=False))
     lines = [f"# Fusion experiment matrix ({schedule})", "",
              f"Kendall's tau (tau-b) on the test blocks, mean ± std over seeds {sorted(int(s) for s in results['seed'].unique())}.",

@@ -29,14 +29,9 @@ from core.datasets import street_images
 from core.features import load_pixels, resolve_device
 from core.io import write_atomic
 from core.models.backbones import save_backbone
-from core.models.scene_filter import (
-    SceneClassifier,
-    SceneFilterConfig,
-    load_scene_classifier,
-    read_scene_names,
-    select,
-)
-from core.runs import RunWriter, load_run
+from core.models.scene_filter import SceneClassifier, load_scene_classifier, read_scene_names
+from core.runs import RunWriter
+from core.scenes import SceneFilterConfig, scores_path, select
 from train.common import (
     EncoderConfig,
     OneCycle,
@@ -55,17 +50,6 @@ class SceneTrainConfig(EncoderConfig):
     checkpoint: str | None = None
     scene_names: str | None = None
     filter: SceneFilterConfig = field(default_factory=SceneFilterConfig)
-
-
-def scores_path(root: DataRoot, run_id: str) -> Path:
-    """Where a scene run's per-photo scores are cached, beside the catalog."""
-    return root.catalog.parent / f"scene_scores-{run_id}.parquet"
-
-
-def filter_config(root: DataRoot, run_id: str) -> SceneFilterConfig:
-    """The scene lists and threshold a scene run was made with."""
-    stored = load_run(root.runs / run_id).config["filter"]
-    return SceneFilterConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
 
 
 def _held_out(ids: pd.Series) -> np.ndarray:

@@ -1,0 +1,284 @@
+"""``python -m train worker``: run the queued training jobs of one data root, one at a time.
+
+One worker per data root: it holds an exclusive ``flock`` on ``runs/.jobs/worker.lock``, and a
+second worker started on the same root exits at once. The loop gives up the jobs of dead workers
+(:meth:`core.jobs.JobStore.reap`), claims the oldest queued job and runs it in this process, so
+killing the worker kills the training too and nothing is left running unseen.
+
+While a job runs, a heartbeat thread reports to the store about every second with the latest
+training progress; when the store answers that a cancel was requested, the next progress report
+of the training raises :class:`core.jobs.JobCancelled`, which the run writer turns into a
+``.failed-`` run folder. SIGTERM (and SIGINT) stop the current job as failed ("worker
+terminated") and end the worker cleanly.
+
+This module imports torch only when a job runs, so a worker that finds another one holding the
+lock exits in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import queue
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import fields
+from datetime import UTC, datetime
+from os import PathLike
+from pathlib import Path
+from typing import IO, Any
+
+from core.dataroot import DataRoot
+from core.jobs import LOCK_FILE, Job, JobCancelled, JobStore, log_tail
+
+#: ``runner(config, log, progress) -> run_id``: ``log`` takes one message, ``progress`` one dict.
+Runner = Callable[[dict, Callable[[str], None], Callable[[dict], None]], str]
+
+
+def run_fusion_job(
+    config: dict, log: Callable[[str], None], progress: Callable[[dict], None]
+) -> str:
+    """Train one fusion run from a job config (:class:`train.fusion.FusionConfig` fields).
+
+    Raises:
+        ValueError: for a key that is not a FusionConfig field (a typo would otherwise be
+            silently dropped) or an invalid config.
+    """
+    from train.fusion import FusionConfig, train_fusion  # torch, only when a job runs
+
+    unknown = sorted(set(config) - {f.name for f in fields(FusionConfig)})
+    if unknown:
+        raise ValueError(f"fusion job config: unknown keys {unknown}")
+    return train_fusion(FusionConfig.from_dict(config), log=log, progress=progress)
+
+
+#: One runner per :data:`core.jobs.JOB_KINDS`; a runner must call ``progress`` at least once an
+#: epoch, as a cancel takes effect there.
+JOB_RUNNERS: dict[str, Runner] = {"fusion": run_fusion_job}
+
+
+class WorkerTerminated(BaseException):
+    """Raised in the running job by SIGTERM/SIGINT; a BaseException so no ``except Exception``
+    in training code swallows it."""
+
+
+class _Heartbeat(threading.Thread):
+    """Reports a running job's heartbeat and progress to the store from a thread of its own.
+
+    The training thread only ever puts progress on a :class:`queue.SimpleQueue` and reads an
+    event flag: neither takes a Python lock, so a signal handler raising in the training thread
+    can never leave a lock held that this thread then waits on forever.
+    """
+
+    def __init__(self, store: JobStore, job_id: int, interval: float,
+                 say: Callable[[str], None], min_gap: float = 0.25) -> None:
+        super().__init__(name=f"heartbeat-job-{job_id}", daemon=True)
+        self.store, self.job_id, self.interval, self.say = store, job_id, interval, say
+        self.min_gap = min_gap  # tiny epochs must not turn into a database write each
+        self.updates: queue.SimpleQueue[dict | None] = queue.SimpleQueue()
+        self.stop_requested = threading.Event()
+        self.progress: dict[str, Any] = {}  # everything reported so far, for the worker's record
+
+    def push(self, values: dict) -> None:
+        """Queue progress ``values`` for the next report (within ``min_gap`` seconds)."""
+        self.updates.put(dict(values))
+
+    def close(self) -> None:
+        """Make the last report and stop."""
+        self.updates.put(None)
+        self.join(timeout=60.0)
+
+    def run(self) -> None:
+        closing, last = False, 0.0
+        pending: dict[str, Any] = {}
+        while not closing:
+            # One report per interval, or sooner with new progress, carrying all queued since.
+            wait = self.interval
+            while not closing:
+                try:
+                    item = self.updates.get(timeout=wait)
+                except queue.Empty:
+                    break
+                if item is None:
+                    closing = True
+                else:
+                    pending.update(item)
+                    wait = max(0.0, self.min_gap - (time.monotonic() - last))
+            last = time.monotonic()
+            self.progress.update(pending)
+            try:
+                if self.store.report(self.job_id, pending):
+                    self.stop_requested.set()
+                pending = {}
+            except Exception as exc:  # a locked or vanished database must not end the job
+                self.say(f"job {self.job_id}: heartbeat failed ({exc})")  # retried next beat
+
+
+def _stamp() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _say(message: str) -> None:
+    print(f"{_stamp()} {message}", flush=True)
+
+
+def _acquire_lock(path: Path, wait: float = 1.0) -> IO[bytes] | None:
+    """The lock file held exclusively, or None if another worker holds it.
+
+    It retries for ``wait`` seconds, because :func:`core.jobs.worker_alive` takes the lock for
+    an instant to probe it.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file = open(path, "a+b")  # noqa: SIM115 -- held for the worker's lifetime
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                file.close()
+                return None
+            time.sleep(0.05)
+            continue
+        file.truncate(0)
+        file.write(f"{os.getpid()}\n".encode())
+        file.flush()
+        return file
+
+
+class Worker:
+    """The job loop of one data root; :func:`run_worker` is the entry point."""
+
+    def __init__(self, data_root: str | PathLike, *, heartbeat: float = 1.0,
+                 say: Callable[[str], None] = _say) -> None:
+        self.root = DataRoot(Path(data_root).resolve())
+        if not self.root.root.is_dir():  # rather than create a job database under a typo
+            raise FileNotFoundError(f"{self.root.root}: data root not found")
+        self.store = JobStore.for_runs(self.root.runs)
+        self.heartbeat, self.say = heartbeat, say
+        self.stopping = False  # set by a signal: no new job, leave the loop
+        self._in_job = False  # a signal raises WorkerTerminated only while a job's code runs
+        self._terminating = False
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.stopping = True
+        if self._in_job and not self._terminating:
+            self._terminating = True
+            raise WorkerTerminated(signal.Signals(signum).name)
+
+    def loop(self, *, exit_when_idle: float | None = None, poll: float = 1.0,
+             stale_after: float = 30.0, once: bool = False) -> int:
+        """Run jobs until stopped, idle for ``exit_when_idle`` s, or (``once``) after one job."""
+        lock = _acquire_lock(self.store.log_dir / LOCK_FILE)
+        if lock is None:
+            self.say(f"another worker holds {self.store.log_dir / LOCK_FILE}; exiting "
+                     "(one worker per data root)")
+            return 0
+        handled = (signal.SIGTERM, signal.SIGINT)
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {s: signal.signal(s, self._on_signal) for s in handled}
+        try:
+            self.say(f"worker {os.getpid()} on {self.root.root}: waiting for jobs")
+            idle_since = time.monotonic()
+            while not self.stopping:
+                for job_id in self.store.reap(stale_after):
+                    status = self.store.get(job_id).status
+                    self.say(f"job {job_id}: its worker died; marked {status}")
+                job = self.store.claim(os.getpid())
+                if job is None:
+                    idle = time.monotonic() - idle_since
+                    if once or (exit_when_idle is not None and idle >= exit_when_idle):
+                        self.say(f"no queued jobs for {idle:.0f} s; exiting")
+                        break
+                    time.sleep(poll)  # a signal cuts it short only by setting self.stopping
+                    continue
+                self.run_job(job)
+                idle_since = time.monotonic()
+                if once:
+                    break
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            lock.close()
+        if self._terminating or self.stopping:
+            self.say("worker terminated")
+        return 0
+
+    def run_job(self, job: Job) -> None:
+        """Run one claimed job to its end and record how it ended."""
+        self.say(f"job {job.id} ({job.kind}): started")
+        log_path = self.store.log_path(job.id)
+        with open(log_path, "a", encoding="utf-8") as file:
+
+            def log(message: str) -> None:
+                file.write(f"{_stamp()} {str(message).rstrip()}\n")
+                file.flush()
+
+            beat = _Heartbeat(self.store, job.id, self.heartbeat, self.say)
+
+            def progress(values: dict) -> None:
+                beat.push(values)
+                if beat.stop_requested.is_set():
+                    raise JobCancelled(f"job {job.id} cancelled")
+
+            log(f"job {job.id} ({job.kind}) run by worker {os.getpid()}: {json.dumps(job.config)}")
+            beat.start()
+            run_id, error = None, None
+            try:
+                try:
+                    self._in_job = True
+                    if self.stopping:  # signalled between the claim and here
+                        raise WorkerTerminated("signalled before the job started")
+                    runner = JOB_RUNNERS.get(job.kind)
+                    if runner is None:
+                        raise ValueError(f"unknown job kind {job.kind!r}; this worker runs "
+                                         f"{sorted(JOB_RUNNERS)}")
+                    # The job trains on the data this worker serves, whatever the config says.
+                    run_id = runner({**job.config, "data": str(self.root.root)}, log, progress)
+                finally:
+                    self._in_job = False
+                status = "done"
+            except JobCancelled:
+                status = "cancelled"
+                log("cancelled on request")
+            except WorkerTerminated as exc:
+                status, error = "failed", f"worker terminated ({exc})"
+                log(error)
+            except Exception as exc:
+                status, error = "failed", f"{type(exc).__name__}: {exc}"
+                log("job failed:\n" + traceback.format_exc())
+            finally:
+                beat.close()
+        # A complete run folder is a result, whatever stopped the job after writing it.
+        known = run_id or beat.progress.get("run_id")
+        if status != "done" and known and (self.root.runs / known / "metrics.json").is_file():
+            status, run_id = "done", known
+        if status == "done":
+            self.store.finish(job.id, run_id)
+        elif status == "cancelled":
+            epoch, epochs = beat.progress.get("epoch"), beat.progress.get("epochs")
+            self.store.confirm_cancel(job.id, f"cancelled on request at epoch {epoch} of {epochs}")
+        else:
+            self.store.fail(job.id, f"{error}\n{log_tail(log_path)}")
+        recorded = self.store.get(job.id)  # the store's word: a reaped job stays failed
+        self.say(f"job {job.id}: {recorded.status}" + (f" (run {run_id})" if run_id else ""))
+
+
+def run_worker(data_root: str | PathLike, *, exit_when_idle: float | None = None,
+               poll: float = 1.0, stale_after: float = 30.0, once: bool = False) -> int:
+    """Run the job queue of ``data_root`` (see the module docstring); returns the exit code.
+
+    Args:
+        data_root: the data root; its jobs are in ``runs/jobs.sqlite``.
+        exit_when_idle: exit after this many seconds with nothing queued (None: never).
+        poll: seconds between looks at an empty queue.
+        stale_after: a running job with no heartbeat for this long belongs to a dead worker.
+        once: run at most one job, then exit.
+    """
+    return Worker(data_root).loop(exit_when_idle=exit_when_idle, poll=poll,
+                                  stale_after=stale_after, once=once)
