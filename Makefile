@@ -5,6 +5,7 @@ DATA   ?= data/demo
 SEED   ?= 7
 EXTENT ?= city
 PORT   ?= 8501
+RETRAIN ?=
 
 .PHONY: demo test lint bench
 
@@ -16,7 +17,7 @@ $(VENV)/.installed: requirements.txt
 demo: $(VENV)/.installed
 	$(PY) -m train demo --seed $(SEED) --extent $(EXTENT) --out $(DATA) --if-missing
 	$(PY) -m train demo-runs --data $(DATA)
-	STADSBEELD_DATA=$(DATA) $(PY) -m streamlit run dashboard/app.py \
+	STADSBEELD_DATA=$(DATA) $(if $(RETRAIN),STADSBEELD_RETRAIN=$(RETRAIN)) $(PY) -m streamlit run dashboard/app.py \
 		--server.address 127.0.0.1 --server.port $(PORT) --server.headless true \
 		--browser.gatherUsageStats false
 

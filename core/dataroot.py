@@ -36,6 +36,8 @@ class DataRoot:
     streets = property(lambda self: self.root / "graph" / "streets.gpkg")
     votes = property(lambda self: self.root / "perception" / "votes.csv")
     socioeconomic = property(lambda self: self.root / "socioeconomic" / "buurt_targets.csv")
+    water = property(lambda self: self.root / "context" / "water.gpkg")
+    reports = property(lambda self: self.root / "reports")
     cache = property(lambda self: self.root / "cache")
     runs = property(lambda self: self.root / "runs")
 

@@ -1,84 +1,216 @@
-"""The dashboard script runs against a real demo data root (Streamlit's AppTest, no browser)."""
+"""Every dashboard page against a real tiny demo data root (Streamlit's AppTest, no browser)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-from core.demo import DemoConfig, build_demo
+from core.dataroot import DataRoot
+from core.grid import read_grid
+from core.jobs import JobStore
+from core.runs import RunWriter
+from core.sources.lbm import read_lbm
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
+PAGES = ["views/city_map.py", "views/predicted.py", "views/sources.py", "views/coverage.py",
+         "views/neighbours.py", "views/runs.py"]
 
 
 @pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
+def demo_root(tmp_path_factory, tiny_demo):
+    """A copy of the tiny demo city with an aerial-only and an aerial+GSV run."""
+    from train.fusion import FusionConfig, train_fusion
+
     root = tmp_path_factory.mktemp("dash") / "city"
-    build_demo(root, DemoConfig(extent="bbox:121000,486000,122000,487000", flickr_photos=2000, workers=1),
-               progress=False)
+    shutil.copytree(tiny_demo, root)
+    for ground in (None, "gsv"):
+        train_fusion(FusionConfig(data=str(root), ground=ground, epochs=2, block_size=300.0,
+                                  aerial_px=32), log=lambda _: None)
     return root
 
 
-def test_map_page_shows_the_scores(demo_root, monkeypatch):
+@pytest.fixture
+def app(demo_root, monkeypatch):
+    """A fresh dashboard session on the demo root, retraining off, no worker started."""
     monkeypatch.setenv("STADSBEELD_DATA", str(demo_root))
-    app = AppTest.from_file(APP, default_timeout=60).run()
-    assert not app.exception
-    scored = next(m for m in app.metric if m.label == "Cells shown")
-    assert int(scored.value.replace(",", "")) > 50
-    assert app.selectbox[0].value == 2020
-    app.selectbox[1].set_value("won").run()
-    assert not app.exception
-    assert "housing stock" in app.caption[0].value
-
-
-def test_map_page_never_imports_torch(demo_root):
-    # A fresh interpreter: the test process itself may have imported torch elsewhere.
-    script = (f"from streamlit.testing.v1 import AppTest; AppTest.from_file({APP!r}).run(); "
-              "import sys; print('torch' in sys.modules)")
-    env = {**os.environ, "STADSBEELD_DATA": str(demo_root)}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                            timeout=120, check=True)
-    assert result.stdout.strip().splitlines()[-1] == "False"
-
-
-def test_run_predictions_and_residuals_are_shown(demo_root, monkeypatch):
-    from train.fusion import FusionConfig, train_fusion
-
-    run_id = train_fusion(FusionConfig(data=str(demo_root), ground=None, epochs=1, block_size=300.0),
-                          log=lambda _: None)
-    monkeypatch.setenv("STADSBEELD_DATA", str(demo_root))
-    st.cache_data.clear()  # the run list is cached for 10 s, and an earlier test listed none
-    app = AppTest.from_file(APP, default_timeout=60).run()
-    app.radio[0].set_value("Model run").run()
-    assert not app.exception
-    assert any(run_id in option for option in app.selectbox[0].options)
-    app.selectbox[1].set_value("residual").run()
-    assert not app.exception
-    assert "blue = predicted too low" in app.caption[0].value
-    assert any(m.label == "test kendall tau" for m in app.metric)
-    assert f"{run_id}/predictions.parquet" in app.caption[-2].value + app.caption[-1].value
-
-
-def test_empty_label_values_do_not_break_the_map(demo_root, tmp_path, monkeypatch):
-    copy = tmp_path / "root"
-    shutil.copytree(demo_root, copy, ignore=shutil.ignore_patterns("images", "runs", "cache"))
-    scores = pd.read_csv(copy / "labels" / "lbm_scores.csv")
-    scores.loc[scores.index[-3:], "lbm"] = float("nan")  # the Leefbaarometer leaves some cells empty
-    scores.to_csv(copy / "labels" / "lbm_scores.csv", index=False)
-    monkeypatch.setenv("STADSBEELD_DATA", str(copy))
+    monkeypatch.delenv("STADSBEELD_RETRAIN", raising=False)
+    monkeypatch.setenv("STADSBEELD_START_WORKER", "0")
     st.cache_data.clear()
-    app = AppTest.from_file(APP, default_timeout=60).run()
+    st.cache_resource.clear()
+    return AppTest.from_file(APP, default_timeout=120)
+
+
+def deck_spec(app: AppTest, index: int = 0) -> dict:
+    return json.loads(app.get("deck_gl_json_chart")[index].proto.json)
+
+
+def layer(spec: dict, layer_id: str) -> dict:
+    return next(layer for layer in spec["layers"] if layer.get("id") == layer_id)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders(app, page):
+    app.run()
+    app.switch_page(page).run()
+    assert not app.exception, app.exception
+    assert app.title, f"{page} shows no title"
+
+
+def test_city_map_sends_a_slim_grid_layer_with_context(app, demo_root):
+    app.run()
+    spec = deck_spec(app)
+    cells = layer(spec, "cells")
+    assert cells["@@type"] == "GridCellLayer" and cells["cellSize"] == 100
+    labels = read_lbm(DataRoot(demo_root).scores, DataRoot(demo_root).lbm_grid)
+    latest = labels[labels["jaar"] == labels["jaar"].max()].set_index("cell_id")
+    assert len(cells["data"]) == latest["lbm"].notna().sum()
+    record = cells["data"][0]
+    assert record["v"] == pytest.approx(latest.loc[record["i"], "lbm"], abs=1e-3)
+    assert {"p", "c", "b", "d", "t", "g", "f"} <= set(record)
+    assert {"water", "districts", "outline"} <= {layer.get("id") for layer in spec["layers"]}
+    assert "{b}" in app.get("deck_gl_json_chart")[0].proto.tooltip
+
+
+def test_choosing_another_layer_changes_the_map_data(app):
+    app.run()
+    before = {r["i"]: r["v"] for r in layer(deck_spec(app), "cells")["data"]}
+    app.selectbox(key="map_layer").set_value("won").run()
+    after = {r["i"]: r["v"] for r in layer(deck_spec(app), "cells")["data"]}
     assert not app.exception
-    shown = int(next(m for m in app.metric if m.label == "Cells shown").value.replace(",", ""))
-    latest = scores[scores["jaar"] == scores["jaar"].max()]
-    assert shown == latest["lbm"].notna().sum()
+    assert before.keys() & after.keys() and before != after
+    app.selectbox(key="map_layer").set_value("lbm_class").run()
+    classes = {r["v"] for r in layer(deck_spec(app), "cells")["data"]}
+    assert classes <= set(range(1, 10))
+    app.selectbox(key="map_layer").set_value("change").run()
+    assert "change in lbm" in app.markdown[0].value
+
+
+def test_a_run_shows_predictions_residuals_and_splits(app, demo_root):
+    app.run()
+    runs = app.selectbox(key="map_run")
+    runs.set_value(runs.options.index(next(o for o in runs.options if "aerial+gsv" in o)) - 1).run()
+    assert not app.exception
+    predicted = layer(deck_spec(app), "cells")["data"]
+    assert all(r["y"] == r["v"] for r in predicted)
+    app.selectbox(key="map_run_layer").set_value("residual").run()
+    residuals = layer(deck_spec(app), "cells")["data"]
+    assert all(r["r"] == r["v"] for r in residuals)
+    app.selectbox(key="map_split").set_value("test").run()
+    assert 0 < len(layer(deck_spec(app), "cells")["data"]) < len(residuals)
+    assert any(m.label == "test kendall tau" for m in app.metric)
+
+
+def test_selected_cell_shows_its_detail_panel(app, demo_root):
+    cell = int(read_grid(DataRoot(demo_root).grid)["cell_id"].iloc[40])
+    app.session_state["selected_cell"] = cell
+    app.run()
+    assert not app.exception
+    assert any(f"Cell {cell}" in h.value for h in app.subheader)
+    assert app.get("image"), "no aerial patch or street image shown"
+    assert any("Street View" in m.value for m in app.markdown)
+
+
+def test_predicted_vs_true_compares_two_runs(app):
+    app.run()
+    app.switch_page("views/predicted.py").run()
+    taus = [m.value for m in app.metric if m.label == "Kendall's tau"]
+    assert len(taus) == 1 and len(app.get("plotly_chart")) == 2
+    other = app.selectbox(key="pvt_other")
+    other.set_value(other.options[1]).run()
+    assert not app.exception
+    assert len([m for m in app.metric if m.label == "Kendall's tau"]) == 2
+    assert len(app.get("deck_gl_json_chart")) == 2
+
+
+def test_neighbours_page_returns_the_k_nearest_cells(app, demo_root):
+    # A known embedding: cell i sits at angle i/1000 on a circle, so cosine similarity to the first
+    # cell falls with i and its k nearest cells are the next k.
+    ids = read_grid(DataRoot(demo_root).grid)["cell_id"].to_numpy()[:60]
+    angles = np.arange(len(ids)) / 1000
+    with RunWriter(DataRoot(demo_root).runs, "probe", {"label": "circle"}) as run:
+        run.write_metrics({})
+        run.write_predictions(pd.DataFrame({"cell_id": ids, "split": "test", "true": 0.0, "predicted": 0.0}))
+        run.write_embeddings(ids, np.stack([np.cos(angles), np.sin(angles)], 1))
+    app.session_state["selected_cell"] = int(ids[0])
+    app.run()
+    app.switch_page("views/neighbours.py").run()
+    runs = app.selectbox(key="nb_run")
+    runs.set_value(next(i for i, o in enumerate(runs.options) if run.run_id in str(o))).run()
+    app.slider(key="nb_k").set_value(7).run()
+    assert not app.exception
+    table = app.dataframe[0].value
+    assert table["cell_id"].tolist() == ids[1:8].tolist()
+    assert table["similarity"].is_monotonic_decreasing
+    assert len(layer(deck_spec(app), "cells")["data"]) == 7
+
+
+def test_coverage_page_maps_the_flickr_gaps(app):
+    app.run()
+    app.switch_page("views/coverage.py").run()
+    gaps = layer(deck_spec(app), "cells")["data"]
+    app.selectbox(key="coverage_layer").set_value("gsv").run()
+    counts = layer(deck_spec(app), "cells")["data"]
+    assert not app.exception
+    assert len(gaps) == len(counts) and [r["c"] for r in gaps] != [r["c"] for r in counts]
+    assert all(r["v"] == r["g"] for r in counts)
+    assert "Coverage per district" in [h.value for h in app.subheader]
+
+
+def test_runs_page_offers_gis_downloads(app):
+    app.run()
+    app.switch_page("views/runs.py").run()
+    assert not app.exception
+    labels = [b.proto.label for b in app.get("download_button")]
+    assert labels == ["GeoPackage (.gpkg)", "GeoParquet (.parquet)", "CSV (.csv)"]
+
+
+def test_retraining_is_refused_unless_enabled(app, demo_root):
+    app.run()
+    assert not [b for b in app.button if b.key == "retrain_submit"]
+    assert any("STADSBEELD_RETRAIN=1" in i.value for i in app.sidebar.info)
+
+
+def test_retrain_form_enqueues_a_job(app, demo_root, monkeypatch):
+    monkeypatch.setenv("STADSBEELD_RETRAIN", "1")
+    store = JobStore.for_runs(DataRoot(demo_root).runs)
+    before = len(store.jobs())
+    app.run()
+    app.selectbox(key="retrain_modalities").set_value("aerial only")
+    app.selectbox(key="retrain_target").set_value("fys")
+    app.number_input(key="retrain_epochs").set_value(3)
+    app.button(key="retrain_submit").click().run()
+    assert not app.exception
+    jobs = store.jobs()
+    assert len(jobs) == before + 1
+    job = jobs[0]
+    assert (job.kind, job.status) == ("fusion", "queued")
+    assert job.config["ground"] is None and job.config["target"] == "fys" and job.config["epochs"] == 3
+    assert any(f"#{job.id}" in c.value and "queued" in c.value for c in app.sidebar.caption)
+    store.cancel(job.id)
+
+
+def test_a_restarted_dashboard_sees_the_running_job(app, demo_root):
+    store = JobStore.for_runs(DataRoot(demo_root).runs)
+    job_id = store.enqueue("fusion", {"ground": "gsv", "target": "won", "epochs": 5})
+    claimed = store.claim(os.getpid())
+    assert claimed is not None and claimed.id == job_id
+    store.report(job_id, {"epoch": 2, "epochs": 5, "loss": 0.5, "val_kendall_tau": 0.31})
+    app.run()
+    assert not app.exception
+    progress = app.get("progress")
+    assert progress and "epoch 2/5" in progress[0].proto.text
+    assert any("val tau 0.310" in c.value for c in app.sidebar.caption)
+    store.fail(job_id, "test over")
 
 
 def test_missing_data_root_explains_how_to_build_it(tmp_path, monkeypatch):
@@ -86,3 +218,15 @@ def test_missing_data_root_explains_how_to_build_it(tmp_path, monkeypatch):
     app = AppTest.from_file(APP, default_timeout=30).run()
     assert not app.exception
     assert "make demo" in app.error[0].value
+
+
+def test_pages_never_import_torch(demo_root):
+    # A fresh interpreter: the test process itself has imported torch to train the runs.
+    script = (f"from streamlit.testing.v1 import AppTest; app = AppTest.from_file({APP!r}, default_timeout=120)\n"
+              "app.run()\n"
+              f"for page in {PAGES!r}: app.switch_page(page).run(); assert not app.exception, page\n"
+              "import sys; print('torch' in sys.modules)")
+    env = {**os.environ, "STADSBEELD_DATA": str(demo_root), "STADSBEELD_START_WORKER": "0"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                            timeout=300, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "False"

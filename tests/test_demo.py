@@ -60,6 +60,10 @@ def test_build_writes_every_file_in_its_real_format(tiny_demo):
     scenes = pd.read_csv(tiny_demo / "street" / "flickr_scene_labels.csv")
     assert set(scenes["id"]) == set(catalog.images.loc[catalog.images["source"] == "flickr", "id"])
 
+    water = gpd.read_file(tiny_demo / "context" / "water.gpkg")  # the Amstel crosses this extent
+    assert water.crs.to_epsg() == 28992 and water.area.sum() > 50_000
+    assert water.total_bounds[0] >= grid.total_bounds[0] - 2000
+
 
 def test_same_seed_gives_identical_files(tiny_demo, tiny_config, tmp_path):
     again = tmp_path / "again"

@@ -13,6 +13,7 @@ Layout of a demo data root (every file in the format a real source would give):
 - ``graph/streets.gpkg``: street graph, layers ``nodes`` and ``edges`` as osmnx writes them;
 - ``perception/votes.csv``: Place Pulse 2 style pairwise votes on GSV images;
 - ``socioeconomic/buurt_targets.csv``: per-buurt targets keyed by ``cbsCode``;
+- ``context/water.gpkg``: water polygons for the map (a real root takes them from OSM or BGT);
 - ``truth/cells.parquet``: the latent fields (for analysis only; no model reads them);
 - ``demo.json``: seed, extent, sizes and timings; written last.
 
@@ -33,6 +34,7 @@ from pathlib import Path
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import shapely
 from PIL import Image
 from tqdm import tqdm
 
@@ -167,6 +169,7 @@ def _build_into(root: Path, config: DemoConfig, progress: bool, timings: dict[st
     stages.run("perception votes", _write_votes, gsv, root / "perception" / "votes.csv", config.seed)
     stages.run("socioeconomic", _write_socioeconomic, fields, ids, root / "socioeconomic" / "buurt_targets.csv",
                config.seed)
+    stages.run("context", _write_water, bounds, root / "context" / "water.gpkg")
     truth = root / "truth"
     truth.mkdir()
     cells.drop(columns=["cell_id"]).reset_index().to_parquet(truth / "cells.parquet", index=False)
@@ -185,6 +188,14 @@ def _build_into(root: Path, config: DemoConfig, progress: bool, timings: dict[st
         "elapsed_s": round(time.perf_counter() - started, 1),
         "created": pd.Timestamp.now(tz="UTC").isoformat(timespec="seconds"),
     }
+
+
+def _write_water(bounds: tuple[float, float, float, float], path: Path) -> None:
+    """The demo's water (the IJ, the Amstel, canals, lakes) inside the extent, EPSG:28992."""
+    water = shapely.clip_by_rect(city.water_geometry(), *bounds)
+    parts = [g for g in getattr(water, "geoms", [water]) if not g.is_empty]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    gpd.GeoDataFrame({"kind": ["water"] * len(parts)}, geometry=parts, crs=RD_NEW).to_file(path)
 
 
 def _block(cell: int) -> str:

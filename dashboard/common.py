@@ -1,0 +1,176 @@
+"""Widgets the pages share: the data-root guard, run pickers, the selected cell and its panel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from core.dataroot import DataRoot
+from core.sources.lbm import SCORE_COLUMNS
+from dashboard import data
+
+CELL_KEY = "selected_cell"
+LAYER_NAMES = {
+    "lbm": "overall score (lbm)", "afw": "deviation from national mean (afw)",
+    "fys": "physical environment (fys)", "onv": "nuisance and safety (onv)",
+    "soc": "social cohesion (soc)", "vrz": "amenities (vrz)", "won": "housing stock (won)",
+}
+
+
+def root_or_stop() -> str:
+    """The data root as a string; stops the page with instructions when it holds no grid."""
+    root = data.data_root()
+    if not (root / "grid.parquet").exists():
+        st.error(f"No data in `{root}`. Build the demo city with `make demo` (or "
+                 f"`python -m train demo --out {root}`), or point `STADSBEELD_DATA` at a data root "
+                 "laid out as in the README.")
+        st.stop()
+    return str(root)
+
+
+def run_title(run: pd.Series) -> str:
+    """One line naming a run: label, target, test tau and id."""
+    label = run.get("config.label") or run.get("config.name") or run["kind"]
+    target = run.get("config.target")
+    tau = run.get("metrics.test_kendall_tau")
+    parts = [str(label)]
+    if isinstance(target, str):
+        parts.append(target)
+    if tau is not None and not pd.isna(tau):
+        parts.append(f"test tau {tau:.3f}")
+    return " · ".join([*parts, run["run_id"]])
+
+
+def run_picker(runs: pd.DataFrame, label: str, key: str, default_label: str | None = None,
+               optional: bool = False) -> pd.Series | None:
+    """A selectbox over runs (newest first); returns the chosen row, or None.
+
+    Args:
+        runs: rows of :func:`core.runs.list_runs`.
+        default_label: preselect the newest run whose ``config.label`` is this.
+        optional: offer "none" first (and return None for it).
+    """
+    options = ([None] if optional else []) + list(range(len(runs)))
+    if not options:
+        return None
+    index = 0
+    if default_label is not None and "config.label" in runs:
+        matches = np.flatnonzero(runs["config.label"].to_numpy() == default_label)
+        if len(matches):
+            index = options.index(int(matches[0]))
+    choice = st.selectbox(label, options, index=index, key=key,
+                          format_func=lambda i: "none" if i is None else run_title(runs.iloc[i]))
+    return None if choice is None else runs.iloc[choice]
+
+
+def prediction_runs(root: str) -> pd.DataFrame:
+    """Complete runs that hold per-cell predictions against Leefbaarometer labels."""
+    runs = data.load_runs(root)
+    if runs.empty or "config.target" not in runs:
+        return runs.iloc[0:0]
+    return runs[runs["config.target"].notna()].reset_index(drop=True)
+
+
+def selected_cell() -> int | None:
+    """The cell selected on any page (map click or search), shared across pages."""
+    return st.session_state.get(CELL_KEY)
+
+
+def select_cell(cell_id: int | None) -> None:
+    st.session_state[CELL_KEY] = None if cell_id is None else int(cell_id)
+
+
+def provenance(*sources: str | Path) -> None:
+    """A caption naming the files the numbers above come from."""
+    st.caption("Source: " + ", ".join(f"`{s}`" for s in sources))
+
+
+def cell_search(root: str, key: str, candidates: pd.Series | None = None) -> None:
+    """Choose a cell by id or buurt name (the map click does the same)."""
+    cells = data.load_cells(root)
+    if candidates is not None:
+        cells = cells[cells["cell_id"].isin(candidates)]
+    left, right = st.columns(2)
+    typed = left.text_input("Cell id", key=f"{key}_id", placeholder="e.g. 1210004856")
+    buurten = sorted(b for b in cells["buurt_naam"].dropna().unique() if b)
+    buurt = right.selectbox("or a buurt", [None, *buurten], key=f"{key}_buurt",
+                            format_func=lambda b: "—" if b is None else b)
+    if typed.strip():
+        if not typed.strip().isdigit() or int(typed) not in set(cells["cell_id"]):
+            st.warning(f"No cell {typed.strip()!r} here; cell ids are whole numbers from the grid "
+                       "(hover a cell on the map to see its id).")
+        elif int(typed) != selected_cell():
+            select_cell(int(typed))
+    elif buurt is not None and st.session_state.get(f"{key}_last_buurt") != buurt:
+        # The buurt's most central cell stands for it.
+        inside = cells[cells["buurt_naam"] == buurt]
+        centre = inside[["center_lon", "center_lat"]].mean().to_numpy()
+        distance = ((inside[["center_lon", "center_lat"]].to_numpy() - centre) ** 2).sum(1)
+        select_cell(int(inside["cell_id"].iloc[int(np.argmin(distance))]))
+    st.session_state[f"{key}_last_buurt"] = buurt
+
+
+def cell_detail(root: str, cell_id: int, run: pd.Series | None = None) -> None:
+    """The selected cell: where it is, its scores, its aerial patch and street-level images."""
+    cells = data.load_cells(root)
+    row = cells[cells["cell_id"] == cell_id]
+    if row.empty:
+        st.info(f"Cell {cell_id} is not in this data root's grid.")
+        return
+    row = row.iloc[0]
+    st.subheader(f"Cell {cell_id}")
+    st.caption(f"{row['buurt_naam'] or 'outside the buurten'} · {row['district'] or '—'} · "
+               f"lower-left corner {row['lat']:.5f} N, {row['lon']:.5f} E")
+    labels = data.load_labels(root)
+    scores = labels[labels["cell_id"] == cell_id].set_index("jaar")[list(SCORE_COLUMNS)]
+    aerial, facts = st.columns([1, 2])
+    with aerial:
+        patch = data.aerial_patch(root, cell_id)
+        if patch is None:
+            st.caption("No aerial imagery over this cell.")
+        else:
+            st.image(patch, caption="Aerial, 300 m around the cell centre", width="stretch")
+    with facts:
+        if scores.empty:
+            st.caption("No Leefbaarometer score for this cell (too few residents).")
+        else:
+            st.dataframe(scores.round(3), width="stretch")
+        if run is not None:
+            predictions = data.load_predictions(str(run["path"]))
+            mine = predictions[predictions["cell_id"] == cell_id]
+            if len(mine):
+                p = mine.iloc[0]
+                st.markdown(f"Run `{run['run_id']}` ({run_title(run).split(' · ')[0]}), {p['split']} "
+                            f"cell: predicted **{p['predicted']:.3f}**, true {p['true']:.3f}, "
+                            f"residual {p['predicted'] - p['true']:+.3f}")
+    street_images(root, cell_id)
+
+
+def street_images(root: str, cell_id: int, per_source: int = 6) -> None:
+    """A cell's GSV and Flickr images, Flickr ones with their scene and the filter's verdict."""
+    images = data.load_images(root)
+    mine = images[images["cell_id"] == cell_id]
+    catalog_dir = DataRoot(root).catalog.parent
+    for source, title in (("gsv", "Street View"), ("flickr", "Flickr")):
+        shown = mine[mine["source"] == source].head(per_source)
+        total = int((mine["source"] == source).sum())
+        st.markdown(f"**{title}**: {total} image{'s' if total != 1 else ''}"
+                    + (f" (showing {len(shown)})" if total > len(shown) else ""))
+        if shown.empty:
+            continue
+        columns = st.columns(min(per_source, len(shown)))
+        for column, image in zip(columns, shown.itertuples(), strict=False):
+            path = catalog_dir / image.path
+            caption = str(image.captured_at)[:10]
+            if source == "flickr" and isinstance(getattr(image, "scene", None), str):
+                verdict = "kept" if image.building else "dropped"
+                caption = f"{image.scene} ({image.scene_p:.2f}), building filter: {verdict}"
+            elif source == "gsv" and not pd.isna(getattr(image, "heading", np.nan)):
+                caption += f", heading {image.heading:.0f}°"
+            if path.is_file():
+                column.image(str(path), caption=caption, width="stretch")
+            else:
+                column.caption(f"missing file {image.path}: {caption}")

@@ -1,0 +1,234 @@
+"""The city map: colour scales, legends and the pydeck layers of the 100 m grid.
+
+Pure functions (no Streamlit), so the benchmarks measure exactly what the pages send. The grid
+goes to the browser as a ``GridCellLayer``: one slim record per cell (its lower-left corner in
+lon/lat, a colour and the tooltip fields) instead of a GeoJSON polygon per cell; deck.gl draws
+the 100 m squares itself.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pydeck as pdk
+from pydeck.bindings.json_tools import default_serialize
+
+#: Leefbaarometer-like sequential palette: red (low) .. yellow .. green (high).
+SCORE_PALETTE = np.array([[165, 0, 38], [244, 109, 67], [254, 224, 139], [166, 217, 106], [26, 152, 80]])
+#: Diverging: blue (negative) .. light grey .. red (positive).
+DIVERGING_PALETTE = np.array([[33, 102, 172], [247, 247, 247], [178, 24, 43]])
+#: Similarity: pale .. deep purple.
+SIMILARITY_PALETTE = np.array([[239, 237, 245], [158, 154, 200], [63, 0, 125]])
+#: Leefbaarometer 3.0 classes 1 (very poor) .. 9 (excellent).
+CLASS_PALETTE = {
+    1: [128, 0, 38], 2: [189, 0, 38], 3: [227, 26, 28], 4: [252, 141, 89], 5: [254, 224, 139],
+    6: [217, 239, 139], 7: [145, 207, 96], 8: [26, 152, 80], 9: [0, 104, 55],
+}
+SPLIT_PALETTE = {"train": [189, 189, 189], "val": [116, 169, 207], "test": [230, 85, 13]}
+WATER = [166, 206, 227]
+MISSING = "–"
+#: Where the map opens: central Amsterdam.
+VIEW = pdk.ViewState(latitude=52.365, longitude=4.90, zoom=10.8)
+TOOLTIP_FIELDS = {  # payload key -> label, in tooltip order
+    "i": "cell", "b": "buurt", "d": "district", "t": "true", "y": "predicted", "r": "residual",
+    "g": "GSV images", "f": "Flickr images", "v": None,
+}
+
+
+@dataclass(frozen=True)
+class Legend:
+    """What a map's colours mean: a title and (colour, label) stops."""
+
+    title: str
+    stops: list[tuple[list[int], str]]
+
+    def html(self) -> str:
+        """Small HTML legend: colour swatches with labels."""
+        items = "".join(
+            f'<span style="display:inline-flex;align-items:center;margin-right:10px">'
+            f'<span style="width:14px;height:14px;background:rgb({r},{g},{b});display:inline-block;'
+            f'margin-right:4px;border:1px solid #999"></span>{html.escape(label)}</span>'
+            for (r, g, b), label in self.stops
+        )
+        return f'<div style="font-size:0.85rem"><b>{html.escape(self.title)}</b><br/>{items}</div>'
+
+
+def _ramp(palette: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Colours at positions ``t`` in [0, 1] along a palette, linearly interpolated."""
+    t = np.clip(np.nan_to_num(t, nan=0.5), 0, 1) * (len(palette) - 1)
+    i = np.minimum(t.astype(int), len(palette) - 2)
+    return (palette[i] + (palette[i + 1] - palette[i]) * (t - i)[:, None]).round().astype(int)
+
+
+def _number(value: float) -> str:
+    return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+
+
+def sequential(values: np.ndarray, title: str, palette: np.ndarray = SCORE_PALETTE, log: bool = False
+               ) -> tuple[np.ndarray, Legend]:
+    """Colours stretched between the 2nd and 98th percentile, and their legend.
+
+    ``log`` stretches ``log(1 + value)`` instead, for counts with a long tail.
+    """
+    scaled = np.log1p(values) if log else values
+    lo, hi = np.nanpercentile(scaled, [2, 98]) if np.isfinite(scaled).any() else (0.0, 1.0)
+    colours = _ramp(palette, (scaled - lo) / max(hi - lo, 1e-9))
+    stops = np.linspace(lo, hi, len(palette))
+    labels = [_number(np.expm1(s) if log else s) for s in stops]
+    labels[0], labels[-1] = f"≤ {labels[0]}", f"≥ {labels[-1]}"
+    return colours, Legend(title, [(c.tolist(), s) for c, s in zip(palette, labels, strict=True)])
+
+
+def diverging(values: np.ndarray, title: str) -> tuple[np.ndarray, Legend]:
+    """Colours symmetric around zero (blue negative, red positive), and their legend."""
+    finite = np.abs(values[np.isfinite(values)])
+    limit = max(float(np.percentile(finite, 98)) if finite.size else 1.0, 1e-9)
+    colours = _ramp(DIVERGING_PALETTE, (values / limit + 1) / 2)
+    labels = [f"≤ -{_number(limit)}", "0", f"≥ +{_number(limit)}"]
+    return colours, Legend(title, [(c.tolist(), s) for c, s in zip(DIVERGING_PALETTE, labels, strict=True)])
+
+
+def categorical(values: pd.Series, palette: dict, title: str) -> tuple[np.ndarray, Legend]:
+    """Colours per category (grey for unknown ones), and the legend of those present."""
+    grey = [150, 150, 150]
+    colours = np.array([palette.get(v, grey) for v in values], dtype=int).reshape(-1, 3)
+    present = [k for k in palette if (values == k).any()]
+    return colours, Legend(title, [(palette[k], str(k)) for k in present])
+
+
+def _rounded(values: pd.Series, digits: int) -> list:
+    """Values rounded for display (integers for ``digits=0``), missing ones as a dash."""
+    if digits == 0:
+        return [MISSING if pd.isna(v) else int(v) for v in values]
+    return [MISSING if pd.isna(v) else round(float(v), digits) for v in values]
+
+
+def cell_payload(cells: pd.DataFrame, colours: np.ndarray, values: pd.Series | None = None,
+                 details: pd.DataFrame | None = None) -> list[dict]:
+    """The slim per-cell records the map sends: position, colour and tooltip fields.
+
+    Records rather than a DataFrame: pydeck converts frames on every ``Layer`` it builds, and
+    a cached list of records costs nothing to reuse on a rerun.
+
+    Args:
+        cells: ``cell_id``, ``lon``, ``lat`` (lower-left corner), ``buurt_naam``, ``district``.
+        colours: ``(n, 3)`` RGB per cell.
+        values: the shown value per cell (tooltip ``v``), numbers or labels.
+        details: optional ``true``, ``predicted``, ``residual``, ``gsv``, ``flickr`` per cell,
+            aligned with ``cells``.
+    """
+    payload = pd.DataFrame({
+        "p": np.stack([cells["lon"].to_numpy(), cells["lat"].to_numpy()], 1).round(5).tolist(),
+        "c": colours.tolist(),
+        "i": cells["cell_id"].to_numpy(),
+        "b": cells["buurt_naam"].fillna("").to_numpy(),
+        "d": cells["district"].fillna("").to_numpy(),
+    })
+    if values is not None:
+        numeric = pd.api.types.is_numeric_dtype(values)
+        payload["v"] = _rounded(values, 3) if numeric else values.fillna(MISSING).to_numpy()
+    details = details if details is not None else pd.DataFrame(index=cells.index)
+    for key, column, digits in (("t", "true", 3), ("y", "predicted", 3), ("r", "residual", 3),
+                                ("g", "gsv", 0), ("f", "flickr", 0)):
+        payload[key] = _rounded(details[column], digits) if column in details else MISSING
+    return payload.to_dict(orient="records")
+
+
+def tooltip(value_label: str) -> dict:
+    """The deck tooltip over :func:`cell_payload` records."""
+    lines = ["<b>cell {i}</b>", "{b} ({d})", f"{html.escape(value_label)}: <b>{{v}}</b>",
+             "true {t} · predicted {y} · residual {r}", "GSV {g} · Flickr {f} images"]
+    return {"html": "<br/>".join(lines),
+            "style": {"fontSize": "12px", "backgroundColor": "#222", "color": "white"}}
+
+
+def cell_layer(payload: list[dict], layer_id: str = "cells", opacity: float = 0.85) -> pdk.Layer:
+    """A flat ``GridCellLayer`` of 100 m cells from :func:`cell_payload` records."""
+    return pdk.Layer("GridCellLayer", payload, id=layer_id, get_position="p", get_fill_color="c",
+                     cell_size=100, extruded=False, pickable=True, opacity=opacity)
+
+
+def highlight_layer(cells: pd.DataFrame, colour: Sequence[int] = (0, 0, 0)) -> pdk.Layer:
+    """Outlines of a few cells (the selected one), drawn above the grid."""
+    paths = [{"path": _square(lon, lat)} for lon, lat in zip(cells["lon"], cells["lat"], strict=True)]
+    return pdk.Layer("PathLayer", paths, id="selected", get_path="path", get_color=list(colour),
+                     width_units="pixels", get_width=3, pickable=False)
+
+
+def _square(lon: float, lat: float, size_m: float = 100.0) -> list[list[float]]:
+    """Corners of a ``size_m`` square from its lower-left corner (local metres to degrees)."""
+    dlat = size_m / 111_320.0
+    dlon = size_m / (111_320.0 * math.cos(math.radians(lat)))
+    return [[lon, lat], [lon + dlon, lat], [lon + dlon, lat + dlat], [lon, lat + dlat], [lon, lat]]
+
+
+def context_layers(context: dict) -> tuple[list[pdk.Layer], list[pdk.Layer]]:
+    """Layers drawn below (water) and above (district lines, outline) the grid.
+
+    The app must read without base-map tiles (offline), so water, districts and the municipal
+    outline are layers of their own.
+
+    Args:
+        context: ``water`` (list of polygon rings), ``districts`` (records with ``path`` and
+            ``name``), ``outline`` (list of paths), all in lon/lat.
+    """
+    below = []
+    if context.get("water"):
+        below.append(pdk.Layer("PolygonLayer", [{"polygon": ring} for ring in context["water"]],
+                               id="water", get_polygon="polygon", get_fill_color=WATER, stroked=False,
+                               pickable=False))
+    above = [
+        pdk.Layer("PathLayer", context.get("districts", []), id="districts", get_path="path",
+                  get_color=[90, 90, 90], width_units="pixels", get_width=1.2, pickable=False),
+        pdk.Layer("PathLayer", [{"path": p} for p in context.get("outline", [])], id="outline",
+                  get_path="path", get_color=[30, 30, 30], width_units="pixels", get_width=2.5,
+                  pickable=False),
+    ]
+    return below, above
+
+
+class CompactDeck(pdk.Deck):
+    """A ``pdk.Deck`` whose JSON has no indentation.
+
+    ``st.pydeck_chart`` sends ``to_json()``; pydeck indents it by two spaces per level, which
+    for a city of per-cell records is most of the bytes.
+    """
+
+    def to_json(self) -> str:
+        return json.dumps(self, sort_keys=True, default=_records, separators=(",", ":"))
+
+
+def _records(value: object) -> object:
+    """pydeck's serialiser, with pandas frames as records (pandas 3 frames have no __dict__)."""
+    if isinstance(value, pd.DataFrame):
+        return value.to_dict(orient="records")
+    return default_serialize(value)
+
+
+def deck(layers: list[pdk.Layer], value_label: str, view: pdk.ViewState = VIEW) -> pdk.Deck:
+    """A deck without base-map tiles (they cannot load offline), with the cell tooltip."""
+    return CompactDeck(layers=layers, initial_view_state=view, map_style=None,
+                       tooltip=tooltip(value_label))
+
+
+def city_deck(payload: list[dict], context: dict, value_label: str,
+              selected: pd.DataFrame | None = None) -> pdk.Deck:
+    """The whole map: water, the coloured grid, district lines, outline and the selection."""
+    below, above = context_layers(context)
+    layers = [*below, cell_layer(payload), *above]
+    if selected is not None and len(selected):
+        layers.append(highlight_layer(selected))
+    return deck(layers, value_label)
+
+
+def selected_cells(event: object, layer_id: str = "cells") -> list[int]:
+    """Cell ids picked in a ``st.pydeck_chart(on_select=...)`` event (empty when none)."""
+    selection = getattr(event, "selection", None) or {}
+    objects = (selection.get("objects") or {}).get(layer_id) or []
+    return [int(o["i"]) for o in objects if "i" in o]

@@ -1,0 +1,81 @@
+"""Embedding neighbours: the cells a run's embedding finds most similar to a chosen cell."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from core.neighbours import EmbeddingIndex
+from dashboard import common, data, maps
+
+
+@st.cache_resource(show_spinner="Indexing embeddings ...", max_entries=4)
+def embedding_index(run_path: str) -> EmbeddingIndex:
+    """The run's per-cell embeddings, normalised once per run and shared by all sessions."""
+    return EmbeddingIndex(*data.load_embeddings(run_path))
+
+
+def embedding_runs(root: str) -> pd.DataFrame:
+    """Complete runs that wrote per-cell embeddings (fusion, contrastive, UGE, ...)."""
+    runs = data.load_runs(root)
+    has = [(p / "embeddings.parquet").is_file() for p in runs["path"]] if len(runs) else []
+    return runs[has].reset_index(drop=True)
+
+
+def neighbour_table(root: str, run: pd.Series, index: EmbeddingIndex, cell_id: int, k: int) -> pd.DataFrame:
+    """The ``k`` nearest cells with where they are and their scores (true/predicted if the run has them)."""
+    found = index.neighbours(cell_id, k)
+    table = data.on_grid(root, found)[["rank", "cell_id", "similarity", "buurt_naam", "district"]]
+    predictions_file = run["path"] / "predictions.parquet"
+    if predictions_file.is_file():
+        predictions = data.load_predictions(str(run["path"]))[["cell_id", "true", "predicted"]]
+        table = table.merge(predictions, on="cell_id", how="left")
+    return table.sort_values("rank", ignore_index=True)
+
+
+def main() -> None:
+    root = common.root_or_stop()
+    st.title("Embedding neighbours")
+    runs = embedding_runs(root)
+    if runs.empty:
+        st.info("No run with per-cell embeddings yet (fusion runs write their penultimate vectors).")
+        return
+    left, right = st.columns([3, 1])
+    with left:
+        run = common.run_picker(runs, "Embedding of run", key="nb_run")
+    k = right.slider("k nearest cells", 1, 200, 20, key="nb_k")
+    index = embedding_index(str(run["path"]))
+    common.cell_search(root, key="nb_search", candidates=pd.Series(index.cell_ids))
+    cell_id = common.selected_cell()
+    if cell_id is None or cell_id not in index:
+        cell_id = int(index.cell_ids[0]) if cell_id is None else cell_id
+        if cell_id not in index:
+            st.warning(f"Cell {cell_id} has no embedding in run {run['run_id']}; choose another cell.")
+            return
+        common.select_cell(cell_id)
+
+    table = neighbour_table(root, run, index, cell_id, k)
+    cells = data.load_cells(root)
+    shown = data.on_grid(root, table[["cell_id", "similarity"]])
+    colours, legend = maps.sequential(shown["similarity"].to_numpy(float), "cosine similarity",
+                                      maps.SIMILARITY_PALETTE)
+    payload = maps.cell_payload(shown, colours, shown["similarity"])
+    below, above = maps.context_layers(data.load_context(root))
+    layers = [*below, maps.cell_layer(payload, opacity=1.0), *above,
+              maps.highlight_layer(cells[cells["cell_id"] == cell_id], (255, 0, 160))]
+    event = st.pydeck_chart(maps.deck(layers, "similarity"), height=560, on_select="rerun",
+                            selection_mode="single-object", key="nb_map")
+    picked = maps.selected_cells(event)
+    if picked and picked[0] != cell_id and picked[0] in index:
+        common.select_cell(picked[0])
+        st.rerun()
+    st.markdown(legend.html() + " <small>magenta outline: the chosen cell"
+                "</small>", unsafe_allow_html=True)
+    here = cells[cells["cell_id"] == cell_id].iloc[0]
+    st.markdown(f"**{len(table)} cells nearest to cell {cell_id}** ({here['buurt_naam'] or '—'}, "
+                f"{here['district'] or '—'}) in the {index.dim}-dimensional embedding of `{run['run_id']}`:")
+    st.dataframe(table.round(3), width="stretch", hide_index=True)
+    common.provenance(f"{run['path']}/embeddings.parquet")
+
+
+main()

@@ -1,0 +1,71 @@
+"""Runs: every complete run with its config and metrics, and its predictions for download."""
+
+from __future__ import annotations
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+import yaml
+
+from core.exports import FORMATS, export_bytes, prediction_layer
+from core.runs import load_run
+from dashboard import common, data, retrain
+
+SUMMARY_COLUMNS = ["run_id", "kind", "created", "config.label", "config.target", "config.epochs",
+                   "config.seed", "metrics.test_kendall_tau", "metrics.test_spearman", "metrics.test_r2",
+                   "metrics.test_mae"]
+
+
+@st.cache_data(show_spinner="Preparing the download ...", max_entries=8)
+def prediction_file(root: str, run_path: str, fmt: str) -> bytes:
+    layer = prediction_layer(data.load_predictions(run_path), data.load_cells(root))
+    return export_bytes(layer, fmt)
+
+
+def main() -> None:
+    root = common.root_or_stop()
+    st.title("Runs")
+    runs = data.load_runs(root)
+    if runs.empty:
+        st.info("No complete runs yet.")
+    else:
+        kinds = sorted(runs["kind"].unique())
+        chosen = st.multiselect("Kinds", kinds, default=kinds, key="runs_kinds")
+        runs = runs[runs["kind"].isin(chosen)].reset_index(drop=True)
+        columns = [c for c in SUMMARY_COLUMNS if c in runs]
+        st.dataframe(runs[columns], width="stretch", hide_index=True,
+                     column_config={c: st.column_config.NumberColumn(format="%.3f")
+                                    for c in columns if c.startswith("metrics.")})
+        run = common.run_picker(runs, "Run", key="runs_run")
+    if not runs.empty and run is not None:
+        details = load_run(run["path"])
+        left, right = st.columns(2)
+        with left:
+            st.markdown("**Config** (`config.yaml`)")
+            st.code(yaml.safe_dump(details.config, sort_keys=False), language="yaml")
+        with right:
+            st.markdown("**Final metrics** (`metrics.json`)")
+            scalars = {k: v for k, v in details.metrics.items() if not isinstance(v, list | dict)}
+            st.dataframe(pd.Series(scalars, name="value").astype(str), width="stretch")
+            if not details.epochs.empty and "epoch" in details.epochs:
+                curves = [c for c in details.epochs.columns if c not in ("epoch", "seconds", "aerial_frozen")]
+                chart = px.line(details.epochs, x="epoch", y=curves, markers=True, title="Per epoch (metrics.csv)")
+                st.plotly_chart(chart, key="runs_epochs")
+        if (run["path"] / "predictions.parquet").is_file():
+            st.markdown("**Predictions** per cell, as 100 m squares in EPSG:28992 (RD New)")
+            buttons = st.columns(len(FORMATS))
+            names = {"gpkg": "GeoPackage", "parquet": "GeoParquet", "csv": "CSV"}
+            for column, (fmt, mime) in zip(buttons, FORMATS.items(), strict=True):
+                column.download_button(f"{names[fmt]} (.{fmt})", prediction_file(root, str(run["path"]), fmt),
+                                       file_name=f"{run['run_id']}-predictions.{fmt}", mime=mime,
+                                       key=f"download_{fmt}", on_click="ignore")
+        common.provenance(run["path"])
+    st.subheader("Training jobs")
+    jobs = retrain.jobs_table(root)
+    if jobs.empty:
+        st.caption("No jobs yet.")
+    else:
+        st.dataframe(jobs, width="stretch", hide_index=True)
+
+
+main()
