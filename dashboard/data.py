@@ -25,6 +25,7 @@ from core.sources.aerial import AerialRaster
 from core.sources.boundaries import districts, municipality_outline, read_buurten
 from core.sources.catalog import images_per_cell, read_catalog
 from core.sources.lbm import read_lbm
+from dashboard.maps import fit_view
 
 RETRAIN_ENV = "STADSBEELD_RETRAIN"
 WORKER_ENV = "STADSBEELD_START_WORKER"
@@ -126,7 +127,8 @@ def _paths(geometry: shapely.Geometry) -> list[list[list[float]]]:
 
 @st.cache_resource(show_spinner="Loading the context layers ...")
 def load_context(root: str) -> dict:
-    """Map context in lon/lat: municipal outline, district lines and (if present) water.
+    """Map context in lon/lat: municipal outline, district lines, water (if present), and the
+    ``view`` that fits the data root's grid.
 
     Simplified to about 10 m so the whole municipality costs a few kilobytes. Shared, not
     copied, between reruns and sessions: callers must not modify it.
@@ -142,7 +144,10 @@ def load_context(root: str) -> dict:
         for geometry in gpd.read_file(water_file).to_crs("EPSG:28992").geometry:
             for polygon in getattr(geometry, "geoms", [geometry]):
                 water.append(_paths(shapely.Polygon(polygon.simplify(10).exterior))[0])
-    return {"outline": outline, "districts": district_lines, "water": water}
+    cells = load_cells(root)
+    view = fit_view((cells["lon"].min(), cells["lat"].min(), cells["lon"].max() + 0.0015,
+                     cells["lat"].max() + 0.0009))  # the far corners of the last cells
+    return {"outline": outline, "districts": district_lines, "water": water, "view": view}
 
 
 @st.cache_data(show_spinner=False, ttl=10)

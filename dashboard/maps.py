@@ -33,8 +33,6 @@ CLASS_PALETTE = {
 SPLIT_PALETTE = {"train": [189, 189, 189], "val": [116, 169, 207], "test": [230, 85, 13]}
 WATER = [166, 206, 227]
 MISSING = "–"
-#: Where the map opens: central Amsterdam.
-VIEW = pdk.ViewState(latitude=52.365, longitude=4.90, zoom=10.8)
 TOOLTIP_FIELDS = {  # payload key -> label, in tooltip order
     "i": "cell", "b": "buurt", "d": "district", "t": "true", "y": "predicted", "r": "residual",
     "g": "GSV images", "f": "Flickr images", "v": None,
@@ -176,7 +174,8 @@ def context_layers(context: dict) -> tuple[list[pdk.Layer], list[pdk.Layer]]:
 
     Args:
         context: ``water`` (list of polygon rings), ``districts`` (records with ``path`` and
-            ``name``), ``outline`` (list of paths), all in lon/lat.
+            ``name``), ``outline`` (list of paths), all in lon/lat, and the ``view`` that
+            shows the data root's grid.
     """
     below = []
     if context.get("water"):
@@ -211,7 +210,20 @@ def _records(value: object) -> object:
     return default_serialize(value)
 
 
-def deck(layers: list[pdk.Layer], value_label: str, view: pdk.ViewState = VIEW) -> pdk.Deck:
+def _mercator_y(lat: float) -> float:
+    return math.log(math.tan(math.pi / 4 + math.radians(lat) / 2))
+
+
+def fit_view(bounds: Sequence[float], width_px: int = 900, height_px: int = 600) -> pdk.ViewState:
+    """The Web Mercator view that shows lon/lat ``bounds`` (west, south, east, north) whole."""
+    west, south, east, north = bounds
+    zoom_x = math.log2(width_px * 360 / (256 * max(east - west, 1e-6)))
+    zoom_y = math.log2(height_px * 2 * math.pi / (256 * max(_mercator_y(north) - _mercator_y(south), 1e-9)))
+    return pdk.ViewState(latitude=(south + north) / 2, longitude=(west + east) / 2,
+                         zoom=round(min(zoom_x, zoom_y, 18.0), 2))
+
+
+def deck(layers: list[pdk.Layer], value_label: str, view: pdk.ViewState) -> pdk.Deck:
     """A deck without base-map tiles (they cannot load offline), with the cell tooltip."""
     return CompactDeck(layers=layers, initial_view_state=view, map_style=None,
                        tooltip=tooltip(value_label))
@@ -219,12 +231,13 @@ def deck(layers: list[pdk.Layer], value_label: str, view: pdk.ViewState = VIEW) 
 
 def city_deck(payload: list[dict], context: dict, value_label: str,
               selected: pd.DataFrame | None = None) -> pdk.Deck:
-    """The whole map: water, the coloured grid, district lines, outline and the selection."""
+    """The whole map: water, the coloured grid, district lines, outline and the selection,
+    opening on ``context["view"]``."""
     below, above = context_layers(context)
     layers = [*below, cell_layer(payload), *above]
     if selected is not None and len(selected):
         layers.append(highlight_layer(selected))
-    return deck(layers, value_label)
+    return deck(layers, value_label, context["view"])
 
 
 def selected_cells(event: object, layer_id: str = "cells") -> list[int]:

@@ -18,6 +18,7 @@ from core.sources.lbm import SCORE_COLUMNS
 from dashboard import data
 
 POLL_SECONDS = 2.0
+SEEN_KEY = "jobs_seen_done"
 MODALITIES = {"aerial + ground": (True, True), "aerial only": (True, False), "ground only": (False, True)}
 FLICKR_FILTERS = {"all": "all photos", "outdoor": "outdoor scenes", "building": "building scenes"}
 
@@ -135,8 +136,12 @@ def queue(root: str, may_cancel: bool) -> None:
         else:
             with st.expander(f"✗ {describe(job)}: failed"):
                 st.code(job.error or "no error recorded", language=None)
-    if any(j.status == "done" for j in finished):
-        data.load_runs.clear()  # a finished job's run belongs in the run selectors now
+    done = {j.id for j in jobs if j.status == "done"}
+    seen = st.session_state.setdefault(SEEN_KEY, done)
+    if done - seen:  # a job finished while this session watched: its run joins the selectors
+        st.session_state[SEEN_KEY] = seen | done
+        data.load_runs.clear()
+        st.rerun(scope="app")
 
 
 def panel(root: str) -> None:

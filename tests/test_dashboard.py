@@ -230,3 +230,18 @@ def test_pages_never_import_torch(demo_root):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                             timeout=300, check=True)
     assert result.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_the_map_opens_on_the_data_roots_extent(app, demo_root):
+    from dashboard.maps import fit_view
+
+    city = fit_view((4.73, 52.28, 5.07, 52.43))
+    district = fit_view((4.88, 52.35, 4.91, 52.36))
+    assert 10 < city.zoom < 12 < district.zoom
+    assert (city.latitude, city.longitude) == pytest.approx((52.355, 4.90))
+    app.run()
+    view = deck_spec(app)["initialViewState"]
+    cells = layer(deck_spec(app), "cells")["data"]
+    lons, lats = zip(*(r["p"] for r in cells), strict=True)
+    assert min(lons) < view["longitude"] < max(lons) and min(lats) < view["latitude"] < max(lats)
+    assert view["zoom"] > 13  # a 1.5 km extent, not the whole city

@@ -60,10 +60,11 @@ def main() -> None:
     colours, legend = maps.sequential(shown["similarity"].to_numpy(float), "cosine similarity",
                                       maps.SIMILARITY_PALETTE)
     payload = maps.cell_payload(shown, colours, shown["similarity"])
-    below, above = maps.context_layers(data.load_context(root))
+    context = data.load_context(root)
+    below, above = maps.context_layers(context)
     layers = [*below, maps.cell_layer(payload, opacity=1.0), *above,
               maps.highlight_layer(cells[cells["cell_id"] == cell_id], (255, 0, 160))]
-    event = st.pydeck_chart(maps.deck(layers, "similarity"), height=560, on_select="rerun",
+    event = st.pydeck_chart(maps.deck(layers, "similarity", context["view"]), height=560, on_select="rerun",
                             selection_mode="single-object", key="nb_map")
     picked = maps.selected_cells(event)
     if picked and picked[0] != cell_id and picked[0] in index:
