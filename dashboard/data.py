@@ -12,7 +12,6 @@ from pathlib import Path
 import geopandas as gpd
 import numpy as np
 import pandas as pd
-import pyproj
 import shapely
 import streamlit as st
 import yaml
@@ -25,12 +24,11 @@ from core.sources.aerial import AerialRaster
 from core.sources.boundaries import districts, municipality_outline, read_buurten
 from core.sources.catalog import images_per_cell, read_catalog
 from core.sources.lbm import read_lbm
-from dashboard.maps import fit_view
+from dashboard.maps import fit_view, lonlat_polygons, outline_strip, to_lon_lat
 
 RETRAIN_ENV = "STADSBEELD_RETRAIN"
 WORKER_ENV = "STADSBEELD_START_WORKER"
 SETTINGS_FILE = "dashboard.yaml"
-_TO_WGS84 = pyproj.Transformer.from_crs("EPSG:28992", "EPSG:4326", always_xy=True)
 
 
 def data_root() -> Path:
@@ -81,18 +79,14 @@ def start_worker_enabled(root: str | os.PathLike) -> bool:
     return _switch(WORKER_ENV, "start_worker", root, default=True)[0]
 
 
-def _lon_lat(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return _TO_WGS84.transform(x, y)
-
-
 @st.cache_data(show_spinner="Loading the grid ...")
 def load_cells(root: str) -> pd.DataFrame:
     """Cells with buurt/district, the lon/lat of their lower-left corner and of their centre."""
     grid = read_grid(DataRoot(root).grid)
     ids = grid["cell_id"].to_numpy()
     table = pd.DataFrame(grid.drop(columns="geometry"))
-    table["lon"], table["lat"] = _lon_lat(*cell_origin(ids))
-    table["center_lon"], table["center_lat"] = _lon_lat(*cell_center(ids))
+    table["lon"], table["lat"] = to_lon_lat(*cell_origin(ids))
+    table["center_lon"], table["center_lat"] = to_lon_lat(*cell_center(ids))
     return table
 
 
@@ -114,36 +108,22 @@ def load_labels(root: str) -> pd.DataFrame:
     return pd.DataFrame(labels.drop(columns="geometry"))
 
 
-def _paths(geometry: shapely.Geometry) -> list[list[list[float]]]:
-    """Boundary rings of a (multi)polygon as lon/lat paths."""
-    rings = []
-    for polygon in getattr(geometry, "geoms", [geometry]):
-        for ring in [polygon.exterior, *polygon.interiors]:
-            x, y = np.asarray(ring.coords).T
-            lon, lat = _lon_lat(x, y)
-            rings.append(np.stack([lon, lat], 1).round(5).tolist())
-    return rings
-
-
 @st.cache_resource(show_spinner="Loading the context layers ...")
 def load_context(root: str) -> dict:
-    """Map context in lon/lat: municipal outline, district lines, water (if present), and the
-    ``view`` that fits the data root's grid.
+    """Map context as lon/lat polygons: the municipal outline and district boundaries (as
+    strips), water (if present), and the ``view`` that fits the data root's grid.
 
     Simplified to about 10 m so the whole municipality costs a few kilobytes. Shared, not
     copied, between reruns and sessions: callers must not modify it.
     """
     buurten = read_buurten()
-    outline = _paths(municipality_outline(buurten).simplify(10))
-    district_lines = [{"path": path, "name": row.district}
-                      for row in districts(buurten).itertuples()
-                      for path in _paths(row.geometry.simplify(10))]
+    outline = lonlat_polygons(outline_strip(municipality_outline(buurten).simplify(10), 70))
+    district_lines = lonlat_polygons(shapely.union_all(
+        [outline_strip(district, 40) for district in districts(buurten).geometry.simplify(10)]))
     water = []
-    water_file = DataRoot(root).water
-    if water_file.is_file():
-        for geometry in gpd.read_file(water_file).to_crs("EPSG:28992").geometry:
-            for polygon in getattr(geometry, "geoms", [geometry]):
-                water.append(_paths(shapely.Polygon(polygon.simplify(10).exterior))[0])
+    if DataRoot(root).water.is_file():
+        shapes = gpd.read_file(DataRoot(root).water).to_crs("EPSG:28992").geometry.simplify(10)
+        water = lonlat_polygons(shapely.union_all(shapes.values))
     cells = load_cells(root)
     view = fit_view((cells["lon"].min(), cells["lat"].min(), cells["lon"].max() + 0.0015,
                      cells["lat"].max() + 0.0009))  # the far corners of the last cells

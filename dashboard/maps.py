@@ -17,14 +17,18 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import pydeck as pdk
+import pyproj
+import shapely
 from pydeck.bindings.json_tools import default_serialize
+
+from core.grid import cell_origin
 
 #: Leefbaarometer-like sequential palette: red (low) .. yellow .. green (high).
 SCORE_PALETTE = np.array([[165, 0, 38], [244, 109, 67], [254, 224, 139], [166, 217, 106], [26, 152, 80]])
 #: Diverging: blue (negative) .. light grey .. red (positive).
 DIVERGING_PALETTE = np.array([[33, 102, 172], [247, 247, 247], [178, 24, 43]])
 #: Similarity: pale .. deep purple.
-SIMILARITY_PALETTE = np.array([[239, 237, 245], [158, 154, 200], [63, 0, 125]])
+SIMILARITY_PALETTE = np.array([[203, 201, 226], [128, 125, 186], [63, 0, 125]])
 #: Leefbaarometer 3.0 classes 1 (very poor) .. 9 (excellent).
 CLASS_PALETTE = {
     1: [128, 0, 38], 2: [189, 0, 38], 3: [227, 26, 28], 4: [252, 141, 89], 5: [254, 224, 139],
@@ -32,7 +36,17 @@ CLASS_PALETTE = {
 }
 SPLIT_PALETTE = {"train": [189, 189, 189], "val": [116, 169, 207], "test": [230, 85, 13]}
 WATER = [166, 206, 227]
+DISTRICT_LINE = [110, 110, 110]
+OUTLINE = [40, 40, 40]
 MISSING = "–"
+_TO_WGS84 = pyproj.Transformer.from_crs("EPSG:28992", "EPSG:4326", always_xy=True)
+
+
+def to_lon_lat(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """RD New (EPSG:28992) metres to WGS84 lon/lat degrees."""
+    return _TO_WGS84.transform(x, y)
+
+
 TOOLTIP_FIELDS = {  # payload key -> label, in tooltip order
     "i": "cell", "b": "buurt", "d": "district", "t": "true", "y": "predicted", "r": "residual",
     "g": "GSV images", "f": "Flickr images", "v": None,
@@ -152,43 +166,61 @@ def cell_layer(payload: list[dict], layer_id: str = "cells", opacity: float = 0.
                      cell_size=100, extruded=False, pickable=True, opacity=opacity)
 
 
-def highlight_layer(cells: pd.DataFrame, colour: Sequence[int] = (0, 0, 0)) -> pdk.Layer:
-    """Outlines of a few cells (the selected one), drawn above the grid."""
-    paths = [{"path": _square(lon, lat)} for lon, lat in zip(cells["lon"], cells["lat"], strict=True)]
-    return pdk.Layer("PathLayer", paths, id="selected", get_path="path", get_color=list(colour),
-                     width_units="pixels", get_width=3, pickable=False)
+def lonlat_polygons(geometry: shapely.Geometry) -> list[list[list[list[float]]]]:
+    """A (multi)polygon in EPSG:28992 as deck.gl polygons: per polygon its rings (outer ring
+    first, then holes) of lon/lat points, rounded to about a metre."""
+    polygons = []
+    for polygon in getattr(geometry, "geoms", [geometry]):
+        if polygon.is_empty:
+            continue
+        rings = []
+        for ring in [polygon.exterior, *polygon.interiors]:
+            x, y = np.asarray(ring.coords).T
+            lon, lat = to_lon_lat(x, y)
+            rings.append(np.stack([lon, lat], 1).round(5).tolist())
+        polygons.append(rings)
+    return polygons
 
 
-def _square(lon: float, lat: float, size_m: float = 100.0) -> list[list[float]]:
-    """Corners of a ``size_m`` square from its lower-left corner (local metres to degrees)."""
-    dlat = size_m / 111_320.0
-    dlon = size_m / (111_320.0 * math.cos(math.radians(lat)))
-    return [[lon, lat], [lon + dlon, lat], [lon + dlon, lat + dlat], [lon, lat + dlat], [lon, lat]]
+def outline_strip(geometry: shapely.Geometry, width_m: float) -> shapely.Geometry:
+    """The boundary of a polygon as a filled strip ``width_m`` wide.
+
+    Lines are drawn as thin polygons because deck.gl's path and stroke shaders misplace lines
+    under software WebGL (SwiftShader, llvmpipe), where a 3 px path became a band across the
+    map, while filled polygons render everywhere.
+    """
+    return shapely.buffer(shapely.boundary(geometry), width_m / 2, cap_style="flat")
+
+
+def highlight_layer(cell_ids: Sequence[int], colour: Sequence[int] = (0, 0, 0), frame_m: float = 40.0
+                    ) -> pdk.Layer:
+    """Frames ``frame_m`` wide around a few cells (the selected one), drawn above the grid; wide
+    enough to find at city zoom, where a cell is two pixels."""
+    x0, y0 = cell_origin(np.asarray(cell_ids, dtype=np.int64))
+    frames = [shapely.box(x - frame_m, y - frame_m, x + 100 + frame_m, y + 100 + frame_m)
+              .difference(shapely.box(x, y, x + 100, y + 100)) for x, y in zip(x0, y0, strict=True)]
+    polygons = [p for frame in frames for p in lonlat_polygons(frame)]
+    return _fill_layer("selected", polygons, colour)
+
+
+def _fill_layer(layer_id: str, polygons: list, colour: Sequence[int]) -> pdk.Layer:
+    return pdk.Layer("PolygonLayer", [{"polygon": p} for p in polygons], id=layer_id, get_polygon="polygon",
+                     get_fill_color=list(colour), stroked=False, filled=True, pickable=False)
 
 
 def context_layers(context: dict) -> tuple[list[pdk.Layer], list[pdk.Layer]]:
-    """Layers drawn below (water) and above (district lines, outline) the grid.
+    """Layers drawn below (water) and above (district boundaries, outline) the grid.
 
     The app must read without base-map tiles (offline), so water, districts and the municipal
-    outline are layers of their own.
+    outline are layers of their own, all filled polygons (see :func:`outline_strip`).
 
     Args:
-        context: ``water`` (list of polygon rings), ``districts`` (records with ``path`` and
-            ``name``), ``outline`` (list of paths), all in lon/lat, and the ``view`` that
-            shows the data root's grid.
+        context: ``water``, ``districts`` and ``outline`` as :func:`lonlat_polygons` lists, and
+            the ``view`` that shows the data root's grid.
     """
-    below = []
-    if context.get("water"):
-        below.append(pdk.Layer("PolygonLayer", [{"polygon": ring} for ring in context["water"]],
-                               id="water", get_polygon="polygon", get_fill_color=WATER, stroked=False,
-                               pickable=False))
-    above = [
-        pdk.Layer("PathLayer", context.get("districts", []), id="districts", get_path="path",
-                  get_color=[90, 90, 90], width_units="pixels", get_width=1.2, pickable=False),
-        pdk.Layer("PathLayer", [{"path": p} for p in context.get("outline", [])], id="outline",
-                  get_path="path", get_color=[30, 30, 30], width_units="pixels", get_width=2.5,
-                  pickable=False),
-    ]
+    below = [_fill_layer("water", context["water"], WATER)] if context.get("water") else []
+    above = [_fill_layer("districts", context.get("districts", []), DISTRICT_LINE),
+             _fill_layer("outline", context.get("outline", []), OUTLINE)]
     return below, above
 
 
@@ -214,7 +246,7 @@ def _mercator_y(lat: float) -> float:
     return math.log(math.tan(math.pi / 4 + math.radians(lat) / 2))
 
 
-def fit_view(bounds: Sequence[float], width_px: int = 900, height_px: int = 600) -> pdk.ViewState:
+def fit_view(bounds: Sequence[float], width_px: int = 640, height_px: int = 560) -> pdk.ViewState:
     """The Web Mercator view that shows lon/lat ``bounds`` (west, south, east, north) whole."""
     west, south, east, north = bounds
     zoom_x = math.log2(width_px * 360 / (256 * max(east - west, 1e-6)))
@@ -230,12 +262,12 @@ def deck(layers: list[pdk.Layer], value_label: str, view: pdk.ViewState) -> pdk.
 
 
 def city_deck(payload: list[dict], context: dict, value_label: str,
-              selected: pd.DataFrame | None = None) -> pdk.Deck:
+              selected: Sequence[int] = ()) -> pdk.Deck:
     """The whole map: water, the coloured grid, district lines, outline and the selection,
     opening on ``context["view"]``."""
     below, above = context_layers(context)
     layers = [*below, cell_layer(payload), *above]
-    if selected is not None and len(selected):
+    if len(selected):
         layers.append(highlight_layer(selected))
     return deck(layers, value_label, context["view"])
 

@@ -85,12 +85,11 @@ def main() -> None:
         payload = [record for record in payload if record["i"] in kept]
         values = values[values["cell_id"].isin(kept)]
 
-    cells = data.load_cells(root)
     selected = common.selected_cell()
     left, right = st.columns([3, 1])
     with left:
         chart = maps.city_deck(payload, data.load_context(root), description.split(",")[0],
-                               cells[cells["cell_id"] == selected] if selected is not None else None)
+                               [] if selected is None else [selected])
         event = st.pydeck_chart(chart, height=620, on_select="rerun", selection_mode="single-object",
                                 key="city_map")
         picked = maps.selected_cells(event)

@@ -47,12 +47,14 @@ def main() -> None:
     index = embedding_index(str(run["path"]))
     common.cell_search(root, key="nb_search", candidates=pd.Series(index.cell_ids))
     cell_id = common.selected_cell()
-    if cell_id is None or cell_id not in index:
-        cell_id = int(index.cell_ids[0]) if cell_id is None else cell_id
-        if cell_id not in index:
-            st.warning(f"Cell {cell_id} has no embedding in run {run['run_id']}; choose another cell.")
-            return
+    if cell_id is None:  # start from the embedded cell nearest the middle of the grid
+        cells = data.on_grid(root, pd.DataFrame({"cell_id": index.cell_ids}))
+        centre = cells[["center_lon", "center_lat"]].median().to_numpy()
+        cell_id = int(cells["cell_id"].iloc[((cells[["center_lon", "center_lat"]] - centre) ** 2).sum(axis=1).argmin()])
         common.select_cell(cell_id)
+    if cell_id not in index:
+        st.warning(f"Cell {cell_id} has no embedding in run {run['run_id']}; choose another cell.")
+        return
 
     table = neighbour_table(root, run, index, cell_id, k)
     cells = data.load_cells(root)
@@ -63,7 +65,7 @@ def main() -> None:
     context = data.load_context(root)
     below, above = maps.context_layers(context)
     layers = [*below, maps.cell_layer(payload, opacity=1.0), *above,
-              maps.highlight_layer(cells[cells["cell_id"] == cell_id], (255, 0, 160))]
+              maps.highlight_layer([cell_id], (255, 0, 160))]
     event = st.pydeck_chart(maps.deck(layers, "similarity", context["view"]), height=560, on_select="rerun",
                             selection_mode="single-object", key="nb_map")
     picked = maps.selected_cells(event)

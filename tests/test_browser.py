@@ -1,0 +1,347 @@
+"""The dashboard end to end in a real browser: ``streamlit run`` driven by Chromium (Playwright).
+
+The server runs on a copy of the tiny demo city with retraining on; the test checks that the
+city map renders, trains a small fusion model from the sidebar form and waits for the worker to
+finish it, then screenshots every page. Chromium is Debian's (``apt-get install chromium``, as
+``.ci/run`` does); Playwright never downloads a browser here.
+
+Screenshots go to ``$STADSBEELD_SCREENSHOTS`` when set (the README's come from
+``docs/screenshots``), else to a temporary folder. ``$STADSBEELD_E2E_DATA`` points the server at
+an existing data root instead of the tiny copy (screenshots only, no training), e.g. the README
+screenshots of the whole demo city::
+
+    STADSBEELD_E2E_DATA=data/demo STADSBEELD_SCREENSHOTS=docs/screenshots \\
+        .venv/bin/python -m pytest tests/test_browser.py
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.dataroot import DataRoot
+from core.jobs import LOCK_FILE, JobStore, worker_alive
+
+CHROMIUM = "/usr/bin/chromium"
+if not Path(CHROMIUM).is_file():
+    pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+VIEWPORT = {"width": 1400, "height": 1000}
+#: Sidebar link -> screenshot file, in the order of the navigation.
+PAGES = {
+    "City map": "city-map.png",
+    "Predicted vs true": "predicted-vs-true.png",
+    "GSV vs Flickr": "gsv-vs-flickr.png",
+    "Coverage gaps": "coverage-gaps.png",
+    "Embedding neighbours": "embedding-neighbours.png",
+    "Runs": "runs.png",
+}
+#: Console noise of an offline machine: the base-map style and icon fonts cannot load.
+OFFLINE_NOISE = ("ERR_NAME_NOT_RESOLVED", "Failed to fetch", "ERR_INTERNET_DISCONNECTED",
+                 "GPU stall due to ReadPixels")
+
+
+@dataclass
+class Dashboard:
+    url: str
+    root: Path
+    trains: bool  # False on an existing data root: screenshots only
+    log: Path
+    console: list[str] = field(default_factory=list)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+            return response.read().decode().strip() == "ok"
+    except OSError:
+        return False
+
+
+def _worker_pids(root: Path) -> set[int]:
+    """Pids of the training workers of ``root``: the lock holder and the running jobs' pids."""
+    runs = DataRoot(root).runs
+    pids: set[int] = set()
+    if worker_alive(runs):
+        text = (JobStore.for_runs(runs).log_dir / LOCK_FILE).read_text().strip()
+        if text.isdigit():
+            pids.add(int(text))
+    if (runs / "jobs.sqlite").is_file():
+        pids |= {job.pid for job in JobStore.for_runs(runs).jobs(["running"], limit=500) if job.pid}
+    return pids
+
+
+def _is_worker_of(pid: int, root: Path) -> bool:
+    """Whether ``pid`` is still a ``python -m train worker`` on ``root`` (pids get reused)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"worker" in argv and str(root.resolve()).encode() in argv
+
+
+def _stop(pids: set[int], alive: Callable[[int], bool], grace: float = 10.0) -> None:
+    """SIGTERM each pid that is ``alive``, then SIGKILL what is left after ``grace`` seconds."""
+    pids = {pid for pid in pids if alive(pid)}
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while pids and time.monotonic() < deadline:
+        time.sleep(0.2)
+        pids = {pid for pid in pids if alive(pid)}
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def dashboard(tmp_path_factory, request) -> Iterator[Dashboard]:
+    """``streamlit run dashboard/app.py`` on a copy of the tiny demo city, retraining on.
+
+    Teardown stops the server's process group and any training worker it started (the worker
+    runs in a session of its own, so it would outlive the server by its idle timeout).
+    """
+    existing = os.environ.get("STADSBEELD_E2E_DATA")
+    if existing:
+        root = Path(existing).resolve()
+        assert (root / "grid.parquet").is_file(), f"STADSBEELD_E2E_DATA={existing} holds no data root"
+    else:
+        root = tmp_path_factory.mktemp("browser") / "city"
+        shutil.copytree(request.getfixturevalue("tiny_demo"), root)
+    workers_before = _worker_pids(root)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("browser-log") / "streamlit.log"
+    env = {**os.environ, "STADSBEELD_DATA": str(root), "STADSBEELD_RETRAIN": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env.pop("STADSBEELD_START_WORKER", None)
+    command = [sys.executable, "-m", "streamlit", "run", "dashboard/app.py",
+               "--server.address", "127.0.0.1", "--server.port", str(port),
+               "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    with open(log, "wb") as out:
+        server = subprocess.Popen(command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not _healthy(url):
+            assert server.poll() is None, f"streamlit exited ({server.returncode}):\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"no health answer in 60 s:\n{log.read_text()}"
+            time.sleep(0.3)
+        yield Dashboard(url, root, trains=not existing, log=log)
+    finally:
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=15)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=15)
+        _stop(_worker_pids(root) - workers_before, lambda pid: _is_worker_of(pid, root))
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def page(browser, dashboard):
+    context = browser.new_context(viewport=VIEWPORT)
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    dashboard.console.clear()
+    page.on("console", lambda m: dashboard.console.append(f"{m.type}: {m.text}")
+            if m.type in ("error", "warning") and not any(n in m.text for n in OFFLINE_NOISE) else None)
+    page.on("pageerror", lambda error: dashboard.console.append(f"pageerror: {error}"))
+    yield page
+    context.close()
+
+
+def settle(page, seconds: float = 1.5) -> None:
+    """Wait until Streamlit has finished running the script, then let WebGL and charts draw."""
+    page.locator('[data-testid="stStatusWidget"]').wait_for(state="detached", timeout=120_000)
+    page.locator('[data-testid="stSpinner"]').wait_for(state="detached", timeout=120_000)
+    page.wait_for_timeout(seconds * 1000)
+
+
+def open_page(page, title: str) -> None:
+    """Follow the sidebar link to a page and wait for its title and its script to finish."""
+    page.locator('[data-testid="stSidebarNavLink"]', has_text=title).click()
+    page.get_by_role("heading", name=title, exact=True).wait_for()
+    settle(page)
+
+
+def capture_pages(page, out_dir: Path) -> list[Path]:
+    """Screenshot every page, in the navigation's order, into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shots = []
+    for title, name in PAGES.items():
+        open_page(page, title)
+        if page.locator('[data-testid="stDeckGlJsonChart"]').count():
+            page.locator('[data-testid="stDeckGlJsonChart"] canvas').first.wait_for()
+            page.wait_for_timeout(1500)  # SwiftShader draws the deck a moment after the DOM
+        assert not page.locator('[data-testid="stException"]').count(), f"{title}: exception shown"
+        shots.append(out_dir / name)
+        page.screenshot(path=shots[-1])
+    return shots
+
+
+def screenshot_dir(tmp_path: Path) -> Path:
+    return Path(os.environ["STADSBEELD_SCREENSHOTS"]) if os.environ.get("STADSBEELD_SCREENSHOTS") else tmp_path
+
+
+def sidebar_text(page) -> str:
+    return page.locator('[data-testid="stSidebarUserContent"]').inner_text()
+
+
+def select(page, label: str, option: str) -> None:
+    """Choose ``option`` in the Streamlit selectbox labelled ``label``."""
+    combobox = page.locator('[data-testid="stSidebar"]').get_by_role("combobox", name=label, exact=True)
+    combobox.click()
+    page.get_by_role("option", name=option, exact=True).click()
+    sync_api.expect(combobox).to_have_value(option)
+
+
+def map_pixels(page) -> np.ndarray:
+    """The first deck.gl map as an ``(n, 3)`` array of RGB pixels."""
+    from PIL import Image
+
+    png = page.locator('[data-testid="stDeckGlJsonChart"]').first.screenshot()
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).reshape(-1, 3).astype(int)
+
+
+def test_dashboard_in_a_browser_trains_a_model_and_shows_every_page(page, dashboard, tmp_path):
+    started = time.monotonic()
+    page.goto(dashboard.url)
+    page.get_by_role("heading", name="City map", exact=True).wait_for()
+    settle(page)
+
+    # The map: deck.gl's canvas with a size (no base-map tiles offline; the app draws its own).
+    chart = page.locator('[data-testid="stDeckGlJsonChart"]').first
+    canvas = chart.locator("canvas#deckgl-overlay")
+    canvas.wait_for()
+    box = canvas.bounding_box()
+    assert box and box["width"] > 300 and box["height"] > 300, box
+    assert page.evaluate("() => document.querySelector('canvas#deckgl-overlay').width") > 0
+    main = page.locator('[data-testid="stMain"]')
+    assert "Cells shown" in main.inner_text()
+    legend = main.locator('[data-testid="stMarkdownContainer"] b', has_text="overall score (lbm)")
+    assert legend.count() == 1
+    swatches = legend.locator("xpath=..").locator('span[style*="background: rgb"]')
+    assert swatches.count() == 5  # the five stops of the score palette
+    sidebar = sidebar_text(page)
+    assert "Training jobs" in sidebar and "Data root" in sidebar
+    assert not page.locator('[data-testid="stException"]').count()
+    phases = {"city map": time.monotonic() - started}
+
+    if dashboard.trains:
+        store = JobStore.for_runs(DataRoot(dashboard.root).runs)
+        before = {job.id for job in store.jobs(limit=500)}
+        select(page, "Imagery", "aerial only")
+        epochs = page.locator('[data-testid="stNumberInput"]', has_text="Epochs").locator("input")
+        epochs.fill("2")
+        epochs.press("Tab")
+        page.locator('[data-testid="stFormSubmitButton"] button', has_text="Train").click()
+
+        new: list = []
+        deadline = time.monotonic() + 30
+        while not new:
+            assert time.monotonic() < deadline, "pressing Train queued no job"
+            page.wait_for_timeout(250)
+            new = [job for job in store.jobs(limit=500) if job.id not in before]
+        job = new[0]
+        assert job.kind == "fusion" and job.config["ground"] is None and job.config["epochs"] == 2
+
+        # The queue fragment redraws every 2 s: running with "epoch i/2", then "✓ #id ...".
+        done_line, saw_epoch, seen = f"✓ #{job.id} fusion aerial", False, ""
+        deadline = time.monotonic() + 120
+        while done_line not in seen:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job {job.id} not done in 120 s: {store.get(job.id)}\n"
+                                     f"sidebar:\n{seen}\nworker log:\n{_worker_log(dashboard.root)}")
+            assert store.get(job.id).status not in ("failed", "cancelled"), store.get(job.id)
+            seen = sidebar_text(page)
+            saw_epoch = saw_epoch or re.search(r"epoch \d+/2\b", seen) is not None
+            page.wait_for_timeout(300)
+        job = store.get(job.id)
+        assert job.status == "done" and job.run_id
+        assert f"run `{job.run_id}`" in seen or job.run_id in seen
+        assert (DataRoot(dashboard.root).runs / job.run_id / "metrics.json").is_file()
+        print(f"job #{job.id} done as {job.run_id}; progress seen while running: {saw_epoch}")
+        phases["training"] = time.monotonic() - started - sum(phases.values())
+
+    shots = capture_pages(page, screenshot_dir(tmp_path))
+    phases["screenshots"] = time.monotonic() - started - sum(phases.values())
+    assert [p.name for p in shots] == list(PAGES.values()) and all(p.stat().st_size > 10_000 for p in shots)
+
+    if dashboard.trains:  # the Runs page lists the finished job in its jobs table
+        jobs_table = page.locator('[data-testid="stDataFrame"]').last
+        assert jobs_table.get_by_text("done", exact=True).count() >= 1, jobs_table.inner_text()
+        assert page.locator('[data-testid="stMain"]').get_by_text(job.run_id).count()
+    assert not [m for m in dashboard.console if m.startswith("pageerror")], dashboard.console
+    print(f"browser test took {time.monotonic() - started:.1f} s "
+          f"({', '.join(f'{k} {v:.1f} s' for k, v in phases.items())}); screenshots in {shots[0].parent}")
+
+
+def _worker_log(root: Path) -> str:
+    path = JobStore.for_runs(DataRoot(root).runs).log_dir / "worker.log"
+    return path.read_text()[-3000:] if path.is_file() else "(no worker log)"
+
+
+def test_the_city_map_shows_the_coloured_grid(page, dashboard):
+    page.goto(dashboard.url)
+    page.get_by_role("heading", name="City map", exact=True).wait_for()
+    settle(page, 3)
+    pixels = map_pixels(page)
+    colourful = (pixels.max(1) - pixels.min(1)) > 60  # grid colours; greys and white are not
+    not_water = np.abs(pixels - [166, 206, 227]).sum(1) > 40
+    grid = int((colourful & not_water).sum())
+    colours, counts = np.unique(pixels, axis=0, return_counts=True)
+    assert grid >= 100, (f"{grid} grid-coloured pixels on the map; most common colour "
+                         f"{colours[counts.argmax()].tolist()} on {counts.max() / len(pixels):.0%} "
+                         f"of it; console: {dashboard.console}")
+
+
+def test_clicking_a_cell_opens_its_detail_panel(page, dashboard):
+    page.goto(dashboard.url)
+    page.get_by_role("heading", name="City map", exact=True).wait_for()
+    settle(page, 3)
+    canvas = page.locator('[data-testid="stDeckGlJsonChart"] canvas#deckgl-overlay').first
+    box = canvas.bounding_box()
+    # The map opens on the data root's extent, so its centre lies on a scored cell.
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    heading = page.get_by_role("heading", name=re.compile(r"^Cell \d+$"))
+    heading.wait_for(timeout=60_000)
+    settle(page)
+    main = page.locator('[data-testid="stMain"]').inner_text()
+    assert "Street View" in main and "Flickr" in main
+    assert page.locator('[data-testid="stMain"] [data-testid="stImage"]').count() >= 1
