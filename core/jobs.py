@@ -36,7 +36,7 @@ from core.dataroot import DataRoot
 
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 #: The kinds a worker can run (:data:`train.worker.JOB_RUNNERS` has one runner for each).
-JOB_KINDS = ("fusion",)
+JOB_KINDS = ("fusion", "contrastive")
 DB_FILE = "jobs.sqlite"
 JOBS_DIR = ".jobs"
 LOCK_FILE = "worker.lock"

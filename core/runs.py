@@ -172,6 +172,52 @@ class RunWriter:
         self._epoch_columns: list[str] | None = None
         write_atomic(self._path / CONFIG_FILE, lambda tmp: tmp.write_text(config_text))
 
+    @classmethod
+    def resume(
+        cls,
+        runs_root: str | PathLike,
+        run_id: str,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> RunWriter:
+        """Reopen an interrupted run (``.tmp-<run_id>`` or ``.failed-<run_id>``) to continue it.
+
+        The folder is moved back to ``.tmp-<run_id>`` and keeps its config, log and per-epoch
+        rows; the caller restores its own checkpoint and may drop epochs after it with
+        :meth:`keep_epochs`.
+
+        Raises:
+            FileNotFoundError: if no interrupted run of that id exists.
+            FileExistsError: if the run already completed.
+        """
+        root = Path(runs_root)
+        if (root / run_id).exists():
+            raise FileExistsError(f"{root / run_id}: run {run_id} is complete; nothing to resume")
+        found = [root / f"{prefix}{run_id}" for prefix in (".tmp-", ".failed-")
+                 if (root / f"{prefix}{run_id}").is_dir()]
+        if not found:
+            raise FileNotFoundError(f"{root}: no interrupted run {run_id} (.tmp-{run_id} or .failed-{run_id})")
+        writer = cls.__new__(cls)
+        writer.run_id, writer.runs_root, writer._on_progress = run_id, root, on_progress
+        writer._path = found[0]
+        if found[0].name.startswith(".failed-"):
+            writer._move(f".tmp-{run_id}")
+        epochs = _read_epochs(writer._path / EPOCHS_FILE)
+        writer._epoch_columns = list(epochs.columns) if len(epochs.columns) else None
+        writer.log(f"resumed from {found[0].name}")
+        return writer
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The run's ``config.yaml`` as written."""
+        return _read_yaml(self._path / CONFIG_FILE)
+
+    def keep_epochs(self, last_epoch: int) -> None:
+        """Drop ``metrics.csv`` rows after ``last_epoch`` (those a resumed run trains again)."""
+        epochs = _read_epochs(self._path / EPOCHS_FILE)
+        if "epoch" in epochs and (epochs["epoch"] > last_epoch).any():
+            kept = epochs[epochs["epoch"] <= last_epoch]
+            write_atomic(self._path / EPOCHS_FILE, lambda tmp: kept.to_csv(tmp, index=False))
+
     @property
     def path(self) -> Path:
         """The run folder: the temporary one while running, the final (or failed) one after."""

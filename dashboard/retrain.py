@@ -21,6 +21,9 @@ POLL_SECONDS = 2.0
 SEEN_KEY = "jobs_seen_done"
 MODALITIES = {"aerial + ground": (True, True), "aerial only": (True, False), "ground only": (False, True)}
 FLICKR_FILTERS = {"all": "all photos", "outdoor": "outdoor scenes", "building": "building scenes"}
+KINDS = {"fusion": "housing quality (fusion)", "contrastive": "street-view encoder (contrastive)"}
+OBJECTIVES = {"temporal": "temporal: same place, years apart", "spatial": "spatial: places within 100 m",
+              "global": "global: two augmentations", "unified": "unified: all three, weighted"}
 
 
 def job_store(root: str) -> JobStore:
@@ -71,6 +74,20 @@ def fusion_form(root: str) -> dict | None:
     return config
 
 
+def contrastive_form() -> dict | None:
+    """The contrastive pretraining options; returns the job config when Train was pressed."""
+    with st.form("contrastive_form"):
+        objective = st.selectbox("Positive pairs", list(OBJECTIVES), key="retrain_objective",
+                                 format_func=OBJECTIVES.get)
+        epochs = st.number_input("Epochs", 1, 200, 8, key="retrain_contrastive_epochs")
+        steps = st.number_input("Steps per epoch", 1, 10_000, 40, key="retrain_steps")
+        seed = st.number_input("Seed", 0, 10_000, 0, key="retrain_contrastive_seed")
+        submitted = st.form_submit_button("Train", type="primary", key="retrain_contrastive_submit")
+    if not submitted:
+        return None
+    return {"objective": objective, "epochs": int(epochs), "steps_per_epoch": int(steps), "seed": int(seed)}
+
+
 def _age(timestamp: str | None) -> str:
     if not timestamp:
         return ""
@@ -81,7 +98,9 @@ def _age(timestamp: str | None) -> str:
 def describe(job: Job) -> str:
     """One line per job: id, what it trains, its state."""
     config = job.config
-    what = "+".join(([("aerial")] if config.get("aerial", True) else [])
+    if job.kind == "contrastive":
+        return f"#{job.id} contrastive {config.get('objective', '?')}, {config.get('epochs', '?')} epochs"
+    what = "+".join((["aerial"] if config.get("aerial", True) else [])
                     + ([str(config["ground"])] if config.get("ground") else []))
     return f"#{job.id} {job.kind} {what} → {config.get('target', '')}, {config.get('epochs', '?')} epochs"
 
@@ -153,10 +172,11 @@ def panel(root: str) -> None:
         st.error(str(error))
         enabled, decided_by = False, "an unreadable settings file"
     if enabled:
-        config = fusion_form(root)
+        kind = st.selectbox("Model", list(KINDS), key="retrain_kind", format_func=KINDS.get)
+        config = fusion_form(root) if kind == "fusion" else contrastive_form()
         if config is not None:
             store = job_store(root)
-            job_id = store.enqueue("fusion", config)
+            job_id = store.enqueue(kind, config)
             if not worker_alive(store.runs_root) and data.start_worker_enabled(root):
                 start_worker(root)
             st.toast(f"Job #{job_id} queued")

@@ -245,3 +245,19 @@ def test_the_map_opens_on_the_data_roots_extent(app, demo_root):
     lons, lats = zip(*(r["p"] for r in cells), strict=True)
     assert min(lons) < view["longitude"] < max(lons) and min(lats) < view["latitude"] < max(lats)
     assert view["zoom"] > 13  # a 1.5 km extent, not the whole city
+
+
+def test_retrain_form_enqueues_a_contrastive_job(app, demo_root, monkeypatch):
+    monkeypatch.setenv("STADSBEELD_RETRAIN", "1")
+    store = JobStore.for_runs(DataRoot(demo_root).runs)
+    app.run()
+    app.selectbox(key="retrain_kind").set_value("contrastive").run()
+    app.selectbox(key="retrain_objective").set_value("spatial")
+    app.number_input(key="retrain_steps").set_value(5)
+    app.button(key="retrain_contrastive_submit").click().run()
+    assert not app.exception
+    job = store.jobs()[0]
+    assert (job.kind, job.status) == ("contrastive", "queued")
+    assert job.config == {"objective": "spatial", "epochs": 8, "steps_per_epoch": 5, "seed": 0}
+    assert any(f"#{job.id} contrastive spatial" in c.value for c in app.sidebar.caption)
+    store.cancel(job.id)

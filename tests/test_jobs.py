@@ -126,7 +126,7 @@ def test_queue_order_states_and_cancel(tmp_path):
         store.enqueue("bogus", {})
     with pytest.raises(ValueError, match="JSON"):
         store.enqueue("fusion", {"data": tmp_path})
-    assert JOB_KINDS == ("fusion",)
+    assert JOB_KINDS == ("fusion", "contrastive")
 
 
 def test_concurrent_claims_never_share_a_job(tmp_path):

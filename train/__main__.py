@@ -142,6 +142,75 @@ def _demo_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _contrastive_config(args: argparse.Namespace):
+    from train.contrastive import ContrastiveConfig
+
+    pairs = {"temporal_max_distance_m": args.max_distance, "temporal_max_heading_deg": args.max_heading,
+             "temporal_min_gap_months": args.min_gap_months, "spatial_min_distance_m": args.spatial_min,
+             "spatial_buffer_m": args.buffer}
+    weights = dict(zip(("temporal", "spatial", "global"), args.loss_weights, strict=True))
+    return ContrastiveConfig(
+        data=args.data, backbone=args.backbone, px=args.px, epochs=args.epochs, seed=args.seed, device=args.device,
+        objective=getattr(args, "objective", "temporal"), source=args.source, loss_weights=weights,
+        pairs={k: v for k, v in pairs.items() if v is not None}, steps_per_epoch=args.steps_per_epoch,
+        batch_size=args.batch_size, lr=args.lr, temperature=args.temperature, dim=args.dim, mlp_dim=args.mlp_dim,
+        resume=getattr(args, "resume", None))
+
+
+def _contrastive(args: argparse.Namespace) -> int:
+    from core.pairs import NoTemporalPairs
+    from train.contrastive import train_contrastive
+
+    try:
+        run_id = train_contrastive(_contrastive_config(args))
+    except (NoTemporalPairs, FileNotFoundError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"contrastive run {run_id}: ground weights {DataRoot(Path(args.data)).runs / run_id / 'backbone.safetensors'}")
+    return 0
+
+
+def _baselines(root: DataRoot, compare: list[str]) -> dict[str, str | None]:
+    """Baseline encoders: random, the demo's stand-ins when present, and NAME=weights pairs."""
+    from core.runs import list_runs
+    from train.common import resolve_weights
+
+    baselines: dict[str, str | None] = {"random": None}
+    for kind, name in (("perception", "pp2-like"), ("scene", "places-like")):
+        runs = list_runs(root.runs, kind=kind)
+        if len(runs) and (runs["path"].iloc[0] / "backbone.safetensors").is_file():
+            baselines[name] = str(runs["path"].iloc[0] / "backbone.safetensors")
+    for item in compare:
+        name, _, value = item.partition("=")
+        baselines[name] = resolve_weights(root.runs, value)
+    return baselines
+
+
+def _report_evaluation(root: DataRoot, run_ids: list[str], args: argparse.Namespace, title: str) -> int:
+    from train.contrastive_eval import evaluate, write_report
+
+    results = evaluate(root, run_ids, _baselines(root, args.compare_weights), device=args.device)
+    csv, md = write_report(results, Path(args.out) if args.out else root.reports, title)
+    print(md.read_text())
+    print(f"written {csv} and {md}")
+    return 0
+
+
+def _contrastive_eval(args: argparse.Namespace) -> int:
+    root = DataRoot(Path(args.data))
+    return _report_evaluation(root, args.runs, args, "Contrastive encoders: downstream evaluation")
+
+
+def _contrastive_matrix(args: argparse.Namespace) -> int:
+    from train.contrastive_eval import run_matrix
+
+    root = DataRoot(Path(args.data))
+    run_ids = run_matrix(_contrastive_config(args), args.objectives, args.seeds)
+    title = (f"Contrastive objectives on {root.root} ({args.backbone} @ {args.px} px, {args.epochs} epochs x "
+             f"{args.steps_per_epoch} steps x {args.batch_size})")
+    return _report_evaluation(root, run_ids, args, title)
+
+
 def _worker(args: argparse.Namespace) -> int:
     from train.worker import Worker
 
@@ -190,6 +259,30 @@ def _add_encoder_options(parser: argparse.ArgumentParser, epochs: int) -> None:
     parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
+
+
+def _add_contrastive_options(parser: argparse.ArgumentParser) -> None:
+    _add_encoder_options(parser, epochs=8)
+    parser.add_argument("--source", default="gsv", help="catalog source of the images (default: gsv)")
+    parser.add_argument("--steps-per-epoch", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=256, help="pairs per step and rule")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--temperature", type=float, default=0.2)
+    parser.add_argument("--dim", type=int, default=128, help="projector output size")
+    parser.add_argument("--mlp-dim", type=int, default=512, help="projector and predictor hidden size")
+    parser.add_argument("--loss-weights", type=float, nargs=3, default=(1.0, 1.0, 1.0),
+                        metavar=("TEMPORAL", "SPATIAL", "GLOBAL"), help="weights of the unified objective")
+    parser.add_argument("--max-distance", type=float, help="temporal pairs: same place below this (m, default 5)")
+    parser.add_argument("--max-heading", type=float, help="temporal pairs: heading difference (deg, default 30)")
+    parser.add_argument("--min-gap-months", type=float, help="temporal pairs: capture gap (default 12)")
+    parser.add_argument("--spatial-min", type=float, help="spatial pairs: at least this far apart (m, default 5)")
+    parser.add_argument("--buffer", type=float, help="spatial pairs: at most this far apart (m, default 100)")
+
+
+def _add_evaluation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compare-weights", action="append", default=[], metavar="NAME=WEIGHTS",
+                        help="another baseline encoder: a weights file (e.g. ImageNet) or a run id; repeatable")
+    parser.add_argument("--out", help="report folder (default: DATA/reports)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,6 +352,37 @@ def build_parser() -> argparse.ArgumentParser:
     demo_runs.add_argument("--data", default=DEFAULT_DATA, help="data root (default: %(default)s)")
     demo_runs.add_argument("--device", default="auto")
     demo_runs.set_defaults(run=_demo_runs)
+
+    contrastive = commands.add_parser(
+        "contrastive", help="spatiotemporal contrastive pretraining of a street-view encoder (MoCo v3)",
+        description="UrbanSTCL pretraining: temporal, spatial or global positive pairs, or a weighted sum of the "
+                    "three (unified). Writes a run with backbone.safetensors (usable as --ground-weights) "
+                    "and per-cell embeddings.")
+    _add_contrastive_options(contrastive)
+    contrastive.add_argument("--objective", choices=("temporal", "spatial", "global", "unified"), default="temporal")
+    contrastive.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
+    contrastive.set_defaults(run=_contrastive)
+
+    contrastive_eval = commands.add_parser(
+        "contrastive-eval", help="place recognition, socioeconomic R2 and perception of contrastive runs",
+        description="Evaluate contrastive runs against baseline encoders (random, the demo's perception and scene "
+                    "encoders when present, and --compare-weights) on the same images.")
+    contrastive_eval.add_argument("runs", nargs="+", metavar="RUN", help="contrastive run ids")
+    contrastive_eval.add_argument("--data", default=DEFAULT_DATA, help="data root (default: %(default)s)")
+    contrastive_eval.add_argument("--device", default="auto")
+    _add_evaluation_options(contrastive_eval)
+    contrastive_eval.set_defaults(run=_contrastive_eval)
+
+    contrastive_matrix = commands.add_parser(
+        "contrastive-matrix", help="train every objective over several seeds, then evaluate them all",
+        description="The paper's comparison: temporal, spatial, global and unified objectives, each seed on the "
+                    "same held-out blocks, evaluated with the baselines; report in DATA/reports.")
+    _add_contrastive_options(contrastive_matrix)
+    contrastive_matrix.add_argument("--objectives", nargs="+", default=["temporal", "spatial", "global", "unified"],
+                                    choices=("temporal", "spatial", "global", "unified"))
+    contrastive_matrix.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    _add_evaluation_options(contrastive_matrix)
+    contrastive_matrix.set_defaults(run=_contrastive_matrix)
 
     worker = commands.add_parser(
         "worker", help="run the dashboard's queued training jobs",

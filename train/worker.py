@@ -56,9 +56,28 @@ def run_fusion_job(
     return train_fusion(FusionConfig.from_dict(config), log=log, progress=progress)
 
 
+def run_contrastive_job(
+    config: dict, log: Callable[[str], None], progress: Callable[[dict], None]
+) -> str:
+    """Pretrain one contrastive encoder from a job config (:class:`train.contrastive.ContrastiveConfig` fields).
+
+    Raises:
+        ValueError: for an unknown key or an invalid config.
+    """
+    from train.contrastive import (  # torch, only when a job runs
+        ContrastiveConfig,
+        train_contrastive,
+    )
+
+    unknown = sorted(set(config) - {f.name for f in fields(ContrastiveConfig)})
+    if unknown:
+        raise ValueError(f"contrastive job config: unknown keys {unknown}")
+    return train_contrastive(ContrastiveConfig.from_dict(config), log=log, progress=progress)
+
+
 #: One runner per :data:`core.jobs.JOB_KINDS`; a runner must call ``progress`` at least once an
 #: epoch, as a cancel takes effect there.
-JOB_RUNNERS: dict[str, Runner] = {"fusion": run_fusion_job}
+JOB_RUNNERS: dict[str, Runner] = {"fusion": run_fusion_job, "contrastive": run_contrastive_job}
 
 
 class WorkerTerminated(BaseException):

@@ -1,0 +1,123 @@
+"""The three downstream evaluations of street-view encoders (UrbanSTCL), on fixed embeddings.
+
+- Visual place recognition: a database of one capture year, queries from another; a query is
+  recognised at K when one of its K nearest database images (cosine) lies within ``radius_m``.
+- Socioeconomic estimation: mean image embedding per neighbourhood, standardised, PCA keeping
+  99% of the variance, LASSO with 5-fold cross-validated alpha; R² of out-of-fold predictions.
+- Perception: Place Pulse 2 style pairwise votes; a logistic regression on the difference of the
+  two images' embeddings predicts the winner; cross-validated accuracy and ROC AUC.
+
+Numpy and scikit-learn only, so the same numbers come out whatever produced the embeddings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from scipy.spatial import cKDTree
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LassoCV, LogisticRegression
+from sklearn.metrics import accuracy_score, r2_score, roc_auc_score
+from sklearn.model_selection import KFold, StratifiedKFold, cross_val_predict
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+
+def _unit(matrix: np.ndarray) -> np.ndarray:
+    matrix = np.asarray(matrix, dtype=np.float32)
+    return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+
+
+def recall_at_k(database: np.ndarray, database_xy: np.ndarray, queries: np.ndarray, queries_xy: np.ndarray,
+                ks: Sequence[int] = (1, 5, 10), radius_m: float = 25.0, batch: int = 2048) -> dict[str, float]:
+    """Recall@K of place recognition by cosine similarity.
+
+    Queries with no database image within ``radius_m`` cannot be recognised and are left out
+    (reported as ``queries``).
+
+    Args:
+        database, queries: ``(n, dim)`` embeddings.
+        database_xy, queries_xy: ``(n, 2)`` positions in metres.
+        ks: the K values.
+        radius_m: how close a retrieved image must be to count as the same place.
+
+    Returns:
+        ``recall@K`` per K, and ``queries`` (the number evaluated).
+    """
+    tree = cKDTree(np.asarray(database_xy, float))
+    positives = tree.query_ball_point(np.asarray(queries_xy, float), r=radius_m)
+    keep = np.array([len(p) > 0 for p in positives], bool)
+    db, q = _unit(database), _unit(queries)[keep]
+    positives = [set(p) for p, k in zip(positives, keep, strict=True) if k]
+    k_max = min(max(ks), len(db))
+    hits = np.zeros((len(q), len(ks)), bool)
+    for start in range(0, len(q), batch):
+        similarity = q[start:start + batch] @ db.T
+        top = np.argpartition(-similarity, k_max - 1, axis=1)[:, :k_max]
+        order = np.take_along_axis(similarity, top, 1).argsort(axis=1)[:, ::-1]
+        ranked = np.take_along_axis(top, order, 1)
+        for row, retrieved in enumerate(ranked):
+            found = np.array([index in positives[start + row] for index in retrieved])
+            hits[start + row] = [found[:k].any() for k in ks]
+    result = {f"recall@{k}": float(hits[:, i].mean()) if len(q) else float("nan") for i, k in enumerate(ks)}
+    return result | {"queries": int(len(q))}
+
+
+def region_means(embeddings: np.ndarray, regions: Sequence[str]) -> pd.DataFrame:
+    """Mean embedding per region (e.g. per buurt ``cbsCode``), indexed by region."""
+    frame = pd.DataFrame(np.asarray(embeddings, np.float32))
+    return frame.groupby(np.asarray(regions)).mean()
+
+
+def socioeconomic_r2(features: pd.DataFrame, targets: pd.DataFrame, folds: int = 5, seed: int = 0
+                     ) -> dict[str, float]:
+    """Out-of-fold R² of standardise -> PCA(99%) -> LassoCV per target column.
+
+    Args:
+        features: one row per region (index), e.g. :func:`region_means`.
+        targets: one row per region (index) and one column per target; regions missing from
+            either side are left out, as are NaN targets.
+        folds: outer folds for the out-of-fold predictions (LassoCV picks alpha with 5 inner folds).
+    """
+    joined = features.join(targets, how="inner")
+    x_columns = list(features.columns)
+    scores = {}
+    for target in targets.columns:
+        rows = joined[joined[target].notna()]
+        if len(rows) < 2 * folds:
+            scores[target] = float("nan")
+            continue
+        model = make_pipeline(StandardScaler(), PCA(n_components=0.99, svd_solver="full"),
+                              LassoCV(cv=5, random_state=seed, max_iter=20_000))
+        split = KFold(folds, shuffle=True, random_state=seed)
+        predicted = cross_val_predict(model, rows[x_columns].to_numpy(), rows[target].to_numpy(), cv=split)
+        scores[target] = float(r2_score(rows[target], predicted))
+    return scores
+
+
+def perception_probe(left: np.ndarray, right: np.ndarray, left_wins: np.ndarray, folds: int = 5, seed: int = 0
+                     ) -> dict[str, float]:
+    """Cross-validated accuracy and ROC AUC of a linear probe on ``left - right`` embeddings.
+
+    Both orders of every pair are used in training folds (the winner flips), so the probe has no
+    side bias; each vote is scored once, in its original order.
+
+    Args:
+        left, right: ``(n, dim)`` embeddings of the two images of each decided vote.
+        left_wins: ``(n,)`` booleans.
+    """
+    difference = np.asarray(left, np.float32) - np.asarray(right, np.float32)
+    labels = np.asarray(left_wins, bool)
+    if len(np.unique(labels)) < 2 or len(labels) < 2 * folds:
+        return {"accuracy": float("nan"), "auc": float("nan"), "votes": int(len(labels))}
+    probability = np.zeros(len(labels))
+    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(difference, labels):
+        x = np.concatenate([difference[train], -difference[train]])
+        y = np.concatenate([labels[train], ~labels[train]])
+        probe = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, solver="newton-cholesky"))
+        probe.fit(x, y)
+        probability[test] = probe.predict_proba(difference[test])[:, 1]
+    return {"accuracy": float(accuracy_score(labels, probability > 0.5)),
+            "auc": float(roc_auc_score(labels, probability)), "votes": int(len(labels))}
