@@ -77,4 +77,17 @@ def test_fusion_matrix_command_on_a_tiny_city(tiny_demo, tmp_path, capsys):
                 "| aerial+flickr(building) |", "| aerial+gsv [places-like weights] |", "| aerial+gsv [random weights] |"):
         assert row in table
     assert "share of that gap closed by building-filtered Flickr" in table
-    assert len(pd.read_csv(out / "fusion_matrix.csv")) == 9
+    before = pd.read_csv(out / "fusion_matrix.csv")
+    assert len(before) == 9
+
+    # Extending the matrix: one configuration again, merged into the report in place of its rows.
+    extra = "aerial+gsv [random-again weights]"
+    code = main(["fusion-matrix", "--data", str(tiny_demo), "--seeds", "0", "--epochs", "1", "--block-size", "300",
+                 "--out", str(out), "--compare-weights", "random-again=random", "--only", extra])
+    assert code == 0
+    after = pd.read_csv(out / "fusion_matrix.csv")
+    assert len(after) == 9 and set(after["configuration"]) == set(before["configuration"])
+    old, new = (frame.set_index("configuration")["run_id"].sort_index() for frame in (before, after))
+    changed = new != old
+    assert changed[changed].index.tolist() == [extra]
+    assert main(["fusion-matrix", "--data", str(tiny_demo), "--seeds", "0", "--out", str(out), "--only", "nope"]) == 2

@@ -110,7 +110,7 @@ def _fusion_matrix(args: argparse.Namespace) -> int:
     from core.demo import MANIFEST
     from train.common import resolve_weights
     from train.demo_runs import ensure_encoders
-    from train.matrix import matrix_configs, run_matrix, write_report
+    from train.matrix import matrix_configs, merge_results, run_matrix, write_report
 
     root = DataRoot(Path(args.data))
     base = _fusion_config(args)
@@ -127,9 +127,18 @@ def _fusion_matrix(args: argparse.Namespace) -> int:
     if not scene_run:
         print("error: --scene-run is needed for the outdoor and building Flickr subsets", file=sys.stderr)
         return 2
-    results = run_matrix(matrix_configs(base, scene_run, weights), args.seeds)
+    configs = matrix_configs(base, scene_run, weights)
+    if args.only:
+        unknown = sorted(set(args.only) - {c.label for c in configs})
+        if unknown:
+            print(f"error: --only {unknown}: the configurations are {[c.label for c in configs]}", file=sys.stderr)
+            return 2
+        configs = [c for c in configs if c.label in args.only]
+    out = Path(args.out) if args.out else root.reports
+    results = merge_results(out / "fusion_matrix.csv", run_matrix(configs, args.seeds)) if args.only \
+        else run_matrix(configs, args.seeds)
     schedule = "paper schedule" if base.aerial_backbone == "resnet50" else "demo schedule"
-    csv, md = write_report(results, Path(args.out) if args.out else root.root / "reports", schedule)
+    csv, md = write_report(results, out, schedule)
     print(md.read_text())
     print(f"written {csv} and {md}")
     return 0
@@ -344,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     matrix.add_argument("--compare-weights", action="append", default=[], metavar="NAME=FILE_OR_RUN",
                         help="more ground weights to compare on aerial+gsv (repeatable), e.g. "
                              "imagenet=resnet50_a1_in1k.safetensors")
+    matrix.add_argument("--only", nargs="+", metavar="CONFIGURATION",
+                        help="train only these configurations (e.g. 'aerial+gsv [contrastive weights]') and "
+                             "merge them into the existing report, replacing their earlier rows")
     matrix.set_defaults(run=_fusion_matrix)
 
     demo_runs = commands.add_parser("demo-runs", help="train the dashboard's default runs if missing",

@@ -66,6 +66,16 @@ def run_matrix(configs: list[FusionConfig], seeds: list[int], log=print) -> pd.D
     return pd.DataFrame(rows)
 
 
+def merge_results(existing: Path, new: pd.DataFrame) -> pd.DataFrame:
+    """``new`` rows added to an earlier report's rows, replacing rows of the same configuration
+    and seed (so a matrix can be extended one configuration at a time)."""
+    if not existing.is_file():
+        return new
+    earlier = pd.read_csv(existing)
+    replaced = earlier.set_index(["configuration", "seed"]).index.isin(new.set_index(["configuration", "seed"]).index)
+    return pd.concat([earlier[~replaced], new], ignore_index=True)
+
+
 def write_report(results: pd.DataFrame, out: Path, schedule: str) -> tuple[Path, Path]:
     """Write ``fusion_matrix.csv`` (per run) and ``fusion_matrix.md`` (the summary table)."""
     table, derived = summarise_matrix(results)
