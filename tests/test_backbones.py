@@ -45,7 +45,7 @@ def timm_state_dict(arch: str, seed: int = 123) -> dict[str, torch.Tensor]:
 
 
 def test_registry_lists_names_and_rejects_unknown():
-    assert {"resnet50", "resnet18", "vit_small", "vit_tiny", "convnet_small"} <= set(BACKBONES)
+    assert {"resnet50", "resnet18", "vit_base", "vit_small", "vit_tiny", "convnet_small"} <= set(BACKBONES)
     with pytest.raises(ValueError, match=r"unknown backbone 'resnet99'.*convnet_small.*resnet18"):
         create_backbone("resnet99")
     with pytest.raises(ValueError, match="unknown backbone"):
@@ -62,6 +62,7 @@ def test_registry_lists_names_and_rejects_unknown():
         ("resnet50", 32, 2048),
         ("vit_tiny", 32, 192),
         ("vit_small", 48, 384),
+        ("vit_base", 32, 768),
     ],
 )
 def test_backbone_maps_images_to_pooled_features(name, px, dim):

@@ -102,6 +102,12 @@ def resnet18(weights: Path | None = None, **kwargs: object) -> nn.Module:
     return _timm_backbone("resnet18", weights, **kwargs)
 
 
+@register_backbone("vit_base")
+def vit_base(weights: Path | None = None, **kwargs: object) -> nn.Module:
+    """ViT-B/16 (timm ``vit_base_patch16_224``), 768-d: UrbanSTCL's backbone for real runs."""
+    return _timm_backbone("vit_base_patch16_224", weights, **{"dynamic_img_size": True, **kwargs})
+
+
 @register_backbone("vit_small")
 def vit_small(weights: Path | None = None, **kwargs: object) -> nn.Module:
     """ViT-S/16 (224 px position grid, resampled for other input sizes); 384-d."""
