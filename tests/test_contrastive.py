@@ -134,3 +134,10 @@ def test_unified_weights_select_the_rules():
         ContrastiveConfig(objective="nearby")
     with pytest.raises(ValueError, match="PairConfig"):
         replace(ContrastiveConfig(), pairs={"spatial_buffer_m": -1})
+
+
+def test_the_cli_offers_every_objective():
+    from train.__main__ import OBJECTIVES as CLI_OBJECTIVES
+    from train.contrastive import OBJECTIVES
+
+    assert CLI_OBJECTIVES == OBJECTIVES

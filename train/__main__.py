@@ -12,6 +12,8 @@ from pathlib import Path
 from core.dataroot import DataRoot
 
 DEFAULT_DATA = str(DataRoot.from_env().root)
+#: train.contrastive.OBJECTIVES, spelt out so that --help needs no torch import.
+OBJECTIVES = ("temporal", "spatial", "global", "unified")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -371,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "three (unified). Writes a run with backbone.safetensors (usable as --ground-weights) "
                     "and per-cell embeddings.")
     _add_contrastive_options(contrastive)
-    contrastive.add_argument("--objective", choices=("temporal", "spatial", "global", "unified"), default="temporal")
+    contrastive.add_argument("--objective", choices=OBJECTIVES, default="temporal")
     contrastive.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
     contrastive.set_defaults(run=_contrastive)
 
@@ -390,8 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="The paper's comparison: temporal, spatial, global and unified objectives, each seed on the "
                     "same held-out blocks, evaluated with the baselines; report in DATA/reports.")
     _add_contrastive_options(contrastive_matrix)
-    contrastive_matrix.add_argument("--objectives", nargs="+", default=["temporal", "spatial", "global", "unified"],
-                                    choices=("temporal", "spatial", "global", "unified"))
+    contrastive_matrix.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
     contrastive_matrix.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     _add_evaluation_options(contrastive_matrix)
     contrastive_matrix.set_defaults(run=_contrastive_matrix)
