@@ -144,6 +144,7 @@ def test_neighbours_page_returns_the_k_nearest_cells(app, demo_root):
     app.session_state["selected_cell"] = int(ids[0])
     app.run()
     app.switch_page("views/neighbours.py").run()
+    app.selectbox(key="nb_kind").set_value("probe").run()
     runs = app.selectbox(key="nb_run")
     runs.set_value(next(i for i, o in enumerate(runs.options) if run.run_id in str(o))).run()
     app.slider(key="nb_k").set_value(7).run()

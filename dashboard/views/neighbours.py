@@ -40,10 +40,14 @@ def main() -> None:
     if runs.empty:
         st.info("No run with per-cell embeddings yet (fusion runs write their penultimate vectors).")
         return
-    left, right = st.columns([3, 1])
-    with left:
-        run = common.run_picker(runs, "Embedding of run", key="nb_run")
-    k = right.slider("k nearest cells", 1, 200, 20, key="nb_k")
+    kinds = sorted(runs["kind"].unique())
+    kind_column, run_column, k_column = st.columns([1, 3, 1])
+    # Encoders made for embeddings first: the fusion vector is a by-product of regression.
+    preferred = next((k for k in ("uge", "contrastive") if k in kinds), kinds[0])
+    kind = kind_column.selectbox("Model kind", kinds, index=kinds.index(preferred), key="nb_kind")
+    with run_column:
+        run = common.run_picker(runs[runs["kind"] == kind].reset_index(drop=True), "Embedding of run", key="nb_run")
+    k = k_column.slider("k nearest cells", 1, 200, 20, key="nb_k")
     index = embedding_index(str(run["path"]))
     common.cell_search(root, key="nb_search", candidates=pd.Series(index.cell_ids))
     cell_id = common.selected_cell()
