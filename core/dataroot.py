@@ -37,6 +37,7 @@ class DataRoot:
     votes = property(lambda self: self.root / "perception" / "votes.csv")
     socioeconomic = property(lambda self: self.root / "socioeconomic" / "buurt_targets.csv")
     water = property(lambda self: self.root / "context" / "water.gpkg")
+    parks = property(lambda self: self.root / "context" / "parks.gpkg")
     reports = property(lambda self: self.root / "reports")
     cache = property(lambda self: self.root / "cache")
     runs = property(lambda self: self.root / "runs")

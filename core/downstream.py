@@ -121,3 +121,35 @@ def perception_probe(left: np.ndarray, right: np.ndarray, left_wins: np.ndarray,
         probability[test] = probe.predict_proba(difference[test])[:, 1]
     return {"accuracy": float(accuracy_score(labels, probability > 0.5)),
             "auc": float(roc_auc_score(labels, probability)), "votes": int(len(labels))}
+
+
+def candidate_sets(groups: Sequence, k: int, seed: int = 0) -> np.ndarray:
+    """For each query ``i``, ``k`` candidate indices: ``i`` itself first, then ``k - 1`` others
+    drawn from other groups (items of one group, e.g. one place, are not each other's negatives).
+
+    Returns:
+        ``(n, k')`` int array with ``k' = min(k, 1 + items outside the smallest group)``.
+    """
+    labels = pd.factorize(pd.Series(list(groups), dtype=str))[0]
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    others_min = n - np.bincount(labels).max() if n else 0
+    width = max(1, min(k, 1 + others_min))
+    out = np.empty((n, width), dtype=np.int64)
+    for i in range(n):
+        pool = np.flatnonzero(labels != labels[i])
+        out[i, 0] = i
+        out[i, 1:] = rng.choice(pool, width - 1, replace=False) if width > 1 else []
+    return out
+
+
+def ranking_metrics(similarity: np.ndarray, ks: Sequence[int] = (1, 3, 5, 10)) -> dict[str, float]:
+    """Hit@K and MRR when column 0 of each row of ``similarity`` is the right answer.
+
+    The rank is 1 + the number of candidates scored strictly higher than the right one.
+    """
+    similarity = np.asarray(similarity, dtype=np.float64)
+    rank = 1 + (similarity[:, 1:] > similarity[:, :1]).sum(axis=1)
+    result = {f"hit@{k}": float((rank <= k).mean()) for k in ks if k <= similarity.shape[1]}
+    return result | {"mrr": float((1.0 / rank).mean()), "queries": int(len(rank)),
+                     "candidates": int(similarity.shape[1])}

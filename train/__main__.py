@@ -222,6 +222,43 @@ def _contrastive_matrix(args: argparse.Namespace) -> int:
     return _report_evaluation(root, run_ids, args, title)
 
 
+def _ugdata(args: argparse.Namespace) -> int:
+    from train.ugdata_cli import build_ugdata
+
+    out = args.out or str(DataRoot(Path(args.data)).root / "ugdata")
+    try:
+        manifest = build_ugdata(args.data, out, seed=args.seed, max_images=args.max_images, hops=args.hops,
+                                holdout_district=args.holdout_district)
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: manifest[k] for k in ("counts", "timings_s") if k in manifest}, indent=2))
+    print(f"UGData written to {out}")
+    return 0
+
+
+def _uge(args: argparse.Namespace) -> int:
+    from train.uge import UGEConfig, train_uge
+
+    run_id = train_uge(UGEConfig(data=args.data, ugdata=args.ugdata or "", vlm=args.vlm,
+                                 stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
+                                 batch_size=args.batch_size, lr=args.lr, temperature=args.temperature,
+                                 lora_r=args.lora_r, image_px=args.image_px, seed=args.seed, device=args.device))
+    print(f"uge run {run_id}")
+    return 0
+
+
+def _uge_bench(args: argparse.Namespace) -> int:
+    from train.uge_bench import run_bench, write_report
+
+    root = DataRoot(Path(args.data))
+    results = run_bench(root, args.run, candidates=args.candidates, max_queries=args.max_queries)
+    csv, md = write_report(results, Path(args.out) if args.out else root.reports, args.run)
+    print(md.read_text())
+    print(f"written {csv} and {md}")
+    return 0
+
+
 def _worker(args: argparse.Namespace) -> int:
     from train.worker import Worker
 
@@ -396,6 +433,47 @@ def build_parser() -> argparse.ArgumentParser:
     contrastive_matrix.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     _add_evaluation_options(contrastive_matrix)
     contrastive_matrix.set_defaults(run=_contrastive_matrix)
+
+    ugdata = commands.add_parser(
+        "ugdata", help="build UGData: images anchored to the street graph, spatial captions and paths",
+        description="Writes the UrbanGraphEmbeddings training data (the paper's JSONL + graph JSON layout) for a "
+                    "data root, with one district optionally held out.")
+    ugdata.add_argument("--data", default=DEFAULT_DATA, help="data root (default: %(default)s)")
+    ugdata.add_argument("--out", help="output folder (default: DATA/ugdata; must not exist)")
+    ugdata.add_argument("--seed", type=int, default=0)
+    ugdata.add_argument("--max-images", type=int, help="a seeded random subset of the images")
+    ugdata.add_argument("--hops", type=int, default=2, help="hops of each image's street subgraph")
+    ugdata.add_argument("--holdout-district", help="a district kept out of training (heldout.jsonl)")
+    ugdata.set_defaults(run=_ugdata)
+
+    uge = commands.add_parser(
+        "uge", help="train spatially grounded VLM embeddings (LoRA stage 1, graph stage 2)",
+        description="Stage 1: LoRA on a Qwen2-VL backbone, image-text InfoNCE on UGData; stage 2: a GATv2 graph "
+                    "encoder fused with the image embedding. Without --vlm a tiny Qwen2-VL is built locally.")
+    uge.add_argument("--data", default=DEFAULT_DATA, help="data root (default: %(default)s)")
+    uge.add_argument("--ugdata", help="UGData folder (default: DATA/ugdata)")
+    uge.add_argument("--vlm", help="local Qwen2-VL / Qwen2.5-VL checkpoint folder (default: the tiny model)")
+    uge.add_argument("--stage1-steps", type=int, default=60)
+    uge.add_argument("--stage2-steps", type=int, default=300)
+    uge.add_argument("--batch-size", type=int, default=16)
+    uge.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate")
+    uge.add_argument("--temperature", type=float, default=0.01)
+    uge.add_argument("--lora-r", type=int, default=8)
+    uge.add_argument("--image-px", type=int, default=56, help="images are resized to this square")
+    uge.add_argument("--seed", type=int, default=0)
+    uge.add_argument("--device", default="auto")
+    uge.set_defaults(run=_uge)
+
+    uge_bench = commands.add_parser(
+        "uge-bench", help="UGBench: geolocation, retrieval, perception and grounding at stages 0, 1 and 2",
+        description="Evaluates a uge run on its UGData (training and held-out samples) with the backbone before "
+                    "training (stage 0), after stage 1 and after stage 2.")
+    uge_bench.add_argument("run", help="a uge run id")
+    uge_bench.add_argument("--data", default=DEFAULT_DATA, help="data root (default: %(default)s)")
+    uge_bench.add_argument("--candidates", type=int, default=10, help="candidates per ranking query")
+    uge_bench.add_argument("--max-queries", type=int, default=500, help="queries per task and split")
+    uge_bench.add_argument("--out", help="report folder (default: DATA/reports)")
+    uge_bench.set_defaults(run=_uge_bench)
 
     worker = commands.add_parser(
         "worker", help="run the dashboard's queued training jobs",

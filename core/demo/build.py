@@ -14,6 +14,8 @@ Layout of a demo data root (every file in the format a real source would give):
 - ``perception/votes.csv``: Place Pulse 2 style pairwise votes on GSV images;
 - ``socioeconomic/buurt_targets.csv``: per-buurt targets keyed by ``cbsCode``;
 - ``context/water.gpkg``: water polygons for the map (a real root takes them from OSM or BGT);
+- ``context/parks.gpkg``: parks and woods without their water, same format (for the spatial
+  context captions of the VLM dataset; a real root takes them from OSM or BGT);
 - ``truth/cells.parquet``: the latent fields (for analysis only; no model reads them);
 - ``demo.json``: seed, extent, sizes and timings; written last.
 
@@ -169,7 +171,7 @@ def _build_into(root: Path, config: DemoConfig, progress: bool, timings: dict[st
     stages.run("perception votes", _write_votes, gsv, root / "perception" / "votes.csv", config.seed)
     stages.run("socioeconomic", _write_socioeconomic, fields, ids, root / "socioeconomic" / "buurt_targets.csv",
                config.seed)
-    stages.run("context", _write_water, bounds, root / "context" / "water.gpkg")
+    stages.run("context", _write_context, bounds, root / "context")
     truth = root / "truth"
     truth.mkdir()
     cells.drop(columns=["cell_id"]).reset_index().to_parquet(truth / "cells.parquet", index=False)
@@ -190,12 +192,28 @@ def _build_into(root: Path, config: DemoConfig, progress: bool, timings: dict[st
     }
 
 
+def _write_context(bounds: tuple[float, float, float, float], folder: Path) -> None:
+    """Water and park polygons of the extent: ``water.gpkg`` and ``parks.gpkg``."""
+    _write_water(bounds, folder / "water.gpkg")
+    _write_parks(bounds, folder / "parks.gpkg")
+
+
 def _write_water(bounds: tuple[float, float, float, float], path: Path) -> None:
     """The demo's water (the IJ, the Amstel, canals, lakes) inside the extent, EPSG:28992."""
-    water = shapely.clip_by_rect(city.water_geometry(), *bounds)
-    parts = [g for g in getattr(water, "geoms", [water]) if not g.is_empty]
+    _write_polygons(city.water_geometry(), "water", bounds, path)
+
+
+def _write_parks(bounds: tuple[float, float, float, float], path: Path) -> None:
+    """The demo's parks and woods (without their water) inside the extent, EPSG:28992."""
+    _write_polygons(city.park_geometry(), "park", bounds, path)
+
+
+def _write_polygons(geometry: shapely.Geometry, kind: str, bounds: tuple[float, float, float, float],
+                    path: Path) -> None:
+    clipped = shapely.clip_by_rect(geometry, *bounds)
+    parts = [g for g in getattr(clipped, "geoms", [clipped]) if not g.is_empty]
     path.parent.mkdir(parents=True, exist_ok=True)
-    gpd.GeoDataFrame({"kind": ["water"] * len(parts)}, geometry=parts, crs=RD_NEW).to_file(path)
+    gpd.GeoDataFrame({"kind": [kind] * len(parts)}, geometry=parts, crs=RD_NEW).to_file(path)
 
 
 def _block(cell: int) -> str:

@@ -1,0 +1,84 @@
+"""UGE end to end on the tiny demo city: UGData, both training stages, restore, UGBench, CLI."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from core.dataroot import DataRoot
+from core.downstream import candidate_sets, ranking_metrics
+from core.runs import load_run
+from core.ugdata import PAIR_GRAPH, TRAIN_FILE, read_ugdata
+from train.__main__ import main
+from train.uge import UGEConfig, embed_queries, fused_embeddings, graph_tensors, restore, train_uge
+from train.uge_bench import run_bench, write_report
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_demo):
+    root = tmp_path_factory.mktemp("uge") / "city"
+    shutil.copytree(tiny_demo, root, ignore=shutil.ignore_patterns("runs", "cache"))
+    assert main(["ugdata", "--data", str(root), "--max-images", "300", "--holdout-district", "Oost"]) == 0
+    config = UGEConfig(data=str(root), stage1_steps=4, stage2_steps=10, batch_size=8, device="cpu")
+    return root, config, train_uge(config, log=lambda _: None)
+
+
+def test_a_run_saves_adapters_graph_model_and_cell_embeddings(trained):
+    root, config, run_id = trained
+    run = load_run(DataRoot(root).runs / run_id)
+    assert (run.path / "adapters" / "adapter_model.safetensors").is_file()
+    assert run.model_metadata()["kind"] == "uge-graph"
+    ids, matrix = run.embeddings()
+    data = read_ugdata(config.ugdata_folder)
+    cells = {int(s.meta["cell_id"]) for f in data.files.values() for s in f if s.pair_type == PAIR_GRAPH}
+    assert set(ids) == cells
+    np.testing.assert_allclose(np.linalg.norm(matrix, axis=1), 1.0, rtol=1e-5)
+    assert set(run.predictions()["split"]) == {"train", "heldout"}
+    assert run.epochs["stage"].tolist() == [1] * 4 + [2] * 10
+
+
+def test_restored_stage_2_reproduces_the_run_embeddings(trained):
+    root, config, run_id = trained
+    run = load_run(DataRoot(root).runs / run_id)
+    data = read_ugdata(config.ugdata_folder)
+    samples = [s for s in data.files[TRAIN_FILE] if s.pair_type == PAIR_GRAPH]
+    cell = int(samples[0].meta["cell_id"])
+    mine = [s for f in data.files.values() for s in f if s.pair_type == PAIR_GRAPH and int(s.meta["cell_id"]) == cell]
+    embedder, model = restore(run, config, stage=2)
+    fused = fused_embeddings(model, embed_queries(embedder, data, mine, config.image_px), graph_tensors(data, mine))
+    expected = torch.nn.functional.normalize(fused.mean(0), dim=0).numpy()
+    ids, matrix = run.embeddings()
+    np.testing.assert_allclose(matrix[list(ids).index(cell)], expected, atol=1e-4)
+    stage0, _ = restore(run, config, stage=0)
+    assert not stage0.adapter_parameters()
+
+
+def test_ugbench_reports_every_task_for_each_stage_and_split(trained, tmp_path):
+    root, _, run_id = trained
+    results = run_bench(DataRoot(root), run_id, candidates=5, max_queries=40)
+    assert sorted(set(zip(results["stage"], results["split"], strict=True))) == [
+        (s, p) for s in (0, 1, 2) for p in ("heldout", "train")]
+    for task in ("geolocation", "retrieval", "grounding"):
+        assert results[f"{task}_mrr"].between(0.2, 1.0).all(), task
+        assert (results[f"{task}_candidates"] == 5).all()
+    csv, md = write_report(results, tmp_path, run_id)
+    assert "| 2 | heldout |" in md.read_text()
+
+
+def test_ranking_metrics_on_a_constructed_case():
+    similarity = np.array([[0.9, 0.1, 0.2], [0.1, 0.5, 0.3], [0.2, 0.3, 0.1]])
+    result = ranking_metrics(similarity, ks=(1, 2, 3))
+    assert result["hit@1"] == pytest.approx(1 / 3) and result["hit@2"] == pytest.approx(2 / 3)
+    assert result["hit@3"] == 1.0 and result["mrr"] == pytest.approx((1 + 1 / 3 + 1 / 2) / 3)
+
+
+def test_candidates_avoid_the_querys_own_group():
+    groups = ["a", "a", "b", "c", "d", "d"]
+    sets = candidate_sets(groups, k=3, seed=0)
+    assert sets[:, 0].tolist() == list(range(6))
+    for i, row in enumerate(sets):
+        assert all(groups[j] != groups[i] for j in row[1:])
+        assert len(set(row)) == 3

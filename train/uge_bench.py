@@ -1,0 +1,120 @@
+"""``python -m train uge-bench RUN``: UGBench on a UGE run, before training and after each stage.
+
+Tasks (each on the training samples and on the held-out district, the paper's held-out cities):
+
+- geolocation: an image ranks K candidate location captions (its own and K - 1 of other places);
+- retrieval: a caption ranks K candidate images;
+- grounding: an image with a spatial question (nearest landmark, distance and direction of a
+  walk, the buurt at its end) ranks K candidate answers;
+- perception: a linear probe (ridge, 5-fold) from the cell's mean embedding to its
+  Leefbaarometer score; R² and Kendall's tau.
+
+Hit@1/3/5/10 and MRR for the ranking tasks. Stage 0 is the backbone without adapters, stage 1
+adds the LoRA adapters, stage 2 fuses the street subgraph into the image side.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.linear_model import RidgeCV
+from sklearn.model_selection import KFold, cross_val_predict
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from core.dataroot import DataRoot
+from core.downstream import candidate_sets, ranking_metrics
+from core.io import write_atomic
+from core.metrics import kendall_tau_b, r2
+from core.runs import load_run
+from core.sources.lbm import read_lbm
+from core.ugdata import HELDOUT_FILE, PAIR_GRAPH, PAIR_REASONING, TRAIN_FILE, UGSample, read_ugdata
+from train.uge import (
+    UGEConfig,
+    embed_positives,
+    embed_queries,
+    fused_embeddings,
+    graph_tensors,
+    restore,
+)
+
+STAGES = (0, 1, 2)
+
+
+def _subset(samples: list[UGSample], n: int, seed: int) -> list[UGSample]:
+    if len(samples) <= n:
+        return samples
+    keep = np.sort(np.random.default_rng(seed).choice(len(samples), n, replace=False))
+    return [samples[i] for i in keep]
+
+
+def _ranks(queries: torch.Tensor, answers: torch.Tensor, groups: list, k: int) -> dict[str, float]:
+    candidates = candidate_sets(groups, k)
+    q, a = queries.numpy(), answers.numpy()
+    similarity = np.einsum("nd,nkd->nk", q, a[candidates])
+    return ranking_metrics(similarity)
+
+
+def _perception(root: DataRoot, cells: np.ndarray, embeddings: np.ndarray) -> dict[str, float]:
+    labels = read_lbm(root.scores, root.lbm_grid)
+    latest = labels[labels["jaar"] == labels["jaar"].max()].set_index("cell_id")["lbm"].dropna()
+    frame = pd.DataFrame(embeddings).groupby(cells).mean()
+    frame = frame[frame.index.isin(latest.index)]
+    if len(frame) < 20:
+        return {"perception_r2": float("nan"), "perception_tau": float("nan"), "perception_cells": len(frame)}
+    target = latest.reindex(frame.index).to_numpy()
+    model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13)))
+    predicted = cross_val_predict(model, frame.to_numpy(), target, cv=KFold(5, shuffle=True, random_state=0))
+    return {"perception_r2": r2(predicted, target), "perception_tau": kendall_tau_b(predicted, target),
+            "perception_cells": int(len(frame))}
+
+
+def run_bench(root: DataRoot, run_id: str, candidates: int = 10, max_queries: int = 500) -> pd.DataFrame:
+    """One row per (stage, split) with every task's metrics."""
+    run = load_run(root.runs / run_id)
+    config = UGEConfig(**{k: v for k, v in run.config.items() if k in UGEConfig.__dataclass_fields__})
+    data = read_ugdata(config.ugdata_folder)
+    rows = []
+    for stage in STAGES:
+        embedder, model = restore(run, config, stage=stage)
+        for split, name in (("train", TRAIN_FILE), ("heldout", HELDOUT_FILE)):
+            samples = data.files.get(name, [])
+            places = _subset([s for s in samples if s.pair_type == PAIR_GRAPH], max_queries, 0)
+            questions = _subset([s for s in samples if s.pair_type == PAIR_REASONING], max_queries, 1)
+            if len(places) < 2:
+                continue
+            images = embed_queries(embedder, data, places, config.image_px)
+            if model is not None:
+                images = fused_embeddings(model, images, graph_tensors(data, places))
+            captions = embed_positives(embedder, places)
+            groups = [s.meta.get("node_id") for s in places]
+            row = {"stage": stage, "split": split}
+            row |= {f"geolocation_{k}": v for k, v in _ranks(images, captions, groups, candidates).items()}
+            row |= {f"retrieval_{k}": v for k, v in _ranks(captions, images, groups, candidates).items()}
+            if len(questions) >= 2:
+                asked = embed_queries(embedder, data, questions, config.image_px)
+                answers = embed_positives(embedder, questions)
+                answer_groups = [s.positive for s in questions]  # the same answer twice is no negative
+                row |= {f"grounding_{k}": v for k, v in _ranks(asked, answers, answer_groups, candidates).items()}
+            cells = np.array([int(s.meta["cell_id"]) for s in places])
+            row |= _perception(root, cells, images.numpy())
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_report(results: pd.DataFrame, out: Path, run_id: str) -> tuple[Path, Path]:
+    """``ugbench.csv`` and ``ugbench.md`` (the headline metric of each task per stage and split)."""
+    csv = write_atomic(out / "ugbench.csv", lambda tmp: results.to_csv(tmp, index=False))
+    columns = [c for c in ("geolocation_hit@1", "geolocation_mrr", "retrieval_hit@1", "retrieval_mrr",
+                           "grounding_hit@1", "grounding_mrr", "perception_r2", "perception_tau") if c in results]
+    lines = [f"# UGBench of {run_id}", "", "Stage 0: backbone without adapters; 1: LoRA stage; 2: with the street "
+             "graph. Ranking among the candidates in `candidates` columns of the CSV.", "",
+             "| stage | split | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    for values in results.to_dict(orient="records"):
+        lines.append(f"| {values['stage']} | {values['split']} | "
+                     + " | ".join(f"{values[c]:.3f}" for c in columns) + " |")
+    md = write_atomic(out / "ugbench.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    return csv, md
