@@ -82,3 +82,29 @@ def test_candidates_avoid_the_querys_own_group():
     for i, row in enumerate(sets):
         assert all(groups[j] != groups[i] for j in row[1:])
         assert len(set(row)) == 3
+
+
+def test_the_neighbour_page_ranks_cells_by_a_text_query(trained, monkeypatch):
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    from core.neighbours import EmbeddingIndex
+    from dashboard.text_query import text_vector
+    from tests.test_dashboard import APP
+
+    root, _, run_id = trained
+    monkeypatch.setenv("STADSBEELD_DATA", str(root))
+    monkeypatch.setenv("STADSBEELD_START_WORKER", "0")
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    app = AppTest.from_file(APP, default_timeout=120).run()
+    app.switch_page("views/neighbours.py").run()
+    assert app.selectbox(key="nb_kind").value == "uge"
+    app.slider(key="nb_k").set_value(5).run()
+    app.text_input(key="nb_text").input("green street near water in Oost").run()
+    assert not app.exception
+    table = app.dataframe[0].value
+    run = load_run(DataRoot(root).runs / run_id)
+    expected = EmbeddingIndex(*run.embeddings()).search(text_vector(str(run.path), "green street near water in Oost"), 5)
+    assert table["cell_id"].tolist() == expected["cell_id"].tolist()
+    assert any("best match" in m.value for m in app.markdown)

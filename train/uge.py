@@ -49,7 +49,12 @@ EDGE_FEATURES = 5  # length / 100 m, sin and cos of the bearing, dx and dy / 100
 
 @dataclass
 class UGEConfig:
-    """One UGE run. Defaults are a CPU schedule for the tiny model on the demo city."""
+    """One UGE run. Defaults are a CPU schedule for the tiny model on the demo city.
+
+    The tiny model starts from random weights, so it needs a softer temperature (0.05) and more
+    image tokens (112 px: 16 tokens) than the paper's pretrained 2B model, whose setting is
+    ``temperature=0.01`` with ``vlm`` a local Qwen2-VL folder and images of about 448 px.
+    """
 
     data: str = "data/demo"
     ugdata: str = ""
@@ -57,11 +62,13 @@ class UGEConfig:
     stage1_steps: int = 60
     stage2_steps: int = 300
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 3e-3
     graph_lr: float = 2e-3
-    temperature: float = 0.01
+    temperature: float = 0.05
     lora_r: int = 8
-    image_px: int = 56
+    pooling: str = "last"
+    dim: int | None = None
+    image_px: int = 112
     graph_dim: int = 64
     seed: int = 0
     device: str = "auto"
@@ -83,7 +90,7 @@ class UGEConfig:
 def settings(config: UGEConfig, lora: bool = True) -> UGESettings:
     """The embedder settings of a run (stage 0 has no adapters)."""
     pixels = config.image_px * config.image_px
-    return UGESettings(image_min_pixels=pixels, image_max_pixels=pixels,
+    return UGESettings(pooling=config.pooling, dim=config.dim, image_min_pixels=pixels, image_max_pixels=pixels,
                        lora=LoraSettings(r=config.lora_r, alpha=2 * config.lora_r) if lora else None)
 
 
