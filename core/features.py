@@ -31,8 +31,10 @@ from core.models.backbones import backbone_fingerprint, create_backbone, normali
 CACHE_VERSION = 1
 
 
-def resolve_device(device: str = "auto") -> torch.device:
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` = CUDA when present, else CPU."""
+    if isinstance(device, torch.device):
+        return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)

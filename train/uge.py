@@ -189,15 +189,21 @@ def _stage1(embedder: UGEEmbedder, data: UGData, samples: list[UGSample], config
             query = embedder.embed_images(images, IMAGE_TASK)
         loss = info_nce(query, embedder.embed_texts([s.positive for s in batch], TEXT_TASK),
                         config.temperature, _groups(batch).to(query.device))
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        value = float(loss.detach())
-        run.log_epoch(stage=1, step=step, pair_type=kind, loss=value)
-        if step % 10 == 0 or step == config.stage1_steps:
-            run.progress(stage=1, epoch=step, epochs=config.stage1_steps, loss=value)
-            log(f"uge stage 1 step {step}/{config.stage1_steps}: {kind} loss {value:.3f}")
+        _step(optimiser, loss, run, log, stage=1, step=step, steps=config.stage1_steps, pair_type=kind)
     embedder.eval()
+
+
+def _step(optimiser: torch.optim.Optimizer, loss: torch.Tensor, run: RunWriter, log: Callable[[str], None],
+          stage: int, step: int, steps: int, pair_type: str) -> None:
+    """One optimiser step; the loss goes to metrics.csv, and to progress and the log 20 times a stage."""
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    optimiser.step()
+    value = float(loss.detach())
+    run.log_epoch(stage=stage, step=step, pair_type=pair_type, loss=value)
+    if step % max(1, steps // 20) == 0 or step == steps:
+        run.progress(stage=stage, epoch=step, epochs=steps, loss=value)
+        log(f"uge stage {stage} step {step}/{steps}: {pair_type} loss {value:.3f}")
 
 
 def _stage2(model: GraphModel, images: torch.Tensor, captions: torch.Tensor, graphs: dict[str, torch.Tensor],
@@ -209,14 +215,7 @@ def _stage2(model: GraphModel, images: torch.Tensor, captions: torch.Tensor, gra
         rows = torch.randperm(len(images), generator=generator)[: config.batch_size]
         part = {k: v[rows] for k, v in graphs.items()}
         loss = info_nce(model(images[rows], part), captions[rows], config.temperature, groups[rows])
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        value = float(loss.detach())
-        run.log_epoch(stage=2, step=step, pair_type=PAIR_GRAPH, loss=value)
-        if step % 50 == 0 or step == config.stage2_steps:
-            run.progress(stage=2, epoch=step, epochs=config.stage2_steps, loss=value)
-            log(f"uge stage 2 step {step}/{config.stage2_steps}: loss {value:.3f}")
+        _step(optimiser, loss, run, log, stage=2, step=step, steps=config.stage2_steps, pair_type=PAIR_GRAPH)
     model.eval()
 
 

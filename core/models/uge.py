@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.features import resolve_device
+
 #: Model types the embedder is written for (M-RoPE, ``mm_token_type_ids``, ``image_grid_thw``).
 SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
@@ -73,15 +75,6 @@ DEFAULT_INSTRUCTIONS: dict[str, str] = {
 
 Pooling = Literal["last", "mean"]
 PaddingSide = Literal["left", "right"]
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` = CUDA when present, else CPU."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
