@@ -66,6 +66,10 @@ def test_ugbench_reports_every_task_for_each_stage_and_split(trained, tmp_path):
         assert (results[f"{task}_candidates"] == 5).all()
     csv, md = write_report(results, tmp_path, run_id)
     assert "| 2 | heldout |" in md.read_text()
+    out = tmp_path / "cli"
+    assert main(["uge-bench", run_id, "--data", str(root), "--candidates", "3", "--max-queries", "10",
+                 "--out", str(out)]) == 0
+    assert (out / "ugbench.md").read_text().startswith(f"# UGBench of {run_id}")
 
 
 def test_ranking_metrics_on_a_constructed_case():

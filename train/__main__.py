@@ -252,8 +252,8 @@ def _uge_bench(args: argparse.Namespace) -> int:
     from train.uge_bench import run_bench, write_report
 
     root = DataRoot(Path(args.data))
-    results = run_bench(root, args.run, candidates=args.candidates, max_queries=args.max_queries)
-    csv, md = write_report(results, Path(args.out) if args.out else root.reports, args.run)
+    results = run_bench(root, args.run_id, candidates=args.candidates, max_queries=args.max_queries)
+    csv, md = write_report(results, Path(args.out) if args.out else root.reports, args.run_id)
     print(md.read_text())
     print(f"written {csv} and {md}")
     return 0
@@ -469,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
         "uge-bench", help="UGBench: geolocation, retrieval, perception and grounding at stages 0, 1 and 2",
         description="Evaluates a uge run on its UGData (training and held-out samples) with the backbone before "
                     "training (stage 0), after stage 1 and after stage 2.")
-    uge_bench.add_argument("run", help="a uge run id")
+    uge_bench.add_argument("run_id", metavar="RUN", help="a uge run id")
     uge_bench.add_argument("--data", default=DEFAULT_DATA, help="data root (default: %(default)s)")
     uge_bench.add_argument("--candidates", type=int, default=10, help="candidates per ranking query")
     uge_bench.add_argument("--max-queries", type=int, default=500, help="queries per task and split")
