@@ -47,12 +47,6 @@ def to_lon_lat(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _TO_WGS84.transform(x, y)
 
 
-TOOLTIP_FIELDS = {  # payload key -> label, in tooltip order
-    "i": "cell", "b": "buurt", "d": "district", "t": "true", "y": "predicted", "r": "residual",
-    "g": "GSV images", "f": "Flickr images", "v": None,
-}
-
-
 @dataclass(frozen=True)
 class Legend:
     """What a map's colours mean: a title and (colour, label) stops."""

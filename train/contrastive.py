@@ -35,7 +35,7 @@ from core.pairs import PairConfig, pair_statistics, require_temporal, spatial_pa
 from core.runs import RunWriter
 from core.sources.catalog import read_catalog
 from train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
-from train.common import EncoderConfig, OneCycle, predict, seed_everything
+from train.common import EncoderConfig, OneCycle, predict, seed_everything, to_input
 
 RULES = ("temporal", "spatial", "global")
 OBJECTIVES = (*RULES, "unified")
@@ -130,17 +130,16 @@ def augment(batch: torch.Tensor, generator: torch.Generator, crop_min_scale: flo
     x = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), mode="bilinear",
                       padding_mode="reflection", align_corners=False)
 
-    grey = (x * torch.tensor([0.299, 0.587, 0.114], device=device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    grey = _grey(x)
     jitter = chance(0.8)
     brightness, contrast, saturation = (uniform(1 - s, 1 + s).view(n, 1, 1, 1) for s in (0.4, 0.4, 0.2))
     jittered = x * brightness
     mean = grey.mean((2, 3), keepdim=True) * brightness
     jittered = (jittered - mean) * contrast + mean
-    jittered_grey = (jittered * torch.tensor([0.299, 0.587, 0.114], device=device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    jittered_grey = _grey(jittered)
     jittered = jittered_grey + (jittered - jittered_grey) * saturation
     x = torch.where(jitter, jittered, x).clamp(0, 1)
-    grey = (x * torch.tensor([0.299, 0.587, 0.114], device=device).view(1, 3, 1, 1)).sum(1, keepdim=True)
-    x = torch.where(chance(0.2), grey.expand_as(x), x)
+    x = torch.where(chance(0.2), _grey(x).expand_as(x), x)
     x = torch.where(chance(0.5), F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False), x)
     x = torch.where(chance(0.1) & (x >= 0.5), 1 - x, x)
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
@@ -148,17 +147,20 @@ def augment(batch: torch.Tensor, generator: torch.Generator, crop_min_scale: flo
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    """Luma (ITU-R 601) of (B, 3, H, W) images in [0, 1], as (B, 1, H, W)."""
+    weights = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
+    return (x * weights).sum(1, keepdim=True)
+
+
 def embed_images(backbone: torch.nn.Module, pixels: np.ndarray, device: torch.device, batch_size: int = 1024
                  ) -> np.ndarray:
     """Backbone features of uint8 pixels (n, 3, H, W), in order, without augmentation."""
     backbone.eval().to(device)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
 
     def forward(index: torch.Tensor) -> torch.Tensor:
-        x = torch.as_tensor(np.asarray(pixels[index.numpy()])).to(device).float() / 255
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            return backbone(((x - mean) / std).contiguous(memory_format=torch.channels_last))
+            return backbone(to_input(pixels, index, device))
 
     return predict(forward, len(pixels), batch_size).numpy()
 

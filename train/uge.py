@@ -35,6 +35,7 @@ from core.ugdata import (
     PAIR_GRAPH,
     PAIR_REASONING,
     TRAIN_FILE,
+    GraphRecord,
     UGData,
     UGSample,
     read_ugdata,
@@ -73,6 +74,11 @@ class UGEConfig:
     seed: int = 0
     device: str = "auto"
 
+    @classmethod
+    def from_dict(cls, values: dict) -> UGEConfig:
+        """A config from a run's ``config.yaml`` (keys that are not fields are ignored)."""
+        return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
+
     @property
     def ugdata_folder(self) -> Path:
         return Path(self.ugdata) if self.ugdata else DataRoot(self.data).root / "ugdata"
@@ -99,9 +105,8 @@ def load_images(data: UGData, samples: Sequence[UGSample], px: int) -> list[Imag
     return [Image.open(data.image_path(s)).convert("RGB").resize((px, px)) for s in samples]
 
 
-def graph_batch(data: UGData, samples: Sequence[UGSample]) -> dict[str, torch.Tensor]:
-    """Padded tensors of the samples' subgraphs for :class:`GraphEncoder` (both edge directions)."""
-    records = [data.graph(s) for s in samples]
+def graph_batch(records: Sequence[GraphRecord]) -> dict[str, torch.Tensor]:
+    """Padded tensors of subgraphs for :class:`GraphEncoder` (both edge directions)."""
     n = max(len(r.nodes) for r in records)
     e = max(2 * len(r.edges) for r in records) or 1
     batch = {"nodes": torch.zeros(len(records), n, NODE_FEATURES), "node_mask": torch.zeros(len(records), n, dtype=torch.bool),
@@ -244,8 +249,14 @@ def _pad_cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 
 def graph_tensors(data: UGData, samples: Sequence[UGSample], batch_size: int = 256) -> dict[str, torch.Tensor]:
-    """All samples' subgraphs as one padded batch."""
-    return _pad_cat([graph_batch(data, samples[i:i + batch_size]) for i in range(0, len(samples), batch_size)])
+    """All samples' subgraphs as one padded batch; a graph file shared by several samples (all
+    images of one anchor node) is read once."""
+    files: dict[str, GraphRecord] = {}
+    for sample in samples:
+        if sample.graphs[0] not in files:
+            files[sample.graphs[0]] = data.graph(sample)
+    records = [files[sample.graphs[0]] for sample in samples]
+    return _pad_cat([graph_batch(records[i:i + batch_size]) for i in range(0, len(records), batch_size)])
 
 
 def train_uge(config: UGEConfig, log: Callable[[str], None] = print,
@@ -308,7 +319,7 @@ def run_losses(path: Path) -> dict[int, float]:
 
 def restore(run: Run, config: UGEConfig | None = None, stage: int = 2) -> tuple[UGEEmbedder, GraphModel | None]:
     """A UGE run's embedder (stage 0: the backbone without adapters) and graph model (stage 2)."""
-    config = config or UGEConfig(**{k: v for k, v in run.config.items() if k in UGEConfig.__dataclass_fields__})
+    config = config or UGEConfig.from_dict(run.config)
     vlm = config.vlm_folder()
     if stage == 0:
         return UGEEmbedder.from_folder(vlm, settings(config, lora=False), device=config.device), None

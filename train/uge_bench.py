@@ -75,7 +75,7 @@ def _perception(root: DataRoot, cells: np.ndarray, embeddings: np.ndarray) -> di
 def run_bench(root: DataRoot, run_id: str, candidates: int = 10, max_queries: int = 500) -> pd.DataFrame:
     """One row per (stage, split) with every task's metrics."""
     run = load_run(root.runs / run_id)
-    config = UGEConfig(**{k: v for k, v in run.config.items() if k in UGEConfig.__dataclass_fields__})
+    config = UGEConfig.from_dict(run.config)
     data = read_ugdata(config.ugdata_folder)
     rows = []
     for stage in STAGES:
