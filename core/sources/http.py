@@ -1,0 +1,281 @@
+"""A polite HTTP client shared by the download clients (LBM WFS, PDOK WMTS, Flickr, GSV, OSM).
+
+Polite means: one rate limit shared by all threads, a bounded number of concurrent requests,
+retries with exponential backoff on 429 / 5xx / connection errors, and ``Retry-After`` obeyed.
+Downloads are resumable (a file already on disk is skipped) and atomic (temp file + rename),
+and an optional validator rejects corrupt payloads (a truncated JPEG tile) before they land.
+
+API keys travel as query parameters (Flickr ``api_key``, Google ``key``/``signature``); every
+message, log line and exception this module produces has their values replaced by ``***``.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import functools
+import logging
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import requests
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+#: Query parameters whose values are secrets and never appear in logs, errors or files.
+SECRET_PARAMS = frozenset({"key", "api_key", "apikey", "signature", "client_secret", "token"})
+_SECRET_IN_URL = re.compile(r"(?i)([?&](?:" + "|".join(sorted(SECRET_PARAMS)) + r")=)[^&#\s'\"]*")
+RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+USER_AGENT = "stadsbeeld/0.1 (+https://github.com/stadsbeeld; urban imagery research)"
+
+
+class FetchError(RuntimeError):
+    """A request failed for good (after retries), or its payload was rejected."""
+
+
+@dataclass(frozen=True)
+class Politeness:
+    """How hard a client may press a service.
+
+    Attributes:
+        requests_per_second: upper bound on request starts per second, over all threads.
+        concurrency: number of simultaneous requests in :meth:`HttpClient.download_many`.
+        retries: attempts after the first one for a retryable failure.
+        backoff_s: first backoff; doubles each attempt, with jitter, up to ``max_backoff_s``.
+        max_backoff_s: the longest single wait, also for ``Retry-After``; a server asking for
+            longer (a daily quota) makes the request fail with that wait in the message.
+        timeout_s: connect and read timeout per request.
+    """
+
+    requests_per_second: float = 4.0
+    concurrency: int = 4
+    retries: int = 5
+    backoff_s: float = 1.0
+    max_backoff_s: float = 120.0
+    timeout_s: float = 60.0
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """Replace secret query-parameter values in URLs, and any of ``secrets``, by ``***``."""
+    text = _SECRET_IN_URL.sub(r"\1***", text)
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def with_params(url: str, params: Mapping[str, Any] | None) -> str:
+    """``url`` with ``params`` merged into its query string (later values win)."""
+    if not params:
+        return url
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    query.update({k: str(v) for k, v in params.items() if v is not None})
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def retry_after_s(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+class RateLimiter:
+    """Spaces request starts at least ``1 / rate`` seconds apart, across threads."""
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.interval = 1.0 / rate if rate > 0 else 0.0
+        self._clock, self._sleep = clock, sleep
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        with self._lock:
+            now = self._clock()
+            start = max(now, self._next)
+            self._next = start + self.interval
+        if start > now:
+            self._sleep(start - now)
+
+
+@dataclass
+class DownloadReport:
+    """What :meth:`HttpClient.download_many` did."""
+
+    fetched: int = 0
+    skipped: int = 0
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    bytes: int = 0
+
+    def raise_for_failures(self, what: str) -> None:
+        """Raise a FetchError listing up to five failures, if there were any."""
+        if self.failed:
+            shown = "; ".join(f"{path.name}: {why}" for path, why in self.failed[:5])
+            raise FetchError(
+                f"{len(self.failed)} {what} failed (rerun to retry only those; the "
+                f"{self.fetched + self.skipped} on disk are kept): {shown}"
+            )
+
+
+#: Checks a downloaded payload; raises ValueError when it is corrupt.
+Validator = Callable[[bytes], None]
+
+
+class HttpClient:
+    """GET with rate limit, retries and secret redaction; resumable atomic downloads.
+
+    Args:
+        politeness: rate, concurrency, retries and timeouts.
+        secrets: extra strings to scrub from every message (API keys set in headers).
+        session: a ``requests.Session`` to reuse (tests pass none).
+        sleep: the wait function, injectable so tests do not sleep for real.
+    """
+
+    def __init__(self, politeness: Politeness | None = None, secrets: Iterable[str] = (),
+                 session: requests.Session | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.politeness = politeness or Politeness()
+        self.secrets = tuple(s for s in secrets if s)
+        self.session = session or requests.Session()
+        self.session.headers.setdefault("User-Agent", USER_AGENT)
+        self._sleep = sleep
+        self._limiter = RateLimiter(self.politeness.requests_per_second, sleep=sleep)
+        self.requests_made = 0
+        self._count_lock = threading.Lock()
+
+    def redact(self, text: str, params: Mapping[str, Any] | None = None) -> str:
+        """``text`` without this client's secrets, nor secret values among ``params``."""
+        extra = [str(v) for k, v in (params or {}).items() if k.lower() in SECRET_PARAMS]
+        return redact(text, (*self.secrets, *extra))
+
+    def get(self, url: str, params: Mapping[str, Any] | None = None,
+            validate: Validator | None = None) -> requests.Response:
+        """GET ``url`` with retries; return the response of the first good attempt.
+
+        Raises:
+            FetchError: on a non-retryable status (404, 403, ...), on a retryable one after
+                ``retries`` attempts, when the server asks to wait longer than
+                ``max_backoff_s``, or when ``validate`` keeps rejecting the payload.
+        """
+        full = with_params(url, params)
+        scrub = functools.partial(self.redact, params=params)
+        shown = scrub(full)
+        p = self.politeness
+        problem = ""
+        for attempt in range(p.retries + 1):
+            self._limiter.wait()
+            with self._count_lock:
+                self.requests_made += 1
+            wait: float | None = None
+            try:
+                response = self.session.get(full, timeout=p.timeout_s)
+            except requests.RequestException as exc:
+                # the exception text repeats the URL with its key; keep only the kind
+                problem = f"{type(exc).__name__}"
+            else:
+                if response.status_code == 200:
+                    if validate is None:
+                        return response
+                    try:
+                        validate(response.content)
+                        return response
+                    except ValueError as exc:
+                        problem = f"corrupt payload ({scrub(str(exc))})"
+                elif response.status_code in RETRY_STATUS:
+                    problem = f"HTTP {response.status_code}"
+                    wait = retry_after_s(response.headers.get("Retry-After"))
+                    if wait is not None and wait > p.max_backoff_s:
+                        raise FetchError(
+                            f"{shown}: HTTP {response.status_code}, the server asks to wait "
+                            f"{wait:.0f} s (quota exhausted?); try again later"
+                        )
+                else:
+                    raise FetchError(f"{shown}: HTTP {response.status_code} "
+                                     f"{scrub(response.text[:200])!r}")
+            if attempt == p.retries:
+                break
+            if wait is None:
+                wait = min(p.max_backoff_s, p.backoff_s * 2**attempt) * (0.5 + random.random())
+            log.info("%s: %s, retry %d/%d in %.1f s", shown, problem, attempt + 1, p.retries, wait)
+            self._sleep(wait)
+        raise FetchError(f"{shown}: {problem} after {p.retries + 1} attempts")
+
+    def get_json(self, url: str, params: Mapping[str, Any] | None = None) -> Any:
+        """GET and decode JSON; a body that is not JSON is a FetchError naming the URL."""
+        response = self.get(url, params)
+        try:
+            return response.json()
+        except ValueError:
+            raise FetchError(f"{self.redact(response.url or url)}: not JSON: "
+                             f"{self.redact(response.text[:200])!r}") from None
+
+    def download(self, url: str, dest: str | PathLike, params: Mapping[str, Any] | None = None,
+                 validate: Validator | None = None) -> int:
+        """Fetch ``url`` into ``dest`` unless it exists; return the bytes written (0 if skipped).
+
+        The payload is validated first, then written to a temporary file and renamed, so an
+        interrupted run never leaves a partial file that a resumed run would skip.
+        """
+        dest = Path(dest)
+        if dest.is_file():
+            return 0
+        content = self.get(url, params, validate=validate).content
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.part")
+        try:
+            tmp.write_bytes(content)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return len(content)
+
+    def download_many(self, items: Iterable[tuple[str, Path, Mapping[str, Any] | None]],
+                      validate: Validator | None = None, desc: str = "download",
+                      total: int | None = None, progress: bool = True) -> DownloadReport:
+        """Download ``(url, dest, params)`` items with ``concurrency`` threads.
+
+        Files already on disk are skipped without a request. A failing item is recorded in the
+        report and the others go on; call :meth:`DownloadReport.raise_for_failures` after.
+        """
+        report = DownloadReport()
+        lock = threading.Lock()
+
+        def one(item: tuple[str, Path, Mapping[str, Any] | None]) -> None:
+            url, dest, params = item
+            try:
+                written = self.download(url, dest, params, validate)
+            except FetchError as exc:
+                with lock:
+                    report.failed.append((Path(dest), str(exc)))
+                return
+            with lock:
+                if written:
+                    report.fetched += 1
+                    report.bytes += written
+                else:
+                    report.skipped += 1
+
+        with tqdm(total=total, desc=desc, unit="file", disable=not progress) as bar, \
+                ThreadPoolExecutor(self.politeness.concurrency) as pool:
+            for _ in pool.map(one, items):
+                bar.update(1)
+        return report

@@ -1,0 +1,163 @@
+"""The polite HTTP client against a loopback server (pytest-httpserver)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from werkzeug import Response
+
+from core.sources.http import (
+    FetchError,
+    HttpClient,
+    Politeness,
+    RateLimiter,
+    redact,
+    retry_after_s,
+)
+
+FAST = Politeness(requests_per_second=0, concurrency=3, retries=3, backoff_s=0.01)
+
+
+class Sleeps(list):
+    """Records the waits the client asks for instead of sleeping."""
+
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+def sequence(*responses: Response):
+    """A handler answering the given responses in turn, then the last one forever."""
+    queue = list(responses)
+
+    def handler(request):
+        return queue.pop(0) if len(queue) > 1 else queue[0]
+
+    return handler
+
+
+def test_redact_hides_keys_in_urls_and_known_secrets():
+    url = "https://api.flickr.com/services/rest?method=x&api_key=abc123&page=2"
+    assert redact(url) == "https://api.flickr.com/services/rest?method=x&api_key=***&page=2"
+    assert "s3cr3t" not in redact("header token s3cr3t", secrets=["s3cr3t"])
+    assert redact("maps?key=K&signature=S") == "maps?key=***&signature=***"
+
+
+def test_retry_after_accepts_seconds_and_http_dates():
+    assert retry_after_s("7") == 7.0
+    assert retry_after_s("Wed, 21 Oct 2015 07:28:10 GMT", now=1445412480.0) == 10.0
+    assert retry_after_s("soon") is None
+    assert retry_after_s(None) is None
+
+
+def test_rate_limiter_spaces_requests():
+    now = [0.0]
+    waits = []
+
+    def sleep(s):
+        waits.append(s)
+        now[0] += s
+
+    limiter = RateLimiter(2.0, clock=lambda: now[0], sleep=sleep)
+    for _ in range(3):
+        limiter.wait()
+    assert waits == [0.5, 0.5]
+
+
+def test_429_with_retry_after_is_obeyed(httpserver):
+    httpserver.expect_request("/tile").respond_with_handler(sequence(
+        Response("slow down", status=429, headers={"Retry-After": "3"}),
+        Response(b"ok", status=200),
+    ))
+    sleeps = Sleeps()
+    client = HttpClient(FAST, sleep=sleeps)
+    assert client.get(httpserver.url_for("/tile")).content == b"ok"
+    assert sleeps == [3.0]
+    assert client.requests_made == 2
+
+
+def test_5xx_is_retried_with_backoff_then_fails(httpserver):
+    httpserver.expect_request("/x").respond_with_data("boom", status=503)
+    sleeps = Sleeps()
+    client = HttpClient(FAST, sleep=sleeps)
+    with pytest.raises(FetchError, match="HTTP 503 after 4 attempts"):
+        client.get(httpserver.url_for("/x"))
+    assert len(sleeps) == 3
+    assert sleeps[0] < sleeps[2]  # doubling backoff (jitter is at most x1.5 / x0.5)
+
+
+def test_404_fails_at_once(httpserver):
+    httpserver.expect_request("/missing").respond_with_data("no such layer", status=404)
+    client = HttpClient(FAST, sleep=Sleeps())
+    with pytest.raises(FetchError, match="HTTP 404 'no such layer'"):
+        client.get(httpserver.url_for("/missing"))
+    assert client.requests_made == 1
+
+
+def test_long_retry_after_is_a_clear_quota_error(httpserver):
+    httpserver.expect_request("/q").respond_with_data("", status=429,
+                                                      headers={"Retry-After": "86400"})
+    with pytest.raises(FetchError, match="asks to wait 86400 s"):
+        HttpClient(FAST, sleep=Sleeps()).get(httpserver.url_for("/q"))
+
+
+def test_keys_never_reach_errors_or_logs(httpserver, caplog):
+    httpserver.expect_request("/rest").respond_with_data("overloaded", status=500)
+    httpserver.expect_request("/denied").respond_with_data("bad key TOPSECRET", status=403)
+    client = HttpClient(FAST, sleep=Sleeps())
+    params = {"api_key": "TOPSECRET", "page": 1}
+    with caplog.at_level(logging.INFO, logger="core.sources.http"), \
+            pytest.raises(FetchError) as info:
+        client.get(httpserver.url_for("/rest"), params=params)
+    assert "api_key=***" in str(info.value) and "TOPSECRET" not in str(info.value)
+    ours = [r.getMessage() for r in caplog.records if r.name == "core.sources.http"]
+    assert len(ours) == 3 and not any("TOPSECRET" in m for m in ours)
+    # a body echoing the key is scrubbed too
+    with pytest.raises(FetchError, match="bad key \\*\\*\\*") as info:
+        client.get(httpserver.url_for("/denied"), params=params)
+    assert "TOPSECRET" not in str(info.value)
+
+
+def test_connection_errors_are_retried_without_the_key_in_the_message():
+    client = HttpClient(Politeness(requests_per_second=0, retries=1, backoff_s=0.01,
+                                   timeout_s=1), sleep=Sleeps())
+    with pytest.raises(FetchError, match="ConnectionError after 2 attempts") as info:
+        client.get("http://127.0.0.1:9/none", params={"key": "GOOGLEKEY"})
+    assert "GOOGLEKEY" not in str(info.value)
+
+
+def _check_jpeg(content: bytes) -> None:
+    if not (content.startswith(b"\xff\xd8") and content.endswith(b"\xff\xd9")):
+        raise ValueError("not a complete JPEG")
+
+
+def test_corrupt_payload_is_refetched_and_never_written(httpserver, tmp_path):
+    good = b"\xff\xd8jpegdata\xff\xd9"
+    httpserver.expect_request("/t1").respond_with_handler(sequence(
+        Response(good[:5]), Response(good)))
+    httpserver.expect_request("/t2").respond_with_data(good[:5])
+    client = HttpClient(FAST, sleep=Sleeps())
+    assert client.download(httpserver.url_for("/t1"), tmp_path / "t1.jpg",
+                           validate=_check_jpeg) == len(good)
+    assert (tmp_path / "t1.jpg").read_bytes() == good
+    with pytest.raises(FetchError, match="corrupt payload"):
+        client.download(httpserver.url_for("/t2"), tmp_path / "t2.jpg", validate=_check_jpeg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t1.jpg"]
+
+
+def test_download_many_resumes_without_refetching(httpserver, tmp_path):
+    for i in range(6):
+        httpserver.expect_request(f"/tile/{i}").respond_with_data(f"tile{i}".encode())
+    httpserver.expect_request("/tile/6").respond_with_data("gone", status=404)
+    items = [(httpserver.url_for(f"/tile/{i}"), tmp_path / f"{i}.bin", None) for i in range(7)]
+    client = HttpClient(FAST, sleep=Sleeps())
+    # an interrupted first run left three tiles
+    for url, dest, _ in items[:3]:
+        client.download(url, dest)
+    before = client.requests_made
+    report = client.download_many(items, progress=False)
+    assert (report.fetched, report.skipped, len(report.failed)) == (3, 3, 1)
+    assert client.requests_made - before == 4  # three new tiles and the 404, nothing refetched
+    assert (tmp_path / "5.bin").read_bytes() == b"tile5"
+    with pytest.raises(FetchError, match="1 tiles failed .* 6 on disk are kept"):
+        report.raise_for_failures("tiles")
