@@ -279,3 +279,27 @@ class HttpClient:
             for _ in pool.map(one, items):
                 bar.update(1)
         return report
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What one source of a fetch will download, for the plan printed before it starts.
+
+    Attributes:
+        source: a short name ("Leefbaarometer WFS", "PDOK aerial 2020", ...).
+        requests: HTTP requests it will make (upper bound where paging is unknown).
+        bytes: bytes it will write, estimated.
+        requests_per_second: the rate limit it runs under, for the time estimate.
+        note: anything the user must know (key needed, quota, cost, licence).
+    """
+
+    source: str
+    requests: int
+    bytes: int
+    requests_per_second: float
+    note: str = ""
+
+    @property
+    def seconds(self) -> float:
+        """Time at the rate limit, ignoring transfer time."""
+        return self.requests / self.requests_per_second if self.requests_per_second > 0 else 0.0
