@@ -18,11 +18,10 @@ from core.sources.flickr import (
     FlickrError,
     estimate_flickr,
     fetch_flickr,
-    grid_bbox_lonlat,
     search_photos,
-    validate_jpeg,
 )
 from core.sources.http import FetchError, HttpClient, Politeness
+from core.sources.street_fetch import grid_bbox_lonlat, validate_jpeg
 from tests.fakes.flickr import install_flickr
 
 KEY = "flickr-key-0123456789abcdef"

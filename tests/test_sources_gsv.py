@@ -17,7 +17,7 @@ from werkzeug import Response
 
 from core.dataroot import DataRoot
 from core.sources.catalog import read_catalog
-from core.sources.flickr import fetch_flickr, grid_bbox_lonlat, validate_jpeg
+from core.sources.flickr import fetch_flickr
 from core.sources.gsv import (
     API_KEY_ENV,
     GsvError,
@@ -30,6 +30,7 @@ from core.sources.gsv import (
     street_points_lonlat,
 )
 from core.sources.http import FetchError, HttpClient, Politeness
+from core.sources.street_fetch import grid_bbox_lonlat, validate_jpeg
 from tests.fakes.flickr import install_flickr
 from tests.fakes.gsv import install_gsv
 
@@ -137,15 +138,16 @@ def test_metadata_statuses_are_clear_errors(httpserver, tiny_demo, tmp_path, cli
     fake.inject("metadata", *[Response(f'{{"status": "{status}"}}', 200, mimetype="application/json")] * 4)
     with pytest.raises(GsvError, match=f"{status}: {message}") as error:
         fetch(fake, tmp_path, client, centres)
-    assert error.value.status == status
+    assert error.value.api_status == status and error.value.status is None
     assert not fake.image_requests and not DataRoot(tmp_path).catalog.exists()
 
 
-def test_unknown_error_is_retried_and_zero_results_skipped(httpserver, tiny_demo, client, centres):
+def test_unknown_error_is_retried_and_zero_results_skipped(httpserver, tiny_demo, client, sleeps, centres):
     fake = install_gsv(httpserver, tiny_demo, api_key=KEY)
     fake.inject("metadata", Response('{"status": "UNKNOWN_ERROR"}', 200, mimetype="application/json"))
     answer = pano_metadata(client, KEY, location=tuple(centres[0]), radius=500, base_url=fake.base_url)
     assert answer["status"] == "OK" and fake.metadata_requests == 2
+    assert len(sleeps) == 1 and 0 < sleeps[0] <= 1.5 * FAST.backoff_s  # the client's backoff, not a real sleep
     assert pano_metadata(client, KEY, location=(4.0, 52.0), base_url=fake.base_url) is None  # in the fields
     assert pano_metadata(client, KEY, pano="no-such-pano", base_url=fake.base_url) is None
     fake.inject("metadata", Response('{"status": "OK", "pano_id": "x"}', 200, mimetype="application/json"))

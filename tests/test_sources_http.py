@@ -94,6 +94,22 @@ def test_404_fails_at_once(httpserver):
     assert client.requests_made == 1
 
 
+def test_fetch_errors_carry_the_http_status(httpserver):
+    httpserver.expect_request("/missing").respond_with_data("gone", status=404)
+    httpserver.expect_request("/busy").respond_with_data("busy", status=503)
+    client = HttpClient(Politeness(requests_per_second=0, retries=1, backoff_s=0.01, timeout_s=1),
+                        sleep=Sleeps())
+    with pytest.raises(FetchError) as not_found:
+        client.get(httpserver.url_for("/missing"))
+    assert not_found.value.status == 404 and str(not_found.value).endswith(": HTTP 404 'gone'")
+    with pytest.raises(FetchError, match="HTTP 503 after 2 attempts") as busy:
+        client.get(httpserver.url_for("/busy"))
+    assert busy.value.status == 503
+    with pytest.raises(FetchError, match="ConnectionError") as refused:
+        client.get("http://127.0.0.1:9/none")
+    assert refused.value.status is None
+
+
 def test_long_retry_after_is_a_clear_quota_error(httpserver):
     httpserver.expect_request("/q").respond_with_data("", status=429,
                                                       headers={"Retry-After": "86400"})
@@ -157,6 +173,7 @@ def test_download_many_resumes_without_refetching(httpserver, tmp_path):
     before = client.requests_made
     report = client.download_many(items, progress=False)
     assert (report.fetched, report.skipped, len(report.failed)) == (3, 3, 1)
+    assert [(path.name, error.status) for path, error in report.failed] == [("6.bin", 404)]
     assert client.requests_made - before == 4  # three new tiles and the 404, nothing refetched
     assert (tmp_path / "5.bin").read_bytes() == b"tile5"
     with pytest.raises(FetchError, match="1 tiles failed .* 6 on disk are kept"):

@@ -300,14 +300,20 @@ def images_per_cell(images: pd.DataFrame, cell_ids: np.ndarray) -> pd.DataFrame:
 # --- writing ---------------------------------------------------------------------------------
 
 
+#: Columns :func:`read_catalog` derives from the position; never written to a catalog file.
+DERIVED_COLUMNS = ("cell_id", "geometry")
+
+
 def write_catalog(images: pd.DataFrame, path: str | PathLike) -> Path:
     """Write images as a catalog that :func:`read_catalog` reads back, atomically.
 
-    Positions are stored as RD ``x, y`` and paths relative to the catalog's folder.
+    Positions are stored as RD ``x, y`` and paths relative to the catalog's folder. The
+    standard columns come first; any other columns (licence details, owner, ``lon, lat``,
+    ...) are kept after them, except the derived :data:`DERIVED_COLUMNS`.
 
     Args:
         images: a table with :data:`REQUIRED_COLUMNS`, ``x`` and ``y`` (e.g.
-            ``Catalog.images``); optional columns present are kept.
+            ``Catalog.images``); ``path`` absolute or relative to the working directory.
         path: ``.parquet`` or ``.csv``.
     """
     path = Path(path)
@@ -315,10 +321,40 @@ def write_catalog(images: pd.DataFrame, path: str | PathLike) -> Path:
     if suffix not in (".parquet", ".csv"):
         raise ValueError(f"{path}: a catalog is written as .parquet or .csv, not {suffix!r}")
     require_columns(images, (*REQUIRED_COLUMNS, "x", "y"), "images")
-    columns = [*REQUIRED_COLUMNS, "x", "y", *(c for c in OPTIONAL_COLUMNS if c in images.columns)]
-    table = pd.DataFrame(images[columns]).reset_index(drop=True)
+    first = [*REQUIRED_COLUMNS, "x", "y", *(c for c in OPTIONAL_COLUMNS if c in images.columns)]
+    rest = [c for c in images.columns if c not in first and c not in DERIVED_COLUMNS]
+    table = pd.DataFrame(images[first + rest]).reset_index(drop=True)
     folder = path.parent.resolve()
-    table["path"] = [os.path.relpath(Path(p).resolve(), folder) for p in table["path"]]
+    table["path"] = [p if pd.isna(p) else os.path.relpath(Path(p).resolve(), folder) for p in table["path"]]
     if suffix == ".csv":
         return write_atomic(path, lambda tmp: table.to_csv(tmp, index=False))
     return write_atomic(path, lambda tmp: table.to_parquet(tmp, index=False))
+
+
+def merge_catalog(rows: pd.DataFrame, catalog: str | PathLike) -> Path:
+    """Write ``rows`` into a Parquet catalog, replacing its existing rows of the same ids.
+
+    ``rows`` is in stored form (paths relative to the catalog's folder, RD ``x, y``), as the
+    street-level fetches build it; the result is written by :func:`write_catalog`, so extra
+    columns (licence, owner, ``lon, lat``, ...) of old and new rows are kept.
+
+    Raises:
+        ValueError: naming the file, when the existing catalog is not a table this can extend.
+    """
+    catalog = Path(catalog)
+    if catalog.suffix.lower() != ".parquet":
+        raise ValueError(f"{catalog}: street-level fetches write a .parquet catalog")
+    require_columns(rows, (*REQUIRED_COLUMNS, "x", "y"), "new catalog rows")
+    table = rows
+    if catalog.exists():
+        existing = read_table(catalog, "image catalog")
+        if "geometry" in existing.columns:
+            raise ValueError(f"{catalog}: a GeoParquet catalog cannot be extended; "
+                             "write it as plain Parquet with x, y columns first")
+        require_columns(existing, (*REQUIRED_COLUMNS, "x", "y"), catalog)
+        kept = existing[~existing["id"].astype(str).isin(rows["id"].astype(str))]
+        table = pd.concat([kept, rows], ignore_index=True) if len(kept) else rows
+    folder = catalog.parent
+    table = table.assign(path=[p if pd.isna(p) else str(folder / p) for p in table["path"]])
+    return write_catalog(table, catalog)
+

@@ -11,33 +11,35 @@ and written to ``street/images/flickr/<block>/flickr_<photo id>.jpg``; the catal
 The API key comes from ``$FLICKR_API_KEY`` and is never written anywhere. The API terms
 allow 3,600 queries per hour per key; every photo keeps its own licence (recorded per row
 with its owner, for attribution), and ``licenses=`` keeps only the licences a user allows.
-
-This module also holds the helpers the street-level clients share (GSV uses them): the JPEG
-validator, image paths and the catalog merge.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-import re
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from os import PathLike
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from pyproj import Transformer
 
 from core.dataroot import DataRoot
-from core.grid import RD_NEW, cell_id, cell_index, read_grid
-from core.io import read_table, require_columns, write_atomic
-from core.sources.catalog import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, WGS84
-from core.sources.http import DownloadReport, Estimate, FetchError, HttpClient, Politeness
+from core.sources.catalog import merge_catalog
+from core.sources.http import Estimate, FetchError, HttpClient, Politeness
+from core.sources.street_fetch import (
+    BBox,
+    StreetFetch,
+    download_images,
+    env_secret,
+    grid_bbox_lonlat,
+    image_paths,
+    lonlat_to_rd,
+    remove_corrupt_images,
+    safe_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,6 @@ FIRST_TAKEN = datetime(1900, 1, 1)
 MIN_WINDOW = timedelta(days=1)
 MIN_BOX_DEG = 1e-4
 
-BBox = tuple[float, float, float, float]
 _SEARCH_EXTRAS = ("geo", "date_taken", "tags", "license", "owner_name")
 _TAKEN_FORMAT = "%Y-%m-%d %H:%M:%S"
 
@@ -84,136 +85,6 @@ class License:
     id: int
     name: str
     url: str
-
-
-@dataclass
-class StreetFetch:
-    """What a street-level fetch did.
-
-    Attributes:
-        rows: the catalog rows of this fetch (stored form: paths relative to the catalog).
-        report: downloads fetched, skipped (already on disk) and failed.
-        catalog: the catalog file written.
-    """
-
-    rows: pd.DataFrame
-    report: DownloadReport
-    catalog: Path
-
-
-# --- shared by the street-level clients ------------------------------------------------------
-
-
-def env_secret(name: str, what: str) -> str:
-    """The value of environment variable ``name``; a clear error naming it when unset."""
-    value = os.environ.get(name, "").strip()
-    if not value:
-        raise ValueError(f"{what} needs an API key: set the environment variable {name}")
-    return value
-
-
-def _jpeg_problem(head: bytes, tail: bytes) -> str | None:
-    if not head.startswith(b"\xff\xd8\xff"):
-        return f"not a JPEG (starts with {head[:8]!r})"
-    if not tail.rstrip(b"\0\r\n ").endswith(b"\xff\xd9"):
-        return "truncated JPEG (no end-of-image marker)"
-    return None
-
-
-def validate_jpeg(content: bytes) -> None:
-    """Raise ValueError unless ``content`` is a complete JPEG (start and end markers)."""
-    problem = _jpeg_problem(content[:8], content[-64:])
-    if problem:
-        raise ValueError(problem)
-
-
-def remove_corrupt_images(paths: Iterable[Path]) -> int:
-    """Delete image files on disk that are not complete JPEGs, so a fetch gets them again.
-
-    Only the first and last bytes are read: a resumed fetch over many files stays fast.
-
-    Returns:
-        How many files were deleted.
-    """
-    removed = 0
-    for path in paths:
-        try:
-            with open(path, "rb") as f:
-                head = f.read(8)
-                f.seek(max(0, os.fstat(f.fileno()).st_size - 64))
-                tail = f.read()
-        except FileNotFoundError:
-            continue
-        problem = _jpeg_problem(head, tail)
-        if problem:
-            log.warning("%s: %s; fetching it again", path, problem)
-            path.unlink()
-            removed += 1
-    return removed
-
-
-def lonlat_to_rd(lon: np.ndarray, lat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """WGS84 lon/lat to RD New x/y, rounded to centimetres."""
-    x, y = Transformer.from_crs(WGS84, RD_NEW, always_xy=True).transform(lon, lat)
-    return np.round(np.asarray(x, dtype=np.float64), 2), np.round(np.asarray(y, dtype=np.float64), 2)
-
-
-def image_paths(source: str, ids: Sequence[str], x: np.ndarray, y: np.ndarray) -> list[str]:
-    """Catalog-relative paths ``images/<source>/<1 km block>/<id>.jpg``, the demo's layout."""
-    ix, iy = cell_index(cell_id(np.asarray(x), np.asarray(y)))
-    return [f"images/{source}/{bx}_{by}/{i}.jpg"
-            for bx, by, i in zip(np.asarray(ix) // 10, np.asarray(iy) // 10, ids, strict=True)]
-
-
-def safe_name(text: str) -> str:
-    """``text`` with every character other than letters, digits, ``-`` and ``_`` replaced."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", text)
-
-
-def merge_catalog(rows: pd.DataFrame, catalog: str | PathLike) -> Path:
-    """Write ``rows`` into the Parquet catalog, replacing existing rows of the same ids.
-
-    ``rows`` is in stored form (paths relative to the catalog's folder, RD ``x, y``); the
-    standard columns come first, extra columns (licence, owner, lon/lat, ...) are kept.
-
-    Raises:
-        ValueError: naming the file, when the existing catalog is not a table this can extend.
-    """
-    catalog = Path(catalog)
-    if catalog.suffix.lower() != ".parquet":
-        raise ValueError(f"{catalog}: street-level fetches write a .parquet catalog")
-    require_columns(rows, (*REQUIRED_COLUMNS, "x", "y"), "new catalog rows")
-    table = rows
-    if catalog.exists():
-        existing = read_table(catalog, "image catalog")
-        if "geometry" in existing.columns:
-            raise ValueError(f"{catalog}: a GeoParquet catalog cannot be extended; "
-                             "write it as plain Parquet with x, y columns first")
-        require_columns(existing, (*REQUIRED_COLUMNS, "x", "y"), catalog)
-        kept = existing[~existing["id"].astype(str).isin(rows["id"].astype(str))]
-        table = pd.concat([kept, rows], ignore_index=True) if len(kept) else rows
-    first = [c for c in (*REQUIRED_COLUMNS, "x", "y", *OPTIONAL_COLUMNS) if c in table.columns]
-    table = table[first + [c for c in table.columns if c not in first]].reset_index(drop=True)
-    return write_atomic(catalog, lambda tmp: table.to_parquet(tmp, index=False))
-
-
-def download_images(client: HttpClient, rows: pd.DataFrame, urls: Sequence[str], street: Path,
-                    what: str, progress: bool) -> DownloadReport:
-    """Download ``urls`` to the catalog paths of ``rows`` (resumable, validated JPEG)."""
-    dest = [street / p for p in rows["path"]]
-    report = client.download_many(((u, d, None) for u, d in zip(urls, dest, strict=True)),
-                                  validate=validate_jpeg, desc=what, total=len(dest), progress=progress)
-    log.info("%s: %d fetched, %d already on disk, %d failed (%.1f MB)", what, report.fetched,
-             report.skipped, len(report.failed), report.bytes / 1e6)
-    return report
-
-
-def grid_bbox_lonlat(grid: str | PathLike) -> BBox:
-    """WGS84 (min lon, min lat, max lon, max lat) around every cell of a grid file."""
-    x0, y0, x1, y1 = read_grid(grid).total_bounds
-    xs, ys = np.array([x0, x1, x0, x1]), np.array([y0, y0, y1, y1])
-    lon, lat = Transformer.from_crs(RD_NEW, WGS84, always_xy=True).transform(xs, ys)
-    return float(np.min(lon)), float(np.min(lat)), float(np.max(lon)), float(np.max(lat))
 
 
 # --- Flickr API ------------------------------------------------------------------------------

@@ -37,18 +37,17 @@ from tqdm.auto import tqdm
 from core.dataroot import DataRoot
 from core.grid import RD_NEW, read_grid
 from core.io import read_table, require_columns
-from core.sources.catalog import WGS84
-from core.sources.flickr import (
+from core.sources.catalog import WGS84, merge_catalog
+from core.sources.http import Estimate, FetchError, HttpClient, Politeness, with_params
+from core.sources.street_fetch import (
     StreetFetch,
     download_images,
     env_secret,
     image_paths,
     lonlat_to_rd,
-    merge_catalog,
     remove_corrupt_images,
     safe_name,
 )
-from core.sources.http import Estimate, FetchError, HttpClient, Politeness, with_params
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +70,16 @@ _NO_PANORAMA = frozenset({"ZERO_RESULTS", "NOT_FOUND"})
 
 
 class GsvError(FetchError):
-    """The Street View API answered a status other than OK / ZERO_RESULTS / NOT_FOUND."""
+    """The Street View API answered a status other than OK / ZERO_RESULTS / NOT_FOUND.
 
-    def __init__(self, message: str, status: str) -> None:
+    Attributes:
+        api_status: the answer's ``status`` ("OVER_QUERY_LIMIT", ...); ``status`` (the HTTP
+            status of a :class:`FetchError`) is None, the answer came with HTTP 200.
+    """
+
+    def __init__(self, message: str, api_status: str) -> None:
         super().__init__(message)
-        self.status = status
+        self.api_status = api_status
 
 
 def sign_url(url: str, secret: str) -> str:
@@ -105,7 +109,7 @@ def pano_metadata(client: HttpClient, api_key: str, *, location: tuple[float, fl
     """Metadata of the panorama nearest ``location`` (lon, lat) or of panorama ``pano``.
 
     ``UNKNOWN_ERROR`` (a temporary server error) is retried ``client.politeness.retries``
-    times.
+    times, with the client's backoff.
 
     Returns:
         The answer (``pano_id``, ``date`` "YYYY-MM", ``location`` {lat, lng}, ``copyright``),
@@ -126,11 +130,13 @@ def pano_metadata(client: HttpClient, api_key: str, *, location: tuple[float, fl
         params.update(location=f"{lat:.7f},{lon:.7f}", radius=f"{radius:g}", source=source)
         what = f"lon={lon:.6f}, lat={lat:.6f}"
     url = _request_url(base_url, METADATA_PATH, params, signing_secret)
-    for _ in range(client.politeness.retries + 1):
+    retries = client.politeness.retries
+    for attempt in range(retries + 1):
         answer = client.get_json(url)
         status = str(answer.get("status", "")) if isinstance(answer, dict) else ""
-        if status != "UNKNOWN_ERROR":
+        if status != "UNKNOWN_ERROR" or attempt == retries:
             break
+        client.backoff(attempt, f"Street View metadata for {what}: UNKNOWN_ERROR")
     if status == "OK":
         if "pano_id" not in answer or not {"lat", "lng"} <= set(answer.get("location") or {}):
             raise GsvError(f"Street View metadata for {what}: OK without pano_id/location: "

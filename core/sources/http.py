@@ -40,7 +40,16 @@ USER_AGENT = "stadsbeeld/0.1 (+https://github.com/stadsbeeld; urban imagery rese
 
 
 class FetchError(RuntimeError):
-    """A request failed for good (after retries), or its payload was rejected."""
+    """A request failed for good (after retries), or its payload was rejected.
+
+    Attributes:
+        status: the HTTP status when the failure was one (404, or 503 after the last
+            retry); None for connection errors, corrupt payloads and other failures.
+    """
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -119,17 +128,17 @@ class RateLimiter:
 
 @dataclass
 class DownloadReport:
-    """What :meth:`HttpClient.download_many` did."""
+    """What :meth:`HttpClient.download_many` did; ``failed`` pairs a file with its error."""
 
     fetched: int = 0
     skipped: int = 0
-    failed: list[tuple[Path, str]] = field(default_factory=list)
+    failed: list[tuple[Path, FetchError]] = field(default_factory=list)
     bytes: int = 0
 
     def raise_for_failures(self, what: str) -> None:
         """Raise a FetchError listing up to five failures, if there were any."""
         if self.failed:
-            shown = "; ".join(f"{path.name}: {why}" for path, why in self.failed[:5])
+            shown = "; ".join(f"{path.name}: {error}" for path, error in self.failed[:5])
             raise FetchError(
                 f"{len(self.failed)} {what} failed (rerun to retry only those; the "
                 f"{self.fetched + self.skipped} on disk are kept): {shown}"
@@ -186,6 +195,7 @@ class HttpClient:
             with self._count_lock:
                 self.requests_made += 1
             wait: float | None = None
+            status: int | None = None
             try:
                 response = self.session.get(full, timeout=p.timeout_s)
             except requests.RequestException as exc:
@@ -201,23 +211,39 @@ class HttpClient:
                     except ValueError as exc:
                         problem = f"corrupt payload ({scrub(str(exc))})"
                 elif response.status_code in RETRY_STATUS:
-                    problem = f"HTTP {response.status_code}"
+                    status = response.status_code
+                    problem = f"HTTP {status}"
                     wait = retry_after_s(response.headers.get("Retry-After"))
                     if wait is not None and wait > p.max_backoff_s:
                         raise FetchError(
-                            f"{shown}: HTTP {response.status_code}, the server asks to wait "
-                            f"{wait:.0f} s (quota exhausted?); try again later"
+                            f"{shown}: HTTP {status}, the server asks to wait "
+                            f"{wait:.0f} s (quota exhausted?); try again later", status
                         )
                 else:
                     raise FetchError(f"{shown}: HTTP {response.status_code} "
-                                     f"{scrub(response.text[:200])!r}")
+                                     f"{scrub(response.text[:200])!r}", response.status_code)
             if attempt == p.retries:
                 break
-            if wait is None:
-                wait = min(p.max_backoff_s, p.backoff_s * 2**attempt) * (0.5 + random.random())
-            log.info("%s: %s, retry %d/%d in %.1f s", shown, problem, attempt + 1, p.retries, wait)
-            self._sleep(wait)
-        raise FetchError(f"{shown}: {problem} after {p.retries + 1} attempts")
+            self.backoff(attempt, f"{shown}: {problem}", wait)
+        raise FetchError(f"{shown}: {problem} after {p.retries + 1} attempts", status)
+
+    def backoff(self, attempt: int, reason: str, wait: float | None = None) -> None:
+        """Wait before retry ``attempt + 1`` of a failed request, and log why.
+
+        For retries this client does not see itself (an API answering HTTP 200 with a
+        temporary-error status); :meth:`get` uses it for its own.
+
+        Args:
+            attempt: the 0-based attempt that failed.
+            reason: what failed, for the log line (no secrets).
+            wait: seconds to wait (a ``Retry-After``); default: ``backoff_s`` doubled per
+                attempt, with jitter, at most ``max_backoff_s``.
+        """
+        p = self.politeness
+        if wait is None:
+            wait = min(p.max_backoff_s, p.backoff_s * 2**attempt) * (0.5 + random.random())
+        log.info("%s, retry %d/%d in %.1f s", reason, attempt + 1, p.retries, wait)
+        self._sleep(wait)
 
     def get_json(self, url: str, params: Mapping[str, Any] | None = None) -> Any:
         """GET and decode JSON; a body that is not JSON is a FetchError naming the URL."""
@@ -265,7 +291,7 @@ class HttpClient:
                 written = self.download(url, dest, params, validate)
             except FetchError as exc:
                 with lock:
-                    report.failed.append((Path(dest), str(exc)))
+                    report.failed.append((Path(dest), exc))
                 return
             with lock:
                 if written:

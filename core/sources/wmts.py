@@ -15,7 +15,6 @@ import io
 import json
 import logging
 import math
-import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -60,7 +59,6 @@ _NS = {
     "xlink": "http://www.w3.org/1999/xlink",
 }
 _EXTENSIONS = {"image/jpeg": "jpeg", "image/png": "png"}
-_NOT_FOUND = re.compile(r": HTTP 404\b")
 
 BBox = tuple[float, float, float, float]
 
@@ -470,7 +468,7 @@ def fetch_aerial(root: str | PathLike, bbox: BBox, year: int | str = 2020, *,
         desc=f"aerial tiles {layer.identifier}", total=len(wanted), progress=progress,
     )
     by_path = {tile_file(*tile): tile for tile in wanted}
-    new_missing = {by_path[path] for path, why in report.failed if _NOT_FOUND.search(why)}
+    new_missing = {by_path[path] for path, error in report.failed if error.status == 404}
     missing = known_missing | new_missing
     if new_missing:
         write_atomic(missing_file, lambda tmp: tmp.write_text(json.dumps(sorted(missing))))
@@ -478,7 +476,7 @@ def fetch_aerial(root: str | PathLike, bbox: BBox, year: int | str = 2020, *,
                     len(new_missing), missing_file)
     DownloadReport(
         fetched=report.fetched, skipped=report.skipped, bytes=report.bytes,
-        failed=[(path, why) for path, why in report.failed if by_path[path] not in new_missing],
+        failed=[(path, error) for path, error in report.failed if by_path[path] not in new_missing],
     ).raise_for_failures(f"PDOK aerial tiles of {layer.identifier}")
     missing_here = tuple(sorted(missing & set(tiles)))
     path = write_mosaic(
