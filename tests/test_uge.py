@@ -13,7 +13,17 @@ from core.downstream import candidate_sets, ranking_metrics
 from core.runs import load_run
 from core.ugdata import PAIR_GRAPH, TRAIN_FILE, read_ugdata
 from train.__main__ import main
-from train.uge import UGEConfig, embed_queries, fused_embeddings, graph_tensors, restore, train_uge
+from train.uge import (
+    UGEConfig,
+    embed_queries,
+    fused_embeddings,
+    graph_records,
+    graph_tensors,
+    node_vectors,
+    restore,
+    train_uge,
+)
+from train.uge_pretrain import MARKER
 from train.uge_bench import run_bench, write_report
 
 
@@ -22,7 +32,8 @@ def trained(tmp_path_factory, tiny_demo):
     root = tmp_path_factory.mktemp("uge") / "city"
     shutil.copytree(tiny_demo, root, ignore=shutil.ignore_patterns("runs", "cache"))
     assert main(["ugdata", "--data", str(root), "--max-images", "300", "--holdout-district", "Oost"]) == 0
-    config = UGEConfig(data=str(root), stage1_steps=4, stage2_steps=10, batch_size=8, device="cpu")
+    config = UGEConfig(data=str(root), tiny_pretrain_steps=3, stage1_steps=4, stage2_steps=10, stage2_questions=20,
+                       batch_size=8, device="cpu")
     return root, config, train_uge(config, log=lambda _: None)
 
 
@@ -38,6 +49,14 @@ def test_a_run_saves_adapters_graph_model_and_cell_embeddings(trained):
     np.testing.assert_allclose(np.linalg.norm(matrix, axis=1), 1.0, rtol=1e-5)
     assert set(run.predictions()["split"]) == {"train", "heldout"}
     assert run.epochs["stage"].tolist() == [1] * 4 + [2] * 10
+    # stage 2 trains on place captions and on walks through the start node's graph, in turn
+    assert set(run.epochs.loc[run.epochs["stage"] == 2, "pair_type"]) == {"stage2_image_graph",
+                                                                         "stage1_spatial_reasoning"}
+    # the backbone is the tiny model after its captioning pretraining, cached for later runs
+    backbone = DataRoot(root).cache / "vlm"
+    pretrained = [p for p in backbone.iterdir() if (p / MARKER).is_file()]
+    assert [p.name for p in pretrained] == [f"tiny-qwen2vl-captions-3-{p.name.rsplit('-', 1)[1]}" for p in pretrained]
+    assert run.config["vlm_resolved"] == str(pretrained[0])
 
 
 def test_restored_stage_2_reproduces_the_run_embeddings(trained):
@@ -48,7 +67,9 @@ def test_restored_stage_2_reproduces_the_run_embeddings(trained):
     cell = int(samples[0].meta["cell_id"])
     mine = [s for f in data.files.values() for s in f if s.pair_type == PAIR_GRAPH and int(s.meta["cell_id"]) == cell]
     embedder, model = restore(run, config, stage=2)
-    fused = fused_embeddings(model, embed_queries(embedder, data, mine, config.image_px), graph_tensors(data, mine))
+    records = graph_records(data, mine)
+    graphs = graph_tensors(records, node_vectors(embedder, records))
+    fused = fused_embeddings(model, embed_queries(embedder, data, mine, config.image_px), graphs)
     expected = torch.nn.functional.normalize(fused.mean(0), dim=0).numpy()
     ids, matrix = run.embeddings()
     np.testing.assert_allclose(matrix[list(ids).index(cell)], expected, atol=1e-4)

@@ -13,8 +13,9 @@ bf16); without one, a tiny Qwen2-VL is built once under ``DATA/cache/vlm/`` for 
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from core.models.graph_encoder import GraphEncoder, SpatialFusion
 from core.models.uge import LoraSettings, UGEEmbedder, UGESettings, info_nce, make_tiny_qwen2vl
 from core.runs import Run, RunWriter
 from core.ugdata import (
+    GRAPH_DIR,
     HELDOUT_FILE,
     PAIR_CAPTION,
     PAIR_GRAPH,
@@ -38,13 +40,17 @@ from core.ugdata import (
     GraphRecord,
     UGData,
     UGSample,
+    graph_file_name,
+    read_graph,
     read_ugdata,
 )
 from train.common import seed_everything
+from train.uge_pretrain import MARKER as PRETRAINING_MARKER
+from train.uge_pretrain import pretrain_captioning
 
-IMAGE_TASK, TEXT_TASK, QUESTION_TASK = "location", "caption", "grounding"
+IMAGE_TASK, TEXT_TASK, QUESTION_TASK, NODE_TASK = "location", "caption", "grounding", "node"
 ADAPTERS_DIR = "adapters"
-NODE_FEATURES = 2  # degree / 4 and hop / 2
+STRUCTURE_FEATURES = 2  # degree / 4 and hop / 2; the node text's embedding follows them
 EDGE_FEATURES = 5  # length / 100 m, sin and cos of the bearing, dx and dy / 100 m
 
 
@@ -60,8 +66,10 @@ class UGEConfig:
     data: str = "data/demo"
     ugdata: str = ""
     vlm: str | None = None
+    tiny_pretrain_steps: int = 2000
     stage1_steps: int = 60
     stage2_steps: int = 300
+    stage2_questions: int = 4000
     batch_size: int = 16
     lr: float = 3e-3
     graph_lr: float = 2e-3
@@ -83,13 +91,23 @@ class UGEConfig:
     def ugdata_folder(self) -> Path:
         return Path(self.ugdata) if self.ugdata else DataRoot(self.data).root / "ugdata"
 
-    def vlm_folder(self) -> Path:
-        """The backbone folder: ``vlm``, else the tiny Qwen2-VL (made on first use)."""
+    def vlm_folder(self, log: Callable[[str], None] = print) -> Path:
+        """The backbone folder: ``vlm``, else the tiny Qwen2-VL after its captioning pretraining
+        on this UGData (both made on first use and cached under ``DATA/cache/vlm/``)."""
         if self.vlm:
             return Path(self.vlm)
-        folder = DataRoot(self.data).cache / "vlm" / "tiny-qwen2vl"
-        if not (folder / "config.json").is_file():
-            make_tiny_qwen2vl(folder)
+        cache = DataRoot(self.data).cache / "vlm"
+        base = cache / "tiny-qwen2vl"
+        if not (base / "config.json").is_file():
+            make_tiny_qwen2vl(base)
+        if self.tiny_pretrain_steps <= 0:
+            return base
+        source = hashlib.sha1(str(self.ugdata_folder.resolve()).encode()).hexdigest()[:8]
+        folder = cache / f"tiny-qwen2vl-captions-{self.tiny_pretrain_steps}-{source}"
+        if not (folder / PRETRAINING_MARKER).is_file():
+            log(f"pretraining the tiny VLM on captions ({self.tiny_pretrain_steps} steps, cached in {folder})")
+            pretrain_captioning(base, folder, read_ugdata(self.ugdata_folder), self.tiny_pretrain_steps,
+                                load_images, image_px=self.image_px, log=log)
         return folder
 
 
@@ -105,18 +123,25 @@ def load_images(data: UGData, samples: Sequence[UGSample], px: int) -> list[Imag
     return [Image.open(data.image_path(s)).convert("RGB").resize((px, px)) for s in samples]
 
 
-def graph_batch(records: Sequence[GraphRecord]) -> dict[str, torch.Tensor]:
-    """Padded tensors of subgraphs for :class:`GraphEncoder` (both edge directions)."""
+def graph_batch(records: Sequence[GraphRecord], node_vectors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Padded tensors of subgraphs for :class:`GraphEncoder` (both edge directions).
+
+    A node's features are its degree and hop, then the embedding of its text (``node_vectors``,
+    keyed by node id: the paper's nodes carry their category, neighbourhood and coordinates as
+    text, so names in a caption can meet the same names on the graph).
+    """
     n = max(len(r.nodes) for r in records)
     e = max(2 * len(r.edges) for r in records) or 1
-    batch = {"nodes": torch.zeros(len(records), n, NODE_FEATURES), "node_mask": torch.zeros(len(records), n, dtype=torch.bool),
+    width = STRUCTURE_FEATURES + next(iter(node_vectors.values())).shape[0]
+    batch = {"nodes": torch.zeros(len(records), n, width), "node_mask": torch.zeros(len(records), n, dtype=torch.bool),
              "xy": torch.zeros(len(records), n, 2), "edges": torch.zeros(len(records), e, 2, dtype=torch.long),
              "edge_mask": torch.zeros(len(records), e, dtype=torch.bool), "edge_attr": torch.zeros(len(records), e, EDGE_FEATURES),
              "centre": torch.zeros(len(records), dtype=torch.long)}
     for b, record in enumerate(records):
         index = {node["node_id"]: i for i, node in enumerate(record.nodes)}
         for i, node in enumerate(record.nodes):
-            batch["nodes"][b, i] = torch.tensor([node.get("degree", 0) / 4, node.get("hop", 0) / 2])
+            batch["nodes"][b, i, :STRUCTURE_FEATURES] = torch.tensor([node.get("degree", 0) / 4, node.get("hop", 0) / 2])
+            batch["nodes"][b, i, STRUCTURE_FEATURES:] = node_vectors[node["node_id"]]
             batch["xy"][b, i] = torch.tensor(node["xy"], dtype=torch.float32)
         batch["node_mask"][b, : len(record.nodes)] = True
         batch["centre"][b] = index[record.center_node]
@@ -137,7 +162,7 @@ class GraphModel(torch.nn.Module):
 
     def __init__(self, image_dim: int, graph_dim: int) -> None:
         super().__init__()
-        self.encoder = GraphEncoder(NODE_FEATURES, EDGE_FEATURES, hidden=graph_dim, out_dim=graph_dim)
+        self.encoder = GraphEncoder(STRUCTURE_FEATURES + image_dim, EDGE_FEATURES, hidden=graph_dim, out_dim=graph_dim)
         self.fusion = SpatialFusion(image_dim, graph_dim)
 
     def forward(self, image: torch.Tensor, graphs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -211,16 +236,18 @@ def _step(optimiser: torch.optim.Optimizer, loss: torch.Tensor, run: RunWriter, 
         log(f"uge stage {stage} step {step}/{steps}: {pair_type} loss {value:.3f}")
 
 
-def _stage2(model: GraphModel, images: torch.Tensor, captions: torch.Tensor, graphs: dict[str, torch.Tensor],
-            groups: torch.Tensor, config: UGEConfig, generator: torch.Generator, run: RunWriter,
-            log: Callable[[str], None]) -> None:
+def _stage2(model: GraphModel, pools: Sequence[PairPool], config: UGEConfig, generator: torch.Generator,
+            run: RunWriter, log: Callable[[str], None]) -> None:
+    """Graph encoder + fusion against captions (place pairs) and answers (walks), in turn."""
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.graph_lr)
+    pools = [p for p in pools if len(p.queries) >= 2]
     model.train()
     for step in range(1, config.stage2_steps + 1):
-        rows = torch.randperm(len(images), generator=generator)[: config.batch_size]
-        part = {k: v[rows] for k, v in graphs.items()}
-        loss = info_nce(model(images[rows], part), captions[rows], config.temperature, groups[rows])
-        _step(optimiser, loss, run, log, stage=2, step=step, steps=config.stage2_steps, pair_type=PAIR_GRAPH)
+        pool = pools[step % len(pools)]
+        rows = torch.randperm(len(pool.queries), generator=generator)[: config.batch_size]
+        part = {k: v[rows] for k, v in pool.graphs.items()}
+        loss = info_nce(model(pool.queries[rows], part), pool.answers[rows], config.temperature, pool.groups[rows])
+        _step(optimiser, loss, run, log, stage=2, step=step, steps=config.stage2_steps, pair_type=pool.kind)
     model.eval()
 
 
@@ -248,15 +275,68 @@ def _pad_cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return out
 
 
-def graph_tensors(data: UGData, samples: Sequence[UGSample], batch_size: int = 256) -> dict[str, torch.Tensor]:
-    """All samples' subgraphs as one padded batch; a graph file shared by several samples (all
-    images of one anchor node) is read once."""
+def graph_file(sample: UGSample) -> str:
+    """A sample's street subgraph file: its own, else its anchor node's (where a walk starts)."""
+    return sample.graphs[0] if sample.graphs else f"{GRAPH_DIR}/{graph_file_name(str(sample.meta['node_id']))}"
+
+
+def walks_with_graphs(data: UGData, samples: Sequence[UGSample]) -> list[UGSample]:
+    """The reasoning samples whose start node has a graph file (a graph that reaches into the
+    held-out district is not written for the training split)."""
+    return [s for s in samples if s.pair_type == PAIR_REASONING and (data.root / graph_file(s)).is_file()]
+
+
+def graph_records(data: UGData, samples: Sequence[UGSample]) -> list[GraphRecord]:
+    """Each sample's subgraph; a file shared by several samples (one anchor node) is read once."""
     files: dict[str, GraphRecord] = {}
     for sample in samples:
-        if sample.graphs[0] not in files:
-            files[sample.graphs[0]] = data.graph(sample)
-    records = [files[sample.graphs[0]] for sample in samples]
-    return _pad_cat([graph_batch(records[i:i + batch_size]) for i in range(0, len(records), batch_size)])
+        name = graph_file(sample)
+        if name not in files:
+            files[name] = read_graph(data.root / name)
+    return [files[graph_file(sample)] for sample in samples]
+
+
+def node_vectors(embedder: UGEEmbedder, records: Sequence[GraphRecord], batch_size: int = 128) -> dict[str, torch.Tensor]:
+    """The embedding of every node text in ``records``, by node id (each node embedded once)."""
+    texts: dict[str, str] = {}
+    for record in records:
+        for node in record.nodes:
+            texts.setdefault(node["node_id"], node["node_text"])
+    ids = list(texts)
+    with torch.no_grad():
+        vectors = [embedder.embed_texts([texts[i] for i in ids[k:k + batch_size]], NODE_TASK).float().cpu()
+                   for k in range(0, len(ids), batch_size)]
+    return dict(zip(ids, torch.cat(vectors), strict=True)) if ids else {}
+
+
+def graph_tensors(records: Sequence[GraphRecord], vectors: Mapping[str, torch.Tensor],
+                  batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """Subgraphs as one padded batch (see :func:`graph_batch`)."""
+    return _pad_cat([graph_batch(records[i:i + batch_size], vectors) for i in range(0, len(records), batch_size)])
+
+
+def subset(samples: list[UGSample], n: int, seed: int) -> list[UGSample]:
+    """At most ``n`` of ``samples``, drawn without replacement, in their order."""
+    if len(samples) <= n:
+        return samples
+    keep = np.sort(np.random.default_rng(seed).choice(len(samples), n, replace=False))
+    return [samples[i] for i in keep]
+
+
+def answer_groups(samples: Sequence[UGSample]) -> torch.Tensor:
+    """Group ids by answer text: two questions with the same answer are not each other's negatives."""
+    return torch.from_numpy(pd.factorize(pd.Series([s.positive for s in samples], dtype=str))[0])
+
+
+@dataclass
+class PairPool:
+    """Frozen stage-1 embeddings of one kind of stage-2 pair, with their subgraphs."""
+
+    kind: str
+    queries: torch.Tensor
+    answers: torch.Tensor
+    graphs: dict[str, torch.Tensor]
+    groups: torch.Tensor
 
 
 def train_uge(config: UGEConfig, log: Callable[[str], None] = print,
@@ -264,8 +344,8 @@ def train_uge(config: UGEConfig, log: Callable[[str], None] = print,
     """Both stages; writes the run folder and returns its id."""
     root = DataRoot(config.data)
     data = read_ugdata(config.ugdata_folder)
+    vlm = config.vlm_folder(log)
     generator = seed_everything(config.seed)
-    vlm = config.vlm_folder()
     embedder = UGEEmbedder.from_folder(vlm, settings(config), device=config.device)
     train = data.files[TRAIN_FILE]
     stage1 = [s for s in train if s.pair_type in (PAIR_CAPTION, PAIR_REASONING)]
@@ -281,20 +361,28 @@ def train_uge(config: UGEConfig, log: Callable[[str], None] = print,
         embedder.save_adapters(run.path / ADAPTERS_DIR)
 
         started = time.perf_counter()
+        questions = subset(walks_with_graphs(data, train), config.stage2_questions, config.seed)
+        heldout = [s for s in data.files.get(HELDOUT_FILE, []) if s.pair_type == PAIR_GRAPH]
+        records = graph_records(data, stage2 + questions + heldout)
+        vectors = node_vectors(embedder, records)
         images = embed_queries(embedder, data, stage2, config.image_px)
-        captions = embed_positives(embedder, stage2)
-        graphs = graph_tensors(data, stage2)
+        graphs = graph_tensors(records[:len(stage2)], vectors)
+        pools = [PairPool(PAIR_GRAPH, images, embed_positives(embedder, stage2), graphs, _groups(stage2))]
+        if questions:
+            pools.append(PairPool(PAIR_REASONING, embed_queries(embedder, data, questions, config.image_px),
+                                  embed_positives(embedder, questions),
+                                  graph_tensors(records[len(stage2):len(stage2) + len(questions)], vectors),
+                                  answer_groups(questions)))
         model = GraphModel(embedder.dim, config.graph_dim)
-        _stage2(model, images, captions, graphs, _groups(stage2), config, generator, run, log)
-        run.log(f"stage 2: {len(stage2)} image-graph pairs, {config.stage2_steps} steps in "
-                f"{time.perf_counter() - started:.1f} s")
+        _stage2(model, pools, config, generator, run, log)
+        run.log(f"stage 2: {len(stage2)} image-graph pairs, {len(questions)} walks, {len(vectors)} nodes, "
+                f"{config.stage2_steps} steps in {time.perf_counter() - started:.1f} s")
         run.save_model(model.state_dict(), {"kind": "uge-graph", "image_dim": embedder.dim, "graph_dim": config.graph_dim})
 
         fused = fused_embeddings(model, images, graphs)
-        heldout = [s for s in data.files.get(HELDOUT_FILE, []) if s.pair_type == PAIR_GRAPH]
         if heldout:  # the held-out district gets embeddings too (the dashboard maps every cell)
             fused = torch.cat([fused, fused_embeddings(model, embed_queries(embedder, data, heldout, config.image_px),
-                                                       graph_tensors(data, heldout))])
+                                                       graph_tensors(records[len(stage2) + len(questions):], vectors))])
         cells = np.array([int(s.meta["cell_id"]) for s in stage2 + heldout], dtype=np.int64)
         means = pd.DataFrame(fused.numpy()).groupby(cells).mean()
         matrix = means.to_numpy(np.float32, copy=True)

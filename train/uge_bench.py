@@ -10,7 +10,8 @@ Tasks (each on the training samples and on the held-out district, the paper's he
   Leefbaarometer score; R² and Kendall's tau.
 
 Hit@1/3/5/10 and MRR for the ranking tasks. Stage 0 is the backbone without adapters, stage 1
-adds the LoRA adapters, stage 2 fuses the street subgraph into the image side.
+adds the LoRA adapters, stage 2 fuses the street subgraph into the image side (for grounding, the
+subgraph around the walk's start).
 """
 
 from __future__ import annotations
@@ -31,24 +32,21 @@ from core.io import write_atomic
 from core.metrics import kendall_tau_b, r2
 from core.runs import load_run
 from core.sources.lbm import read_lbm
-from core.ugdata import HELDOUT_FILE, PAIR_GRAPH, PAIR_REASONING, TRAIN_FILE, UGSample, read_ugdata
+from core.ugdata import HELDOUT_FILE, PAIR_GRAPH, TRAIN_FILE, read_ugdata
 from train.uge import (
     UGEConfig,
     embed_positives,
     embed_queries,
     fused_embeddings,
+    graph_records,
     graph_tensors,
+    node_vectors,
     restore,
+    subset,
+    walks_with_graphs,
 )
 
 STAGES = (0, 1, 2)
-
-
-def _subset(samples: list[UGSample], n: int, seed: int) -> list[UGSample]:
-    if len(samples) <= n:
-        return samples
-    keep = np.sort(np.random.default_rng(seed).choice(len(samples), n, replace=False))
-    return [samples[i] for i in keep]
 
 
 def _ranks(queries: torch.Tensor, answers: torch.Tensor, groups: list, k: int) -> dict[str, float]:
@@ -82,20 +80,24 @@ def run_bench(root: DataRoot, run_id: str, candidates: int = 10, max_queries: in
         embedder, model = restore(run, config, stage=stage)
         for split, name in (("train", TRAIN_FILE), ("heldout", HELDOUT_FILE)):
             samples = data.files.get(name, [])
-            places = _subset([s for s in samples if s.pair_type == PAIR_GRAPH], max_queries, 0)
-            questions = _subset([s for s in samples if s.pair_type == PAIR_REASONING], max_queries, 1)
+            places = subset([s for s in samples if s.pair_type == PAIR_GRAPH], max_queries, 0)
+            questions = subset(walks_with_graphs(data, samples), max_queries, 1)
             if len(places) < 2:
                 continue
             images = embed_queries(embedder, data, places, config.image_px)
+            asked = embed_queries(embedder, data, questions, config.image_px) if len(questions) >= 2 else None
             if model is not None:
-                images = fused_embeddings(model, images, graph_tensors(data, places))
+                records = graph_records(data, places + questions)
+                vectors = node_vectors(embedder, records)
+                images = fused_embeddings(model, images, graph_tensors(records[:len(places)], vectors))
+                if asked is not None:  # a walk's question meets the street graph where it starts
+                    asked = fused_embeddings(model, asked, graph_tensors(records[len(places):], vectors))
             captions = embed_positives(embedder, places)
             groups = [s.meta.get("node_id") for s in places]
             row = {"stage": stage, "split": split}
             row |= {f"geolocation_{k}": v for k, v in _ranks(images, captions, groups, candidates).items()}
             row |= {f"retrieval_{k}": v for k, v in _ranks(captions, images, groups, candidates).items()}
-            if len(questions) >= 2:
-                asked = embed_queries(embedder, data, questions, config.image_px)
+            if asked is not None:
                 answers = embed_positives(embedder, questions)
                 answer_groups = [s.positive for s in questions]  # the same answer twice is no negative
                 row |= {f"grounding_{k}": v for k, v in _ranks(asked, answers, answer_groups, candidates).items()}

@@ -71,6 +71,7 @@ DEFAULT_INSTRUCTIONS: dict[str, str] = {
     "perception": "Represent this street view for urban perception.",
     "grounding": "Represent this place and its spatial context for spatial grounding.",
     "caption": "Represent this spatial caption.",
+    "node": "Represent this street node and where it lies.",
 }
 
 Pooling = Literal["last", "mean"]
