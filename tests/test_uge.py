@@ -23,8 +23,8 @@ from train.uge import (
     restore,
     train_uge,
 )
-from train.uge_pretrain import MARKER
 from train.uge_bench import run_bench, write_report
+from train.uge_pretrain import MARKER
 
 
 @pytest.fixture(scope="module")
