@@ -14,6 +14,10 @@ from core.dataroot import DataRoot
 DEFAULT_DATA = str(DataRoot.from_env().root)
 #: train.contrastive.OBJECTIVES, spelt out so that --help needs no torch import.
 OBJECTIVES = ("temporal", "spatial", "global", "unified")
+#: train.fetch.SOURCES, ENDPOINTS and POLITENESS names, spelt out so that --help needs no geo imports.
+FETCH_SOURCES = ("lbm", "aerial", "osm", "flickr", "gsv")
+FETCH_ENDPOINTS = ("pdok", "lbm", "wmts", "overpass", "flickr", "gsv")
+FETCH_RATES = ("pdok", "lbm", "wmts", "overpass", "flickr", "flickr-images", "gsv")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -49,6 +53,21 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"built {out} in {manifest['elapsed_s']} s")
     print(summarize(out))
     return 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    import logging
+
+    from core.sources.http import FetchError
+    from train.fetch import config_from_args, run_fetch
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("core.sources").setLevel(logging.INFO)
+    try:
+        return run_fetch(config_from_args(args))
+    except (ValueError, FileNotFoundError, FetchError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _summary(args: argparse.Namespace) -> int:
@@ -333,6 +352,49 @@ def _add_evaluation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="report folder (default: DATA/reports)")
 
 
+def _add_fetch_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("municipality", help="official Dutch name, e.g. amsterdam, utrecht, \"'s-Gravenhage\"")
+    parser.add_argument("--out", help="data root to fill (default: data/<municipality>)")
+    parser.add_argument("--year", type=int, default=2020, help="label and aerial year (default: %(default)s)")
+    parser.add_argument("--extra-years", type=int, nargs="+", default=[], metavar="YEAR",
+                        help="more Leefbaarometer editions, e.g. 2018 2016")
+    parser.add_argument("--sources", help=f"comma-separated subset of {','.join(FETCH_SOURCES)} (default: all; "
+                                          "keyed sources without their key are skipped)")
+    parser.add_argument("--province", help="the province, when the municipality's name is ambiguous")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    parser.add_argument("--resolution", type=float, default=0.25,
+                        help="aerial metres per pixel; the nearest PDOK level is used (0.25 -> 0.21 m, "
+                             "0.42, 0.84, ...) (default: %(default)s)")
+    parser.add_argument("--flickr-since", default="2004-01-01", metavar="DATE",
+                        help="earliest capture date of Flickr photos (default: %(default)s)")
+    parser.add_argument("--flickr-licenses", default="all", metavar="IDS",
+                        help="Flickr licence ids to keep: comma-separated, 'reusable' (4,5,7,8,9,10: CC BY, "
+                             "CC BY-SA, no known restrictions, US government, CC0, public domain) or 'all' "
+                             "(default; each photo's licence is recorded)")
+    parser.add_argument("--gsv-headings", type=float, nargs="+", default=[0.0, 90.0, 180.0, 270.0],
+                        metavar="DEG", help="Street View view headings (default: 0 90 180 270)")
+    parser.add_argument("--gsv-spacing", type=float, default=50.0, metavar="M",
+                        help="metres between Street View lookups along the streets (default: %(default)s)")
+    parser.add_argument("--gsv-max-requests", type=int, metavar="N",
+                        help="stop before any billed request if Street View needs more image requests")
+    parser.add_argument("--gsv-panos", metavar="CSV", help="also fetch these panorama ids (column pano_id): older "
+                                                            "captures, which the API finds only by id")
+    parser.add_argument("--lbm-release", metavar="CSV[,GPKG]",
+                        help="import a downloaded Leefbaarometer release (scores CSV and grid GeoPackage, "
+                             "or one zip holding both) instead of the WFS")
+    parser.add_argument("--osm-file", metavar="FILE", help="read streets, water and parks from an OSM XML file "
+                                                           "(.osm, .osm.gz, .osm.bz2) instead of Overpass")
+    parser.add_argument("--endpoint", action="append", default=[], metavar="NAME=URL",
+                        help=f"another base URL for a service ({', '.join(FETCH_ENDPOINTS)}); repeatable")
+    parser.add_argument("--rate", action="append", default=[], metavar="NAME=RPS",
+                        help=f"requests per second of a client ({', '.join(FETCH_RATES)}, or all); 0 = no "
+                             "limit; repeatable")
+    parser.add_argument("--redo", nargs="+", default=[], choices=("lbm", "grid", *FETCH_SOURCES[1:]),
+                        metavar="STEP", help="run these steps again even if fetch.json records them as done "
+                                             "(lbm, grid, aerial, osm, flickr, gsv)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one subcommand per task."""
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
@@ -352,6 +414,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--force", action="store_true", help="rebuild --out if it exists")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(run=_demo)
+
+    fetch = commands.add_parser(
+        "fetch", help="build a real data root for a municipality (Leefbaarometer, PDOK aerial, OSM, Flickr, GSV)",
+        description="Fetch a Dutch municipality's outline (PDOK), print a plan (requests, size, time, cost, "
+                    "licences), then its Leefbaarometer labels, grid, aerial mosaic, OSM streets, water and "
+                    "parks, Flickr photos and Street View views into a data root. Resumable: rerun to continue. "
+                    "Keys come from FLICKR_API_KEY and GOOGLE_MAPS_API_KEY (+ GOOGLE_MAPS_SIGNING_SECRET).")
+    _add_fetch_options(fetch)
+    fetch.set_defaults(run=_fetch)
 
     summary = commands.add_parser("summary", help="summarise a data root",
                                   description="Cells, images per source, coverage per district, scores.")

@@ -331,7 +331,8 @@ def estimate_flickr(bbox: BBox, *, min_taken: datetime = FIRST_TAKEN, max_taken:
     parts = max(1, math.ceil(total / cap))
     api_calls = 1 + max(parts, math.ceil(total / per_page)) + (2 * parts if parts > 1 else 0)
     api_rate = client.politeness.requests_per_second or API_POLITENESS.requests_per_second
-    seconds = api_calls / api_rate + total / max(image_politeness.requests_per_second, 1e-9)
+    image_rate = image_politeness.requests_per_second  # 0 = no limit
+    seconds = api_calls / api_rate + (total / image_rate if image_rate > 0 else 0.0)
     allowed = "all licences" if licenses is None else f"licences {sorted(licenses)}"
     note = (f"{total} photos ({allowed}); needs ${API_KEY_ENV}; the Flickr API terms allow "
             f"{QUERIES_PER_HOUR} queries/hour per key; each photo keeps its owner's licence "
