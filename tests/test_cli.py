@@ -91,3 +91,13 @@ def test_fusion_matrix_command_on_a_tiny_city(tiny_demo, tmp_path, capsys):
     changed = new != old
     assert changed[changed].index.tolist() == [extra]
     assert main(["fusion-matrix", "--data", str(tiny_demo), "--seeds", "0", "--out", str(out), "--only", "nope"]) == 2
+
+
+def test_bad_input_is_one_error_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("STADSBEELD_TRACEBACK", raising=False)
+    assert main(["scene-filter", "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "catalog file not found" in err and "Traceback" not in err
+    monkeypatch.setenv("STADSBEELD_TRACEBACK", "1")
+    with pytest.raises(FileNotFoundError, match="catalog file not found"):
+        main(["scene-filter", "--data", str(tmp_path)])

@@ -260,7 +260,8 @@ def _uge(args: argparse.Namespace) -> int:
     from train.uge import UGEConfig, train_uge
 
     run_id = train_uge(UGEConfig(data=args.data, ugdata=args.ugdata or "", vlm=args.vlm,
-                                 stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
+                                 tiny_pretrain_steps=args.tiny_pretrain_steps, stage1_steps=args.stage1_steps,
+                                 stage2_steps=args.stage2_steps, stage2_questions=args.stage2_questions,
                                  batch_size=args.batch_size, lr=args.lr, temperature=args.temperature,
                                  lora_r=args.lora_r, image_px=args.image_px, seed=args.seed, device=args.device))
     print(f"uge run {run_id}")
@@ -524,8 +525,13 @@ def build_parser() -> argparse.ArgumentParser:
     uge.add_argument("--data", default=DEFAULT_DATA, help="data root (default: %(default)s)")
     uge.add_argument("--ugdata", help="UGData folder (default: DATA/ugdata)")
     uge.add_argument("--vlm", help="local Qwen2-VL / Qwen2.5-VL checkpoint folder (default: the tiny model)")
+    uge.add_argument("--tiny-pretrain-steps", type=int, default=2000,
+                     help="captioning pretraining of the tiny model before stage 1, cached per step count "
+                          "(ignored with --vlm; 0 = a randomly initialised backbone)")
     uge.add_argument("--stage1-steps", type=int, default=60)
     uge.add_argument("--stage2-steps", type=int, default=300)
+    uge.add_argument("--stage2-questions", type=int, default=4000,
+                     help="spatial-reasoning walks stage 2 trains on, beside the place captions")
     uge.add_argument("--batch-size", type=int, default=16)
     uge.add_argument("--lr", type=float, default=3e-3, help="LoRA learning rate")
     uge.add_argument("--temperature", type=float, default=0.05,
@@ -567,7 +573,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (FileNotFoundError, ValueError) as exc:
+        # bad input: the message names the file and the problem; a traceback adds nothing
+        if os.environ.get("STADSBEELD_TRACEBACK"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
