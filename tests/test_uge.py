@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -85,8 +86,16 @@ def test_ugbench_reports_every_task_for_each_stage_and_split(trained, tmp_path):
     for task in ("geolocation", "retrieval", "grounding"):
         assert results[f"{task}_mrr"].between(0.2, 1.0).all(), task
         assert (results[f"{task}_candidates"] == 5).all()
-    csv, md = write_report(results, tmp_path, run_id)
-    assert "| 2 | heldout |" in md.read_text()
+    csv, md = write_report(results, tmp_path, f"UGBench of {run_id}")
+    assert "| 2 | heldout |" in md.read_text() and "one run" in md.read_text()
+    # seeds: mean ± std per stage and split
+    other = results.assign(**{"geolocation_hit@1": results["geolocation_hit@1"] + 0.2})
+    both = pd.concat([results.assign(run="a", seed=0), other.assign(run="b", seed=1)])
+    _, md = write_report(both, tmp_path / "seeds", "seeds")
+    row = next(line for line in md.read_text().splitlines() if line.startswith("| 1 | train |"))
+    mean, std = results.loc[(results["stage"] == 1) & (results["split"] == "train"), "geolocation_hit@1"].item() + 0.1, 0.2 / 2**0.5
+    assert row.split(" | ")[2] == f"{mean:.3f} ± {std:.3f}"
+    assert "mean ± std over 2 runs (seeds 0, 1)" in md.read_text()
     out = tmp_path / "cli"
     assert main(["uge-bench", run_id, "--data", str(root), "--candidates", "3", "--max-queries", "10",
                  "--out", str(out)]) == 0

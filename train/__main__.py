@@ -269,11 +269,12 @@ def _uge(args: argparse.Namespace) -> int:
 
 
 def _uge_bench(args: argparse.Namespace) -> int:
-    from train.uge_bench import run_bench, write_report
+    from train.uge_bench import bench_runs, write_report
 
     root = DataRoot(Path(args.data))
-    results = run_bench(root, args.run_id, candidates=args.candidates, max_queries=args.max_queries)
-    csv, md = write_report(results, Path(args.out) if args.out else root.reports, args.run_id)
+    results = bench_runs(root, args.run_ids, candidates=args.candidates, max_queries=args.max_queries)
+    csv, md = write_report(results, Path(args.out) if args.out else root.reports,
+                           f"UGBench of {', '.join(args.run_ids)}")
     print(md.read_text())
     print(f"written {csv} and {md}")
     return 0
@@ -544,9 +545,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     uge_bench = commands.add_parser(
         "uge-bench", help="UGBench: geolocation, retrieval, perception and grounding at stages 0, 1 and 2",
-        description="Evaluates a uge run on its UGData (training and held-out samples) with the backbone before "
+        description="Evaluates uge runs on their UGData (training and held-out samples) with the backbone before "
                     "training (stage 0), after stage 1 and after stage 2.")
-    uge_bench.add_argument("run_id", metavar="RUN", help="a uge run id")
+    uge_bench.add_argument("run_ids", metavar="RUN", nargs="+",
+                           help="uge run ids (several: one per seed, reported as mean ± std)")
     uge_bench.add_argument("--data", default=DEFAULT_DATA, help="data root (default: %(default)s)")
     uge_bench.add_argument("--candidates", type=int, default=10, help="candidates per ranking query")
     uge_bench.add_argument("--max-queries", type=int, default=500, help="queries per task and split")

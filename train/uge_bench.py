@@ -107,16 +107,29 @@ def run_bench(root: DataRoot, run_id: str, candidates: int = 10, max_queries: in
     return pd.DataFrame(rows)
 
 
-def write_report(results: pd.DataFrame, out: Path, run_id: str) -> tuple[Path, Path]:
-    """``ugbench.csv`` and ``ugbench.md`` (the headline metric of each task per stage and split)."""
+def bench_runs(root: DataRoot, run_ids: list[str], candidates: int = 10, max_queries: int = 500) -> pd.DataFrame:
+    """:func:`run_bench` of each run, with ``run`` and ``seed`` columns."""
+    parts = []
+    for run_id in run_ids:
+        seed = load_run(root.runs / run_id).config.get("seed")
+        parts.append(run_bench(root, run_id, candidates, max_queries).assign(run=run_id, seed=seed))
+    return pd.concat(parts, ignore_index=True)
+
+
+def write_report(results: pd.DataFrame, out: Path, title: str) -> tuple[Path, Path]:
+    """``ugbench.csv`` (every run) and ``ugbench.md`` (each task's headline metrics per stage and
+    split: mean ± std over the runs, the seeds named)."""
     csv = write_atomic(out / "ugbench.csv", lambda tmp: results.to_csv(tmp, index=False))
     columns = [c for c in ("geolocation_hit@1", "geolocation_mrr", "retrieval_hit@1", "retrieval_mrr",
                            "grounding_hit@1", "grounding_mrr", "perception_r2", "perception_tau") if c in results]
-    lines = [f"# UGBench of {run_id}", "", "Stage 0: backbone without adapters; 1: LoRA stage; 2: with the street "
-             "graph. Ranking among the candidates in `candidates` columns of the CSV.", "",
+    runs = results["run"].nunique() if "run" in results else 1
+    seeds = sorted(results["seed"].unique().tolist()) if "seed" in results else []
+    spread = f"mean ± std over {runs} runs (seeds {', '.join(map(str, seeds))})" if runs > 1 else "one run"
+    lines = [f"# {title}", "", "Stage 0: backbone without adapters; 1: LoRA stage; 2: with the street graph. "
+             f"Ranking among the candidates in `candidates` columns of the CSV; {spread}.", "",
              "| stage | split | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
-    for values in results.to_dict(orient="records"):
-        lines.append(f"| {values['stage']} | {values['split']} | "
-                     + " | ".join(f"{values[c]:.3f}" for c in columns) + " |")
+    for (stage, split), group in results.groupby(["stage", "split"], sort=False):
+        cells = [f"{group[c].mean():.3f}" + (f" ± {group[c].std():.3f}" if len(group) > 1 else "") for c in columns]
+        lines.append(f"| {stage} | {split} | " + " | ".join(cells) + " |")
     md = write_atomic(out / "ugbench.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     return csv, md
