@@ -138,6 +138,19 @@ def test_edge_features_and_coordinates_matter():
     torch.testing.assert_close(shifted, base, atol=1e-5, rtol=1e-4)
 
 
+def test_place_features_see_where_a_graph_lies():
+    x, node_mask, edges, edge_mask, edge_attr, centre, xy = _graphs(seed=3)
+    torch.manual_seed(0)
+    encoder = GraphEncoder(NODE_DIM, EDGE_DIM, hidden=32, out_dim=16, place_dim=8).eval()
+    assert encoder.input.in_features == NODE_DIM + 32 + 8
+    with torch.no_grad():
+        base = encoder(x, node_mask, edges, edge_mask, edge_attr, centre, xy)
+        shifted = encoder(x, node_mask, edges, edge_mask, edge_attr, centre, xy + 1000.0)
+    # the same street pattern 1 km away is another place (shortest wavelength 200 m: 1 km is
+    # five whole periods there, but not of the longer ones)
+    assert (shifted - base).abs().amax(dim=1).min() > 1e-3
+
+
 def test_graph_encoder_trains_without_nans():
     x, node_mask, edges, edge_mask, edge_attr, centre, xy = _graphs(seed=3)
     encoder = _encoder().train()

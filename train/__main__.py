@@ -262,6 +262,7 @@ def _uge(args: argparse.Namespace) -> int:
     run_id = train_uge(UGEConfig(data=args.data, ugdata=args.ugdata or "", vlm=args.vlm,
                                  tiny_pretrain_steps=args.tiny_pretrain_steps, stage1_steps=args.stage1_steps,
                                  stage2_steps=args.stage2_steps, stage2_questions=args.stage2_questions,
+                                 place_dim=args.place_dim,
                                  batch_size=args.batch_size, lr=args.lr, temperature=args.temperature,
                                  lora_r=args.lora_r, image_px=args.image_px, seed=args.seed, device=args.device))
     print(f"uge run {run_id}")
@@ -529,10 +530,12 @@ def build_parser() -> argparse.ArgumentParser:
     uge.add_argument("--tiny-pretrain-steps", type=int, default=2000,
                      help="captioning pretraining of the tiny model before stage 1, cached per step count "
                           "(ignored with --vlm; 0 = a randomly initialised backbone)")
-    uge.add_argument("--stage1-steps", type=int, default=60)
-    uge.add_argument("--stage2-steps", type=int, default=300)
+    uge.add_argument("--stage1-steps", type=int, default=600)
+    uge.add_argument("--stage2-steps", type=int, default=1000)
     uge.add_argument("--stage2-questions", type=int, default=4000,
                      help="spatial-reasoning walks stage 2 trains on, beside the place captions")
+    uge.add_argument("--place-dim", type=int, default=16,
+                     help="sinusoidal features of the graph nodes' absolute coordinates (0: relative only)")
     uge.add_argument("--batch-size", type=int, default=16)
     uge.add_argument("--lr", type=float, default=3e-3, help="LoRA learning rate")
     uge.add_argument("--temperature", type=float, default=0.05,

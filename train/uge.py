@@ -58,8 +58,9 @@ EDGE_FEATURES = 5  # length / 100 m, sin and cos of the bearing, dx and dy / 100
 class UGEConfig:
     """One UGE run. Defaults are a CPU schedule for the tiny model on the demo city.
 
-    The tiny model starts from random weights, so it needs a softer temperature (0.05) and more
-    image tokens (112 px: 16 tokens) than the paper's pretrained 2B model, whose setting is
+    The tiny model is pretrained here on captions only (``tiny_pretrain_steps``, see
+    :mod:`train.uge_pretrain`), so it needs a softer temperature (0.05) and more image tokens
+    (112 px: 16 tokens) than the paper's pretrained 2B model, whose setting is
     ``temperature=0.01`` with ``vlm`` a local Qwen2-VL folder and images of about 448 px.
     """
 
@@ -67,8 +68,8 @@ class UGEConfig:
     ugdata: str = ""
     vlm: str | None = None
     tiny_pretrain_steps: int = 2000
-    stage1_steps: int = 60
-    stage2_steps: int = 300
+    stage1_steps: int = 600
+    stage2_steps: int = 1000
     stage2_questions: int = 4000
     batch_size: int = 16
     lr: float = 3e-3
@@ -79,6 +80,7 @@ class UGEConfig:
     dim: int | None = None
     image_px: int = 112
     graph_dim: int = 64
+    place_dim: int = 16
     seed: int = 0
     device: str = "auto"
 
@@ -160,9 +162,10 @@ def graph_batch(records: Sequence[GraphRecord], node_vectors: Mapping[str, torch
 class GraphModel(torch.nn.Module):
     """Stage 2: the graph encoder and its fusion with the (frozen) image embedding."""
 
-    def __init__(self, image_dim: int, graph_dim: int) -> None:
+    def __init__(self, image_dim: int, graph_dim: int, place_dim: int = 0) -> None:
         super().__init__()
-        self.encoder = GraphEncoder(STRUCTURE_FEATURES + image_dim, EDGE_FEATURES, hidden=graph_dim, out_dim=graph_dim)
+        self.encoder = GraphEncoder(STRUCTURE_FEATURES + image_dim, EDGE_FEATURES, hidden=graph_dim, out_dim=graph_dim,
+                                    place_dim=place_dim)
         self.fusion = SpatialFusion(image_dim, graph_dim)
 
     def forward(self, image: torch.Tensor, graphs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -373,11 +376,12 @@ def train_uge(config: UGEConfig, log: Callable[[str], None] = print,
                                   embed_positives(embedder, questions),
                                   graph_tensors(records[len(stage2):len(stage2) + len(questions)], vectors),
                                   answer_groups(questions)))
-        model = GraphModel(embedder.dim, config.graph_dim)
+        model = GraphModel(embedder.dim, config.graph_dim, config.place_dim)
         _stage2(model, pools, config, generator, run, log)
         run.log(f"stage 2: {len(stage2)} image-graph pairs, {len(questions)} walks, {len(vectors)} nodes, "
                 f"{config.stage2_steps} steps in {time.perf_counter() - started:.1f} s")
-        run.save_model(model.state_dict(), {"kind": "uge-graph", "image_dim": embedder.dim, "graph_dim": config.graph_dim})
+        run.save_model(model.state_dict(), {"kind": "uge-graph", "image_dim": embedder.dim, "graph_dim": config.graph_dim,
+                                            "place_dim": config.place_dim})
 
         fused = fused_embeddings(model, images, graphs)
         if heldout:  # the held-out district gets embeddings too (the dashboard maps every cell)
@@ -415,6 +419,6 @@ def restore(run: Run, config: UGEConfig | None = None, stage: int = 2) -> tuple[
     if stage == 1:
         return embedder, None
     metadata = run.model_metadata()
-    model = GraphModel(int(metadata["image_dim"]), int(metadata["graph_dim"]))
+    model = GraphModel(int(metadata["image_dim"]), int(metadata["graph_dim"]), int(metadata.get("place_dim", 0)))
     model.load_state_dict(load_file(run.path / "model.safetensors"))
     return embedder, model.eval()

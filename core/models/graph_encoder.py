@@ -231,6 +231,10 @@ class GraphEncoder(nn.Module):
         out_dim: output size.
         pos_dim: sinusoidal position features (multiple of 4; 0 disables them).
         pos_scales: wavelengths in metres (``pos_dim / 4`` of them); None = 10 m .. 10 km.
+        place_dim: sinusoidal features of the nodes' absolute coordinates (multiple of 4; 0,
+            the default, keeps the encoder translation invariant). Where a place lies is what
+            a caption's landmark distances and directions describe.
+        place_scales: their wavelengths in metres; None = 200 m .. 20 km.
         dropout: attention and feature dropout.
     """
 
@@ -244,6 +248,8 @@ class GraphEncoder(nn.Module):
         out_dim: int = 64,
         pos_dim: int = 32,
         pos_scales: Sequence[float] | None = None,
+        place_dim: int = 0,
+        place_scales: Sequence[float] | None = None,
         dropout: float = 0.0,
     ):
         super().__init__()
@@ -252,8 +258,9 @@ class GraphEncoder(nn.Module):
         if node_dim + pos_dim <= 0:
             raise ValueError("nodes need features, coordinates (pos_dim > 0) or both")
         self.pos_dim, self.pos_scales = pos_dim, pos_scales
+        self.place_dim, self.place_scales = place_dim, place_scales
         self.node_dim, self.out_dim = node_dim, out_dim
-        self.input = nn.Linear(node_dim + pos_dim, hidden)
+        self.input = nn.Linear(node_dim + pos_dim + place_dim, hidden)
         self.layers = nn.ModuleList(
             GATv2Layer(hidden, hidden // heads, heads, edge_dim, dropout=dropout)
             for _ in range(layers)
@@ -274,14 +281,17 @@ class GraphEncoder(nn.Module):
     def node_inputs(
         self, nodes: torch.Tensor | None, centre: torch.Tensor, xy: torch.Tensor | None
     ) -> torch.Tensor:
-        """Node features joined with the position encoding relative to the centre node."""
+        """Node features joined with the position encodings: relative to the centre node, and
+        absolute (``place_dim``)."""
         parts = [] if nodes is None or self.node_dim == 0 else [nodes]
+        if (self.pos_dim or self.place_dim) and xy is None:
+            raise ValueError("this GraphEncoder encodes coordinates: pass xy (B, N, 2)")
         if self.pos_dim:
-            if xy is None:
-                raise ValueError("this GraphEncoder encodes coordinates: pass xy (B, N, 2)")
             take = torch.arange(xy.shape[0], device=xy.device)
             relative = xy - xy[take, centre.long()].unsqueeze(1)
             parts.append(sinusoidal_encoding(relative, self.pos_dim, self.pos_scales))
+        if self.place_dim:
+            parts.append(sinusoidal_encoding(xy, self.place_dim, self.place_scales, 200.0, 20_000.0))
         dtype = self.input.weight.dtype
         return torch.cat([part.to(dtype) for part in parts], dim=-1)
 
