@@ -143,13 +143,33 @@ def candidate_sets(groups: Sequence, k: int, seed: int = 0) -> np.ndarray:
     return out
 
 
+def ranks(similarity: np.ndarray) -> np.ndarray:
+    """Each query's rank of its right answer (column 0): 1 + the candidates scored strictly higher."""
+    similarity = np.asarray(similarity, dtype=np.float64)
+    return 1 + (similarity[:, 1:] > similarity[:, :1]).sum(axis=1)
+
+
+def paired_difference(before: np.ndarray, after: np.ndarray, resamples: int = 2000, seed: int = 0
+                      ) -> tuple[float, float, float]:
+    """Mean of ``after - before`` over paired queries, with a 95% bootstrap interval.
+
+    Returns:
+        ``(mean, low, high)``.
+    """
+    delta = np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)
+    if delta.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    draws = np.random.default_rng(seed).integers(0, delta.size, (resamples, delta.size))
+    means = delta[draws].mean(axis=1)
+    return float(delta.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
 def ranking_metrics(similarity: np.ndarray, ks: Sequence[int] = (1, 3, 5, 10)) -> dict[str, float]:
     """Hit@K and MRR when column 0 of each row of ``similarity`` is the right answer.
 
     The rank is 1 + the number of candidates scored strictly higher than the right one.
     """
-    similarity = np.asarray(similarity, dtype=np.float64)
-    rank = 1 + (similarity[:, 1:] > similarity[:, :1]).sum(axis=1)
+    rank = ranks(similarity)
     result = {f"hit@{k}": float((rank <= k).mean()) for k in ks if k <= similarity.shape[1]}
     return result | {"mrr": float((1.0 / rank).mean()), "queries": int(len(rank)),
                      "candidates": int(similarity.shape[1])}

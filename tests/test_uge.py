@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from core.dataroot import DataRoot
-from core.downstream import candidate_sets, ranking_metrics
+from core.downstream import candidate_sets, paired_difference, ranking_metrics
 from core.runs import load_run
 from core.ugdata import PAIR_GRAPH, TRAIN_FILE, read_ugdata
 from train.__main__ import main
@@ -24,7 +24,7 @@ from train.uge import (
     restore,
     train_uge,
 )
-from train.uge_bench import run_bench, write_report
+from train.uge_bench import BenchResult, run_bench, stage_gains, write_report
 from train.uge_pretrain import MARKER
 
 
@@ -80,18 +80,24 @@ def test_restored_stage_2_reproduces_the_run_embeddings(trained):
 
 def test_ugbench_reports_every_task_for_each_stage_and_split(trained, tmp_path):
     root, _, run_id = trained
-    results = run_bench(DataRoot(root), run_id, candidates=5, max_queries=40)
+    result = run_bench(DataRoot(root), run_id, candidates=5, max_queries=40)
+    results = result.summary
     assert sorted(set(zip(results["stage"], results["split"], strict=True))) == [
         (s, p) for s in (0, 1, 2) for p in ("heldout", "train")]
     for task in ("geolocation", "retrieval", "grounding"):
         assert results[f"{task}_mrr"].between(0.2, 1.0).all(), task
         assert (results[f"{task}_candidates"] == 5).all()
-    csv, md = write_report(results, tmp_path, f"UGBench of {run_id}")
+        # the per-query ranks are the ones the metrics summarise
+        for (stage, split), part in result.query_ranks.query("task == @task").groupby(["stage", "split"]):
+            row = results[(results["stage"] == stage) & (results["split"] == split)]
+            assert (1 / part["rank"]).mean() == pytest.approx(row[f"{task}_mrr"].item())
+    csv, md = write_report(result, tmp_path, f"UGBench of {run_id}")
     assert "| 2 | heldout |" in md.read_text() and "one run" in md.read_text()
+    assert "| grounding | heldout | 2 vs 1 |" in md.read_text()
     # seeds: mean ± std per stage and split
     other = results.assign(**{"geolocation_hit@1": results["geolocation_hit@1"] + 0.2})
     both = pd.concat([results.assign(run="a", seed=0), other.assign(run="b", seed=1)])
-    _, md = write_report(both, tmp_path / "seeds", "seeds")
+    _, md = write_report(BenchResult(both, result.query_ranks), tmp_path / "seeds", "seeds")
     row = next(line for line in md.read_text().splitlines() if line.startswith("| 1 | train |"))
     mean, std = results.loc[(results["stage"] == 1) & (results["split"] == "train"), "geolocation_hit@1"].item() + 0.1, 0.2 / 2**0.5
     assert row.split(" | ")[2] == f"{mean:.3f} ± {std:.3f}"
@@ -100,6 +106,20 @@ def test_ugbench_reports_every_task_for_each_stage_and_split(trained, tmp_path):
     assert main(["uge-bench", run_id, "--data", str(root), "--candidates", "3", "--max-queries", "10",
                  "--out", str(out)]) == 0
     assert (out / "ugbench.md").read_text().startswith(f"# UGBench of {run_id}")
+
+
+def test_stage_gains_pair_queries_across_stages():
+    # query 0 moves from rank 2 to rank 1 at stage 1; query 1 stays at rank 1; stage 2 loses both
+    ranks = pd.DataFrame({"stage": [0, 0, 1, 1, 2, 2], "split": "heldout", "task": "geolocation",
+                          "query": [0, 1] * 3, "rank": [2, 1, 1, 1, 4, 2]})
+    gains = stage_gains(ranks).set_index("comparison")
+    assert gains.loc["1 vs 0", "delta_mrr"] == pytest.approx(0.25)
+    assert gains.loc["1 vs 0", "delta_hit@1"] == pytest.approx(0.5)
+    assert gains.loc["2 vs 1", "delta_mrr"] == pytest.approx(((0.25 - 1) + (0.5 - 1)) / 2)
+    low, high = gains.loc["2 vs 1", ["delta_mrr_low", "delta_mrr_high"]]
+    assert -0.75 <= low <= high <= -0.5
+    mean, low, high = paired_difference(np.zeros(200), np.full(200, 0.1))
+    assert mean == pytest.approx(0.1) and low == pytest.approx(0.1) and high == pytest.approx(0.1)
 
 
 def test_ranking_metrics_on_a_constructed_case():

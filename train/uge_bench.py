@@ -16,6 +16,7 @@ subgraph around the walk's start).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from core.dataroot import DataRoot
-from core.downstream import candidate_sets, ranking_metrics
+from core.downstream import candidate_sets, paired_difference, ranking_metrics, ranks
 from core.io import write_atomic
 from core.metrics import kendall_tau_b, r2
 from core.runs import load_run
@@ -49,11 +50,19 @@ from train.uge import (
 STAGES = (0, 1, 2)
 
 
-def _ranks(queries: torch.Tensor, answers: torch.Tensor, groups: list, k: int) -> dict[str, float]:
+def _similarity(queries: torch.Tensor, answers: torch.Tensor, groups: list, k: int) -> np.ndarray:
+    """(n, k) cosine similarities to each query's candidates, its right answer first; the
+    candidates depend only on ``groups``, so every stage ranks the same sets."""
     candidates = candidate_sets(groups, k)
-    q, a = queries.numpy(), answers.numpy()
-    similarity = np.einsum("nd,nkd->nk", q, a[candidates])
-    return ranking_metrics(similarity)
+    return np.einsum("nd,nkd->nk", queries.numpy(), answers.numpy()[candidates])
+
+
+@dataclass
+class BenchResult:
+    """UGBench of one or more runs: metrics per (stage, split) and each query's rank per task."""
+
+    summary: pd.DataFrame
+    query_ranks: pd.DataFrame
 
 
 def _perception(root: DataRoot, cells: np.ndarray, embeddings: np.ndarray) -> dict[str, float]:
@@ -70,12 +79,13 @@ def _perception(root: DataRoot, cells: np.ndarray, embeddings: np.ndarray) -> di
             "perception_cells": int(len(frame))}
 
 
-def run_bench(root: DataRoot, run_id: str, candidates: int = 10, max_queries: int = 500) -> pd.DataFrame:
-    """One row per (stage, split) with every task's metrics."""
+def run_bench(root: DataRoot, run_id: str, candidates: int = 10, max_queries: int = 500) -> BenchResult:
+    """Every task's metrics per (stage, split), and each query's rank (the same queries and
+    candidates at every stage, so stages compare query by query)."""
     run = load_run(root.runs / run_id)
     config = UGEConfig.from_dict(run.config)
     data = read_ugdata(config.ugdata_folder)
-    rows = []
+    rows, query_ranks = [], []
     for stage in STAGES:
         embedder, model = restore(run, config, stage=stage)
         for split, name in (("train", TRAIN_FILE), ("heldout", HELDOUT_FILE)):
@@ -94,31 +104,62 @@ def run_bench(root: DataRoot, run_id: str, candidates: int = 10, max_queries: in
                     asked = fused_embeddings(model, asked, graph_tensors(records[len(places):], vectors))
             captions = embed_positives(embedder, places)
             groups = [s.meta.get("node_id") for s in places]
-            row = {"stage": stage, "split": split}
-            row |= {f"geolocation_{k}": v for k, v in _ranks(images, captions, groups, candidates).items()}
-            row |= {f"retrieval_{k}": v for k, v in _ranks(captions, images, groups, candidates).items()}
+            similarities = {"geolocation": _similarity(images, captions, groups, candidates),
+                            "retrieval": _similarity(captions, images, groups, candidates)}
             if asked is not None:
                 answers = embed_positives(embedder, questions)
                 answer_groups = [s.positive for s in questions]  # the same answer twice is no negative
-                row |= {f"grounding_{k}": v for k, v in _ranks(asked, answers, answer_groups, candidates).items()}
+                similarities["grounding"] = _similarity(asked, answers, answer_groups, candidates)
+            row = {"stage": stage, "split": split}
+            for task, similarity in similarities.items():
+                row |= {f"{task}_{k}": v for k, v in ranking_metrics(similarity).items()}
+                rank = ranks(similarity)
+                query_ranks.append(pd.DataFrame({"stage": stage, "split": split, "task": task,
+                                                 "query": np.arange(len(rank)), "rank": rank}))
             cells = np.array([int(s.meta["cell_id"]) for s in places])
             row |= _perception(root, cells, images.numpy())
+            rows.append(row)
+    return BenchResult(pd.DataFrame(rows), pd.concat(query_ranks, ignore_index=True))
+
+
+def bench_runs(root: DataRoot, run_ids: list[str], candidates: int = 10, max_queries: int = 500) -> BenchResult:
+    """:func:`run_bench` of each run, with ``run`` and ``seed`` columns."""
+    summaries, query_ranks = [], []
+    for run_id in run_ids:
+        seed = load_run(root.runs / run_id).config.get("seed")
+        result = run_bench(root, run_id, candidates, max_queries)
+        summaries.append(result.summary.assign(run=run_id, seed=seed))
+        query_ranks.append(result.query_ranks.assign(run=run_id, seed=seed))
+    return BenchResult(pd.concat(summaries, ignore_index=True), pd.concat(query_ranks, ignore_index=True))
+
+
+def stage_gains(query_ranks: pd.DataFrame) -> pd.DataFrame:
+    """Per task and split, each stage against the one before: the mean change in reciprocal rank
+    and in Hit@1 over the same queries (averaged over runs first), with 95% bootstrap intervals
+    over queries."""
+    frame = query_ranks.assign(rr=1.0 / query_ranks["rank"], hit1=(query_ranks["rank"] == 1).astype(float))
+    if "run" not in frame:
+        frame = frame.assign(run="")
+    rows = []
+    for (task, split), part in frame.groupby(["task", "split"], sort=False):
+        table = part.pivot_table(index=["run", "query"], columns="stage", values=["rr", "hit1"])
+        per_query = table.groupby(level="query").mean()  # one paired value per query, over runs
+        for before, after in zip(STAGES[:-1], STAGES[1:], strict=True):
+            if ("rr", before) not in per_query or ("rr", after) not in per_query:
+                continue
+            row = {"task": task, "split": split, "comparison": f"{after} vs {before}", "queries": len(per_query)}
+            for metric, name in (("rr", "mrr"), ("hit1", "hit@1")):
+                mean, low, high = paired_difference(per_query[(metric, before)], per_query[(metric, after)])
+                row |= {f"delta_{name}": mean, f"delta_{name}_low": low, f"delta_{name}_high": high}
             rows.append(row)
     return pd.DataFrame(rows)
 
 
-def bench_runs(root: DataRoot, run_ids: list[str], candidates: int = 10, max_queries: int = 500) -> pd.DataFrame:
-    """:func:`run_bench` of each run, with ``run`` and ``seed`` columns."""
-    parts = []
-    for run_id in run_ids:
-        seed = load_run(root.runs / run_id).config.get("seed")
-        parts.append(run_bench(root, run_id, candidates, max_queries).assign(run=run_id, seed=seed))
-    return pd.concat(parts, ignore_index=True)
-
-
-def write_report(results: pd.DataFrame, out: Path, title: str) -> tuple[Path, Path]:
-    """``ugbench.csv`` (every run) and ``ugbench.md`` (each task's headline metrics per stage and
-    split: mean ± std over the runs, the seeds named)."""
+def write_report(result: BenchResult, out: Path, title: str) -> tuple[Path, Path]:
+    """``ugbench.csv`` (every run), ``ugbench_gains.csv`` and ``ugbench.md``: each task's headline
+    metrics per stage and split (mean ± std over the runs, the seeds named), then each stage's
+    paired gain over the one before."""
+    results = result.summary
     csv = write_atomic(out / "ugbench.csv", lambda tmp: results.to_csv(tmp, index=False))
     columns = [c for c in ("geolocation_hit@1", "geolocation_mrr", "retrieval_hit@1", "retrieval_mrr",
                            "grounding_hit@1", "grounding_mrr", "perception_r2", "perception_tau") if c in results]
@@ -131,5 +172,14 @@ def write_report(results: pd.DataFrame, out: Path, title: str) -> tuple[Path, Pa
     for (stage, split), group in results.groupby(["stage", "split"], sort=False):
         cells = [f"{group[c].mean():.3f}" + (f" ± {group[c].std():.3f}" if len(group) > 1 else "") for c in columns]
         lines.append(f"| {stage} | {split} | " + " | ".join(cells) + " |")
+    gains = stage_gains(result.query_ranks)
+    write_atomic(out / "ugbench_gains.csv", lambda tmp: gains.to_csv(tmp, index=False))
+    lines += ["", "Paired gains: the same queries and candidates at both stages, reciprocal rank and Hit@1 "
+              "averaged over the runs per query; 95% bootstrap intervals over queries.", "",
+              "| task | split | stages | Δ MRR [95% CI] | Δ Hit@1 [95% CI] |", "|---|---|---|---|---|"]
+    for row in gains.to_dict(orient="records"):
+        lines.append(f"| {row['task']} | {row['split']} | {row['comparison']} | "
+                     + " | ".join(f"{row[f'delta_{m}']:+.3f} [{row[f'delta_{m}_low']:+.3f}, {row[f'delta_{m}_high']:+.3f}]"
+                                  for m in ("mrr", "hit@1")) + " |")
     md = write_atomic(out / "ugbench.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     return csv, md
