@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import geopandas as gpd
 import numpy as np
+import osmium
 import pytest
 import shapely
 
@@ -152,7 +153,22 @@ def test_local_osm_files_and_pbf(tiny_demo, httpserver, client, tmp_path):
     assert len(read_streets(DataRoot(local).streets).node_ids) == \
         len(read_streets(DataRoot(fetched).streets).node_ids)
     assert len(gpd.read_file(DataRoot(local).parks)) == len(gpd.read_file(DataRoot(fetched).parks))
-    with pytest.raises(ValueError, match=r"area\.osm\.pbf: OSM PBF .*osmium extract"):
+    # a PBF extract (written here with pyosmium from the fetched XML) gives the same graph
+    pbf = tmp_path / "region.osm.pbf"
+    with osmium.SimpleWriter(str(pbf)) as writer:
+        for source in (osm / "streets.osm", osm / "context.osm"):
+            for obj in osmium.FileProcessor(str(source)):
+                writer.add(obj)
+    from_pbf = tmp_path / "from_pbf"
+    import_streets(from_pbf, pbf, BOUNDARY, simplify=False)
+    import_streets(tmp_path / "from_xml", osm / "streets.osm", BOUNDARY, simplify=False)
+    got, want = read_streets(DataRoot(from_pbf).streets), read_streets(DataRoot(tmp_path / "from_xml").streets)
+    assert sorted(got.node_ids) == sorted(want.node_ids)
+    import_context(from_pbf, pbf, BOUNDARY)
+    assert len(gpd.read_file(DataRoot(from_pbf).parks)) == len(gpd.read_file(DataRoot(fetched).parks))
+    assert [p.suffix for p in (DataRoot(from_pbf).cache / "osm").iterdir()] == [".osm"]  # one cut, reused
+    with pytest.raises(ValueError, match=r"area\.osm\.pbf: not a readable OSM PBF"):
+        (tmp_path / "area.osm.pbf").write_bytes(b"not a pbf")
         import_streets(local, tmp_path / "area.osm.pbf")
     (tmp_path / "broken.osm").write_text("<osm><node id=")
     with pytest.raises(ValueError, match=r"broken\.osm: not a readable OSM XML"):

@@ -386,7 +386,8 @@ def _add_fetch_options(parser: argparse.ArgumentParser) -> None:
                         help="import a downloaded Leefbaarometer release (scores CSV and grid GeoPackage, "
                              "or one zip holding both) instead of the WFS")
     parser.add_argument("--osm-file", metavar="FILE", help="read streets, water and parks from an OSM XML file "
-                                                           "(.osm, .osm.gz, .osm.bz2) instead of Overpass")
+                                                           "(.osm, .osm.gz, .osm.bz2) or a PBF extract instead "
+                                                           "of Overpass")
     parser.add_argument("--endpoint", action="append", default=[], metavar="NAME=URL",
                         help=f"another base URL for a service ({', '.join(FETCH_ENDPOINTS)}); repeatable")
     parser.add_argument("--rate", action="append", default=[], metavar="NAME=RPS",

@@ -1,12 +1,13 @@
-"""OpenStreetMap street graph and water/park polygons, through Overpass or a local .osm file.
+"""OpenStreetMap street graph and water/park polygons, through Overpass or a local .osm / .pbf file.
 
 Overpass is queried with the shared polite :class:`~core.sources.http.HttpClient` (rate limit,
 retries on 429/5xx with ``Retry-After``) rather than osmnx's own requests (which sleep 55 s on
 a 429, do not retry a 5xx and patch ``socket.getaddrinfo``): one ``GET {url}/interpreter?data=``
 per layer, bbox-filtered, ``[out:json]``. The answer is kept as OSM XML under
 ``cache/osm/`` (a rerun reuses it) and read with osmnx's public ``graph_from_xml`` /
-``features_from_xml``, the same path a user's own ``.osm`` file takes; osmnx itself never
-makes a request, so its cache is not used.
+``features_from_xml``, the same path a user's own ``.osm`` file takes (a ``.pbf`` extract is
+cut to the area with pyosmium first); osmnx itself never makes a request, so its cache is not
+used.
 
 Outputs, in the layout the demo writes:
 
@@ -147,16 +148,66 @@ def fetch_overpass(query: str, dest: str | PathLike, client: HttpClient | None =
 
 def _check_osm_file(path: str | PathLike) -> Path:
     path = Path(path)
-    if path.suffix.lower() == ".pbf":
-        raise ValueError(
-            f"{path}: OSM PBF is not read directly; convert the area to OSM XML first, e.g. "
-            "`osmium extract -b MINLON,MINLAT,MAXLON,MAXLAT in.osm.pbf -o area.osm` "
-            "(osmium-tool), then pass area.osm")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: OSM file not found")
-    if not any(s.lower() in (".osm", ".xml") for s in path.suffixes):
-        raise ValueError(f"{path}: expected OSM XML (.osm, .osm.bz2, .osm.gz)")
+    if not any(s.lower() in (".osm", ".xml", ".pbf") for s in path.suffixes):
+        raise ValueError(f"{path}: expected OSM XML (.osm, .osm.bz2, .osm.gz) or PBF (.osm.pbf)")
     return path
+
+
+def pbf_to_osm_xml(pbf: str | PathLike, dest: str | PathLike,
+                   bbox_lonlat: tuple[float, float, float, float] | None = None) -> Path:
+    """Cut an OSM PBF extract to a lon/lat box and write it as OSM XML (pyosmium), atomically.
+
+    A way is kept when one of its nodes lies in the box, a multipolygon relation when one of
+    its member ways is kept; the writer adds every node and member way they reference, so
+    streets and areas crossing the box edge keep their whole geometry.
+
+    Args:
+        pbf: the extract (e.g. a Geofabrik province file).
+        dest: the ``.osm`` file to write.
+        bbox_lonlat: ``(min lon, min lat, max lon, max lat)``; None keeps everything.
+
+    Raises:
+        ValueError: naming the file, when pyosmium cannot read it.
+    """
+    import osmium
+
+    pbf, dest = Path(pbf), Path(dest)
+    west, south, east, north = bbox_lonlat or (-180.0, -90.0, 180.0, 90.0)
+
+    def inside(location: Any) -> bool:
+        return location.valid() and west <= location.lon <= east and south <= location.lat <= north
+
+    def write(tmp: Path) -> None:
+        kept: set[int] = set()
+        with osmium.BackReferenceWriter(str(tmp), ref_src=str(pbf), overwrite=True) as writer:
+            for way in osmium.FileProcessor(str(pbf), osmium.osm.NODE | osmium.osm.WAY).with_locations():
+                if way.is_way() and any(inside(node.location) for node in way.nodes):
+                    writer.add_way(way)
+                    kept.add(way.id)
+            for relation in osmium.FileProcessor(str(pbf), osmium.osm.RELATION):
+                if relation.tags.get("type") == "multipolygon" and any(
+                        member.type == "w" and member.ref in kept for member in relation.members):
+                    writer.add_relation(relation)
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return write_atomic(dest, write)
+    except RuntimeError as exc:  # pyosmium reports unreadable input as RuntimeError
+        raise ValueError(f"{pbf}: not a readable OSM PBF file ({exc})") from exc
+
+
+def _as_osm_xml(path: Path, root: DataRoot, area: BaseGeometry | None) -> Path:
+    """``path`` itself for OSM XML; a PBF extract is first cut to ``area`` (RD; None: all of it)
+    and cached as OSM XML under ``cache/osm/``."""
+    if path.suffix.lower() != ".pbf":
+        return path
+    bbox = None if area is None else tuple(_TO_LONLAT.transform_bounds(*area.bounds))
+    stem = path.name.removesuffix(".pbf").removesuffix(".osm")
+    box = "" if bbox is None else "-" + "_".join(f"{v:.4f}" for v in bbox)
+    dest = root.cache / "osm" / f"{stem}{box}.osm"
+    return dest if dest.is_file() else pbf_to_osm_xml(path, dest, bbox)
 
 
 def _lonlat(geometry: BaseGeometry) -> BaseGeometry:
@@ -175,7 +226,7 @@ def read_osm_streets(path: str | PathLike, boundary: BaseGeometry | None = None,
     Ways without a street ``highway`` tag (buildings, land use in a full extract) are dropped.
 
     Args:
-        path: OSM XML (.osm, .osm.bz2, .osm.gz); .pbf is an error saying how to convert.
+        path: OSM XML (.osm, .osm.bz2, .osm.gz); :func:`import_streets` converts PBF first.
         boundary: keep edges with a node within ``margin_m`` of this EPSG:28992 polygon.
         margin_m: the margin around ``boundary``.
         simplify: merge chains of degree-2 nodes into one edge (osmnx's simplification).
@@ -233,10 +284,12 @@ def fetch_streets(root: DataRoot | str | PathLike, boundary: BaseGeometry,
 def import_streets(root: DataRoot | str | PathLike, osm_file: str | PathLike,
                    boundary: BaseGeometry | None = None, margin_m: float = MARGIN_M,
                    simplify: bool = True) -> Path:
-    """Read a local OSM XML file's streets (see :func:`read_osm_streets`) into
-    ``graph/streets.gpkg``."""
+    """Read a local OSM XML or PBF file's streets (see :func:`read_osm_streets`) into
+    ``graph/streets.gpkg``; a PBF extract is cut to the boundary first (cached as OSM XML)."""
     root = root if isinstance(root, DataRoot) else DataRoot(root)
-    graph = read_osm_streets(osm_file, boundary, margin_m, simplify)
+    area = None if boundary is None else _area(boundary, margin_m)[0]
+    path = _as_osm_xml(_check_osm_file(osm_file), root, area)
+    graph = read_osm_streets(path, boundary, margin_m, simplify)
     log.info("%s: %d street nodes, %d edges", osm_file, len(graph), graph.number_of_edges())
     return write_streets(graph, root.streets)
 
@@ -272,15 +325,15 @@ def import_context(root: DataRoot | str | PathLike, osm_file: str | PathLike,
 
     Args:
         root: the data root.
-        osm_file: OSM XML (.osm, .osm.bz2, .osm.gz).
+        osm_file: OSM XML (.osm, .osm.bz2, .osm.gz) or a PBF extract (cut to the box first).
         boundary: the EPSG:28992 polygon; polygons are cut to its bounding box plus
             ``margin_m``, like the demo cuts them to its extent.
         margin_m: the margin around the boundary's box.
     """
     root = root if isinstance(root, DataRoot) else DataRoot(root)
-    path = _check_osm_file(osm_file)
     area, _ = _area(shapely.box(*boundary.bounds), margin_m)
     area = shapely.box(*area.bounds)
+    path = _as_osm_xml(_check_osm_file(osm_file), root, area)
     water = _polygons(path, WATER_TAGS, area)
     parks = shapely.difference(_polygons(path, PARK_TAGS, area), water)
     log.info("%s: water %.2f km2, parks %.2f km2", path, water.area / 1e6, parks.area / 1e6)
