@@ -555,7 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="uge run ids (several: one per seed, reported as mean ± std)")
     uge_bench.add_argument("--data", default=DEFAULT_DATA, help="data root (default: %(default)s)")
     uge_bench.add_argument("--candidates", type=int, default=10, help="candidates per ranking query")
-    uge_bench.add_argument("--max-queries", type=int, default=500, help="queries per task and split")
+    uge_bench.add_argument("--max-queries", type=int, default=3000,
+                           help="queries per task and split (the default covers the demo's whole held-out district)")
     uge_bench.add_argument("--out", help="report folder (default: DATA/reports)")
     uge_bench.set_defaults(run=_uge_bench)
 

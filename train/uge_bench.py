@@ -79,7 +79,7 @@ def _perception(root: DataRoot, cells: np.ndarray, embeddings: np.ndarray) -> di
             "perception_cells": int(len(frame))}
 
 
-def run_bench(root: DataRoot, run_id: str, candidates: int = 10, max_queries: int = 500) -> BenchResult:
+def run_bench(root: DataRoot, run_id: str, candidates: int = 10, max_queries: int = 3000) -> BenchResult:
     """Every task's metrics per (stage, split), and each query's rank (the same queries and
     candidates at every stage, so stages compare query by query)."""
     run = load_run(root.runs / run_id)
@@ -122,7 +122,7 @@ def run_bench(root: DataRoot, run_id: str, candidates: int = 10, max_queries: in
     return BenchResult(pd.DataFrame(rows), pd.concat(query_ranks, ignore_index=True))
 
 
-def bench_runs(root: DataRoot, run_ids: list[str], candidates: int = 10, max_queries: int = 500) -> BenchResult:
+def bench_runs(root: DataRoot, run_ids: list[str], candidates: int = 10, max_queries: int = 3000) -> BenchResult:
     """:func:`run_bench` of each run, with ``run`` and ``seed`` columns."""
     summaries, query_ranks = [], []
     for run_id in run_ids:
