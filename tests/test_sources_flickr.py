@@ -20,21 +20,14 @@ from core.sources.flickr import (
     fetch_flickr,
     search_photos,
 )
-from core.sources.http import FetchError, HttpClient, Politeness
+from core.sources.http import FetchError, HttpClient
 from core.sources.street_fetch import grid_bbox_lonlat, validate_jpeg
+from tests.fakes import FAST, Sleeps
 from tests.fakes.flickr import install_flickr
 
 KEY = "flickr-key-0123456789abcdef"
-FAST = Politeness(requests_per_second=0, concurrency=3, retries=3, backoff_s=0.01)
 SINCE = datetime(2000, 1, 1)
 UNTIL = datetime(2024, 1, 1)
-
-
-class Sleeps(list):
-    """Records the waits the client asks for instead of sleeping."""
-
-    def __call__(self, seconds: float) -> None:
-        self.append(seconds)
 
 
 @pytest.fixture

@@ -29,22 +29,15 @@ from core.sources.gsv import (
     sign_url,
     street_points_lonlat,
 )
-from core.sources.http import FetchError, HttpClient, Politeness
+from core.sources.http import FetchError, HttpClient
 from core.sources.street_fetch import grid_bbox_lonlat, validate_jpeg
+from tests.fakes import FAST, Sleeps
 from tests.fakes.flickr import install_flickr
 from tests.fakes.gsv import install_gsv
 
 KEY = "AIzaFakeGsvKey0123456789"
 SECRET = base64.urlsafe_b64encode(b"twenty bytes secret!").decode()
-FAST = Politeness(requests_per_second=0, concurrency=3, retries=3, backoff_s=0.01)
 HEADINGS = (0.0, 180.0)
-
-
-class Sleeps(list):
-    """Records the waits the client asks for instead of sleeping."""
-
-    def __call__(self, seconds: float) -> None:
-        self.append(seconds)
 
 
 @pytest.fixture

@@ -15,15 +15,7 @@ from core.sources.http import (
     redact,
     retry_after_s,
 )
-
-FAST = Politeness(requests_per_second=0, concurrency=3, retries=3, backoff_s=0.01)
-
-
-class Sleeps(list):
-    """Records the waits the client asks for instead of sleeping."""
-
-    def __call__(self, seconds: float) -> None:
-        self.append(seconds)
+from tests.fakes import FAST, Sleeps
 
 
 def sequence(*responses: Response):

@@ -13,7 +13,7 @@ import pytest
 import shapely
 
 from core.dataroot import DataRoot
-from core.sources.http import FetchError, HttpClient, Politeness
+from core.sources.http import FetchError, HttpClient
 from core.sources.lbm import read_lbm
 from core.sources.lbm_wfs import (
     BYTES_PER_FEATURE,
@@ -24,18 +24,11 @@ from core.sources.lbm_wfs import (
     lbm_layer,
 )
 from core.sources.pdok_boundaries import fetch_municipality, municipality_features
+from tests.fakes import FAST, Sleeps
 from tests.fakes.lbm_wfs import WFS_PATH, install_lbm_wfs
 from tests.fakes.pdok_boundaries import demo_outline, install_pdok_boundaries, municipality
 
 BBOX = (121000.0, 485000.0, 122500.0, 486000.0)
-FAST = Politeness(requests_per_second=0, retries=3, backoff_s=0.01)
-
-
-class Sleeps(list):
-    """Records the waits the client asks for instead of sleeping."""
-
-    def __call__(self, seconds: float) -> None:
-        self.append(seconds)
 
 
 @pytest.fixture

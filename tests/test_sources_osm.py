@@ -9,7 +9,7 @@ import pytest
 import shapely
 
 from core.dataroot import DataRoot
-from core.sources.http import FetchError, HttpClient, Politeness
+from core.sources.http import FetchError, HttpClient
 from core.sources.osm import (
     STREET_BYTES_PER_KM2,
     estimate_osm,
@@ -19,17 +19,10 @@ from core.sources.osm import (
     import_streets,
 )
 from core.ugdata import read_streets
+from tests.fakes import FAST, Sleeps
 from tests.fakes.overpass import INTERPRETER_PATH, install_overpass
 
 BOUNDARY = shapely.box(121000, 485000, 122500, 486000)
-FAST = Politeness(requests_per_second=0, retries=3, backoff_s=0.01)
-
-
-class Sleeps(list):
-    """Records the waits the client asks for instead of sleeping."""
-
-    def __call__(self, seconds: float) -> None:
-        self.append(seconds)
 
 
 @pytest.fixture

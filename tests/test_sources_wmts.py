@@ -20,18 +20,12 @@ from core.sources.wmts import (
     tile_validator,
 )
 from core.sources.wmts import estimate_aerial as estimate
+from tests.fakes import Sleeps
 from tests.fakes.wmts import encode_tile, install_wmts
 
 FAST = Politeness(requests_per_second=0, concurrency=2, retries=2, backoff_s=0.01)
 #: The tiny demo's aerial raster: 4 m/px over this RD box.
 DEMO_RASTER = (120700.0, 484700.0, 122800.0, 486300.0)
-
-
-class Sleeps(list):
-    """Records the waits the client asks for instead of sleeping."""
-
-    def __call__(self, seconds: float) -> None:
-        self.append(seconds)
 
 
 @pytest.fixture
