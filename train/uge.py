@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -93,9 +93,10 @@ class UGEConfig:
     def ugdata_folder(self) -> Path:
         return Path(self.ugdata) if self.ugdata else DataRoot(self.data).root / "ugdata"
 
-    def vlm_folder(self, log: Callable[[str], None] = print) -> Path:
+    def vlm_folder(self, log: Callable[[str], None] = print, data: UGData | None = None) -> Path:
         """The backbone folder: ``vlm``, else the tiny Qwen2-VL after its captioning pretraining
-        on this UGData (both made on first use and cached under ``DATA/cache/vlm/``)."""
+        on this UGData (``data`` if already read; both made on first use and cached under
+        ``DATA/cache/vlm/``)."""
         if self.vlm:
             return Path(self.vlm)
         cache = DataRoot(self.data).cache / "vlm"
@@ -108,7 +109,7 @@ class UGEConfig:
         folder = cache / f"tiny-qwen2vl-captions-{self.tiny_pretrain_steps}-{source}"
         if not (folder / PRETRAINING_MARKER).is_file():
             log(f"pretraining the tiny VLM on captions ({self.tiny_pretrain_steps} steps, cached in {folder})")
-            pretrain_captioning(base, folder, read_ugdata(self.ugdata_folder), self.tiny_pretrain_steps,
+            pretrain_captioning(base, folder, data or read_ugdata(self.ugdata_folder), self.tiny_pretrain_steps,
                                 load_images, image_px=self.image_px, log=log)
         return folder
 
@@ -174,9 +175,14 @@ class GraphModel(torch.nn.Module):
         return self.fusion(image, graph)
 
 
-def _groups(samples: Sequence[UGSample]) -> torch.Tensor:
-    nodes = pd.factorize(pd.Series([s.meta.get("node_id", i) for i, s in enumerate(samples)], dtype=str))[0]
-    return torch.from_numpy(nodes)
+def group_ids(keys: Iterable[Any]) -> torch.Tensor:
+    """Integer ids of ``keys``: pairs sharing a key are not each other's negatives in InfoNCE."""
+    return torch.from_numpy(pd.factorize(pd.Series(list(keys), dtype=str))[0])
+
+
+def node_groups(samples: Sequence[UGSample]) -> torch.Tensor:
+    """Group by anchor node: images of one place share its captions."""
+    return group_ids([s.meta.get("node_id", i) for i, s in enumerate(samples)])
 
 
 def embed_queries(embedder: UGEEmbedder, data: UGData, samples: Sequence[UGSample], px: int,
@@ -221,7 +227,7 @@ def _stage1(embedder: UGEEmbedder, data: UGData, samples: list[UGSample], config
         else:
             query = embedder.embed_images(images, IMAGE_TASK)
         loss = info_nce(query, embedder.embed_texts([s.positive for s in batch], TEXT_TASK),
-                        config.temperature, _groups(batch).to(query.device))
+                        config.temperature, node_groups(batch).to(query.device))
         _step(optimiser, loss, run, log, stage=1, step=step, steps=config.stage1_steps, pair_type=kind)
     embedder.eval()
 
@@ -326,11 +332,6 @@ def subset(samples: list[UGSample], n: int, seed: int) -> list[UGSample]:
     return [samples[i] for i in keep]
 
 
-def answer_groups(samples: Sequence[UGSample]) -> torch.Tensor:
-    """Group ids by answer text: two questions with the same answer are not each other's negatives."""
-    return torch.from_numpy(pd.factorize(pd.Series([s.positive for s in samples], dtype=str))[0])
-
-
 @dataclass
 class PairPool:
     """Frozen stage-1 embeddings of one kind of stage-2 pair, with their subgraphs."""
@@ -347,7 +348,7 @@ def train_uge(config: UGEConfig, log: Callable[[str], None] = print,
     """Both stages; writes the run folder and returns its id."""
     root = DataRoot(config.data)
     data = read_ugdata(config.ugdata_folder)
-    vlm = config.vlm_folder(log)
+    vlm = config.vlm_folder(log, data)
     generator = seed_everything(config.seed)
     embedder = UGEEmbedder.from_folder(vlm, settings(config), device=config.device)
     train = data.files[TRAIN_FILE]
@@ -370,12 +371,12 @@ def train_uge(config: UGEConfig, log: Callable[[str], None] = print,
         vectors = node_vectors(embedder, records)
         images = embed_queries(embedder, data, stage2, config.image_px)
         graphs = graph_tensors(records[:len(stage2)], vectors)
-        pools = [PairPool(PAIR_GRAPH, images, embed_positives(embedder, stage2), graphs, _groups(stage2))]
+        pools = [PairPool(PAIR_GRAPH, images, embed_positives(embedder, stage2), graphs, node_groups(stage2))]
         if questions:
             pools.append(PairPool(PAIR_REASONING, embed_queries(embedder, data, questions, config.image_px),
                                   embed_positives(embedder, questions),
                                   graph_tensors(records[len(stage2):len(stage2) + len(questions)], vectors),
-                                  answer_groups(questions)))
+                                  group_ids(s.positive for s in questions)))
         model = GraphModel(embedder.dim, config.graph_dim, config.place_dim)
         _stage2(model, pools, config, generator, run, log)
         run.log(f"stage 2: {len(stage2)} image-graph pairs, {len(questions)} walks, {len(vectors)} nodes, "
@@ -419,6 +420,6 @@ def restore(run: Run, config: UGEConfig | None = None, stage: int = 2) -> tuple[
     if stage == 1:
         return embedder, None
     metadata = run.model_metadata()
-    model = GraphModel(int(metadata["image_dim"]), int(metadata["graph_dim"]), int(metadata.get("place_dim", 0)))
+    model = GraphModel(int(metadata["image_dim"]), int(metadata["graph_dim"]), int(metadata["place_dim"]))
     model.load_state_dict(load_file(run.path / "model.safetensors"))
     return embedder, model.eval()
