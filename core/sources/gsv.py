@@ -31,13 +31,12 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 import shapely
-from pyproj import Transformer
 from tqdm.auto import tqdm
 
 from core.dataroot import DataRoot
 from core.grid import RD_NEW, read_grid
 from core.io import read_table, require_columns
-from core.sources.catalog import WGS84, merge_catalog
+from core.sources.catalog import merge_catalog
 from core.sources.http import Estimate, FetchError, HttpClient, Politeness, with_params
 from core.sources.street_fetch import (
     StreetFetch,
@@ -45,6 +44,7 @@ from core.sources.street_fetch import (
     env_secret,
     image_paths,
     lonlat_to_rd,
+    rd_to_lonlat,
     remove_corrupt_images,
     safe_name,
 )
@@ -159,7 +159,7 @@ def pano_metadata(client: HttpClient, api_key: str, *, location: tuple[float, fl
 def cell_centres_lonlat(grid: str | PathLike) -> np.ndarray:
     """(n, 2) WGS84 lon/lat of the centres of a grid file's cells."""
     centres = read_grid(grid).geometry.centroid
-    return _to_lonlat(centres.x.to_numpy(), centres.y.to_numpy())
+    return rd_to_lonlat(centres.x.to_numpy(), centres.y.to_numpy())
 
 
 def street_points_lonlat(streets: str | PathLike, spacing_m: float = 20.0) -> np.ndarray:
@@ -175,12 +175,7 @@ def street_points_lonlat(streets: str | PathLike, spacing_m: float = 20.0) -> np
     line_of = np.repeat(np.arange(len(lines)), counts)
     fraction = np.concatenate([(np.arange(n) + 0.5) / n for n in counts]) if len(lines) else np.zeros(0)
     points = shapely.line_interpolate_point(lines[line_of], fraction, normalized=True)
-    return _to_lonlat(shapely.get_x(points), shapely.get_y(points))
-
-
-def _to_lonlat(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    lon, lat = Transformer.from_crs(RD_NEW, WGS84, always_xy=True).transform(x, y)
-    return np.column_stack([lon, lat]).astype(np.float64)
+    return rd_to_lonlat(shapely.get_x(points), shapely.get_y(points))
 
 
 def read_pano_ids(path: str | PathLike) -> list[str]:

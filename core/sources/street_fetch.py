@@ -99,6 +99,12 @@ def lonlat_to_rd(lon: np.ndarray, lat: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return np.round(np.asarray(x, dtype=np.float64), 2), np.round(np.asarray(y, dtype=np.float64), 2)
 
 
+def rd_to_lonlat(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """RD New x/y to an (n, 2) array of WGS84 lon/lat."""
+    lon, lat = Transformer.from_crs(RD_NEW, WGS84, always_xy=True).transform(x, y)
+    return np.column_stack([lon, lat]).astype(np.float64)
+
+
 def image_paths(source: str, ids: Sequence[str], x: np.ndarray, y: np.ndarray) -> list[str]:
     """Catalog-relative paths ``images/<source>/<1 km block>/<id>.jpg``, the demo's layout."""
     ix, iy = cell_index(cell_id(np.asarray(x), np.asarray(y)))
@@ -126,5 +132,6 @@ def grid_bbox_lonlat(grid: str | PathLike) -> BBox:
     """WGS84 (min lon, min lat, max lon, max lat) around every cell of a grid file."""
     x0, y0, x1, y1 = read_grid(grid).total_bounds
     xs, ys = np.array([x0, x1, x0, x1]), np.array([y0, y0, y1, y1])
-    lon, lat = Transformer.from_crs(RD_NEW, WGS84, always_xy=True).transform(xs, ys)
-    return float(np.min(lon)), float(np.min(lat)), float(np.max(lon)), float(np.max(lat))
+    corners = rd_to_lonlat(xs, ys)
+    (min_lon, min_lat), (max_lon, max_lat) = corners.min(axis=0), corners.max(axis=0)
+    return float(min_lon), float(min_lat), float(max_lon), float(max_lat)
