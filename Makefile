@@ -22,6 +22,7 @@ demo: $(VENV)/.installed
 		--browser.gatherUsageStats false
 
 test: $(VENV)/.installed
+	$(PY) -m ruff format --check .
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 

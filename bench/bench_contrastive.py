@@ -40,8 +40,14 @@ def _rate(step, images: int, repeat: int, device: torch.device) -> float:
 
 def _one(name: str, px: int, batch: int, repeat: int, device: torch.device) -> dict[str, float]:
     generator = torch.Generator().manual_seed(0)
-    pixels = torch.randint(0, 256, (batch, 3, px, px), dtype=torch.uint8, generator=generator).to(device)
-    model = MoCoV3(create_backbone(name, seed=0), dim=128, mlp_dim=512).to(device).to(memory_format=torch.channels_last)
+    pixels = torch.randint(0, 256, (batch, 3, px, px), dtype=torch.uint8, generator=generator).to(
+        device
+    )
+    model = (
+        MoCoV3(create_backbone(name, seed=0), dim=128, mlp_dim=512)
+        .to(device)
+        .to(memory_format=torch.channels_last)
+    )
     optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
 
@@ -71,8 +77,13 @@ def _one(name: str, px: int, batch: int, repeat: int, device: torch.device) -> d
     images = 2 * batch
     pretraining = _rate(pretraining_step, images, repeat, device)
     reference = _rate(bare_step, images, repeat, device)
-    return {"batch": batch, "pretraining_images_per_s": pretraining, "bare_fwd_bwd_images_per_s": reference,
-            "ratio": pretraining / reference, "augment_images_per_s": _rate(augment_only, images, repeat, device)}
+    return {
+        "batch": batch,
+        "pretraining_images_per_s": pretraining,
+        "bare_fwd_bwd_images_per_s": reference,
+        "ratio": pretraining / reference,
+        "augment_images_per_s": _rate(augment_only, images, repeat, device),
+    }
 
 
 @register("contrastive_throughput", repeat=5, device="auto")
@@ -81,4 +92,9 @@ def bench_contrastive_throughput(repeat: int, device: str) -> dict[str, Any]:
     resolved = resolve_device(device)
     torch.manual_seed(0)
     results = {label: _one(*setting, repeat, resolved) for label, setting in SETTINGS.items()}
-    return {"device": str(resolved), "threads": torch.get_num_threads(), **results, "target_ratio_min": 0.8}
+    return {
+        "device": str(resolved),
+        "threads": torch.get_num_threads(),
+        **results,
+        "target_ratio_min": 0.8,
+    }

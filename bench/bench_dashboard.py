@@ -33,7 +33,9 @@ _LINKED = ("grid.parquet", "labels", "aerial", "street", "context")
 def _scratch_root(city: Path, folder: Path) -> Path:
     """A data root whose inputs are links to ``city``'s and whose runs folder is empty."""
     if not (city / "grid.parquet").is_file():
-        raise FileNotFoundError(f"{city}: no demo city; build it with `python -m train demo --out {city}`")
+        raise FileNotFoundError(
+            f"{city}: no demo city; build it with `python -m train demo --out {city}`"
+        )
     root = folder / "root"
     root.mkdir()
     for name in _LINKED:
@@ -61,23 +63,47 @@ def _timed_run(app, action=None) -> float:
 
 def _naive_geojson(root: Path, spec: dict) -> str:
     """The same cells and tooltip fields as a GeoJSON polygon per cell, pydeck's default JSON."""
-    records = pd.DataFrame(next(layer for layer in spec["layers"] if layer.get("id") == "cells")["data"])
-    cells = read_grid(DataRoot(root).grid).set_index("cell_id").loc[records["i"]].to_crs("EPSG:4326")
-    properties = records.drop(columns=["p"]).rename(columns={
-        "i": "cell_id", "b": "buurt_naam", "d": "district", "v": "value", "t": "true", "y": "predicted",
-        "r": "residual", "g": "gsv_images", "f": "flickr_images", "c": "fill"})
+    records = pd.DataFrame(
+        next(layer for layer in spec["layers"] if layer.get("id") == "cells")["data"]
+    )
+    cells = (
+        read_grid(DataRoot(root).grid).set_index("cell_id").loc[records["i"]].to_crs("EPSG:4326")
+    )
+    properties = records.drop(columns=["p"]).rename(
+        columns={
+            "i": "cell_id",
+            "b": "buurt_naam",
+            "d": "district",
+            "v": "value",
+            "t": "true",
+            "y": "predicted",
+            "r": "residual",
+            "g": "gsv_images",
+            "f": "flickr_images",
+            "c": "fill",
+        }
+    )
     features = cells[["geometry"]].reset_index(drop=True).join(properties)
-    layer = pdk.Layer("GeoJsonLayer", json.loads(features.to_json()), get_fill_color="properties.fill",
-                      pickable=True)
+    layer = pdk.Layer(
+        "GeoJsonLayer",
+        json.loads(features.to_json()),
+        get_fill_color="properties.fill",
+        pickable=True,
+    )
     return pdk.Deck(layers=[layer], map_style=None).to_json()
 
 
-def _map_page(app, page: str | None, key: str, values: tuple[str, str], repeat: int) -> dict[str, Any]:
+def _map_page(
+    app, page: str | None, key: str, values: tuple[str, str], repeat: int
+) -> dict[str, Any]:
     """Cold first run of a map page, then warm reruns switching its layer between two values."""
     cold = _timed_run(app, (lambda a: a.switch_page(page)) if page else None)
     for value in values:  # fill the layer cache
         _timed_run(app, lambda a, v=value: a.selectbox(key=key).set_value(v))
-    warm = [_timed_run(app, lambda a, v=values[i % 2]: a.selectbox(key=key).set_value(v)) for i in range(repeat)]
+    warm = [
+        _timed_run(app, lambda a, v=values[i % 2]: a.selectbox(key=key).set_value(v))
+        for i in range(repeat)
+    ]
     slim = app.get("deck_gl_json_chart")[0].proto.json
     spec = json.loads(slim)
     return {"spec": spec, "json": slim, "cold": cold, "warm": warm}
@@ -86,7 +112,9 @@ def _map_page(app, page: str | None, key: str, values: tuple[str, str], repeat: 
 def _sizes(measured: dict[str, Any], root: Path) -> dict[str, Any]:
     slim = measured["json"]
     t_naive, naive = measure(lambda: _naive_geojson(root, measured["spec"]), 1)
-    cells = next(layer for layer in measured["spec"]["layers"] if layer.get("id") == "cells")["data"]
+    cells = next(layer for layer in measured["spec"]["layers"] if layer.get("id") == "cells")[
+        "data"
+    ]
     return {
         "cells": len(cells),
         "grid_layer_bytes": len(slim),
@@ -110,9 +138,14 @@ def bench_dashboard_map(repeat: int, city: str) -> dict[str, Any]:
         root = _scratch_root(Path(city), Path(folder))
         app = _app(root)
         scored = _sizes(_map_page(app, None, "map_layer", ("won", "lbm"), repeat), root)
-        every = _sizes(_map_page(app, "views/coverage.py", "coverage_layer", ("gsv", "gap"), repeat), root)
-    return {"city_map": scored, "coverage_map": every,
-            "targets": {"bytes_ratio_max": 0.2, "warm_rerun_s_max": 0.5}}
+        every = _sizes(
+            _map_page(app, "views/coverage.py", "coverage_layer", ("gsv", "gap"), repeat), root
+        )
+    return {
+        "city_map": scored,
+        "coverage_map": every,
+        "targets": {"bytes_ratio_max": 0.2, "warm_rerun_s_max": 0.5},
+    }
 
 
 @register("dashboard_neighbours", repeat=10, city="data/demo", k=50, dim=128)
@@ -126,7 +159,9 @@ def bench_dashboard_neighbours(repeat: int, city: str, k: int, dim: int) -> dict
         vectors = rng.standard_normal((len(ids), dim)).astype(np.float32)
         with RunWriter(DataRoot(root).runs, "probe", {"label": "random embedding"}) as run:
             run.write_metrics({})
-            run.write_predictions(pd.DataFrame({"cell_id": ids, "split": "test", "true": 0.0, "predicted": 0.0}))
+            run.write_predictions(
+                pd.DataFrame({"cell_id": ids, "split": "test", "true": 0.0, "predicted": 0.0})
+            )
             run.write_embeddings(ids, vectors)
         index = EmbeddingIndex(ids, vectors)
         queries = rng.choice(ids, repeat + 1, replace=False)
@@ -139,9 +174,11 @@ def bench_dashboard_neighbours(repeat: int, city: str, k: int, dim: int) -> dict
         _timed_run(app, lambda a: a.slider(key="nb_k").set_value(k))
         page = []
         for cell in queries[1:]:
+
             def choose(a, c=int(cell)):
                 a.session_state["selected_cell"] = c
                 return a
+
             page.append(_timed_run(app, choose))
         shown = len(app.dataframe[0].value)
     return {

@@ -28,20 +28,27 @@ from core.sources.catalog import read_catalog
 from core.sources.lbm import read_lbm
 
 
-@register("demo_build", repeat=1, seed=7, extents=("city", "centrum", "bbox:121000,485000,122500,486000"))
+@register(
+    "demo_build", repeat=1, seed=7, extents=("city", "centrum", "bbox:121000,485000,122500,486000")
+)
 def bench_demo_build(repeat: int, seed: int, extents: tuple[str, ...]) -> dict[str, Any]:
     """Wall time of ``python -m train demo`` per extent, with the per-stage split."""
     results: dict[str, Any] = {}
     for extent in extents:
         with tempfile.TemporaryDirectory() as tmp:
+
             def build(extent: str = extent, tmp: str = tmp) -> dict:
                 out = Path(tmp) / "demo"
                 shutil.rmtree(out, ignore_errors=True)
                 return build_demo(out, DemoConfig(seed=seed, extent=extent), progress=False)
 
             timing, manifest = measure(build, repeat)
-        results[extent] = {**timing, "cells": manifest["cells"], "images": manifest["images"],
-                           "stages_s": manifest["timings_s"]}
+        results[extent] = {
+            **timing,
+            "cells": manifest["cells"],
+            "images": manifest["images"],
+            "stages_s": manifest["timings_s"],
+        }
     return results
 
 
@@ -55,7 +62,9 @@ def _layout_features(images: np.ndarray) -> np.ndarray:
 
 def _cell_features(catalog: pd.DataFrame, ids: np.ndarray, px: int = 32) -> np.ndarray:
     """Per-cell mean of image features, plus a has-images flag (zeros where none)."""
-    pixels = np.stack([np.asarray(Image.open(p).convert("RGB").resize((px, px))) for p in catalog["path"]])
+    pixels = np.stack(
+        [np.asarray(Image.open(p).convert("RGB").resize((px, px))) for p in catalog["path"]]
+    )
     per_image = pd.DataFrame(_layout_features(pixels)).assign(cell_id=catalog["cell_id"].to_numpy())
     per_cell = per_image.groupby("cell_id").mean()
     out = np.zeros((len(ids), per_cell.shape[1] + 1), np.float32)
@@ -64,7 +73,9 @@ def _cell_features(catalog: pd.DataFrame, ids: np.ndarray, px: int = 32) -> np.n
     return out
 
 
-def _ridge_tau(features: np.ndarray, target: np.ndarray, split: np.ndarray, alpha: float = 0.01) -> float:
+def _ridge_tau(
+    features: np.ndarray, target: np.ndarray, split: np.ndarray, alpha: float = 0.01
+) -> float:
     train, test = split == "train", split == "test"
     mean, std = features[train].mean(0), features[train].std(0) + 1e-6
     x = np.c_[(features - mean) / std, np.ones(len(features))]
@@ -84,7 +95,9 @@ def bench_demo_signal(repeat: int, data: str, year: int, target: str, seeds: int
     ids, y = labels["cell_id"].to_numpy(), labels[target].to_numpy()
     cx, cy = cell_center(ids)
     with AerialRaster(paths.aerial) as raster:
-        aerial = np.stack([raster.patch(float(a), float(b), 256, 32).image for a, b in zip(cx, cy, strict=True)])
+        aerial = np.stack(
+            [raster.patch(float(a), float(b), 256, 32).image for a, b in zip(cx, cy, strict=True)]
+        )
     catalog = read_catalog(paths.catalog, check_files=False).images
     catalog = catalog[catalog["cell_id"].isin(ids)]
     scenes = pd.read_csv(paths.scene_labels).set_index("id")["scene"]
@@ -101,10 +114,18 @@ def bench_demo_signal(repeat: int, data: str, year: int, target: str, seeds: int
     configurations["aerial+gsv"] = np.c_[fa, configurations["gsv"]]
     configurations["aerial+flickr_all"] = np.c_[fa, configurations["flickr_all"]]
     configurations["aerial+flickr_building"] = np.c_[fa, configurations["flickr_building"]]
-    taus = pd.DataFrame([{name: _ridge_tau(x, y, spatial_split(ids, seed=s)) for name, x in configurations.items()}
-                         for s in range(seeds)])
+    taus = pd.DataFrame(
+        [
+            {
+                name: _ridge_tau(x, y, spatial_split(ids, seed=s))
+                for name, x in configurations.items()
+            }
+            for s in range(seeds)
+        ]
+    )
     return {
-        "cells": len(ids), "images": {"gsv": len(gsv), "flickr": len(flickr), "flickr_building": len(building)},
+        "cells": len(ids),
+        "images": {"gsv": len(gsv), "flickr": len(flickr), "flickr_building": len(building)},
         "kendall_tau_mean": taus.mean().round(3).to_dict(),
         "kendall_tau_std": taus.std().round(3).to_dict(),
     }

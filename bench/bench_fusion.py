@@ -30,11 +30,17 @@ def _demo_root(data: str) -> DataRoot:
     return root
 
 
-@register("feature_extraction", repeat=2, data="data/demo",
-          backbones=(("convnet_small", 32, 6000), ("resnet18", 64, 3000), ("resnet50", 224, 256)),
-          batch_size=64, workers=2)
-def bench_feature_extraction(repeat: int, data: str, backbones: tuple, batch_size: int,
-                             workers: int) -> dict[str, Any]:
+@register(
+    "feature_extraction",
+    repeat=2,
+    data="data/demo",
+    backbones=(("convnet_small", 32, 6000), ("resnet18", 64, 3000), ("resnet50", 224, 256)),
+    batch_size=64,
+    workers=2,
+)
+def bench_feature_extraction(
+    repeat: int, data: str, backbones: tuple, batch_size: int, workers: int
+) -> dict[str, Any]:
     """``extract_features`` (model build + decode in DataLoader workers + forward + cache write)
     vs building the same model and running a bare forward on the same images already decoded
     in memory; same batch size, same process, best of ``repeat`` alternating runs each.
@@ -53,8 +59,16 @@ def bench_feature_extraction(repeat: int, data: str, backbones: tuple, batch_siz
 
         def extract(subset=subset, name=name, px=px) -> None:
             with tempfile.TemporaryDirectory() as tmp:
-                extract_features(subset, name, None, tmp, px=px, batch_size=batch_size, workers=workers,
-                                 device="cpu")
+                extract_features(
+                    subset,
+                    name,
+                    None,
+                    tmp,
+                    px=px,
+                    batch_size=batch_size,
+                    workers=workers,
+                    device="cpu",
+                )
 
         def bare(name=name, pixels=pixels) -> None:
             model = create_backbone(name).eval().to(memory_format=torch.channels_last)
@@ -66,17 +80,27 @@ def bench_feature_extraction(repeat: int, data: str, backbones: tuple, batch_siz
         for _ in range(repeat):
             extraction.append(measure(extract, 1)[0]["min_s"])
             forward.append(measure(bare, 1)[0]["min_s"])
-        results[f"{name}@{px}px"] = {"images": len(subset),
-                                     "extraction_img_s": round(len(subset) / min(extraction), 1),
-                                     "bare_forward_img_s": round(len(subset) / min(forward), 1),
-                                     "extraction_vs_bare": round(min(forward) / min(extraction), 3)}
+        results[f"{name}@{px}px"] = {
+            "images": len(subset),
+            "extraction_img_s": round(len(subset) / min(extraction), 1),
+            "bare_forward_img_s": round(len(subset) / min(forward), 1),
+            "extraction_vs_bare": round(min(forward) / min(extraction), 3),
+        }
     return results
 
 
-@register("cached_epoch", repeat=1, data="data/demo", cells=1000, ground_backbone="resnet18", ground_px=64,
-          batch_size=64)
-def bench_cached_epoch(repeat: int, data: str, cells: int, ground_backbone: str, ground_px: int,
-                       batch_size: int) -> dict[str, Any]:
+@register(
+    "cached_epoch",
+    repeat=1,
+    data="data/demo",
+    cells=1000,
+    ground_backbone="resnet18",
+    ground_px=64,
+    batch_size=64,
+)
+def bench_cached_epoch(
+    repeat: int, data: str, cells: int, ground_backbone: str, ground_px: int, batch_size: int
+) -> dict[str, Any]:
     """One aerial+GSV training epoch over ``cells`` training cells: pooled ground features from
     the cache vs running the frozen ground backbone on every image of the batch (pixels already
     in memory, so only the forward is saved by the cache)."""
@@ -106,7 +130,9 @@ def bench_cached_epoch(repeat: int, data: str, cells: int, ground_backbone: str,
                     for k, cell in enumerate(ids[rows.numpy()]):
                         mine = image_rows.get(cell)
                         if mine is not None:
-                            x = normalise(pixels[mine]).contiguous(memory_format=torch.channels_last)
+                            x = normalise(pixels[mine]).contiguous(
+                                memory_format=torch.channels_last
+                            )
                             ground[k] = ground_model(x).mean(0)
                 ground = ground.clone()
             else:
@@ -119,9 +145,14 @@ def bench_cached_epoch(repeat: int, data: str, cells: int, ground_backbone: str,
         return time.perf_counter() - start
 
     cached, recomputed = epoch(False), epoch(True)
-    return {"cells": len(ids), "images": len(images), "ground_backbone": f"{ground_backbone}@{ground_px}px",
-            "cached_epoch_s": round(cached, 3), "recomputed_epoch_s": round(recomputed, 3),
-            "speedup": round(recomputed / cached, 1)}
+    return {
+        "cells": len(ids),
+        "images": len(images),
+        "ground_backbone": f"{ground_backbone}@{ground_px}px",
+        "cached_epoch_s": round(cached, 3),
+        "recomputed_epoch_s": round(recomputed, 3),
+        "speedup": round(recomputed / cached, 1),
+    }
 
 
 @register("demo_pipeline", repeat=1, seed=7)
@@ -136,5 +167,9 @@ def bench_demo_pipeline(repeat: int, seed: int) -> dict[str, Any]:
         ensure_default_runs(DataRoot(out), log=lambda _: None)
         total = time.perf_counter() - start
         shutil.rmtree(out, ignore_errors=True)
-    return {"data_s": round(data_s, 1), "runs_s": round(total - data_s, 1), "total_s": round(total, 1),
-            "target_s": 360}
+    return {
+        "data_s": round(data_s, 1),
+        "runs_s": round(total - data_s, 1),
+        "total_s": round(total, 1),
+        "target_s": 360,
+    }

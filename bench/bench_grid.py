@@ -102,15 +102,22 @@ def bench_catalog_join(n_points: int, repeat: int, seed: int) -> dict[str, Any]:
     return results
 
 
-def _bench_catalog_module(x: np.ndarray, y: np.ndarray, city: np.ndarray, repeat: int) -> dict[str, Any]:
+def _bench_catalog_module(
+    x: np.ndarray, y: np.ndarray, city: np.ndarray, repeat: int
+) -> dict[str, Any]:
     """The real path: a 1M-row catalog file read, joined to the city grid, counted per cell."""
     n = len(x)
-    images = pd.DataFrame({
-        "id": np.char.add("img", np.arange(n).astype(str)),
-        "source": np.where(np.arange(n) % 3 == 0, "flickr", "gsv"),
-        "path": np.char.add(np.char.add("images/", np.arange(n).astype(str)), ".jpg"),
-        "x": x, "y": y, "heading": np.zeros(n), "captured_at": pd.Timestamp("2020-06-01"),
-    })
+    images = pd.DataFrame(
+        {
+            "id": np.char.add("img", np.arange(n).astype(str)),
+            "source": np.where(np.arange(n) % 3 == 0, "flickr", "gsv"),
+            "path": np.char.add(np.char.add("images/", np.arange(n).astype(str)), ".jpg"),
+            "x": x,
+            "y": y,
+            "heading": np.zeros(n),
+            "captured_at": pd.Timestamp("2020-06-01"),
+        }
+    )
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "catalog.parquet"
         images["path"] = [str(Path(tmp) / p) for p in images["path"]]

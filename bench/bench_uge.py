@@ -22,11 +22,17 @@ VLM_ENV = "STADSBEELD_BENCH_VLM"
 def bench_uge_throughput(repeat: int, images: int, batch: int, px: int) -> dict[str, Any]:
     """Image and text embeddings per second (inference, batched), best of ``repeat`` passes."""
     rng = np.random.default_rng(0)
-    pictures = [Image.fromarray(rng.integers(0, 256, (px, px, 3), dtype=np.uint8)) for _ in range(images)]
-    texts = [f"A street in buurt {i} of Amsterdam, {i % 7 * 100} m from the Dam." for i in range(images)]
+    pictures = [
+        Image.fromarray(rng.integers(0, 256, (px, px, 3), dtype=np.uint8)) for _ in range(images)
+    ]
+    texts = [
+        f"A street in buurt {i} of Amsterdam, {i % 7 * 100} m from the Dam." for i in range(images)
+    ]
     with tempfile.TemporaryDirectory() as folder:
         vlm = os.environ.get(VLM_ENV) or str(make_tiny_qwen2vl(f"{folder}/tiny"))
-        embedder = UGEEmbedder.from_folder(vlm, UGESettings(image_min_pixels=px * px, image_max_pixels=px * px, lora=None))
+        embedder = UGEEmbedder.from_folder(
+            vlm, UGESettings(image_min_pixels=px * px, image_max_pixels=px * px, lora=None)
+        )
 
         def rate(embed) -> float:
             best = float("inf")
@@ -40,8 +46,12 @@ def bench_uge_throughput(repeat: int, images: int, batch: int, px: int) -> dict[
                 best = min(best, time.perf_counter() - start)
             return images / best
 
-        image_rate = rate(lambda i: embedder.embed_images(pictures[i:i + batch], "location"))
-        text_rate = rate(lambda i: embedder.embed_texts(texts[i:i + batch], "caption"))
-        return {"model": "tiny qwen2-vl" if not os.environ.get(VLM_ENV) else vlm, "device": str(embedder.device),
-                "dtype": str(next(embedder.parameters()).dtype), "image_embeddings_per_s": image_rate,
-                "text_embeddings_per_s": text_rate}
+        image_rate = rate(lambda i: embedder.embed_images(pictures[i : i + batch], "location"))
+        text_rate = rate(lambda i: embedder.embed_texts(texts[i : i + batch], "caption"))
+        return {
+            "model": "tiny qwen2-vl" if not os.environ.get(VLM_ENV) else vlm,
+            "device": str(embedder.device),
+            "dtype": str(next(embedder.parameters()).dtype),
+            "image_embeddings_per_s": image_rate,
+            "text_embeddings_per_s": text_rate,
+        }

@@ -49,8 +49,12 @@ class DataRoot:
         preferred = folder / "aerial.tif"
         if preferred.exists():
             return preferred
-        rasters = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".tif", ".tiff", ".vrt"))
+        rasters = sorted(
+            p for p in folder.glob("*") if p.suffix.lower() in (".tif", ".tiff", ".vrt")
+        )
         if len(rasters) != 1:
-            raise FileNotFoundError(f"{folder}: expected aerial.tif or exactly one .tif/.vrt raster, "
-                                    f"found {[p.name for p in rasters]}")
+            raise FileNotFoundError(
+                f"{folder}: expected aerial.tif or exactly one .tif/.vrt raster, "
+                f"found {[p.name for p in rasters]}"
+            )
         return rasters[0]

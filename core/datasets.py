@@ -16,8 +16,14 @@ from core.sources.catalog import read_catalog
 from core.sources.lbm import read_lbm, target
 
 
-def labelled_cells(root: DataRoot, year: int | None, column: str, block_size: float = 1000.0,
-                   split_seed: int = 0, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)) -> pd.DataFrame:
+def labelled_cells(
+    root: DataRoot,
+    year: int | None,
+    column: str,
+    block_size: float = 1000.0,
+    split_seed: int = 0,
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+) -> pd.DataFrame:
     """Cells with a target value, their spatial-block split, buurt and district.
 
     Args:
@@ -32,19 +38,27 @@ def labelled_cells(root: DataRoot, year: int | None, column: str, block_size: fl
     labels = read_lbm(root.scores, root.lbm_grid)
     year = int(labels["jaar"].max()) if year is None else year
     if year not in set(labels["jaar"]):
-        raise ValueError(f"{root.scores}: no labels for {year}; years present: {sorted(set(labels['jaar']))}")
+        raise ValueError(
+            f"{root.scores}: no labels for {year}; years present: {sorted(set(labels['jaar']))}"
+        )
     values = target(labels[labels["jaar"] == year], column)
-    cells = pd.DataFrame({"cell_id": values.index.to_numpy(np.int64), "true": values.to_numpy(np.float32)})
+    cells = pd.DataFrame(
+        {"cell_id": values.index.to_numpy(np.int64), "true": values.to_numpy(np.float32)}
+    )
     cells = cells.sort_values("cell_id", ignore_index=True)
     cells["split"] = spatial_split(cells["cell_id"].to_numpy(), fractions, block_size, split_seed)
     grid = read_grid(root.grid).set_index("cell_id")
     places = grid.reindex(cells["cell_id"])
     cells["district"] = places["district"].fillna("").to_numpy() if "district" in places else ""
-    cells["buurt_naam"] = places["buurt_naam"].fillna("").to_numpy() if "buurt_naam" in places else ""
+    cells["buurt_naam"] = (
+        places["buurt_naam"].fillna("").to_numpy() if "buurt_naam" in places else ""
+    )
     return cells
 
 
-def aerial_patches(root: DataRoot, cell_ids: np.ndarray, size_m: float = 256.0, px: int = 64) -> np.ndarray:
+def aerial_patches(
+    root: DataRoot, cell_ids: np.ndarray, size_m: float = 256.0, px: int = 64
+) -> np.ndarray:
     """uint8 patches (n, 3, px, px) of ``size_m`` metres around each cell centre, cached.
 
     The cache key is the raster file (path, size, mtime), the patch geometry and the cell set, so
@@ -52,8 +66,16 @@ def aerial_patches(root: DataRoot, cell_ids: np.ndarray, size_m: float = 256.0, 
     """
     raster = root.aerial
     stat = raster.stat()
-    key_text = json.dumps([str(raster.resolve()), stat.st_size, stat.st_mtime_ns, size_m, px,
-                           hashlib.sha256(np.asarray(cell_ids, np.int64).tobytes()).hexdigest()])
+    key_text = json.dumps(
+        [
+            str(raster.resolve()),
+            stat.st_size,
+            stat.st_mtime_ns,
+            size_m,
+            px,
+            hashlib.sha256(np.asarray(cell_ids, np.int64).tobytes()).hexdigest(),
+        ]
+    )
     key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
     path = root.cache / "aerial" / f"patches-{int(size_m)}m-{px}px-{key}.npy"
     if path.exists():
@@ -61,7 +83,9 @@ def aerial_patches(root: DataRoot, cell_ids: np.ndarray, size_m: float = 256.0, 
     with AerialRaster(raster) as source:
         images, status = source.patches(np.asarray(cell_ids, np.int64), size_m, px)
     write_atomic(path, lambda tmp: np.save(tmp, images))
-    write_atomic(path.with_suffix(".status.parquet"), lambda tmp: status.to_parquet(tmp, index=False))
+    write_atomic(
+        path.with_suffix(".status.parquet"), lambda tmp: status.to_parquet(tmp, index=False)
+    )
     return np.load(path, mmap_mode="r")
 
 
@@ -76,7 +100,9 @@ def street_images(root: DataRoot, source: str, cell_ids: np.ndarray | None = Non
     if cell_ids is not None:
         images = images[images["cell_id"].isin(cell_ids)]
     if images.empty:
-        raise ValueError(f"{root.catalog}: no {source!r} images" + (" in these cells" if cell_ids is not None else ""))
+        raise ValueError(
+            f"{root.catalog}: no {source!r} images"
+            + (" in these cells" if cell_ids is not None else "")
+        )
     columns = ["id", "path", "cell_id", "captured_at"]
     return pd.DataFrame(images[columns]).sort_values("id", ignore_index=True)
-

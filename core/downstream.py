@@ -30,8 +30,15 @@ def _unit(matrix: np.ndarray) -> np.ndarray:
     return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
 
 
-def recall_at_k(database: np.ndarray, database_xy: np.ndarray, queries: np.ndarray, queries_xy: np.ndarray,
-                ks: Sequence[int] = (1, 5, 10), radius_m: float = 25.0, batch: int = 2048) -> dict[str, float]:
+def recall_at_k(
+    database: np.ndarray,
+    database_xy: np.ndarray,
+    queries: np.ndarray,
+    queries_xy: np.ndarray,
+    ks: Sequence[int] = (1, 5, 10),
+    radius_m: float = 25.0,
+    batch: int = 2048,
+) -> dict[str, float]:
     """Recall@K of place recognition by cosine similarity.
 
     Queries with no database image within ``radius_m`` cannot be recognised and are left out
@@ -54,14 +61,17 @@ def recall_at_k(database: np.ndarray, database_xy: np.ndarray, queries: np.ndarr
     k_max = min(max(ks), len(db))
     hits = np.zeros((len(q), len(ks)), bool)
     for start in range(0, len(q), batch):
-        similarity = q[start:start + batch] @ db.T
+        similarity = q[start : start + batch] @ db.T
         top = np.argpartition(-similarity, k_max - 1, axis=1)[:, :k_max]
         order = np.take_along_axis(similarity, top, 1).argsort(axis=1)[:, ::-1]
         ranked = np.take_along_axis(top, order, 1)
         for row, retrieved in enumerate(ranked):
             found = np.array([index in positives[start + row] for index in retrieved])
             hits[start + row] = [found[:k].any() for k in ks]
-    result = {f"recall@{k}": float(hits[:, i].mean()) if len(q) else float("nan") for i, k in enumerate(ks)}
+    result = {
+        f"recall@{k}": float(hits[:, i].mean()) if len(q) else float("nan")
+        for i, k in enumerate(ks)
+    }
     return result | {"queries": int(len(q))}
 
 
@@ -71,8 +81,9 @@ def region_means(embeddings: np.ndarray, regions: Sequence[str]) -> pd.DataFrame
     return frame.groupby(np.asarray(regions)).mean()
 
 
-def socioeconomic_r2(features: pd.DataFrame, targets: pd.DataFrame, folds: int = 5, seed: int = 0
-                     ) -> dict[str, float]:
+def socioeconomic_r2(
+    features: pd.DataFrame, targets: pd.DataFrame, folds: int = 5, seed: int = 0
+) -> dict[str, float]:
     """Out-of-fold R² of standardise -> PCA(99%) -> LassoCV per target column.
 
     Args:
@@ -89,16 +100,22 @@ def socioeconomic_r2(features: pd.DataFrame, targets: pd.DataFrame, folds: int =
         if len(rows) < 2 * folds:
             scores[target] = float("nan")
             continue
-        model = make_pipeline(StandardScaler(), PCA(n_components=0.99, svd_solver="full"),
-                              LassoCV(cv=5, random_state=seed, max_iter=20_000))
+        model = make_pipeline(
+            StandardScaler(),
+            PCA(n_components=0.99, svd_solver="full"),
+            LassoCV(cv=5, random_state=seed, max_iter=20_000),
+        )
         split = KFold(folds, shuffle=True, random_state=seed)
-        predicted = cross_val_predict(model, rows[x_columns].to_numpy(), rows[target].to_numpy(), cv=split)
+        predicted = cross_val_predict(
+            model, rows[x_columns].to_numpy(), rows[target].to_numpy(), cv=split
+        )
         scores[target] = float(r2_score(rows[target], predicted))
     return scores
 
 
-def perception_probe(left: np.ndarray, right: np.ndarray, left_wins: np.ndarray, folds: int = 5, seed: int = 0
-                     ) -> dict[str, float]:
+def perception_probe(
+    left: np.ndarray, right: np.ndarray, left_wins: np.ndarray, folds: int = 5, seed: int = 0
+) -> dict[str, float]:
     """Cross-validated accuracy and ROC AUC of a linear probe on ``left - right`` embeddings.
 
     Both orders of every pair are used in training folds (the winner flips), so the probe has no
@@ -113,14 +130,19 @@ def perception_probe(left: np.ndarray, right: np.ndarray, left_wins: np.ndarray,
     if len(np.unique(labels)) < 2 or len(labels) < 2 * folds:
         return {"accuracy": float("nan"), "auc": float("nan"), "votes": int(len(labels))}
     probability = np.zeros(len(labels))
-    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(difference, labels):
+    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(
+        difference, labels
+    ):
         x = np.concatenate([difference[train], -difference[train]])
         y = np.concatenate([labels[train], ~labels[train]])
         probe = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, solver="newton-cholesky"))
         probe.fit(x, y)
         probability[test] = probe.predict_proba(difference[test])[:, 1]
-    return {"accuracy": float(accuracy_score(labels, probability > 0.5)),
-            "auc": float(roc_auc_score(labels, probability)), "votes": int(len(labels))}
+    return {
+        "accuracy": float(accuracy_score(labels, probability > 0.5)),
+        "auc": float(roc_auc_score(labels, probability)),
+        "votes": int(len(labels)),
+    }
 
 
 def candidate_sets(groups: Sequence, k: int, seed: int = 0) -> np.ndarray:
@@ -149,8 +171,9 @@ def ranks(similarity: np.ndarray) -> np.ndarray:
     return 1 + (similarity[:, 1:] > similarity[:, :1]).sum(axis=1)
 
 
-def paired_difference(before: np.ndarray, after: np.ndarray, resamples: int = 2000, seed: int = 0
-                      ) -> tuple[float, float, float]:
+def paired_difference(
+    before: np.ndarray, after: np.ndarray, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
     """Mean of ``after - before`` over paired queries, with a 95% bootstrap interval.
 
     Returns:
@@ -171,5 +194,8 @@ def ranking_metrics(similarity: np.ndarray, ks: Sequence[int] = (1, 3, 5, 10)) -
     """
     rank = ranks(similarity)
     result = {f"hit@{k}": float((rank <= k).mean()) for k in ks if k <= similarity.shape[1]}
-    return result | {"mrr": float((1.0 / rank).mean()), "queries": int(len(rank)),
-                     "candidates": int(similarity.shape[1])}
+    return result | {
+        "mrr": float((1.0 / rank).mean()),
+        "queries": int(len(rank)),
+        "candidates": int(similarity.shape[1]),
+    }

@@ -22,17 +22,27 @@ def summarise_matrix(results: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, flo
         Flickr (each computed per seed, then mean and std); empty when a configuration is missing.
     """
     order = list(dict.fromkeys(results["configuration"]))
-    table = results.groupby("configuration", sort=False).agg(
-        tau_mean=("test_kendall_tau", "mean"), tau_std=("test_kendall_tau", "std"),
-        spearman_mean=("test_spearman", "mean"), r2_mean=("test_r2", "mean"), seeds=("seed", "nunique"),
-    ).reindex(order)
+    table = (
+        results.groupby("configuration", sort=False)
+        .agg(
+            tau_mean=("test_kendall_tau", "mean"),
+            tau_std=("test_kendall_tau", "std"),
+            spearman_mean=("test_spearman", "mean"),
+            r2_mean=("test_r2", "mean"),
+            seeds=("seed", "nunique"),
+        )
+        .reindex(order)
+    )
     wide = results.pivot_table(index="seed", columns="configuration", values="test_kendall_tau")
     derived: dict[str, float] = {}
     if {AERIAL, AERIAL_GSV, AERIAL_FLICKR_BUILDING} <= set(wide.columns):
         gain = (wide[AERIAL_GSV] - wide[AERIAL]) / wide[AERIAL]
         gap = (wide[AERIAL_GSV] - wide[AERIAL]).replace(0.0, np.nan)  # no gap, nothing to close
         closed = (wide[AERIAL_FLICKR_BUILDING] - wide[AERIAL]) / gap
-        derived = {"gsv_gain_over_aerial_mean": float(gain.mean()), "gsv_gain_over_aerial_std": float(gain.std()),
-                   "gap_closed_by_building_flickr_mean": float(closed.mean()),
-                   "gap_closed_by_building_flickr_std": float(closed.std())}
+        derived = {
+            "gsv_gain_over_aerial_mean": float(gain.mean()),
+            "gsv_gain_over_aerial_std": float(gain.std()),
+            "gap_closed_by_building_flickr_mean": float(closed.mean()),
+            "gap_closed_by_building_flickr_std": float(closed.std()),
+        }
     return table, derived

@@ -10,11 +10,16 @@ import pandas as pd
 
 from core.grid import RD_NEW, cell_polygons
 
-FORMATS = {"gpkg": "application/geopackage+sqlite3", "parquet": "application/vnd.apache.parquet",
-           "csv": "text/csv"}
+FORMATS = {
+    "gpkg": "application/geopackage+sqlite3",
+    "parquet": "application/vnd.apache.parquet",
+    "csv": "text/csv",
+}
 
 
-def prediction_layer(predictions: pd.DataFrame, cells: pd.DataFrame | None = None) -> gpd.GeoDataFrame:
+def prediction_layer(
+    predictions: pd.DataFrame, cells: pd.DataFrame | None = None
+) -> gpd.GeoDataFrame:
     """Predictions as 100 m squares in EPSG:28992, with buurt and district when ``cells`` has them.
 
     Args:
@@ -25,7 +30,9 @@ def prediction_layer(predictions: pd.DataFrame, cells: pd.DataFrame | None = Non
     if "residual" not in table:
         table["residual"] = table["predicted"] - table["true"]
     if cells is not None:
-        extra = [c for c in ("buurt_code", "buurt_naam", "district") if c in cells and c not in table]
+        extra = [
+            c for c in ("buurt_code", "buurt_naam", "district") if c in cells and c not in table
+        ]
         table = table.merge(cells[["cell_id", *extra]], on="cell_id", how="left")
     return gpd.GeoDataFrame(table, geometry=cell_polygons(table["cell_id"].to_numpy()), crs=RD_NEW)
 

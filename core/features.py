@@ -59,7 +59,9 @@ class ImageFiles(Dataset):
         return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
 
 
-def load_pixels(images: pd.DataFrame, px: int, cache_root: str | Path, workers: int = 2) -> np.ndarray:
+def load_pixels(
+    images: pd.DataFrame, px: int, cache_root: str | Path, workers: int = 2
+) -> np.ndarray:
     """All images of a set as one uint8 array (n, 3, px, px), decoded once and cached.
 
     Small encoders train for several epochs on the same images; decoding the JPEGs once (in
@@ -70,8 +72,11 @@ def load_pixels(images: pd.DataFrame, px: int, cache_root: str | Path, workers: 
     path = Path(cache_root) / f"pixels-{px}px-{image_set_key(ids, paths)}.npy"
     if not path.exists():
         loader = DataLoader(ImageFiles(list(paths), px), batch_size=512, num_workers=workers)
-        pixels = np.concatenate([batch.numpy() for batch in loader]) if len(paths) else \
-            np.zeros((0, 3, px, px), np.uint8)
+        pixels = (
+            np.concatenate([batch.numpy() for batch in loader])
+            if len(paths)
+            else np.zeros((0, 3, px, px), np.uint8)
+        )
         write_atomic(path, lambda tmp: np.save(tmp, pixels))
     return np.load(path, mmap_mode="r")
 
@@ -133,21 +138,42 @@ def extract_features(
     fingerprint = backbone_fingerprint(backbone, weights)
     key = f"{backbone}-{fingerprint}-{px}px-{image_set_key(ids, paths)}"
     folder = Path(cache_root) / key
-    meta = {"version": CACHE_VERSION, "backbone": backbone, "fingerprint": fingerprint,
-            "weights": str(weights) if weights else None, "px": px, "count": len(ids)}
+    meta = {
+        "version": CACHE_VERSION,
+        "backbone": backbone,
+        "fingerprint": fingerprint,
+        "weights": str(weights) if weights else None,
+        "px": px,
+        "count": len(ids),
+    }
     done = _resume_point(folder, meta)
     model = create_backbone(backbone, weights=weights)  # no weights: the fixed-seed random floor
     dim = model.num_features
     if done is None:
         folder.mkdir(parents=True, exist_ok=True)
-        np.lib.format.open_memmap(folder / "features.npy", mode="w+", dtype=np.float32, shape=(len(ids), dim))
+        np.lib.format.open_memmap(
+            folder / "features.npy", mode="w+", dtype=np.float32, shape=(len(ids), dim)
+        )
         pd.DataFrame({"id": ids, "path": paths}).to_parquet(folder / "index.parquet", index=False)
         done = 0
         _write_meta(folder, {**meta, "dim": dim, "done": 0})
     if done < len(ids):
-        _extract_rows(model, paths, folder, meta | {"dim": dim}, done, px, batch_size, workers,
-                      resolve_device(device), chunk_batches, progress)
-    return FeatureSet(ids=ids, matrix=np.load(folder / "features.npy", mmap_mode="r"), folder=folder)
+        _extract_rows(
+            model,
+            paths,
+            folder,
+            meta | {"dim": dim},
+            done,
+            px,
+            batch_size,
+            workers,
+            resolve_device(device),
+            chunk_batches,
+            progress,
+        )
+    return FeatureSet(
+        ids=ids, matrix=np.load(folder / "features.npy", mmap_mode="r"), folder=folder
+    )
 
 
 def _resume_point(folder: Path, meta: dict) -> int | None:
@@ -157,7 +183,9 @@ def _resume_point(folder: Path, meta: dict) -> int | None:
         return None
     stored = json.loads(meta_path.read_text())
     if any(stored.get(k) != v for k, v in meta.items()):
-        raise ValueError(f"{meta_path}: feature cache was made for {stored}, not {meta}; remove the folder")
+        raise ValueError(
+            f"{meta_path}: feature cache was made for {stored}, not {meta}; remove the folder"
+        )
     return int(stored["done"])
 
 
@@ -165,31 +193,57 @@ def _write_meta(folder: Path, meta: dict) -> None:
     write_atomic(folder / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
 
 
-def _extract_rows(model: torch.nn.Module, paths: np.ndarray, folder: Path, meta: dict, start: int, px: int,
-                  batch_size: int, workers: int, device: torch.device, chunk_batches: int,
-                  progress: Callable[[int, int], None] | None) -> None:
+def _extract_rows(
+    model: torch.nn.Module,
+    paths: np.ndarray,
+    folder: Path,
+    meta: dict,
+    start: int,
+    px: int,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    chunk_batches: int,
+    progress: Callable[[int, int], None] | None,
+) -> None:
     model = model.to(device).eval().to(memory_format=torch.channels_last)
-    loader = DataLoader(ImageFiles(list(paths[start:]), px), batch_size=batch_size, num_workers=workers,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
+    loader = DataLoader(
+        ImageFiles(list(paths[start:]), px),
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
     out = np.load(folder / "features.npy", mmap_mode="r+")
     row, started = start, time.perf_counter()
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with (
+        torch.inference_mode(),
+        torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
+    ):
         for batch_index, batch in enumerate(loader, start=1):
-            x = normalise(batch.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+            x = normalise(batch.to(device, non_blocking=True)).contiguous(
+                memory_format=torch.channels_last
+            )
             features = model(x).float().cpu().numpy()
-            out[row:row + len(features)] = features
+            out[row : row + len(features)] = features
             row += len(features)
             if batch_index % chunk_batches == 0 or row == len(paths):
                 out.flush()
-                _write_meta(folder, {**meta, "done": row,
-                                     "seconds": round(time.perf_counter() - started, 2)})
+                _write_meta(
+                    folder,
+                    {**meta, "done": row, "seconds": round(time.perf_counter() - started, 2)},
+                )
                 if progress:
                     progress(row, len(paths))
     del out
 
 
-def pool_by_cell(features: FeatureSet, image_cells: pd.Series, cell_ids: np.ndarray,
-                 keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def pool_by_cell(
+    features: FeatureSet,
+    image_cells: pd.Series,
+    cell_ids: np.ndarray,
+    keep: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Average-pool image features per cell.
 
     Args:
@@ -210,8 +264,9 @@ def pool_by_cell(features: FeatureSet, image_cells: pd.Series, cell_ids: np.ndar
     inside = ~np.isnan(target)
     target = target[inside].astype(np.int64)
     matrix = np.asarray(features.matrix)[mask][inside]
-    membership = sparse.csr_matrix((np.ones(len(target)), (target, np.arange(len(target)))),
-                                   shape=(len(cell_ids), len(target)))
+    membership = sparse.csr_matrix(
+        (np.ones(len(target)), (target, np.arange(len(target)))), shape=(len(cell_ids), len(target))
+    )
     sums = membership @ matrix.astype(np.float64)
     counts = np.bincount(target, minlength=len(cell_ids))
     pooled = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)

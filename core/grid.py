@@ -100,9 +100,7 @@ def cells_in_bounds(bounds: Bounds) -> np.ndarray:
     return ids_from_index(gx.ravel(), gy.ravel())
 
 
-def clip_cells(
-    ids: np.ndarray, boundary: BaseGeometry, predicate: str = "center"
-) -> np.ndarray:
+def clip_cells(ids: np.ndarray, boundary: BaseGeometry, predicate: str = "center") -> np.ndarray:
     """Keep the cells that belong to a boundary polygon in RD metres.
 
     Args:
@@ -124,7 +122,9 @@ def clip_cells(
         squares = cell_polygons(ids)
         keep = shapely.intersects(boundary, squares) & ~shapely.touches(boundary, squares)
     else:
-        raise ValueError(f"clip_cells: predicate must be 'center' or 'intersects', got {predicate!r}")
+        raise ValueError(
+            f"clip_cells: predicate must be 'center' or 'intersects', got {predicate!r}"
+        )
     return ids[keep]
 
 
@@ -178,7 +178,9 @@ def spatial_split(
         Array of ``"train"``, ``"val"`` or ``"test"`` aligned with ``ids``.
     """
     if len(fractions) != 3 or min(fractions) < 0 or not np.isclose(sum(fractions), 1.0):
-        raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
+        raise ValueError(
+            f"fractions must be three non-negative numbers summing to 1, got {fractions}"
+        )
     blocks = block_id(ids, block_size)
     unique, counts = np.unique(blocks, return_counts=True)
     order = np.random.default_rng(seed).permutation(len(unique))

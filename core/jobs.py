@@ -64,8 +64,10 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, id);
 """
-_COLUMNS = ("id, kind, config, status, created, started, finished, pid, heartbeat, progress, "
-            "run_id, error, cancel_requested")
+_COLUMNS = (
+    "id, kind, config, status, created, started, finished, pid, heartbeat, progress, "
+    "run_id, error, cancel_requested"
+)
 _BUSY_TIMEOUT_S = 10.0
 
 
@@ -132,10 +134,36 @@ class Job:
 
     @classmethod
     def _from_row(cls, row: tuple) -> Job:
-        (id_, kind, config, status, created, started, finished, pid, heartbeat, progress, run_id,
-         error, cancel) = row
-        return cls(id_, kind, json.loads(config), status, created, started, finished, pid,
-                   heartbeat, json.loads(progress), run_id, error, bool(cancel))
+        (
+            id_,
+            kind,
+            config,
+            status,
+            created,
+            started,
+            finished,
+            pid,
+            heartbeat,
+            progress,
+            run_id,
+            error,
+            cancel,
+        ) = row
+        return cls(
+            id_,
+            kind,
+            json.loads(config),
+            status,
+            created,
+            started,
+            finished,
+            pid,
+            heartbeat,
+            json.loads(progress),
+            run_id,
+            error,
+            bool(cancel),
+        )
 
 
 class JobStore:
@@ -164,8 +192,10 @@ class JobStore:
                 if tables and application_id != _APPLICATION_ID:
                     raise ValueError(f"{self.path}: an SQLite database, but not a job database")
                 if version > _SCHEMA_VERSION:
-                    raise ValueError(f"{self.path}: job database schema {version} is newer than "
-                                     f"this code's ({_SCHEMA_VERSION}); update Stadsbeeld")
+                    raise ValueError(
+                        f"{self.path}: job database schema {version} is newer than "
+                        f"this code's ({_SCHEMA_VERSION}); update Stadsbeeld"
+                    )
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         db.execute(statement)
@@ -353,8 +383,10 @@ class JobStore:
         with self._write() as db:
             job = self._row(db, job_id)
             if job.status == "queued":
-                db.execute("UPDATE jobs SET status = 'cancelled', finished = ? WHERE id = ?",
-                           (_now(), job.id))
+                db.execute(
+                    "UPDATE jobs SET status = 'cancelled', finished = ? WHERE id = ?",
+                    (_now(), job.id),
+                )
             elif job.status == "running":
                 db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job.id,))
 
@@ -378,8 +410,11 @@ class JobStore:
             gone = pid is not None and job_host == host and not _pid_alive(pid)
             if age <= stale_after and not gone:
                 continue
-            error = (f"worker died (pid {pid} is gone; last heartbeat {age:.0f} s ago)" if gone
-                     else f"worker died (stale heartbeat: last one {age:.0f} s ago)")
+            error = (
+                f"worker died (pid {pid} is gone; last heartbeat {age:.0f} s ago)"
+                if gone
+                else f"worker died (stale heartbeat: last one {age:.0f} s ago)"
+            )
             tail = log_tail(self.log_path(job_id))
             with self._write() as db:
                 current = self._row(db, job_id)
@@ -389,8 +424,12 @@ class JobStore:
                 complete = run_id is not None and _complete_run(self.runs_root, run_id)
                 db.execute(
                     "UPDATE jobs SET status = ?, finished = ?, error = ? WHERE id = ?",
-                    ("done" if complete else "failed", _now(),
-                     None if complete else error + ("\n" + tail if tail else ""), job_id),
+                    (
+                        "done" if complete else "failed",
+                        _now(),
+                        None if complete else error + ("\n" + tail if tail else ""),
+                        job_id,
+                    ),
                 )
             if run_id is not None and not complete:
                 self._give_up_run(run_id, f"job {job_id}: {error}")
@@ -462,9 +501,24 @@ def start_worker(data_root: str | PathLike, *, exit_when_idle: float = 60.0) -> 
     env["PYTHONPATH"] = os.pathsep.join(
         [str(repo), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
     )
-    command = [sys.executable, "-m", "train", "worker", "--data", str(root.root),
-               "--exit-when-idle", str(exit_when_idle)]
+    command = [
+        sys.executable,
+        "-m",
+        "train",
+        "worker",
+        "--data",
+        str(root.root),
+        "--exit-when-idle",
+        str(exit_when_idle),
+    ]
     with open(log_dir / WORKER_LOG, "ab") as log:
         # A new session: the worker outlives the dashboard and gets none of its signals.
-        return subprocess.Popen(command, cwd=repo, env=env, stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            command,
+            cwd=repo,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )

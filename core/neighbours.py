@@ -26,8 +26,10 @@ class EmbeddingIndex:
         ids = np.asarray(cell_ids, dtype=np.int64)
         vectors = np.asarray(matrix, dtype=np.float32)
         if vectors.ndim != 2 or len(vectors) != len(ids) or len(ids) == 0:
-            raise ValueError(f"embeddings: expected ({len(ids)}, dim) rows for {len(ids)} cell ids, "
-                             f"got {vectors.shape}")
+            raise ValueError(
+                f"embeddings: expected ({len(ids)}, dim) rows for {len(ids)} cell ids, "
+                f"got {vectors.shape}"
+            )
         if len(np.unique(ids)) != len(ids):
             raise ValueError("embeddings: duplicate cell ids")
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -76,8 +78,13 @@ class EmbeddingIndex:
         k = max(0, min(int(k), available))
         top = np.argpartition(-similarity, k - 1)[:k] if 0 < k < len(similarity) else np.arange(k)
         top = top[np.argsort(-similarity[top], kind="stable")]
-        return pd.DataFrame({"rank": np.arange(1, k + 1), "cell_id": self.cell_ids[top],
-                             "similarity": similarity[top].astype(float)})
+        return pd.DataFrame(
+            {
+                "rank": np.arange(1, k + 1),
+                "cell_id": self.cell_ids[top],
+                "similarity": similarity[top].astype(float),
+            }
+        )
 
     def neighbours(self, cell_id: int, k: int) -> pd.DataFrame:
         """The ``k`` cells nearest to ``cell_id`` (itself excluded); see :meth:`search`."""

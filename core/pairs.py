@@ -255,13 +255,17 @@ def _closest_miss(images: pd.DataFrame, config: PairConfig, source: str) -> str:
         return f"no two images are less than {config.temporal_max_distance_m:g} m apart"
     same = place[place["heading_diff_deg"] <= config.temporal_max_heading_deg]
     if same.empty:
-        return (f"no two images at the same place have headings within "
-                f"{config.temporal_max_heading_deg:g} deg")
+        return (
+            f"no two images at the same place have headings within "
+            f"{config.temporal_max_heading_deg:g} deg"
+        )
     longest = same["gap_days"].max() / DAYS_PER_MONTH
     if math.isnan(longest):
         return "no two images at the same place and heading both have a capture date"
-    return (f"the longest gap between images of the same place and heading ({len(same)} such "
-            f"pairs) is {longest:.1f} months")
+    return (
+        f"the longest gap between images of the same place and heading ({len(same)} such "
+        f"pairs) is {longest:.1f} months"
+    )
 
 
 def _capped(ab: np.ndarray, n: int, cap: int, priority: np.ndarray) -> np.ndarray:

@@ -192,10 +192,15 @@ class RunWriter:
         root = Path(runs_root)
         if (root / run_id).exists():
             raise FileExistsError(f"{root / run_id}: run {run_id} is complete; nothing to resume")
-        found = [root / f"{prefix}{run_id}" for prefix in (".tmp-", ".failed-")
-                 if (root / f"{prefix}{run_id}").is_dir()]
+        found = [
+            root / f"{prefix}{run_id}"
+            for prefix in (".tmp-", ".failed-")
+            if (root / f"{prefix}{run_id}").is_dir()
+        ]
         if not found:
-            raise FileNotFoundError(f"{root}: no interrupted run {run_id} (.tmp-{run_id} or .failed-{run_id})")
+            raise FileNotFoundError(
+                f"{root}: no interrupted run {run_id} (.tmp-{run_id} or .failed-{run_id})"
+            )
         writer = cls.__new__(cls)
         writer.run_id, writer.runs_root, writer._on_progress = run_id, root, on_progress
         writer._path = found[0]
@@ -365,8 +370,13 @@ class RunWriter:
         write_atomic(self._path / MODEL_FILE, lambda tmp: save_file(tensors, tmp, header))
 
 
-def _read_mapping(path: Path, parse: Callable[[str], Any], errors: tuple[type[Exception], ...],
-                  kind: str, container: str) -> dict[str, Any]:
+def _read_mapping(
+    path: Path,
+    parse: Callable[[str], Any],
+    errors: tuple[type[Exception], ...],
+    kind: str,
+    container: str,
+) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
     try:

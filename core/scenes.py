@@ -27,7 +27,9 @@ class SceneFilterConfig:
     building_scenes: tuple[str, ...] = ("building", "street")
     indoor_scenes: tuple[str, ...] = ("food", "interior")
     threshold: float = 0.5
-    scenes: tuple[str, ...] = field(default=("building", "street", "water", "park", "people", "food", "interior"))
+    scenes: tuple[str, ...] = field(
+        default=("building", "street", "water", "park", "people", "food", "interior")
+    )
 
 
 def select(scores: pd.DataFrame, subset: str, config: SceneFilterConfig) -> np.ndarray:
@@ -62,7 +64,9 @@ def scores_path(root: DataRoot, run_id: str) -> Path:
 def filter_config(root: DataRoot, run_id: str) -> SceneFilterConfig:
     """The scene lists and threshold a scene run was made with."""
     stored = load_run(root.runs / run_id).config["filter"]
-    return SceneFilterConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
+    return SceneFilterConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}
+    )
 
 
 def scene_verdicts(root: DataRoot, run_id: str) -> pd.DataFrame:
@@ -82,11 +86,13 @@ def scene_verdicts(root: DataRoot, run_id: str) -> pd.DataFrame:
         raise ValueError(f"{path}: no p_<scene> probability columns")
     config = filter_config(root, run_id)
     best = scores[probabilities].to_numpy().argmax(axis=1)
-    verdicts = pd.DataFrame({
-        "id": scores["id"],
-        "scene": [probabilities[i].removeprefix("p_") for i in best],
-        "scene_p": scores[probabilities].to_numpy().max(axis=1),
-    })
+    verdicts = pd.DataFrame(
+        {
+            "id": scores["id"],
+            "scene": [probabilities[i].removeprefix("p_") for i in best],
+            "scene_p": scores[probabilities].to_numpy().max(axis=1),
+        }
+    )
     for subset in SUBSETS:
         verdicts[subset] = select(scores, subset, config)
     return verdicts

@@ -32,14 +32,18 @@ def coverage_table(root: DataRoot, labels: pd.DataFrame, catalog: pd.DataFrame) 
         building = catalog[catalog["id"].isin(building_ids)]
         frame["flickr_building"] = images_per_cell(building, grid["cell_id"].to_numpy())["flickr"]
     lab = frame[frame["labelled"]]
-    table = pd.DataFrame({
-        "cells": frame.groupby("district").size(),
-        "labelled": lab.groupby("district").size(),
-        "gsv_covered": (lab["gsv"] > 0).groupby(lab["district"]).mean().round(3),
-        "flickr_covered": (lab["flickr"] > 0).groupby(lab["district"]).mean().round(3),
-    })
+    table = pd.DataFrame(
+        {
+            "cells": frame.groupby("district").size(),
+            "labelled": lab.groupby("district").size(),
+            "gsv_covered": (lab["gsv"] > 0).groupby(lab["district"]).mean().round(3),
+            "flickr_covered": (lab["flickr"] > 0).groupby(lab["district"]).mean().round(3),
+        }
+    )
     if "flickr_building" in lab:
-        table["flickr_building_covered"] = (lab["flickr_building"] > 0).groupby(lab["district"]).mean().round(3)
+        table["flickr_building_covered"] = (
+            (lab["flickr_building"] > 0).groupby(lab["district"]).mean().round(3)
+        )
     return table.fillna(0).astype({"cells": int, "labelled": int})
 
 
@@ -58,8 +62,12 @@ def summarize(data: str | PathLike) -> str:
     latest = labels[labels["jaar"] == labels["jaar"].max()]
     for column in ("lbm", "won"):
         values = latest[column]
-        lines.append(f"{column} ({latest['jaar'].iloc[0]}): min {values.min():.3f}, "
-                     f"mean {values.mean():.3f}, max {values.max():.3f}")
-    lines += ["coverage per district (share of labelled cells with at least one image):",
-              coverage.to_string()]
+        lines.append(
+            f"{column} ({latest['jaar'].iloc[0]}): min {values.min():.3f}, "
+            f"mean {values.mean():.3f}, max {values.max():.3f}"
+        )
+    lines += [
+        "coverage per district (share of labelled cells with at least one image):",
+        coverage.to_string(),
+    ]
     return "\n".join(lines)

@@ -102,15 +102,14 @@ PAIR_TYPES = (PAIR_CAPTION, PAIR_REASONING, PAIR_GRAPH)
 #: The query instruction of each pair type (the model's instruction prefix per task).
 INSTRUCTIONS = {
     PAIR_CAPTION: "<image> Describe where this street-level image was taken: its neighbourhood, "
-                  "nearby landmarks, street layout and surroundings.",
+    "nearby landmarks, street layout and surroundings.",
     PAIR_GRAPH: "<graph><image> Describe where this street-level image was taken, using the "
-                "street network around it.",
+    "street network around it.",
     PAIR_REASONING: "<image> Answer the spatial question about a walk from where this image was "
-                    "taken. ",
+    "taken. ",
 }
 
-COMPASS = ("north", "north-east", "east", "south-east", "south", "south-west", "west",
-           "north-west")
+COMPASS = ("north", "north-east", "east", "south-east", "south", "south-west", "west", "north-west")
 CONTEXT_RADIUS_M = 150.0
 #: Landmarks farther than this are not mentioned (they say nothing useful about the place).
 MAX_LANDMARK_M = 5000.0
@@ -147,8 +146,12 @@ def edge_features(xy_from: np.ndarray, xy_to: np.ndarray) -> dict[str, np.ndarra
         xy_to: (n, 2) end coordinates.
     """
     d = np.asarray(xy_to, dtype=float) - np.asarray(xy_from, dtype=float)
-    return {"length": np.hypot(d[:, 0], d[:, 1]), "bearing": bearing_deg(d[:, 0], d[:, 1]),
-            "dx": d[:, 0], "dy": d[:, 1]}
+    return {
+        "length": np.hypot(d[:, 0], d[:, 1]),
+        "bearing": bearing_deg(d[:, 0], d[:, 1]),
+        "dx": d[:, 0],
+        "dy": d[:, 1],
+    }
 
 
 def format_distance(metres: float) -> str:
@@ -298,8 +301,16 @@ class SpatialGraph:
         pairs = unique[["a", "b"]].to_numpy(dtype=np.int64).reshape(-1, 2)
         feats = edge_features(xy[pairs[:, 0]], xy[pairs[:, 1]])
         names = _street_names(table, len(ids)) if "name" in table.columns else []
-        return cls(node_ids=ids, xy=xy, edges=pairs, length=unique["length"].to_numpy(float),
-                   bearing=feats["bearing"], dx=feats["dx"], dy=feats["dy"], street_names=names)
+        return cls(
+            node_ids=ids,
+            xy=xy,
+            edges=pairs,
+            length=unique["length"].to_numpy(float),
+            bearing=feats["bearing"],
+            dx=feats["dx"],
+            dy=feats["dy"],
+            street_names=names,
+        )
 
     @property
     def degree(self) -> np.ndarray:
@@ -312,7 +323,7 @@ class SpatialGraph:
 
     def neighbours(self, node: int) -> np.ndarray:
         """Indices of the nodes sharing an edge with ``node``, in ascending order."""
-        return self._adj[self._indptr[node]:self._indptr[node + 1]]
+        return self._adj[self._indptr[node] : self._indptr[node + 1]]
 
     def step(self, start: int, end: int) -> dict[str, float]:
         """Length, bearing, dx and dy of walking the edge from ``start`` to ``end``.
@@ -323,13 +334,18 @@ class SpatialGraph:
         lo, hi = self._indptr[start], self._indptr[start + 1]
         at = lo + int(np.searchsorted(self._adj[lo:hi], end))
         if at >= hi or self._adj[at] != end:
-            raise KeyError(f"no street edge between {self.node_ids[start]} and "
-                           f"{self.node_ids[end]}")
+            raise KeyError(
+                f"no street edge between {self.node_ids[start]} and {self.node_ids[end]}"
+            )
         e = int(self._adj_edge[at])
         sign = 1.0 if self.edges[e, 0] == start else -1.0
         dx, dy = sign * float(self.dx[e]), sign * float(self.dy[e])
-        return {"length": float(self.length[e]), "bearing": float(bearing_deg(dx, dy)),
-                "dx": dx, "dy": dy}
+        return {
+            "length": float(self.length[e]),
+            "bearing": float(bearing_deg(dx, dy)),
+            "dx": dx,
+            "dy": dy,
+        }
 
     def nearest(self, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Index of and distance to the nearest node of each point of ``xy`` (n, 2)."""
@@ -342,11 +358,16 @@ class SpatialGraph:
         """Number of street nodes within ``radius`` metres of each point."""
         if self._tree is None:
             return np.zeros(len(xy), np.int64)
-        return np.asarray(self._tree.query_ball_point(np.asarray(xy, float), radius,
-                                                      return_length=True))
+        return np.asarray(
+            self._tree.query_ball_point(np.asarray(xy, float), radius, return_length=True)
+        )
 
-    def anchor(self, cell_ids: np.ndarray | None = None, image_ids: np.ndarray | None = None,
-               image_xy: np.ndarray | None = None) -> None:
+    def anchor(
+        self,
+        cell_ids: np.ndarray | None = None,
+        image_ids: np.ndarray | None = None,
+        image_xy: np.ndarray | None = None,
+    ) -> None:
         """Anchor cells (by their centre) and images (by position) to their nearest nodes."""
         if cell_ids is not None:
             self.cell_ids = np.asarray(cell_ids, np.int64)
@@ -371,12 +392,18 @@ class SpatialGraph:
                     if len(hop_of) >= max_nodes:
                         break
         nodes = np.fromiter(hop_of.keys(), np.int64, len(hop_of))
-        edges = {int(self._adj_edge[k]) for n in hop_of
-                 for k in range(self._indptr[n], self._indptr[n + 1])
-                 if int(self._adj[k]) in hop_of}
-        return SubGraph(center=center, nodes=nodes,
-                        hops=np.fromiter(hop_of.values(), np.int64, len(hop_of)),
-                        edges=np.array(sorted(edges), np.int64))
+        edges = {
+            int(self._adj_edge[k])
+            for n in hop_of
+            for k in range(self._indptr[n], self._indptr[n + 1])
+            if int(self._adj[k]) in hop_of
+        }
+        return SubGraph(
+            center=center,
+            nodes=nodes,
+            hops=np.fromiter(hop_of.values(), np.int64, len(hop_of)),
+            edges=np.array(sorted(edges), np.int64),
+        )
 
 
 def _street_names(table: pd.DataFrame, n: int) -> list[tuple[str, ...]]:
@@ -426,8 +453,9 @@ def read_streets(path: str | PathLike) -> SpatialGraph:
         points = nodes.geometry.to_crs(RD_NEW)
         nodes = pd.DataFrame({"osmid": nodes["osmid"], "x": points.x, "y": points.y})
     elif not {"x", "y"} <= set(nodes.columns):
-        nodes = pd.DataFrame({"osmid": nodes["osmid"], "x": nodes.geometry.x,
-                              "y": nodes.geometry.y})
+        nodes = pd.DataFrame(
+            {"osmid": nodes["osmid"], "x": nodes.geometry.x, "y": nodes.geometry.y}
+        )
     return SpatialGraph.from_frames(nodes, edges)
 
 
@@ -440,25 +468,40 @@ class ShareRaster:
     Rasterised at :data:`_RASTER_M` and convolved once, so a lookup is an array index.
     """
 
-    def __init__(self, geometry: Sequence[Any], bounds: tuple[float, float, float, float],
-                 radius: float, pixel: float = _RASTER_M):
+    def __init__(
+        self,
+        geometry: Sequence[Any],
+        bounds: tuple[float, float, float, float],
+        radius: float,
+        pixel: float = _RASTER_M,
+    ):
         pad = radius + 2 * pixel
         self.left, self.top = bounds[0] - pad, bounds[3] + pad
         self.pixel = pixel
         width = int(math.ceil((bounds[2] - bounds[0] + 2 * pad) / pixel))
         height = int(math.ceil((bounds[3] - bounds[1] + 2 * pad) / pixel))
         box = shapely.box(self.left, self.top - height * pixel, self.left + width * pixel, self.top)
-        shapes = [g for g in shapely.intersection(np.asarray(geometry, dtype=object), box)
-                  if g is not None and not g.is_empty]
+        shapes = [
+            g
+            for g in shapely.intersection(np.asarray(geometry, dtype=object), box)
+            if g is not None and not g.is_empty
+        ]
         mask = np.zeros((height, width), np.float32)
         if shapes:
-            mask = features.rasterize(shapes, out_shape=(height, width), dtype="uint8",
-                                      transform=from_origin(self.left, self.top, pixel, pixel))
+            mask = features.rasterize(
+                shapes,
+                out_shape=(height, width),
+                dtype="uint8",
+                transform=from_origin(self.left, self.top, pixel, pixel),
+            )
         r = int(round(radius / pixel))
-        yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
-        disk = (xx ** 2 + yy ** 2 <= r ** 2).astype(np.float32)
-        self.share = np.clip(fftconvolve(mask.astype(np.float32), disk / disk.sum(), mode="same"),
-                             0.0, 1.0) if shapes else mask
+        yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+        disk = (xx**2 + yy**2 <= r**2).astype(np.float32)
+        self.share = (
+            np.clip(fftconvolve(mask.astype(np.float32), disk / disk.sum(), mode="same"), 0.0, 1.0)
+            if shapes
+            else mask
+        )
 
     def at(self, xy: np.ndarray) -> np.ndarray:
         """The share (0..1) around each point of ``xy`` (n, 2); 0 outside the raster."""
@@ -549,8 +592,9 @@ class CityContext:
 
     def __post_init__(self) -> None:
         flickr = self.images["source"].to_numpy() == "flickr" if len(self.images) else []
-        self._photo_tree = cKDTree(self.images.loc[flickr, ["x", "y"]].to_numpy(float)) \
-            if np.any(flickr) else None
+        self._photo_tree = (
+            cKDTree(self.images.loc[flickr, ["x", "y"]].to_numpy(float)) if np.any(flickr) else None
+        )
         centres = self.cells[["x", "y"]].to_numpy(float)
         self._cell_tree = cKDTree(centres) if len(centres) else None
         buurt, district = self.place_of(self.graph.xy)
@@ -571,28 +615,44 @@ class CityContext:
         """A node's graph-record entry without ``hop`` (computed once for all nodes)."""
         if self._node_json is None:
             g, lonlat, degree = self.graph, self.node_lonlat, self.graph.degree
-            self._node_json = [{
-                "node_id": str(g.node_ids[i]),
-                "coords": [round(float(lonlat[i, 0]), 7), round(float(lonlat[i, 1]), 7)],
-                "xy": [round(float(g.xy[i, 0]), 2), round(float(g.xy[i, 1]), 2)],
-                "node_text": node_text(_node_kind(int(degree[i])), g.street_names[i],
-                                       str(self.node_buurt[i]), str(self.node_district[i]),
-                                       float(lonlat[i, 0]), float(lonlat[i, 1])),
-                "degree": int(degree[i]), "buurt": str(self.node_buurt[i]),
-                "district": str(self.node_district[i]),
-            } for i in range(len(g.node_ids))]
+            self._node_json = [
+                {
+                    "node_id": str(g.node_ids[i]),
+                    "coords": [round(float(lonlat[i, 0]), 7), round(float(lonlat[i, 1]), 7)],
+                    "xy": [round(float(g.xy[i, 0]), 2), round(float(g.xy[i, 1]), 2)],
+                    "node_text": node_text(
+                        _node_kind(int(degree[i])),
+                        g.street_names[i],
+                        str(self.node_buurt[i]),
+                        str(self.node_district[i]),
+                        float(lonlat[i, 0]),
+                        float(lonlat[i, 1]),
+                    ),
+                    "degree": int(degree[i]),
+                    "buurt": str(self.node_buurt[i]),
+                    "district": str(self.node_district[i]),
+                }
+                for i in range(len(g.node_ids))
+            ]
         return self._node_json[node]
 
     def edge_json(self, edge: int) -> dict[str, Any]:
         """An edge's graph-record entry (computed once for all edges)."""
         if self._edge_json is None:
             g = self.graph
-            self._edge_json = [{
-                "source": str(g.node_ids[a]), "target": str(g.node_ids[b]),
-                "length_m": round(float(length), 2), "bearing_deg": round(float(bearing), 2),
-                "dx_m": round(float(dx), 2), "dy_m": round(float(dy), 2),
-            } for (a, b), length, bearing, dx, dy in zip(g.edges.tolist(), g.length, g.bearing,
-                                                         g.dx, g.dy, strict=True)]
+            self._edge_json = [
+                {
+                    "source": str(g.node_ids[a]),
+                    "target": str(g.node_ids[b]),
+                    "length_m": round(float(length), 2),
+                    "bearing_deg": round(float(bearing), 2),
+                    "dx_m": round(float(dx), 2),
+                    "dy_m": round(float(dy), 2),
+                }
+                for (a, b), length, bearing, dx, dy in zip(
+                    g.edges.tolist(), g.length, g.bearing, g.dx, g.dy, strict=True
+                )
+            ]
         return self._edge_json[edge]
 
     @property
@@ -639,8 +699,13 @@ class CityContext:
             return np.zeros(len(xy), np.int64)
         return np.asarray(self._photo_tree.query_ball_point(xy, self.radius, return_length=True))
 
-    def facts(self, keys: Sequence[str], xy: np.ndarray, nodes: np.ndarray,
-              images: pd.DataFrame | None = None) -> list[PlaceFacts]:
+    def facts(
+        self,
+        keys: Sequence[str],
+        xy: np.ndarray,
+        nodes: np.ndarray,
+        images: pd.DataFrame | None = None,
+    ) -> list[PlaceFacts]:
         """Facts of places (vectorised): ``keys`` name them, ``nodes`` are their anchors.
 
         Args:
@@ -667,19 +732,32 @@ class CityContext:
             year = [None if pd.isna(t) else int(t.year) for t in stamps]
             titles = images["title"] if "title" in images.columns else [None] * n
             title = [t.strip() if isinstance(t, str) and t.strip() else None for t in titles]
-        return [PlaceFacts(
-            key=str(keys[i]), x=float(xy[i, 0]), y=float(xy[i, 1]), buurt=str(buurt[i]),
-            district=str(district[i]), landmarks=marks[i], degree=int(degree[i]),
-            density=str(density[i]), photos=int(photos[i]),
-            popular=bool(photos[i] >= self.popular_min),
-            water_share=None if water is None else round(float(water[i]), 3),
-            park_share=None if parks is None else round(float(parks[i]), 3),
-            heading=heading[i], source=source[i], year=year[i], title=title[i],
-        ) for i in range(n)]
+        return [
+            PlaceFacts(
+                key=str(keys[i]),
+                x=float(xy[i, 0]),
+                y=float(xy[i, 1]),
+                buurt=str(buurt[i]),
+                district=str(district[i]),
+                landmarks=marks[i],
+                degree=int(degree[i]),
+                density=str(density[i]),
+                photos=int(photos[i]),
+                popular=bool(photos[i] >= self.popular_min),
+                water_share=None if water is None else round(float(water[i]), 3),
+                park_share=None if parks is None else round(float(parks[i]), 3),
+                heading=heading[i],
+                source=source[i],
+                year=year[i],
+                title=title[i],
+            )
+            for i in range(n)
+        ]
 
 
-def nearest_landmarks(xy: np.ndarray, landmarks: pd.DataFrame, k: int = 2,
-                      max_distance: float = MAX_LANDMARK_M) -> list[tuple[LandmarkFact, ...]]:
+def nearest_landmarks(
+    xy: np.ndarray, landmarks: pd.DataFrame, k: int = 2, max_distance: float = MAX_LANDMARK_M
+) -> list[tuple[LandmarkFact, ...]]:
     """The ``k`` nearest landmarks of each point, nearest first, within ``max_distance``.
 
     Args:
@@ -699,14 +777,23 @@ def nearest_landmarks(xy: np.ndarray, landmarks: pd.DataFrame, k: int = 2,
     kinds = landmarks["kind"].astype(str).to_numpy()
     out = []
     for i, row in enumerate(order):
-        out.append(tuple(LandmarkFact(names[j], kinds[j], round(float(dist[i, j]), 1),
-                                      round(float(bearing[i, j]), 1))
-                         for j in row if dist[i, j] <= max_distance))
+        out.append(
+            tuple(
+                LandmarkFact(
+                    names[j], kinds[j], round(float(dist[i, j]), 1), round(float(bearing[i, j]), 1)
+                )
+                for j in row
+                if dist[i, j] <= max_distance
+            )
+        )
     return out
 
 
-def load_city(data: DataRoot | str | PathLike, landmarks: pd.DataFrame | None = None,
-              radius: float = CONTEXT_RADIUS_M) -> CityContext:
+def load_city(
+    data: DataRoot | str | PathLike,
+    landmarks: pd.DataFrame | None = None,
+    radius: float = CONTEXT_RADIUS_M,
+) -> CityContext:
     """Read a data root's grid, street graph, catalog and context layers into a context.
 
     Args:
@@ -720,15 +807,22 @@ def load_city(data: DataRoot | str | PathLike, landmarks: pd.DataFrame | None = 
     """
     root = data if isinstance(data, DataRoot) else DataRoot(Path(data))
     grid = read_grid(root.grid)
-    cells = pd.DataFrame({
-        "buurt": _text_column(grid, "buurt_naam"), "district": _text_column(grid, "district"),
-    }, index=pd.Index(grid["cell_id"].to_numpy(np.int64), name="cell_id"))
+    cells = pd.DataFrame(
+        {
+            "buurt": _text_column(grid, "buurt_naam"),
+            "district": _text_column(grid, "district"),
+        },
+        index=pd.Index(grid["cell_id"].to_numpy(np.int64), name="cell_id"),
+    )
     cells["x"], cells["y"] = cell_center(cells.index.to_numpy())
     graph = read_streets(root.streets)
     images = read_catalog(root.catalog, check_files=False).images
     images = pd.DataFrame(images.drop(columns="geometry")).reset_index(drop=True)
-    graph.anchor(cell_ids=cells.index.to_numpy(), image_ids=images["id"].to_numpy(),
-                 image_xy=images[["x", "y"]].to_numpy(float))
+    graph.anchor(
+        cell_ids=cells.index.to_numpy(),
+        image_ids=images["id"].to_numpy(),
+        image_xy=images[["x", "y"]].to_numpy(float),
+    )
     images["node"] = graph.image_node
     marks = _landmark_table(read_landmarks() if landmarks is None else landmarks)
     points = [graph.xy, images[["x", "y"]].to_numpy(float), cells[["x", "y"]].to_numpy(float)]
@@ -737,10 +831,17 @@ def load_city(data: DataRoot | str | PathLike, landmarks: pd.DataFrame | None = 
     # City-relative thresholds: "dense" means denser than most of this city's streets.
     counts = graph.count_within(graph.xy, radius)
     edges = tuple(float(q) for q in np.quantile(counts, [0.25, 0.75])) if len(counts) else (0, 0)
-    context = CityContext(graph=graph, cells=cells, landmarks=marks, images=images,
-                          water=_share_layer(root.water, bounds, radius),
-                          parks=_share_layer(root.parks, bounds, radius),
-                          density_edges=edges, radius=radius, root=root.root)
+    context = CityContext(
+        graph=graph,
+        cells=cells,
+        landmarks=marks,
+        images=images,
+        water=_share_layer(root.water, bounds, radius),
+        parks=_share_layer(root.parks, bounds, radius),
+        density_edges=edges,
+        radius=radius,
+        root=root.root,
+    )
     if len(images):
         photos = context.photos_within(images[["x", "y"]].to_numpy(float))
         context.popular_min = max(_POPULAR_MIN, float(np.quantile(photos, 0.9)))
@@ -762,12 +863,19 @@ def _landmark_table(landmarks: pd.DataFrame) -> pd.DataFrame:
     else:
         x, y = landmarks["x"].to_numpy(float), landmarks["y"].to_numpy(float)
     kinds = landmarks.get("kind", pd.Series("place", index=landmarks.index))
-    return pd.DataFrame({"name": landmarks["name"].astype(str).to_numpy(),
-                         "kind": kinds.fillna("place").astype(str).to_numpy(), "x": x, "y": y})
+    return pd.DataFrame(
+        {
+            "name": landmarks["name"].astype(str).to_numpy(),
+            "kind": kinds.fillna("place").astype(str).to_numpy(),
+            "x": x,
+            "y": y,
+        }
+    )
 
 
-def _share_layer(path: Path, bounds: tuple[float, float, float, float],
-                 radius: float) -> ShareRaster | None:
+def _share_layer(
+    path: Path, bounds: tuple[float, float, float, float], radius: float
+) -> ShareRaster | None:
     if not path.is_file():
         return None  # real roots may lack the layer: captions then say nothing about it
     layer = gpd.read_file(path)
@@ -839,9 +947,11 @@ _SOURCE = {
     "flickr": ("It is a Flickr photo from {y}.", "Someone posted this photo on Flickr in {y}."),
     "other": ("It was captured in {y}.",),
 }
-_DENSITY = {"dense": ("a dense street network", "many closely spaced streets"),
-            "moderate": ("a moderately dense street grid", "a regular street grid"),
-            "open": ("an open, sparse street pattern", "few streets")}
+_DENSITY = {
+    "dense": ("a dense street network", "many closely spaced streets"),
+    "moderate": ("a moderately dense street grid", "a regular street grid"),
+    "open": ("an open, sparse street pattern", "few streets"),
+}
 
 
 def _amount(share: float, what: str, big: str, some: str) -> str:
@@ -872,9 +982,17 @@ class TemplateCaptioner:
             opening = rng.choice(_OPENINGS_DISTRICT).format(d=d)
         else:
             opening = _OPENINGS_NONE[0]
-        rest = [s for s in (self._landmarks(facts, rng), self._connectivity(facts, rng),
-                            self._around(facts, rng), self._popular(facts, rng),
-                            self._camera(facts, rng)) if s]
+        rest = [
+            s
+            for s in (
+                self._landmarks(facts, rng),
+                self._connectivity(facts, rng),
+                self._around(facts, rng),
+                self._popular(facts, rng),
+                self._camera(facts, rng),
+            )
+            if s
+        ]
         rng.shuffle(rest)
         return " ".join([opening, *rest])
 
@@ -882,12 +1000,18 @@ class TemplateCaptioner:
         marks = facts.landmarks
         if not marks:
             return ""
-        first = {"n": marks[0].label, "dist": format_distance(marks[0].distance_m),
-                 "dir": marks[0].direction}
+        first = {
+            "n": marks[0].label,
+            "dist": format_distance(marks[0].distance_m),
+            "dir": marks[0].direction,
+        }
         if len(marks) == 1 or rng.random() < 0.4:
             return rng.choice(_ONE_LANDMARK).format(**first)
-        second = {"n2": marks[1].label, "dist2": format_distance(marks[1].distance_m),
-                  "dir2": marks[1].direction}
+        second = {
+            "n2": marks[1].label,
+            "dist2": format_distance(marks[1].distance_m),
+            "dir2": marks[1].direction,
+        }
         return rng.choice(_TWO_LANDMARKS).format(**first, **second)
 
     @staticmethod
@@ -923,8 +1047,11 @@ class TemplateCaptioner:
         if facts.heading is not None:
             parts.append(rng.choice(_HEADING).format(dir=compass(facts.heading)))
         if facts.year is not None:
-            parts.append(rng.choice(_SOURCE.get(facts.source or "other", _SOURCE["other"]))
-                         .format(y=facts.year))
+            parts.append(
+                rng.choice(_SOURCE.get(facts.source or "other", _SOURCE["other"])).format(
+                    y=facts.year
+                )
+            )
         if facts.title:
             parts.append(f'Its title reads "{facts.title}".')
         return " ".join(parts)
@@ -960,10 +1087,14 @@ _STARTS = (
 )
 _QUESTIONS = {
     "buurt": ("Which neighbourhood (buurt) are you in?", "In which buurt do you end up?"),
-    "landmark": ("Which landmark is nearest to where you end up, and where is it?",
-                 "What is the closest landmark to your end point?"),
-    "displacement": ("How far and in which direction are you from the start, as the crow flies?",
-                     "Where are you relative to the starting point?"),
+    "landmark": (
+        "Which landmark is nearest to where you end up, and where is it?",
+        "What is the closest landmark to your end point?",
+    ),
+    "displacement": (
+        "How far and in which direction are you from the start, as the crow flies?",
+        "Where are you relative to the starting point?",
+    ),
 }
 QUESTION_KINDS = tuple(_QUESTIONS)
 
@@ -980,8 +1111,9 @@ def random_walk(graph: SpatialGraph, start: int, hops: int, rng: KeyedRng) -> li
     return path
 
 
-def reasoning_path(context: CityContext, start: int, rng: KeyedRng,
-                   max_hops: int = 3) -> ReasoningPath | None:
+def reasoning_path(
+    context: CityContext, start: int, rng: KeyedRng, max_hops: int = 3
+) -> ReasoningPath | None:
     """A 1..``max_hops`` hop question/answer walk from node ``start``; ``None`` if isolated."""
     graph = context.graph
     nodes = random_walk(graph, start, rng.randint(1, max_hops), rng)
@@ -990,23 +1122,33 @@ def reasoning_path(context: CityContext, start: int, rng: KeyedRng,
     steps = []
     for a, b in zip(nodes[:-1], nodes[1:], strict=True):
         s = graph.step(a, b)
-        steps.append({"length_m": round(s["length"], 1), "bearing_deg": round(s["bearing"], 1),
-                      "dx_m": round(s["dx"], 2), "dy_m": round(s["dy"], 2),
-                      "direction": compass(s["bearing"])})
+        steps.append(
+            {
+                "length_m": round(s["length"], 1),
+                "bearing_deg": round(s["bearing"], 1),
+                "dx_m": round(s["dx"], 2),
+                "dy_m": round(s["dy"], 2),
+                "direction": compass(s["bearing"]),
+            }
+        )
     verb = rng.choice(("walk", "go", "head"))
     moves = [f"{format_distance(s['length_m'])} {s['direction']}" for s in steps]
     route = f"{verb} {moves[0]}" + "".join(f", then {m}" for m in moves[1:])
     kind = rng.choice(QUESTION_KINDS)
     end = nodes[-1]
     buurt, district = str(context.node_buurt[end]), str(context.node_district[end])
-    facts: dict[str, Any] = {"node_id": str(graph.node_ids[end]), "buurt": buurt,
-                             "district": district}
+    facts: dict[str, Any] = {
+        "node_id": str(graph.node_ids[end]),
+        "buurt": buurt,
+        "district": district,
+    }
     if kind == "buurt":
         if buurt:
             answer = f"You end up in {buurt}, in the {district} district."
         else:
             answer = "You end up outside the mapped neighbourhoods" + (
-                f", in the {district} district." if district else ".")
+                f", in the {district} district." if district else "."
+            )
     elif kind == "landmark":
         marks = context.node_landmark[end]
         if not marks:
@@ -1014,8 +1156,10 @@ def reasoning_path(context: CityContext, start: int, rng: KeyedRng,
         else:
             m = marks[0]
             facts.update(landmark=m.name, distance_m=m.distance_m, direction=m.direction)
-            answer = (f"{m.label} is the nearest landmark, about {format_distance(m.distance_m)} "
-                      f"to the {m.direction}.")
+            answer = (
+                f"{m.label} is the nearest landmark, about {format_distance(m.distance_m)} "
+                f"to the {m.direction}."
+            )
     if kind == "displacement":
         d = graph.xy[end] - graph.xy[start]
         dist, direction = float(np.hypot(*d)), compass(float(bearing_deg(d[0], d[1])))
@@ -1023,8 +1167,14 @@ def reasoning_path(context: CityContext, start: int, rng: KeyedRng,
         answer = f"You are about {format_distance(dist)} {direction} of the start."
     start_text = rng.choice(_STARTS)
     question = f"{start_text} {route}. {rng.choice(_QUESTIONS[kind])}"
-    return ReasoningPath(nodes=tuple(nodes), steps=tuple(steps), kind=kind, question=question,
-                         answer=answer, facts=facts)
+    return ReasoningPath(
+        nodes=tuple(nodes),
+        steps=tuple(steps),
+        kind=kind,
+        question=question,
+        answer=answer,
+        facts=facts,
+    )
 
 
 # -- graph records -------------------------------------------------------------------------------
@@ -1041,8 +1191,12 @@ class GraphRecord:
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object written to ``graphs/<node_id>.json``."""
-        return {"center_node": self.center_node, "crs": self.crs, "nodes": self.nodes,
-                "edges": self.edges}
+        return {
+            "center_node": self.center_node,
+            "crs": self.crs,
+            "nodes": self.nodes,
+            "edges": self.edges,
+        }
 
     @property
     def districts(self) -> set[str]:
@@ -1050,8 +1204,9 @@ class GraphRecord:
         return {n["district"] for n in self.nodes if n.get("district")}
 
 
-def node_text(kind: str, names: Sequence[str], buurt: str, district: str, lon: float,
-              lat: float) -> str:
+def node_text(
+    kind: str, names: Sequence[str], buurt: str, district: str, lon: float, lat: float
+) -> str:
     """A node's text in the paper's style: ``Category: ..., Name: ..., Neighborhood: ...``."""
     parts = [f"Category: {kind}"]
     if names:
@@ -1070,12 +1225,15 @@ def _node_kind(degree: int) -> str:
     return {0: "isolated street node", 1: "dead end", 2: "street node"}[degree]
 
 
-def graph_record(context: CityContext, center: int, hops: int = 2,
-                 max_nodes: int = 64) -> GraphRecord:
+def graph_record(
+    context: CityContext, center: int, hops: int = 2, max_nodes: int = 64
+) -> GraphRecord:
     """The ``hops``-hop subgraph of node ``center`` with coordinates and node texts."""
     sub = context.graph.subgraph(center, hops, max_nodes)
-    nodes = [{**context.node_json(i), "hop": h}
-             for i, h in zip(sub.nodes.tolist(), sub.hops.tolist(), strict=True)]
+    nodes = [
+        {**context.node_json(i), "hop": h}
+        for i, h in zip(sub.nodes.tolist(), sub.hops.tolist(), strict=True)
+    ]
     edges = [context.edge_json(e) for e in sub.edges.tolist()]
     return GraphRecord(center_node=str(context.graph.node_ids[center]), nodes=nodes, edges=edges)
 
@@ -1089,8 +1247,11 @@ def to_networkx(record: GraphRecord):
     for n in record.nodes:
         g.add_node(n["node_id"], **{**n, "coords": tuple(n["coords"])})
     for e in record.edges:
-        g.add_edge(e["source"], e["target"], **{k: v for k, v in e.items()
-                                                if k not in ("source", "target")})
+        g.add_edge(
+            e["source"],
+            e["target"],
+            **{k: v for k, v in e.items() if k not in ("source", "target")},
+        )
     return g
 
 
@@ -1111,9 +1272,15 @@ class UGSample:
 
     def to_json(self) -> dict[str, Any]:
         """The line's JSON object, keys in the paper's order."""
-        return {"messages": self.messages, "positive_messages": self.positive_messages,
-                "images": self.images, "graphs": self.graphs, "pair_type": self.pair_type,
-                "label": self.label, "meta": self.meta}
+        return {
+            "messages": self.messages,
+            "positive_messages": self.positive_messages,
+            "images": self.images,
+            "graphs": self.graphs,
+            "pair_type": self.pair_type,
+            "label": self.label,
+            "meta": self.meta,
+        }
 
     @property
     def query(self) -> str:
@@ -1147,9 +1314,16 @@ def select_images(context: CityContext, max_images: int | None, seed: int) -> np
     return np.sort(np.random.default_rng([seed, 61]).choice(n, max_images, replace=False))
 
 
-def build_samples(context: CityContext, out: str | PathLike, seed: int = 0,
-                  max_images: int | None = None, hops: int = 2, max_nodes: int = 64,
-                  paths_per_node: int = 2, captioner: Captioner | None = None) -> UGBuild:
+def build_samples(
+    context: CityContext,
+    out: str | PathLike,
+    seed: int = 0,
+    max_images: int | None = None,
+    hops: int = 2,
+    max_nodes: int = 64,
+    paths_per_node: int = 2,
+    captioner: Captioner | None = None,
+) -> UGBuild:
     """Caption, graph-caption and reasoning samples for the images of a city.
 
     Every selected image gives a ``stage1_image_only`` and a ``stage2_image_graph`` sample;
@@ -1187,13 +1361,32 @@ def build_samples(context: CityContext, out: str | PathLike, seed: int = 0,
         node_id = str(graph.node_ids[nodes[i]])
         meta = _image_meta(records[i], f, node_id, int(cells[i]))
         caption = captioner.caption(f, records[i]["path"])
-        samples.append(UGSample(_user(INSTRUCTIONS[PAIR_CAPTION]), [_user(caption)], [rel[i]], [],
-                                PAIR_CAPTION, 1, {**meta, "sample_id": f"caption:{f.key}"}))
-        samples.append(UGSample(
-            _user(INSTRUCTIONS[PAIR_GRAPH]), [_user(caption)], [rel[i]],
-            [f"{GRAPH_DIR}/{graph_file_name(node_id)}"], PAIR_GRAPH, 1,
-            {**meta, "sample_id": f"graph:{f.key}",
-             "districts": sorted(set(meta["districts"]) | districts[node_id])}))
+        samples.append(
+            UGSample(
+                _user(INSTRUCTIONS[PAIR_CAPTION]),
+                [_user(caption)],
+                [rel[i]],
+                [],
+                PAIR_CAPTION,
+                1,
+                {**meta, "sample_id": f"caption:{f.key}"},
+            )
+        )
+        samples.append(
+            UGSample(
+                _user(INSTRUCTIONS[PAIR_GRAPH]),
+                [_user(caption)],
+                [rel[i]],
+                [f"{GRAPH_DIR}/{graph_file_name(node_id)}"],
+                PAIR_GRAPH,
+                1,
+                {
+                    **meta,
+                    "sample_id": f"graph:{f.key}",
+                    "districts": sorted(set(meta["districts"]) | districts[node_id]),
+                },
+            )
+        )
 
     by_node = pd.Series(np.arange(len(images))).groupby(nodes).apply(list)
     for node, members in by_node.items():
@@ -1206,29 +1399,53 @@ def build_samples(context: CityContext, out: str | PathLike, seed: int = 0,
             i = members[rng.randrange(len(members))]
             meta = _image_meta(records[i], facts[i], node_id, int(cells[i]))
             path_districts = {str(context.node_district[n]) for n in path.nodes}
-            meta.update({
-                "sample_id": f"path:{node_id}:{j}", "task": "reasoning",
-                "districts": sorted((set(meta["districts"]) | path_districts) - {""}),
-                "question_kind": path.kind, "path": [str(graph.node_ids[n]) for n in path.nodes],
-                "steps": list(path.steps), "answer": path.facts,
-            })
-            samples.append(UGSample(_user(INSTRUCTIONS[PAIR_REASONING] + path.question),
-                                    [_user(path.answer)], [rel[i]], [], PAIR_REASONING, 1, meta))
+            meta.update(
+                {
+                    "sample_id": f"path:{node_id}:{j}",
+                    "task": "reasoning",
+                    "districts": sorted((set(meta["districts"]) | path_districts) - {""}),
+                    "question_kind": path.kind,
+                    "path": [str(graph.node_ids[n]) for n in path.nodes],
+                    "steps": list(path.steps),
+                    "answer": path.facts,
+                }
+            )
+            samples.append(
+                UGSample(
+                    _user(INSTRUCTIONS[PAIR_REASONING] + path.question),
+                    [_user(path.answer)],
+                    [rel[i]],
+                    [],
+                    PAIR_REASONING,
+                    1,
+                    meta,
+                )
+            )
     return UGBuild(samples=samples, graphs=graphs, images=len(images))
 
 
-def _image_meta(row: dict[str, str], facts: PlaceFacts, node_id: str,
-                cell: int) -> dict[str, Any]:
+def _image_meta(row: dict[str, str], facts: PlaceFacts, node_id: str, cell: int) -> dict[str, Any]:
     mark = facts.landmarks[0] if facts.landmarks else None
     return {
-        "sample_id": "", "task": "caption", "image_id": str(row["id"]),
+        "sample_id": "",
+        "task": "caption",
+        "image_id": str(row["id"]),
         "source": str(row["source"]),
-        "cell_id": cell, "node_id": node_id,
-        "x": round(facts.x, 2), "y": round(facts.y, 2), "buurt": facts.buurt,
-        "district": facts.district, "districts": [facts.district] if facts.district else [],
-        "landmark": None if mark is None else {
-            "name": mark.name, "distance_m": mark.distance_m, "bearing_deg": mark.bearing_deg,
-            "direction": mark.direction},
+        "cell_id": cell,
+        "node_id": node_id,
+        "x": round(facts.x, 2),
+        "y": round(facts.y, 2),
+        "buurt": facts.buurt,
+        "district": facts.district,
+        "districts": [facts.district] if facts.district else [],
+        "landmark": None
+        if mark is None
+        else {
+            "name": mark.name,
+            "distance_m": mark.distance_m,
+            "bearing_deg": mark.bearing_deg,
+            "direction": mark.direction,
+        },
     }
 
 
@@ -1279,8 +1496,9 @@ def split_by_district(samples: Iterable[UGSample], holdout: str | Iterable[str])
     known = {d for s in samples for d in s.meta.get("districts", [])}
     unknown = [h for h in names if h.lower() not in {d.lower() for d in known}]
     if unknown:
-        raise ValueError(f"held-out district(s) {unknown} occur in no sample; "
-                         f"districts: {sorted(known)}")
+        raise ValueError(
+            f"held-out district(s) {unknown} occur in no sample; districts: {sorted(known)}"
+        )
     split = DistrictSplit([], [], [])
     for s in samples:
         touched = {d.lower() for d in s.meta.get("districts", [])}
@@ -1309,8 +1527,9 @@ def write_samples(samples: Iterable[UGSample], path: str | PathLike) -> int:
 
 def write_graph(record: GraphRecord, path: str | PathLike) -> None:
     """Write one graph JSON file."""
-    Path(path).write_text(json.dumps(record.to_json(), ensure_ascii=False, separators=(",", ":")),
-                          encoding="utf-8")
+    Path(path).write_text(
+        json.dumps(record.to_json(), ensure_ascii=False, separators=(",", ":")), encoding="utf-8"
+    )
 
 
 def _fail(where: str, problem: str) -> UGDataFormatError:
@@ -1321,8 +1540,11 @@ def _check_messages(value: Any, where: str, name: str) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
         raise _fail(where, f"'{name}' must be a non-empty list of messages")
     for m in value:
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str)):
+        if not (
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+        ):
             raise _fail(where, f"'{name}' holds a message without string 'role' and 'content'")
     return value
 
@@ -1354,13 +1576,21 @@ def sample_from_json(obj: Any, where: str) -> UGSample:
     if query.count("<image>") != len(obj["images"]):
         raise _fail(where, f"{query.count('<image>')} <image> tags but {len(obj['images'])} images")
     if query.count("<graph>") != len(obj.get("graphs", [])):
-        raise _fail(where, f"{query.count('<graph>')} <graph> tags but "
-                           f"{len(obj.get('graphs', []))} graphs")
+        raise _fail(
+            where, f"{query.count('<graph>')} <graph> tags but {len(obj.get('graphs', []))} graphs"
+        )
     meta = obj.get("meta", {})
     if not isinstance(meta, dict):
         raise _fail(where, "'meta' must be an object")
-    return UGSample(messages, positives, list(obj["images"]), list(obj.get("graphs", [])),
-                    obj["pair_type"], int(obj.get("label", 1)), meta)
+    return UGSample(
+        messages,
+        positives,
+        list(obj["images"]),
+        list(obj.get("graphs", [])),
+        obj["pair_type"],
+        int(obj.get("label", 1)),
+        meta,
+    )
 
 
 def read_samples(path: str | PathLike) -> list[UGSample]:
@@ -1416,8 +1646,12 @@ def read_graph(path: str | PathLike) -> GraphRecord:
             raise _fail(where, f"edge {i} must join two listed nodes (source, target)")
     if obj["center_node"] not in ids:
         raise _fail(where, f"center_node {obj['center_node']!r} is not a listed node")
-    return GraphRecord(center_node=obj["center_node"], nodes=obj["nodes"], edges=obj["edges"],
-                       crs=obj.get("crs", RD_NEW))
+    return GraphRecord(
+        center_node=obj["center_node"],
+        nodes=obj["nodes"],
+        edges=obj["edges"],
+        crs=obj.get("crs", RD_NEW),
+    )
 
 
 @dataclass
@@ -1456,8 +1690,11 @@ def read_ugdata(folder: str | PathLike, check_graphs: bool = True) -> UGData:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise _fail(f"{manifest_path}:{exc.lineno}", f"not valid JSON ({exc.msg})") from exc
-    files = {name: read_samples(root / name) for name in (TRAIN_FILE, HELDOUT_FILE)
-             if (root / name).is_file()}
+    files = {
+        name: read_samples(root / name)
+        for name in (TRAIN_FILE, HELDOUT_FILE)
+        if (root / name).is_file()
+    }
     if TRAIN_FILE not in files:
         raise FileNotFoundError(f"{root / TRAIN_FILE}: UGData JSONL file not found")
     if check_graphs:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `streamlit run` puts only dashboard/ on the path
+sys.path.insert(
+    0, str(Path(__file__).resolve().parent.parent)
+)  # `streamlit run` puts only dashboard/ on the path
 
 import streamlit as st  # noqa: E402
 

@@ -14,9 +14,13 @@ from dashboard import data
 
 CELL_KEY = "selected_cell"
 LAYER_NAMES = {
-    "lbm": "overall score (lbm)", "afw": "deviation from national mean (afw)",
-    "fys": "physical environment (fys)", "onv": "nuisance and safety (onv)",
-    "soc": "social cohesion (soc)", "vrz": "amenities (vrz)", "won": "housing stock (won)",
+    "lbm": "overall score (lbm)",
+    "afw": "deviation from national mean (afw)",
+    "fys": "physical environment (fys)",
+    "onv": "nuisance and safety (onv)",
+    "soc": "social cohesion (soc)",
+    "vrz": "amenities (vrz)",
+    "won": "housing stock (won)",
 }
 
 
@@ -24,9 +28,11 @@ def root_or_stop() -> str:
     """The data root as a string; stops the page with instructions when it holds no grid."""
     root = data.data_root()
     if not (root / "grid.parquet").exists():
-        st.error(f"No data in `{root}`. Build the demo city with `make demo` (or "
-                 f"`python -m train demo --out {root}`), or point `STADSBEELD_DATA` at a data root "
-                 "laid out as in the README.")
+        st.error(
+            f"No data in `{root}`. Build the demo city with `make demo` (or "
+            f"`python -m train demo --out {root}`), or point `STADSBEELD_DATA` at a data root "
+            "laid out as in the README."
+        )
         st.stop()
     return str(root)
 
@@ -44,8 +50,13 @@ def run_title(run: pd.Series) -> str:
     return " · ".join([*parts, run["run_id"]])
 
 
-def run_picker(runs: pd.DataFrame, label: str, key: str, default_label: str | None = None,
-               optional: bool = False) -> pd.Series | None:
+def run_picker(
+    runs: pd.DataFrame,
+    label: str,
+    key: str,
+    default_label: str | None = None,
+    optional: bool = False,
+) -> pd.Series | None:
     """A selectbox over runs (newest first); returns the chosen row, or None.
 
     Args:
@@ -61,8 +72,13 @@ def run_picker(runs: pd.DataFrame, label: str, key: str, default_label: str | No
         matches = np.flatnonzero(runs["config.label"].to_numpy() == default_label)
         if len(matches):
             index = options.index(int(matches[0]))
-    choice = st.selectbox(label, options, index=index, key=key,
-                          format_func=lambda i: "none" if i is None else run_title(runs.iloc[i]))
+    choice = st.selectbox(
+        label,
+        options,
+        index=index,
+        key=key,
+        format_func=lambda i: "none" if i is None else run_title(runs.iloc[i]),
+    )
     return None if choice is None else runs.iloc[choice]
 
 
@@ -96,12 +112,18 @@ def cell_search(root: str, key: str, candidates: pd.Series | None = None) -> Non
     left, right = st.columns(2)
     typed = left.text_input("Cell id", key=f"{key}_id", placeholder="e.g. 1210004856")
     buurten = sorted(b for b in cells["buurt_naam"].dropna().unique() if b)
-    buurt = right.selectbox("or a buurt", [None, *buurten], key=f"{key}_buurt",
-                            format_func=lambda b: "—" if b is None else b)
+    buurt = right.selectbox(
+        "or a buurt",
+        [None, *buurten],
+        key=f"{key}_buurt",
+        format_func=lambda b: "—" if b is None else b,
+    )
     if typed.strip():
         if not typed.strip().isdigit() or int(typed) not in set(cells["cell_id"]):
-            st.warning(f"No cell {typed.strip()!r} here; cell ids are whole numbers from the grid "
-                       "(hover a cell on the map to see its id).")
+            st.warning(
+                f"No cell {typed.strip()!r} here; cell ids are whole numbers from the grid "
+                "(hover a cell on the map to see its id)."
+            )
         elif int(typed) != selected_cell():
             select_cell(int(typed))
     elif buurt is not None and st.session_state.get(f"{key}_last_buurt") != buurt:
@@ -122,8 +144,10 @@ def cell_detail(root: str, cell_id: int, run: pd.Series | None = None) -> None:
         return
     row = row.iloc[0]
     st.subheader(f"Cell {cell_id}")
-    st.caption(f"{row['buurt_naam'] or 'outside the buurten'} · {row['district'] or '—'} · "
-               f"lower-left corner {row['lat']:.5f} N, {row['lon']:.5f} E")
+    st.caption(
+        f"{row['buurt_naam'] or 'outside the buurten'} · {row['district'] or '—'} · "
+        f"lower-left corner {row['lat']:.5f} N, {row['lon']:.5f} E"
+    )
     labels = data.load_labels(root)
     scores = labels[labels["cell_id"] == cell_id].set_index("jaar")[list(SCORE_COLUMNS)]
     aerial, facts = st.columns([1, 2])
@@ -143,9 +167,11 @@ def cell_detail(root: str, cell_id: int, run: pd.Series | None = None) -> None:
             mine = predictions[predictions["cell_id"] == cell_id]
             if len(mine):
                 p = mine.iloc[0]
-                st.markdown(f"Run `{run['run_id']}` ({run_title(run).split(' · ')[0]}), {p['split']} "
-                            f"cell: predicted **{p['predicted']:.3f}**, true {p['true']:.3f}, "
-                            f"residual {p['predicted'] - p['true']:+.3f}")
+                st.markdown(
+                    f"Run `{run['run_id']}` ({run_title(run).split(' · ')[0]}), {p['split']} "
+                    f"cell: predicted **{p['predicted']:.3f}**, true {p['true']:.3f}, "
+                    f"residual {p['predicted'] - p['true']:+.3f}"
+                )
     street_images(root, cell_id)
 
 
@@ -157,8 +183,10 @@ def street_images(root: str, cell_id: int, per_source: int = 6) -> None:
     for source, title in (("gsv", "Street View"), ("flickr", "Flickr")):
         shown = mine[mine["source"] == source].head(per_source)
         total = int((mine["source"] == source).sum())
-        st.markdown(f"**{title}**: {total} image{'s' if total != 1 else ''}"
-                    + (f" (showing {len(shown)})" if total > len(shown) else ""))
+        st.markdown(
+            f"**{title}**: {total} image{'s' if total != 1 else ''}"
+            + (f" (showing {len(shown)})" if total > len(shown) else "")
+        )
         if shown.empty:
             continue
         columns = st.columns(min(per_source, len(shown)))

@@ -118,15 +118,24 @@ def load_context(root: str) -> dict:
     """
     buurten = read_buurten()
     outline = lonlat_polygons(outline_strip(municipality_outline(buurten).simplify(10), 70))
-    district_lines = lonlat_polygons(shapely.union_all(
-        [outline_strip(district, 40) for district in districts(buurten).geometry.simplify(10)]))
+    district_lines = lonlat_polygons(
+        shapely.union_all(
+            [outline_strip(district, 40) for district in districts(buurten).geometry.simplify(10)]
+        )
+    )
     water = []
     if DataRoot(root).water.is_file():
         shapes = gpd.read_file(DataRoot(root).water).to_crs("EPSG:28992").geometry.simplify(10)
         water = lonlat_polygons(shapely.union_all(shapes.values))
     cells = load_cells(root)
-    view = fit_view((cells["lon"].min(), cells["lat"].min(), cells["lon"].max() + 0.0015,
-                     cells["lat"].max() + 0.0009))  # the far corners of the last cells
+    view = fit_view(
+        (
+            cells["lon"].min(),
+            cells["lat"].min(),
+            cells["lon"].max() + 0.0015,
+            cells["lat"].max() + 0.0009,
+        )
+    )  # the far corners of the last cells
     return {"outline": outline, "districts": district_lines, "water": water, "view": view}
 
 
@@ -161,11 +170,15 @@ def load_images(root: str) -> pd.DataFrame:
     paths = DataRoot(root)
     images = pd.DataFrame(read_catalog(paths.catalog, check_files=False).images)
     images = images[images["cell_id"].isin(load_cells(root)["cell_id"])]
-    columns = [c for c in ("id", "source", "path", "cell_id", "captured_at", "heading") if c in images]
+    columns = [
+        c for c in ("id", "source", "path", "cell_id", "captured_at", "heading") if c in images
+    ]
     images = images[columns].reset_index(drop=True)
     scene_runs = list_runs(paths.runs, kind="scene")
     if len(scene_runs):
-        images = images.merge(scene_verdicts(paths, scene_runs["run_id"].iloc[0]), on="id", how="left")
+        images = images.merge(
+            scene_verdicts(paths, scene_runs["run_id"].iloc[0]), on="id", how="left"
+        )
         images.attrs["scene_run"] = scene_runs["run_id"].iloc[0]
     return images
 
@@ -185,7 +198,9 @@ def load_coverage(root: str) -> pd.DataFrame:
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def aerial_patch(root: str, cell_id: int, size_m: float = 300.0, px: int = 240) -> np.ndarray | None:
+def aerial_patch(
+    root: str, cell_id: int, size_m: float = 300.0, px: int = 240
+) -> np.ndarray | None:
     """An RGB aerial patch around a cell's centre (None when the data root has no raster)."""
     try:
         raster_path = DataRoot(root).aerial

@@ -24,15 +24,24 @@ from pydeck.bindings.json_tools import default_serialize
 from core.grid import cell_origin
 
 #: Leefbaarometer-like sequential palette: red (low) .. yellow .. green (high).
-SCORE_PALETTE = np.array([[165, 0, 38], [244, 109, 67], [254, 224, 139], [166, 217, 106], [26, 152, 80]])
+SCORE_PALETTE = np.array(
+    [[165, 0, 38], [244, 109, 67], [254, 224, 139], [166, 217, 106], [26, 152, 80]]
+)
 #: Diverging: blue (negative) .. light grey .. red (positive).
 DIVERGING_PALETTE = np.array([[33, 102, 172], [247, 247, 247], [178, 24, 43]])
 #: Similarity: pale .. deep purple.
 SIMILARITY_PALETTE = np.array([[203, 201, 226], [128, 125, 186], [63, 0, 125]])
 #: Leefbaarometer 3.0 classes 1 (very poor) .. 9 (excellent).
 CLASS_PALETTE = {
-    1: [128, 0, 38], 2: [189, 0, 38], 3: [227, 26, 28], 4: [252, 141, 89], 5: [254, 224, 139],
-    6: [217, 239, 139], 7: [145, 207, 96], 8: [26, 152, 80], 9: [0, 104, 55],
+    1: [128, 0, 38],
+    2: [189, 0, 38],
+    3: [227, 26, 28],
+    4: [252, 141, 89],
+    5: [254, 224, 139],
+    6: [217, 239, 139],
+    7: [145, 207, 96],
+    8: [26, 152, 80],
+    9: [0, 104, 55],
 }
 SPLIT_PALETTE = {"train": [189, 189, 189], "val": [116, 169, 207], "test": [230, 85, 13]}
 WATER = [166, 206, 227]
@@ -76,8 +85,9 @@ def _number(value: float) -> str:
     return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
 
 
-def sequential(values: np.ndarray, title: str, palette: np.ndarray = SCORE_PALETTE, log: bool = False
-               ) -> tuple[np.ndarray, Legend]:
+def sequential(
+    values: np.ndarray, title: str, palette: np.ndarray = SCORE_PALETTE, log: bool = False
+) -> tuple[np.ndarray, Legend]:
     """Colours stretched between the 2nd and 98th percentile, and their legend.
 
     ``log`` stretches ``log(1 + value)`` instead, for counts with a long tail.
@@ -97,7 +107,9 @@ def diverging(values: np.ndarray, title: str) -> tuple[np.ndarray, Legend]:
     limit = max(float(np.percentile(finite, 98)) if finite.size else 1.0, 1e-9)
     colours = _ramp(DIVERGING_PALETTE, (values / limit + 1) / 2)
     labels = [f"≤ -{_number(limit)}", "0", f"≥ +{_number(limit)}"]
-    return colours, Legend(title, [(c.tolist(), s) for c, s in zip(DIVERGING_PALETTE, labels, strict=True)])
+    return colours, Legend(
+        title, [(c.tolist(), s) for c, s in zip(DIVERGING_PALETTE, labels, strict=True)]
+    )
 
 
 def categorical(values: pd.Series, palette: dict, title: str) -> tuple[np.ndarray, Legend]:
@@ -115,8 +127,12 @@ def _rounded(values: pd.Series, digits: int) -> list:
     return [MISSING if pd.isna(v) else round(float(v), digits) for v in values]
 
 
-def cell_payload(cells: pd.DataFrame, colours: np.ndarray, values: pd.Series | None = None,
-                 details: pd.DataFrame | None = None) -> list[dict]:
+def cell_payload(
+    cells: pd.DataFrame,
+    colours: np.ndarray,
+    values: pd.Series | None = None,
+    details: pd.DataFrame | None = None,
+) -> list[dict]:
     """The slim per-cell records the map sends: position, colour and tooltip fields.
 
     Records rather than a DataFrame: pydeck converts frames on every ``Layer`` it builds, and
@@ -129,35 +145,58 @@ def cell_payload(cells: pd.DataFrame, colours: np.ndarray, values: pd.Series | N
         details: optional ``true``, ``predicted``, ``residual``, ``gsv``, ``flickr`` per cell,
             aligned with ``cells``.
     """
-    payload = pd.DataFrame({
-        "p": np.stack([cells["lon"].to_numpy(), cells["lat"].to_numpy()], 1).round(5).tolist(),
-        "c": colours.tolist(),
-        "i": cells["cell_id"].to_numpy(),
-        "b": cells["buurt_naam"].fillna("").to_numpy(),
-        "d": cells["district"].fillna("").to_numpy(),
-    })
+    payload = pd.DataFrame(
+        {
+            "p": np.stack([cells["lon"].to_numpy(), cells["lat"].to_numpy()], 1).round(5).tolist(),
+            "c": colours.tolist(),
+            "i": cells["cell_id"].to_numpy(),
+            "b": cells["buurt_naam"].fillna("").to_numpy(),
+            "d": cells["district"].fillna("").to_numpy(),
+        }
+    )
     if values is not None:
         numeric = pd.api.types.is_numeric_dtype(values)
         payload["v"] = _rounded(values, 3) if numeric else values.fillna(MISSING).to_numpy()
     details = details if details is not None else pd.DataFrame(index=cells.index)
-    for key, column, digits in (("t", "true", 3), ("y", "predicted", 3), ("r", "residual", 3),
-                                ("g", "gsv", 0), ("f", "flickr", 0)):
+    for key, column, digits in (
+        ("t", "true", 3),
+        ("y", "predicted", 3),
+        ("r", "residual", 3),
+        ("g", "gsv", 0),
+        ("f", "flickr", 0),
+    ):
         payload[key] = _rounded(details[column], digits) if column in details else MISSING
     return payload.to_dict(orient="records")
 
 
 def tooltip(value_label: str) -> dict:
     """The deck tooltip over :func:`cell_payload` records."""
-    lines = ["<b>cell {i}</b>", "{b} ({d})", f"{html.escape(value_label)}: <b>{{v}}</b>",
-             "true {t} · predicted {y} · residual {r}", "GSV {g} · Flickr {f} images"]
-    return {"html": "<br/>".join(lines),
-            "style": {"fontSize": "12px", "backgroundColor": "#222", "color": "white"}}
+    lines = [
+        "<b>cell {i}</b>",
+        "{b} ({d})",
+        f"{html.escape(value_label)}: <b>{{v}}</b>",
+        "true {t} · predicted {y} · residual {r}",
+        "GSV {g} · Flickr {f} images",
+    ]
+    return {
+        "html": "<br/>".join(lines),
+        "style": {"fontSize": "12px", "backgroundColor": "#222", "color": "white"},
+    }
 
 
 def cell_layer(payload: list[dict], layer_id: str = "cells", opacity: float = 0.85) -> pdk.Layer:
     """A flat ``GridCellLayer`` of 100 m cells from :func:`cell_payload` records."""
-    return pdk.Layer("GridCellLayer", payload, id=layer_id, get_position="p", get_fill_color="c",
-                     cell_size=100, extruded=False, pickable=True, opacity=opacity)
+    return pdk.Layer(
+        "GridCellLayer",
+        payload,
+        id=layer_id,
+        get_position="p",
+        get_fill_color="c",
+        cell_size=100,
+        extruded=False,
+        pickable=True,
+        opacity=opacity,
+    )
 
 
 def lonlat_polygons(geometry: shapely.Geometry) -> list[list[list[list[float]]]]:
@@ -186,20 +225,33 @@ def outline_strip(geometry: shapely.Geometry, width_m: float) -> shapely.Geometr
     return shapely.buffer(shapely.boundary(geometry), width_m / 2, cap_style="flat")
 
 
-def highlight_layer(cell_ids: Sequence[int], colour: Sequence[int] = (0, 0, 0), frame_m: float = 40.0
-                    ) -> pdk.Layer:
+def highlight_layer(
+    cell_ids: Sequence[int], colour: Sequence[int] = (0, 0, 0), frame_m: float = 40.0
+) -> pdk.Layer:
     """Frames ``frame_m`` wide around a few cells (the selected one), drawn above the grid; wide
     enough to find at city zoom, where a cell is two pixels."""
     x0, y0 = cell_origin(np.asarray(cell_ids, dtype=np.int64))
-    frames = [shapely.box(x - frame_m, y - frame_m, x + 100 + frame_m, y + 100 + frame_m)
-              .difference(shapely.box(x, y, x + 100, y + 100)) for x, y in zip(x0, y0, strict=True)]
+    frames = [
+        shapely.box(x - frame_m, y - frame_m, x + 100 + frame_m, y + 100 + frame_m).difference(
+            shapely.box(x, y, x + 100, y + 100)
+        )
+        for x, y in zip(x0, y0, strict=True)
+    ]
     polygons = [p for frame in frames for p in lonlat_polygons(frame)]
     return _fill_layer("selected", polygons, colour)
 
 
 def _fill_layer(layer_id: str, polygons: list, colour: Sequence[int]) -> pdk.Layer:
-    return pdk.Layer("PolygonLayer", [{"polygon": p} for p in polygons], id=layer_id, get_polygon="polygon",
-                     get_fill_color=list(colour), stroked=False, filled=True, pickable=False)
+    return pdk.Layer(
+        "PolygonLayer",
+        [{"polygon": p} for p in polygons],
+        id=layer_id,
+        get_polygon="polygon",
+        get_fill_color=list(colour),
+        stroked=False,
+        filled=True,
+        pickable=False,
+    )
 
 
 def context_layers(context: dict) -> tuple[list[pdk.Layer], list[pdk.Layer]]:
@@ -213,8 +265,10 @@ def context_layers(context: dict) -> tuple[list[pdk.Layer], list[pdk.Layer]]:
             the ``view`` that shows the data root's grid.
     """
     below = [_fill_layer("water", context["water"], WATER)] if context.get("water") else []
-    above = [_fill_layer("districts", context.get("districts", []), DISTRICT_LINE),
-             _fill_layer("outline", context.get("outline", []), OUTLINE)]
+    above = [
+        _fill_layer("districts", context.get("districts", []), DISTRICT_LINE),
+        _fill_layer("outline", context.get("outline", []), OUTLINE),
+    ]
     return below, above
 
 
@@ -244,19 +298,26 @@ def fit_view(bounds: Sequence[float], width_px: int = 640, height_px: int = 560)
     """The Web Mercator view that shows lon/lat ``bounds`` (west, south, east, north) whole."""
     west, south, east, north = bounds
     zoom_x = math.log2(width_px * 360 / (256 * max(east - west, 1e-6)))
-    zoom_y = math.log2(height_px * 2 * math.pi / (256 * max(_mercator_y(north) - _mercator_y(south), 1e-9)))
-    return pdk.ViewState(latitude=(south + north) / 2, longitude=(west + east) / 2,
-                         zoom=round(min(zoom_x, zoom_y, 18.0), 2))
+    zoom_y = math.log2(
+        height_px * 2 * math.pi / (256 * max(_mercator_y(north) - _mercator_y(south), 1e-9))
+    )
+    return pdk.ViewState(
+        latitude=(south + north) / 2,
+        longitude=(west + east) / 2,
+        zoom=round(min(zoom_x, zoom_y, 18.0), 2),
+    )
 
 
 def deck(layers: list[pdk.Layer], value_label: str, view: pdk.ViewState) -> pdk.Deck:
     """A deck without base-map tiles (they cannot load offline), with the cell tooltip."""
-    return CompactDeck(layers=layers, initial_view_state=view, map_style=None,
-                       tooltip=tooltip(value_label))
+    return CompactDeck(
+        layers=layers, initial_view_state=view, map_style=None, tooltip=tooltip(value_label)
+    )
 
 
-def city_deck(payload: list[dict], context: dict, value_label: str,
-              selected: Sequence[int] = ()) -> pdk.Deck:
+def city_deck(
+    payload: list[dict], context: dict, value_label: str, selected: Sequence[int] = ()
+) -> pdk.Deck:
     """The whole map: water, the coloured grid, district lines, outline and the selection,
     opening on ``context["view"]``."""
     below, above = context_layers(context)

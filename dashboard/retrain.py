@@ -19,11 +19,19 @@ from dashboard import data
 
 POLL_SECONDS = 2.0
 SEEN_KEY = "jobs_seen_done"
-MODALITIES = {"aerial + ground": (True, True), "aerial only": (True, False), "ground only": (False, True)}
+MODALITIES = {
+    "aerial + ground": (True, True),
+    "aerial only": (True, False),
+    "ground only": (False, True),
+}
 FLICKR_FILTERS = {"all": "all photos", "outdoor": "outdoor scenes", "building": "building scenes"}
 KINDS = {"fusion": "housing quality (fusion)", "contrastive": "street-view encoder (contrastive)"}
-OBJECTIVES = {"temporal": "temporal: same place, years apart", "spatial": "spatial: places within 100 m",
-              "global": "global: two augmentations", "unified": "unified: all three, weighted"}
+OBJECTIVES = {
+    "temporal": "temporal: same place, years apart",
+    "spatial": "spatial: places within 100 m",
+    "global": "global: two augmentations",
+    "unified": "unified: all three, weighted",
+}
 
 
 def job_store(root: str) -> JobStore:
@@ -47,28 +55,49 @@ def fusion_form(root: str) -> dict | None:
     scene_runs = data.load_runs(root, "scene")
     with st.form("retrain_form"):
         modalities = st.selectbox("Imagery", list(MODALITIES), key="retrain_modalities")
-        ground = st.selectbox("Ground source", ["gsv", "flickr"], key="retrain_ground",
-                              format_func={"gsv": "Google Street View", "flickr": "Flickr"}.get)
-        subset = st.selectbox("Flickr filter", list(FLICKR_FILTERS), key="retrain_subset",
-                              format_func=FLICKR_FILTERS.get, help="Needs a scene filter run")
+        ground = st.selectbox(
+            "Ground source",
+            ["gsv", "flickr"],
+            key="retrain_ground",
+            format_func={"gsv": "Google Street View", "flickr": "Flickr"}.get,
+        )
+        subset = st.selectbox(
+            "Flickr filter",
+            list(FLICKR_FILTERS),
+            key="retrain_subset",
+            format_func=FLICKR_FILTERS.get,
+            help="Needs a scene filter run",
+        )
         weights = encoder_weights(root)
         encoder = st.selectbox("Ground encoder", list(weights), key="retrain_encoder")
-        target = st.selectbox("Target", list(SCORE_COLUMNS), index=list(SCORE_COLUMNS).index("won"),
-                              key="retrain_target")
+        target = st.selectbox(
+            "Target",
+            list(SCORE_COLUMNS),
+            index=list(SCORE_COLUMNS).index("won"),
+            key="retrain_target",
+        )
         epochs = st.number_input("Epochs", 1, 200, 12, key="retrain_epochs")
         seed = st.number_input("Seed", 0, 10_000, 0, key="retrain_seed")
         submitted = st.form_submit_button("Train", type="primary", key="retrain_submit")
     if not submitted:
         return None
     aerial, uses_ground = MODALITIES[modalities]
-    config = {"aerial": aerial, "ground": ground if uses_ground else None, "target": target,
-              "epochs": int(epochs), "seed": int(seed), "ground_weights": weights[encoder]}
+    config = {
+        "aerial": aerial,
+        "ground": ground if uses_ground else None,
+        "target": target,
+        "epochs": int(epochs),
+        "seed": int(seed),
+        "ground_weights": weights[encoder],
+    }
     if uses_ground and ground == "flickr":
         config["flickr_subset"] = subset
         if subset != "all":
             if scene_runs.empty:
-                st.error("The outdoor and building filters need a scene filter run: "
-                         "`python -m train scene-filter` first, or choose 'all photos'.")
+                st.error(
+                    "The outdoor and building filters need a scene filter run: "
+                    "`python -m train scene-filter` first, or choose 'all photos'."
+                )
                 return None
             config["scene_run"] = str(scene_runs["run_id"].iloc[0])
     return config
@@ -77,15 +106,21 @@ def fusion_form(root: str) -> dict | None:
 def contrastive_form() -> dict | None:
     """The contrastive pretraining options; returns the job config when Train was pressed."""
     with st.form("contrastive_form"):
-        objective = st.selectbox("Positive pairs", list(OBJECTIVES), key="retrain_objective",
-                                 format_func=OBJECTIVES.get)
+        objective = st.selectbox(
+            "Positive pairs", list(OBJECTIVES), key="retrain_objective", format_func=OBJECTIVES.get
+        )
         epochs = st.number_input("Epochs", 1, 200, 8, key="retrain_contrastive_epochs")
         steps = st.number_input("Steps per epoch", 1, 10_000, 40, key="retrain_steps")
         seed = st.number_input("Seed", 0, 10_000, 0, key="retrain_contrastive_seed")
         submitted = st.form_submit_button("Train", type="primary", key="retrain_contrastive_submit")
     if not submitted:
         return None
-    return {"objective": objective, "epochs": int(epochs), "steps_per_epoch": int(steps), "seed": int(seed)}
+    return {
+        "objective": objective,
+        "epochs": int(epochs),
+        "steps_per_epoch": int(steps),
+        "seed": int(seed),
+    }
 
 
 def _age(timestamp: str | None) -> str:
@@ -100,14 +135,19 @@ def describe(job: Job) -> str:
     config = job.config
     if job.kind == "contrastive":
         return f"#{job.id} contrastive {config.get('objective', '?')}, {config.get('epochs', '?')} epochs"
-    what = "+".join((["aerial"] if config.get("aerial", True) else [])
-                    + ([str(config["ground"])] if config.get("ground") else []))
+    what = "+".join(
+        (["aerial"] if config.get("aerial", True) else [])
+        + ([str(config["ground"])] if config.get("ground") else [])
+    )
     return f"#{job.id} {job.kind} {what} → {config.get('target', '')}, {config.get('epochs', '?')} epochs"
 
 
 def show_running(store: JobStore, job: Job, may_cancel: bool) -> None:
     progress = job.progress or {}
-    epoch, epochs = int(progress.get("epoch") or 0), int(progress.get("epochs") or job.config.get("epochs") or 1)
+    epoch, epochs = (
+        int(progress.get("epoch") or 0),
+        int(progress.get("epochs") or job.config.get("epochs") or 1),
+    )
     status = "cancelling" if job.cancel_requested else "running"
     st.markdown(f"**{describe(job)}**: {status}")
     st.progress(min(epoch / max(epochs, 1), 1.0), text=f"epoch {epoch}/{epochs}")
@@ -144,8 +184,10 @@ def queue(root: str, may_cancel: bool) -> None:
                 store.cancel(job.id)
                 st.rerun(scope="fragment")
     if active and not worker_alive(store.runs_root):
-        st.warning("No worker is running: start one with `python -m train worker --data "
-                   f"{root}`" + (" or press Train again." if may_cancel else "."))
+        st.warning(
+            "No worker is running: start one with `python -m train worker --data "
+            f"{root}`" + (" or press Train again." if may_cancel else ".")
+        )
     finished = [j for j in jobs if j.status not in ("running", "queued")][:5]
     for job in finished:
         if job.status == "done":
@@ -181,15 +223,28 @@ def panel(root: str) -> None:
                 start_worker(root)
             st.toast(f"Job #{job_id} queued")
     else:
-        st.info("Retraining is off (" + decided_by + "). To train from here, start the dashboard "
-                f"with `{data.RETRAIN_ENV}=1` (e.g. `make demo RETRAIN=1`) or put "
-                f"`retraining: true` in `{DataRoot(root).root / data.SETTINGS_FILE}`.")
+        st.info(
+            "Retraining is off (" + decided_by + "). To train from here, start the dashboard "
+            f"with `{data.RETRAIN_ENV}=1` (e.g. `make demo RETRAIN=1`) or put "
+            f"`retraining: true` in `{DataRoot(root).root / data.SETTINGS_FILE}`."
+        )
     queue(root, enabled)
 
 
 def jobs_table(root: str) -> pd.DataFrame:
     """All jobs of the data root as a table (for the runs page)."""
-    return pd.DataFrame([{"job": j.id, "kind": j.kind, "what": describe(j), "status": j.status,
-                          "created": j.created, "finished": j.finished, "run_id": j.run_id,
-                          "error": (j.error or "").splitlines()[-1] if j.error else None}
-                         for j in job_store(root).jobs(limit=500)])
+    return pd.DataFrame(
+        [
+            {
+                "job": j.id,
+                "kind": j.kind,
+                "what": describe(j),
+                "status": j.status,
+                "created": j.created,
+                "finished": j.finished,
+                "run_id": j.run_id,
+                "error": (j.error or "").splitlines()[-1] if j.error else None,
+            }
+            for j in job_store(root).jobs(limit=500)
+        ]
+    )

@@ -45,7 +45,9 @@ def timm_state_dict(arch: str, seed: int = 123) -> dict[str, torch.Tensor]:
 
 
 def test_registry_lists_names_and_rejects_unknown():
-    assert {"resnet50", "resnet18", "vit_base", "vit_small", "vit_tiny", "convnet_small"} <= set(BACKBONES)
+    assert {"resnet50", "resnet18", "vit_base", "vit_small", "vit_tiny", "convnet_small"} <= set(
+        BACKBONES
+    )
     with pytest.raises(ValueError, match=r"unknown backbone 'resnet99'.*convnet_small.*resnet18"):
         create_backbone("resnet99")
     with pytest.raises(ValueError, match="unknown backbone"):
@@ -79,7 +81,9 @@ def test_convnet_small_width_and_channels_last():
     x = torch.randn(3, 3, 64, 64)
     with torch.inference_mode():
         plain = model(x)
-        fast = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+        fast = model.to(memory_format=torch.channels_last)(
+            x.contiguous(memory_format=torch.channels_last)
+        )
     assert model.num_features == 64 and plain.shape == (3, 64)
     torch.testing.assert_close(plain, fast)
 
@@ -101,8 +105,12 @@ def test_random_init_is_seeded_and_leaves_global_rng_alone():
 def test_save_and_load_round_trip_gives_identical_outputs(tmp_path, name):
     model = create_backbone(name, seed=1)
     model(torch.randn(4, 3, 32, 32))  # a training-mode pass moves the BatchNorm statistics
-    path = save_backbone(model.eval(), tmp_path / "encoder.safetensors", trained_on="scene labels", px=32)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["encoder.safetensors"]  # no temp file left
+    path = save_backbone(
+        model.eval(), tmp_path / "encoder.safetensors", trained_on="scene labels", px=32
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "encoder.safetensors"
+    ]  # no temp file left
     with safetensors.safe_open(str(path), "pt") as file:
         assert file.metadata() == {"backbone": name, "trained_on": "scene labels", "px": "32"}
 
@@ -118,7 +126,9 @@ def test_load_accepts_prefixed_and_nested_state_dicts(tmp_path):
     prefixed = tmp_path / "perception.safetensors"
     save_file({f"backbone.{k}": v.contiguous() for k, v in state.items()}, str(prefixed))
     nested = tmp_path / "trainer.pt"
-    torch.save({"epoch": 3, "state_dict": {f"module.encoder.{k}": v for k, v in state.items()}}, nested)
+    torch.save(
+        {"epoch": 3, "state_dict": {f"module.encoder.{k}": v for k, v in state.items()}}, nested
+    )
     for path in (prefixed, nested):
         target = load_backbone_weights(create_backbone("convnet_small", seed=2), path)
         for key, value in target.state_dict().items():
@@ -153,7 +163,11 @@ def test_imagenet_style_weights_load_offline_through_timm(tmp_path, no_network, 
 
 def test_checkpoint_older_than_num_batches_tracked_loads(tmp_path, no_network):
     # Like torchvision's classic ResNet files, saved before BatchNorm counted its batches.
-    state = {k: v for k, v in timm_state_dict("resnet18").items() if not k.endswith("num_batches_tracked")}
+    state = {
+        k: v
+        for k, v in timm_state_dict("resnet18").items()
+        if not k.endswith("num_batches_tracked")
+    }
     path = tmp_path / "resnet18-classic.pth"
     torch.save(state, path)
     model = create_backbone("resnet18", weights=path)
@@ -168,7 +182,9 @@ def test_missing_weights_file_is_named(tmp_path):
         lambda: load_backbone_weights(create_backbone("convnet_small"), path),
         lambda: backbone_fingerprint("convnet_small", path),
     ):
-        with pytest.raises(FileNotFoundError, match=r"nope\.(safetensors|pth): weights file not found"):
+        with pytest.raises(
+            FileNotFoundError, match=r"nope\.(safetensors|pth): weights file not found"
+        ):
             call()
 
 
@@ -184,7 +200,9 @@ def test_corrupt_weights_file_is_named(tmp_path, filename, name):
 def test_file_without_a_state_dict_is_rejected(tmp_path):
     path = tmp_path / "stats.pt"
     torch.save({"epoch": 3, "loss": 0.5}, path)
-    with pytest.raises(ValueError, match=r"stats\.pt: not a readable weights file \(expected a state dict"):
+    with pytest.raises(
+        ValueError, match=r"stats\.pt: not a readable weights file \(expected a state dict"
+    ):
         create_backbone("convnet_small", weights=path)
 
 
@@ -203,7 +221,9 @@ def test_weights_files_are_never_unpickled(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"conv.weight": torch.zeros(1), "payload": _Exploit(str(marker))}, path)
     for name in ("convnet_small", "resnet18"):
-        with pytest.raises(ValueError, match=r"evil\.pth: not a readable weights file .*weights_only=True"):
+        with pytest.raises(
+            ValueError, match=r"evil\.pth: not a readable weights file .*weights_only=True"
+        ):
             create_backbone(name, weights=path)
     assert not marker.exists()
 
@@ -218,8 +238,13 @@ def test_shape_mismatch_names_file_parameter_and_shapes(tmp_path):
     assert str(path) in str(error.value)
     assert "conv1.weight: expected (64, 3, 7, 7), found (64, 3, 3, 3)" in str(error.value)
 
-    narrow = save_backbone(create_backbone("convnet_small", width=8), tmp_path / "narrow.safetensors")
-    with pytest.raises(ValueError, match=r"narrow\.safetensors: .*stages\.0\.0\.weight: expected \(16, 3, 3, 3\), found \(8, 3, 3, 3\)"):
+    narrow = save_backbone(
+        create_backbone("convnet_small", width=8), tmp_path / "narrow.safetensors"
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"narrow\.safetensors: .*stages\.0\.0\.weight: expected \(16, 3, 3, 3\), found \(8, 3, 3, 3\)",
+    ):
         create_backbone("convnet_small", weights=narrow)
 
 
@@ -229,24 +254,34 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path):
     state["extra.weight"] = torch.zeros(1)
     path = tmp_path / "resnet18_edited.pth"
     torch.save(state, path)
-    with pytest.raises(ValueError, match=r"resnet18_edited\.pth: .*missing keys layer4\.1\.conv2\.weight; unexpected keys extra\.weight"):
+    with pytest.raises(
+        ValueError,
+        match=r"resnet18_edited\.pth: .*missing keys layer4\.1\.conv2\.weight; unexpected keys extra\.weight",
+    ):
         create_backbone("resnet18", weights=path)
     # A full checkpoint of another architecture is rejected too, not half loaded.
     other = tmp_path / "resnet50.safetensors"
     save_file(timm_state_dict("resnet50"), str(other))
-    with pytest.raises(ValueError, match=r"resnet50\.safetensors: weights do not fit the model: .*unexpected keys"):
+    with pytest.raises(
+        ValueError, match=r"resnet50\.safetensors: weights do not fit the model: .*unexpected keys"
+    ):
         create_backbone("resnet18", weights=other)
 
 
 def test_our_checkpoint_of_another_backbone_is_rejected(tmp_path):
     path = save_backbone(create_backbone("convnet_small"), tmp_path / "scene.safetensors")
-    with pytest.raises(ValueError, match=r"scene\.safetensors: checkpoint of backbone 'convnet_small', not 'resnet18'"):
+    with pytest.raises(
+        ValueError,
+        match=r"scene\.safetensors: checkpoint of backbone 'convnet_small', not 'resnet18'",
+    ):
         create_backbone("resnet18", weights=path)
 
 
 def test_save_backbone_keeps_the_backbone_entry_for_the_name(tmp_path):
     with pytest.raises(ValueError, match="backbone"):
-        save_backbone(create_backbone("convnet_small"), tmp_path / "x.safetensors", backbone="resnet18")
+        save_backbone(
+            create_backbone("convnet_small"), tmp_path / "x.safetensors", backbone="resnet18"
+        )
 
 
 def test_fingerprint_follows_weights_content_name_kwargs_and_seed(tmp_path):

@@ -71,7 +71,9 @@ def test_read_buurten_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"nope.geojson: neighbourhood file not found"):
         read_buurten(tmp_path / "nope.geojson")
     gpd.GeoDataFrame(
-        {"code": ["AA01"], "naam": ["x"]}, geometry=[shapely.box(4.8, 52.3, 4.9, 52.4)], crs="EPSG:4326"
+        {"code": ["AA01"], "naam": ["x"]},
+        geometry=[shapely.box(4.8, 52.3, 4.9, 52.4)],
+        crs="EPSG:4326",
     ).to_file(tmp_path / "partial.geojson")
     with pytest.raises(ValueError, match=r"partial.geojson: missing properties \['cbsCode'\]"):
         read_buurten(tmp_path / "partial.geojson")

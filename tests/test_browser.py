@@ -42,8 +42,15 @@ if not Path(CHROMIUM).is_file():
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 
 REPO = Path(__file__).resolve().parent.parent
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 VIEWPORT = {"width": 1400, "height": 1000}
 #: Sidebar link -> screenshot file, in the order of the navigation.
 PAGES = {
@@ -55,8 +62,12 @@ PAGES = {
     "Runs": "runs.png",
 }
 #: Console noise of an offline machine: the base-map style and icon fonts cannot load.
-OFFLINE_NOISE = ("ERR_NAME_NOT_RESOLVED", "Failed to fetch", "ERR_INTERNET_DISCONNECTED",
-                 "GPU stall due to ReadPixels")
+OFFLINE_NOISE = (
+    "ERR_NAME_NOT_RESOLVED",
+    "Failed to fetch",
+    "ERR_INTERNET_DISCONNECTED",
+    "GPU stall due to ReadPixels",
+)
 
 
 @dataclass
@@ -127,7 +138,9 @@ def dashboard(tmp_path_factory, request) -> Iterator[Dashboard]:
     existing = os.environ.get("STADSBEELD_E2E_DATA")
     if existing:
         root = Path(existing).resolve()
-        assert (root / "grid.parquet").is_file(), f"STADSBEELD_E2E_DATA={existing} holds no data root"
+        assert (root / "grid.parquet").is_file(), (
+            f"STADSBEELD_E2E_DATA={existing} holds no data root"
+        )
     else:
         root = tmp_path_factory.mktemp("browser") / "city"
         shutil.copytree(request.getfixturevalue("tiny_demo"), root)
@@ -135,19 +148,44 @@ def dashboard(tmp_path_factory, request) -> Iterator[Dashboard]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("browser-log") / "streamlit.log"
-    env = {**os.environ, "STADSBEELD_DATA": str(root), "STADSBEELD_RETRAIN": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "STADSBEELD_DATA": str(root),
+        "STADSBEELD_RETRAIN": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     env.pop("STADSBEELD_START_WORKER", None)
-    command = [sys.executable, "-m", "streamlit", "run", "dashboard/app.py",
-               "--server.address", "127.0.0.1", "--server.port", str(port),
-               "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    command = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        "dashboard/app.py",
+        "--server.address",
+        "127.0.0.1",
+        "--server.port",
+        str(port),
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+    ]
     with open(log, "wb") as out:
-        server = subprocess.Popen(command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 60
         while not _healthy(url):
-            assert server.poll() is None, f"streamlit exited ({server.returncode}):\n{log.read_text()}"
+            assert server.poll() is None, (
+                f"streamlit exited ({server.returncode}):\n{log.read_text()}"
+            )
             assert time.monotonic() < deadline, f"no health answer in 60 s:\n{log.read_text()}"
             time.sleep(0.3)
         yield Dashboard(url, root, trains=not existing, log=log)
@@ -179,8 +217,14 @@ def page(browser, dashboard):
     page = context.new_page()
     page.set_default_timeout(60_000)
     dashboard.console.clear()
-    page.on("console", lambda m: dashboard.console.append(f"{m.type}: {m.text}")
-            if m.type in ("error", "warning") and not any(n in m.text for n in OFFLINE_NOISE) else None)
+    page.on(
+        "console",
+        lambda m: (
+            dashboard.console.append(f"{m.type}: {m.text}")
+            if m.type in ("error", "warning") and not any(n in m.text for n in OFFLINE_NOISE)
+            else None
+        ),
+    )
     page.on("pageerror", lambda error: dashboard.console.append(f"pageerror: {error}"))
     yield page
     context.close()
@@ -216,7 +260,11 @@ def capture_pages(page, out_dir: Path) -> list[Path]:
 
 
 def screenshot_dir(tmp_path: Path) -> Path:
-    return Path(os.environ["STADSBEELD_SCREENSHOTS"]) if os.environ.get("STADSBEELD_SCREENSHOTS") else tmp_path
+    return (
+        Path(os.environ["STADSBEELD_SCREENSHOTS"])
+        if os.environ.get("STADSBEELD_SCREENSHOTS")
+        else tmp_path
+    )
 
 
 def sidebar_text(page) -> str:
@@ -225,7 +273,9 @@ def sidebar_text(page) -> str:
 
 def select(page, label: str, option: str) -> None:
     """Choose ``option`` in the Streamlit selectbox labelled ``label``."""
-    combobox = page.locator('[data-testid="stSidebar"]').get_by_role("combobox", name=label, exact=True)
+    combobox = page.locator('[data-testid="stSidebar"]').get_by_role(
+        "combobox", name=label, exact=True
+    )
     combobox.click()
     page.get_by_role("option", name=option, exact=True).click()
     sync_api.expect(combobox).to_have_value(option)
@@ -286,8 +336,10 @@ def test_dashboard_in_a_browser_trains_a_model_and_shows_every_page(page, dashbo
         deadline = time.monotonic() + 120
         while done_line not in seen:
             if time.monotonic() > deadline:
-                raise AssertionError(f"job {job.id} not done in 120 s: {store.get(job.id)}\n"
-                                     f"sidebar:\n{seen}\nworker log:\n{_worker_log(dashboard.root)}")
+                raise AssertionError(
+                    f"job {job.id} not done in 120 s: {store.get(job.id)}\n"
+                    f"sidebar:\n{seen}\nworker log:\n{_worker_log(dashboard.root)}"
+                )
             assert store.get(job.id).status not in ("failed", "cancelled"), store.get(job.id)
             seen = sidebar_text(page)
             saw_epoch = saw_epoch or re.search(r"epoch \d+/2\b", seen) is not None
@@ -301,15 +353,19 @@ def test_dashboard_in_a_browser_trains_a_model_and_shows_every_page(page, dashbo
 
     shots = capture_pages(page, screenshot_dir(tmp_path))
     phases["screenshots"] = time.monotonic() - started - sum(phases.values())
-    assert [p.name for p in shots] == list(PAGES.values()) and all(p.stat().st_size > 10_000 for p in shots)
+    assert [p.name for p in shots] == list(PAGES.values()) and all(
+        p.stat().st_size > 10_000 for p in shots
+    )
 
     if dashboard.trains:  # the Runs page lists the finished job in its jobs table
         jobs_table = page.locator('[data-testid="stDataFrame"]').last
         assert jobs_table.get_by_text("done", exact=True).count() >= 1, jobs_table.inner_text()
         assert page.locator('[data-testid="stMain"]').get_by_text(job.run_id).count()
     assert not [m for m in dashboard.console if m.startswith("pageerror")], dashboard.console
-    print(f"browser test took {time.monotonic() - started:.1f} s "
-          f"({', '.join(f'{k} {v:.1f} s' for k, v in phases.items())}); screenshots in {shots[0].parent}")
+    print(
+        f"browser test took {time.monotonic() - started:.1f} s "
+        f"({', '.join(f'{k} {v:.1f} s' for k, v in phases.items())}); screenshots in {shots[0].parent}"
+    )
 
 
 def _worker_log(root: Path) -> str:
@@ -326,9 +382,11 @@ def test_the_city_map_shows_the_coloured_grid(page, dashboard):
     not_water = np.abs(pixels - [166, 206, 227]).sum(1) > 40
     grid = int((colourful & not_water).sum())
     colours, counts = np.unique(pixels, axis=0, return_counts=True)
-    assert grid >= 100, (f"{grid} grid-coloured pixels on the map; most common colour "
-                         f"{colours[counts.argmax()].tolist()} on {counts.max() / len(pixels):.0%} "
-                         f"of it; console: {dashboard.console}")
+    assert grid >= 100, (
+        f"{grid} grid-coloured pixels on the map; most common colour "
+        f"{colours[counts.argmax()].tolist()} on {counts.max() / len(pixels):.0%} "
+        f"of it; console: {dashboard.console}"
+    )
 
 
 def test_clicking_a_cell_opens_its_detail_panel(page, dashboard):

@@ -14,7 +14,9 @@ SMALL = "bbox:121000,486000,122000,487000"
 
 
 def test_help_lists_the_subcommands():
-    result = subprocess.run([sys.executable, "-m", "train", "--help"], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "train", "--help"], capture_output=True, text=True, check=True
+    )
     assert "demo" in result.stdout and "summary" in result.stdout
 
 
@@ -28,7 +30,18 @@ def test_each_subcommand_has_help(command, capsys):
 
 def test_demo_builds_prints_a_summary_and_respects_existing_output(tmp_path, capsys):
     out = tmp_path / "demo"
-    args = ["demo", "--extent", SMALL, "--out", str(out), "--flickr-photos", "2000", "--workers", "1", "--quiet"]
+    args = [
+        "demo",
+        "--extent",
+        SMALL,
+        "--out",
+        str(out),
+        "--flickr-photos",
+        "2000",
+        "--workers",
+        "1",
+        "--quiet",
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "cells:" in printed and "gsv" in printed and "coverage per district" in printed
@@ -57,24 +70,56 @@ def test_fusion_schedule_is_the_papers_on_real_data_and_short_on_the_demo(tmp_pa
     real = tmp_path / "real"
     real.mkdir()
     paper = _fusion_config(build_parser().parse_args(["fusion", "--data", str(real)]))
-    assert (paper.aerial_backbone, paper.aerial_px, paper.epochs, paper.warmup_epochs) == ("resnet50", 224, 25, 5)
+    assert (paper.aerial_backbone, paper.aerial_px, paper.epochs, paper.warmup_epochs) == (
+        "resnet50",
+        224,
+        25,
+        5,
+    )
     demo = tmp_path / "demo"
     demo.mkdir()
     (demo / "demo.json").write_text("{}")
-    short = _fusion_config(build_parser().parse_args(["fusion", "--data", str(demo), "--epochs", "3"]))
+    short = _fusion_config(
+        build_parser().parse_args(["fusion", "--data", str(demo), "--epochs", "3"])
+    )
     assert (short.aerial_backbone, short.epochs) == ("convnet_small", 3)
-    forced = _fusion_config(build_parser().parse_args(["fusion", "--data", str(demo), "--schedule", "paper"]))
+    forced = _fusion_config(
+        build_parser().parse_args(["fusion", "--data", str(demo), "--schedule", "paper"])
+    )
     assert forced.ground_backbone == "resnet50"
 
 
 def test_fusion_matrix_command_on_a_tiny_city(tiny_demo, tmp_path, capsys):
     out = tmp_path / "reports"
-    code = main(["fusion-matrix", "--data", str(tiny_demo), "--seeds", "0", "--epochs", "1", "--block-size", "300",
-                 "--out", str(out), "--compare-weights", "random-again=random"])
+    code = main(
+        [
+            "fusion-matrix",
+            "--data",
+            str(tiny_demo),
+            "--seeds",
+            "0",
+            "--epochs",
+            "1",
+            "--block-size",
+            "300",
+            "--out",
+            str(out),
+            "--compare-weights",
+            "random-again=random",
+        ]
+    )
     assert code == 0
     table = (out / "fusion_matrix.md").read_text()
-    for row in ("| aerial |", "| gsv |", "| aerial+gsv |", "| aerial+flickr(all) |", "| aerial+flickr(outdoor) |",
-                "| aerial+flickr(building) |", "| aerial+gsv [places-like weights] |", "| aerial+gsv [random weights] |"):
+    for row in (
+        "| aerial |",
+        "| gsv |",
+        "| aerial+gsv |",
+        "| aerial+flickr(all) |",
+        "| aerial+flickr(outdoor) |",
+        "| aerial+flickr(building) |",
+        "| aerial+gsv [places-like weights] |",
+        "| aerial+gsv [random weights] |",
+    ):
         assert row in table
     assert "share of that gap closed by building-filtered Flickr" in table
     before = pd.read_csv(out / "fusion_matrix.csv")
@@ -82,15 +127,49 @@ def test_fusion_matrix_command_on_a_tiny_city(tiny_demo, tmp_path, capsys):
 
     # Extending the matrix: one configuration again, merged into the report in place of its rows.
     extra = "aerial+gsv [random-again weights]"
-    code = main(["fusion-matrix", "--data", str(tiny_demo), "--seeds", "0", "--epochs", "1", "--block-size", "300",
-                 "--out", str(out), "--compare-weights", "random-again=random", "--only", extra])
+    code = main(
+        [
+            "fusion-matrix",
+            "--data",
+            str(tiny_demo),
+            "--seeds",
+            "0",
+            "--epochs",
+            "1",
+            "--block-size",
+            "300",
+            "--out",
+            str(out),
+            "--compare-weights",
+            "random-again=random",
+            "--only",
+            extra,
+        ]
+    )
     assert code == 0
     after = pd.read_csv(out / "fusion_matrix.csv")
     assert len(after) == 9 and set(after["configuration"]) == set(before["configuration"])
-    old, new = (frame.set_index("configuration")["run_id"].sort_index() for frame in (before, after))
+    old, new = (
+        frame.set_index("configuration")["run_id"].sort_index() for frame in (before, after)
+    )
     changed = new != old
     assert changed[changed].index.tolist() == [extra]
-    assert main(["fusion-matrix", "--data", str(tiny_demo), "--seeds", "0", "--out", str(out), "--only", "nope"]) == 2
+    assert (
+        main(
+            [
+                "fusion-matrix",
+                "--data",
+                str(tiny_demo),
+                "--seeds",
+                "0",
+                "--out",
+                str(out),
+                "--only",
+                "nope",
+            ]
+        )
+        == 2
+    )
 
 
 def test_bad_input_is_one_error_line_not_a_traceback(tmp_path, capsys, monkeypatch):

@@ -19,7 +19,14 @@ from core.runs import list_runs, load_run
 from core.sources.catalog import read_catalog, write_catalog
 from train.contrastive import ContrastiveConfig, augment, train_contrastive
 
-TINY = {"epochs": 2, "steps_per_epoch": 2, "batch_size": 16, "dim": 16, "mlp_dim": 32, "device": "cpu"}
+TINY = {
+    "epochs": 2,
+    "steps_per_epoch": 2,
+    "batch_size": 16,
+    "dim": 16,
+    "mlp_dim": 32,
+    "device": "cpu",
+}
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +77,12 @@ def test_an_interrupted_run_resumes_to_the_same_weights(root):
             raise JobCancelled("stopped for the test")
 
     with pytest.raises(JobCancelled):
-        train_contrastive(config(root, epochs=3, seed=5), log=lambda _: None, progress=stop_after_epoch_2)
-    failed = next(p for p in DataRoot(root).runs.iterdir() if p.name.startswith(".failed-contrastive"))
+        train_contrastive(
+            config(root, epochs=3, seed=5), log=lambda _: None, progress=stop_after_epoch_2
+        )
+    failed = next(
+        p for p in DataRoot(root).runs.iterdir() if p.name.startswith(".failed-contrastive")
+    )
     assert (failed / "checkpoint.safetensors").is_file()
     run_id = failed.name.removeprefix(".failed-")
     assert run_id not in set(list_runs(DataRoot(root).runs)["run_id"])
@@ -96,11 +107,19 @@ def test_resume_of_a_complete_run_is_refused(root):
 def test_single_capture_date_is_a_clear_cli_error(root, tmp_path):
     copy = tmp_path / "one-date"
     shutil.copytree(root, copy, ignore=shutil.ignore_patterns("runs", "cache", "images"))
-    catalog = pd.DataFrame(read_catalog(copy / "street" / "catalog.parquet", check_files=False).images)
+    catalog = pd.DataFrame(
+        read_catalog(copy / "street" / "catalog.parquet", check_files=False).images
+    )
     catalog["captured_at"] = pd.Timestamp("2020-06-01", tz="UTC")
-    write_catalog(catalog.drop(columns=["geometry", "cell_id"]), copy / "street" / "catalog.parquet")
-    result = subprocess.run([sys.executable, "-m", "train", "contrastive", "--data", str(copy), "--epochs", "1"],
-                            capture_output=True, text=True, timeout=120)
+    write_catalog(
+        catalog.drop(columns=["geometry", "cell_id"]), copy / "street" / "catalog.parquet"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "train", "contrastive", "--data", str(copy), "--epochs", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "single capture date" in result.stderr and "Traceback" not in result.stderr
 
@@ -109,24 +128,45 @@ def test_evaluation_report_and_the_encoder_as_fusion_ground_weights(root, tmp_pa
     from train.contrastive_eval import evaluate, write_report
     from train.fusion import FusionConfig, train_fusion
 
-    runs = [train_contrastive(config(root, objective=o, seed=1), log=lambda _: None) for o in ("spatial", "global")]
+    runs = [
+        train_contrastive(config(root, objective=o, seed=1), log=lambda _: None)
+        for o in ("spatial", "global")
+    ]
     results = evaluate(DataRoot(root), runs, {"random": None}, log=lambda _: None, device="cpu")
     assert results["encoder"].tolist() == ["spatial", "global", "random"]
-    for column in ("recall@1", "recall@10", "socioeconomic_r2", "perception_accuracy", "perception_auc"):
+    for column in (
+        "recall@1",
+        "recall@10",
+        "socioeconomic_r2",
+        "perception_accuracy",
+        "perception_auc",
+    ):
         assert results[column].notna().all(), column
     assert (results["recall@10"] >= results["recall@1"]).all()
     csv, md = write_report(results, tmp_path, "tiny")
     assert pd.read_csv(csv)["run_id"].notna().sum() == 2 and "| spatial | 1 |" in md.read_text()
 
-    fusion = train_fusion(FusionConfig(data=str(root), epochs=1, block_size=300.0, aerial_px=32,
-                                       ground_weights=str(DataRoot(root).runs / runs[0] / "backbone.safetensors")),
-                          log=lambda _: None)
-    assert load_run(DataRoot(root).runs / fusion).config["ground_weights"].endswith("backbone.safetensors")
+    fusion = train_fusion(
+        FusionConfig(
+            data=str(root),
+            epochs=1,
+            block_size=300.0,
+            aerial_px=32,
+            ground_weights=str(DataRoot(root).runs / runs[0] / "backbone.safetensors"),
+        ),
+        log=lambda _: None,
+    )
+    assert (
+        load_run(DataRoot(root).runs / fusion)
+        .config["ground_weights"]
+        .endswith("backbone.safetensors")
+    )
 
 
 def test_unified_weights_select_the_rules():
-    assert ContrastiveConfig(objective="unified", loss_weights={"temporal": 0.5, "spatial": 0.0,
-                                                                "global": 1.0}).rules == {"temporal": 0.5, "global": 1.0}
+    assert ContrastiveConfig(
+        objective="unified", loss_weights={"temporal": 0.5, "spatial": 0.0, "global": 1.0}
+    ).rules == {"temporal": 0.5, "global": 1.0}
     assert ContrastiveConfig(objective="spatial").rules == {"spatial": 1.0}
     with pytest.raises(ValueError, match="unknown rules"):
         ContrastiveConfig(objective="unified", loss_weights={"colour": 1.0})

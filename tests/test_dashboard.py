@@ -22,8 +22,14 @@ from core.runs import RunWriter
 from core.sources.lbm import read_lbm
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
-PAGES = ["views/city_map.py", "views/predicted.py", "views/sources.py", "views/coverage.py",
-         "views/neighbours.py", "views/runs.py"]
+PAGES = [
+    "views/city_map.py",
+    "views/predicted.py",
+    "views/sources.py",
+    "views/coverage.py",
+    "views/neighbours.py",
+    "views/runs.py",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +40,10 @@ def demo_root(tmp_path_factory, tiny_demo):
     root = tmp_path_factory.mktemp("dash") / "city"
     shutil.copytree(tiny_demo, root)
     for ground in (None, "gsv"):
-        train_fusion(FusionConfig(data=str(root), ground=ground, epochs=2, block_size=300.0,
-                                  aerial_px=32), log=lambda _: None)
+        train_fusion(
+            FusionConfig(data=str(root), ground=ground, epochs=2, block_size=300.0, aerial_px=32),
+            log=lambda _: None,
+        )
     return root
 
 
@@ -139,7 +147,9 @@ def test_neighbours_page_returns_the_k_nearest_cells(app, demo_root):
     angles = np.arange(len(ids)) / 1000
     with RunWriter(DataRoot(demo_root).runs, "probe", {"label": "circle"}) as run:
         run.write_metrics({})
-        run.write_predictions(pd.DataFrame({"cell_id": ids, "split": "test", "true": 0.0, "predicted": 0.0}))
+        run.write_predictions(
+            pd.DataFrame({"cell_id": ids, "split": "test", "true": 0.0, "predicted": 0.0})
+        )
         run.write_embeddings(ids, np.stack([np.cos(angles), np.sin(angles)], 1))
     app.session_state["selected_cell"] = int(ids[0])
     app.run()
@@ -195,7 +205,9 @@ def test_retrain_form_enqueues_a_job(app, demo_root, monkeypatch):
     assert len(jobs) == before + 1
     job = jobs[0]
     assert (job.kind, job.status) == ("fusion", "queued")
-    assert job.config["ground"] is None and job.config["target"] == "fys" and job.config["epochs"] == 3
+    assert (
+        job.config["ground"] is None and job.config["target"] == "fys" and job.config["epochs"] == 3
+    )
     assert any(f"#{job.id}" in c.value and "queued" in c.value for c in app.sidebar.caption)
     store.cancel(job.id)
 
@@ -223,13 +235,21 @@ def test_missing_data_root_explains_how_to_build_it(tmp_path, monkeypatch):
 
 def test_pages_never_import_torch(demo_root):
     # A fresh interpreter: the test process itself has imported torch to train the runs.
-    script = (f"from streamlit.testing.v1 import AppTest; app = AppTest.from_file({APP!r}, default_timeout=120)\n"
-              "app.run()\n"
-              f"for page in {PAGES!r}: app.switch_page(page).run(); assert not app.exception, page\n"
-              "import sys; print('torch' in sys.modules)")
+    script = (
+        f"from streamlit.testing.v1 import AppTest; app = AppTest.from_file({APP!r}, default_timeout=120)\n"
+        "app.run()\n"
+        f"for page in {PAGES!r}: app.switch_page(page).run(); assert not app.exception, page\n"
+        "import sys; print('torch' in sys.modules)"
+    )
     env = {**os.environ, "STADSBEELD_DATA": str(demo_root), "STADSBEELD_START_WORKER": "0"}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                            timeout=300, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=True,
+    )
     assert result.stdout.strip().splitlines()[-1] == "False"
 
 

@@ -28,7 +28,9 @@ def test_build_writes_every_file_in_its_real_format(tiny_demo):
     assert len(grid) == manifest["cells"] > 100
     assert set(grid["district"]) <= {"Centrum", "Zuid", "Oost"}
 
-    labels = read_lbm(tiny_demo / "labels" / "lbm_scores.csv", tiny_demo / "labels" / "lbm_grid.gpkg")
+    labels = read_lbm(
+        tiny_demo / "labels" / "lbm_scores.csv", tiny_demo / "labels" / "lbm_grid.gpkg"
+    )
     assert sorted(labels["jaar"].unique()) == list(city.LABEL_YEARS)
     assert set(labels["cell_id"]) <= set(grid["cell_id"])
 
@@ -95,7 +97,9 @@ def test_scores_follow_the_lbm_structure(fields):
 
 
 def test_district_character(fields):
-    table = city.scores(fields, 2020).merge(fields.cells[["district"]], left_on="grid_id", right_index=True)
+    table = city.scores(fields, 2020).merge(
+        fields.cells[["district"]], left_on="grid_id", right_index=True
+    )
     mean = table.groupby("district")["lbm"].mean()
     for high in ("Centrum", "Zuid"):
         for low in ("Nieuw-West", "Noord", "Zuidoost"):
@@ -114,7 +118,9 @@ def test_housing_score_has_aerial_street_and_hidden_parts(fields):
     # (DESIGN.md: at 0.3 of the aerial weight the aerial vs aerial+GSV gap vanishes).
     cells = fields.cells[fields.cells["labelled"]]
     weights = city.SCORE_WEIGHTS["won"]
-    values = {c: cells[c].to_numpy(float) for c in ("greenery", "density", "upkeep", "social", "noise")}
+    values = {
+        c: cells[c].to_numpy(float) for c in ("greenery", "density", "upkeep", "social", "noise")
+    }
     values["era_value"] = city.era_value(cells["era"].to_numpy())
     z = {c: (v - v.mean()) / v.std() for c, v in values.items()}
     aerial = sum(weights[c] * z[c] for c in ("era_value", "greenery", "density"))
@@ -136,17 +142,22 @@ def test_flickr_is_clustered_in_the_centre(fields):
     assert 0.4 < off_topic.mean() < 0.7
 
 
-@pytest.mark.parametrize(("extent", "district"), [("centrum", "Centrum"), ("Nieuw-West", "Nieuw-West")])
+@pytest.mark.parametrize(
+    ("extent", "district"), [("centrum", "Centrum"), ("Nieuw-West", "Nieuw-West")]
+)
 def test_extent_by_district(fields, extent, district):
     ids = extent_cells(fields, extent)
     assert set(fields.lookup(ids)["district"]) == {district}
 
 
-@pytest.mark.parametrize(("extent", "message"), [
-    ("atlantis", "unknown extent 'atlantis'"),
-    ("bbox:1,2,3", "expected bbox:minx,miny,maxx,maxy"),
-    ("bbox:0,0,1000,1000", "no cell of Amsterdam"),
-])
+@pytest.mark.parametrize(
+    ("extent", "message"),
+    [
+        ("atlantis", "unknown extent 'atlantis'"),
+        ("bbox:1,2,3", "expected bbox:minx,miny,maxx,maxy"),
+        ("bbox:0,0,1000,1000", "no cell of Amsterdam"),
+    ],
+)
 def test_bad_extent_is_a_clear_error(fields, extent, message):
     with pytest.raises(ValueError, match=message):
         extent_cells(fields, extent)

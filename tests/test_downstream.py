@@ -27,16 +27,25 @@ def test_recall_counts_any_positive_within_the_radius():
     database_xy = np.array([[0, 0], [20, 0]], float)  # both within 25 m of the query
     result = recall_at_k(database, database_xy, np.array([[0, 1.0]]), np.array([[10, 0]]), ks=(1,))
     assert result["recall@1"] == 1.0
-    far = recall_at_k(database, database_xy + 1000, np.array([[0, 1.0]]), np.array([[10, 0]]), ks=(1,))
+    far = recall_at_k(
+        database, database_xy + 1000, np.array([[0, 1.0]]), np.array([[10, 0]]), ks=(1,)
+    )
     assert far["queries"] == 0
 
 
 def test_lasso_recovers_a_linear_target():
     rng = np.random.default_rng(0)
-    features = pd.DataFrame(rng.standard_normal((200, 12)), index=[f"BU{i:04d}" for i in range(200)])
+    features = pd.DataFrame(
+        rng.standard_normal((200, 12)), index=[f"BU{i:04d}" for i in range(200)]
+    )
     weights = rng.standard_normal(12)
-    targets = pd.DataFrame({"income": features.to_numpy() @ weights + 0.01 * rng.standard_normal(200),
-                            "noise": rng.standard_normal(200)}, index=features.index)
+    targets = pd.DataFrame(
+        {
+            "income": features.to_numpy() @ weights + 0.01 * rng.standard_normal(200),
+            "noise": rng.standard_normal(200),
+        },
+        index=features.index,
+    )
     scores = socioeconomic_r2(features, targets)
     assert scores["income"] > 0.98
     assert scores["noise"] < 0.1

@@ -15,8 +15,9 @@ from core.grid import RD_NEW, cell_id
 @pytest.fixture
 def layer():
     ids = [int(cell_id(121050, 487050)), int(cell_id(121150, 487050))]
-    predictions = pd.DataFrame({"cell_id": ids, "split": ["test", "train"], "true": [4.0, 4.2],
-                                "predicted": [4.1, 4.0]})
+    predictions = pd.DataFrame(
+        {"cell_id": ids, "split": ["test", "train"], "true": [4.0, 4.2], "predicted": [4.1, 4.0]}
+    )
     cells = pd.DataFrame({"cell_id": ids, "buurt_naam": ["A", "B"], "district": ["Zuid", "Zuid"]})
     return prediction_layer(predictions, cells)
 

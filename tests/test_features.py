@@ -63,10 +63,28 @@ def test_changed_weights_file_invalidates(images, tmp_path):
 
 
 def test_interrupted_extraction_resumes(images, tmp_path):
-    full = np.array(extract_features(images, "convnet_small", None, tmp_path / "a", px=32, workers=0,
-                                     batch_size=50, chunk_batches=1).matrix)
-    partial = extract_features(images, "convnet_small", None, tmp_path / "b", px=32, workers=0,
-                               batch_size=50, chunk_batches=1)
+    full = np.array(
+        extract_features(
+            images,
+            "convnet_small",
+            None,
+            tmp_path / "a",
+            px=32,
+            workers=0,
+            batch_size=50,
+            chunk_batches=1,
+        ).matrix
+    )
+    partial = extract_features(
+        images,
+        "convnet_small",
+        None,
+        tmp_path / "b",
+        px=32,
+        workers=0,
+        batch_size=50,
+        chunk_batches=1,
+    )
     # Pretend the process died after 100 rows: rows past that were never written.
     meta_path = partial.folder / "meta.json"
     meta = json.loads(meta_path.read_text())
@@ -75,8 +93,17 @@ def test_interrupted_extraction_resumes(images, tmp_path):
     store[100:] = 0
     store.flush()
     calls = []
-    resumed = extract_features(images, "convnet_small", None, tmp_path / "b", px=32, workers=0,
-                               batch_size=50, chunk_batches=1, progress=lambda done, total: calls.append(done))
+    resumed = extract_features(
+        images,
+        "convnet_small",
+        None,
+        tmp_path / "b",
+        px=32,
+        workers=0,
+        batch_size=50,
+        chunk_batches=1,
+        progress=lambda done, total: calls.append(done),
+    )
     assert calls[0] == 150  # started at row 100, not 0
     np.testing.assert_allclose(resumed.matrix, full, rtol=1e-5, atol=1e-6)
 
@@ -92,15 +119,24 @@ def test_mismatching_cache_metadata_is_an_error(images, tmp_path):
 def test_unreadable_image_names_the_file(images, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_text("not a jpeg")
-    bad = pd.concat([images.iloc[:2], pd.DataFrame({"id": ["x"], "path": [str(broken)]})], ignore_index=True)
+    bad = pd.concat(
+        [images.iloc[:2], pd.DataFrame({"id": ["x"], "path": [str(broken)]})], ignore_index=True
+    )
     with pytest.raises(ValueError, match="broken.jpg: not a readable image"):
         extract_features(bad, "convnet_small", None, tmp_path / "cache", px=32, workers=0)
 
 
 def test_pooling_averages_per_cell_and_counts_empty_cells():
-    features = FeatureSet(ids=np.array(["a", "b", "c", "d"]),
-                          matrix=np.array([[1.0, 0], [3, 2], [5, 5], [7, 7]], np.float32), folder=None)
-    cells = pd.Series([10, 10, 20, 99], index=["a", "b", "c", "d"])  # d lies outside the cells asked for
-    pooled, counts = pool_by_cell(features, cells, np.array([20, 10, 30]), keep=np.array([True, True, False, True]))
+    features = FeatureSet(
+        ids=np.array(["a", "b", "c", "d"]),
+        matrix=np.array([[1.0, 0], [3, 2], [5, 5], [7, 7]], np.float32),
+        folder=None,
+    )
+    cells = pd.Series(
+        [10, 10, 20, 99], index=["a", "b", "c", "d"]
+    )  # d lies outside the cells asked for
+    pooled, counts = pool_by_cell(
+        features, cells, np.array([20, 10, 30]), keep=np.array([True, True, False, True])
+    )
     np.testing.assert_allclose(pooled, [[0, 0], [2, 1], [0, 0]])
     np.testing.assert_array_equal(counts, [0, 2, 0])

@@ -59,11 +59,24 @@ class Services:
     endpoints: list[str]
 
     def args(self, out: Path, *extra: str) -> list[str]:
-        return ["fetch", "amsterdam", "--year", "2020", "--out", str(out), *self.endpoints, *FAST, *extra]
+        return [
+            "fetch",
+            "amsterdam",
+            "--year",
+            "2020",
+            "--out",
+            str(out),
+            *self.endpoints,
+            *FAST,
+            *extra,
+        ]
 
     def image_requests(self) -> int:
-        return (sum(self.wmts.tile_requests.values()) + sum(self.flickr.image_requests.values())
-                + sum(self.gsv.image_requests.values()))
+        return (
+            sum(self.wmts.tile_requests.values())
+            + sum(self.flickr.image_requests.values())
+            + sum(self.gsv.image_requests.values())
+        )
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +114,9 @@ def fetched(services, tmp_path_factory):
         env.setenv("FLICKR_API_KEY", FLICKR_KEY)
         env.setenv("GOOGLE_MAPS_API_KEY", GSV_KEY)
         env.delenv("GOOGLE_MAPS_SIGNING_SECRET", raising=False)
-        code, out, err = run(services.args(root, "--extra-years", "2018", "--gsv-headings", "0", "180"))
+        code, out, err = run(
+            services.args(root, "--extra-years", "2018", "--gsv-headings", "0", "180")
+        )
     return root, code, out + err
 
 
@@ -110,15 +125,24 @@ def test_the_cli_names_match_the_fetch_module():
     assert tuple(ENDPOINTS) == FETCH_ENDPOINTS and tuple(POLITENESS) == FETCH_RATES
 
 
-def test_dry_run_prints_the_plan_of_every_source_and_writes_nothing(services, tmp_path, monkeypatch):
+def test_dry_run_prints_the_plan_of_every_source_and_writes_nothing(
+    services, tmp_path, monkeypatch
+):
     monkeypatch.setenv("FLICKR_API_KEY", FLICKR_KEY)
     monkeypatch.setenv("GOOGLE_MAPS_API_KEY", GSV_KEY)
     out = tmp_path / "amsterdam"
     code, printed, _ = run(services.args(out, "--dry-run", "--extra-years", "2018", "2016"))
     assert code == 0
     assert "fetch plan for Amsterdam (0363, Noord-Holland)" in printed
-    for line in ("PDOK municipality outline", "Leefbaarometer WFS", "PDOK aerial 2020_ortho25 (level 10",
-                 "OpenStreetMap (Overpass)", "Flickr:", "Google Street View", "total:"):
+    for line in (
+        "PDOK municipality outline",
+        "Leefbaarometer WFS",
+        "PDOK aerial 2020_ortho25 (level 10",
+        "OpenStreetMap (Overpass)",
+        "Flickr:",
+        "Google Street View",
+        "total:",
+    ):
         assert line in printed
     assert "years [2020, 2018, 2016]" in printed and "USD" in printed and "ODbL" in printed
     assert "dry run: nothing fetched" in printed
@@ -142,9 +166,12 @@ def test_a_missing_key_skips_its_source_unless_asked_for(services, tmp_path, mon
 
 def test_bad_options_are_clear_errors(services, tmp_path):
     assert run(services.args(tmp_path, "--sources", "lbm,mapillary"))[2].startswith(
-        "error: --sources 'lbm,mapillary': unknown ['mapillary']")
+        "error: --sources 'lbm,mapillary': unknown ['mapillary']"
+    )
     assert "expected NAME=VALUE" in run(services.args(tmp_path, "--rate", "wms=3"))[2]
-    code, _, error = run(["fetch", "Atlantis", "--out", str(tmp_path / "x"), *services.endpoints, *FAST])
+    code, _, error = run(
+        ["fetch", "Atlantis", "--out", str(tmp_path / "x"), *services.endpoints, *FAST]
+    )
     assert code == 2 and "no municipality named 'Atlantis'" in error
 
 
@@ -154,7 +181,8 @@ def test_a_fetch_gives_a_root_that_the_readers_open_and_fusion_trains_on(fetched
     paths = DataRoot(root)
     manifest = json.loads((root / MANIFEST).read_text())
     assert {s: manifest["steps"][s]["status"] for s in manifest["steps"]} == dict.fromkeys(
-        ("lbm", "grid", "aerial", "osm", "flickr", "gsv"), "done")
+        ("lbm", "grid", "aerial", "osm", "flickr", "gsv"), "done"
+    )
     assert manifest["municipality"]["code"] == "0363"
     assert "CC BY 4.0" in manifest["licences"]["aerial"] and "ODbL" in manifest["licences"]["osm"]
 
@@ -166,11 +194,18 @@ def test_a_fetch_gives_a_root_that_the_readers_open_and_fusion_trains_on(fetched
     assert set(grid["cell_id"]) == set(read_grid(DataRoot(tiny_demo).grid)["cell_id"])
     assert grid["labelled"].sum() == labels.loc[labels["jaar"] == 2020, "cell_id"].nunique()
     assert set(grid["district"]) <= {"Centrum", "Zuid", "Oost", "Amsterdam"}
-    with open_aerial(paths.aerial) as aerial:  # level 10 of the RD tile matrix set, over the whole grid
+    with open_aerial(
+        paths.aerial
+    ) as aerial:  # level 10 of the RD tile matrix set, over the whole grid
         assert aerial.resolution[0] == pytest.approx(3.36, abs=0.01)
         left, bottom, right, top = aerial.bounds
         minx, miny, maxx, maxy = grid.total_bounds
-        assert left <= minx - 128 and bottom <= miny - 128 and right >= maxx + 128 and top >= maxy + 128
+        assert (
+            left <= minx - 128
+            and bottom <= miny - 128
+            and right >= maxx + 128
+            and top >= maxy + 128
+        )
     catalog = read_catalog(paths.catalog)
     assert catalog.problems.empty
     counts = catalog.images["source"].value_counts()
@@ -181,13 +216,33 @@ def test_a_fetch_gives_a_root_that_the_readers_open_and_fusion_trains_on(fetched
     code, printed, _ = run(["summary", "--data", str(root)])
     assert code == 0 and "coverage per district" in printed
 
-    code, _, error = run(["fusion", "--data", str(root), "--schedule", "demo", "--epochs", "2",
-                          "--batch-size", "64", "--block-size", "300", "--ground", "gsv", "--device", "cpu"])
+    code, _, error = run(
+        [
+            "fusion",
+            "--data",
+            str(root),
+            "--schedule",
+            "demo",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "64",
+            "--block-size",
+            "300",
+            "--ground",
+            "gsv",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0, error
     runs = list_runs(paths.runs, kind="fusion")
     assert len(runs) == 1
     run_folder = load_run(runs["path"].iloc[0])
-    assert run_folder.config["label"] == "aerial+gsv" and run_folder.config["aerial_backbone"] == "convnet_small"
+    assert (
+        run_folder.config["label"] == "aerial+gsv"
+        and run_folder.config["aerial_backbone"] == "convnet_small"
+    )
     assert set(run_folder.predictions()["split"]) == {"train", "val", "test"}
     assert "test_kendall_tau" in run_folder.metrics
 
@@ -198,14 +253,19 @@ def test_a_rerun_requests_no_tile_or_image_again(services, fetched, monkeypatch)
     monkeypatch.setenv("FLICKR_API_KEY", FLICKR_KEY)
     monkeypatch.setenv("GOOGLE_MAPS_API_KEY", GSV_KEY)
     before = services.image_requests()
-    code, printed, _ = run(services.args(root, "--extra-years", "2018", "--gsv-headings", "0", "180"))
+    code, printed, _ = run(
+        services.args(root, "--extra-years", "2018", "--gsv-headings", "0", "180")
+    )
     assert code == 0
     assert services.image_requests() == before
     for step in ("lbm", "grid", "aerial", "osm", "flickr", "gsv"):
         assert f"{step}: done before, skipped" in printed
 
-    code, printed, _ = run(services.args(root, "--extra-years", "2018", "--gsv-headings", "0", "180",
-                                         "--redo", "aerial", "gsv"))
+    code, printed, _ = run(
+        services.args(
+            root, "--extra-years", "2018", "--gsv-headings", "0", "180", "--redo", "aerial", "gsv"
+        )
+    )
     assert code == 0 and "aerial: done" in printed
     assert services.image_requests() == before  # the clients skip what is on disk
 
@@ -226,7 +286,11 @@ def test_a_failing_step_stops_the_fetch_and_a_rerun_resumes_it(services, tiny_de
     services.wmts.inject(*first_tile, Response("Forbidden", status=403))
     code, printed, _ = run(services.args(out, "--sources", "lbm,aerial"))
     assert code == 1
-    assert "error: aerial failed:" in printed and "HTTP 403" in printed and "rerun the same command" in printed
+    assert (
+        "error: aerial failed:" in printed
+        and "HTTP 403" in printed
+        and "rerun the same command" in printed
+    )
     steps = json.loads((out / MANIFEST).read_text())["steps"]
     assert [steps[s]["status"] for s in ("lbm", "grid", "aerial")] == ["done", "done", "failed"]
     assert not (out / "aerial" / "aerial.tif").exists()
@@ -241,9 +305,20 @@ def test_a_failing_step_stops_the_fetch_and_a_rerun_resumes_it(services, tiny_de
 def test_a_downloaded_release_and_osm_file_are_imported(services, fetched, tiny_demo, tmp_path):
     demo, (root, _, _) = DataRoot(tiny_demo), fetched
     out = tmp_path / "amsterdam"
-    code, printed, _ = run(services.args(
-        out, "--sources", "lbm,osm", "--extra-years", "2018", "2016",
-        "--lbm-release", f"{demo.scores},{demo.lbm_grid}", "--osm-file", str(root / "cache" / "osm" / "streets.osm")))
+    code, printed, _ = run(
+        services.args(
+            out,
+            "--sources",
+            "lbm,osm",
+            "--extra-years",
+            "2018",
+            "2016",
+            "--lbm-release",
+            f"{demo.scores},{demo.lbm_grid}",
+            "--osm-file",
+            str(root / "cache" / "osm" / "streets.osm"),
+        )
+    )
     assert code == 0, printed
     assert "Leefbaarometer release import" in printed and "OpenStreetMap file import" in printed
     steps = json.loads((out / MANIFEST).read_text())["steps"]

@@ -33,8 +33,10 @@ def test_merge_is_addition_then_bn_fc_fc():
     assert model(aerial, ground, has).shape == (4,)
 
 
-@pytest.mark.parametrize(("aerial", "ground_dim", "projection"), [(True, 64, torch.nn.Linear), (True, None, None),
-                                                                    (False, 64, torch.nn.Identity)])
+@pytest.mark.parametrize(
+    ("aerial", "ground_dim", "projection"),
+    [(True, 64, torch.nn.Linear), (True, None, None), (False, 64, torch.nn.Identity)],
+)
 def test_unimodal_and_projected_variants(aerial, ground_dim, projection):
     model = FusionRegressor(create_backbone("convnet_small") if aerial else None, ground_dim).eval()
     x = torch.randn(3, 3, 32, 32) if aerial else None
@@ -65,12 +67,15 @@ def test_a_model_needs_some_input():
         FusionRegressor(None, None)
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    ({"aerial": False, "ground": None}, "needs aerial imagery, ground imagery, or both"),
-    ({"ground": "mapillary"}, "ground must be one of"),
-    ({"ground": "flickr", "flickr_subset": "building"}, "needs --scene-run"),
-    ({"flickr_subset": "night"}, "flickr_subset must be one of"),
-])
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"aerial": False, "ground": None}, "needs aerial imagery, ground imagery, or both"),
+        ({"ground": "mapillary"}, "ground must be one of"),
+        ({"ground": "flickr", "flickr_subset": "building"}, "needs --scene-run"),
+        ({"flickr_subset": "night"}, "flickr_subset must be one of"),
+    ],
+)
 def test_bad_configurations_are_clear_errors(changes, message):
     with pytest.raises(ValueError, match=message):
         FusionConfig(**changes)
@@ -84,16 +89,22 @@ def ground_weights(tiny_demo):
 
 
 def test_train_writes_a_run_that_reloads_to_identical_predictions(tiny_demo, ground_weights):
-    config = FusionConfig(data=str(tiny_demo), ground="gsv", ground_weights=str(ground_weights), **QUICK)
+    config = FusionConfig(
+        data=str(tiny_demo), ground="gsv", ground_weights=str(ground_weights), **QUICK
+    )
     run_id = train_fusion(config, log=lambda _: None)
     run = load_run(DataRoot(tiny_demo).runs / run_id)
     predictions = run.predictions()
     assert set(predictions["split"]) == {"train", "val", "test"}
-    assert {"cell_id", "true", "predicted", "residual", "district", "ground_images"} <= set(predictions.columns)
+    assert {"cell_id", "true", "predicted", "residual", "district", "ground_images"} <= set(
+        predictions.columns
+    )
     ids, embeddings = run.embeddings()
     np.testing.assert_array_equal(ids, predictions["cell_id"])
     assert embeddings.shape == (len(ids), 100)
-    assert {"test_kendall_tau", "test_spearman", "test_r2", "test_mae", "best_epoch"} <= set(run.metrics)
+    assert {"test_kendall_tau", "test_spearman", "test_r2", "test_mae", "best_epoch"} <= set(
+        run.metrics
+    )
     assert len(run.epochs) == 2 and run.config["label"] == "aerial+gsv"
     again = predict_run(run.path)
     np.testing.assert_allclose(again["predicted"], predictions["predicted"], rtol=1e-5, atol=1e-6)
@@ -102,7 +113,9 @@ def test_train_writes_a_run_that_reloads_to_identical_predictions(tiny_demo, gro
 
 def test_the_ground_branch_stays_frozen(tiny_demo, ground_weights):
     digest = hashlib.sha256(ground_weights.read_bytes()).hexdigest()
-    config = FusionConfig(data=str(tiny_demo), ground="gsv", ground_weights=str(ground_weights), **QUICK)
+    config = FusionConfig(
+        data=str(tiny_demo), ground="gsv", ground_weights=str(ground_weights), **QUICK
+    )
     run_id = train_fusion(config, log=lambda _: None)
     assert hashlib.sha256(ground_weights.read_bytes()).hexdigest() == digest
     caches = list((DataRoot(tiny_demo).cache / "features").glob("convnet_small-*/features.npy"))
@@ -114,23 +127,46 @@ def test_the_ground_branch_stays_frozen(tiny_demo, ground_weights):
     state = load_run(DataRoot(tiny_demo).runs / run_id).state_dict()
     assert not any(k.startswith("ground.") and "conv" in k for k in state)
     assert {k for k in state if not k.startswith("aerial.")} == {
-        "missing", "norm.weight", "norm.bias", "norm.running_mean", "norm.running_var",
-        "norm.num_batches_tracked", "fc.weight", "fc.bias", "out.weight", "out.bias"}
+        "missing",
+        "norm.weight",
+        "norm.bias",
+        "norm.running_mean",
+        "norm.running_var",
+        "norm.num_batches_tracked",
+        "fc.weight",
+        "fc.bias",
+        "out.weight",
+        "out.bias",
+    }
 
 
 def test_ground_only_and_sparse_flickr_run(tiny_demo, ground_weights):
-    for config in (FusionConfig(data=str(tiny_demo), aerial=False, ground="gsv", ground_weights=str(ground_weights), **QUICK),
-                   FusionConfig(data=str(tiny_demo), ground="flickr", **QUICK)):
+    for config in (
+        FusionConfig(
+            data=str(tiny_demo),
+            aerial=False,
+            ground="gsv",
+            ground_weights=str(ground_weights),
+            **QUICK,
+        ),
+        FusionConfig(data=str(tiny_demo), ground="flickr", **QUICK),
+    ):
         run = load_run(DataRoot(tiny_demo).runs / train_fusion(config, log=lambda _: None))
         predictions = run.predictions()
         assert np.isfinite(predictions["predicted"]).all()
         if config.ground == "flickr":
-            assert (predictions["ground_images"] == 0).any()  # image-less cells are kept and predicted
+            assert (
+                predictions["ground_images"] == 0
+            ).any()  # image-less cells are kept and predicted
 
 
 def test_missing_or_mismatched_ground_weights_are_clear_errors(tiny_demo, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
-        train_fusion(FusionConfig(data=str(tiny_demo), ground_weights=str(tmp_path / "nope.safetensors"), **QUICK))
+        train_fusion(
+            FusionConfig(
+                data=str(tiny_demo), ground_weights=str(tmp_path / "nope.safetensors"), **QUICK
+            )
+        )
     other = tmp_path / "resnet.safetensors"
     save_backbone(create_backbone("resnet18"), other)
     with pytest.raises(ValueError, match="resnet.safetensors: checkpoint of backbone 'resnet18'"):
@@ -148,18 +184,29 @@ def test_nan_labels_are_dropped_with_a_count(tiny_demo, tmp_path):
     latest = scores["jaar"] == scores["jaar"].max()
     scores.loc[scores.index[latest][:5], "won"] = np.nan
     scores.to_csv(copy.scores, index=False)
-    with pytest.warns(UserWarning, match=f"target 'won': dropped 5 of {latest.sum()} cells without a value"):
+    with pytest.warns(
+        UserWarning, match=f"target 'won': dropped 5 of {latest.sum()} cells without a value"
+    ):
         cells = labelled_cells(copy, None, "won")
     assert len(cells) == latest.sum() - 5
 
 
 def test_matrix_summary_and_derived_figures(tmp_path):
-    results = pd.DataFrame([
-        {"configuration": c, "seed": s, "run_id": f"r{s}{c}", "test_kendall_tau": t, "test_spearman": t,
-         "test_r2": t, "ground_weights": "x"}
-        for s, taus in {0: (0.2, 0.3, 0.25), 1: (0.3, 0.5, 0.35)}.items()
-        for c, t in zip(("aerial", "aerial+gsv", "aerial+flickr(building)"), taus, strict=True)
-    ])
+    results = pd.DataFrame(
+        [
+            {
+                "configuration": c,
+                "seed": s,
+                "run_id": f"r{s}{c}",
+                "test_kendall_tau": t,
+                "test_spearman": t,
+                "test_r2": t,
+                "ground_weights": "x",
+            }
+            for s, taus in {0: (0.2, 0.3, 0.25), 1: (0.3, 0.5, 0.35)}.items()
+            for c, t in zip(("aerial", "aerial+gsv", "aerial+flickr(building)"), taus, strict=True)
+        ]
+    )
     table, derived = summarise_matrix(results)
     assert table.loc["aerial+gsv", "tau_mean"] == pytest.approx(0.4)
     assert derived["gsv_gain_over_aerial_mean"] == pytest.approx((0.5 + 2 / 3) / 2)
@@ -167,7 +214,10 @@ def test_matrix_summary_and_derived_figures(tmp_path):
     csv, md = write_report(results, tmp_path, "demo")
     assert pd.read_csv(csv).shape[0] == 6
     text = md.read_text()
-    assert "| aerial+gsv | 0.400 ± 0.141 |" in text and "gap closed by building-filtered Flickr: 38%" in text
+    assert (
+        "| aerial+gsv | 0.400 ± 0.141 |" in text
+        and "gap closed by building-filtered Flickr: 38%" in text
+    )
 
 
 def test_default_runs_are_reused_only_when_their_settings_match(tmp_path):
@@ -177,10 +227,17 @@ def test_default_runs_are_reused_only_when_their_settings_match(tmp_path):
     root = DataRoot(tmp_path)
     made = {}
     for weights in (None, "a.safetensors"):
-        with RunWriter(root.runs, "fusion", {"label": "aerial", "target": "won", "ground_weights": weights}) as run:
+        with RunWriter(
+            root.runs, "fusion", {"label": "aerial", "target": "won", "ground_weights": weights}
+        ) as run:
             run.write_metrics({"test_kendall_tau": 0.1})
-            run.write_predictions(pd.DataFrame({"cell_id": [1], "split": ["test"], "true": [0.0], "predicted": [0.0]}))
+            run.write_predictions(
+                pd.DataFrame({"cell_id": [1], "split": ["test"], "true": [0.0], "predicted": [0.0]})
+            )
         made[weights] = run.run_id
     assert _latest(root, "fusion", label="aerial", ground_weights=None) == made[None]
-    assert _latest(root, "fusion", label="aerial", ground_weights="a.safetensors") == made["a.safetensors"]
+    assert (
+        _latest(root, "fusion", label="aerial", ground_weights="a.safetensors")
+        == made["a.safetensors"]
+    )
     assert _latest(root, "fusion", label="aerial", ground_weights="b.safetensors") is None

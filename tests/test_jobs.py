@@ -36,8 +36,16 @@ ENDLESS = {**QUICK, "aerial_px": 16, "epochs": 100_000}  # runs until it is stop
 
 
 def write_complete(run: RunWriter) -> None:
-    run.write_predictions(pd.DataFrame({"cell_id": [1, 2], "split": ["train", "test"],
-                                        "true": [0.1, 0.2], "predicted": [0.1, 0.3]}))
+    run.write_predictions(
+        pd.DataFrame(
+            {
+                "cell_id": [1, 2],
+                "split": ["train", "test"],
+                "true": [0.1, 0.2],
+                "predicted": [0.1, 0.3],
+            }
+        )
+    )
     run.write_metrics({"test_kendall_tau": 1.0})
 
 
@@ -61,8 +69,13 @@ def data_root(tiny_demo, tmp_path) -> Path:
 
 
 def spawn_worker(root: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "train", "worker", "--data", str(root), *args],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "train", "worker", "--data", str(root), *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -195,8 +208,12 @@ def test_reap_fails_dead_workers_jobs_and_hides_their_partial_runs(tmp_path):
     assert store.reap(stale_after=0.01) == []  # reaped once
 
     # A worker pid that is gone (on this host) is dead however fresh its heartbeat.
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     lost = store.enqueue("fusion", QUICK)
     store.claim(pid=int(gone.stdout))
     # A job whose run was complete when its worker died is done, not failed.
@@ -242,9 +259,11 @@ def test_run_progress_reaches_the_callback_and_a_cancel_fails_the_run(tmp_path):
 
 
 def test_the_dashboards_side_never_imports_torch():
-    code = ("import sys, core.jobs, train.worker; "
-            "assert 'torch' not in sys.modules, 'torch imported'; "
-            "assert set(train.worker.JOB_RUNNERS) == set(core.jobs.JOB_KINDS)")
+    code = (
+        "import sys, core.jobs, train.worker; "
+        "assert 'torch' not in sys.modules, 'torch imported'; "
+        "assert set(train.worker.JOB_RUNNERS) == set(core.jobs.JOB_KINDS)"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
 
 
@@ -264,7 +283,10 @@ def test_start_worker_detaches_a_worker_that_exits_when_idle(tmp_path, monkeypat
 
     missing = subprocess.run(
         [sys.executable, "-m", "train", "worker", "--data", str(tmp_path / "nope")],
-        cwd=REPO, capture_output=True, text=True, timeout=30,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert missing.returncode == 2 and "data root not found" in missing.stderr
     assert not (tmp_path / "nope").exists()
@@ -313,7 +335,10 @@ def test_cancel_restart_view_second_worker_and_sigterm(data_root):
 
         second = subprocess.run(
             [sys.executable, "-m", "train", "worker", "--data", str(data_root)],
-            cwd=REPO, capture_output=True, text=True, timeout=30,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         assert second.returncode == 0 and "another worker holds" in second.stdout
         assert store.get(cancelled).pid == worker.pid

@@ -11,7 +11,9 @@ from core.neighbours import EmbeddingIndex
 def test_neighbours_follow_cosine_similarity():
     rng = np.random.default_rng(0)
     ids = np.arange(1000, 1300, dtype=np.int64)
-    vectors = rng.standard_normal((len(ids), 16)).astype(np.float32) * rng.uniform(0.1, 10, (len(ids), 1))
+    vectors = rng.standard_normal((len(ids), 16)).astype(np.float32) * rng.uniform(
+        0.1, 10, (len(ids), 1)
+    )
     index = EmbeddingIndex(ids, vectors)
     found = index.neighbours(1007, 10)
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)

@@ -50,8 +50,14 @@ def test_temporal_distance_threshold(dx: float, pairs: int) -> None:
 
 @pytest.mark.parametrize(
     ("first", "second", "diff"),
-    [(90, 110, 20.0), (90, 130, None), (350, 10, 20.0), (10, 350, 20.0), (math.nan, 90, None),
-     (math.nan, math.nan, None)],
+    [
+        (90, 110, 20.0),
+        (90, 130, None),
+        (350, 10, 20.0),
+        (10, 350, 20.0),
+        (math.nan, 90, None),
+        (math.nan, math.nan, None),
+    ],
 )
 def test_temporal_heading_is_circular_and_nan_never_pairs(first, second, diff) -> None:
     found = temporal_pairs(images((0, 0, first, T0), (1, 0, second, months(24))))
@@ -107,8 +113,10 @@ def test_spatial_cap_holds_is_maximal_and_deterministic_per_seed() -> None:
     rng = np.random.default_rng(3)
     frame = images(*[(x, y, 0, T0) for x, y in rng.uniform(0, 150, (60, 2))])
     every = pair_set(spatial_pairs(frame, PairConfig(spatial_max_per_image=None)))
-    runs = {seed: spatial_pairs(frame, PairConfig(spatial_max_per_image=3, seed=seed))
-            for seed in (0, 0, 1)}
+    runs = {
+        seed: spatial_pairs(frame, PairConfig(spatial_max_per_image=3, seed=seed))
+        for seed in (0, 0, 1)
+    }
     capped = runs[0]
     partners = np.bincount(capped[["a", "b"]].to_numpy().ravel(), minlength=len(frame))
     assert partners.max() == 3
@@ -121,11 +129,17 @@ def test_spatial_cap_holds_is_maximal_and_deterministic_per_seed() -> None:
 
 def test_single_capture_date_is_a_clear_error(tmp_path) -> None:
     path = tmp_path / "catalog.csv"
-    pd.DataFrame({
-        "id": ["a", "b", "c"], "source": "gsv", "path": ["a.jpg", "b.jpg", "c.jpg"],
-        "x": [121000.0, 121000.0, 121300.0], "y": 485000.0, "heading": 90.0,
-        "captured_at": "2019-06-01T10:00:00Z",
-    }).to_csv(path, index=False)
+    pd.DataFrame(
+        {
+            "id": ["a", "b", "c"],
+            "source": "gsv",
+            "path": ["a.jpg", "b.jpg", "c.jpg"],
+            "x": [121000.0, 121000.0, 121300.0],
+            "y": 485000.0,
+            "heading": 90.0,
+            "captured_at": "2019-06-01T10:00:00Z",
+        }
+    ).to_csv(path, index=False)
     frame = read_catalog(path, check_files=False).images
     config = PairConfig()
     pairs = temporal_pairs(frame, config, source=str(path))
@@ -147,10 +161,14 @@ def test_no_temporal_pairs_names_the_rule_that_stops_them() -> None:
 
 
 def test_statistics_on_a_hand_case() -> None:
-    pairs = pd.DataFrame({
-        "a": [0, 0, 1, 2], "b": [1, 2, 2, 3], "distance_m": [0.0, 1.0, 2.0, 4.0],
-        "gap_days": [400.0, 800.0, 800.0, 1200.0],
-    })
+    pairs = pd.DataFrame(
+        {
+            "a": [0, 0, 1, 2],
+            "b": [1, 2, 2, 3],
+            "distance_m": [0.0, 1.0, 2.0, 4.0],
+            "gap_days": [400.0, 800.0, 800.0, 1200.0],
+        }
+    )
     stats = pair_statistics(pairs, n_images=5)
     assert json.loads(json.dumps(stats)) == stats
     assert stats["count"] == 4 and stats["n_images"] == 5

@@ -224,7 +224,10 @@ def test_import_does_not_load_torch():
 
 
 def test_an_interrupted_run_resumes_in_place(tmp_path):
-    with pytest.raises(RuntimeError, match="boom"), RunWriter(tmp_path, "probe", {"lr": 0.1}) as run:
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        RunWriter(tmp_path, "probe", {"lr": 0.1}) as run,
+    ):
         run.log_epoch(epoch=1, loss=1.0)
         run.log_epoch(epoch=2, loss=0.5)
         raise RuntimeError("boom")
@@ -235,9 +238,14 @@ def test_an_interrupted_run_resumes_in_place(tmp_path):
     with resumed:
         resumed.log_epoch(epoch=2, loss=0.4)
         resumed.write_metrics({"done": True})
-        resumed.write_predictions(pd.DataFrame({"cell_id": [1], "split": ["test"], "true": [0.0], "predicted": [0.0]}))
+        resumed.write_predictions(
+            pd.DataFrame({"cell_id": [1], "split": ["test"], "true": [0.0], "predicted": [0.0]})
+        )
     finished = load_run(tmp_path / run.run_id)
-    assert finished.epochs["epoch"].tolist() == [1, 2] and finished.epochs["loss"].tolist() == [1.0, 0.4]
+    assert finished.epochs["epoch"].tolist() == [1, 2] and finished.epochs["loss"].tolist() == [
+        1.0,
+        0.4,
+    ]
     assert "resumed from .failed-" in (tmp_path / run.run_id / "log.txt").read_text()
     with pytest.raises(FileExistsError, match="complete"):
         RunWriter.resume(tmp_path, run.run_id)

@@ -40,17 +40,26 @@ def test_places_layout_loads_into_a_scene_classifier(places_like):
 
 def test_head_with_the_wrong_number_of_scenes_is_a_clear_error(places_like):
     path, *_ = places_like
-    with pytest.raises(ValueError, match=r"places.pth.tar: .*head.weight: expected \(4, 128\), found \(3, 128\)"):
+    with pytest.raises(
+        ValueError, match=r"places.pth.tar: .*head.weight: expected \(4, 128\), found \(3, 128\)"
+    ):
         load_scene_classifier(path, "convnet_small", ("a", "b", "c", "d"))
 
 
 def test_scoring_run_with_a_checkpoint(tiny_demo, places_like, tmp_path):
     path, names, *_ = places_like
     root = DataRoot(tiny_demo)
-    config = SceneTrainConfig(data=str(tiny_demo), checkpoint=str(path), scene_names=str(names),
-                              filter=SceneFilterConfig(building_scenes=("apartment_building/outdoor",),
-                                                       indoor_scenes=("kitchen",)))
-    with pytest.raises(ValueError, match="flickr_scene_labels.csv: scenes .* are not among the classifier's scenes"):
+    config = SceneTrainConfig(
+        data=str(tiny_demo),
+        checkpoint=str(path),
+        scene_names=str(names),
+        filter=SceneFilterConfig(
+            building_scenes=("apartment_building/outdoor",), indoor_scenes=("kitchen",)
+        ),
+    )
+    with pytest.raises(
+        ValueError, match="flickr_scene_labels.csv: scenes .* are not among the classifier's scenes"
+    ):
         train_scene_filter(config, log=lambda _: None)  # the demo's labels use other names
     labels = root.scene_labels
     moved = tmp_path / "labels.csv"

@@ -13,18 +13,28 @@ from core.scenes import SceneFilterConfig, scores_path, select
 from train.perception import PerceptionConfig, read_votes, train_perception
 from train.scene import SceneTrainConfig, train_scene_filter
 
-SCORES = pd.DataFrame({
-    "id": ["facade", "food", "boat", "people-before-facade"],
-    "p_building": [0.9, 0.0, 0.1, 0.45], "p_street": [0.05, 0.0, 0.1, 0.1], "p_water": [0.05, 0.0, 0.8, 0.0],
-    "p_park": [0, 0, 0, 0.0], "p_people": [0, 0.1, 0, 0.45], "p_food": [0, 0.8, 0, 0.0], "p_interior": [0, 0.1, 0, 0.0],
-})
+SCORES = pd.DataFrame(
+    {
+        "id": ["facade", "food", "boat", "people-before-facade"],
+        "p_building": [0.9, 0.0, 0.1, 0.45],
+        "p_street": [0.05, 0.0, 0.1, 0.1],
+        "p_water": [0.05, 0.0, 0.8, 0.0],
+        "p_park": [0, 0, 0, 0.0],
+        "p_people": [0, 0.1, 0, 0.45],
+        "p_food": [0, 0.8, 0, 0.0],
+        "p_interior": [0, 0.1, 0, 0.0],
+    }
+)
 
 
-@pytest.mark.parametrize(("subset", "kept"), [
-    ("all", [True, True, True, True]),
-    ("outdoor", [True, False, True, True]),
-    ("building", [True, False, False, False]),
-])
+@pytest.mark.parametrize(
+    ("subset", "kept"),
+    [
+        ("all", [True, True, True, True]),
+        ("outdoor", [True, False, True, True]),
+        ("building", [True, False, False, False]),
+    ],
+)
 def test_subsets(subset, kept):
     np.testing.assert_array_equal(select(SCORES, subset, SceneFilterConfig()), kept)
 
@@ -43,7 +53,9 @@ def test_bad_subset_or_missing_scene_columns():
 
 def test_scene_filter_run_scores_every_photo(tiny_demo):
     root = DataRoot(tiny_demo)
-    run_id = train_scene_filter(SceneTrainConfig(data=str(tiny_demo), epochs=8, lr=5e-3), log=lambda _: None)
+    run_id = train_scene_filter(
+        SceneTrainConfig(data=str(tiny_demo), epochs=8, lr=5e-3), log=lambda _: None
+    )
     run = load_run(root.runs / run_id)
     assert run.metrics["held_out_accuracy"] > 0.35  # chance is 1/7, the largest class about 1/4
     scores = pd.read_parquet(scores_path(root, run_id))
@@ -66,6 +78,10 @@ def test_perception_run_gives_ground_weights(tiny_demo):
 
 def test_votes_with_unknown_winner_are_rejected(tmp_path):
     path = tmp_path / "votes.csv"
-    pd.DataFrame({"left_id": ["a"], "right_id": ["b"], "winner": ["draw"], "category": ["safety"]}).to_csv(path)
-    with pytest.raises(ValueError, match=r"votes.csv: winner must be one of \['equal', 'left', 'right'\]"):
+    pd.DataFrame(
+        {"left_id": ["a"], "right_id": ["b"], "winner": ["draw"], "category": ["safety"]}
+    ).to_csv(path)
+    with pytest.raises(
+        ValueError, match=r"votes.csv: winner must be one of \['equal', 'left', 'right'\]"
+    ):
         read_votes(path, pd.Index(["a", "b"]))

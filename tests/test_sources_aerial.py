@@ -65,7 +65,12 @@ def rasters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         transform, width, height = calculate_default_transform(
             src.crs, "EPSG:4326", src.width, src.height, *src.bounds
         )
-        meta = src.meta | {"crs": "EPSG:4326", "transform": transform, "width": width, "height": height}
+        meta = src.meta | {
+            "crs": "EPSG:4326",
+            "transform": transform,
+            "width": width,
+            "height": height,
+        }
         with rasterio.open(folder / "wgs84.tif", "w", **meta) as dst:
             for band in (1, 2, 3):
                 reproject(
@@ -90,7 +95,9 @@ def rasters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def quadrant_colours(image: np.ndarray) -> list[tuple[int, ...]]:
     """Colours at the centres of the NW, NE, SW, SE quadrants of a patch."""
     q1, q3 = image.shape[-1] // 4, 3 * image.shape[-1] // 4
-    return [tuple(int(v) for v in image[:, r, c]) for r, c in ((q1, q1), (q1, q3), (q3, q1), (q3, q3))]
+    return [
+        tuple(int(v) for v in image[:, r, c]) for r, c in ((q1, q1), (q1, q3), (q3, q1), (q3, q3))
+    ]
 
 
 def test_patch_centred_on_a_cell_shows_its_quadrants(rasters: dict[str, Path]) -> None:
@@ -101,8 +108,12 @@ def test_patch_centred_on_a_cell_shows_its_quadrants(rasters: dict[str, Path]) -
     assert patch.image.shape == (3, 32, 32) and patch.image.dtype == np.uint8
     assert (patch.valid_fraction, patch.edge, patch.outside) == (1.0, False, False)
     # 0.25 m pixels averaged into 3.125 m pixels: every quadrant is one flat colour.
-    for rows, cols, colour in ((slice(0, 16), slice(0, 16), NW), (slice(0, 16), slice(16, 32), NE),
-                               (slice(16, 32), slice(0, 16), SW), (slice(16, 32), slice(16, 32), SE)):
+    for rows, cols, colour in (
+        (slice(0, 16), slice(0, 16), NW),
+        (slice(0, 16), slice(16, 32), NE),
+        (slice(16, 32), slice(0, 16), SW),
+        (slice(16, 32), slice(16, 32), SE),
+    ):
         assert (patch.image[:, rows, cols] == np.array(colour)[:, None, None]).all()
 
 
@@ -166,7 +177,9 @@ def test_patches_report_every_cell(rasters: dict[str, Path]) -> None:
     cells = np.array([INSIDE, EDGE, OUTSIDE])
     with (
         open_aerial(rasters["coarse"]) as raster,
-        pytest.warns(UserWarning, match=r"coarse.tif: 1 of 3 cells lie entirely outside the raster"),
+        pytest.warns(
+            UserWarning, match=r"coarse.tif: 1 of 3 cells lie entirely outside the raster"
+        ),
     ):
         images, status = raster.patches(cells, 200.0, 16)
 
@@ -195,10 +208,14 @@ def test_bad_files_are_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"nocrs.tif: raster has no CRS"):
         AerialRaster(tmp_path / "nocrs.tif")
     write_raster(tmp_path / "gray.tif", 4.0, count=1)
-    with pytest.raises(ValueError, match=r"gray.tif: raster has 1 band\(s\); an RGB aerial needs at least 3"):
+    with pytest.raises(
+        ValueError, match=r"gray.tif: raster has 1 band\(s\); an RGB aerial needs at least 3"
+    ):
         AerialRaster(tmp_path / "gray.tif")
     write_raster(tmp_path / "deep.tif", 4.0, dtype="uint16")
-    with pytest.raises(ValueError, match=r"deep.tif: RGB bands must be 8-bit \(uint8\), found \['uint16'\]"):
+    with pytest.raises(
+        ValueError, match=r"deep.tif: RGB bands must be 8-bit \(uint8\), found \['uint16'\]"
+    ):
         AerialRaster(tmp_path / "deep.tif")
     with (
         open_aerial(write_raster(tmp_path / "ok.tif", 4.0)) as raster,

@@ -70,7 +70,9 @@ def test_read_lonlat_csv(tmp_path: Path) -> None:
     assert images.crs.to_epsg() == 28992
     assert images["id"].tolist() == ["a", "b", "c"]
     assert images["source"].tolist() == ["gsv", "flickr", "gsv"]
-    assert images["path"].tolist() == [str(tmp_path / "img" / n) for n in ("a.jpg", "b.jpg", "c.png")]
+    assert images["path"].tolist() == [
+        str(tmp_path / "img" / n) for n in ("a.jpg", "b.jpg", "c.png")
+    ]
     assert images.loc[1, ["x", "y"]].tolist() == pytest.approx(AMERSFOORT_RD, abs=0.5)
     assert images["cell_id"].tolist() == cell_id(images["x"], images["y"]).tolist()
     assert (images.geometry.x == images["x"]).all() and (images.geometry.y == images["y"]).all()
@@ -81,7 +83,10 @@ def test_read_lonlat_csv(tmp_path: Path) -> None:
     assert pd.isna(images["captured_at"][2])
     assert images["pano_id"][0] == "p1" and images["license"].isna().all()
     assert catalog.problems.empty and list(catalog.problems.columns) == list(PROBLEM_COLUMNS)
-    assert catalog.summary() == "catalog.csv: 3 images (gsv 2, flickr 1, other 0) in 3 cells; 0 rejected"
+    assert (
+        catalog.summary()
+        == "catalog.csv: 3 images (gsv 2, flickr 1, other 0) in 3 cells; 0 rejected"
+    )
 
 
 @pytest.mark.parametrize("form", ["rd.csv", "rd.parquet", "wgs84.geoparquet", "rd.geoparquet"])
@@ -129,7 +134,9 @@ def test_bad_rows_are_rejected_and_reported(tmp_path: Path) -> None:
         catalog = read_catalog(tmp_path / "catalog.csv")
 
     assert len(caught) == 1
-    assert str(caught[0].message).startswith(f"{tmp_path / 'catalog.csv'}: rejected 9 of 12 images (")
+    assert str(caught[0].message).startswith(
+        f"{tmp_path / 'catalog.csv'}: rejected 9 of 12 images ("
+    )
     assert catalog.images["id"].tolist() == ["a", "b", "c"]
     problems = catalog.problems
     assert list(zip(problems["row"], problems["kind"], strict=True)) == [
@@ -148,7 +155,9 @@ def test_bad_rows_are_rejected_and_reported(tmp_path: Path) -> None:
     assert text["swapped"] == "lat/lon swapped? (lon=52.3731, lat=4.8926)"
     assert text["nofile"] == f"image file not found: {tmp_path / 'img' / 'gone.jpg'}"
     assert text["twice"] == "duplicate id 'twice' (2 rows)"
-    assert text["insta"] == "unknown source 'instagram' (expected one of ['gsv', 'flickr', 'other'])"
+    assert (
+        text["insta"] == "unknown source 'instagram' (expected one of ['gsv', 'flickr', 'other'])"
+    )
     assert text["when"] == "captured_at 'yesterday' is not an ISO 8601 time"
     assert text["which way"] == "heading 'north' is not a number"
     assert text["where"] == "missing or non-numeric lon/lat"
@@ -193,7 +202,9 @@ def test_structural_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"nopos.csv: no position columns; need 'lon' and 'lat'"):
         read_catalog(tmp_path / "nopos.csv")
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 garbage")
-    with pytest.raises(ValueError, match=r"broken.parquet: not a readable .parquet image catalog file"):
+    with pytest.raises(
+        ValueError, match=r"broken.parquet: not a readable .parquet image catalog file"
+    ):
         read_catalog(tmp_path / "broken.parquet")
 
 
@@ -239,7 +250,9 @@ def test_images_per_cell_counts_by_source(catalog_images: gpd.GeoDataFrame) -> N
 
 
 @pytest.mark.parametrize("name", ["out.parquet", "out.csv"])
-def test_write_catalog_round_trips(tmp_path: Path, catalog_images: gpd.GeoDataFrame, name: str) -> None:
+def test_write_catalog_round_trips(
+    tmp_path: Path, catalog_images: gpd.GeoDataFrame, name: str
+) -> None:
     path = write_catalog(catalog_images, tmp_path / name)
 
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".", "out"))) == [name]
@@ -253,7 +266,9 @@ def test_write_catalog_round_trips(tmp_path: Path, catalog_images: gpd.GeoDataFr
     )
 
 
-def test_write_catalog_rejects_unknown_formats(tmp_path: Path, catalog_images: gpd.GeoDataFrame) -> None:
+def test_write_catalog_rejects_unknown_formats(
+    tmp_path: Path, catalog_images: gpd.GeoDataFrame
+) -> None:
     with pytest.raises(ValueError, match=r"out.json: a catalog is written as .parquet or .csv"):
         write_catalog(catalog_images, tmp_path / "out.json")
     with pytest.raises(ValueError, match=r"images: missing columns \['x', 'y'\]"):

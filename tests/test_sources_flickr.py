@@ -46,12 +46,21 @@ def bbox(tiny_demo):
 
 
 def fetch(fake, root: Path, client: HttpClient, bbox, **options):
-    options = {"min_taken": SINCE, "max_taken": UNTIL, "api_key": KEY, "client": client,
-               "endpoint": fake.endpoint, "progress": False, **options}
+    options = {
+        "min_taken": SINCE,
+        "max_taken": UNTIL,
+        "api_key": KEY,
+        "client": client,
+        "endpoint": fake.endpoint,
+        "progress": False,
+        **options,
+    }
     return fetch_flickr(root, bbox, **options)
 
 
-def test_fetch_writes_every_demo_photo_with_its_metadata(httpserver, tiny_demo, tmp_path, client, bbox):
+def test_fetch_writes_every_demo_photo_with_its_metadata(
+    httpserver, tiny_demo, tmp_path, client, bbox
+):
     fake = install_flickr(httpserver, tiny_demo, api_key=KEY)
     result = fetch(fake, tmp_path, client, bbox)
 
@@ -80,8 +89,16 @@ def test_fetch_writes_every_demo_photo_with_its_metadata(httpserver, tiny_demo, 
 
 def test_paging_and_the_result_cap_find_every_photo_once(httpserver, tiny_demo, client, bbox):
     fake = install_flickr(httpserver, tiny_demo, api_key=KEY, cap=20)
-    photos = search_photos(client, KEY, bbox, min_taken=SINCE, max_taken=UNTIL, endpoint=fake.endpoint,
-                           per_page=7, cap=20)
+    photos = search_photos(
+        client,
+        KEY,
+        bbox,
+        min_taken=SINCE,
+        max_taken=UNTIL,
+        endpoint=fake.endpoint,
+        per_page=7,
+        cap=20,
+    )
     ids = [p["id"] for p in photos]
     assert len(ids) == len(set(ids)) == len(fake.photos)
     assert fake.calls["flickr.photos.search"] > 95 / 7  # split into windows, each paged
@@ -89,18 +106,40 @@ def test_paging_and_the_result_cap_find_every_photo_once(httpserver, tiny_demo, 
 
 def test_a_capped_query_without_split_would_lose_photos(httpserver, tiny_demo, client, bbox):
     fake = install_flickr(httpserver, tiny_demo, api_key=KEY, cap=20)
-    pages = [client.get_json(fake.endpoint, {
-        "method": "flickr.photos.search", "api_key": KEY, "format": "json", "nojsoncallback": 1,
-        "bbox": ",".join(map(str, bbox)), "min_taken_date": "2000-01-01 00:00:00", "sort": "date-taken-asc",
-        "per_page": 10, "page": page}) for page in range(1, 11)]
+    pages = [
+        client.get_json(
+            fake.endpoint,
+            {
+                "method": "flickr.photos.search",
+                "api_key": KEY,
+                "format": "json",
+                "nojsoncallback": 1,
+                "bbox": ",".join(map(str, bbox)),
+                "min_taken_date": "2000-01-01 00:00:00",
+                "sort": "date-taken-asc",
+                "per_page": 10,
+                "page": page,
+            },
+        )
+        for page in range(1, 11)
+    ]
     seen = {p["id"] for page in pages for p in page["photos"]["photo"]}
     assert pages[0]["photos"]["total"] == 95 and len(seen) == 20  # pages past the cap repeat
 
 
 def test_cap_split_in_space_when_time_cannot_split(httpserver, tiny_demo, client, bbox):
     fake = install_flickr(httpserver, tiny_demo, api_key=KEY, cap=10)
-    photos = search_photos(client, KEY, bbox, min_taken=SINCE, max_taken=UNTIL, endpoint=fake.endpoint,
-                           per_page=5, cap=10, min_window=UNTIL - SINCE)
+    photos = search_photos(
+        client,
+        KEY,
+        bbox,
+        min_taken=SINCE,
+        max_taken=UNTIL,
+        endpoint=fake.endpoint,
+        per_page=5,
+        cap=10,
+        min_window=UNTIL - SINCE,
+    )
     assert sorted(p["id"] for p in photos) == sorted(fake.photos["photo_id"])
 
 
@@ -116,7 +155,9 @@ def test_licence_filter_keeps_only_allowed_licences(httpserver, tiny_demo, tmp_p
         fetch(fake, tmp_path, client, bbox, licenses={4, 99})
 
 
-def test_size_preference_falls_back_when_a_size_is_missing(httpserver, tiny_demo, tmp_path, client, bbox):
+def test_size_preference_falls_back_when_a_size_is_missing(
+    httpserver, tiny_demo, tmp_path, client, bbox
+):
     fake = install_flickr(httpserver, tiny_demo, api_key=KEY)
     fetch(fake, tmp_path, client, bbox, sizes=("c", "z"))
     stored = pd.read_parquet(DataRoot(tmp_path).catalog).set_index("id")
@@ -126,7 +167,9 @@ def test_size_preference_falls_back_when_a_size_is_missing(httpserver, tiny_demo
     assert 0 < (expected == "z").sum() < len(expected)
 
 
-def test_invalid_key_is_a_clear_error_without_the_key(httpserver, tiny_demo, tmp_path, client, bbox):
+def test_invalid_key_is_a_clear_error_without_the_key(
+    httpserver, tiny_demo, tmp_path, client, bbox
+):
     fake = install_flickr(httpserver, tiny_demo, api_key="the-right-key")
     with pytest.raises(FlickrError, match=rf"error 100: Invalid API Key.*\${API_KEY_ENV}") as error:
         fetch(fake, tmp_path, client, bbox)
@@ -136,13 +179,23 @@ def test_invalid_key_is_a_clear_error_without_the_key(httpserver, tiny_demo, tmp
 
 def test_stat_fail_of_the_search_is_an_error(httpserver, tiny_demo, tmp_path, client, bbox):
     fake = install_flickr(httpserver, tiny_demo, api_key=KEY)
-    fake.inject("search", Response('{"stat":"fail","code":10,"message":"Sorry, the Flickr search API is not '
-                                   'currently available."}', 200, mimetype="application/json"))
+    fake.inject(
+        "search",
+        Response(
+            '{"stat":"fail","code":10,"message":"Sorry, the Flickr search API is not '
+            'currently available."}',
+            200,
+            mimetype="application/json",
+        ),
+    )
     with pytest.raises(FlickrError, match="flickr.photos.search failed: error 10: Sorry") as error:
         fetch(fake, tmp_path, client, bbox)
     assert error.value.code == 10
-    fake.inject("search", Response('{"stat":"ok"}', 200, mimetype="application/json"),
-                Response("<html>maintenance</html>", 200, mimetype="text/html"))
+    fake.inject(
+        "search",
+        Response('{"stat":"ok"}', 200, mimetype="application/json"),
+        Response("<html>maintenance</html>", 200, mimetype="text/html"),
+    )
     with pytest.raises(FetchError, match="answered without photos"):
         fetch(fake, tmp_path, client, bbox)
     with pytest.raises(FetchError, match="not JSON: '<html>maintenance"):
@@ -157,8 +210,11 @@ def test_missing_key_names_the_environment_variable(monkeypatch, tmp_path, bbox)
 
 def test_429_retry_after_and_5xx_are_retried(httpserver, tiny_demo, tmp_path, client, sleeps, bbox):
     fake = install_flickr(httpserver, tiny_demo, api_key=KEY)
-    fake.inject("search", Response("Too Many Requests", 429, headers={"Retry-After": "7"}),
-                Response("Bad Gateway", 502))
+    fake.inject(
+        "search",
+        Response("Too Many Requests", 429, headers={"Retry-After": "7"}),
+        Response("Bad Gateway", 502),
+    )
     first = fake.photos["photo_id"].iloc[0]
     fake.inject(first, Response("Service Unavailable", 503))
     fetch(fake, tmp_path, client, bbox)
@@ -185,7 +241,9 @@ def test_corrupt_images_are_fetched_again(httpserver, tiny_demo, tmp_path, clien
     validate_jpeg(on_disk.read_bytes())
 
 
-def test_interrupted_download_resumes_without_refetching(httpserver, tiny_demo, tmp_path, client, bbox):
+def test_interrupted_download_resumes_without_refetching(
+    httpserver, tiny_demo, tmp_path, client, bbox
+):
     fake = install_flickr(httpserver, tiny_demo, api_key=KEY)
     broken = list(fake.photos["photo_id"].iloc[[3, 40]])
     for photo_id in broken:
@@ -220,8 +278,16 @@ def test_the_key_is_never_logged_or_written(httpserver, tiny_demo, tmp_path, cli
 
 def test_estimate_counts_from_one_search_request(httpserver, tiny_demo, client, bbox):
     fake = install_flickr(httpserver, tiny_demo, api_key=KEY, cap=40)
-    estimate = estimate_flickr(bbox, min_taken=SINCE, max_taken=UNTIL, api_key=KEY, client=client,
-                               endpoint=fake.endpoint, per_page=10, cap=40)
+    estimate = estimate_flickr(
+        bbox,
+        min_taken=SINCE,
+        max_taken=UNTIL,
+        api_key=KEY,
+        client=client,
+        endpoint=fake.endpoint,
+        per_page=10,
+        cap=40,
+    )
     assert fake.calls["flickr.photos.search"] == 1
     assert estimate.requests >= 95 + 10  # images + pages
     assert estimate.bytes > 0 and estimate.seconds > 0
@@ -233,4 +299,10 @@ def test_bad_bbox_is_rejected(client):
     with pytest.raises(ValueError, match="bbox must be WGS84"):
         search_photos(client, KEY, (52.3, 4.8, 52.4, 4.9, 0), min_taken=SINCE)
     with pytest.raises(ValueError, match="max_taken"):
-        search_photos(client, KEY, (4.8, 52.3, 4.9, 52.4), min_taken=SINCE, max_taken=SINCE - timedelta(days=1))
+        search_photos(
+            client,
+            KEY,
+            (4.8, 52.3, 4.9, 52.4),
+            min_taken=SINCE,
+            max_taken=SINCE - timedelta(days=1),
+        )

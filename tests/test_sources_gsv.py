@@ -61,8 +61,14 @@ def centres(tiny_demo) -> np.ndarray:
 
 
 def fetch(fake, root: Path, client: HttpClient, points: np.ndarray, **options):
-    options = {"headings": HEADINGS, "api_key": KEY, "client": client, "base_url": fake.base_url,
-               "progress": False, **options}
+    options = {
+        "headings": HEADINGS,
+        "api_key": KEY,
+        "client": client,
+        "base_url": fake.base_url,
+        "progress": False,
+        **options,
+    }
     return fetch_gsv(root, points, **options)
 
 
@@ -72,7 +78,9 @@ def latest_panoramas(fake) -> pd.DataFrame:
     return panos.sort_values("date").groupby("place").tail(1)
 
 
-def test_fetch_finds_the_latest_panorama_of_every_place(httpserver, tiny_demo, tmp_path, client, points):
+def test_fetch_finds_the_latest_panorama_of_every_place(
+    httpserver, tiny_demo, tmp_path, client, points
+):
     fake = install_gsv(httpserver, tiny_demo, api_key=KEY)
     result = fetch(fake, tmp_path, client, points)
 
@@ -94,7 +102,10 @@ def test_fetch_finds_the_latest_panorama_of_every_place(httpserver, tiny_demo, t
         month = theirs["captured_at"].iloc[0]
         assert (row.captured_at.year, row.captured_at.month) == (month.year, month.month)
         gap = np.abs((theirs["heading"].to_numpy() - row.heading + 180) % 360 - 180)
-        assert Path(row.path).read_bytes() == Path(theirs["path"].iloc[int(np.argmin(gap))]).read_bytes()
+        assert (
+            Path(row.path).read_bytes()
+            == Path(theirs["path"].iloc[int(np.argmin(gap))]).read_bytes()
+        )
     stored = pd.read_parquet(DataRoot(tmp_path).catalog)
     assert stored["capture_date"].str.fullmatch(r"\d{4}-\d{2}").all()
     assert set(stored["copyright"]) == {"© Google"}
@@ -102,14 +113,20 @@ def test_fetch_finds_the_latest_panorama_of_every_place(httpserver, tiny_demo, t
 
 def test_cell_centres_are_deduplicated_by_panorama(httpserver, tiny_demo, client, centres):
     fake = install_gsv(httpserver, tiny_demo, api_key=KEY)
-    found = find_panoramas(client, KEY, np.vstack([centres, centres]), base_url=fake.base_url, progress=False)
+    found = find_panoramas(
+        client, KEY, np.vstack([centres, centres]), base_url=fake.base_url, progress=False
+    )
     assert fake.metadata_requests == 2 * len(centres)
     assert 0 < len(found) <= len(centres) and found["pano_id"].is_unique
 
 
-def test_older_captures_from_a_csv_are_fetched_too(httpserver, tiny_demo, tmp_path, client, centres):
+def test_older_captures_from_a_csv_are_fetched_too(
+    httpserver, tiny_demo, tmp_path, client, centres
+):
     fake = install_gsv(httpserver, tiny_demo, api_key=KEY)
-    older = fake.panoramas[~fake.panoramas["pano_id"].isin(latest_panoramas(fake)["pano_id"])]["pano_id"][:5]
+    older = fake.panoramas[~fake.panoramas["pano_id"].isin(latest_panoramas(fake)["pano_id"])][
+        "pano_id"
+    ][:5]
     csv = tmp_path / "older.csv"
     pd.DataFrame({"pano_id": [*older, "no-such-pano", older.iloc[0]]}).to_csv(csv, index=False)
     fetch(fake, tmp_path / "root", client, centres[:2], pano_csv=csv)
@@ -120,37 +137,60 @@ def test_older_captures_from_a_csv_are_fetched_too(httpserver, tiny_demo, tmp_pa
     assert all(dates[p] == fake.panoramas.set_index("pano_id").loc[p, "date"] for p in older)
 
 
-@pytest.mark.parametrize(("status", "message"), [
-    ("OVER_QUERY_LIMIT", "quota exhausted"),
-    ("INVALID_REQUEST", "malformed request"),
-    ("UNKNOWN_ERROR", "server error, 4 attempts"),
-    ("SOMETHING_NEW", "unexpected answer"),
-])
-def test_metadata_statuses_are_clear_errors(httpserver, tiny_demo, tmp_path, client, centres, status, message):
+@pytest.mark.parametrize(
+    ("status", "message"),
+    [
+        ("OVER_QUERY_LIMIT", "quota exhausted"),
+        ("INVALID_REQUEST", "malformed request"),
+        ("UNKNOWN_ERROR", "server error, 4 attempts"),
+        ("SOMETHING_NEW", "unexpected answer"),
+    ],
+)
+def test_metadata_statuses_are_clear_errors(
+    httpserver, tiny_demo, tmp_path, client, centres, status, message
+):
     fake = install_gsv(httpserver, tiny_demo, api_key=KEY)
-    fake.inject("metadata", *[Response(f'{{"status": "{status}"}}', 200, mimetype="application/json")] * 4)
+    fake.inject(
+        "metadata", *[Response(f'{{"status": "{status}"}}', 200, mimetype="application/json")] * 4
+    )
     with pytest.raises(GsvError, match=f"{status}: {message}") as error:
         fetch(fake, tmp_path, client, centres)
     assert error.value.api_status == status and error.value.status is None
     assert not fake.image_requests and not DataRoot(tmp_path).catalog.exists()
 
 
-def test_unknown_error_is_retried_and_zero_results_skipped(httpserver, tiny_demo, client, sleeps, centres):
+def test_unknown_error_is_retried_and_zero_results_skipped(
+    httpserver, tiny_demo, client, sleeps, centres
+):
     fake = install_gsv(httpserver, tiny_demo, api_key=KEY)
-    fake.inject("metadata", Response('{"status": "UNKNOWN_ERROR"}', 200, mimetype="application/json"))
-    answer = pano_metadata(client, KEY, location=tuple(centres[0]), radius=500, base_url=fake.base_url)
+    fake.inject(
+        "metadata", Response('{"status": "UNKNOWN_ERROR"}', 200, mimetype="application/json")
+    )
+    answer = pano_metadata(
+        client, KEY, location=tuple(centres[0]), radius=500, base_url=fake.base_url
+    )
     assert answer["status"] == "OK" and fake.metadata_requests == 2
-    assert len(sleeps) == 1 and 0 < sleeps[0] <= 1.5 * FAST.backoff_s  # the client's backoff, not a real sleep
-    assert pano_metadata(client, KEY, location=(4.0, 52.0), base_url=fake.base_url) is None  # in the fields
+    assert (
+        len(sleeps) == 1 and 0 < sleeps[0] <= 1.5 * FAST.backoff_s
+    )  # the client's backoff, not a real sleep
+    assert (
+        pano_metadata(client, KEY, location=(4.0, 52.0), base_url=fake.base_url) is None
+    )  # in the fields
     assert pano_metadata(client, KEY, pano="no-such-pano", base_url=fake.base_url) is None
-    fake.inject("metadata", Response('{"status": "OK", "pano_id": "x"}', 200, mimetype="application/json"))
+    fake.inject(
+        "metadata", Response('{"status": "OK", "pano_id": "x"}', 200, mimetype="application/json")
+    )
     with pytest.raises(GsvError, match="OK without pano_id/location"):
         pano_metadata(client, KEY, location=tuple(centres[0]), base_url=fake.base_url)
 
 
-def test_a_bad_key_is_request_denied_without_the_key(httpserver, tiny_demo, tmp_path, client, centres):
+def test_a_bad_key_is_request_denied_without_the_key(
+    httpserver, tiny_demo, tmp_path, client, centres
+):
     fake = install_gsv(httpserver, tiny_demo, api_key="the-right-key")
-    with pytest.raises(GsvError, match=rf"REQUEST_DENIED: .*\${API_KEY_ENV}.*\(The provided API key is invalid") as e:
+    with pytest.raises(
+        GsvError, match=rf"REQUEST_DENIED: .*\${API_KEY_ENV}.*\(The provided API key is invalid"
+    ) as e:
         fetch(fake, tmp_path, client, centres)
     assert KEY not in str(e.value)
 
@@ -161,7 +201,9 @@ def test_missing_key_names_the_environment_variable(monkeypatch, tmp_path, centr
         fetch_gsv(tmp_path, centres, progress=False)
 
 
-def test_signed_urls_are_accepted_and_unsigned_refused(httpserver, tiny_demo, tmp_path, client, centres):
+def test_signed_urls_are_accepted_and_unsigned_refused(
+    httpserver, tiny_demo, tmp_path, client, centres
+):
     fake = install_gsv(httpserver, tiny_demo, api_key=KEY, signing_secret=SECRET)
     result = fetch(fake, tmp_path, client, centres[:3], signing_secret=SECRET)
     assert len(result.rows) > 0 and result.report.fetched == len(result.rows)
@@ -173,7 +215,9 @@ def test_sign_url_is_hmac_sha1_of_path_and_query():
     url = "https://maps.googleapis.com/maps/api/streetview?size=640x640&pano=abc&key=K"
     signed = sign_url(url, SECRET)
     signature = dict(parse_qsl(urlsplit(signed).query))["signature"]
-    digest = hmac.new(b"twenty bytes secret!", b"/maps/api/streetview?size=640x640&pano=abc&key=K", hashlib.sha1)
+    digest = hmac.new(
+        b"twenty bytes secret!", b"/maps/api/streetview?size=640x640&pano=abc&key=K", hashlib.sha1
+    )
     assert signed.startswith(url + "&signature=")
     assert base64.urlsafe_b64decode(signature) == digest.digest()
     with pytest.raises(ValueError, match="not URL-safe base64"):
@@ -182,26 +226,39 @@ def test_sign_url_is_hmac_sha1_of_path_and_query():
 
 def test_budget_refuses_before_any_image_request(httpserver, tiny_demo, tmp_path, client, centres):
     fake = install_gsv(httpserver, tiny_demo, api_key=KEY)
-    with pytest.raises(ValueError, match=r"image requests needed \(about .* USD\), above max_requests=3"):
+    with pytest.raises(
+        ValueError, match=r"image requests needed \(about .* USD\), above max_requests=3"
+    ):
         fetch(fake, tmp_path, client, centres, max_requests=3)
     assert not fake.image_requests and not list(tmp_path.rglob("*.jpg"))
     result = fetch(fake, tmp_path, client, centres, max_requests=1000)
     assert result.report.fetched == len(result.rows)
 
 
-def test_429_and_5xx_on_images_are_retried(httpserver, tiny_demo, tmp_path, client, sleeps, centres):
+def test_429_and_5xx_on_images_are_retried(
+    httpserver, tiny_demo, tmp_path, client, sleeps, centres
+):
     fake = install_gsv(httpserver, tiny_demo, api_key=KEY)
-    pano = find_panoramas(client, KEY, centres, base_url=fake.base_url, progress=False)["pano_id"].iloc[0]
-    fake.inject(pano, Response("Too Many Requests", 429, headers={"Retry-After": "5"}),
-                Response("Internal Server Error", 500))
+    pano = find_panoramas(client, KEY, centres, base_url=fake.base_url, progress=False)[
+        "pano_id"
+    ].iloc[0]
+    fake.inject(
+        pano,
+        Response("Too Many Requests", 429, headers={"Retry-After": "5"}),
+        Response("Internal Server Error", 500),
+    )
     fetch(fake, tmp_path, client, centres)
     assert 5.0 in sleeps and len(sleeps) == 2
     assert sum(fake.image_requests[(pano, h)] for h in HEADINGS) == len(HEADINGS) + 2
 
 
-def test_corrupt_view_refetched_and_interrupted_fetch_resumed(httpserver, tiny_demo, tmp_path, client, centres):
+def test_corrupt_view_refetched_and_interrupted_fetch_resumed(
+    httpserver, tiny_demo, tmp_path, client, centres
+):
     fake = install_gsv(httpserver, tiny_demo, api_key=KEY)
-    panos = list(find_panoramas(client, KEY, centres, base_url=fake.base_url, progress=False)["pano_id"])
+    panos = list(
+        find_panoramas(client, KEY, centres, base_url=fake.base_url, progress=False)["pano_id"]
+    )
     good = Path(fake.views["file"].iloc[0]).read_bytes()
     fake.inject(panos[0], Response(good[:-50], 200, mimetype="image/jpeg"))
     fake.inject(panos[1], *[Response("", 404)] * len(HEADINGS))  # imagery gone for now
@@ -235,8 +292,15 @@ def test_flickr_and_gsv_share_one_catalog(httpserver, tiny_demo, tmp_path, clien
     gsv = install_gsv(httpserver, tiny_demo, api_key=KEY)
     flickr = install_flickr(httpserver, tiny_demo, api_key=KEY)
     fetch(gsv, tmp_path, client, centres)
-    fetch_flickr(tmp_path, grid_bbox_lonlat(DataRoot(tiny_demo).grid), min_taken=datetime(2000, 1, 1),
-                 api_key=KEY, client=client, endpoint=flickr.endpoint, progress=False)
+    fetch_flickr(
+        tmp_path,
+        grid_bbox_lonlat(DataRoot(tiny_demo).grid),
+        min_taken=datetime(2000, 1, 1),
+        api_key=KEY,
+        client=client,
+        endpoint=flickr.endpoint,
+        progress=False,
+    )
     fetch(gsv, tmp_path, client, centres)  # a rerun replaces its own rows, keeps Flickr's
     images = read_catalog(DataRoot(tmp_path).catalog).images
     counts = images["source"].value_counts()

@@ -57,10 +57,12 @@ def test_rate_limiter_spaces_requests():
 
 
 def test_429_with_retry_after_is_obeyed(httpserver):
-    httpserver.expect_request("/tile").respond_with_handler(sequence(
-        Response("slow down", status=429, headers={"Retry-After": "3"}),
-        Response(b"ok", status=200),
-    ))
+    httpserver.expect_request("/tile").respond_with_handler(
+        sequence(
+            Response("slow down", status=429, headers={"Retry-After": "3"}),
+            Response(b"ok", status=200),
+        )
+    )
     sleeps = Sleeps()
     client = HttpClient(FAST, sleep=sleeps)
     assert client.get(httpserver.url_for("/tile")).content == b"ok"
@@ -89,8 +91,9 @@ def test_404_fails_at_once(httpserver):
 def test_fetch_errors_carry_the_http_status(httpserver):
     httpserver.expect_request("/missing").respond_with_data("gone", status=404)
     httpserver.expect_request("/busy").respond_with_data("busy", status=503)
-    client = HttpClient(Politeness(requests_per_second=0, retries=1, backoff_s=0.01, timeout_s=1),
-                        sleep=Sleeps())
+    client = HttpClient(
+        Politeness(requests_per_second=0, retries=1, backoff_s=0.01, timeout_s=1), sleep=Sleeps()
+    )
     with pytest.raises(FetchError) as not_found:
         client.get(httpserver.url_for("/missing"))
     assert not_found.value.status == 404 and str(not_found.value).endswith(": HTTP 404 'gone'")
@@ -103,8 +106,9 @@ def test_fetch_errors_carry_the_http_status(httpserver):
 
 
 def test_long_retry_after_is_a_clear_quota_error(httpserver):
-    httpserver.expect_request("/q").respond_with_data("", status=429,
-                                                      headers={"Retry-After": "86400"})
+    httpserver.expect_request("/q").respond_with_data(
+        "", status=429, headers={"Retry-After": "86400"}
+    )
     with pytest.raises(FetchError, match="asks to wait 86400 s"):
         HttpClient(FAST, sleep=Sleeps()).get(httpserver.url_for("/q"))
 
@@ -114,8 +118,10 @@ def test_keys_never_reach_errors_or_logs(httpserver, caplog):
     httpserver.expect_request("/denied").respond_with_data("bad key TOPSECRET", status=403)
     client = HttpClient(FAST, sleep=Sleeps())
     params = {"api_key": "TOPSECRET", "page": 1}
-    with caplog.at_level(logging.INFO, logger="core.sources.http"), \
-            pytest.raises(FetchError) as info:
+    with (
+        caplog.at_level(logging.INFO, logger="core.sources.http"),
+        pytest.raises(FetchError) as info,
+    ):
         client.get(httpserver.url_for("/rest"), params=params)
     assert "api_key=***" in str(info.value) and "TOPSECRET" not in str(info.value)
     ours = [r.getMessage() for r in caplog.records if r.name == "core.sources.http"]
@@ -127,8 +133,9 @@ def test_keys_never_reach_errors_or_logs(httpserver, caplog):
 
 
 def test_connection_errors_are_retried_without_the_key_in_the_message():
-    client = HttpClient(Politeness(requests_per_second=0, retries=1, backoff_s=0.01,
-                                   timeout_s=1), sleep=Sleeps())
+    client = HttpClient(
+        Politeness(requests_per_second=0, retries=1, backoff_s=0.01, timeout_s=1), sleep=Sleeps()
+    )
     with pytest.raises(FetchError, match="ConnectionError after 2 attempts") as info:
         client.get("http://127.0.0.1:9/none", params={"key": "GOOGLEKEY"})
     assert "GOOGLEKEY" not in str(info.value)
@@ -141,12 +148,14 @@ def _check_jpeg(content: bytes) -> None:
 
 def test_corrupt_payload_is_refetched_and_never_written(httpserver, tmp_path):
     good = b"\xff\xd8jpegdata\xff\xd9"
-    httpserver.expect_request("/t1").respond_with_handler(sequence(
-        Response(good[:5]), Response(good)))
+    httpserver.expect_request("/t1").respond_with_handler(
+        sequence(Response(good[:5]), Response(good))
+    )
     httpserver.expect_request("/t2").respond_with_data(good[:5])
     client = HttpClient(FAST, sleep=Sleeps())
-    assert client.download(httpserver.url_for("/t1"), tmp_path / "t1.jpg",
-                           validate=_check_jpeg) == len(good)
+    assert client.download(
+        httpserver.url_for("/t1"), tmp_path / "t1.jpg", validate=_check_jpeg
+    ) == len(good)
     assert (tmp_path / "t1.jpg").read_bytes() == good
     with pytest.raises(FetchError, match="corrupt payload"):
         client.download(httpserver.url_for("/t2"), tmp_path / "t2.jpg", validate=_check_jpeg)

@@ -89,7 +89,9 @@ def test_year_filter(release: tuple[Path, Path]) -> None:
 
 
 def test_absent_year_lists_available_years(release: tuple[Path, Path]) -> None:
-    with pytest.raises(ValueError, match=r"scores.csv: no scores for year 2030; available years: \[2020, 2022\]"):
+    with pytest.raises(
+        ValueError, match=r"scores.csv: no scores for year 2030; available years: \[2020, 2022\]"
+    ):
         read_lbm(*release, year=2030)
 
 
@@ -97,7 +99,10 @@ def test_clipped_cells_are_rebuilt_to_full_squares(tmp_path: Path) -> None:
     x0, y0 = cell_origin(IDS)
     clipped = shapely.box(x0 + 10, y0 + 20, x0 + 60, y0 + 95)  # as the WFS clips to buildings
     clipped[0] = shapely.MultiPolygon(
-        [shapely.box(x0[0], y0[0], x0[0] + 10, y0[0] + 10), shapely.box(x0[0] + 50, y0[0] + 50, x0[0] + 99, y0[0] + 99)]
+        [
+            shapely.box(x0[0], y0[0], x0[0] + 10, y0[0] + 10),
+            shapely.box(x0[0] + 50, y0[0] + 50, x0[0] + 99, y0[0] + 99),
+        ]
     )
     score_table().to_csv(tmp_path / "s.csv", index=False)
     grid_frame(shapes=clipped).to_file(tmp_path / "g.gpkg")
@@ -115,7 +120,9 @@ def test_grid_in_another_crs_is_reprojected(tmp_path: Path, release: tuple[Path,
 
 
 @pytest.mark.parametrize("name", ["combined.parquet", "combined.gpkg"])
-def test_combined_scores_and_geometry(tmp_path: Path, release: tuple[Path, Path], name: str) -> None:
+def test_combined_scores_and_geometry(
+    tmp_path: Path, release: tuple[Path, Path], name: str
+) -> None:
     table = score_table()
     shapes = cell_polygons(np.tile(IDS, len(YEARS)))
     combined = gpd.GeoDataFrame(table, geometry=shapes, crs="EPSG:28992")
@@ -166,9 +173,18 @@ def _missing_year(t: pd.DataFrame) -> pd.DataFrame:
     ("mutate", "match"),
     [
         (_drop_columns, r"scores.csv: missing columns \['soc', 'won'\]"),
-        (_text_in_fys, r"scores.csv: column 'fys' has 1 non-numeric values, e.g. row 2 \(grid_id 'E1211N4870'\): 'abc'"),
-        (_duplicate_row, r"scores.csv: 1 \(grid_id, jaar\) pairs occur more than once, e.g. \[\('E1210N4871', 2020\)\]"),
-        (_unknown_grid_ids, r"scores.csv: 2 grid_ids are absent from the grid .*g.gpkg, e.g. \['E1N1', 'E2N2'\]"),
+        (
+            _text_in_fys,
+            r"scores.csv: column 'fys' has 1 non-numeric values, e.g. row 2 \(grid_id 'E1211N4870'\): 'abc'",
+        ),
+        (
+            _duplicate_row,
+            r"scores.csv: 1 \(grid_id, jaar\) pairs occur more than once, e.g. \[\('E1210N4871', 2020\)\]",
+        ),
+        (
+            _unknown_grid_ids,
+            r"scores.csv: 2 grid_ids are absent from the grid .*g.gpkg, e.g. \['E1N1', 'E2N2'\]",
+        ),
         (_missing_year, r"scores.csv: 1 rows have no jaar, e.g. row 5"),
     ],
 )
@@ -184,8 +200,14 @@ def test_bad_scores_are_rejected(tmp_path: Path, mutate, match: str) -> None:
     [
         # Shifted by half a cell: each square straddles four cells.
         ("shifted", r"grid.gpkg: 6 geometries are not 100 m squares aligned to the 100 m grid"),
-        ("big", r"not 100 m squares aligned to the 100 m grid \(they extend beyond their cell\), e.g. grid_id 'E1210N4870'"),
-        ("same_cell", r"grid.gpkg: grid_ids \['E1210N4870', 'E1211N4870'\] all lie in the same 100 m cell 12104870"),
+        (
+            "big",
+            r"not 100 m squares aligned to the 100 m grid \(they extend beyond their cell\), e.g. grid_id 'E1210N4870'",
+        ),
+        (
+            "same_cell",
+            r"grid.gpkg: grid_ids \['E1210N4870', 'E1211N4870'\] all lie in the same 100 m cell 12104870",
+        ),
         ("points", r"grid.gpkg: 6 geometries are missing, empty or not polygons"),
     ],
 )
@@ -194,7 +216,9 @@ def test_bad_grid_geometry_is_rejected(tmp_path: Path, shapes: str, match: str) 
     geometry = {
         "shifted": shapely.box(x0 + 50, y0 + 50, x0 + 150, y0 + 150),
         "big": shapely.box(x0, y0, x0 + 200, y0 + 200),
-        "same_cell": np.where(IDS[1] == IDS, shapely.box(x0[0], y0[0], x0[0] + 100, y0[0] + 100), cell_polygons(IDS)),
+        "same_cell": np.where(
+            IDS[1] == IDS, shapely.box(x0[0], y0[0], x0[0] + 100, y0[0] + 100), cell_polygons(IDS)
+        ),
         "points": shapely.points(x0 + 50, y0 + 50),
     }[shapes]
     score_table().to_csv(tmp_path / "scores.csv", index=False)
@@ -212,14 +236,18 @@ def test_structural_errors_name_the_file(tmp_path: Path, release: tuple[Path, Pa
     with pytest.raises(ValueError, match=r"scores.csv: the scores have no geometry; pass grid="):
         read_lbm(scores)
     (tmp_path / "scores.txt").write_text("grid_id,jaar\n")
-    with pytest.raises(ValueError, match=r"scores.txt: unknown Leefbaarometer scores file type '.txt'"):
+    with pytest.raises(
+        ValueError, match=r"scores.txt: unknown Leefbaarometer scores file type '.txt'"
+    ):
         read_lbm(tmp_path / "scores.txt", grid)
     with pytest.warns(UserWarning, match="'crs' was not provided"):
         grid_frame().set_crs(None, allow_override=True).to_file(tmp_path / "nocrs.gpkg")
     with pytest.raises(ValueError, match=r"nocrs.gpkg: the geometry has no CRS"):
         read_lbm(scores, tmp_path / "nocrs.gpkg")
     (tmp_path / "broken.gpkg").write_bytes(b"not a geopackage")
-    with pytest.raises(ValueError, match=r"broken.gpkg: not a readable .gpkg Leefbaarometer grid file"):
+    with pytest.raises(
+        ValueError, match=r"broken.gpkg: not a readable .gpkg Leefbaarometer grid file"
+    ):
         read_lbm(scores, tmp_path / "broken.gpkg")
 
 
@@ -254,7 +282,9 @@ def test_target_drops_missing_values_with_a_warning(release: tuple[Path, Path]) 
 
 def test_target_rejects_bad_requests(release: tuple[Path, Path]) -> None:
     labels = read_lbm(*release)
-    with pytest.raises(ValueError, match=r"unknown target column 'score'; valid columns: \['lbm', 'afw'"):
+    with pytest.raises(
+        ValueError, match=r"unknown target column 'score'; valid columns: \['lbm', 'afw'"
+    ):
         target(labels, "score")
     with pytest.raises(ValueError, match=r"occurs more than once \(years \[2020, 2022\]\)"):
         target(labels, "lbm")

@@ -43,8 +43,11 @@ def demo_labels(tiny_demo) -> gpd.GeoDataFrame:
 
 
 def get_feature_requests(server) -> list[dict]:
-    return [dict(r.args) for r, _ in server.log
-            if r.path == WFS_PATH and r.args.get("resultType") != "hits"]
+    return [
+        dict(r.args)
+        for r, _ in server.log
+        if r.path == WFS_PATH and r.args.get("resultType") != "hits"
+    ]
 
 
 def assert_same_labels(got: gpd.GeoDataFrame, want: gpd.GeoDataFrame) -> None:
@@ -62,8 +65,9 @@ def test_layer_names_follow_the_two_digit_year():
         lbm_layer(20)
 
 
-def test_fetch_pages_rebuilds_clipped_cells_and_reads_back(tiny_demo, demo_labels, httpserver,
-                                                          client, tmp_path):
+def test_fetch_pages_rebuilds_clipped_cells_and_reads_back(
+    tiny_demo, demo_labels, httpserver, client, tmp_path
+):
     url = install_lbm_wfs(httpserver, tiny_demo)
     raw = fetch_lbm_features(2020, BBOX, client, url, page_size=40)
     assert (raw.geometry.area < 9999).sum() > len(raw) / 2  # the fake serves clipped squares
@@ -74,7 +78,7 @@ def test_fetch_pages_rebuilds_clipped_cells_and_reads_back(tiny_demo, demo_label
     assert_same_labels(got, demo_labels[demo_labels["jaar"] == 2020])
     squares = gpd.read_file(grid)
     np.testing.assert_allclose(squares.area, 10_000.0)  # full cells, not clipped ones
-    pages = get_feature_requests(httpserver)[-math.ceil(len(got) / 40):]
+    pages = get_feature_requests(httpserver)[-math.ceil(len(got) / 40) :]
     assert [int(p["startIndex"]) for p in pages] == list(range(0, len(got), 40))
     assert {p["typeNames"] for p in pages} == {"lbm3:clippedgridscore20"}
     assert pages[0]["bbox"].endswith("urn:ogc:def:crs:EPSG::28992")
@@ -101,16 +105,18 @@ def test_years_accumulate_in_the_same_files(tiny_demo, demo_labels, httpserver, 
     assert read_lbm(root.scores, root.lbm_grid, year=2018)["cell_id"].is_unique
 
 
-def test_a_server_page_cap_below_the_page_size_still_gets_everything(tiny_demo, demo_labels,
-                                                                    httpserver, client, tmp_path):
+def test_a_server_page_cap_below_the_page_size_still_gets_everything(
+    tiny_demo, demo_labels, httpserver, client, tmp_path
+):
     url = install_lbm_wfs(httpserver, tiny_demo, max_count=25)
     raw = fetch_lbm_features(2016, BBOX, client, url, page_size=100)
     assert len(raw) == (demo_labels["jaar"] == 2016).sum()
     assert len(get_feature_requests(httpserver)) == math.ceil(len(raw) / 25)
 
 
-def test_boundary_keeps_cells_with_their_centre_inside(tiny_demo, demo_labels, httpserver, client,
-                                                       tmp_path):
+def test_boundary_keeps_cells_with_their_centre_inside(
+    tiny_demo, demo_labels, httpserver, client, tmp_path
+):
     url = install_lbm_wfs(httpserver, tiny_demo)
     boundary = shapely.Polygon([(121000, 485000), (122500, 485000), (121000, 486000)])
     fetch_lbm(tmp_path, BBOX, [2020], boundary=boundary, client=client, url=url)
@@ -122,7 +128,8 @@ def test_boundary_keeps_cells_with_their_centre_inside(tiny_demo, demo_labels, h
 
 def test_429_with_retry_after_and_5xx_are_retried(tiny_demo, httpserver, tmp_path):
     httpserver.expect_oneshot_request(WFS_PATH).respond_with_data(
-        "Too Many Requests", status=429, headers={"Retry-After": "7"})
+        "Too Many Requests", status=429, headers={"Retry-After": "7"}
+    )
     httpserver.expect_oneshot_request(WFS_PATH).respond_with_data("Bad Gateway", status=502)
     url = install_lbm_wfs(httpserver, tiny_demo)
     sleeps = Sleeps()
@@ -134,22 +141,35 @@ def test_429_with_retry_after_and_5xx_are_retried(tiny_demo, httpserver, tmp_pat
 
 def test_an_unknown_year_names_the_layer(tiny_demo, httpserver, client, tmp_path):
     url = install_lbm_wfs(httpserver, tiny_demo)
-    with pytest.raises(FetchError, match=r"clippedgridscore19.*HTTP 400.*is 2019 a published "
-                                         r"edition\?.*GetCapabilities"):
+    with pytest.raises(
+        FetchError,
+        match=r"clippedgridscore19.*HTTP 400.*is 2019 a published "
+        r"edition\?.*GetCapabilities",
+    ):
         fetch_lbm(tmp_path, BBOX, [2019], client=client, url=url)
     assert not DataRoot(tmp_path).scores.exists()
 
 
-@pytest.mark.parametrize(("body", "content_type", "message"), [
-    ('<?xml version="1.0"?><ows:ExceptionReport xmlns:ows="http://www.opengis.net/ows/1.1">'
-     "<ows:Exception><ows:ExceptionText>Illegal bbox</ows:ExceptionText></ows:Exception>"
-     "</ows:ExceptionReport>", "text/xml", "the service reports: Illegal bbox"),
-    ('<?xml version="1.0"?><wfs:FeatureCollection xmlns:wfs="http://www.opengis.net/wfs/2.0"/>',
-     "application/gml+xml", "answered GML, not GeoJSON"),
-    ("<html>maintenance</html>", "text/html", "answered XML, not GeoJSON"),
-    ("Service Unavailable", "text/plain", "not JSON"),
-    (json.dumps({"features": "?"}), "application/json", "not a GeoJSON FeatureCollection"),
-])
+@pytest.mark.parametrize(
+    ("body", "content_type", "message"),
+    [
+        (
+            '<?xml version="1.0"?><ows:ExceptionReport xmlns:ows="http://www.opengis.net/ows/1.1">'
+            "<ows:Exception><ows:ExceptionText>Illegal bbox</ows:ExceptionText></ows:Exception>"
+            "</ows:ExceptionReport>",
+            "text/xml",
+            "the service reports: Illegal bbox",
+        ),
+        (
+            '<?xml version="1.0"?><wfs:FeatureCollection xmlns:wfs="http://www.opengis.net/wfs/2.0"/>',
+            "application/gml+xml",
+            "answered GML, not GeoJSON",
+        ),
+        ("<html>maintenance</html>", "text/html", "answered XML, not GeoJSON"),
+        ("Service Unavailable", "text/plain", "not JSON"),
+        (json.dumps({"features": "?"}), "application/json", "not a GeoJSON FeatureCollection"),
+    ],
+)
 def test_bad_responses_give_clear_errors(httpserver, client, body, content_type, message):
     httpserver.expect_request(WFS_PATH).respond_with_data(body, content_type=content_type)
     url = httpserver.url_for(WFS_PATH)
@@ -159,16 +179,19 @@ def test_bad_responses_give_clear_errors(httpserver, client, body, content_type,
 
 
 def test_features_without_scores_are_rejected(httpserver, client):
-    feature = {"type": "Feature", "properties": {"id": 1, "kscore": 5},
-               "geometry": shapely.geometry.mapping(shapely.box(121000, 485000, 121100, 485100))}
+    feature = {
+        "type": "Feature",
+        "properties": {"id": 1, "kscore": 5},
+        "geometry": shapely.geometry.mapping(shapely.box(121000, 485000, 121100, 485100)),
+    }
     httpserver.expect_request(WFS_PATH).respond_with_json(
-        {"type": "FeatureCollection", "features": [feature], "numberMatched": 1})
+        {"type": "FeatureCollection", "features": [feature], "numberMatched": 1}
+    )
     with pytest.raises(ValueError, match=r"missing Leefbaarometer columns \['lbm', 'afw'"):
         fetch_lbm_features(2020, BBOX, client, httpserver.url_for(WFS_PATH))
 
 
-def test_estimate_counts_hits_or_falls_back_to_the_bbox(tiny_demo, demo_labels, httpserver,
-                                                        client):
+def test_estimate_counts_hits_or_falls_back_to_the_bbox(tiny_demo, demo_labels, httpserver, client):
     url = install_lbm_wfs(httpserver, tiny_demo)
     estimate = estimate_lbm(BBOX, [2020, 2018], client, url, page_size=100)
     per_year = (demo_labels["jaar"] == 2020).sum()
@@ -196,22 +219,28 @@ def write_release(tiny_demo, folder, rename=None, sep=","):
 
 
 def test_release_zip_is_clipped_into_the_root(tiny_demo, demo_labels, tmp_path):
-    archive = write_release(tiny_demo, tmp_path / "release",
-                            rename={"grid_id": "GRID_ID", "lbm": "LBM"}, sep=";")
+    archive = write_release(
+        tiny_demo, tmp_path / "release", rename={"grid_id": "GRID_ID", "lbm": "LBM"}, sep=";"
+    )
     small = (121000.0, 485000.0, 121600.0, 485500.0)
     import_lbm_release(tmp_path / "root", archive, bbox=small, years=[2018, 2020])
     got = read_lbm(DataRoot(tmp_path / "root").scores, DataRoot(tmp_path / "root").lbm_grid)
     x0, y0 = got.geometry.bounds["minx"], got.geometry.bounds["miny"]
     want = demo_labels[demo_labels["jaar"].isin([2018, 2020])]
-    inside = want.geometry.intersects(shapely.box(*small)) & ~want.geometry.touches(shapely.box(*small))
+    inside = want.geometry.intersects(shapely.box(*small)) & ~want.geometry.touches(
+        shapely.box(*small)
+    )
     assert_same_labels(got, want[inside.to_numpy()])
     assert (x0 >= 121000).all() and (y0 >= 485000).all()
 
 
 def test_release_with_wrong_columns_names_the_file(tiny_demo, tmp_path):
     archive = write_release(tiny_demo, tmp_path, rename={"fys": "fysiek"})
-    with pytest.raises(ValueError, match=r"lbm3_release\.zip: missing Leefbaarometer columns "
-                                         r"\['fys'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"lbm3_release\.zip: missing Leefbaarometer columns "
+        r"\['fys'\]",
+    ):
         import_lbm_release(tmp_path / "root", archive, bbox=BBOX)
     scores = tmp_path / "lbm3_scores.csv"
     with pytest.raises(ValueError, match="grid GeoPackage"):
@@ -222,16 +251,21 @@ def test_release_with_wrong_columns_names_the_file(tiny_demo, tmp_path):
 # --- the municipality outline (PDOK) that defines a fetch's bbox and grid ---------------------
 
 
-def test_municipality_outline_defines_the_lbm_fetch(tiny_demo, demo_labels, httpserver, client,
-                                                    tmp_path):
+def test_municipality_outline_defines_the_lbm_fetch(
+    tiny_demo, demo_labels, httpserver, client, tmp_path
+):
     pdok = install_pdok_boundaries(httpserver, tiny_demo)
     wfs = install_lbm_wfs(httpserver, tiny_demo)
     amsterdam = fetch_municipality("Amsterdam", client=client, url=pdok)
-    assert (amsterdam.name, amsterdam.code, amsterdam.province) == ("Amsterdam", "0363",
-                                                                    "Noord-Holland")
+    assert (amsterdam.name, amsterdam.code, amsterdam.province) == (
+        "Amsterdam",
+        "0363",
+        "Noord-Holland",
+    )
     assert amsterdam.geometry.equals(demo_outline(tiny_demo))
-    fetch_lbm(tmp_path, amsterdam.bounds, [2020], boundary=amsterdam.geometry, client=client,
-              url=wfs)
+    fetch_lbm(
+        tmp_path, amsterdam.bounds, [2020], boundary=amsterdam.geometry, client=client, url=wfs
+    )
     got = read_lbm(DataRoot(tmp_path).scores, DataRoot(tmp_path).lbm_grid)
     assert_same_labels(got, demo_labels[demo_labels["jaar"] == 2020])
     items = [r for r, _ in httpserver.log if r.path.endswith("/gemeentegebied/items")]
@@ -241,9 +275,14 @@ def test_municipality_outline_defines_the_lbm_fetch(tiny_demo, demo_labels, http
 
 def test_municipality_pages_and_lonlat_answers(tiny_demo, httpserver, client):
     """A server that ignores the name filter and the crs is still read right, over pages."""
-    pdok = install_pdok_boundaries(httpserver, tiny_demo, extra=[
-        municipality(f"Gemeente {i}", f"9{i:03d}", "Utrecht", shapely.box(0, 0, 1, 1))
-        for i in range(150)])
+    pdok = install_pdok_boundaries(
+        httpserver,
+        tiny_demo,
+        extra=[
+            municipality(f"Gemeente {i}", f"9{i:03d}", "Utrecht", shapely.box(0, 0, 1, 1))
+            for i in range(150)
+        ],
+    )
     httpserver.clear_log()
     outline = demo_outline(tiny_demo)
     features = municipality_features("Amstelveen", client, pdok)
@@ -256,16 +295,25 @@ def test_municipality_pages_and_lonlat_answers(tiny_demo, httpserver, client):
 
 def test_unknown_and_ambiguous_names_are_clear_errors(tiny_demo, httpserver, client):
     bergen = shapely.box(100000, 500000, 101000, 501000)
-    pdok = install_pdok_boundaries(httpserver, tiny_demo, extra=[
-        municipality("Bergen", "0373", "Noord-Holland", bergen),
-        municipality("Bergen", "0893", "Limburg", bergen)])
+    pdok = install_pdok_boundaries(
+        httpserver,
+        tiny_demo,
+        extra=[
+            municipality("Bergen", "0373", "Noord-Holland", bergen),
+            municipality("Bergen", "0893", "Limburg", bergen),
+        ],
+    )
     with pytest.raises(ValueError, match=r"no municipality named 'Amsterdm'.*official Dutch name"):
         fetch_municipality("Amsterdm", client=client, url=pdok)
-    with pytest.raises(ValueError, match=r"2 municipalities are named 'Bergen'.*0373.*0893.*"
-                                         r"province="):
+    with pytest.raises(
+        ValueError,
+        match=r"2 municipalities are named 'Bergen'.*0373.*0893.*"
+        r"province=",
+    ):
         fetch_municipality("Bergen", client=client, url=pdok)
     assert fetch_municipality("Bergen", "limburg", client=client, url=pdok).code == "0893"
     httpserver.expect_request("/broken/collections/gemeentegebied/items").respond_with_data(
-        "<html>down</html>", content_type="text/html")
+        "<html>down</html>", content_type="text/html"
+    )
     with pytest.raises(FetchError, match="/broken/.*not JSON"):
         fetch_municipality("Amsterdam", client=client, url=httpserver.url_for("/broken"))

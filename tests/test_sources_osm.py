@@ -55,7 +55,10 @@ def test_streets_match_the_demo_graph(tiny_demo, httpserver, client, tmp_path):
     np.testing.assert_allclose(lengths[:, 0], lengths[:, 1], rtol=0.01)  # great circle vs RD
     bearings = np.array([(got_edges[k][1], want_edges[k][1]) for k in want_edges])
     np.testing.assert_allclose(bearings[:, 0], bearings[:, 1], atol=0.05)
-    layers = {"nodes": gpd.read_file(path, layer="nodes"), "edges": gpd.read_file(path, layer="edges")}
+    layers = {
+        "nodes": gpd.read_file(path, layer="nodes"),
+        "edges": gpd.read_file(path, layer="edges"),
+    }
     assert all(layer.crs.to_epsg() == 28992 for layer in layers.values())
     assert {"u", "v", "key", "osmid", "highway", "length"} <= set(layers["edges"].columns)
     query = next(r for r, _ in httpserver.log if r.path == INTERPRETER_PATH).args["data"]
@@ -86,7 +89,8 @@ def test_a_rerun_reads_the_cached_answer(tiny_demo, httpserver, client, tmp_path
 
 def test_429_with_retry_after_and_5xx_are_retried(tiny_demo, httpserver, tmp_path):
     httpserver.expect_oneshot_request(INTERPRETER_PATH).respond_with_data(
-        "rate_limited", status=429, headers={"Retry-After": "11"})
+        "rate_limited", status=429, headers={"Retry-After": "11"}
+    )
     httpserver.expect_oneshot_request(INTERPRETER_PATH).respond_with_data("", status=504)
     url = install_overpass(httpserver, tiny_demo)
     sleeps = Sleeps()
@@ -97,10 +101,15 @@ def test_429_with_retry_after_and_5xx_are_retried(tiny_demo, httpserver, tmp_pat
 
 def test_overpass_errors_are_clear_and_leave_nothing(httpserver, client, tmp_path):
     httpserver.expect_oneshot_request(INTERPRETER_PATH).respond_with_json(
-        {"version": 0.6, "elements": [],
-         "remark": 'runtime error: Query timed out in "query" at line 1 after 301 seconds.'})
+        {
+            "version": 0.6,
+            "elements": [],
+            "remark": 'runtime error: Query timed out in "query" at line 1 after 301 seconds.',
+        }
+    )
     httpserver.expect_oneshot_request(INTERPRETER_PATH).respond_with_data(
-        "<html>Error: line 1: parse error</html>", content_type="text/html")
+        "<html>Error: line 1: parse error</html>", content_type="text/html"
+    )
     url = httpserver.url_for("/api")
     with pytest.raises(FetchError, match=r"/api/interpreter.*Overpass reports.*timed out"):
         fetch_streets(tmp_path, BOUNDARY, client, url)
@@ -128,10 +137,16 @@ def test_water_and_parks_in_the_demo_layout(tiny_demo, httpserver, client, tmp_p
         assert list(got.columns) == list(want.columns) == ["kind", "geometry"]
         assert set(got["kind"]) == {kind} and got.crs.to_epsg() == 28992
         expected = shapely.intersection(shapely.union_all(want.geometry.to_numpy()), area)
-        assert shapely.union_all(got.geometry.to_numpy()).symmetric_difference(expected).area \
+        assert (
+            shapely.union_all(got.geometry.to_numpy()).symmetric_difference(expected).area
             < 1e-4 * expected.area
-    assert not shapely.union_all(gpd.read_file(parks).geometry.to_numpy()).intersection(
-        shapely.union_all(gpd.read_file(water).geometry.to_numpy())).area > 1.0
+        )
+    assert (
+        not shapely.union_all(gpd.read_file(parks).geometry.to_numpy())
+        .intersection(shapely.union_all(gpd.read_file(water).geometry.to_numpy()))
+        .area
+        > 1.0
+    )
 
 
 def test_local_osm_files_and_pbf(tiny_demo, httpserver, client, tmp_path):
@@ -143,8 +158,9 @@ def test_local_osm_files_and_pbf(tiny_demo, httpserver, client, tmp_path):
     local = tmp_path / "local"
     import_streets(local, osm / "streets.osm", BOUNDARY)
     import_context(local, osm / "context.osm", BOUNDARY)
-    assert len(read_streets(DataRoot(local).streets).node_ids) == \
-        len(read_streets(DataRoot(fetched).streets).node_ids)
+    assert len(read_streets(DataRoot(local).streets).node_ids) == len(
+        read_streets(DataRoot(fetched).streets).node_ids
+    )
     assert len(gpd.read_file(DataRoot(local).parks)) == len(gpd.read_file(DataRoot(fetched).parks))
     # a PBF extract (written here with pyosmium from the fetched XML) gives the same graph
     pbf = tmp_path / "region.osm.pbf"
@@ -155,11 +171,18 @@ def test_local_osm_files_and_pbf(tiny_demo, httpserver, client, tmp_path):
     from_pbf = tmp_path / "from_pbf"
     import_streets(from_pbf, pbf, BOUNDARY, simplify=False)
     import_streets(tmp_path / "from_xml", osm / "streets.osm", BOUNDARY, simplify=False)
-    got, want = read_streets(DataRoot(from_pbf).streets), read_streets(DataRoot(tmp_path / "from_xml").streets)
+    got, want = (
+        read_streets(DataRoot(from_pbf).streets),
+        read_streets(DataRoot(tmp_path / "from_xml").streets),
+    )
     assert sorted(got.node_ids) == sorted(want.node_ids)
     import_context(from_pbf, pbf, BOUNDARY)
-    assert len(gpd.read_file(DataRoot(from_pbf).parks)) == len(gpd.read_file(DataRoot(fetched).parks))
-    assert [p.suffix for p in (DataRoot(from_pbf).cache / "osm").iterdir()] == [".osm"]  # one cut, reused
+    assert len(gpd.read_file(DataRoot(from_pbf).parks)) == len(
+        gpd.read_file(DataRoot(fetched).parks)
+    )
+    assert [p.suffix for p in (DataRoot(from_pbf).cache / "osm").iterdir()] == [
+        ".osm"
+    ]  # one cut, reused
     with pytest.raises(ValueError, match=r"area\.osm\.pbf: not a readable OSM PBF"):
         (tmp_path / "area.osm.pbf").write_bytes(b"not a pbf")
         import_streets(local, tmp_path / "area.osm.pbf")

@@ -51,7 +51,12 @@ def mosaic_vs_source(mosaic_path, root, shift=(0.0, 0.0)):
         rows, cols = np.mgrid[0 : mosaic.height, 0 : mosaic.width]
         xs, ys = rasterio.transform.xy(mosaic.transform, rows.ravel(), cols.ravel())
     xs, ys = np.asarray(xs) + shift[0], np.asarray(ys) + shift[1]
-    inside = (xs > DEMO_RASTER[0]) & (xs < DEMO_RASTER[2]) & (ys > DEMO_RASTER[1]) & (ys < DEMO_RASTER[3])
+    inside = (
+        (xs > DEMO_RASTER[0])
+        & (xs < DEMO_RASTER[2])
+        & (ys > DEMO_RASTER[1])
+        & (ys < DEMO_RASTER[3])
+    )
     got = pixels.reshape(-1, 3)[inside].astype(int)
     return got, source_at(root, xs[inside], ys[inside]).astype(int)
 
@@ -59,8 +64,10 @@ def mosaic_vs_source(mosaic_path, root, shift=(0.0, 0.0)):
 def assert_georeferenced(mosaic_path, root, tolerance):
     """The lossy mosaic matches the source within ``tolerance`` (mean |error| per channel),
     and better than with the source shifted by one source pixel (4 m) in any direction."""
-    errors = {shift: np.abs(np.subtract(*mosaic_vs_source(mosaic_path, root, shift))).mean()
-              for shift in [(0, 0), (4, 0), (-4, 0), (0, 4), (0, -4)]}
+    errors = {
+        shift: np.abs(np.subtract(*mosaic_vs_source(mosaic_path, root, shift))).mean()
+        for shift in [(0, 0), (4, 0), (-4, 0), (0, 4), (0, -4)]
+    }
     aligned = errors.pop((0, 0))
     assert aligned < tolerance, aligned
     assert aligned < min(errors.values()) - 2, (aligned, errors)
@@ -85,9 +92,13 @@ def test_capabilities_parse_layers_formats_and_the_rd_matrix_set(httpserver, tin
     assert all((m.tile_width, m.tile_height) == (256, 256) for m in rd.matrices)
     assert [m.matrix_width for m in rd.matrices] == [2**z for z in range(16)]
     assert [m.matrix_height for m in rd.matrices] == [2**z for z in range(16)]
-    assert caps.matrix_sets["EPSG:3857"].matrices[0].top_left[0] == pytest.approx(-20037508.34, abs=0.01)
+    assert caps.matrix_sets["EPSG:3857"].matrices[0].top_left[0] == pytest.approx(
+        -20037508.34, abs=0.01
+    )
     # no ResourceURL in the KVP document: PDOK's RESTful pattern is built from the endpoint
-    expected = f"{fake.base_url}/2020_ortho25/EPSG:28992/{{TileMatrix}}/{{TileCol}}/{{TileRow}}.jpeg"
+    expected = (
+        f"{fake.base_url}/2020_ortho25/EPSG:28992/{{TileMatrix}}/{{TileCol}}/{{TileRow}}.jpeg"
+    )
     assert caps.tile_template(layer, "EPSG:28992", "image/jpeg") == expected
     assert fake.capabilities_requests == 1
 
@@ -95,17 +106,26 @@ def test_capabilities_parse_layers_formats_and_the_rd_matrix_set(httpserver, tin
 def test_resource_url_templates_are_used_when_present(httpserver, fake):
     caps = fetch_capabilities(HttpClient(FAST), fake.base_url)
     layer = caps.layer("2019_ortho25")
-    assert layer.resource_urls["image/png"].endswith("/2019_ortho25/{TileMatrixSet}/{TileMatrix}/{TileCol}/{TileRow}.png")
+    assert layer.resource_urls["image/png"].endswith(
+        "/2019_ortho25/{TileMatrixSet}/{TileMatrix}/{TileCol}/{TileRow}.png"
+    )
     assert caps.tile_template(layer, "EPSG:28992", "image/png") == (
-        f"{fake.base_url}/2019_ortho25/EPSG:28992/{{TileMatrix}}/{{TileCol}}/{{TileRow}}.png")
+        f"{fake.base_url}/2019_ortho25/EPSG:28992/{{TileMatrix}}/{{TileCol}}/{{TileRow}}.png"
+    )
     with pytest.raises(ValueError, match="not served as image/webp"):
         caps.tile_template(layer, "EPSG:28992", "image/webp")
 
 
 def test_missing_layer_names_the_url_and_the_available_layers(fake, tmp_path):
     with pytest.raises(ValueError) as info:
-        fetch_aerial(tmp_path / "out", DEMO_RASTER, year=2016, client=HttpClient(FAST),
-                     base_url=fake.base_url, progress=False)
+        fetch_aerial(
+            tmp_path / "out",
+            DEMO_RASTER,
+            year=2016,
+            client=HttpClient(FAST),
+            base_url=fake.base_url,
+            progress=False,
+        )
     message = str(info.value)
     assert fake.base_url in message and "request=GetCapabilities" in message
     assert "2016_ortho25" in message
@@ -114,12 +134,14 @@ def test_missing_layer_names_the_url_and_the_available_layers(fake, tmp_path):
 
 
 def test_a_response_that_is_not_capabilities_is_a_clear_error(httpserver):
-    httpserver.expect_request("/html").respond_with_data("<html><body>maintenance</body>",
-                                                         content_type="text/html")
+    httpserver.expect_request("/html").respond_with_data(
+        "<html><body>maintenance</body>", content_type="text/html"
+    )
     httpserver.expect_request("/exc").respond_with_data(
         '<ExceptionReport xmlns="http://www.opengis.net/ows/1.1"><Exception exceptionCode="x">'
         "<ExceptionText>service down for maintenance</ExceptionText></Exception></ExceptionReport>",
-        content_type="application/xml")
+        content_type="application/xml",
+    )
     with pytest.raises(FetchError, match=r"/html\?request=GetCapabilities.*not XML"):
         fetch_capabilities(HttpClient(FAST), httpserver.url_for("/html"))
     with pytest.raises(FetchError, match=r"/exc\?.*exception: service down for maintenance"):
@@ -175,8 +197,14 @@ def test_validator_rejects_truncated_and_wrong_size_tiles():
 
 def test_fetch_mosaics_a_georeferenced_cog_style_geotiff(fake, tiny_demo, tmp_path):
     out = tmp_path / "out"
-    result = fetch_aerial(out, DEMO_RASTER, client=HttpClient(FAST), base_url=fake.base_url,
-                          resolution=2.0, progress=False)
+    result = fetch_aerial(
+        out,
+        DEMO_RASTER,
+        client=HttpClient(FAST),
+        base_url=fake.base_url,
+        resolution=2.0,
+        progress=False,
+    )
     assert result.path == out / "aerial" / "aerial.tif" == DataRoot(out).aerial
     assert result.matrix.identifier == "11" and len(result.tiles) == 6 * 5
     assert result.fetched == 30 and result.skipped == 0 and result.missing == ()
@@ -196,9 +224,16 @@ def test_fetch_mosaics_a_georeferenced_cog_style_geotiff(fake, tiny_demo, tmp_pa
 
 
 def test_png_tiles_reproduce_the_source_pixels_at_known_rd_points(fake, tiny_demo, tmp_path):
-    result = fetch_aerial(tmp_path / "out", DEMO_RASTER, client=HttpClient(FAST),
-                          base_url=fake.base_url, resolution=4.0, image_format="image/png",
-                          compress="deflate", progress=False)
+    result = fetch_aerial(
+        tmp_path / "out",
+        DEMO_RASTER,
+        client=HttpClient(FAST),
+        base_url=fake.base_url,
+        resolution=4.0,
+        image_format="image/png",
+        compress="deflate",
+        progress=False,
+    )
     assert result.matrix.identifier == "10"
     got, expected = mosaic_vs_source(result.path, tiny_demo)
     assert (got == expected).all(axis=1).mean() > 0.999
@@ -210,8 +245,14 @@ def test_png_tiles_reproduce_the_source_pixels_at_known_rd_points(fake, tiny_dem
 
 
 def test_open_aerial_reads_the_mosaic_and_cuts_patches(fake, tiny_demo, tmp_path):
-    result = fetch_aerial(tmp_path / "out", DEMO_RASTER, client=HttpClient(FAST),
-                          base_url=fake.base_url, resolution=2.0, progress=False)
+    result = fetch_aerial(
+        tmp_path / "out",
+        DEMO_RASTER,
+        client=HttpClient(FAST),
+        base_url=fake.base_url,
+        resolution=2.0,
+        progress=False,
+    )
     with open_aerial(result.path) as fetched, open_aerial(DataRoot(tiny_demo).aerial) as demo:
         assert fetched.resolution == pytest.approx((1.68, 1.68))
         a = fetched.patch(121750, 485550, size_m=256, out_px=32)
@@ -223,8 +264,14 @@ def test_open_aerial_reads_the_mosaic_and_cuts_patches(fake, tiny_demo, tmp_path
 def test_429_with_retry_after_is_obeyed(fake, tmp_path):
     fake.inject(473, 485, Response("Too Many Requests", status=429, headers={"Retry-After": "7"}))
     sleeps = Sleeps()
-    result = fetch_aerial(tmp_path / "out", DEMO_RASTER, client=HttpClient(FAST, sleep=sleeps),
-                          base_url=fake.base_url, resolution=4.0, progress=False)
+    result = fetch_aerial(
+        tmp_path / "out",
+        DEMO_RASTER,
+        client=HttpClient(FAST, sleep=sleeps),
+        base_url=fake.base_url,
+        resolution=4.0,
+        progress=False,
+    )
     assert sleeps == [7.0]
     assert fake.tile_requests[(473, 485)] == 2
     assert result.fetched == len(result.tiles) == 9
@@ -233,8 +280,14 @@ def test_429_with_retry_after_is_obeyed(fake, tmp_path):
 def test_5xx_is_retried(fake, tmp_path):
     fake.inject(472, 484, Response("bad gateway", status=502), Response("busy", status=503))
     sleeps = Sleeps()
-    result = fetch_aerial(tmp_path / "out", DEMO_RASTER, client=HttpClient(FAST, sleep=sleeps),
-                          base_url=fake.base_url, resolution=4.0, progress=False)
+    result = fetch_aerial(
+        tmp_path / "out",
+        DEMO_RASTER,
+        client=HttpClient(FAST, sleep=sleeps),
+        base_url=fake.base_url,
+        resolution=4.0,
+        progress=False,
+    )
     assert fake.tile_requests[(472, 484)] == 3 and len(sleeps) == 2
     assert result.fetched == 9 and result.path.is_file()
 
@@ -243,10 +296,24 @@ def test_a_corrupt_tile_is_refetched_and_never_written(fake, tmp_path):
     whole = encode_tile(fake.tile_pixels(10, 474, 486))
     fake.inject(474, 486, Response(whole[: len(whole) // 2], content_type="image/jpeg"))
     out = tmp_path / "out"
-    result = fetch_aerial(out, DEMO_RASTER, client=HttpClient(FAST, sleep=Sleeps()),
-                          base_url=fake.base_url, resolution=4.0, progress=False)
+    result = fetch_aerial(
+        out,
+        DEMO_RASTER,
+        client=HttpClient(FAST, sleep=Sleeps()),
+        base_url=fake.base_url,
+        resolution=4.0,
+        progress=False,
+    )
     assert fake.tile_requests[(474, 486)] == 2
-    tile = DataRoot(out).cache / "pdok_wmts" / "2020_ortho25" / "EPSG_28992" / "10" / "474" / "486.jpeg"
+    tile = (
+        DataRoot(out).cache
+        / "pdok_wmts"
+        / "2020_ortho25"
+        / "EPSG_28992"
+        / "10"
+        / "474"
+        / "486.jpeg"
+    )
     assert tile.read_bytes() == whole
     assert result.fetched == 9
 
@@ -257,15 +324,27 @@ def test_an_interrupted_download_resumes_without_refetching(fake, tmp_path):
     for col, row in broken:
         fake.inject(col, row, *[Response("down", status=503) for _ in range(FAST.retries + 1)])
     with pytest.raises(FetchError, match=r"2 PDOK aerial tiles of 2020_ortho25 failed.*HTTP 503"):
-        fetch_aerial(out, DEMO_RASTER, client=HttpClient(FAST, sleep=Sleeps()),
-                     base_url=fake.base_url, resolution=4.0, progress=False)
+        fetch_aerial(
+            out,
+            DEMO_RASTER,
+            client=HttpClient(FAST, sleep=Sleeps()),
+            base_url=fake.base_url,
+            resolution=4.0,
+            progress=False,
+        )
     assert not (out / "aerial" / "aerial.tif").exists()
     assert len(list((DataRoot(out).cache).rglob("*.jpeg"))) == 7
     assert not list(out.rglob("*.part"))
     first = dict(fake.tile_requests)
 
-    result = fetch_aerial(out, DEMO_RASTER, client=HttpClient(FAST), base_url=fake.base_url,
-                          resolution=4.0, progress=False)
+    result = fetch_aerial(
+        out,
+        DEMO_RASTER,
+        client=HttpClient(FAST),
+        base_url=fake.base_url,
+        resolution=4.0,
+        progress=False,
+    )
     assert result.fetched == 2 and result.skipped == 7
     again = {tile: fake.tile_requests[tile] - first[tile] for tile in first}
     assert again == {tile: int(tile in broken) for tile in first}
@@ -273,20 +352,38 @@ def test_an_interrupted_download_resumes_without_refetching(fake, tmp_path):
 
     # a finished fetch rerun asks for no tile at all
     before = sum(fake.tile_requests.values())
-    rerun = fetch_aerial(out, DEMO_RASTER, client=HttpClient(FAST), base_url=fake.base_url,
-                         resolution=4.0, progress=False)
+    rerun = fetch_aerial(
+        out,
+        DEMO_RASTER,
+        client=HttpClient(FAST),
+        base_url=fake.base_url,
+        resolution=4.0,
+        progress=False,
+    )
     assert rerun.skipped == 9 and sum(fake.tile_requests.values()) == before
 
 
-def test_tiles_missing_at_the_edge_of_coverage_stay_black_and_are_recorded(fake, tiny_demo, tmp_path):
+def test_tiles_missing_at_the_edge_of_coverage_stay_black_and_are_recorded(
+    fake, tiny_demo, tmp_path
+):
     # two tile columns west of the demo raster, where the service has no imagery (404)
     bbox = (119000.0, *DEMO_RASTER[1:])
     out = tmp_path / "out"
-    result = fetch_aerial(out, bbox, client=HttpClient(FAST), base_url=fake.base_url,
-                          resolution=4.0, progress=False)
-    assert result.missing == ((470, 484), (470, 485), (470, 486), (471, 484), (471, 485), (471, 486))
+    result = fetch_aerial(
+        out, bbox, client=HttpClient(FAST), base_url=fake.base_url, resolution=4.0, progress=False
+    )
+    assert result.missing == (
+        (470, 484),
+        (470, 485),
+        (470, 486),
+        (471, 484),
+        (471, 485),
+        (471, 486),
+    )
     assert result.fetched == 9
-    record = DataRoot(out).cache / "pdok_wmts" / "2020_ortho25" / "EPSG_28992" / "10" / "missing.json"
+    record = (
+        DataRoot(out).cache / "pdok_wmts" / "2020_ortho25" / "EPSG_28992" / "10" / "missing.json"
+    )
     assert sorted(map(tuple, json.loads(record.read_text()))) == list(result.missing)
     with rasterio.open(result.path) as tif:
         assert (tif.width, tif.height) == (5 * 256, 3 * 256)
@@ -298,6 +395,7 @@ def test_tiles_missing_at_the_edge_of_coverage_stay_black_and_are_recorded(fake,
 
     # known-missing tiles are not asked for again
     before = sum(fake.tile_requests.values())
-    fetch_aerial(out, bbox, client=HttpClient(FAST), base_url=fake.base_url, resolution=4.0,
-                 progress=False)
+    fetch_aerial(
+        out, bbox, client=HttpClient(FAST), base_url=fake.base_url, resolution=4.0, progress=False
+    )
     assert sum(fake.tile_requests.values()) == before

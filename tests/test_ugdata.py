@@ -67,15 +67,20 @@ def samples(city, tmp_path_factory):
 
 
 def test_edge_features_on_a_hand_built_graph():
-    nodes = pd.DataFrame({"osmid": [1, 2, 3], "x": [1000.0, 1000.0, 1250.0],
-                          "y": [1000.0, 1100.0, 1000.0]})
+    nodes = pd.DataFrame(
+        {"osmid": [1, 2, 3], "x": [1000.0, 1000.0, 1250.0], "y": [1000.0, 1100.0, 1000.0]}
+    )
     # osmnx writes both directions, parallel edges and loops: one undirected edge per pair.
     edges = pd.DataFrame({"u": [2, 1, 1, 3, 1], "v": [1, 2, 1, 1, 9]})
     graph = SpatialGraph.from_frames(nodes, edges)
     assert len(graph.edges) == 2
     assert graph.degree.tolist() == [2, 1, 1]
-    expected = {(0, 1): (100, 0, 0, 100), (1, 0): (100, 180, 0, -100),
-                (0, 2): (250, 90, 250, 0), (2, 0): (250, 270, -250, 0)}
+    expected = {
+        (0, 1): (100, 0, 0, 100),
+        (1, 0): (100, 180, 0, -100),
+        (0, 2): (250, 90, 250, 0),
+        (2, 0): (250, 270, -250, 0),
+    }
     for (a, b), (length, bearing, dx, dy) in expected.items():
         step = graph.step(a, b)
         assert step["length"] == pytest.approx(length)
@@ -112,13 +117,30 @@ def test_anchoring_to_the_nearest_node(city):
 
 
 def test_compass_and_distances_on_hand_cases():
-    cases = {0: "north", 22.4: "north", 22.6: "north-east", 45: "north-east", 90: "east",
-             135: "south-east", 180: "south", 225: "south-west", 270: "west", 315: "north-west",
-             359: "north", -90: "west"}
+    cases = {
+        0: "north",
+        22.4: "north",
+        22.6: "north-east",
+        45: "north-east",
+        90: "east",
+        135: "south-east",
+        180: "south",
+        225: "south-west",
+        270: "west",
+        315: "north-west",
+        359: "north",
+        -90: "west",
+    }
     assert {b: compass(b) for b in cases} == cases
     assert [format_distance(m) for m in (3, 84, 996, 1234)] == ["10 m", "80 m", "1.0 km", "1.2 km"]
-    marks = pd.DataFrame({"name": ["N", "SE", "far"], "kind": ["square"] * 3,
-                          "x": [1000.0, 1300.0, 1000.0], "y": [2000.0, 600.0, 9000.0]})
+    marks = pd.DataFrame(
+        {
+            "name": ["N", "SE", "far"],
+            "kind": ["square"] * 3,
+            "x": [1000.0, 1300.0, 1000.0],
+            "y": [2000.0, 600.0, 9000.0],
+        }
+    )
     [found] = nearest_landmarks(np.array([[1000.0, 1000.0]]), marks, k=3)
     assert [m.name for m in found] == ["SE", "N"]  # "far" is beyond MAX_LANDMARK_M
     assert found[0].distance_m == pytest.approx(500.0)
@@ -151,13 +173,16 @@ def test_caption_names_the_right_place(city, grid):
 
 def test_templates_are_deterministic_per_seed_and_varied(city):
     images = city.images.iloc[:200]
-    facts = city.facts(images["id"].tolist(), images[["x", "y"]].to_numpy(),
-                       images["node"].to_numpy(), images)
+    facts = city.facts(
+        images["id"].tolist(), images[["x", "y"]].to_numpy(), images["node"].to_numpy(), images
+    )
     first = [TemplateCaptioner(seed=0).caption(f) for f in facts]
     assert first == [TemplateCaptioner(seed=0).caption(f) for f in facts]
     assert first != [TemplateCaptioner(seed=1).caption(f) for f in facts]
-    openings = {t.split(". ")[0].replace(f.buurt, "B").replace(f.district, "D")
-                for t, f in zip(first, facts, strict=True)}
+    openings = {
+        t.split(". ")[0].replace(f.buurt, "B").replace(f.district, "D")
+        for t, f in zip(first, facts, strict=True)
+    }
     assert len(openings) >= 3
     assert len({t.split(". ")[1][:12] for t in first}) >= 4  # the other facts come in many orders
 
@@ -269,8 +294,9 @@ def test_heldout_district_leaves_nothing_of_it_in_training(samples, tiny_demo, t
     split = split_by_district(samples, "centrum")
     assert split.heldout and split.train
     assert all(s.meta["district"] == "Centrum" for s in split.heldout)
-    assert not any("Centrum" in s.meta["districts"] or s.meta["district"] == "Centrum"
-                   for s in split.train)
+    assert not any(
+        "Centrum" in s.meta["districts"] or s.meta["district"] == "Centrum" for s in split.train
+    )
     assert len(split.train) + len(split.heldout) + len(split.dropped) == len(samples)
     with pytest.raises(ValueError, match="Atlantis"):
         split_by_district(samples, "Atlantis")

@@ -32,9 +32,19 @@ from train.uge_pretrain import MARKER
 def trained(tmp_path_factory, tiny_demo):
     root = tmp_path_factory.mktemp("uge") / "city"
     shutil.copytree(tiny_demo, root, ignore=shutil.ignore_patterns("runs", "cache"))
-    assert main(["ugdata", "--data", str(root), "--max-images", "300", "--holdout-district", "Oost"]) == 0
-    config = UGEConfig(data=str(root), tiny_pretrain_steps=3, stage1_steps=4, stage2_steps=10, stage2_questions=20,
-                       batch_size=8, device="cpu")
+    assert (
+        main(["ugdata", "--data", str(root), "--max-images", "300", "--holdout-district", "Oost"])
+        == 0
+    )
+    config = UGEConfig(
+        data=str(root),
+        tiny_pretrain_steps=3,
+        stage1_steps=4,
+        stage2_steps=10,
+        stage2_questions=20,
+        batch_size=8,
+        device="cpu",
+    )
     return root, config, train_uge(config, log=lambda _: None)
 
 
@@ -45,18 +55,24 @@ def test_a_run_saves_adapters_graph_model_and_cell_embeddings(trained):
     assert run.model_metadata()["kind"] == "uge-graph"
     ids, matrix = run.embeddings()
     data = read_ugdata(config.ugdata_folder)
-    cells = {int(s.meta["cell_id"]) for f in data.files.values() for s in f if s.pair_type == PAIR_GRAPH}
+    cells = {
+        int(s.meta["cell_id"]) for f in data.files.values() for s in f if s.pair_type == PAIR_GRAPH
+    }
     assert set(ids) == cells
     np.testing.assert_allclose(np.linalg.norm(matrix, axis=1), 1.0, rtol=1e-5)
     assert set(run.predictions()["split"]) == {"train", "heldout"}
     assert run.epochs["stage"].tolist() == [1] * 4 + [2] * 10
     # stage 2 trains on place captions and on walks through the start node's graph, in turn
-    assert set(run.epochs.loc[run.epochs["stage"] == 2, "pair_type"]) == {"stage2_image_graph",
-                                                                         "stage1_spatial_reasoning"}
+    assert set(run.epochs.loc[run.epochs["stage"] == 2, "pair_type"]) == {
+        "stage2_image_graph",
+        "stage1_spatial_reasoning",
+    }
     # the backbone is the tiny model after its captioning pretraining, cached for later runs
     backbone = DataRoot(root).cache / "vlm"
     pretrained = [p for p in backbone.iterdir() if (p / MARKER).is_file()]
-    assert [p.name for p in pretrained] == [f"tiny-qwen2vl-captions-3-{p.name.rsplit('-', 1)[1]}" for p in pretrained]
+    assert [p.name for p in pretrained] == [
+        f"tiny-qwen2vl-captions-3-{p.name.rsplit('-', 1)[1]}" for p in pretrained
+    ]
     assert run.config["vlm_resolved"] == str(pretrained[0])
 
 
@@ -66,7 +82,12 @@ def test_restored_stage_2_reproduces_the_run_embeddings(trained):
     data = read_ugdata(config.ugdata_folder)
     samples = [s for s in data.files[TRAIN_FILE] if s.pair_type == PAIR_GRAPH]
     cell = int(samples[0].meta["cell_id"])
-    mine = [s for f in data.files.values() for s in f if s.pair_type == PAIR_GRAPH and int(s.meta["cell_id"]) == cell]
+    mine = [
+        s
+        for f in data.files.values()
+        for s in f
+        if s.pair_type == PAIR_GRAPH and int(s.meta["cell_id"]) == cell
+    ]
     embedder, model = restore(run, config, stage=2)
     records = graph_records(data, mine)
     graphs = graph_tensors(records, node_vectors(embedder, records))
@@ -83,12 +104,15 @@ def test_ugbench_reports_every_task_for_each_stage_and_split(trained, tmp_path):
     result = run_bench(DataRoot(root), run_id, candidates=5, max_queries=40)
     results = result.summary
     assert sorted(set(zip(results["stage"], results["split"], strict=True))) == [
-        (s, p) for s in (0, 1, 2) for p in ("heldout", "train")]
+        (s, p) for s in (0, 1, 2) for p in ("heldout", "train")
+    ]
     for task in ("geolocation", "retrieval", "grounding"):
         assert results[f"{task}_mrr"].between(0.2, 1.0).all(), task
         assert (results[f"{task}_candidates"] == 5).all()
         # the per-query ranks are the ones the metrics summarise
-        for (stage, split), part in result.query_ranks.query("task == @task").groupby(["stage", "split"]):
+        for (stage, split), part in result.query_ranks.query("task == @task").groupby(
+            ["stage", "split"]
+        ):
             row = results[(results["stage"] == stage) & (results["split"] == split)]
             assert (1 / part["rank"]).mean() == pytest.approx(row[f"{task}_mrr"].item())
     csv, md = write_report(result, tmp_path, f"UGBench of {run_id}")
@@ -99,19 +123,47 @@ def test_ugbench_reports_every_task_for_each_stage_and_split(trained, tmp_path):
     both = pd.concat([results.assign(run="a", seed=0), other.assign(run="b", seed=1)])
     _, md = write_report(BenchResult(both, result.query_ranks), tmp_path / "seeds", "seeds")
     row = next(line for line in md.read_text().splitlines() if line.startswith("| 1 | train |"))
-    mean, std = results.loc[(results["stage"] == 1) & (results["split"] == "train"), "geolocation_hit@1"].item() + 0.1, 0.2 / 2**0.5
+    mean, std = (
+        results.loc[
+            (results["stage"] == 1) & (results["split"] == "train"), "geolocation_hit@1"
+        ].item()
+        + 0.1,
+        0.2 / 2**0.5,
+    )
     assert row.split(" | ")[2] == f"{mean:.3f} ± {std:.3f}"
     assert "mean ± std over 2 runs (seeds 0, 1)" in md.read_text()
     out = tmp_path / "cli"
-    assert main(["uge-bench", run_id, "--data", str(root), "--candidates", "3", "--max-queries", "10",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "uge-bench",
+                run_id,
+                "--data",
+                str(root),
+                "--candidates",
+                "3",
+                "--max-queries",
+                "10",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert (out / "ugbench.md").read_text().startswith(f"# UGBench of {run_id}")
 
 
 def test_stage_gains_pair_queries_across_stages():
     # query 0 moves from rank 2 to rank 1 at stage 1; query 1 stays at rank 1; stage 2 loses both
-    ranks = pd.DataFrame({"stage": [0, 0, 1, 1, 2, 2], "split": "heldout", "task": "geolocation",
-                          "query": [0, 1] * 3, "rank": [2, 1, 1, 1, 4, 2]})
+    ranks = pd.DataFrame(
+        {
+            "stage": [0, 0, 1, 1, 2, 2],
+            "split": "heldout",
+            "task": "geolocation",
+            "query": [0, 1] * 3,
+            "rank": [2, 1, 1, 1, 4, 2],
+        }
+    )
     gains = stage_gains(ranks).set_index("comparison")
     assert gains.loc["1 vs 0", "delta_mrr"] == pytest.approx(0.25)
     assert gains.loc["1 vs 0", "delta_hit@1"] == pytest.approx(0.5)
@@ -159,6 +211,8 @@ def test_the_neighbour_page_ranks_cells_by_a_text_query(trained, monkeypatch):
     assert not app.exception
     table = app.dataframe[0].value
     run = load_run(DataRoot(root).runs / run_id)
-    expected = EmbeddingIndex(*run.embeddings()).search(text_vector(str(run.path), "green street near water in Oost"), 5)
+    expected = EmbeddingIndex(*run.embeddings()).search(
+        text_vector(str(run.path), "green street near water in Oost"), 5
+    )
     assert table["cell_id"].tolist() == expected["cell_id"].tolist()
     assert any("best match" in m.value for m in app.markdown)

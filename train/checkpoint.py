@@ -19,24 +19,40 @@ from core.io import write_atomic
 CHECKPOINT_FILE = "checkpoint.safetensors"
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, optimiser: torch.optim.Optimizer,
-                    schedule: torch.optim.lr_scheduler.LRScheduler, epoch: int, generator: torch.Generator) -> None:
+def save_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimiser: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    epoch: int,
+    generator: torch.Generator,
+) -> None:
     """Write the training state after ``epoch`` atomically."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     optimiser_state = optimiser.state_dict()
     for index, state in optimiser_state["state"].items():
         for name, value in state.items():
-            tensors[f"optimiser.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+            tensors[f"optimiser.{index}.{name}"] = (
+                torch.as_tensor(value).detach().cpu().contiguous()
+            )
     tensors["generator"] = generator.get_state()
-    metadata = {"epoch": str(epoch), "param_groups": json.dumps(optimiser_state["param_groups"]),
-                "schedule": json.dumps(schedule.state_dict())}
+    metadata = {
+        "epoch": str(epoch),
+        "param_groups": json.dumps(optimiser_state["param_groups"]),
+        "schedule": json.dumps(schedule.state_dict()),
+    }
     # Tensors that share memory (tied weights) must be saved as separate copies.
     tensors = {k: v.clone() for k, v in tensors.items()}
     write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata))
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimiser: torch.optim.Optimizer,
-                    schedule: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator) -> int:
+def load_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimiser: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    generator: torch.Generator,
+) -> int:
     """Restore the state :func:`save_checkpoint` wrote; returns the epoch it completed.
 
     Raises:
@@ -44,7 +60,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimiser: torch.optim.O
         ValueError: if the checkpoint does not fit the model (another architecture or size).
     """
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint to resume from (the run stopped before its first epoch)")
+        raise FileNotFoundError(
+            f"{path}: no checkpoint to resume from (the run stopped before its first epoch)"
+        )
     with safe_open(path, framework="pt") as file:
         metadata = file.metadata() or {}
         tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118 (safe_open has no iteration)
@@ -58,7 +76,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimiser: torch.optim.O
         if key.startswith("optimiser."):
             _, index, name = key.split(".", 2)
             per_parameter.setdefault(int(index), {})[name] = value
-    optimiser.load_state_dict({"state": per_parameter, "param_groups": json.loads(metadata["param_groups"])})
+    optimiser.load_state_dict(
+        {"state": per_parameter, "param_groups": json.loads(metadata["param_groups"])}
+    )
     schedule.load_state_dict(json.loads(metadata["schedule"]))
     generator.set_state(tensors["generator"])
     return int(metadata["epoch"])

@@ -30,7 +30,9 @@ class EncoderConfig:
 class OneCycle:
     """AdamW with a one-cycle learning rate over ``epochs`` passes of ``n`` items."""
 
-    def __init__(self, parameters, lr: float, weight_decay: float, epochs: int, n: int, batch_size: int):
+    def __init__(
+        self, parameters, lr: float, weight_decay: float, epochs: int, n: int, batch_size: int
+    ):
         self.optimiser = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
         steps = epochs * max(1, -(-n // batch_size))
         self.schedule = torch.optim.lr_scheduler.OneCycleLR(self.optimiser, lr, total_steps=steps)
@@ -52,7 +54,9 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def batches(n: int, batch_size: int, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+def batches(
+    n: int, batch_size: int, generator: torch.Generator | None = None
+) -> Iterator[torch.Tensor]:
     """Index batches over ``range(n)``, shuffled when a generator is given."""
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     yield from order.split(batch_size)
@@ -71,14 +75,18 @@ def augment_street(images: torch.Tensor, generator: torch.Generator) -> torch.Te
     return images.flip(-1) if torch.rand(1, generator=generator) < 0.5 else images
 
 
-def to_input(pixels: np.ndarray | torch.Tensor, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_input(
+    pixels: np.ndarray | torch.Tensor, index: torch.Tensor, device: torch.device
+) -> torch.Tensor:
     """uint8 pixels[index] -> normalised float batch on ``device``, channels-last."""
     batch = torch.as_tensor(np.asarray(pixels[index.numpy()]))
     return normalise(batch.to(device)).contiguous(memory_format=torch.channels_last)
 
 
 @torch.inference_mode()
-def predict(fn: Callable[[torch.Tensor], torch.Tensor], n: int, batch_size: int = 512) -> torch.Tensor:
+def predict(
+    fn: Callable[[torch.Tensor], torch.Tensor], n: int, batch_size: int = 512
+) -> torch.Tensor:
     """Concatenate ``fn(index_batch)`` over all items, in order, in inference mode."""
     return torch.cat([fn(index).float().cpu() for index in batches(n, batch_size)])
 
@@ -92,4 +100,6 @@ def resolve_weights(runs_root: Path, value: str | None) -> str | None:
     candidate = Path(runs_root) / value / "backbone.safetensors"
     if candidate.is_file():
         return str(candidate)
-    raise FileNotFoundError(f"{value}: neither a weights file nor a run in {runs_root} with backbone.safetensors")
+    raise FileNotFoundError(
+        f"{value}: neither a weights file nor a run in {runs_root} with backbone.safetensors"
+    )

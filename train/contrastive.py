@@ -127,12 +127,19 @@ def augment(batch: torch.Tensor, generator: torch.Generator, crop_min_scale: flo
     theta = torch.zeros(n, 2, 3, device=device)
     theta[:, 0, 0], theta[:, 1, 1] = width * flip, height
     theta[:, 0, 2], theta[:, 1, 2] = uniform(-1, 1) * (1 - width), uniform(-1, 1) * (1 - height)
-    x = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), mode="bilinear",
-                      padding_mode="reflection", align_corners=False)
+    x = F.grid_sample(
+        x,
+        F.affine_grid(theta, list(x.shape), align_corners=False),
+        mode="bilinear",
+        padding_mode="reflection",
+        align_corners=False,
+    )
 
     grey = _grey(x)
     jitter = chance(0.8)
-    brightness, contrast, saturation = (uniform(1 - s, 1 + s).view(n, 1, 1, 1) for s in (0.4, 0.4, 0.2))
+    brightness, contrast, saturation = (
+        uniform(1 - s, 1 + s).view(n, 1, 1, 1) for s in (0.4, 0.4, 0.2)
+    )
     jittered = x * brightness
     mean = grey.mean((2, 3), keepdim=True) * brightness
     jittered = (jittered - mean) * contrast + mean
@@ -140,7 +147,9 @@ def augment(batch: torch.Tensor, generator: torch.Generator, crop_min_scale: flo
     jittered = jittered_grey + (jittered - jittered_grey) * saturation
     x = torch.where(jitter, jittered, x).clamp(0, 1)
     x = torch.where(chance(0.2), _grey(x).expand_as(x), x)
-    x = torch.where(chance(0.5), F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False), x)
+    x = torch.where(
+        chance(0.5), F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False), x
+    )
     x = torch.where(chance(0.1) & (x >= 0.5), 1 - x, x)
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
@@ -153,8 +162,9 @@ def _grey(x: torch.Tensor) -> torch.Tensor:
     return (x * weights).sum(1, keepdim=True)
 
 
-def embed_images(backbone: torch.nn.Module, pixels: np.ndarray, device: torch.device, batch_size: int = 1024
-                 ) -> np.ndarray:
+def embed_images(
+    backbone: torch.nn.Module, pixels: np.ndarray, device: torch.device, batch_size: int = 1024
+) -> np.ndarray:
     """Backbone features of uint8 pixels (n, 3, H, W), in order, without augmentation."""
     backbone.eval().to(device)
 
@@ -170,19 +180,26 @@ class PairSampler:
 
     def __init__(self, rule: str, pairs: pd.DataFrame | None, n_images: int) -> None:
         self.rule, self.n_images = rule, n_images
-        self.pairs = None if pairs is None else torch.from_numpy(pairs[["a", "b"]].to_numpy(copy=True))
+        self.pairs = (
+            None if pairs is None else torch.from_numpy(pairs[["a", "b"]].to_numpy(copy=True))
+        )
 
-    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(
+        self, batch_size: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.pairs is None:  # global: both views come from one image
             rows = torch.randint(self.n_images, (batch_size,), generator=generator)
             return rows, rows
         chosen = self.pairs[torch.randint(len(self.pairs), (batch_size,), generator=generator)]
         swap = torch.rand(batch_size, generator=generator) < 0.5  # pairs are stored a < b
-        return torch.where(swap, chosen[:, 1], chosen[:, 0]), torch.where(swap, chosen[:, 0], chosen[:, 1])
+        return torch.where(swap, chosen[:, 1], chosen[:, 0]), torch.where(
+            swap, chosen[:, 0], chosen[:, 1]
+        )
 
 
-def build_samplers(images: pd.DataFrame, rules: dict[str, float], config: PairConfig, source: str
-                   ) -> tuple[dict[str, PairSampler], dict[str, dict]]:
+def build_samplers(
+    images: pd.DataFrame, rules: dict[str, float], config: PairConfig, source: str
+) -> tuple[dict[str, PairSampler], dict[str, dict]]:
     """A sampler per rule and the statistics of its pairs."""
     samplers, statistics = {}, {}
     for rule in rules:
@@ -195,13 +212,19 @@ def build_samplers(images: pd.DataFrame, rules: dict[str, float], config: PairCo
         else:
             pairs = None
         samplers[rule] = PairSampler(rule, pairs, len(images))
-        statistics[rule] = (pair_statistics(pairs, len(images)) if pairs is not None
-                            else {"count": len(images), "n_images": len(images)})
+        statistics[rule] = (
+            pair_statistics(pairs, len(images))
+            if pairs is not None
+            else {"count": len(images), "n_images": len(images)}
+        )
     return samplers, statistics
 
 
-def train_contrastive(config: ContrastiveConfig, log: Callable[[str], None] = print,
-                      progress: Callable[[dict[str, Any]], None] | None = None) -> str:
+def train_contrastive(
+    config: ContrastiveConfig,
+    log: Callable[[str], None] = print,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> str:
     """Pretrain one encoder and write its run folder; returns the run id.
 
     With ``config.resume`` set to an interrupted run's id, that run's own config is used and
@@ -210,45 +233,76 @@ def train_contrastive(config: ContrastiveConfig, log: Callable[[str], None] = pr
     root = DataRoot(Path(config.data))
     if config.resume:
         run = RunWriter.resume(root.runs, config.resume, on_progress=progress)
-        config = ContrastiveConfig.from_dict({**run.config, "data": config.data, "device": config.device,
-                                              "resume": config.resume})
+        config = ContrastiveConfig.from_dict(
+            {**run.config, "data": config.data, "device": config.device, "resume": config.resume}
+        )
     device = resolve_device(config.device)
     generator = seed_everything(config.seed)
     images = source_images(root, config.source)
     held_out = holdout_cells(root, config.holdout_share, config.block_size, config.split_seed)
     train_images = images[~images["cell_id"].isin(held_out)].reset_index(drop=True)
     pair_config = PairConfig(**config.pairs)
-    samplers, statistics = build_samplers(train_images, config.rules, pair_config, str(root.catalog))
+    samplers, statistics = build_samplers(
+        train_images, config.rules, pair_config, str(root.catalog)
+    )
     pixels = load_pixels(train_images, config.px, root.cache / "pixels")
 
-    model = MoCoV3(create_backbone(config.backbone, seed=config.seed), config.dim, config.mlp_dim,
-                   config.temperature).to(device).to(memory_format=torch.channels_last)
-    trainer = OneCycle([p for p in model.parameters() if p.requires_grad], config.lr, config.weight_decay,
-                       config.epochs, config.steps_per_epoch * config.batch_size, config.batch_size)
+    model = (
+        MoCoV3(
+            create_backbone(config.backbone, seed=config.seed),
+            config.dim,
+            config.mlp_dim,
+            config.temperature,
+        )
+        .to(device)
+        .to(memory_format=torch.channels_last)
+    )
+    trainer = OneCycle(
+        [p for p in model.parameters() if p.requires_grad],
+        config.lr,
+        config.weight_decay,
+        config.epochs,
+        config.steps_per_epoch * config.batch_size,
+        config.batch_size,
+    )
     total_steps = config.epochs * config.steps_per_epoch
     if not config.resume:
-        resolved = asdict(config) | {"label": f"contrastive {config.objective}", "pair_rules": asdict(pair_config)}
+        resolved = asdict(config) | {
+            "label": f"contrastive {config.objective}",
+            "pair_rules": asdict(pair_config),
+        }
         run = RunWriter(root.runs, "contrastive", resolved, on_progress=progress)
     with run:
         start = 0
         if config.resume:
-            start = load_checkpoint(run.path / CHECKPOINT_FILE, model, trainer.optimiser, trainer.schedule, generator)
+            start = load_checkpoint(
+                run.path / CHECKPOINT_FILE, model, trainer.optimiser, trainer.schedule, generator
+            )
             run.keep_epochs(start)
             log(f"resuming {run.run_id} after epoch {start}")
         run.progress(epoch=start, epochs=config.epochs)
-        run.log(f"{config.objective}: {len(train_images)} training images ({len(images) - len(train_images)} "
-                f"held out), pairs {({r: s['count'] for r, s in statistics.items()})}, device {device}")
+        run.log(
+            f"{config.objective}: {len(train_images)} training images ({len(images) - len(train_images)} "
+            f"held out), pairs { ({r: s['count'] for r, s in statistics.items()}) }, device {device}"
+        )
         for epoch in range(start + 1, config.epochs + 1):
             model.train()
             started, totals = time.perf_counter(), dict.fromkeys(config.rules, 0.0)
             for step in range(config.steps_per_epoch):
-                momentum = cosine_momentum((epoch - 1) * config.steps_per_epoch + step, total_steps,
-                                           config.base_momentum)
+                momentum = cosine_momentum(
+                    (epoch - 1) * config.steps_per_epoch + step, total_steps, config.base_momentum
+                )
                 loss = torch.zeros((), device=device)
                 for i, (rule, weight) in enumerate(config.rules.items()):
                     first, second = samplers[rule].sample(config.batch_size, generator)
-                    views = [augment(torch.as_tensor(np.asarray(pixels[rows.numpy()])).to(device), generator,
-                                     config.crop_min_scale) for rows in (first, second)]
+                    views = [
+                        augment(
+                            torch.as_tensor(np.asarray(pixels[rows.numpy()])).to(device),
+                            generator,
+                            config.crop_min_scale,
+                        )
+                        for rows in (first, second)
+                    ]
                     with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
                         # the momentum encoder moves once per step, with the first rule
                         rule_loss = model(*views, momentum if i == 0 else 1.0)
@@ -256,39 +310,84 @@ def train_contrastive(config: ContrastiveConfig, log: Callable[[str], None] = pr
                     loss = loss + weight * rule_loss
                 trainer.step(loss)
             seconds = time.perf_counter() - started
-            losses = {f"loss_{rule}": total / config.steps_per_epoch for rule, total in totals.items()}
+            losses = {
+                f"loss_{rule}": total / config.steps_per_epoch for rule, total in totals.items()
+            }
             pair_images = 2 * config.batch_size * config.steps_per_epoch * len(config.rules)
-            run.log_epoch(epoch=epoch, **losses, momentum=round(momentum, 5), seconds=round(seconds, 2),
-                          images_per_s=round(pair_images / seconds, 1))
-            save_checkpoint(run.path / CHECKPOINT_FILE, model, trainer.optimiser, trainer.schedule, epoch, generator)
+            run.log_epoch(
+                epoch=epoch,
+                **losses,
+                momentum=round(momentum, 5),
+                seconds=round(seconds, 2),
+                images_per_s=round(pair_images / seconds, 1),
+            )
+            save_checkpoint(
+                run.path / CHECKPOINT_FILE,
+                model,
+                trainer.optimiser,
+                trainer.schedule,
+                epoch,
+                generator,
+            )
             run.progress(epoch=epoch, epochs=config.epochs, loss=sum(losses.values()))
-            log(f"contrastive {config.objective} epoch {epoch}/{config.epochs}: "
-                + ", ".join(f"{k} {v:.3f}" for k, v in losses.items()) + f" ({seconds:.1f} s)")
+            log(
+                f"contrastive {config.objective} epoch {epoch}/{config.epochs}: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in losses.items())
+                + f" ({seconds:.1f} s)"
+            )
         _finish(run, root, config, model, images, held_out, statistics, device)
     log(f"contrastive {config.objective}: run {run.run_id}")
     return run.run_id
 
 
-def _finish(run: RunWriter, root: DataRoot, config: ContrastiveConfig, model: MoCoV3, images: pd.DataFrame,
-            held_out: set[int], statistics: dict[str, dict], device: torch.device) -> None:
+def _finish(
+    run: RunWriter,
+    root: DataRoot,
+    config: ContrastiveConfig,
+    model: MoCoV3,
+    images: pd.DataFrame,
+    held_out: set[int],
+    statistics: dict[str, dict],
+    device: torch.device,
+) -> None:
     """Save the encoder, per-cell embeddings of every image, and the run's metrics."""
-    save_backbone(model.backbone, run.path / "backbone.safetensors",
-                  trained_on=f"contrastive {config.objective} pairs", px=str(config.px))
-    run.save_model({k: v.cpu() for k, v in model.state_dict().items()},
-                   {"kind": "contrastive", "objective": config.objective, "backbone": config.backbone})
+    save_backbone(
+        model.backbone,
+        run.path / "backbone.safetensors",
+        trained_on=f"contrastive {config.objective} pairs",
+        px=str(config.px),
+    )
+    run.save_model(
+        {k: v.cpu() for k, v in model.state_dict().items()},
+        {"kind": "contrastive", "objective": config.objective, "backbone": config.backbone},
+    )
     pixels = load_pixels(images, config.px, root.cache / "pixels")
     embeddings = embed_images(model.backbone, pixels, device)
     cells = images["cell_id"].to_numpy(np.int64)
     frame = pd.DataFrame(embeddings).groupby(cells).mean()
     run.write_embeddings(frame.index.to_numpy(np.int64), frame.to_numpy(np.float32))
     counts = pd.Series(cells).value_counts()
-    run.write_predictions(pd.DataFrame({
-        "cell_id": frame.index.to_numpy(np.int64),
-        "split": np.where(frame.index.isin(list(held_out)), HOLDOUT_SPLIT, "train"),
-        "true": np.nan, "predicted": np.nan, "images": counts.reindex(frame.index).to_numpy()}))
+    run.write_predictions(
+        pd.DataFrame(
+            {
+                "cell_id": frame.index.to_numpy(np.int64),
+                "split": np.where(frame.index.isin(list(held_out)), HOLDOUT_SPLIT, "train"),
+                "true": np.nan,
+                "predicted": np.nan,
+                "images": counts.reindex(frame.index).to_numpy(),
+            }
+        )
+    )
     epochs = pd.read_csv(run.path / "metrics.csv")
-    run.write_metrics({"label": f"contrastive {config.objective}", "objective": config.objective,
-                       "images_per_s": float(epochs["images_per_s"].median()),
-                       **{f"final_{k}": float(v) for k, v in epochs.iloc[-1].items() if k.startswith("loss_")},
-                       "pairs": statistics})
-    (run.path / CHECKPOINT_FILE).unlink(missing_ok=True)  # the run is complete; the weights are saved
+    run.write_metrics(
+        {
+            "label": f"contrastive {config.objective}",
+            "objective": config.objective,
+            "images_per_s": float(epochs["images_per_s"].median()),
+            **{f"final_{k}": float(v) for k, v in epochs.iloc[-1].items() if k.startswith("loss_")},
+            "pairs": statistics,
+        }
+    )
+    (run.path / CHECKPOINT_FILE).unlink(
+        missing_ok=True
+    )  # the run is complete; the weights are saved

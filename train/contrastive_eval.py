@@ -37,7 +37,14 @@ from train.contrastive import (
 )
 
 SOCIOECONOMIC_ID = "cbsCode"
-TASK_COLUMNS = ("recall@1", "recall@5", "recall@10", "socioeconomic_r2", "perception_accuracy", "perception_auc")
+TASK_COLUMNS = (
+    "recall@1",
+    "recall@5",
+    "recall@10",
+    "socioeconomic_r2",
+    "perception_accuracy",
+    "perception_auc",
+)
 
 
 def encoder_of_run(root: DataRoot, run_id: str) -> tuple[str, str]:
@@ -52,8 +59,13 @@ def encoder_of_run(root: DataRoot, run_id: str) -> tuple[str, str]:
 class Evaluation:
     """The images, split and targets every encoder is evaluated on, loaded once."""
 
-    def __init__(self, root: DataRoot, config: ContrastiveConfig, radius_m: float = 25.0,
-                 max_votes: int | None = 4000) -> None:
+    def __init__(
+        self,
+        root: DataRoot,
+        config: ContrastiveConfig,
+        radius_m: float = 25.0,
+        max_votes: int | None = 4000,
+    ) -> None:
         self.root, self.config, self.radius_m = root, config, radius_m
         self.images = source_images(root, config.source)
         self.pixels = load_pixels(self.images, config.px, root.cache / "pixels")
@@ -70,12 +82,17 @@ class Evaluation:
         votes = read_table(root.votes, "perception votes")
         require_columns(votes, ("left_id", "right_id", "winner", "category"), root.votes)
         row = pd.Series(np.arange(len(self.images)), index=self.images["id"])
-        votes = votes[votes["winner"].isin(["left", "right"]) & votes["left_id"].isin(row.index)
-                      & votes["right_id"].isin(row.index)]
+        votes = votes[
+            votes["winner"].isin(["left", "right"])
+            & votes["left_id"].isin(row.index)
+            & votes["right_id"].isin(row.index)
+        ]
         if max_votes is not None:  # a linear probe settles long before Place Pulse's 1.2M votes
             shuffled = votes.sample(frac=1.0, random_state=0)
             votes = shuffled[shuffled.groupby("category").cumcount() < max_votes]
-        self.votes = votes.assign(left=row[votes["left_id"]].to_numpy(), right=row[votes["right_id"]].to_numpy())
+        self.votes = votes.assign(
+            left=row[votes["left_id"]].to_numpy(), right=row[votes["right_id"]].to_numpy()
+        )
 
     def embed(self, backbone: str, weights: str | None, seed: int = 0) -> np.ndarray:
         """Embeddings of every image by one encoder (``weights`` None: random initialisation)."""
@@ -85,25 +102,40 @@ class Evaluation:
     def scores(self, embeddings: np.ndarray) -> dict[str, float]:
         """The three tasks on one encoder's image embeddings."""
         xy = self.images[["x", "y"]].to_numpy()
-        result = recall_at_k(embeddings[self.database], xy[self.database], embeddings[self.queries],
-                             xy[self.queries], radius_m=self.radius_m)
+        result = recall_at_k(
+            embeddings[self.database],
+            xy[self.database],
+            embeddings[self.queries],
+            xy[self.queries],
+            radius_m=self.radius_m,
+        )
         known = self.regions != ""
         r2 = socioeconomic_r2(region_means(embeddings[known], self.regions[known]), self.targets)
         result |= {f"r2_{k}": v for k, v in r2.items()}
         result["socioeconomic_r2"] = float(np.nanmean(list(r2.values())))
         per_category = {}
         for category, votes in self.votes.groupby("category"):
-            per_category[category] = perception_probe(embeddings[votes["left"]], embeddings[votes["right"]],
-                                                      (votes["winner"] == "left").to_numpy())
+            per_category[category] = perception_probe(
+                embeddings[votes["left"]],
+                embeddings[votes["right"]],
+                (votes["winner"] == "left").to_numpy(),
+            )
         for name, probe in per_category.items():
             result[f"accuracy_{name}"] = probe["accuracy"]
-        result["perception_accuracy"] = float(np.mean([p["accuracy"] for p in per_category.values()]))
+        result["perception_accuracy"] = float(
+            np.mean([p["accuracy"] for p in per_category.values()])
+        )
         result["perception_auc"] = float(np.mean([p["auc"] for p in per_category.values()]))
         return result
 
 
-def evaluate(root: DataRoot, run_ids: list[str], baselines: dict[str, str | None], log: Callable[[str], None] = print,
-             device: str = "auto") -> pd.DataFrame:
+def evaluate(
+    root: DataRoot,
+    run_ids: list[str],
+    baselines: dict[str, str | None],
+    log: Callable[[str], None] = print,
+    device: str = "auto",
+) -> pd.DataFrame:
     """One row per encoder: the contrastive runs (objective, seed) and the baselines.
 
     The images, held-out blocks and input size follow the first run's config, so every encoder
@@ -113,18 +145,32 @@ def evaluate(root: DataRoot, run_ids: list[str], baselines: dict[str, str | None
     if not run_ids:
         raise ValueError("contrastive evaluation needs at least one contrastive run")
     first = load_run(root.runs / run_ids[0])
-    config = ContrastiveConfig.from_dict({**first.config, "data": str(root.root), "device": device, "resume": None})
+    config = ContrastiveConfig.from_dict(
+        {**first.config, "data": str(root.root), "device": device, "resume": None}
+    )
     evaluation = Evaluation(root, config)
     rows = []
     for run_id in run_ids:
         run = load_run(root.runs / run_id)
         backbone, weights = encoder_of_run(root, run_id)
-        rows.append({"encoder": run.config["objective"], "seed": run.config["seed"], "run_id": run_id,
-                     **evaluation.scores(evaluation.embed(backbone, weights))})
+        rows.append(
+            {
+                "encoder": run.config["objective"],
+                "seed": run.config["seed"],
+                "run_id": run_id,
+                **evaluation.scores(evaluation.embed(backbone, weights)),
+            }
+        )
         log(f"{run_id} ({run.config['objective']}): " + _summary(rows[-1]))
     for name, weights in baselines.items():
-        rows.append({"encoder": name, "seed": None, "run_id": None,
-                     **evaluation.scores(evaluation.embed(config.backbone, weights))})
+        rows.append(
+            {
+                "encoder": name,
+                "seed": None,
+                "run_id": None,
+                **evaluation.scores(evaluation.embed(config.backbone, weights)),
+            }
+        )
         log(f"baseline {name}: " + _summary(rows[-1]))
     return pd.DataFrame(rows)
 
@@ -137,8 +183,14 @@ def write_report(results: pd.DataFrame, out: Path, title: str) -> tuple[Path, Pa
     """``contrastive_eval.csv`` (every encoder) and ``contrastive_eval.md`` (mean ± std per encoder)."""
     csv = write_atomic(out / "contrastive_eval.csv", lambda tmp: results.to_csv(tmp, index=False))
     grouped = results.groupby("encoder", sort=False)
-    lines = [f"# {title}", "", "Mean ± std over seeds (n = number of runs); baselines have one row.", "",
-             "| encoder | n | " + " | ".join(TASK_COLUMNS) + " |", "|---" * (len(TASK_COLUMNS) + 2) + "|"]
+    lines = [
+        f"# {title}",
+        "",
+        "Mean ± std over seeds (n = number of runs); baselines have one row.",
+        "",
+        "| encoder | n | " + " | ".join(TASK_COLUMNS) + " |",
+        "|---" * (len(TASK_COLUMNS) + 2) + "|",
+    ]
     for name, rows in grouped:
         cells = []
         for column in TASK_COLUMNS:
@@ -148,12 +200,21 @@ def write_report(results: pd.DataFrame, out: Path, title: str) -> tuple[Path, Pa
         lines.append(f"| {name} | {len(rows)} | " + " | ".join(cells) + " |")
     runs = [r for r in results["run_id"].dropna()]
     lines += ["", "Runs: " + ", ".join(runs)]
-    md = write_atomic(out / "contrastive_eval.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    md = write_atomic(
+        out / "contrastive_eval.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n")
+    )
     return csv, md
 
 
-def run_matrix(base: ContrastiveConfig, objectives: list[str], seeds: list[int], log: Callable[[str], None] = print
-               ) -> list[str]:
+def run_matrix(
+    base: ContrastiveConfig,
+    objectives: list[str],
+    seeds: list[int],
+    log: Callable[[str], None] = print,
+) -> list[str]:
     """Train every objective for every seed (same held-out blocks); returns the run ids."""
-    return [train_contrastive(replace(base, objective=objective, seed=seed), log=log)
-            for seed in seeds for objective in objectives]
+    return [
+        train_contrastive(replace(base, objective=objective, seed=seed), log=log)
+        for seed in seeds
+        for objective in objectives
+    ]

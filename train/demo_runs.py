@@ -44,23 +44,42 @@ def _latest(root: DataRoot, kind: str, **config) -> str | None:
 
 def ensure_encoders(root: DataRoot, device: str = "auto", log=print) -> Encoders:
     """The latest scene filter and perception runs, training each one that is missing."""
-    scene = _latest(root, "scene") or train_scene_filter(SceneTrainConfig(data=str(root.root), device=device), log)
+    scene = _latest(root, "scene") or train_scene_filter(
+        SceneTrainConfig(data=str(root.root), device=device), log
+    )
     perception = _latest(root, "perception") or train_perception(
-        PerceptionConfig(data=str(root.root), device=device), log)
-    return Encoders(scene, perception, str(root.runs / scene / "backbone.safetensors"),
-                    str(root.runs / perception / "backbone.safetensors"))
+        PerceptionConfig(data=str(root.root), device=device), log
+    )
+    return Encoders(
+        scene,
+        perception,
+        str(root.runs / scene / "backbone.safetensors"),
+        str(root.runs / perception / "backbone.safetensors"),
+    )
 
 
 def ensure_default_runs(root: DataRoot, device: str = "auto", log=print) -> list[str]:
     """Run ids of the default fusion configurations, training the missing ones."""
     encoders = ensure_encoders(root, device, log)
-    base = FusionConfig(data=str(root.root), device=device, scene_run=encoders.scene_run,
-                        ground_weights=encoders.perception_weights)
+    base = FusionConfig(
+        data=str(root.root),
+        device=device,
+        scene_run=encoders.scene_run,
+        ground_weights=encoders.perception_weights,
+    )
     run_ids = []
     for changes in DEFAULT_CONFIGURATIONS:
         config = replace(base, **changes)
-        existing = _latest(root, "fusion", label=config.label, target=config.target, epochs=config.epochs,
-                           seed=config.seed, scene_run=config.scene_run, ground_weights=config.ground_weights)
+        existing = _latest(
+            root,
+            "fusion",
+            label=config.label,
+            target=config.target,
+            epochs=config.epochs,
+            seed=config.seed,
+            scene_run=config.scene_run,
+            ground_weights=config.ground_weights,
+        )
         if existing:
             log(f"{config.label}: run {existing} exists")
             run_ids.append(existing)

@@ -71,15 +71,29 @@ from core.sources.wmts import PDOK_WMTS, estimate_aerial, fetch_aerial
 MANIFEST = "fetch.json"
 SOURCES = ("lbm", "aerial", "osm", "flickr", "gsv")
 #: Base URL of each service, overridable with ``--endpoint NAME=URL`` (mirrors, proxies, tests).
-ENDPOINTS = {"pdok": PDOK_BOUNDARIES_URL, "lbm": LBM_WFS_URL, "wmts": PDOK_WMTS,
-             "overpass": OVERPASS_URL, "flickr": flickr.FLICKR_REST, "gsv": gsv.GOOGLE_MAPS}
+ENDPOINTS = {
+    "pdok": PDOK_BOUNDARIES_URL,
+    "lbm": LBM_WFS_URL,
+    "wmts": PDOK_WMTS,
+    "overpass": OVERPASS_URL,
+    "flickr": flickr.FLICKR_REST,
+    "gsv": gsv.GOOGLE_MAPS,
+}
 #: Politeness of each client, whose rate ``--rate NAME=RPS`` overrides (0 = no limit).
-POLITENESS = {"pdok": PDOK_POLITENESS, "lbm": LBM_POLITENESS, "wmts": Politeness(),
-              "overpass": OSM_POLITENESS, "flickr": flickr.API_POLITENESS,
-              "flickr-images": flickr.IMAGE_POLITENESS, "gsv": gsv.POLITENESS}
+POLITENESS = {
+    "pdok": PDOK_POLITENESS,
+    "lbm": LBM_POLITENESS,
+    "wmts": Politeness(),
+    "overpass": OSM_POLITENESS,
+    "flickr": flickr.API_POLITENESS,
+    "flickr-images": flickr.IMAGE_POLITENESS,
+    "gsv": gsv.POLITENESS,
+}
 #: The environment variable holding each keyed source's key, and where to get one.
-KEYS = {"flickr": (flickr.API_KEY_ENV, "https://www.flickr.com/services/api/keys/"),
-        "gsv": (gsv.API_KEY_ENV, "a Google Maps Platform key with the Street View Static API enabled")}
+KEYS = {
+    "flickr": (flickr.API_KEY_ENV, "https://www.flickr.com/services/api/keys/"),
+    "gsv": (gsv.API_KEY_ENV, "a Google Maps Platform key with the Street View Static API enabled"),
+}
 #: Licence and attribution of each source, recorded in the manifest.
 LICENCES = {
     "pdok": "PDOK Bestuurlijke Gebieden (Kadaster): open data, CC0",
@@ -87,9 +101,9 @@ LICENCES = {
     "aerial": "PDOK Luchtfoto RGB (Beeldmateriaal Nederland): CC BY 4.0, attribute Beeldmateriaal Nederland",
     "osm": "(c) OpenStreetMap contributors, ODbL 1.0",
     "flickr": "each photo under its owner's licence (catalog columns license, license_url, owner_name, "
-              "photo_page); attribution needed",
+    "photo_page); attribution needed",
     "gsv": "Google Maps Platform Terms of Service: images (c) Google, not to be stored long-term or "
-           "redistributed",
+    "redistributed",
 }
 #: What the demo city has and a fetch cannot produce (the trainers that need them say so).
 NOT_FETCHED = {
@@ -176,7 +190,9 @@ def _assignments(items: Iterable[str], known: Iterable[str], option: str) -> dic
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not value or name not in known:
-            raise ValueError(f"{option} {item!r}: expected NAME=VALUE with NAME one of {sorted(known)}")
+            raise ValueError(
+                f"{option} {item!r}: expected NAME=VALUE with NAME one of {sorted(known)}"
+            )
         values[name] = value
     return values
 
@@ -190,7 +206,9 @@ def _licences(text: str) -> frozenset[int] | None:
     try:
         return frozenset(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise ValueError(f"--flickr-licenses {text!r}: expected comma-separated ids, 'reusable' or 'all'") from None
+        raise ValueError(
+            f"--flickr-licenses {text!r}: expected comma-separated ids, 'reusable' or 'all'"
+        ) from None
 
 
 def config_from_args(args: argparse.Namespace) -> FetchConfig:
@@ -204,7 +222,9 @@ def config_from_args(args: argparse.Namespace) -> FetchConfig:
         sources = tuple(dict.fromkeys(s.strip() for s in args.sources.split(",") if s.strip()))
         unknown = sorted(set(sources) - set(SOURCES))
         if unknown or not sources:
-            raise ValueError(f"--sources {args.sources!r}: unknown {unknown}; choose from {list(SOURCES)}")
+            raise ValueError(
+                f"--sources {args.sources!r}: unknown {unknown}; choose from {list(SOURCES)}"
+            )
     rates = _assignments(args.rate, [*POLITENESS, "all"], "--rate")
     try:
         since = datetime.fromisoformat(args.flickr_since)
@@ -221,15 +241,27 @@ def config_from_args(args: argparse.Namespace) -> FetchConfig:
         release = (parts[0], parts[1] if len(parts) == 2 else None)
     slug = re.sub(r"[^a-z0-9]+", "-", args.municipality.lower()).strip("-")
     return FetchConfig(
-        municipality=args.municipality, out=Path(args.out or f"data/{slug}"), year=args.year,
-        extra_years=tuple(args.extra_years), sources=sources, province=args.province,
-        resolution=args.resolution, flickr_since=since, flickr_licenses=_licences(args.flickr_licenses),
-        gsv_headings=tuple(args.gsv_headings), gsv_spacing_m=args.gsv_spacing,
-        gsv_max_requests=args.gsv_max_requests, gsv_panos=Path(args.gsv_panos) if args.gsv_panos else None,
+        municipality=args.municipality,
+        out=Path(args.out or f"data/{slug}"),
+        year=args.year,
+        extra_years=tuple(args.extra_years),
+        sources=sources,
+        province=args.province,
+        resolution=args.resolution,
+        flickr_since=since,
+        flickr_licenses=_licences(args.flickr_licenses),
+        gsv_headings=tuple(args.gsv_headings),
+        gsv_spacing_m=args.gsv_spacing,
+        gsv_max_requests=args.gsv_max_requests,
+        gsv_panos=Path(args.gsv_panos) if args.gsv_panos else None,
         lbm_release=release,
         osm_file=Path(args.osm_file) if args.osm_file else None,
-        endpoints=ENDPOINTS | _assignments(args.endpoint, ENDPOINTS, "--endpoint"), rates=rate_values,
-        redo=tuple(args.redo), dry_run=args.dry_run, progress=not args.quiet)
+        endpoints=ENDPOINTS | _assignments(args.endpoint, ENDPOINTS, "--endpoint"),
+        rates=rate_values,
+        redo=tuple(args.redo),
+        dry_run=args.dry_run,
+        progress=not args.quiet,
+    )
 
 
 # --- sources, keys and the plan --------------------------------------------------------------
@@ -256,7 +288,9 @@ def choose_sources(config: FetchConfig) -> tuple[list[str], dict[str, str]]:
         if source in KEYS and _key(source) is None:
             variable, where = KEYS[source]
             if config.sources is not None:
-                raise ValueError(f"{source} needs an API key: set the environment variable {variable} ({where})")
+                raise ValueError(
+                    f"{source} needs an API key: set the environment variable {variable} ({where})"
+                )
             skipped[source] = f"no key: set {variable} ({where})"
             continue
         chosen.append(source)
@@ -289,19 +323,25 @@ def format_plan(municipality: Municipality, root: Path, lines: list[PlanLine]) -
     """The plan as text: the municipality, one line per source and the totals."""
     area = municipality.geometry.area / 1e6
     bounds = ", ".join(f"{v:.0f}" for v in municipality.bounds)
-    text = [f"fetch plan for {municipality.name} ({municipality.code}, {municipality.province}), "
-            f"{area:.1f} km2, RD bbox {bounds} -> {root}"]
+    text = [
+        f"fetch plan for {municipality.name} ({municipality.code}, {municipality.province}), "
+        f"{area:.1f} km2, RD bbox {bounds} -> {root}"
+    ]
     for line in lines:
         e = line.estimate
         if e is None:
             text.append(f"  {line.source:<8} skipped: {line.skipped}")
         else:
-            text.append(f"  {line.source:<8} {e.source}: {e.requests:,} requests, {_size(e.bytes)}, "
-                        f"{_duration(e.seconds)} at the rate limit; {e.note}")
+            text.append(
+                f"  {line.source:<8} {e.source}: {e.requests:,} requests, {_size(e.bytes)}, "
+                f"{_duration(e.seconds)} at the rate limit; {e.note}"
+            )
     estimates = [line.estimate for line in lines if line.estimate is not None]
-    text.append(f"  total: {sum(e.requests for e in estimates):,} requests, "
-                f"{_size(sum(e.bytes for e in estimates))}, {_duration(sum(e.seconds for e in estimates))} "
-                "at the rate limits (transfer time not included)")
+    text.append(
+        f"  total: {sum(e.requests for e in estimates):,} requests, "
+        f"{_size(sum(e.bytes for e in estimates))}, {_duration(sum(e.seconds for e in estimates))} "
+        "at the rate limits (transfer time not included)"
+    )
     return "\n".join(text)
 
 
@@ -318,8 +358,9 @@ def lonlat_bbox(municipality: Municipality) -> tuple[float, float, float, float]
     return tuple(round(v, 6) for v in to_lonlat.transform_bounds(*municipality.bounds))
 
 
-def make_plan(config: FetchConfig, municipality: Municipality, chosen: list[str],
-              skipped: dict[str, str]) -> list[PlanLine]:
+def make_plan(
+    config: FetchConfig, municipality: Municipality, chosen: list[str], skipped: dict[str, str]
+) -> list[PlanLine]:
     """One :class:`PlanLine` per source, the outline first (asks the LBM WFS and Flickr for counts)."""
     root = DataRoot(config.out)
     lines = [PlanLine("pdok", estimate_municipality(config.politeness("pdok").requests_per_second))]
@@ -334,35 +375,57 @@ def make_plan(config: FetchConfig, municipality: Municipality, chosen: list[str]
     return lines
 
 
-def _estimate(source: str, config: FetchConfig, municipality: Municipality, root: DataRoot) -> Estimate:
+def _estimate(
+    source: str, config: FetchConfig, municipality: Municipality, root: DataRoot
+) -> Estimate:
     licence = LICENCES[source]
     if source == "lbm":
         if config.lbm_release is not None:
-            return Estimate("Leefbaarometer release import", 0, 0, 0.0,
-                            f"from {', '.join(str(p) for p in config.lbm_release if p)}; {licence}")
-        e = estimate_lbm(municipality.bounds, config.years, _client(config, "lbm"), config.endpoints["lbm"])
+            return Estimate(
+                "Leefbaarometer release import",
+                0,
+                0,
+                0.0,
+                f"from {', '.join(str(p) for p in config.lbm_release if p)}; {licence}",
+            )
+        e = estimate_lbm(
+            municipality.bounds, config.years, _client(config, "lbm"), config.endpoints["lbm"]
+        )
         return replace(e, note=f"years {config.years}; {e.note} (terms: leefbaarometer.nl)")
     if source == "aerial":
-        e = estimate_aerial(aerial_bbox(municipality), config.year, config.resolution, config.politeness("wmts"))
+        e = estimate_aerial(
+            aerial_bbox(municipality), config.year, config.resolution, config.politeness("wmts")
+        )
         return replace(e, note=f"{e.note}; CC BY 4.0 Beeldmateriaal Nederland")
     if source == "osm":
         if config.osm_file is not None:
-            return Estimate("OpenStreetMap file import", 0, 0, 0.0, f"from {config.osm_file}; {licence}")
-        return estimate_osm(municipality.geometry,
-                            requests_per_second=config.politeness("overpass").requests_per_second)
+            return Estimate(
+                "OpenStreetMap file import", 0, 0, 0.0, f"from {config.osm_file}; {licence}"
+            )
+        return estimate_osm(
+            municipality.geometry,
+            requests_per_second=config.politeness("overpass").requests_per_second,
+        )
     if source == "flickr":
         return flickr.estimate_flickr(
-            lonlat_bbox(municipality), min_taken=config.flickr_since, licenses=config.flickr_licenses,
-            api_key=_key("flickr"), client=_client(config, "flickr"), endpoint=config.endpoints["flickr"],
-            image_politeness=config.politeness("flickr-images"))
+            lonlat_bbox(municipality),
+            min_taken=config.flickr_since,
+            licenses=config.flickr_licenses,
+            api_key=_key("flickr"),
+            client=_client(config, "flickr"),
+            endpoint=config.endpoints["flickr"],
+            image_politeness=config.politeness("flickr-images"),
+        )
     if root.streets.is_file():
         locations = len(street_points(root, municipality, config.gsv_spacing_m))
         counted = "points along the streets on disk"
     else:
         cells = len(grid_for_boundary(municipality.geometry))
         locations = math.ceil(cells * STREET_M_PER_CELL / config.gsv_spacing_m)
-        counted = (f"points assumed from {cells:,} cells x {STREET_M_PER_CELL:.0f} m of street, recounted "
-                   "from the streets before the Street View step")
+        counted = (
+            f"points assumed from {cells:,} cells x {STREET_M_PER_CELL:.0f} m of street, recounted "
+            "from the streets before the Street View step"
+        )
     extra = len(gsv.read_pano_ids(config.gsv_panos)) if config.gsv_panos else 0
     e = gsv.estimate_gsv(locations, config.gsv_headings, extra, politeness=config.politeness("gsv"))
     return replace(e, note=f"{locations:,} {counted}; {e.note}; {licence}")
@@ -373,8 +436,18 @@ def _client(config: FetchConfig, name: str, secrets: Iterable[str] = ()) -> Http
 
 
 def _redacted(exc: BaseException) -> str:
-    return redact(str(exc), [k for k in (_key("flickr"), _key("gsv"),
-                                         os.environ.get(gsv.SIGNING_SECRET_ENV, "").strip()) if k])
+    return redact(
+        str(exc),
+        [
+            k
+            for k in (
+                _key("flickr"),
+                _key("gsv"),
+                os.environ.get(gsv.SIGNING_SECRET_ENV, "").strip(),
+            )
+            if k
+        ],
+    )
 
 
 def official_name_guesses(name: str) -> list[str]:
@@ -393,11 +466,15 @@ def find_municipality(config: FetchConfig) -> Municipality:
     *first, last = official_name_guesses(config.municipality)
     for guess in first:
         try:
-            return fetch_municipality(guess, config.province, _client(config, "pdok"), config.endpoints["pdok"])
+            return fetch_municipality(
+                guess, config.province, _client(config, "pdok"), config.endpoints["pdok"]
+            )
         except ValueError as exc:
             if "no municipality named" not in str(exc):  # several of that name: say so
                 raise
-    return fetch_municipality(last, config.province, _client(config, "pdok"), config.endpoints["pdok"])
+    return fetch_municipality(
+        last, config.province, _client(config, "pdok"), config.endpoints["pdok"]
+    )
 
 
 # --- the manifest ----------------------------------------------------------------------------
@@ -419,18 +496,26 @@ class Manifest:
         self.path = root.root / MANIFEST
         self.root = root
         old = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        self.data = {"created": old.get("created", _now()), **_plain(header),
-                     "steps": old.get("steps", {})}
+        self.data = {
+            "created": old.get("created", _now()),
+            **_plain(header),
+            "steps": old.get("steps", {}),
+        }
 
     def done(self, step: str, params: Mapping[str, Any]) -> bool:
         """Whether ``step`` is recorded as done with these parameters and its outputs exist."""
         entry = self.data["steps"].get(step, {})
-        return (entry.get("status") == "done" and entry.get("params") == _plain(params)
-                and all((self.root.root / p).exists() for p in entry.get("outputs", [])))
+        return (
+            entry.get("status") == "done"
+            and entry.get("params") == _plain(params)
+            and all((self.root.root / p).exists() for p in entry.get("outputs", []))
+        )
 
     def record(self, step: str, params: Mapping[str, Any], status: str, **info: Any) -> None:
         """Record a step's outcome and rewrite the file atomically."""
-        self.data["steps"][step] = _plain({"status": status, "finished": _now(), "params": params, **info})
+        self.data["steps"][step] = _plain(
+            {"status": status, "finished": _now(), "params": params, **info}
+        )
         self.data["updated"] = _now()
         text = json.dumps(self.data, indent=2)
         write_atomic(self.path, lambda tmp: tmp.write_text(text))
@@ -456,17 +541,30 @@ def _lbm_step(config: FetchConfig, municipality: Municipality, root: DataRoot) -
             scores, grid = config.lbm_release
             return import_lbm_release(root, scores, grid, boundary=outline, years=config.years)
     else:
-        params = {"endpoint": config.endpoints["lbm"], "years": config.years, "bbox": municipality.bounds}
+        params = {
+            "endpoint": config.endpoints["lbm"],
+            "years": config.years,
+            "bbox": municipality.bounds,
+        }
 
         def run() -> tuple[Path, Path]:
-            return fetch_lbm(root, municipality.bounds, config.years, boundary=outline,
-                             client=_client(config, "lbm"), url=config.endpoints["lbm"])
+            return fetch_lbm(
+                root,
+                municipality.bounds,
+                config.years,
+                boundary=outline,
+                client=_client(config, "lbm"),
+                url=config.endpoints["lbm"],
+            )
 
     def step() -> dict:
         paths = run()
         labels = read_lbm(root.scores, root.lbm_grid)
-        return {"outputs": _relative(root, *paths),
-                "cells_per_year": {str(y): int(n) for y, n in labels.groupby("jaar").size().items()}}
+        return {
+            "outputs": _relative(root, *paths),
+            "cells_per_year": {str(y): int(n) for y, n in labels.groupby("jaar").size().items()},
+        }
+
     return params, step
 
 
@@ -490,26 +588,48 @@ def build_grid(root: DataRoot, municipality: Municipality) -> int:
 
         places = assign_buurten(ids)
     else:
-        places = pd.DataFrame({c: "" for c in ("buurt_code", "buurt_naam", "cbs_code", "district")},
-                              index=range(len(ids)))
+        places = pd.DataFrame(
+            {c: "" for c in ("buurt_code", "buurt_naam", "cbs_code", "district")},
+            index=range(len(ids)),
+        )
     places["district"] = places["district"].replace("", municipality.name)
-    write_grid(to_geodataframe(ids, **{c: places[c].to_numpy() for c in places}, labelled=labelled), root.grid)
+    write_grid(
+        to_geodataframe(ids, **{c: places[c].to_numpy() for c in places}, labelled=labelled),
+        root.grid,
+    )
     return len(ids)
 
 
 def _aerial_step(config: FetchConfig, municipality: Municipality, root: DataRoot) -> Step:
     bbox = aerial_bbox(municipality)
-    params = {"endpoint": config.endpoints["wmts"], "year": config.year, "resolution": config.resolution,
-              "bbox": bbox}
+    params = {
+        "endpoint": config.endpoints["wmts"],
+        "year": config.year,
+        "resolution": config.resolution,
+        "bbox": bbox,
+    }
 
     def step() -> dict:
-        done = fetch_aerial(root.root, bbox, config.year, resolution=config.resolution,
-                            base_url=config.endpoints["wmts"], client=_client(config, "wmts"),
-                            progress=config.progress)
-        return {"outputs": _relative(root, done.path), "layer": done.layer,
-                "tile_matrix": done.matrix.identifier, "metres_per_pixel": round(done.matrix.resolution, 4),
-                "tiles": len(done.tiles), "fetched": done.fetched, "skipped": done.skipped,
-                "missing": len(done.missing)}
+        done = fetch_aerial(
+            root.root,
+            bbox,
+            config.year,
+            resolution=config.resolution,
+            base_url=config.endpoints["wmts"],
+            client=_client(config, "wmts"),
+            progress=config.progress,
+        )
+        return {
+            "outputs": _relative(root, done.path),
+            "layer": done.layer,
+            "tile_matrix": done.matrix.identifier,
+            "metres_per_pixel": round(done.matrix.resolution, 4),
+            "tiles": len(done.tiles),
+            "fetched": done.fetched,
+            "skipped": done.skipped,
+            "missing": len(done.missing),
+        }
+
     return params, step
 
 
@@ -519,41 +639,72 @@ def _osm_step(config: FetchConfig, municipality: Municipality, root: DataRoot) -
         params = {"file": str(config.osm_file)}
 
         def run() -> tuple[Path, ...]:
-            return (import_streets(root, config.osm_file, outline), *import_context(root, config.osm_file, outline))
+            return (
+                import_streets(root, config.osm_file, outline),
+                *import_context(root, config.osm_file, outline),
+            )
     else:
         params = {"endpoint": config.endpoints["overpass"], "bbox": municipality.bounds}
 
         def run() -> tuple[Path, ...]:
             client = _client(config, "overpass")
             url = config.endpoints["overpass"]
-            return (fetch_streets(root, outline, client, url), *fetch_context(root, outline, client, url))
+            return (
+                fetch_streets(root, outline, client, url),
+                *fetch_context(root, outline, client, url),
+            )
 
     def step() -> dict:
         paths = run()
-        counts = {layer: int(pyogrio.read_info(root.streets, layer=layer)["features"])
-                  for layer in ("nodes", "edges")}
-        return {"outputs": _relative(root, *paths), "street_nodes": counts["nodes"],
-                "street_edges": counts["edges"]}
+        counts = {
+            layer: int(pyogrio.read_info(root.streets, layer=layer)["features"])
+            for layer in ("nodes", "edges")
+        }
+        return {
+            "outputs": _relative(root, *paths),
+            "street_nodes": counts["nodes"],
+            "street_edges": counts["edges"],
+        }
+
     return params, step
 
 
 def _flickr_step(config: FetchConfig, municipality: Municipality, root: DataRoot) -> Step:
     bbox = lonlat_bbox(municipality)
     licences = None if config.flickr_licenses is None else sorted(config.flickr_licenses)
-    params = {"endpoint": config.endpoints["flickr"], "bbox_lonlat": bbox,
-              "since": config.flickr_since.isoformat(), "licenses": licences}
+    params = {
+        "endpoint": config.endpoints["flickr"],
+        "bbox_lonlat": bbox,
+        "since": config.flickr_since.isoformat(),
+        "licenses": licences,
+    }
 
     def step() -> dict:
         key = _key("flickr")
         until = datetime.now().replace(microsecond=0)
         done = flickr.fetch_flickr(
-            root, bbox, min_taken=config.flickr_since, max_taken=until, licenses=config.flickr_licenses,
-            api_key=key, client=_client(config, "flickr", [key]),
-            image_client=_client(config, "flickr-images", [key]), endpoint=config.endpoints["flickr"],
-            progress=config.progress)
-        return {"outputs": _relative(root, done.catalog), "until": until.isoformat(), "photos": len(done.rows),
-                "fetched": done.report.fetched, "skipped": done.report.skipped,
-                "photos_per_licence": {str(k): int(n) for k, n in done.rows["license"].value_counts().items()}}
+            root,
+            bbox,
+            min_taken=config.flickr_since,
+            max_taken=until,
+            licenses=config.flickr_licenses,
+            api_key=key,
+            client=_client(config, "flickr", [key]),
+            image_client=_client(config, "flickr-images", [key]),
+            endpoint=config.endpoints["flickr"],
+            progress=config.progress,
+        )
+        return {
+            "outputs": _relative(root, done.catalog),
+            "until": until.isoformat(),
+            "photos": len(done.rows),
+            "fetched": done.report.fetched,
+            "skipped": done.report.skipped,
+            "photos_per_licence": {
+                str(k): int(n) for k, n in done.rows["license"].value_counts().items()
+            },
+        }
+
     return params, step
 
 
@@ -564,10 +715,15 @@ def street_points(root: DataRoot, municipality: Municipality, spacing_m: float) 
     return points[np.isin(cell_id(x, y), grid_for_boundary(municipality.geometry))]
 
 
-def _gsv_step(config: FetchConfig, municipality: Municipality, root: DataRoot,
-              say: Callable[[str], None]) -> Step:
-    params = {"endpoint": config.endpoints["gsv"], "headings": config.gsv_headings,
-              "spacing_m": config.gsv_spacing_m, "panos": config.gsv_panos}
+def _gsv_step(
+    config: FetchConfig, municipality: Municipality, root: DataRoot, say: Callable[[str], None]
+) -> Step:
+    params = {
+        "endpoint": config.endpoints["gsv"],
+        "headings": config.gsv_headings,
+        "spacing_m": config.gsv_spacing_m,
+        "panos": config.gsv_panos,
+    }
 
     def step() -> dict:
         key = _key("gsv")
@@ -575,19 +731,36 @@ def _gsv_step(config: FetchConfig, municipality: Municipality, root: DataRoot,
         if root.streets.is_file():
             points = street_points(root, municipality, config.gsv_spacing_m)
         else:
-            say("gsv: no streets on disk (add osm to --sources); looking for panoramas at the cell centres")
+            say(
+                "gsv: no streets on disk (add osm to --sources); looking for panoramas at the cell centres"
+            )
             points = gsv.cell_centres_lonlat(root.grid)
         extra = len(gsv.read_pano_ids(config.gsv_panos)) if config.gsv_panos else 0
-        e = gsv.estimate_gsv(len(points), config.gsv_headings, extra, politeness=config.politeness("gsv"))
+        e = gsv.estimate_gsv(
+            len(points), config.gsv_headings, extra, politeness=config.politeness("gsv")
+        )
         say(f"gsv: {len(points):,} lookup points; {e.note}")
-        done = gsv.fetch_gsv(root, points, headings=config.gsv_headings, pano_csv=config.gsv_panos,
-                             max_requests=config.gsv_max_requests,
-                             api_key=key, client=_client(config, "gsv", [key, secret]),
-                             base_url=config.endpoints["gsv"], progress=config.progress)
-        return {"outputs": _relative(root, done.catalog), "lookup_points": len(points),
-                "panoramas": int(done.rows["pano_id"].nunique()), "views": len(done.rows),
-                "fetched": done.report.fetched, "skipped": done.report.skipped,
-                "copyright": {str(k): int(n) for k, n in done.rows["copyright"].value_counts().items()}}
+        done = gsv.fetch_gsv(
+            root,
+            points,
+            headings=config.gsv_headings,
+            pano_csv=config.gsv_panos,
+            max_requests=config.gsv_max_requests,
+            api_key=key,
+            client=_client(config, "gsv", [key, secret]),
+            base_url=config.endpoints["gsv"],
+            progress=config.progress,
+        )
+        return {
+            "outputs": _relative(root, done.catalog),
+            "lookup_points": len(points),
+            "panoramas": int(done.rows["pano_id"].nunique()),
+            "views": len(done.rows),
+            "fetched": done.report.fetched,
+            "skipped": done.report.skipped,
+            "copyright": {str(k): int(n) for k, n in done.rows["copyright"].value_counts().items()},
+        }
+
     return params, step
 
 
@@ -623,19 +796,44 @@ def run_fetch(config: FetchConfig, say: Callable[[str], None] = print) -> int:
 
     root = DataRoot(config.out)
     root.root.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(root, {
-        "municipality": {"name": municipality.name, "code": municipality.code, "province": municipality.province,
-                         "area_km2": round(municipality.geometry.area / 1e6, 3), "bbox_rd": municipality.bounds},
-        "year": config.year, "label_years": config.years, "sources": chosen, "skipped": skipped,
-        "endpoints": {name: redact(url) for name, url in config.endpoints.items()},
-        "licences": {s: LICENCES[s] for s in ("pdok", *SOURCES)}, "not_fetched": NOT_FETCHED,
-    })
+    manifest = Manifest(
+        root,
+        {
+            "municipality": {
+                "name": municipality.name,
+                "code": municipality.code,
+                "province": municipality.province,
+                "area_km2": round(municipality.geometry.area / 1e6, 3),
+                "bbox_rd": municipality.bounds,
+            },
+            "year": config.year,
+            "label_years": config.years,
+            "sources": chosen,
+            "skipped": skipped,
+            "endpoints": {name: redact(url) for name, url in config.endpoints.items()},
+            "licences": {s: LICENCES[s] for s in ("pdok", *SOURCES)},
+            "not_fetched": NOT_FETCHED,
+        },
+    )
     steps: list[tuple[str, Step, str]] = []
     if "lbm" in chosen:
         steps.append(("lbm", _lbm_step(config, municipality, root), LICENCES["lbm"]))
-    steps.append(("grid", ({"municipality": municipality.code, "label_years": config.years if "lbm" in chosen
-                           else []}, lambda: {"outputs": _relative(root, root.grid),
-                                             "cells": build_grid(root, municipality)}), ""))
+    steps.append(
+        (
+            "grid",
+            (
+                {
+                    "municipality": municipality.code,
+                    "label_years": config.years if "lbm" in chosen else [],
+                },
+                lambda: {
+                    "outputs": _relative(root, root.grid),
+                    "cells": build_grid(root, municipality),
+                },
+            ),
+            "",
+        )
+    )
     builders = {"aerial": _aerial_step, "osm": _osm_step, "flickr": _flickr_step}
     for source in ("aerial", "osm", "flickr"):
         if source in chosen:
@@ -653,8 +851,10 @@ def run_fetch(config: FetchConfig, say: Callable[[str], None] = print) -> int:
         except (FetchError, ValueError, FileNotFoundError, OSError) as exc:
             message = _redacted(exc)
             manifest.record(name, params, "failed", error=message, licence=licence)
-            say(f"error: {name} failed: {message}\nthe steps before it are kept in {root.root} "
-                f"(see {MANIFEST}); rerun the same command to resume")
+            say(
+                f"error: {name} failed: {message}\nthe steps before it are kept in {root.root} "
+                f"(see {MANIFEST}); rerun the same command to resume"
+            )
             return 1
         manifest.record(name, params, "done", licence=licence, **info)
         say(f"{name}: done " + ", ".join(f"{k} {v}" for k, v in info.items() if k != "outputs"))

@@ -73,13 +73,18 @@ class FusionConfig:
         if self.flickr_subset not in SUBSETS:
             raise ValueError(f"flickr_subset must be one of {SUBSETS}, got {self.flickr_subset!r}")
         if self.ground == "flickr" and self.flickr_subset != "all" and not self.scene_run:
-            raise ValueError(f"the {self.flickr_subset!r} Flickr subset needs --scene-run (a scene filter run)")
+            raise ValueError(
+                f"the {self.flickr_subset!r} Flickr subset needs --scene-run (a scene filter run)"
+            )
 
     @property
     def label(self) -> str:
         """Short description, e.g. ``aerial+flickr(building)``."""
         parts = (["aerial"] if self.aerial else []) + (
-            [self.ground + (f"({self.flickr_subset})" if self.ground == "flickr" else "")] if self.ground else [])
+            [self.ground + (f"({self.flickr_subset})" if self.ground == "flickr" else "")]
+            if self.ground
+            else []
+        )
         return self.name or "+".join(parts)
 
     @classmethod
@@ -90,12 +95,24 @@ class FusionConfig:
 
 def paper_schedule(**overrides) -> FusionConfig:
     """The paper's setting for real data on a GPU: ResNet-50 both branches, 224 px, 25 epochs."""
-    return FusionConfig(**{"aerial_backbone": "resnet50", "ground_backbone": "resnet50", "aerial_px": 224,
-                           "ground_px": 224, "epochs": 25, "warmup_epochs": 5, "batch_size": 32, "lr": 1e-4,
-                           **overrides})
+    return FusionConfig(
+        **{
+            "aerial_backbone": "resnet50",
+            "ground_backbone": "resnet50",
+            "aerial_px": 224,
+            "ground_px": 224,
+            "epochs": 25,
+            "warmup_epochs": 5,
+            "batch_size": 32,
+            "lr": 1e-4,
+            **overrides,
+        }
+    )
 
 
-def ground_inputs(config: FusionConfig, root: DataRoot, cell_ids: np.ndarray, log=print) -> tuple[np.ndarray, np.ndarray]:
+def ground_inputs(
+    config: FusionConfig, root: DataRoot, cell_ids: np.ndarray, log=print
+) -> tuple[np.ndarray, np.ndarray]:
     """Frozen ground features (extracted or from the cache) pooled per cell, and image counts."""
     images = street_images(root, config.ground, cell_ids)
     keep = np.ones(len(images), bool)
@@ -110,10 +127,18 @@ def ground_inputs(config: FusionConfig, root: DataRoot, cell_ids: np.ndarray, lo
             scene_filter = replace(scene_filter, threshold=config.scene_threshold)
         keep = ~missing & select(scores.fillna(0.0), config.flickr_subset, scene_filter)
     started = time.perf_counter()
-    features = extract_features(images, config.ground_backbone, config.ground_weights, root.cache / "features",
-                                px=config.ground_px, device=config.device)
-    log(f"ground features: {len(images)} {config.ground} images, {keep.sum()} kept "
-        f"({time.perf_counter() - started:.1f} s incl. cache)")
+    features = extract_features(
+        images,
+        config.ground_backbone,
+        config.ground_weights,
+        root.cache / "features",
+        px=config.ground_px,
+        device=config.device,
+    )
+    log(
+        f"ground features: {len(images)} {config.ground} images, {keep.sum()} kept "
+        f"({time.perf_counter() - started:.1f} s incl. cache)"
+    )
     image_cells = pd.Series(images["cell_id"].to_numpy(), index=images["id"].to_numpy())
     return pool_by_cell(features, image_cells, cell_ids, keep=keep)
 
@@ -126,7 +151,9 @@ class CellInputs:
     ground: torch.Tensor | None
     has_ground: torch.Tensor | None
 
-    def batch(self, rows: torch.Tensor, device: torch.device, generator: torch.Generator | None = None):
+    def batch(
+        self, rows: torch.Tensor, device: torch.device, generator: torch.Generator | None = None
+    ):
         """``(aerial, ground, has_ground)`` for ``rows``; aerial augmented when a generator is given."""
         x_aerial = None
         if self.aerial is not None:
@@ -138,7 +165,9 @@ class CellInputs:
         return x_aerial, self.ground[rows].to(device), self.has_ground[rows].to(device)
 
 
-def cell_inputs(config: FusionConfig, root: DataRoot, ids: np.ndarray, log=print) -> tuple[CellInputs, np.ndarray]:
+def cell_inputs(
+    config: FusionConfig, root: DataRoot, ids: np.ndarray, log=print
+) -> tuple[CellInputs, np.ndarray]:
     """The inputs of ``config`` for cells ``ids``, and the ground image count per cell."""
     aerial = aerial_patches(root, ids, config.patch_m, config.aerial_px) if config.aerial else None
     if not config.ground:
@@ -148,7 +177,9 @@ def cell_inputs(config: FusionConfig, root: DataRoot, ids: np.ndarray, log=print
 
 
 @torch.inference_mode()
-def predict_cells(model: FusionRegressor, inputs: CellInputs, n: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def predict_cells(
+    model: FusionRegressor, inputs: CellInputs, n: int, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
     """Standardised predictions (n,) and embeddings (n, hidden) of all cells, in order."""
     model.eval()
     outputs, embeddings = [], []
@@ -159,8 +190,9 @@ def predict_cells(model: FusionRegressor, inputs: CellInputs, n: int, device: to
     return torch.cat(outputs).numpy(), torch.cat(embeddings).numpy()
 
 
-def train_fusion(config: FusionConfig, log=print,
-                 progress: Callable[[dict[str, Any]], None] | None = None) -> str:
+def train_fusion(
+    config: FusionConfig, log=print, progress: Callable[[dict[str, Any]], None] | None = None
+) -> str:
     """Train one configuration and write its run folder; returns the run id.
 
     Args:
@@ -172,8 +204,13 @@ def train_fusion(config: FusionConfig, log=print,
     """
     root = DataRoot(Path(config.data))
     device = resolve_device(config.device)
-    cells = labelled_cells(root, config.year, config.target, config.block_size,
-                           config.seed if config.split_seed is None else config.split_seed)
+    cells = labelled_cells(
+        root,
+        config.year,
+        config.target,
+        config.block_size,
+        config.seed if config.split_seed is None else config.split_seed,
+    )
     ids = cells["cell_id"].to_numpy()
     inputs, image_counts = cell_inputs(config, root, ids, log)
     generator = seed_everything(config.seed)
@@ -184,22 +221,41 @@ def train_fusion(config: FusionConfig, log=print,
     mean, std = float(true[train_rows].mean()), float(true[train_rows].std())
     y = torch.from_numpy((true - mean) / std)
 
-    backbone = (create_backbone(config.aerial_backbone, weights=config.aerial_weights, seed=config.seed)
-                if config.aerial else None)
-    model = FusionRegressor(backbone, inputs.ground.shape[1] if inputs.ground is not None else None).to(device)
+    backbone = (
+        create_backbone(config.aerial_backbone, weights=config.aerial_weights, seed=config.seed)
+        if config.aerial
+        else None
+    )
+    model = FusionRegressor(
+        backbone, inputs.ground.shape[1] if inputs.ground is not None else None
+    ).to(device)
     if backbone is not None:
         model.aerial.to(memory_format=torch.channels_last)
 
-    trainer = OneCycle(model.parameters(), config.lr, config.weight_decay, config.epochs, len(train_rows),
-                       config.batch_size)
-    resolved = asdict(config) | {"label": config.label, "device_resolved": str(device), "target_mean": mean,
-                                 "target_std": std}
+    trainer = OneCycle(
+        model.parameters(),
+        config.lr,
+        config.weight_decay,
+        config.epochs,
+        len(train_rows),
+        config.batch_size,
+    )
+    resolved = asdict(config) | {
+        "label": config.label,
+        "device_resolved": str(device),
+        "target_mean": mean,
+        "target_std": std,
+    }
     with RunWriter(root.runs, "fusion", resolved, on_progress=progress) as run:
         run.progress(epoch=0, epochs=config.epochs)  # tells a job its run id before epoch 1
-        run.log(f"{config.label}: {len(ids)} cells ({len(train_rows)} train, {len(val_rows)} val), "
-                f"target {config.target}, device {device}")
+        run.log(
+            f"{config.label}: {len(ids)} cells ({len(train_rows)} train, {len(val_rows)} val), "
+            f"target {config.target}, device {device}"
+        )
         if config.ground:
-            run.log(f"ground: {int(image_counts.sum())} images, {int((image_counts > 0).sum())} cells with images")
+            run.log(
+                f"ground: {int(image_counts.sum())} images, {int((image_counts > 0).sum())} cells with images"
+            )
         best_tau, best_state, best_epoch = -np.inf, None, 0
         for epoch in range(1, config.epochs + 1):
             frozen = epoch <= config.warmup_epochs
@@ -211,34 +267,61 @@ def train_fusion(config: FusionConfig, log=print,
                 rows = train_rows[index]
                 if len(rows) < 2:  # BatchNorm needs two samples
                     continue
-                loss = nn.functional.mse_loss(model(*inputs.batch(rows, device, generator)), y[rows].to(device))
+                loss = nn.functional.mse_loss(
+                    model(*inputs.batch(rows, device, generator)), y[rows].to(device)
+                )
                 total += trainer.step(loss) * len(rows)
             predicted = predict_cells(model, inputs, len(ids), device)[0] * std + mean
             val_tau = kendall_tau_b(predicted[val_rows.numpy()], true[val_rows.numpy()])
             seconds = round(time.perf_counter() - started, 2)
-            run.log_epoch(epoch=epoch, train_loss=total / len(train_rows), val_kendall_tau=val_tau,
-                          aerial_frozen=frozen, seconds=seconds)
-            run.progress(epoch=epoch, epochs=config.epochs, loss=total / len(train_rows), val_kendall_tau=val_tau)
-            log(f"{config.label} epoch {epoch}/{config.epochs}: loss {total / len(train_rows):.4f}, "
-                f"val tau {val_tau:.3f} ({seconds} s)")
-            if best_state is None or (not np.isnan(val_tau) and (np.isnan(best_tau) or val_tau > best_tau)):
+            run.log_epoch(
+                epoch=epoch,
+                train_loss=total / len(train_rows),
+                val_kendall_tau=val_tau,
+                aerial_frozen=frozen,
+                seconds=seconds,
+            )
+            run.progress(
+                epoch=epoch,
+                epochs=config.epochs,
+                loss=total / len(train_rows),
+                val_kendall_tau=val_tau,
+            )
+            log(
+                f"{config.label} epoch {epoch}/{config.epochs}: loss {total / len(train_rows):.4f}, "
+                f"val tau {val_tau:.3f} ({seconds} s)"
+            )
+            if best_state is None or (
+                not np.isnan(val_tau) and (np.isnan(best_tau) or val_tau > best_tau)
+            ):
                 best_tau, best_epoch = val_tau, epoch
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         model.load_state_dict(best_state)
         predicted, embeddings = predict_cells(model, inputs, len(ids), device)
         predicted = predicted * std + mean
-        result = cells.assign(predicted=predicted, residual=predicted - true, ground_images=image_counts)
+        result = cells.assign(
+            predicted=predicted, residual=predicted - true, ground_images=image_counts
+        )
         metrics = {"best_epoch": best_epoch, "label": config.label}
         for split in ("train", "val", "test"):
             part = result[result["split"] == split]
-            metrics.update({f"{split}_{k}": v for k, v in score_metrics(part["predicted"], part["true"]).items()})
+            metrics.update(
+                {
+                    f"{split}_{k}": v
+                    for k, v in score_metrics(part["predicted"], part["true"]).items()
+                }
+            )
         test = result[result["split"] == "test"]
-        metrics["test_per_district"] = grouped_metrics(test, "district").reset_index().to_dict(orient="records")
+        metrics["test_per_district"] = (
+            grouped_metrics(test, "district").reset_index().to_dict(orient="records")
+        )
         run.write_metrics(metrics)
         run.write_predictions(result)
         run.write_embeddings(ids, embeddings)
-        run.save_model({k: v.cpu() for k, v in model.state_dict().items()},
-                       {"kind": "fusion", "label": config.label})
+        run.save_model(
+            {k: v.cpu() for k, v in model.state_dict().items()},
+            {"kind": "fusion", "label": config.label},
+        )
         run.log(f"test kendall tau {metrics['test_kendall_tau']:.3f} (best epoch {best_epoch})")
     log(f"{config.label}: run {run.run_id}, test tau {metrics['test_kendall_tau']:.3f}")
     return run.run_id
@@ -250,7 +333,11 @@ def restore(run: Run, device: str = "cpu") -> tuple[FusionRegressor, FusionConfi
     state = {k: torch.from_numpy(v) for k, v in run.state_dict().items()}
     ground_dim = None
     if config.ground:
-        ground_dim = state["ground.weight"].shape[1] if "ground.weight" in state else state["missing"].shape[0]
+        ground_dim = (
+            state["ground.weight"].shape[1]
+            if "ground.weight" in state
+            else state["missing"].shape[0]
+        )
     backbone = create_backbone(config.aerial_backbone) if config.aerial else None
     model = FusionRegressor(backbone, ground_dim)
     model.load_state_dict(state)
@@ -264,5 +351,9 @@ def predict_run(run_dir: str | Path, device: str = "cpu") -> pd.DataFrame:
     ids = run.predictions()["cell_id"].to_numpy()
     inputs, _ = cell_inputs(config, DataRoot(Path(config.data)), ids, log=lambda _: None)
     standardised, _ = predict_cells(model, inputs, len(ids), resolve_device(device))
-    return pd.DataFrame({"cell_id": ids,
-                         "predicted": standardised * run.config["target_std"] + run.config["target_mean"]})
+    return pd.DataFrame(
+        {
+            "cell_id": ids,
+            "predicted": standardised * run.config["target_std"] + run.config["target_mean"],
+        }
+    )

@@ -24,7 +24,9 @@ from core.runs import load_run
 from train.fusion import FusionConfig, train_fusion
 
 
-def matrix_configs(base: FusionConfig, scene_run: str, ground_weights: dict[str, str | None]) -> list[FusionConfig]:
+def matrix_configs(
+    base: FusionConfig, scene_run: str, ground_weights: dict[str, str | None]
+) -> list[FusionConfig]:
     """The configurations of the matrix.
 
     Args:
@@ -36,7 +38,9 @@ def matrix_configs(base: FusionConfig, scene_run: str, ground_weights: dict[str,
     default_weights = next(iter(ground_weights.values()))
 
     def make(name: str, **changes) -> FusionConfig:
-        return replace(base, name=name, scene_run=scene_run, ground_weights=default_weights, **changes)
+        return replace(
+            base, name=name, scene_run=scene_run, ground_weights=default_weights, **changes
+        )
 
     configs = [
         make("aerial", ground=None),
@@ -47,7 +51,9 @@ def matrix_configs(base: FusionConfig, scene_run: str, ground_weights: dict[str,
         make("aerial+flickr(building)", ground="flickr", flickr_subset="building"),
     ]
     for name, weights in list(ground_weights.items())[1:]:
-        configs.append(replace(make(f"aerial+gsv [{name} weights]", ground="gsv"), ground_weights=weights))
+        configs.append(
+            replace(make(f"aerial+gsv [{name} weights]", ground="gsv"), ground_weights=weights)
+        )
     return configs
 
 
@@ -58,11 +64,20 @@ def run_matrix(configs: list[FusionConfig], seeds: list[int], log=print) -> pd.D
         for config in configs:
             run_id = train_fusion(replace(config, seed=seed, split_seed=seed), log=lambda _: None)
             run = load_run(DataRoot(Path(config.data)).runs / run_id)
-            rows.append({"configuration": config.label, "seed": seed, "run_id": run_id,
-                         "test_kendall_tau": run.metrics["test_kendall_tau"],
-                         "test_spearman": run.metrics["test_spearman"], "test_r2": run.metrics["test_r2"],
-                         "ground_weights": config.ground_weights or "random"})
-            log(f"seed {seed} {config.label}: test tau {rows[-1]['test_kendall_tau']:.3f} ({run_id})")
+            rows.append(
+                {
+                    "configuration": config.label,
+                    "seed": seed,
+                    "run_id": run_id,
+                    "test_kendall_tau": run.metrics["test_kendall_tau"],
+                    "test_spearman": run.metrics["test_spearman"],
+                    "test_r2": run.metrics["test_r2"],
+                    "ground_weights": config.ground_weights or "random",
+                }
+            )
+            log(
+                f"seed {seed} {config.label}: test tau {rows[-1]['test_kendall_tau']:.3f} ({run_id})"
+            )
     return pd.DataFrame(rows)
 
 
@@ -72,7 +87,9 @@ def merge_results(existing: Path, new: pd.DataFrame) -> pd.DataFrame:
     if not existing.is_file():
         return new
     earlier = pd.read_csv(existing)
-    replaced = earlier.set_index(["configuration", "seed"]).index.isin(new.set_index(["configuration", "seed"]).index)
+    replaced = earlier.set_index(["configuration", "seed"]).index.isin(
+        new.set_index(["configuration", "seed"]).index
+    )
     return pd.concat([earlier[~replaced], new], ignore_index=True)
 
 
@@ -80,18 +97,28 @@ def write_report(results: pd.DataFrame, out: Path, schedule: str) -> tuple[Path,
     """Write ``fusion_matrix.csv`` (per run) and ``fusion_matrix.md`` (the summary table)."""
     table, derived = summarise_matrix(results)
     csv = write_atomic(out / "fusion_matrix.csv", lambda tmp: results.to_csv(tmp, index=False))
-    lines = [f"# Fusion experiment matrix ({schedule})", "",
-             f"Kendall's tau (tau-b) on the test blocks, mean ± std over seeds {sorted(int(s) for s in results['seed'].unique())}.",
-             "", "| configuration | tau | spearman | R² |", "|---|---|---|---|"]
+    lines = [
+        f"# Fusion experiment matrix ({schedule})",
+        "",
+        f"Kendall's tau (tau-b) on the test blocks, mean ± std over seeds {sorted(int(s) for s in results['seed'].unique())}.",
+        "",
+        "| configuration | tau | spearman | R² |",
+        "|---|---|---|---|",
+    ]
     for name, row in table.iterrows():
         std = "" if np.isnan(row["tau_std"]) else f" ± {row['tau_std']:.3f}"
-        lines.append(f"| {name} | {row['tau_mean']:.3f}{std} | {row['spearman_mean']:.3f} | {row['r2_mean']:.3f} |")
+        lines.append(
+            f"| {name} | {row['tau_mean']:.3f}{std} | {row['spearman_mean']:.3f} | {row['r2_mean']:.3f} |"
+        )
     if derived:
-        lines += ["", f"- aerial+GSV over aerial: {100 * derived['gsv_gain_over_aerial_mean']:+.0f}% tau "
-                      f"(± {100 * derived['gsv_gain_over_aerial_std']:.0f}%)",
-                  f"- share of that gap closed by building-filtered Flickr: "
-                  f"{100 * derived['gap_closed_by_building_flickr_mean']:.0f}% "
-                  f"(± {100 * derived['gap_closed_by_building_flickr_std']:.0f}%)"]
+        lines += [
+            "",
+            f"- aerial+GSV over aerial: {100 * derived['gsv_gain_over_aerial_mean']:+.0f}% tau "
+            f"(± {100 * derived['gsv_gain_over_aerial_std']:.0f}%)",
+            f"- share of that gap closed by building-filtered Flickr: "
+            f"{100 * derived['gap_closed_by_building_flickr_mean']:.0f}% "
+            f"(± {100 * derived['gap_closed_by_building_flickr_std']:.0f}%)",
+        ]
     lines += ["", "Runs: " + ", ".join(results["run_id"])]
     md = write_atomic(out / "fusion_matrix.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     return csv, md

@@ -74,14 +74,24 @@ def train_perception(config: PerceptionConfig, log=print) -> str:
     left = torch.tensor(row[votes["left_id"]].to_numpy())
     right = torch.tensor(row[votes["right_id"]].to_numpy())
     categories = tuple(sorted(votes["category"].unique()))
-    category = torch.tensor(votes["category"].map({c: i for i, c in enumerate(categories)}).to_numpy())
+    category = torch.tensor(
+        votes["category"].map({c: i for i, c in enumerate(categories)}).to_numpy()
+    )
     target = torch.tensor(votes["winner"].map(WINNER_TARGET).to_numpy(), dtype=torch.float32)
-    test = torch.from_numpy(np.random.default_rng(config.seed).random(len(votes)) < config.test_share)
+    test = torch.from_numpy(
+        np.random.default_rng(config.seed).random(len(votes)) < config.test_share
+    )
     train_rows = torch.nonzero(~test).squeeze(1)
     pixels = load_pixels(images, config.px, root.cache / "pixels")
 
-    model = PerceptionModel(config.backbone, categories, config.seed).to(device).to(memory_format=torch.channels_last)
-    trainer = OneCycle(model.parameters(), config.lr, 1e-4, config.epochs, len(train_rows), config.batch_size)
+    model = (
+        PerceptionModel(config.backbone, categories, config.seed)
+        .to(device)
+        .to(memory_format=torch.channels_last)
+    )
+    trainer = OneCycle(
+        model.parameters(), config.lr, 1e-4, config.epochs, len(train_rows), config.batch_size
+    )
 
     def margin(rows: torch.Tensor, augment: bool) -> torch.Tensor:
         pair = torch.cat([left[rows], right[rows]])
@@ -89,38 +99,79 @@ def train_perception(config: PerceptionConfig, log=print) -> str:
         if augment:
             x = augment_street(x, generator)
         scores = model(x).gather(1, category[rows].repeat(2).to(device)[:, None]).squeeze(1)
-        return scores[: len(rows)] - scores[len(rows):]
+        return scores[: len(rows)] - scores[len(rows) :]
 
     with RunWriter(root.runs, "perception", asdict(config)) as run:
-        run.log(f"{len(votes)} votes on {len(images)} images, categories {categories}, device {device}")
+        run.log(
+            f"{len(votes)} votes on {len(images)} images, categories {categories}, device {device}"
+        )
         for epoch in range(1, config.epochs + 1):
             model.train()
             started, total = time.perf_counter(), 0.0
             for index in batches(len(train_rows), config.batch_size, generator):
                 rows = train_rows[index]
-                loss = nn.functional.binary_cross_entropy_with_logits(margin(rows, True), target[rows].to(device))
+                loss = nn.functional.binary_cross_entropy_with_logits(
+                    margin(rows, True), target[rows].to(device)
+                )
                 total += trainer.step(loss) * len(rows)
             accuracy = _pair_accuracy(model, margin, test, target, category, categories)
-            run.log_epoch(epoch=epoch, train_loss=total / len(train_rows), val_accuracy=accuracy["all"],
-                          seconds=round(time.perf_counter() - started, 2))
-            run.progress(epoch=epoch, epochs=config.epochs, loss=total / len(train_rows), val_accuracy=accuracy["all"])
-            log(f"perception epoch {epoch}: loss {total / len(train_rows):.3f}, held-out accuracy {accuracy['all']:.3f}")
+            run.log_epoch(
+                epoch=epoch,
+                train_loss=total / len(train_rows),
+                val_accuracy=accuracy["all"],
+                seconds=round(time.perf_counter() - started, 2),
+            )
+            run.progress(
+                epoch=epoch,
+                epochs=config.epochs,
+                loss=total / len(train_rows),
+                val_accuracy=accuracy["all"],
+            )
+            log(
+                f"perception epoch {epoch}: loss {total / len(train_rows):.3f}, held-out accuracy {accuracy['all']:.3f}"
+            )
         run.write_metrics({f"pair_accuracy_{k}": v for k, v in accuracy.items()})
-        run.write_predictions(pd.DataFrame({"cell_id": images["cell_id"].to_numpy(np.int64), "split": "all",
-                                            "true": np.nan, "predicted": np.nan, "image_id": images["id"]}))
-        run.save_model(model.state_dict(), {"categories": ",".join(categories), "backbone": config.backbone})
-        save_backbone(model.backbone, run.path / "backbone.safetensors", trained_on="pairwise perception votes",
-                      px=str(config.px))
+        run.write_predictions(
+            pd.DataFrame(
+                {
+                    "cell_id": images["cell_id"].to_numpy(np.int64),
+                    "split": "all",
+                    "true": np.nan,
+                    "predicted": np.nan,
+                    "image_id": images["id"],
+                }
+            )
+        )
+        run.save_model(
+            model.state_dict(), {"categories": ",".join(categories), "backbone": config.backbone}
+        )
+        save_backbone(
+            model.backbone,
+            run.path / "backbone.safetensors",
+            trained_on="pairwise perception votes",
+            px=str(config.px),
+        )
     return run.run_id
 
 
 @torch.inference_mode()
-def _pair_accuracy(model: nn.Module, margin, test: torch.Tensor, target: torch.Tensor, category: torch.Tensor,
-                   categories: tuple[str, ...]) -> dict[str, float]:
+def _pair_accuracy(
+    model: nn.Module,
+    margin,
+    test: torch.Tensor,
+    target: torch.Tensor,
+    category: torch.Tensor,
+    categories: tuple[str, ...],
+) -> dict[str, float]:
     """Share of decided held-out votes whose winner the model ranks higher, overall and per category."""
     model.eval()
     rows = torch.nonzero(test & (target != 0.5)).squeeze(1)
-    correct = torch.cat([(margin(rows[b], False).cpu() > 0) == (target[rows[b]] > 0.5) for b in batches(len(rows), 1024)])
+    correct = torch.cat(
+        [
+            (margin(rows[b], False).cpu() > 0) == (target[rows[b]] > 0.5)
+            for b in batches(len(rows), 1024)
+        ]
+    )
     result = {"all": float(correct.float().mean())}
     for i, name in enumerate(categories):
         mine = category[rows] == i

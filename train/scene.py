@@ -64,7 +64,9 @@ def _labels(root: DataRoot, photos: pd.DataFrame, scenes: tuple[str, ...]) -> np
     labels = pd.read_csv(root.scene_labels).set_index("id")["scene"]
     unknown = sorted(set(labels) - set(scenes))
     if unknown:
-        raise ValueError(f"{root.scene_labels}: scenes {unknown} are not among the classifier's scenes")
+        raise ValueError(
+            f"{root.scene_labels}: scenes {unknown} are not among the classifier's scenes"
+        )
     index = labels.reindex(photos["id"]).map({s: i for i, s in enumerate(scenes)})
     return index.fillna(-1).to_numpy(np.int64)
 
@@ -76,7 +78,11 @@ def train_scene_filter(config: SceneTrainConfig, log=print) -> str:
     generator = seed_everything(config.seed)
     photos = street_images(root, "flickr")
     if config.checkpoint:
-        scenes = read_scene_names(config.scene_names) if config.scene_names else tuple(config.filter.scenes)
+        scenes = (
+            read_scene_names(config.scene_names)
+            if config.scene_names
+            else tuple(config.filter.scenes)
+        )
         model = load_scene_classifier(config.checkpoint, config.backbone, scenes)
     else:
         scenes = tuple(config.filter.scenes)
@@ -84,42 +90,85 @@ def train_scene_filter(config: SceneTrainConfig, log=print) -> str:
     config = replace(config, filter=replace(config.filter, scenes=scenes))  # recorded with the run
     truth = _labels(root, photos, scenes)
     if truth is None and not config.checkpoint:
-        raise FileNotFoundError(f"{root.scene_labels}: no scene labels to train on; pass --checkpoint instead")
+        raise FileNotFoundError(
+            f"{root.scene_labels}: no scene labels to train on; pass --checkpoint instead"
+        )
     model = model.to(device).to(memory_format=torch.channels_last)
     pixels = load_pixels(photos, config.px, root.cache / "pixels")
     held_out = _held_out(photos["id"]) if not config.checkpoint else np.ones(len(photos), bool)
 
     with RunWriter(root.runs, "scene", asdict(config)) as run:
         if not config.checkpoint:
-            _fit(model, pixels, torch.tensor(truth), held_out & (truth >= 0), ~held_out & (truth >= 0),
-                 config, generator, device, run, log)
+            _fit(
+                model,
+                pixels,
+                torch.tensor(truth),
+                held_out & (truth >= 0),
+                ~held_out & (truth >= 0),
+                config,
+                generator,
+                device,
+                run,
+                log,
+            )
         model.eval()
-        probabilities = predict(lambda i: model(to_input(pixels, i, device)).softmax(1), len(photos)).numpy()
+        probabilities = predict(
+            lambda i: model(to_input(pixels, i, device)).softmax(1), len(photos)
+        ).numpy()
         scores = pd.DataFrame(probabilities, columns=[f"p_{s}" for s in scenes]).round(4)
         scores.insert(0, "id", photos["id"].to_numpy())
         metrics = {"photos": len(photos)}
         if truth is not None:
-            metrics |= _filter_quality(scores, probabilities, truth, held_out & (truth >= 0), scenes, config.filter)
+            metrics |= _filter_quality(
+                scores, probabilities, truth, held_out & (truth >= 0), scenes, config.filter
+            )
         run.write_metrics(metrics)
-        run.write_predictions(pd.DataFrame({
-            "cell_id": photos["cell_id"].to_numpy(np.int64), "split": np.where(held_out, "test", "train"),
-            "true": truth.astype(float) if truth is not None else np.nan,
-            "predicted": probabilities.argmax(1).astype(float), "image_id": photos["id"].to_numpy()}))
-        run.save_model(model.state_dict(), {"scenes": ",".join(scenes), "backbone": config.backbone})
-        save_backbone(model.backbone, run.path / "backbone.safetensors", trained_on="scene classification",
-                      px=str(config.px))
+        run.write_predictions(
+            pd.DataFrame(
+                {
+                    "cell_id": photos["cell_id"].to_numpy(np.int64),
+                    "split": np.where(held_out, "test", "train"),
+                    "true": truth.astype(float) if truth is not None else np.nan,
+                    "predicted": probabilities.argmax(1).astype(float),
+                    "image_id": photos["id"].to_numpy(),
+                }
+            )
+        )
+        run.save_model(
+            model.state_dict(), {"scenes": ",".join(scenes), "backbone": config.backbone}
+        )
+        save_backbone(
+            model.backbone,
+            run.path / "backbone.safetensors",
+            trained_on="scene classification",
+            px=str(config.px),
+        )
         write_atomic(scores_path(root, run.run_id), lambda tmp: scores.to_parquet(tmp, index=False))
         run.log(f"metrics {metrics}")
     log(f"scene filter run {run.run_id}: {metrics}")
     return run.run_id
 
 
-def _fit(model: SceneClassifier, pixels: np.ndarray, truth: torch.Tensor, evaluate: np.ndarray, train: np.ndarray,
-         config: SceneTrainConfig, generator: torch.Generator, device: torch.device, run: RunWriter, log) -> None:
+def _fit(
+    model: SceneClassifier,
+    pixels: np.ndarray,
+    truth: torch.Tensor,
+    evaluate: np.ndarray,
+    train: np.ndarray,
+    config: SceneTrainConfig,
+    generator: torch.Generator,
+    device: torch.device,
+    run: RunWriter,
+    log,
+) -> None:
     train_index = torch.from_numpy(np.flatnonzero(train))
     held_out = torch.from_numpy(np.flatnonzero(evaluate))
-    trainer = OneCycle(model.parameters(), config.lr, 1e-4, config.epochs, len(train_index), config.batch_size)
-    run.log(f"{int(train.sum())} labelled photos for training, {int(evaluate.sum())} held out, device {device}")
+    trainer = OneCycle(
+        model.parameters(), config.lr, 1e-4, config.epochs, len(train_index), config.batch_size
+    )
+    run.log(
+        f"{int(train.sum())} labelled photos for training, {int(evaluate.sum())} held out, device {device}"
+    )
     for epoch in range(1, config.epochs + 1):
         model.train()
         started, total = time.perf_counter(), 0.0
@@ -129,19 +178,38 @@ def _fit(model: SceneClassifier, pixels: np.ndarray, truth: torch.Tensor, evalua
             loss = nn.functional.cross_entropy(model(x), truth[rows].to(device))
             total += trainer.step(loss) * len(rows)
         model.eval()
-        predicted = predict(lambda i: model(to_input(pixels, held_out[i], device)).argmax(1), len(held_out))
+        predicted = predict(
+            lambda i: model(to_input(pixels, held_out[i], device)).argmax(1), len(held_out)
+        )
         accuracy = float((predicted == truth[held_out]).float().mean())
-        run.log_epoch(epoch=epoch, train_loss=total / len(train_index), val_accuracy=accuracy,
-                      seconds=round(time.perf_counter() - started, 2))
-        run.progress(epoch=epoch, epochs=config.epochs, loss=total / len(train_index), val_accuracy=accuracy)
-        log(f"scene epoch {epoch}: loss {total / len(train_index):.3f}, held-out accuracy {accuracy:.3f}")
+        run.log_epoch(
+            epoch=epoch,
+            train_loss=total / len(train_index),
+            val_accuracy=accuracy,
+            seconds=round(time.perf_counter() - started, 2),
+        )
+        run.progress(
+            epoch=epoch, epochs=config.epochs, loss=total / len(train_index), val_accuracy=accuracy
+        )
+        log(
+            f"scene epoch {epoch}: loss {total / len(train_index):.3f}, held-out accuracy {accuracy:.3f}"
+        )
 
 
-def _filter_quality(scores: pd.DataFrame, probabilities: np.ndarray, truth: np.ndarray, evaluate: np.ndarray,
-                    scenes: tuple[str, ...], config: SceneFilterConfig) -> dict[str, float]:
+def _filter_quality(
+    scores: pd.DataFrame,
+    probabilities: np.ndarray,
+    truth: np.ndarray,
+    evaluate: np.ndarray,
+    scenes: tuple[str, ...],
+    config: SceneFilterConfig,
+) -> dict[str, float]:
     """Accuracy, and precision/recall of the outdoor and building subsets on the evaluated photos."""
     metrics = {"held_out_accuracy": float((probabilities.argmax(1) == truth)[evaluate].mean())}
-    wanted_scenes = {"building": set(config.building_scenes), "outdoor": set(scenes) - set(config.indoor_scenes)}
+    wanted_scenes = {
+        "building": set(config.building_scenes),
+        "outdoor": set(scenes) - set(config.indoor_scenes),
+    }
     for subset, wanted_names in wanted_scenes.items():
         kept = select(scores, subset, config)
         wanted = np.isin(truth, [scenes.index(s) for s in wanted_names if s in scenes])

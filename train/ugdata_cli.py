@@ -24,9 +24,16 @@ from core.ugdata import (
 )
 
 
-def build_ugdata(data: str, out: str, seed: int = 0, max_images: int | None = None, hops: int = 2,
-                 holdout_district: str | None = None, paths_per_node: int = 2,
-                 max_nodes: int = 64) -> dict:
+def build_ugdata(
+    data: str,
+    out: str,
+    seed: int = 0,
+    max_images: int | None = None,
+    hops: int = 2,
+    holdout_district: str | None = None,
+    paths_per_node: int = 2,
+    max_nodes: int = 64,
+) -> dict:
     """Build UGData for the data root ``data`` into the new folder ``out``, atomically.
 
     The folder is written under a temporary name beside ``out`` and renamed when complete, so a
@@ -64,8 +71,15 @@ def build_ugdata(data: str, out: str, seed: int = 0, max_images: int | None = No
 
     context = load_city(data)
     t = lap("load", started)
-    built = build_samples(context, out_path, seed=seed, max_images=max_images, hops=hops,
-                          max_nodes=max_nodes, paths_per_node=paths_per_node)
+    built = build_samples(
+        context,
+        out_path,
+        seed=seed,
+        max_images=max_images,
+        hops=hops,
+        max_nodes=max_nodes,
+        paths_per_node=paths_per_node,
+    )
     t = lap("samples", t)
     files = {TRAIN_FILE: built.samples}
     dropped = 0
@@ -91,18 +105,27 @@ def build_ugdata(data: str, out: str, seed: int = 0, max_images: int | None = No
         manifest = {
             "layout_version": LAYOUT_VERSION,
             "data": str(Path(data).resolve()),
-            "options": {"seed": seed, "max_images": max_images, "hops": hops,
-                        "holdout_district": holdout_district, "paths_per_node": paths_per_node,
-                        "max_nodes": max_nodes, "radius_m": context.radius},
-            "context_layers": {"water": context.water is not None,
-                               "parks": context.parks is not None},
+            "options": {
+                "seed": seed,
+                "max_images": max_images,
+                "hops": hops,
+                "holdout_district": holdout_district,
+                "paths_per_node": paths_per_node,
+                "max_nodes": max_nodes,
+                "radius_m": context.radius,
+            },
+            "context_layers": {
+                "water": context.water is not None,
+                "parks": context.parks is not None,
+            },
             "images": built.images,
             "street_nodes": len(context.graph.node_ids),
             "street_edges": len(context.graph.edges),
             "graphs": graphs,
             "files": counts,
-            "pair_types": {name: dict(Counter(s.pair_type for s in samples))
-                           for name, samples in files.items()},
+            "pair_types": {
+                name: dict(Counter(s.pair_type for s in samples)) for name, samples in files.items()
+            },
             "dropped_crossing_holdout": dropped,
             "timings_s": timings,
             "elapsed_s": round(time.perf_counter() - started, 2),
@@ -113,4 +136,3 @@ def build_ugdata(data: str, out: str, seed: int = 0, max_images: int | None = No
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
-

@@ -108,17 +108,31 @@ class UGEConfig:
         source = hashlib.sha1(str(self.ugdata_folder.resolve()).encode()).hexdigest()[:8]
         folder = cache / f"tiny-qwen2vl-captions-{self.tiny_pretrain_steps}-{source}"
         if not (folder / PRETRAINING_MARKER).is_file():
-            log(f"pretraining the tiny VLM on captions ({self.tiny_pretrain_steps} steps, cached in {folder})")
-            pretrain_captioning(base, folder, data or read_ugdata(self.ugdata_folder), self.tiny_pretrain_steps,
-                                load_images, image_px=self.image_px, log=log)
+            log(
+                f"pretraining the tiny VLM on captions ({self.tiny_pretrain_steps} steps, cached in {folder})"
+            )
+            pretrain_captioning(
+                base,
+                folder,
+                data or read_ugdata(self.ugdata_folder),
+                self.tiny_pretrain_steps,
+                load_images,
+                image_px=self.image_px,
+                log=log,
+            )
         return folder
 
 
 def settings(config: UGEConfig, lora: bool = True) -> UGESettings:
     """The embedder settings of a run (stage 0 has no adapters)."""
     pixels = config.image_px * config.image_px
-    return UGESettings(pooling=config.pooling, dim=config.dim, image_min_pixels=pixels, image_max_pixels=pixels,
-                       lora=LoraSettings(r=config.lora_r, alpha=2 * config.lora_r) if lora else None)
+    return UGESettings(
+        pooling=config.pooling,
+        dim=config.dim,
+        image_min_pixels=pixels,
+        image_max_pixels=pixels,
+        lora=LoraSettings(r=config.lora_r, alpha=2 * config.lora_r) if lora else None,
+    )
 
 
 def load_images(data: UGData, samples: Sequence[UGSample], px: int) -> list[Image.Image]:
@@ -126,7 +140,9 @@ def load_images(data: UGData, samples: Sequence[UGSample], px: int) -> list[Imag
     return [Image.open(data.image_path(s)).convert("RGB").resize((px, px)) for s in samples]
 
 
-def graph_batch(records: Sequence[GraphRecord], node_vectors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def graph_batch(
+    records: Sequence[GraphRecord], node_vectors: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Padded tensors of subgraphs for :class:`GraphEncoder` (both edge directions).
 
     A node's features are its degree and hop, then the embedding of its text (``node_vectors``,
@@ -136,24 +152,41 @@ def graph_batch(records: Sequence[GraphRecord], node_vectors: Mapping[str, torch
     n = max(len(r.nodes) for r in records)
     e = max(2 * len(r.edges) for r in records) or 1
     width = STRUCTURE_FEATURES + next(iter(node_vectors.values())).shape[0]
-    batch = {"nodes": torch.zeros(len(records), n, width), "node_mask": torch.zeros(len(records), n, dtype=torch.bool),
-             "xy": torch.zeros(len(records), n, 2), "edges": torch.zeros(len(records), e, 2, dtype=torch.long),
-             "edge_mask": torch.zeros(len(records), e, dtype=torch.bool), "edge_attr": torch.zeros(len(records), e, EDGE_FEATURES),
-             "centre": torch.zeros(len(records), dtype=torch.long)}
+    batch = {
+        "nodes": torch.zeros(len(records), n, width),
+        "node_mask": torch.zeros(len(records), n, dtype=torch.bool),
+        "xy": torch.zeros(len(records), n, 2),
+        "edges": torch.zeros(len(records), e, 2, dtype=torch.long),
+        "edge_mask": torch.zeros(len(records), e, dtype=torch.bool),
+        "edge_attr": torch.zeros(len(records), e, EDGE_FEATURES),
+        "centre": torch.zeros(len(records), dtype=torch.long),
+    }
     for b, record in enumerate(records):
         index = {node["node_id"]: i for i, node in enumerate(record.nodes)}
         for i, node in enumerate(record.nodes):
-            batch["nodes"][b, i, :STRUCTURE_FEATURES] = torch.tensor([node.get("degree", 0) / 4, node.get("hop", 0) / 2])
+            batch["nodes"][b, i, :STRUCTURE_FEATURES] = torch.tensor(
+                [node.get("degree", 0) / 4, node.get("hop", 0) / 2]
+            )
             batch["nodes"][b, i, STRUCTURE_FEATURES:] = node_vectors[node["node_id"]]
             batch["xy"][b, i] = torch.tensor(node["xy"], dtype=torch.float32)
         batch["node_mask"][b, : len(record.nodes)] = True
         batch["centre"][b] = index[record.center_node]
         for j, edge in enumerate(record.edges):
             bearing = np.radians(edge["bearing_deg"])
-            forward = [edge["length_m"] / 100, np.sin(bearing), np.cos(bearing), edge["dx_m"] / 100, edge["dy_m"] / 100]
+            forward = [
+                edge["length_m"] / 100,
+                np.sin(bearing),
+                np.cos(bearing),
+                edge["dx_m"] / 100,
+                edge["dy_m"] / 100,
+            ]
             backward = [forward[0], -forward[1], -forward[2], -forward[3], -forward[4]]
-            for k, (pair, attr) in enumerate((((edge["source"], edge["target"]), forward),
-                                              ((edge["target"], edge["source"]), backward))):
+            for k, (pair, attr) in enumerate(
+                (
+                    ((edge["source"], edge["target"]), forward),
+                    ((edge["target"], edge["source"]), backward),
+                )
+            ):
                 batch["edges"][b, 2 * j + k] = torch.tensor([index[pair[0]], index[pair[1]]])
                 batch["edge_attr"][b, 2 * j + k] = torch.tensor(attr, dtype=torch.float32)
                 batch["edge_mask"][b, 2 * j + k] = True
@@ -165,13 +198,25 @@ class GraphModel(torch.nn.Module):
 
     def __init__(self, image_dim: int, graph_dim: int, place_dim: int = 0) -> None:
         super().__init__()
-        self.encoder = GraphEncoder(STRUCTURE_FEATURES + image_dim, EDGE_FEATURES, hidden=graph_dim, out_dim=graph_dim,
-                                    place_dim=place_dim)
+        self.encoder = GraphEncoder(
+            STRUCTURE_FEATURES + image_dim,
+            EDGE_FEATURES,
+            hidden=graph_dim,
+            out_dim=graph_dim,
+            place_dim=place_dim,
+        )
         self.fusion = SpatialFusion(image_dim, graph_dim)
 
     def forward(self, image: torch.Tensor, graphs: dict[str, torch.Tensor]) -> torch.Tensor:
-        graph = self.encoder(graphs["nodes"], graphs["node_mask"], graphs["edges"], graphs["edge_mask"],
-                             graphs["edge_attr"], graphs["centre"], graphs["xy"])
+        graph = self.encoder(
+            graphs["nodes"],
+            graphs["node_mask"],
+            graphs["edges"],
+            graphs["edge_mask"],
+            graphs["edge_attr"],
+            graphs["centre"],
+            graphs["xy"],
+        )
         return self.fusion(image, graph)
 
 
@@ -185,13 +230,14 @@ def node_groups(samples: Sequence[UGSample]) -> torch.Tensor:
     return group_ids([s.meta.get("node_id", i) for i, s in enumerate(samples)])
 
 
-def embed_queries(embedder: UGEEmbedder, data: UGData, samples: Sequence[UGSample], px: int,
-                  batch_size: int = 32) -> torch.Tensor:
+def embed_queries(
+    embedder: UGEEmbedder, data: UGData, samples: Sequence[UGSample], px: int, batch_size: int = 32
+) -> torch.Tensor:
     """Image-side embeddings: caption/graph samples by image, reasoning samples by image + question."""
     out = []
     with torch.no_grad():
         for start in range(0, len(samples), batch_size):
-            part = samples[start:start + batch_size]
+            part = samples[start : start + batch_size]
             images = load_images(data, part, px)
             reasoning = [s.pair_type == PAIR_REASONING for s in part]
             if all(reasoning):
@@ -202,17 +248,32 @@ def embed_queries(embedder: UGEEmbedder, data: UGData, samples: Sequence[UGSampl
     return torch.cat(out) if out else torch.zeros(0, embedder.dim)
 
 
-def embed_positives(embedder: UGEEmbedder, samples: Sequence[UGSample], batch_size: int = 64) -> torch.Tensor:
+def embed_positives(
+    embedder: UGEEmbedder, samples: Sequence[UGSample], batch_size: int = 64
+) -> torch.Tensor:
     """Text-side embeddings of the samples' positives (captions or answers)."""
     with torch.no_grad():
-        parts = [embedder.embed_texts([s.positive for s in samples[i:i + batch_size]], TEXT_TASK).float().cpu()
-                 for i in range(0, len(samples), batch_size)]
+        parts = [
+            embedder.embed_texts([s.positive for s in samples[i : i + batch_size]], TEXT_TASK)
+            .float()
+            .cpu()
+            for i in range(0, len(samples), batch_size)
+        ]
     return torch.cat(parts) if parts else torch.zeros(0, embedder.dim)
 
 
-def _stage1(embedder: UGEEmbedder, data: UGData, samples: list[UGSample], config: UGEConfig,
-            generator: torch.Generator, run: RunWriter, log: Callable[[str], None]) -> None:
-    optimiser = torch.optim.AdamW(embedder.adapter_parameters().values(), lr=config.lr, weight_decay=0.0)
+def _stage1(
+    embedder: UGEEmbedder,
+    data: UGData,
+    samples: list[UGSample],
+    config: UGEConfig,
+    generator: torch.Generator,
+    run: RunWriter,
+    log: Callable[[str], None],
+) -> None:
+    optimiser = torch.optim.AdamW(
+        embedder.adapter_parameters().values(), lr=config.lr, weight_decay=0.0
+    )
     by_type = {t: [s for s in samples if s.pair_type == t] for t in (PAIR_CAPTION, PAIR_REASONING)}
     kinds = [t for t, s in by_type.items() if len(s) >= 2]
     embedder.train()
@@ -223,17 +284,33 @@ def _stage1(embedder: UGEEmbedder, data: UGData, samples: list[UGSample], config
         batch = [pool[i] for i in rows]
         images = load_images(data, batch, config.image_px)
         if kind == PAIR_REASONING:
-            query = embedder.embed_images(images, QUESTION_TASK, [s.query.replace("<image>", "").strip() for s in batch])
+            query = embedder.embed_images(
+                images, QUESTION_TASK, [s.query.replace("<image>", "").strip() for s in batch]
+            )
         else:
             query = embedder.embed_images(images, IMAGE_TASK)
-        loss = info_nce(query, embedder.embed_texts([s.positive for s in batch], TEXT_TASK),
-                        config.temperature, node_groups(batch).to(query.device))
-        _step(optimiser, loss, run, log, stage=1, step=step, steps=config.stage1_steps, pair_type=kind)
+        loss = info_nce(
+            query,
+            embedder.embed_texts([s.positive for s in batch], TEXT_TASK),
+            config.temperature,
+            node_groups(batch).to(query.device),
+        )
+        _step(
+            optimiser, loss, run, log, stage=1, step=step, steps=config.stage1_steps, pair_type=kind
+        )
     embedder.eval()
 
 
-def _step(optimiser: torch.optim.Optimizer, loss: torch.Tensor, run: RunWriter, log: Callable[[str], None],
-          stage: int, step: int, steps: int, pair_type: str) -> None:
+def _step(
+    optimiser: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    run: RunWriter,
+    log: Callable[[str], None],
+    stage: int,
+    step: int,
+    steps: int,
+    pair_type: str,
+) -> None:
     """One optimiser step; the loss goes to metrics.csv, and to progress and the log 20 times a stage."""
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
@@ -245,8 +322,14 @@ def _step(optimiser: torch.optim.Optimizer, loss: torch.Tensor, run: RunWriter, 
         log(f"uge stage {stage} step {step}/{steps}: {pair_type} loss {value:.3f}")
 
 
-def _stage2(model: GraphModel, pools: Sequence[PairPool], config: UGEConfig, generator: torch.Generator,
-            run: RunWriter, log: Callable[[str], None]) -> None:
+def _stage2(
+    model: GraphModel,
+    pools: Sequence[PairPool],
+    config: UGEConfig,
+    generator: torch.Generator,
+    run: RunWriter,
+    log: Callable[[str], None],
+) -> None:
     """Graph encoder + fusion against captions (place pairs) and answers (walks), in turn."""
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.graph_lr)
     pools = [p for p in pools if len(p.queries) >= 2]
@@ -255,17 +338,43 @@ def _stage2(model: GraphModel, pools: Sequence[PairPool], config: UGEConfig, gen
         pool = pools[step % len(pools)]
         rows = torch.randperm(len(pool.queries), generator=generator)[: config.batch_size]
         part = {k: v[rows] for k, v in pool.graphs.items()}
-        loss = info_nce(model(pool.queries[rows], part), pool.answers[rows], config.temperature, pool.groups[rows])
-        _step(optimiser, loss, run, log, stage=2, step=step, steps=config.stage2_steps, pair_type=pool.kind)
+        loss = info_nce(
+            model(pool.queries[rows], part),
+            pool.answers[rows],
+            config.temperature,
+            pool.groups[rows],
+        )
+        _step(
+            optimiser,
+            loss,
+            run,
+            log,
+            stage=2,
+            step=step,
+            steps=config.stage2_steps,
+            pair_type=pool.kind,
+        )
     model.eval()
 
 
-def fused_embeddings(model: GraphModel, images: torch.Tensor, graphs: dict[str, torch.Tensor],
-                     batch_size: int = 256) -> torch.Tensor:
+def fused_embeddings(
+    model: GraphModel, images: torch.Tensor, graphs: dict[str, torch.Tensor], batch_size: int = 256
+) -> torch.Tensor:
     """Stage-2 embeddings of images with their subgraphs."""
     with torch.no_grad():
-        return torch.cat([model(images[i:i + batch_size], {k: v[i:i + batch_size] for k, v in graphs.items()})
-                          for i in range(0, len(images), batch_size)]) if len(images) else images
+        return (
+            torch.cat(
+                [
+                    model(
+                        images[i : i + batch_size],
+                        {k: v[i : i + batch_size] for k, v in graphs.items()},
+                    )
+                    for i in range(0, len(images), batch_size)
+                ]
+            )
+            if len(images)
+            else images
+        )
 
 
 def _pad_cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -277,7 +386,9 @@ def _pad_cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         for p in parts:
             value = p[key]
             if width is not None and value.shape[1] < width:
-                pad = torch.zeros((value.shape[0], width - value.shape[1], *value.shape[2:]), dtype=value.dtype)
+                pad = torch.zeros(
+                    (value.shape[0], width - value.shape[1], *value.shape[2:]), dtype=value.dtype
+                )
                 value = torch.cat([value, pad], 1)
             padded.append(value)
         out[key] = torch.cat(padded)
@@ -286,13 +397,21 @@ def _pad_cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 def graph_file(sample: UGSample) -> str:
     """A sample's street subgraph file: its own, else its anchor node's (where a walk starts)."""
-    return sample.graphs[0] if sample.graphs else f"{GRAPH_DIR}/{graph_file_name(str(sample.meta['node_id']))}"
+    return (
+        sample.graphs[0]
+        if sample.graphs
+        else f"{GRAPH_DIR}/{graph_file_name(str(sample.meta['node_id']))}"
+    )
 
 
 def walks_with_graphs(data: UGData, samples: Sequence[UGSample]) -> list[UGSample]:
     """The reasoning samples whose start node has a graph file (a graph that reaches into the
     held-out district is not written for the training split)."""
-    return [s for s in samples if s.pair_type == PAIR_REASONING and (data.root / graph_file(s)).is_file()]
+    return [
+        s
+        for s in samples
+        if s.pair_type == PAIR_REASONING and (data.root / graph_file(s)).is_file()
+    ]
 
 
 def graph_records(data: UGData, samples: Sequence[UGSample]) -> list[GraphRecord]:
@@ -305,7 +424,9 @@ def graph_records(data: UGData, samples: Sequence[UGSample]) -> list[GraphRecord
     return [files[graph_file(sample)] for sample in samples]
 
 
-def node_vectors(embedder: UGEEmbedder, records: Sequence[GraphRecord], batch_size: int = 128) -> dict[str, torch.Tensor]:
+def node_vectors(
+    embedder: UGEEmbedder, records: Sequence[GraphRecord], batch_size: int = 128
+) -> dict[str, torch.Tensor]:
     """The embedding of every node text in ``records``, by node id (each node embedded once)."""
     texts: dict[str, str] = {}
     for record in records:
@@ -313,15 +434,25 @@ def node_vectors(embedder: UGEEmbedder, records: Sequence[GraphRecord], batch_si
             texts.setdefault(node["node_id"], node["node_text"])
     ids = list(texts)
     with torch.no_grad():
-        vectors = [embedder.embed_texts([texts[i] for i in ids[k:k + batch_size]], NODE_TASK).float().cpu()
-                   for k in range(0, len(ids), batch_size)]
+        vectors = [
+            embedder.embed_texts([texts[i] for i in ids[k : k + batch_size]], NODE_TASK)
+            .float()
+            .cpu()
+            for k in range(0, len(ids), batch_size)
+        ]
     return dict(zip(ids, torch.cat(vectors), strict=True)) if ids else {}
 
 
-def graph_tensors(records: Sequence[GraphRecord], vectors: Mapping[str, torch.Tensor],
-                  batch_size: int = 256) -> dict[str, torch.Tensor]:
+def graph_tensors(
+    records: Sequence[GraphRecord], vectors: Mapping[str, torch.Tensor], batch_size: int = 256
+) -> dict[str, torch.Tensor]:
     """Subgraphs as one padded batch (see :func:`graph_batch`)."""
-    return _pad_cat([graph_batch(records[i:i + batch_size], vectors) for i in range(0, len(records), batch_size)])
+    return _pad_cat(
+        [
+            graph_batch(records[i : i + batch_size], vectors)
+            for i in range(0, len(records), batch_size)
+        ]
+    )
 
 
 def subset(samples: list[UGSample], n: int, seed: int) -> list[UGSample]:
@@ -343,8 +474,11 @@ class PairPool:
     groups: torch.Tensor
 
 
-def train_uge(config: UGEConfig, log: Callable[[str], None] = print,
-              progress: Callable[[dict[str, Any]], None] | None = None) -> str:
+def train_uge(
+    config: UGEConfig,
+    log: Callable[[str], None] = print,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> str:
     """Both stages; writes the run folder and returns its id."""
     root = DataRoot(config.data)
     data = read_ugdata(config.ugdata_folder)
@@ -355,8 +489,14 @@ def train_uge(config: UGEConfig, log: Callable[[str], None] = print,
     stage1 = [s for s in train if s.pair_type in (PAIR_CAPTION, PAIR_REASONING)]
     stage2 = [s for s in train if s.pair_type == PAIR_GRAPH]
     if len(stage1) < 2 or len(stage2) < 2:
-        raise ValueError(f"{config.ugdata_folder}: too few samples ({len(stage1)} stage-1, {len(stage2)} stage-2)")
-    resolved = asdict(config) | {"label": "uge", "vlm_resolved": str(vlm), "ugdata_manifest": data.manifest.get("options", {})}
+        raise ValueError(
+            f"{config.ugdata_folder}: too few samples ({len(stage1)} stage-1, {len(stage2)} stage-2)"
+        )
+    resolved = asdict(config) | {
+        "label": "uge",
+        "vlm_resolved": str(vlm),
+        "ugdata_manifest": data.manifest.get("options", {}),
+    }
     with RunWriter(root.runs, "uge", resolved, on_progress=progress) as run:
         run.progress(stage=1, epoch=0, epochs=config.stage1_steps)
         started = time.perf_counter()
@@ -370,36 +510,79 @@ def train_uge(config: UGEConfig, log: Callable[[str], None] = print,
         records = graph_records(data, stage2 + questions + heldout)
         vectors = node_vectors(embedder, records)
         images = embed_queries(embedder, data, stage2, config.image_px)
-        graphs = graph_tensors(records[:len(stage2)], vectors)
-        pools = [PairPool(PAIR_GRAPH, images, embed_positives(embedder, stage2), graphs, node_groups(stage2))]
+        graphs = graph_tensors(records[: len(stage2)], vectors)
+        pools = [
+            PairPool(
+                PAIR_GRAPH, images, embed_positives(embedder, stage2), graphs, node_groups(stage2)
+            )
+        ]
         if questions:
-            pools.append(PairPool(PAIR_REASONING, embed_queries(embedder, data, questions, config.image_px),
-                                  embed_positives(embedder, questions),
-                                  graph_tensors(records[len(stage2):len(stage2) + len(questions)], vectors),
-                                  group_ids(s.positive for s in questions)))
+            pools.append(
+                PairPool(
+                    PAIR_REASONING,
+                    embed_queries(embedder, data, questions, config.image_px),
+                    embed_positives(embedder, questions),
+                    graph_tensors(records[len(stage2) : len(stage2) + len(questions)], vectors),
+                    group_ids(s.positive for s in questions),
+                )
+            )
         model = GraphModel(embedder.dim, config.graph_dim, config.place_dim)
         _stage2(model, pools, config, generator, run, log)
-        run.log(f"stage 2: {len(stage2)} image-graph pairs, {len(questions)} walks, {len(vectors)} nodes, "
-                f"{config.stage2_steps} steps in {time.perf_counter() - started:.1f} s")
-        run.save_model(model.state_dict(), {"kind": "uge-graph", "image_dim": embedder.dim, "graph_dim": config.graph_dim,
-                                            "place_dim": config.place_dim})
+        run.log(
+            f"stage 2: {len(stage2)} image-graph pairs, {len(questions)} walks, {len(vectors)} nodes, "
+            f"{config.stage2_steps} steps in {time.perf_counter() - started:.1f} s"
+        )
+        run.save_model(
+            model.state_dict(),
+            {
+                "kind": "uge-graph",
+                "image_dim": embedder.dim,
+                "graph_dim": config.graph_dim,
+                "place_dim": config.place_dim,
+            },
+        )
 
         fused = fused_embeddings(model, images, graphs)
         if heldout:  # the held-out district gets embeddings too (the dashboard maps every cell)
-            fused = torch.cat([fused, fused_embeddings(model, embed_queries(embedder, data, heldout, config.image_px),
-                                                       graph_tensors(records[len(stage2) + len(questions):], vectors))])
+            fused = torch.cat(
+                [
+                    fused,
+                    fused_embeddings(
+                        model,
+                        embed_queries(embedder, data, heldout, config.image_px),
+                        graph_tensors(records[len(stage2) + len(questions) :], vectors),
+                    ),
+                ]
+            )
         cells = np.array([int(s.meta["cell_id"]) for s in stage2 + heldout], dtype=np.int64)
         means = pd.DataFrame(fused.numpy()).groupby(cells).mean()
         matrix = means.to_numpy(np.float32, copy=True)
         matrix /= np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
         run.write_embeddings(means.index.to_numpy(np.int64), matrix)
-        split = pd.Series(["train"] * len(stage2) + ["heldout"] * len(heldout)).groupby(cells).first()
-        run.write_predictions(pd.DataFrame({"cell_id": means.index.to_numpy(np.int64),
-                                            "split": split.reindex(means.index).to_numpy(),
-                                            "true": np.nan, "predicted": np.nan}))
+        split = (
+            pd.Series(["train"] * len(stage2) + ["heldout"] * len(heldout)).groupby(cells).first()
+        )
+        run.write_predictions(
+            pd.DataFrame(
+                {
+                    "cell_id": means.index.to_numpy(np.int64),
+                    "split": split.reindex(means.index).to_numpy(),
+                    "true": np.nan,
+                    "predicted": np.nan,
+                }
+            )
+        )
         losses = run_losses(run.path)
-        run.write_metrics({"label": "uge", "stage1_final_loss": losses.get(1), "stage2_final_loss": losses.get(2),
-                           "stage1_samples": len(stage1), "stage2_samples": len(stage2), "cells": len(means)})
+        run.write_metrics(
+            {
+                "label": "uge",
+                "stage1_final_loss": losses.get(1),
+                "stage2_final_loss": losses.get(2),
+                "stage1_samples": len(stage1),
+                "stage2_samples": len(stage2),
+                "cells": len(means),
+            }
+        )
     log(f"uge: run {run.run_id}")
     return run.run_id
 
@@ -407,19 +590,27 @@ def train_uge(config: UGEConfig, log: Callable[[str], None] = print,
 def run_losses(path: Path) -> dict[int, float]:
     """Mean loss of each stage's last ten steps."""
     epochs = pd.read_csv(path / "metrics.csv")
-    return {int(stage): float(part["loss"].tail(10).mean()) for stage, part in epochs.groupby("stage")}
+    return {
+        int(stage): float(part["loss"].tail(10).mean()) for stage, part in epochs.groupby("stage")
+    }
 
 
-def restore(run: Run, config: UGEConfig | None = None, stage: int = 2) -> tuple[UGEEmbedder, GraphModel | None]:
+def restore(
+    run: Run, config: UGEConfig | None = None, stage: int = 2
+) -> tuple[UGEEmbedder, GraphModel | None]:
     """A UGE run's embedder (stage 0: the backbone without adapters) and graph model (stage 2)."""
     config = config or UGEConfig.from_dict(run.config)
     vlm = config.vlm_folder()
     if stage == 0:
-        return UGEEmbedder.from_folder(vlm, settings(config, lora=False), device=config.device), None
+        return UGEEmbedder.from_folder(
+            vlm, settings(config, lora=False), device=config.device
+        ), None
     embedder = UGEEmbedder.from_adapters(run.path / ADAPTERS_DIR, vlm, device=config.device)
     if stage == 1:
         return embedder, None
     metadata = run.model_metadata()
-    model = GraphModel(int(metadata["image_dim"]), int(metadata["graph_dim"]), int(metadata["place_dim"]))
+    model = GraphModel(
+        int(metadata["image_dim"]), int(metadata["graph_dim"]), int(metadata["place_dim"])
+    )
     model.load_state_dict(load_file(run.path / "model.safetensors"))
     return embedder, model.eval()

@@ -71,15 +71,26 @@ def _perception(root: DataRoot, cells: np.ndarray, embeddings: np.ndarray) -> di
     frame = pd.DataFrame(embeddings).groupby(cells).mean()
     frame = frame[frame.index.isin(latest.index)]
     if len(frame) < 20:
-        return {"perception_r2": float("nan"), "perception_tau": float("nan"), "perception_cells": len(frame)}
+        return {
+            "perception_r2": float("nan"),
+            "perception_tau": float("nan"),
+            "perception_cells": len(frame),
+        }
     target = latest.reindex(frame.index).to_numpy()
     model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13)))
-    predicted = cross_val_predict(model, frame.to_numpy(), target, cv=KFold(5, shuffle=True, random_state=0))
-    return {"perception_r2": r2(predicted, target), "perception_tau": kendall_tau_b(predicted, target),
-            "perception_cells": int(len(frame))}
+    predicted = cross_val_predict(
+        model, frame.to_numpy(), target, cv=KFold(5, shuffle=True, random_state=0)
+    )
+    return {
+        "perception_r2": r2(predicted, target),
+        "perception_tau": kendall_tau_b(predicted, target),
+        "perception_cells": int(len(frame)),
+    }
 
 
-def run_bench(root: DataRoot, run_id: str, candidates: int = 10, max_queries: int = 3000) -> BenchResult:
+def run_bench(
+    root: DataRoot, run_id: str, candidates: int = 10, max_queries: int = 3000
+) -> BenchResult:
     """Every task's metrics per (stage, split), and each query's rank (the same queries and
     candidates at every stage, so stages compare query by query)."""
     run = load_run(root.runs / run_id)
@@ -95,34 +106,57 @@ def run_bench(root: DataRoot, run_id: str, candidates: int = 10, max_queries: in
             if len(places) < 2:
                 continue
             images = embed_queries(embedder, data, places, config.image_px)
-            asked = embed_queries(embedder, data, questions, config.image_px) if len(questions) >= 2 else None
+            asked = (
+                embed_queries(embedder, data, questions, config.image_px)
+                if len(questions) >= 2
+                else None
+            )
             if model is not None:
                 records = graph_records(data, places + questions)
                 vectors = node_vectors(embedder, records)
-                images = fused_embeddings(model, images, graph_tensors(records[:len(places)], vectors))
+                images = fused_embeddings(
+                    model, images, graph_tensors(records[: len(places)], vectors)
+                )
                 if asked is not None:  # a walk's question meets the street graph where it starts
-                    asked = fused_embeddings(model, asked, graph_tensors(records[len(places):], vectors))
+                    asked = fused_embeddings(
+                        model, asked, graph_tensors(records[len(places) :], vectors)
+                    )
             captions = embed_positives(embedder, places)
             groups = [s.meta.get("node_id") for s in places]
-            similarities = {"geolocation": _similarity(images, captions, groups, candidates),
-                            "retrieval": _similarity(captions, images, groups, candidates)}
+            similarities = {
+                "geolocation": _similarity(images, captions, groups, candidates),
+                "retrieval": _similarity(captions, images, groups, candidates),
+            }
             if asked is not None:
                 answers = embed_positives(embedder, questions)
-                answer_groups = [s.positive for s in questions]  # the same answer twice is no negative
+                answer_groups = [
+                    s.positive for s in questions
+                ]  # the same answer twice is no negative
                 similarities["grounding"] = _similarity(asked, answers, answer_groups, candidates)
             row = {"stage": stage, "split": split}
             for task, similarity in similarities.items():
                 row |= {f"{task}_{k}": v for k, v in ranking_metrics(similarity).items()}
                 rank = ranks(similarity)
-                query_ranks.append(pd.DataFrame({"stage": stage, "split": split, "task": task,
-                                                 "query": np.arange(len(rank)), "rank": rank}))
+                query_ranks.append(
+                    pd.DataFrame(
+                        {
+                            "stage": stage,
+                            "split": split,
+                            "task": task,
+                            "query": np.arange(len(rank)),
+                            "rank": rank,
+                        }
+                    )
+                )
             cells = np.array([int(s.meta["cell_id"]) for s in places])
             row |= _perception(root, cells, images.numpy())
             rows.append(row)
     return BenchResult(pd.DataFrame(rows), pd.concat(query_ranks, ignore_index=True))
 
 
-def bench_runs(root: DataRoot, run_ids: list[str], candidates: int = 10, max_queries: int = 3000) -> BenchResult:
+def bench_runs(
+    root: DataRoot, run_ids: list[str], candidates: int = 10, max_queries: int = 3000
+) -> BenchResult:
     """:func:`run_bench` of each run, with ``run`` and ``seed`` columns."""
     summaries, query_ranks = [], []
     for run_id in run_ids:
@@ -130,14 +164,18 @@ def bench_runs(root: DataRoot, run_ids: list[str], candidates: int = 10, max_que
         result = run_bench(root, run_id, candidates, max_queries)
         summaries.append(result.summary.assign(run=run_id, seed=seed))
         query_ranks.append(result.query_ranks.assign(run=run_id, seed=seed))
-    return BenchResult(pd.concat(summaries, ignore_index=True), pd.concat(query_ranks, ignore_index=True))
+    return BenchResult(
+        pd.concat(summaries, ignore_index=True), pd.concat(query_ranks, ignore_index=True)
+    )
 
 
 def stage_gains(query_ranks: pd.DataFrame) -> pd.DataFrame:
     """Per task and split, each stage against the one before: the mean change in reciprocal rank
     and in Hit@1 over the same queries (averaged over runs first), with 95% bootstrap intervals
     over queries."""
-    frame = query_ranks.assign(rr=1.0 / query_ranks["rank"], hit1=(query_ranks["rank"] == 1).astype(float))
+    frame = query_ranks.assign(
+        rr=1.0 / query_ranks["rank"], hit1=(query_ranks["rank"] == 1).astype(float)
+    )
     if "run" not in frame:
         frame = frame.assign(run="")
     rows = []
@@ -147,9 +185,16 @@ def stage_gains(query_ranks: pd.DataFrame) -> pd.DataFrame:
         for before, after in zip(STAGES[:-1], STAGES[1:], strict=True):
             if ("rr", before) not in per_query or ("rr", after) not in per_query:
                 continue
-            row = {"task": task, "split": split, "comparison": f"{after} vs {before}", "queries": len(per_query)}
+            row = {
+                "task": task,
+                "split": split,
+                "comparison": f"{after} vs {before}",
+                "queries": len(per_query),
+            }
             for metric, name in (("rr", "mrr"), ("hit1", "hit@1")):
-                mean, low, high = paired_difference(per_query[(metric, before)], per_query[(metric, after)])
+                mean, low, high = paired_difference(
+                    per_query[(metric, before)], per_query[(metric, after)]
+                )
                 row |= {f"delta_{name}": mean, f"delta_{name}_low": low, f"delta_{name}_high": high}
             rows.append(row)
     return pd.DataFrame(rows)
@@ -161,25 +206,60 @@ def write_report(result: BenchResult, out: Path, title: str) -> tuple[Path, Path
     paired gain over the one before."""
     results = result.summary
     csv = write_atomic(out / "ugbench.csv", lambda tmp: results.to_csv(tmp, index=False))
-    columns = [c for c in ("geolocation_hit@1", "geolocation_mrr", "retrieval_hit@1", "retrieval_mrr",
-                           "grounding_hit@1", "grounding_mrr", "perception_r2", "perception_tau") if c in results]
+    columns = [
+        c
+        for c in (
+            "geolocation_hit@1",
+            "geolocation_mrr",
+            "retrieval_hit@1",
+            "retrieval_mrr",
+            "grounding_hit@1",
+            "grounding_mrr",
+            "perception_r2",
+            "perception_tau",
+        )
+        if c in results
+    ]
     runs = results["run"].nunique() if "run" in results else 1
     seeds = sorted(results["seed"].unique().tolist()) if "seed" in results else []
-    spread = f"mean ± std over {runs} runs (seeds {', '.join(map(str, seeds))})" if runs > 1 else "one run"
-    lines = [f"# {title}", "", "Stage 0: backbone without adapters; 1: LoRA stage; 2: with the street graph. "
-             f"Ranking among the candidates in `candidates` columns of the CSV; {spread}.", "",
-             "| stage | split | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    spread = (
+        f"mean ± std over {runs} runs (seeds {', '.join(map(str, seeds))})"
+        if runs > 1
+        else "one run"
+    )
+    lines = [
+        f"# {title}",
+        "",
+        "Stage 0: backbone without adapters; 1: LoRA stage; 2: with the street graph. "
+        f"Ranking among the candidates in `candidates` columns of the CSV; {spread}.",
+        "",
+        "| stage | split | " + " | ".join(columns) + " |",
+        "|---" * (len(columns) + 2) + "|",
+    ]
     for (stage, split), group in results.groupby(["stage", "split"], sort=False):
-        cells = [f"{group[c].mean():.3f}" + (f" ± {group[c].std():.3f}" if len(group) > 1 else "") for c in columns]
+        cells = [
+            f"{group[c].mean():.3f}" + (f" ± {group[c].std():.3f}" if len(group) > 1 else "")
+            for c in columns
+        ]
         lines.append(f"| {stage} | {split} | " + " | ".join(cells) + " |")
     gains = stage_gains(result.query_ranks)
     write_atomic(out / "ugbench_gains.csv", lambda tmp: gains.to_csv(tmp, index=False))
-    lines += ["", "Paired gains: the same queries and candidates at both stages, reciprocal rank and Hit@1 "
-              "averaged over the runs per query; 95% bootstrap intervals over queries.", "",
-              "| task | split | stages | Δ MRR [95% CI] | Δ Hit@1 [95% CI] |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Paired gains: the same queries and candidates at both stages, reciprocal rank and Hit@1 "
+        "averaged over the runs per query; 95% bootstrap intervals over queries.",
+        "",
+        "| task | split | stages | Δ MRR [95% CI] | Δ Hit@1 [95% CI] |",
+        "|---|---|---|---|---|",
+    ]
     for row in gains.to_dict(orient="records"):
-        lines.append(f"| {row['task']} | {row['split']} | {row['comparison']} | "
-                     + " | ".join(f"{row[f'delta_{m}']:+.3f} [{row[f'delta_{m}_low']:+.3f}, {row[f'delta_{m}_high']:+.3f}]"
-                                  for m in ("mrr", "hit@1")) + " |")
+        lines.append(
+            f"| {row['task']} | {row['split']} | {row['comparison']} | "
+            + " | ".join(
+                f"{row[f'delta_{m}']:+.3f} [{row[f'delta_{m}_low']:+.3f}, {row[f'delta_{m}_high']:+.3f}]"
+                for m in ("mrr", "hit@1")
+            )
+            + " |"
+        )
     md = write_atomic(out / "ugbench.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     return csv, md

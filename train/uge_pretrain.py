@@ -28,20 +28,44 @@ PROMPT = "Describe where this street-level image was taken."
 MARKER = "pretraining.json"
 
 
-def caption_batch(processor, images: Sequence, captions: Sequence[str], image_px: int,
-                  max_caption_tokens: int) -> dict[str, torch.Tensor]:
+def caption_batch(
+    processor, images: Sequence, captions: Sequence[str], image_px: int, max_caption_tokens: int
+) -> dict[str, torch.Tensor]:
     """Model inputs for image -> caption, with ``labels`` on the caption tokens only."""
     tokenizer = processor.tokenizer
-    conversations = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
-                     for _ in captions]
-    prompts = processor.apply_chat_template(conversations, tokenize=False, add_generation_prompt=True)
-    answers = [tokenizer.decode(tokenizer(c, add_special_tokens=False)["input_ids"][:max_caption_tokens])
-               + "<|im_end|>" for c in captions]
-    size = {"images_kwargs": {"size": {"shortest_edge": image_px * image_px, "longest_edge": image_px * image_px}}}
-    prompt_lengths = processor(text=prompts, images=list(images), padding=True, padding_side="right",
-                               return_tensors="pt", **size)["attention_mask"].sum(1)
-    batch = processor(text=[p + a for p, a in zip(prompts, answers, strict=True)], images=list(images),
-                      padding=True, padding_side="right", return_tensors="pt", **size)
+    conversations = [
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+        for _ in captions
+    ]
+    prompts = processor.apply_chat_template(
+        conversations, tokenize=False, add_generation_prompt=True
+    )
+    answers = [
+        tokenizer.decode(tokenizer(c, add_special_tokens=False)["input_ids"][:max_caption_tokens])
+        + "<|im_end|>"
+        for c in captions
+    ]
+    size = {
+        "images_kwargs": {
+            "size": {"shortest_edge": image_px * image_px, "longest_edge": image_px * image_px}
+        }
+    }
+    prompt_lengths = processor(
+        text=prompts,
+        images=list(images),
+        padding=True,
+        padding_side="right",
+        return_tensors="pt",
+        **size,
+    )["attention_mask"].sum(1)
+    batch = processor(
+        text=[p + a for p, a in zip(prompts, answers, strict=True)],
+        images=list(images),
+        padding=True,
+        padding_side="right",
+        return_tensors="pt",
+        **size,
+    )
     labels = batch["input_ids"].clone()
     positions = torch.arange(labels.shape[1])
     labels[positions[None, :] < prompt_lengths[:, None]] = -100
@@ -50,11 +74,19 @@ def caption_batch(processor, images: Sequence, captions: Sequence[str], image_px
     return dict(batch)
 
 
-def pretrain_captioning(base: str | Path, out: str | Path, data: UGData, steps: int,
-                        load_images: Callable[[UGData, Sequence[UGSample], int], list],
-                        batch_size: int = 16, lr: float = 1e-3, image_px: int = 112,
-                        max_caption_tokens: int = 200, seed: int = 0,
-                        log: Callable[[str], None] = print) -> Path:
+def pretrain_captioning(
+    base: str | Path,
+    out: str | Path,
+    data: UGData,
+    steps: int,
+    load_images: Callable[[UGData, Sequence[UGSample], int], list],
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    image_px: int = 112,
+    max_caption_tokens: int = 200,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> Path:
     """Train every weight of the VLM in ``base`` on image -> caption; save it to ``out``.
 
     Args:
@@ -71,7 +103,9 @@ def pretrain_captioning(base: str | Path, out: str | Path, data: UGData, steps: 
     """
     samples = [s for s in data.files[TRAIN_FILE] if s.pair_type == PAIR_CAPTION]
     if len(samples) < batch_size:
-        raise ValueError(f"{data.root}: {len(samples)} caption pairs, fewer than a batch of {batch_size}")
+        raise ValueError(
+            f"{data.root}: {len(samples)} caption pairs, fewer than a batch of {batch_size}"
+        )
     model, processor = load_vlm(base, dtype="float32")
     model.train()
     for param in model.parameters():
@@ -82,8 +116,13 @@ def pretrain_captioning(base: str | Path, out: str | Path, data: UGData, steps: 
     for step in range(1, steps + 1):
         rows = torch.randperm(len(samples), generator=generator)[:batch_size].tolist()
         batch = [samples[i] for i in rows]
-        inputs = caption_batch(processor, load_images(data, batch, image_px), [s.positive for s in batch],
-                               image_px, max_caption_tokens)
+        inputs = caption_batch(
+            processor,
+            load_images(data, batch, image_px),
+            [s.positive for s in batch],
+            image_px,
+            max_caption_tokens,
+        )
         loss = model(**{k: v.to(model.device) for k, v in inputs.items()}, use_cache=False).loss
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -91,16 +130,31 @@ def pretrain_captioning(base: str | Path, out: str | Path, data: UGData, steps: 
         optimiser.step()
         recent = (recent + [float(loss.detach())])[-50:]
         if step % max(1, steps // 10) == 0 or step == steps:
-            log(f"tiny VLM captioning pretraining step {step}/{steps}: loss {sum(recent) / len(recent):.3f} "
-                f"({time.perf_counter() - started:.0f} s)")
+            log(
+                f"tiny VLM captioning pretraining step {step}/{steps}: loss {sum(recent) / len(recent):.3f} "
+                f"({time.perf_counter() - started:.0f} s)"
+            )
     out = Path(out)
     staged = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(staged, ignore_errors=True)
     model.eval().save_pretrained(staged)
     processor.save_pretrained(staged)
-    (staged / MARKER).write_text(json.dumps({"base": str(base), "ugdata": str(data.root), "steps": steps,
-                                             "batch_size": batch_size, "lr": lr, "image_px": image_px, "seed": seed,
-                                             "final_loss": sum(recent) / len(recent)}, indent=2) + "\n")
+    (staged / MARKER).write_text(
+        json.dumps(
+            {
+                "base": str(base),
+                "ugdata": str(data.root),
+                "steps": steps,
+                "batch_size": batch_size,
+                "lr": lr,
+                "image_px": image_px,
+                "seed": seed,
+                "final_loss": sum(recent) / len(recent),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     shutil.rmtree(out, ignore_errors=True)
     staged.rename(out)
     return out

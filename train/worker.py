@@ -93,8 +93,14 @@ class _Heartbeat(threading.Thread):
     can never leave a lock held that this thread then waits on forever.
     """
 
-    def __init__(self, store: JobStore, job_id: int, interval: float,
-                 say: Callable[[str], None], min_gap: float = 0.25) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        job_id: int,
+        interval: float,
+        say: Callable[[str], None],
+        min_gap: float = 0.25,
+    ) -> None:
         super().__init__(name=f"heartbeat-job-{job_id}", daemon=True)
         self.store, self.job_id, self.interval, self.say = store, job_id, interval, say
         self.min_gap = min_gap  # tiny epochs must not turn into a database write each
@@ -172,8 +178,13 @@ def _acquire_lock(path: Path, wait: float = 1.0) -> IO[bytes] | None:
 class Worker:
     """The job loop of one data root; :func:`run_worker` is the entry point."""
 
-    def __init__(self, data_root: str | PathLike, *, heartbeat: float = 1.0,
-                 say: Callable[[str], None] = _say) -> None:
+    def __init__(
+        self,
+        data_root: str | PathLike,
+        *,
+        heartbeat: float = 1.0,
+        say: Callable[[str], None] = _say,
+    ) -> None:
         self.root = DataRoot(Path(data_root).resolve())
         if not self.root.root.is_dir():  # rather than create a job database under a typo
             raise FileNotFoundError(f"{self.root.root}: data root not found")
@@ -189,13 +200,21 @@ class Worker:
             self._terminating = True
             raise WorkerTerminated(signal.Signals(signum).name)
 
-    def loop(self, *, exit_when_idle: float | None = None, poll: float = 1.0,
-             stale_after: float = 30.0, once: bool = False) -> int:
+    def loop(
+        self,
+        *,
+        exit_when_idle: float | None = None,
+        poll: float = 1.0,
+        stale_after: float = 30.0,
+        once: bool = False,
+    ) -> int:
         """Run jobs until stopped, idle for ``exit_when_idle`` s, or (``once``) after one job."""
         lock = _acquire_lock(self.store.log_dir / LOCK_FILE)
         if lock is None:
-            self.say(f"another worker holds {self.store.log_dir / LOCK_FILE}; exiting "
-                     "(one worker per data root)")
+            self.say(
+                f"another worker holds {self.store.log_dir / LOCK_FILE}; exiting "
+                "(one worker per data root)"
+            )
             return 0
         handled = (signal.SIGTERM, signal.SIGINT)
         previous = {}
@@ -255,8 +274,9 @@ class Worker:
                         raise WorkerTerminated("signalled before the job started")
                     runner = JOB_RUNNERS.get(job.kind)
                     if runner is None:
-                        raise ValueError(f"unknown job kind {job.kind!r}; this worker runs "
-                                         f"{sorted(JOB_RUNNERS)}")
+                        raise ValueError(
+                            f"unknown job kind {job.kind!r}; this worker runs {sorted(JOB_RUNNERS)}"
+                        )
                     # The job trains on the data this worker serves, whatever the config says.
                     run_id = runner({**job.config, "data": str(self.root.root)}, log, progress)
                 finally:
@@ -288,8 +308,14 @@ class Worker:
         self.say(f"job {job.id}: {recorded.status}" + (f" (run {run_id})" if run_id else ""))
 
 
-def run_worker(data_root: str | PathLike, *, exit_when_idle: float | None = None,
-               poll: float = 1.0, stale_after: float = 30.0, once: bool = False) -> int:
+def run_worker(
+    data_root: str | PathLike,
+    *,
+    exit_when_idle: float | None = None,
+    poll: float = 1.0,
+    stale_after: float = 30.0,
+    once: bool = False,
+) -> int:
     """Run the job queue of ``data_root`` (see the module docstring); returns the exit code.
 
     Args:
@@ -299,5 +325,6 @@ def run_worker(data_root: str | PathLike, *, exit_when_idle: float | None = None
         stale_after: a running job with no heartbeat for this long belongs to a dead worker.
         once: run at most one job, then exit.
     """
-    return Worker(data_root).loop(exit_when_idle=exit_when_idle, poll=poll,
-                                  stale_after=stale_after, once=once)
+    return Worker(data_root).loop(
+        exit_when_idle=exit_when_idle, poll=poll, stale_after=stale_after, once=once
+    )

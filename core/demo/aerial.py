@@ -27,7 +27,9 @@ _STRIP_ROWS = 512
 
 # Roof colour by era: canal-house tiles, 19th-c. brick, post-war grey, 1970s beige, new dark.
 _ERA_STOPS = np.array([0.0, 0.3, 0.6, 0.75, 1.0])
-_ROOF_COLOURS = np.array([[178, 92, 68], [128, 72, 62], [152, 152, 150], [196, 184, 160], [64, 66, 78]], float)
+_ROOF_COLOURS = np.array(
+    [[178, 92, 68], [128, 72, 62], [152, 152, 150], [196, 184, 160], [64, 66, 78]], float
+)
 _WATER = np.array([38, 66, 88], float)
 _ASPHALT = np.array([78, 78, 84], float)
 _GRASS = np.array([96, 132, 64], float)
@@ -77,11 +79,27 @@ def write_aerial(
     width, height = int((maxx - minx) / PIXEL_SIZE), int((maxy - miny) / PIXEL_SIZE)
     transform = from_origin(minx, maxy, PIXEL_SIZE, PIXEL_SIZE)
     latents = {name: _lattice(fields, name) for name in ("density", "era", "greenery")}
-    shapes = {"water": shapely.STRtree([water_geometry()]), "park": shapely.STRtree([park_geometry()]),
-              "street": shapely.STRtree(streets)}
-    profile = dict(driver="GTiff", width=width, height=height, count=3, dtype="uint8", crs=RD_NEW,
-                   transform=transform, tiled=True, blockxsize=256, blockysize=256,
-                   compress="deflate", zlevel=1, predictor=2, photometric="RGB")
+    shapes = {
+        "water": shapely.STRtree([water_geometry()]),
+        "park": shapely.STRtree([park_geometry()]),
+        "street": shapely.STRtree(streets),
+    }
+    profile = dict(
+        driver="GTiff",
+        width=width,
+        height=height,
+        count=3,
+        dtype="uint8",
+        crs=RD_NEW,
+        transform=transform,
+        tiled=True,
+        blockxsize=256,
+        blockysize=256,
+        compress="deflate",
+        zlevel=1,
+        predictor=2,
+        photometric="RGB",
+    )
     tmp = path.with_name(f".{path.name}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     with rasterio.open(tmp, "w", **profile) as dst:
@@ -97,8 +115,9 @@ def write_aerial(
     return path
 
 
-def _render_strip(latents: dict, shapes: dict, transform, shape: tuple[int, int],
-                  rng: np.random.Generator) -> np.ndarray:
+def _render_strip(
+    latents: dict, shapes: dict, transform, shape: tuple[int, int], rng: np.random.Generator
+) -> np.ndarray:
     rows, cols = shape
     # Pixel centres in lattice units (cells, from the lattice origin), for bilinear lookups.
     xs = transform.c + (np.arange(cols) + 0.5) * PIXEL_SIZE
@@ -106,19 +125,31 @@ def _render_strip(latents: dict, shapes: dict, transform, shape: tuple[int, int]
     _, ix0, iy0 = latents["density"]
     gx = np.broadcast_to(xs / CELL_SIZE - ix0 - 0.5, shape)
     gy = np.broadcast_to((ys / CELL_SIZE - iy0 - 0.5)[:, None], shape)
-    look = {name: ndimage.map_coordinates(grid, [gy, gx], order=1, mode="nearest")
-            for name, (grid, _, _) in latents.items()}
-    strip_box = shapely.box(transform.c, transform.f - rows * PIXEL_SIZE, transform.c + cols * PIXEL_SIZE,
-                            transform.f)
+    look = {
+        name: ndimage.map_coordinates(grid, [gy, gx], order=1, mode="nearest")
+        for name, (grid, _, _) in latents.items()
+    }
+    strip_box = shapely.box(
+        transform.c, transform.f - rows * PIXEL_SIZE, transform.c + cols * PIXEL_SIZE, transform.f
+    )
     masks = {}
     for name, tree in shapes.items():
         hits = tree.geometries[tree.query(strip_box)]
-        masks[name] = np.zeros(shape, bool) if len(hits) == 0 else features.rasterize(
-            hits, out_shape=shape, transform=transform, dtype="uint8").astype(bool)
+        masks[name] = (
+            np.zeros(shape, bool)
+            if len(hits) == 0
+            else features.rasterize(
+                hits, out_shape=shape, transform=transform, dtype="uint8"
+            ).astype(bool)
+        )
 
     small, large = _blocky_noise(rng, shape, 3), _blocky_noise(rng, shape, 7)
-    parcels = np.where(look["era"] > 0.5, large, small)  # post-war slabs are bigger than canal houses
-    building = (parcels < 0.95 * look["density"]) & ~masks["street"] & ~masks["water"] & ~masks["park"]
+    parcels = np.where(
+        look["era"] > 0.5, large, small
+    )  # post-war slabs are bigger than canal houses
+    building = (
+        (parcels < 0.95 * look["density"]) & ~masks["street"] & ~masks["water"] & ~masks["park"]
+    )
     trees = rng.random(shape) < 0.45 * look["greenery"]
     lawn = _blocky_noise(rng, shape, 2) < look["greenery"]
 
@@ -129,7 +160,11 @@ def _render_strip(latents: dict, shapes: dict, transform, shape: tuple[int, int]
     image = np.where(masks["street"][..., None], _ASPHALT, image)
     park_texture = np.where((rng.random(shape) < 0.5)[..., None], _TREE, _GRASS)
     image = np.where((masks["park"] & ~masks["street"])[..., None], park_texture, image)
-    image = np.where(masks["water"][..., None], _WATER * (1 + 0.05 * rng.standard_normal(shape))[..., None], image)
+    image = np.where(
+        masks["water"][..., None],
+        _WATER * (1 + 0.05 * rng.standard_normal(shape))[..., None],
+        image,
+    )
 
     strip_gain = 1 + 0.06 * np.sin(xs / 2000.0 + rng.random() * 6)  # flight strips
     image = image * strip_gain[None, :, None] + rng.normal(0, 5, image.shape)

@@ -74,20 +74,28 @@ def extent_cells(fields: city.CityFields, extent: str) -> np.ndarray:
         try:
             minx, miny, maxx, maxy = (float(v) for v in key[5:].split(","))
         except ValueError as exc:
-            raise ValueError(f"extent {extent!r}: expected bbox:minx,miny,maxx,maxy in RD metres") from exc
+            raise ValueError(
+                f"extent {extent!r}: expected bbox:minx,miny,maxx,maxy in RD metres"
+            ) from exc
         inside = cells["x"].between(minx, maxx) & cells["y"].between(miny, maxy)
         if not inside.any():
-            raise ValueError(f"extent {extent!r}: no cell of Amsterdam lies in this box (RD New metres)")
+            raise ValueError(
+                f"extent {extent!r}: no cell of Amsterdam lies in this box (RD New metres)"
+            )
         return cells.index.to_numpy()[inside.to_numpy()]
     names = {d.lower().replace("-", ""): d for d in cells["district"].unique() if d}
     district = names.get(key.replace("-", "").replace(" ", ""))
     if district is None:
-        raise ValueError(f"unknown extent {extent!r}: use 'city', 'bbox:minx,miny,maxx,maxy' or one of "
-                         f"{sorted(d.lower() for d in names.values())}")
+        raise ValueError(
+            f"unknown extent {extent!r}: use 'city', 'bbox:minx,miny,maxx,maxy' or one of "
+            f"{sorted(d.lower() for d in names.values())}"
+        )
     return cells.index.to_numpy()[(cells["district"] == district).to_numpy()]
 
 
-def build_demo(out: str | os.PathLike, config: DemoConfig | None = None, progress: bool = True) -> dict:
+def build_demo(
+    out: str | os.PathLike, config: DemoConfig | None = None, progress: bool = True
+) -> dict:
     """Generate the demo city into ``out`` and return its manifest.
 
     Raises:
@@ -133,23 +141,47 @@ def _build_into(root: Path, config: DemoConfig, progress: bool, timings: dict[st
     ids = extent_cells(fields, config.extent)
     cells = fields.lookup(ids)
 
-    grid = to_geodataframe(ids, **{c: cells[c].to_numpy() for c in
-                                   ("buurt_code", "buurt_naam", "cbs_code", "district", "labelled")})
+    grid = to_geodataframe(
+        ids,
+        **{
+            c: cells[c].to_numpy()
+            for c in ("buurt_code", "buurt_naam", "cbs_code", "district", "labelled")
+        },
+    )
     write_grid(grid, root / "grid.parquet")
     labels = pd.concat([city.scores(fields, year) for year in city.LABEL_YEARS], ignore_index=True)
     labels = labels[labels["grid_id"].isin(ids)]
-    labels = gpd.GeoDataFrame(labels, geometry=cell_polygons(labels["grid_id"].to_numpy()), crs=RD_NEW)
-    stages.run("labels", write_lbm, labels, root / "labels" / "lbm_scores.csv", root / "labels" / "lbm_grid.gpkg")
+    labels = gpd.GeoDataFrame(
+        labels, geometry=cell_polygons(labels["grid_id"].to_numpy()), crs=RD_NEW
+    )
+    stages.run(
+        "labels",
+        write_lbm,
+        labels,
+        root / "labels" / "lbm_scores.csv",
+        root / "labels" / "lbm_grid.gpkg",
+    )
 
     graph = stages.run("street graph", street.build_street_graph, fields, ids, config.seed)
     _write_graph(graph, root / "graph" / "streets.gpkg")
-    gsv = stages.run("sample gsv", street.sample_gsv, fields, graph, ids, config.seed,
-                     config.gsv_locations_per_cell)
-    flickr = stages.run("sample flickr", street.sample_flickr, fields, ids, config.seed, config.flickr_photos)
+    gsv = stages.run(
+        "sample gsv",
+        street.sample_gsv,
+        fields,
+        graph,
+        ids,
+        config.seed,
+        config.gsv_locations_per_cell,
+    )
+    flickr = stages.run(
+        "sample flickr", street.sample_flickr, fields, ids, config.seed, config.flickr_photos
+    )
     flickr = flickr[flickr["cell_id"].isin(ids)].reset_index(drop=True)
     images = pd.concat([gsv, flickr], ignore_index=True)
-    images["path"] = [f"images/{s}/{_block(c)}/{i}.jpg" for s, c, i in
-                      zip(images["source"], images["cell_id"], images["id"], strict=True)]
+    images["path"] = [
+        f"images/{s}/{_block(c)}/{i}.jpg"
+        for s, c, i in zip(images["source"], images["cell_id"], images["id"], strict=True)
+    ]
 
     bar = tqdm(total=len(images), unit="img", desc="street images", disable=not progress)
     start = time.perf_counter()
@@ -160,17 +192,36 @@ def _build_into(root: Path, config: DemoConfig, progress: bool, timings: dict[st
     _write_catalog(images, root / "street")
 
     x0, y0 = cells["x"].min() - CELL_SIZE / 2, cells["y"].min() - CELL_SIZE / 2
-    bounds = (x0 - config.aerial_margin_m, y0 - config.aerial_margin_m,
-              cells["x"].max() + CELL_SIZE / 2 + config.aerial_margin_m,
-              cells["y"].max() + CELL_SIZE / 2 + config.aerial_margin_m)
+    bounds = (
+        x0 - config.aerial_margin_m,
+        y0 - config.aerial_margin_m,
+        cells["x"].max() + CELL_SIZE / 2 + config.aerial_margin_m,
+        cells["y"].max() + CELL_SIZE / 2 + config.aerial_margin_m,
+    )
     rows = int(np.ceil((bounds[3] - bounds[1]) / PIXEL_SIZE))
     with tqdm(total=rows, unit="row", desc="aerial mosaic", disable=not progress) as aerial_bar:
-        stages.run("aerial mosaic", write_aerial, fields, bounds, street_areas(graph.edges["geometry"].to_numpy()),
-                   root / "aerial" / "aerial.tif", config.seed, aerial_bar.update)
+        stages.run(
+            "aerial mosaic",
+            write_aerial,
+            fields,
+            bounds,
+            street_areas(graph.edges["geometry"].to_numpy()),
+            root / "aerial" / "aerial.tif",
+            config.seed,
+            aerial_bar.update,
+        )
 
-    stages.run("perception votes", _write_votes, gsv, root / "perception" / "votes.csv", config.seed)
-    stages.run("socioeconomic", _write_socioeconomic, fields, ids, root / "socioeconomic" / "buurt_targets.csv",
-               config.seed)
+    stages.run(
+        "perception votes", _write_votes, gsv, root / "perception" / "votes.csv", config.seed
+    )
+    stages.run(
+        "socioeconomic",
+        _write_socioeconomic,
+        fields,
+        ids,
+        root / "socioeconomic" / "buurt_targets.csv",
+        config.seed,
+    )
     stages.run("context", _write_context, bounds, root / "context")
     truth = root / "truth"
     truth.mkdir()
@@ -208,8 +259,9 @@ def _write_parks(bounds: tuple[float, float, float, float], path: Path) -> None:
     _write_polygons(city.park_geometry(), "park", bounds, path)
 
 
-def _write_polygons(geometry: shapely.Geometry, kind: str, bounds: tuple[float, float, float, float],
-                    path: Path) -> None:
+def _write_polygons(
+    geometry: shapely.Geometry, kind: str, bounds: tuple[float, float, float, float], path: Path
+) -> None:
     clipped = shapely.clip_by_rect(geometry, *bounds)
     parts = [g for g in getattr(clipped, "geoms", [clipped]) if not g.is_empty]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -225,7 +277,10 @@ def _render_all(images: pd.DataFrame, street_root: Path, config: DemoConfig) -> 
     """Render and encode images in chunks, in parallel; yields the count done per chunk."""
     for folder in {str(Path(p).parent) for p in images["path"]}:
         (street_root / folder).mkdir(parents=True, exist_ok=True)
-    chunks = [(images.iloc[i:i + _CHUNK], street_root, [config.seed, i]) for i in range(0, len(images), _CHUNK)]
+    chunks = [
+        (images.iloc[i : i + _CHUNK], street_root, [config.seed, i])
+        for i in range(0, len(images), _CHUNK)
+    ]
     if config.workers <= 1:
         for chunk in chunks:
             yield _render_chunk(*chunk)
@@ -239,19 +294,27 @@ def _render_chunk(table: pd.DataFrame, street_root: Path, seed: list[int]) -> in
     quality = np.where(table["source"].to_numpy() == "gsv", 90, 82)
     for image, rel, q in zip(pixels, table["path"], quality, strict=True):
         Image.fromarray(image).resize((street.IMAGE_PX, street.IMAGE_PX), Image.BILINEAR).save(
-            street_root / rel, "JPEG", quality=int(q))
+            street_root / rel, "JPEG", quality=int(q)
+        )
     return len(table)
 
 
 def _write_catalog(images: pd.DataFrame, street_root: Path) -> None:
-    catalog = pd.DataFrame({
-        "id": images["id"], "source": images["source"],
-        "path": [str(street_root.resolve() / p) for p in images["path"]],
-        "x": images["x"].round(2), "y": images["y"].round(2), "heading": images["heading"],
-        "captured_at": images["captured_at"], "pano_id": images["pano_id"],
-        "title": images.get("title"), "tags": images.get("tags"),
-        "license": np.where(images["source"] == "flickr", "CC BY 2.0 (synthetic)", "synthetic"),
-    })
+    catalog = pd.DataFrame(
+        {
+            "id": images["id"],
+            "source": images["source"],
+            "path": [str(street_root.resolve() / p) for p in images["path"]],
+            "x": images["x"].round(2),
+            "y": images["y"].round(2),
+            "heading": images["heading"],
+            "captured_at": images["captured_at"],
+            "pano_id": images["pano_id"],
+            "title": images.get("title"),
+            "tags": images.get("tags"),
+            "license": np.where(images["source"] == "flickr", "CC BY 2.0 (synthetic)", "synthetic"),
+        }
+    )
     write_catalog(catalog, street_root / "catalog.parquet")
     flickr = images["source"] == "flickr"
     images.loc[flickr, ["id", "scene"]].to_csv(street_root / "flickr_scene_labels.csv", index=False)
@@ -259,10 +322,14 @@ def _write_catalog(images: pd.DataFrame, street_root: Path) -> None:
 
 def _write_graph(graph: street.StreetGraph, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    nodes = gpd.GeoDataFrame(graph.nodes, geometry=gpd.points_from_xy(graph.nodes["x"], graph.nodes["y"]), crs=RD_NEW)
+    nodes = gpd.GeoDataFrame(
+        graph.nodes, geometry=gpd.points_from_xy(graph.nodes["x"], graph.nodes["y"]), crs=RD_NEW
+    )
     degree = pd.concat([graph.edges["u"], graph.edges["v"]]).value_counts()
     nodes["street_count"] = nodes["osmid"].map(degree).fillna(0).astype(int)
-    edges = gpd.GeoDataFrame(graph.edges.assign(key=0, highway="residential"), geometry="geometry", crs=RD_NEW)
+    edges = gpd.GeoDataFrame(
+        graph.edges.assign(key=0, highway="residential"), geometry="geometry", crs=RD_NEW
+    )
     nodes.to_file(path, layer="nodes", driver="GPKG")
     edges.to_file(path, layer="edges", driver="GPKG")
 
@@ -273,13 +340,18 @@ PERCEPTION_CATEGORIES = ("safety", "beautiful", "lively", "wealthy")
 def perception_scores(images: pd.DataFrame) -> pd.DataFrame:
     """Latent perception of each image (what a crowd would see), one column per category."""
     upkeep, litter = images["upkeep"].to_numpy(), images["litter"].to_numpy()
-    return pd.DataFrame({
-        "safety": upkeep - 0.8 * litter + 0.8 * images["daylight"].to_numpy(),
-        "beautiful": 1.5 * images["greenery"].to_numpy() + 0.5 * upkeep + city.era_value(images["era"]) * -0.4
-        + images["water_near"].to_numpy(),
-        "lively": images["shops"].to_numpy() + 1.5 * images["density"].to_numpy(),
-        "wealthy": upkeep - 0.5 * litter - 0.5 * city.era_value(images["era"]),
-    }, index=images.index)
+    return pd.DataFrame(
+        {
+            "safety": upkeep - 0.8 * litter + 0.8 * images["daylight"].to_numpy(),
+            "beautiful": 1.5 * images["greenery"].to_numpy()
+            + 0.5 * upkeep
+            + city.era_value(images["era"]) * -0.4
+            + images["water_near"].to_numpy(),
+            "lively": images["shops"].to_numpy() + 1.5 * images["density"].to_numpy(),
+            "wealthy": upkeep - 0.5 * litter - 0.5 * city.era_value(images["era"]),
+        },
+        index=images.index,
+    )
 
 
 def _write_votes(gsv: pd.DataFrame, path: Path, seed: int, votes_per_category: int = 6000) -> None:
@@ -296,12 +368,20 @@ def _write_votes(gsv: pd.DataFrame, path: Path, seed: int, votes_per_category: i
         p_left = 1 / (1 + np.exp(-2.5 * diff))
         draw = rng.random(votes_per_category)
         winner = np.where(np.abs(diff) < 0.08, "equal", np.where(draw < p_left, "left", "right"))
-        rows.append(pd.DataFrame({
-            "left_id": ids[left], "right_id": ids[right], "winner": winner,
-            "left_lat": lat_lon.y.to_numpy()[left].round(6), "left_long": lat_lon.x.to_numpy()[left].round(6),
-            "right_lat": lat_lon.y.to_numpy()[right].round(6), "right_long": lat_lon.x.to_numpy()[right].round(6),
-            "category": category,
-        }))
+        rows.append(
+            pd.DataFrame(
+                {
+                    "left_id": ids[left],
+                    "right_id": ids[right],
+                    "winner": winner,
+                    "left_lat": lat_lon.y.to_numpy()[left].round(6),
+                    "left_long": lat_lon.x.to_numpy()[left].round(6),
+                    "right_lat": lat_lon.y.to_numpy()[right].round(6),
+                    "right_long": lat_lon.x.to_numpy()[right].round(6),
+                    "category": category,
+                }
+            )
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     pd.concat(rows, ignore_index=True).to_csv(path, index=False)
 
@@ -309,20 +389,48 @@ def _write_votes(gsv: pd.DataFrame, path: Path, seed: int, votes_per_category: i
 def _write_socioeconomic(fields: city.CityFields, ids: np.ndarray, path: Path, seed: int) -> None:
     rng = np.random.default_rng([seed, 9])
     cells = fields.lookup(ids)
-    cells = cells[cells["labelled"] & (cells["cbs_code"] != "")].assign(era_value=lambda c: city.era_value(c["era"]))
+    cells = cells[cells["labelled"] & (cells["cbs_code"] != "")].assign(
+        era_value=lambda c: city.era_value(c["era"])
+    )
     per_buurt = cells.groupby(["cbs_code", "buurt_code", "buurt_naam"], as_index=False)[
-        ["upkeep", "litter", "era_value", "greenery", "density", "social", "water_near"]].mean()
+        ["upkeep", "litter", "era_value", "greenery", "density", "social", "water_near"]
+    ].mean()
     n = len(per_buurt)
     b = per_buurt
-    targets = pd.DataFrame({
-        "cbsCode": b["cbs_code"], "code": b["buurt_code"], "naam": b["buurt_naam"],
-        "income": (34 + 7 * b["upkeep"] + 4 * b["era_value"] + 5 * b["water_near"] + 3 * rng.standard_normal(n)).round(1),
-        "social_housing_share": np.clip(0.42 - 0.12 * b["upkeep"] - 0.1 * b["era_value"] + 0.1 * b["litter"]
-                                        + 0.06 * rng.standard_normal(n), 0.02, 0.95).round(3),
-        "woz_value": (380 + 90 * b["upkeep"] + 60 * b["era_value"] + 80 * b["water_near"]
-                      + 40 * rng.standard_normal(n)).round(0),
-        "unemployment": np.clip(0.07 - 0.015 * b["upkeep"] + 0.01 * b["litter"] + 0.01 * rng.standard_normal(n),
-                                0.01, 0.3).round(3),
-    })
+    targets = pd.DataFrame(
+        {
+            "cbsCode": b["cbs_code"],
+            "code": b["buurt_code"],
+            "naam": b["buurt_naam"],
+            "income": (
+                34
+                + 7 * b["upkeep"]
+                + 4 * b["era_value"]
+                + 5 * b["water_near"]
+                + 3 * rng.standard_normal(n)
+            ).round(1),
+            "social_housing_share": np.clip(
+                0.42
+                - 0.12 * b["upkeep"]
+                - 0.1 * b["era_value"]
+                + 0.1 * b["litter"]
+                + 0.06 * rng.standard_normal(n),
+                0.02,
+                0.95,
+            ).round(3),
+            "woz_value": (
+                380
+                + 90 * b["upkeep"]
+                + 60 * b["era_value"]
+                + 80 * b["water_near"]
+                + 40 * rng.standard_normal(n)
+            ).round(0),
+            "unemployment": np.clip(
+                0.07 - 0.015 * b["upkeep"] + 0.01 * b["litter"] + 0.01 * rng.standard_normal(n),
+                0.01,
+                0.3,
+            ).round(3),
+        }
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     targets.to_csv(path, index=False)

@@ -30,9 +30,13 @@ _CANAL_CENTRE = (121650.0, 487900.0)
 _CANAL_RADII = (480.0, 680.0, 840.0, 1000.0, 1500.0)  # Singel .. Singelgracht
 
 
-def _arc(centre: tuple[float, float], radius: float, start_deg: float, end_deg: float) -> BaseGeometry:
+def _arc(
+    centre: tuple[float, float], radius: float, start_deg: float, end_deg: float
+) -> BaseGeometry:
     angles = np.radians(np.linspace(start_deg, end_deg, 60))
-    return shapely.linestrings(centre[0] + radius * np.cos(angles), centre[1] + radius * np.sin(angles))
+    return shapely.linestrings(
+        centre[0] + radius * np.cos(angles), centre[1] + radius * np.sin(angles)
+    )
 
 
 def _ellipse(x: float, y: float, rx: float, ry: float) -> BaseGeometry:
@@ -42,15 +46,31 @@ def _ellipse(x: float, y: float, rx: float, ry: float) -> BaseGeometry:
 def water_geometry() -> BaseGeometry:
     """The IJ, IJmeer, Amstel, canal ring, lakes and harbour basins as one geometry."""
     ij = shapely.LineString(
-        [(110000, 489700), (114000, 489500), (117000, 489200), (119500, 488800), (121000, 488450),
-         (122500, 488420), (124500, 488250), (126500, 487700), (128000, 487600)]
+        [
+            (110000, 489700),
+            (114000, 489500),
+            (117000, 489200),
+            (119500, 488800),
+            (121000, 488450),
+            (122500, 488420),
+            (124500, 488250),
+            (126500, 487700),
+            (128000, 487600),
+        ]
     ).buffer(220)
     ijmeer = shapely.box(127500, 483400, 138000, 492500).difference(
         shapely.box(127300, 484300, 130800, 486300).union(_ellipse(133000, 480500, 2500, 3000))
     )
     amstel = shapely.LineString(
-        [(121650, 487050), (122050, 486450), (122550, 485400), (123050, 484300), (123300, 482500),
-         (123800, 480500), (124000, 478000)]
+        [
+            (121650, 487050),
+            (122050, 486450),
+            (122550, 485400),
+            (123050, 484300),
+            (123300, 482500),
+            (123800, 480500),
+            (124000, 478000),
+        ]
     ).buffer(40)
     canals = shapely.union_all(
         [_arc(_CANAL_CENTRE, r, 150, 345).buffer(13 if r < 1400 else 22) for r in _CANAL_RADII]
@@ -61,8 +81,11 @@ def water_geometry() -> BaseGeometry:
         _ellipse(115300, 484300, 900, 450),  # Nieuwe Meer
         _ellipse(128800, 478700, 450, 400),  # Gaasperplas
     ]
-    harbours = [shapely.box(112500, 489900, 113400, 491200), shapely.box(114300, 489900, 115100, 490900),
-                shapely.box(116200, 489800, 116900, 490600)]
+    harbours = [
+        shapely.box(112500, 489900, 113400, 491200),
+        shapely.box(114300, 489900, 115100, 490900),
+        shapely.box(116200, 489800, 116900, 490600),
+    ]
     return shapely.union_all([ij, ijmeer, amstel, canals, kanaal, *lakes, *harbours])
 
 
@@ -89,8 +112,17 @@ def park_geometry() -> BaseGeometry:
 
 
 A10 = shapely.LinearRing(
-    [(116900, 485000), (117300, 488500), (119000, 489600), (122000, 489700), (124600, 489300),
-     (125100, 486500), (123900, 483500), (121000, 483000), (118000, 483300)]
+    [
+        (116900, 485000),
+        (117300, 488500),
+        (119000, 489600),
+        (122000, 489700),
+        (124600, 489300),
+        (125100, 486500),
+        (123900, 483500),
+        (121000, 483000),
+        (118000, 483300),
+    ]
 )
 
 # Urban cores: (name, x, y, reach in m, era at the core, era gained per km, density at core).
@@ -108,8 +140,18 @@ _CORES = [
 ]
 
 #: District mean of facade upkeep (standard units), and its trend per 4 years.
-_UPKEEP_DISTRICT = {"Centrum": 0.6, "Zuid": 0.8, "West": 0.2, "Oost": 0.2, "Nieuw-West": -0.5,
-                    "Noord": -0.4, "Zuidoost": -0.6, "Westpoort": -0.3, "Weesp": 0.3, "": 0.0}
+_UPKEEP_DISTRICT = {
+    "Centrum": 0.6,
+    "Zuid": 0.8,
+    "West": 0.2,
+    "Oost": 0.2,
+    "Nieuw-West": -0.5,
+    "Noord": -0.4,
+    "Zuidoost": -0.6,
+    "Westpoort": -0.3,
+    "Weesp": 0.3,
+    "": 0.0,
+}
 _UPKEEP_TREND = {"Noord": 0.35, "Oost": 0.2, "West": 0.2, "Nieuw-West": 0.1, "Zuidoost": 0.15}
 _SHOPS_DISTRICT = {"Centrum": 0.9, "West": 0.3, "Oost": 0.2, "Zuid": 0.3}
 
@@ -120,12 +162,23 @@ SCORE_WEIGHTS: dict[str, dict[str, float]] = {
     "onv": {"upkeep": 0.6, "litter": -0.7, "density": -0.3, "noise": -0.5},
     "soc": {"upkeep": 0.5, "era_value": 0.3, "social": 0.8},
     "vrz": {"density": 0.7, "shops": 0.7, "greenery": 0.1},
-    "won": {"era_value": 1.0, "greenery": 0.6, "density": -0.3, "upkeep": 0.8, "social": 0.3,
-            "noise": -0.2},
+    "won": {
+        "era_value": 1.0,
+        "greenery": 0.6,
+        "density": -0.3,
+        "upkeep": 0.8,
+        "social": 0.3,
+        "noise": -0.2,
+    },
 }
 #: (mean, spread) of each dimension in Amsterdam, in LBM units.
-SCORE_SCALE = {"fys": (-0.02, 0.05), "onv": (-0.07, 0.08), "soc": (-0.03, 0.05),
-               "vrz": (0.12, 0.05), "won": (0.03, 0.08)}
+SCORE_SCALE = {
+    "fys": (-0.02, 0.05),
+    "onv": (-0.07, 0.08),
+    "soc": (-0.03, 0.05),
+    "vrz": (0.12, 0.05),
+    "won": (0.03, 0.08),
+}
 
 #: Which latent shows where: the generative story of README.md, used by tests and docs.
 VISIBILITY = {
@@ -156,12 +209,18 @@ def _standardise(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return (values - values[mask].mean()) / values[mask].std()
 
 
-def _fraction_on_lattice(geometry: BaseGeometry, ix0: int, iy1: int, shape: tuple[int, int]) -> np.ndarray:
+def _fraction_on_lattice(
+    geometry: BaseGeometry, ix0: int, iy1: int, shape: tuple[int, int]
+) -> np.ndarray:
     """Share of each 100 m cell covered by a geometry, from a 10 m rasterisation."""
     fine = 10
     transform = from_origin(ix0 * CELL_SIZE, iy1 * CELL_SIZE, CELL_SIZE / fine, CELL_SIZE / fine)
-    mask = features.rasterize([(geometry, 1)], out_shape=(shape[0] * fine, shape[1] * fine),
-                              transform=transform, dtype="uint8")
+    mask = features.rasterize(
+        [(geometry, 1)],
+        out_shape=(shape[0] * fine, shape[1] * fine),
+        transform=transform,
+        dtype="uint8",
+    )
     return mask.reshape(shape[0], fine, shape[1], fine).mean(axis=(1, 3))[::-1]  # row 0 = south
 
 
@@ -188,43 +247,84 @@ def build_fields(seed: int) -> CityFields:
     distances = np.stack([np.hypot(cx - x, cy - y) for _, x, y, *_ in _CORES])
     reach = np.array([c[3] for c in _CORES])[:, None]
     weights = np.exp(-((distances / reach) ** 2)) + 1e-9
-    era_at = np.stack([np.clip(c[4] + c[5] * distances[k] / 1000, 0, 1) for k, c in enumerate(_CORES)])
+    era_at = np.stack(
+        [np.clip(c[4] + c[5] * distances[k] / 1000, 0, 1) for k, c in enumerate(_CORES)]
+    )
     era = np.clip((weights * era_at).sum(0) / weights.sum(0) + 0.06 * field(2.0), 0, 1)
     intensity = (weights * np.array([c[6] for c in _CORES])[:, None]).max(0)
     land = np.clip(1 - water - park, 0, 1)
     density = np.clip(intensity * land * (1 + 0.25 * field(2.5)), 0, 1)
     industrial = (district == "Westpoort") | (np.hypot(cx - 125600, cy - 480600) < 700)
-    greenery = np.clip(0.25 + 0.35 * np.exp(-((era - 0.6) / 0.25) ** 2) + 0.3 * park
-                       + 0.12 * field(3.0) - 0.15 * density + 0.1 * (district == "Zuid"), 0, 1)
+    greenery = np.clip(
+        0.25
+        + 0.35 * np.exp(-(((era - 0.6) / 0.25) ** 2))
+        + 0.3 * park
+        + 0.12 * field(3.0)
+        - 0.15 * density
+        + 0.1 * (district == "Zuid"),
+        0,
+        1,
+    )
     water_lattice = np.zeros(shape)
     water_lattice[rows, cols] = water
     water_near = ndimage.gaussian_filter(water_lattice, 2.0)[rows, cols]
-    noise = np.exp(-shapely.distance(A10, shapely.points(cx, cy)) / 350) + 0.6 * density + 0.3 * field(1.5)
+    noise = (
+        np.exp(-shapely.distance(A10, shapely.points(cx, cy)) / 350)
+        + 0.6 * density
+        + 0.3 * field(1.5)
+    )
 
-    upkeep = (np.vectorize(_UPKEEP_DISTRICT.get)(district, 0.0) + 0.75 * field(3.0)
-              + 0.5 * rng.standard_normal(len(ids)))
+    upkeep = (
+        np.vectorize(_UPKEEP_DISTRICT.get)(district, 0.0)
+        + 0.75 * field(3.0)
+        + 0.5 * rng.standard_normal(len(ids))
+    )
     litter = -0.45 * upkeep + 0.5 * density + 0.6 * field(2.0) + 0.5 * rng.standard_normal(len(ids))
-    shops = (np.vectorize(_SHOPS_DISTRICT.get)(district, -0.2) + 1.2 * density
-             + 0.7 * field(1.0) + 0.5 * rng.standard_normal(len(ids)))
+    shops = (
+        np.vectorize(_SHOPS_DISTRICT.get)(district, -0.2)
+        + 1.2 * density
+        + 0.7 * field(1.0)
+        + 0.5 * rng.standard_normal(len(ids))
+    )
     social = 0.8 * field(4.0) + 0.6 * rng.standard_normal(len(ids))
 
     labelled = (density > 0.12) & ~industrial & (water < 0.6)
-    cells = pd.DataFrame({
-        "cell_id": ids, "x": cx, "y": cy, **{c: places[c].to_numpy() for c in places.columns},
-        "water": water, "park": park, "density": density, "era": era, "greenery": greenery,
-        "water_near": water_near, "industrial": industrial, "noise": noise, "social": social,
-        "upkeep": upkeep, "litter": litter, "shops": shops, "labelled": labelled,
-    }).set_index("cell_id", drop=False)
+    cells = pd.DataFrame(
+        {
+            "cell_id": ids,
+            "x": cx,
+            "y": cy,
+            **{c: places[c].to_numpy() for c in places.columns},
+            "water": water,
+            "park": park,
+            "density": density,
+            "era": era,
+            "greenery": greenery,
+            "water_near": water_near,
+            "industrial": industrial,
+            "noise": noise,
+            "social": social,
+            "upkeep": upkeep,
+            "litter": litter,
+            "shops": shops,
+            "labelled": labelled,
+        }
+    ).set_index("cell_id", drop=False)
 
     yearly = {}
     for year in LABEL_YEARS:
         drift = np.vectorize(_UPKEEP_TREND.get)(district, 0.0) * (year - LABEL_YEARS[-1]) / 4
         year_rng = np.random.default_rng([seed, 2, year])
-        yearly[year] = pd.DataFrame({
-            "upkeep": upkeep + drift + (0.15 * year_rng.standard_normal(len(ids)) if year != LABEL_YEARS[-1] else 0),
-            "litter": litter - 0.5 * drift,
-            "shops": shops,
-        }, index=cells.index)
+        yearly[year] = pd.DataFrame(
+            {
+                "upkeep": upkeep
+                + drift
+                + (0.15 * year_rng.standard_normal(len(ids)) if year != LABEL_YEARS[-1] else 0),
+                "litter": litter - 0.5 * drift,
+                "shops": shops,
+            },
+            index=cells.index,
+        )
     return CityFields(cells=cells, yearly=yearly)
 
 
@@ -241,7 +341,10 @@ def scores(fields: CityFields, year: int) -> pd.DataFrame:
     """
     cells = fields.cells
     mask = cells["labelled"].to_numpy()
-    reference = {**{c: cells[c].to_numpy() for c in cells.columns}, **fields.yearly[LABEL_YEARS[-1]]}
+    reference = {
+        **{c: cells[c].to_numpy() for c in cells.columns},
+        **fields.yearly[LABEL_YEARS[-1]],
+    }
     current = {**{c: cells[c].to_numpy() for c in cells.columns}, **fields.yearly[year]}
     for comps in (reference, current):
         comps["era_value"] = era_value(comps["era"])

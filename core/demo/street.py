@@ -30,15 +30,35 @@ OUTDOOR_SCENES = ("building", "street", "water", "park", "people")
 
 # Flickr hot spots: (x, y, spread in m, weight). Real RD coordinates of the tourist centre.
 _HOTSPOTS = [
-    (121318, 487362, 250, 10), (121847, 488026, 200, 6), (121855, 487292, 200, 4),
-    (121585, 486604, 180, 4), (120671, 486365, 200, 5), (120720, 487522, 250, 5),
-    (120804, 485908, 200, 6), (120584, 485676, 220, 4), (119671, 485693, 350, 4),
-    (122947, 486561, 200, 2), (121298, 490467, 250, 2), (120873, 488022, 200, 2),
-    (121954, 486746, 200, 3), (124635, 480798, 250, 1), (131457, 479949, 300, 1),
+    (121318, 487362, 250, 10),
+    (121847, 488026, 200, 6),
+    (121855, 487292, 200, 4),
+    (121585, 486604, 180, 4),
+    (120671, 486365, 200, 5),
+    (120720, 487522, 250, 5),
+    (120804, 485908, 200, 6),
+    (120584, 485676, 220, 4),
+    (119671, 485693, 350, 4),
+    (122947, 486561, 200, 2),
+    (121298, 490467, 250, 2),
+    (120873, 488022, 200, 2),
+    (121954, 486746, 200, 3),
+    (124635, 480798, 250, 1),
+    (131457, 479949, 300, 1),
 ]
 _CANAL_CENTRE = (121650.0, 487900.0)
-_DISTRICT_ACTIVITY = {"Centrum": 1.0, "Zuid": 0.5, "West": 0.5, "Oost": 0.4, "Nieuw-West": 0.12,
-                      "Noord": 0.06, "Zuidoost": 0.05, "Westpoort": 0.05, "Weesp": 0.15, "": 0.0}
+_DISTRICT_ACTIVITY = {
+    "Centrum": 1.0,
+    "Zuid": 0.5,
+    "West": 0.5,
+    "Oost": 0.4,
+    "Nieuw-West": 0.12,
+    "Noord": 0.06,
+    "Zuidoost": 0.05,
+    "Westpoort": 0.05,
+    "Weesp": 0.15,
+    "": 0.0,
+}
 
 
 @dataclass
@@ -60,11 +80,14 @@ def build_street_graph(fields: CityFields, cell_ids: np.ndarray, seed: int) -> S
     built = cells.loc[cells["density"] > 0.08, "cell_id"].to_numpy()
     ix, iy = built // 10_000, built % 10_000
     # The four corners of every built cell are candidate nodes.
-    corners = np.unique(np.concatenate([(ix + dx) * 10_000 + iy + dy for dx in (0, 1) for dy in (0, 1)]))
+    corners = np.unique(
+        np.concatenate([(ix + dx) * 10_000 + iy + dy for dx in (0, 1) for dy in (0, 1)])
+    )
     cx, cy = corners // 10_000, corners % 10_000
     jitter = rng.uniform(-18, 18, (len(corners), 2))
-    nodes = pd.DataFrame({"osmid": corners, "x": cx * CELL_SIZE + jitter[:, 0],
-                          "y": cy * CELL_SIZE + jitter[:, 1]})
+    nodes = pd.DataFrame(
+        {"osmid": corners, "x": cx * CELL_SIZE + jitter[:, 0], "y": cy * CELL_SIZE + jitter[:, 1]}
+    )
     position = pd.Series(np.arange(len(corners)), index=corners)
     water = water_geometry()
     shapely.prepare(water)
@@ -77,20 +100,29 @@ def build_street_graph(fields: CityFields, cell_ids: np.ndarray, seed: int) -> S
         my = (nodes["y"].to_numpy()[pu] + nodes["y"].to_numpy()[pv]) / 2
         wet = shapely.contains_xy(water, mx, my)
         keep = (~wet | (rng.random(len(u)) < 0.3)) & (rng.random(len(u)) > 0.08)
-        edge_parts.append(pd.DataFrame({"u": u[keep], "v": v[keep], "pu": pu[keep], "pv": pv[keep]}))
+        edge_parts.append(
+            pd.DataFrame({"u": u[keep], "v": v[keep], "pu": pu[keep], "pv": pv[keep]})
+        )
     edges = pd.concat(edge_parts, ignore_index=True)
     x0, y0 = nodes["x"].to_numpy()[edges["pu"]], nodes["y"].to_numpy()[edges["pu"]]
     x1, y1 = nodes["x"].to_numpy()[edges["pv"]], nodes["y"].to_numpy()[edges["pv"]]
     edges["length"] = np.hypot(x1 - x0, y1 - y0).round(2)
     edges["bearing"] = (np.degrees(np.arctan2(x1 - x0, y1 - y0)) % 360).round(1)  # from north
-    edges["geometry"] = shapely.linestrings(np.stack([np.stack([x0, x1], 1), np.stack([y0, y1], 1)], -1))
+    edges["geometry"] = shapely.linestrings(
+        np.stack([np.stack([x0, x1], 1), np.stack([y0, y1], 1)], -1)
+    )
     used = np.unique(np.concatenate([edges["u"], edges["v"]]))
     nodes = nodes[nodes["osmid"].isin(used)].reset_index(drop=True)
     return StreetGraph(nodes=nodes, edges=edges.drop(columns=["pu", "pv"]))
 
 
-def sample_gsv(fields: CityFields, graph: StreetGraph, cell_ids: np.ndarray, seed: int,
-               max_locations_per_cell: int = 2) -> pd.DataFrame:
+def sample_gsv(
+    fields: CityFields,
+    graph: StreetGraph,
+    cell_ids: np.ndarray,
+    seed: int,
+    max_locations_per_cell: int = 2,
+) -> pd.DataFrame:
     """GSV captures: panoramas at street midpoints, two to four headings, two or three years.
 
     Returns:
@@ -124,13 +156,40 @@ def sample_gsv(fields: CityFields, graph: StreetGraph, cell_ids: np.ndarray, see
             facade = _facade_structure(rng)
             for year in years:
                 month = int(rng.integers(3, 11))
-                rows.append((loc.Index, loc.x, loc.y, round(h % 360, 1), int(year), month,
-                             int(rng.integers(1, 28)), loc.cell_id, *facade))
-    table = pd.DataFrame(rows, columns=["location", "x", "y", "heading", "year", "month", "day",
-                                        "cell_id", *FACADE_COLUMNS])
-    table["id"] = [f"gsv_{loc:06d}_{int(h):03d}_{y}" for loc, h, y in
-                   zip(table["location"], table["heading"], table["year"], strict=True)]
-    table["pano_id"] = [f"pano_{loc:06d}_{y}" for loc, y in zip(table["location"], table["year"], strict=True)]
+                rows.append(
+                    (
+                        loc.Index,
+                        loc.x,
+                        loc.y,
+                        round(h % 360, 1),
+                        int(year),
+                        month,
+                        int(rng.integers(1, 28)),
+                        loc.cell_id,
+                        *facade,
+                    )
+                )
+    table = pd.DataFrame(
+        rows,
+        columns=[
+            "location",
+            "x",
+            "y",
+            "heading",
+            "year",
+            "month",
+            "day",
+            "cell_id",
+            *FACADE_COLUMNS,
+        ],
+    )
+    table["id"] = [
+        f"gsv_{loc:06d}_{int(h):03d}_{y}"
+        for loc, h, y in zip(table["location"], table["heading"], table["year"], strict=True)
+    ]
+    table["pano_id"] = [
+        f"pano_{loc:06d}_{y}" for loc, y in zip(table["location"], table["year"], strict=True)
+    ]
     table["scene"] = table["drawn"] = "street"
     table["source"] = "gsv"
     table["night"] = False
@@ -141,8 +200,14 @@ FACADE_COLUMNS = ("tint", "window_cols", "window_rows", "facade_offset", "awning
 
 
 def _facade_structure(rng: np.random.Generator) -> tuple:
-    return (float(rng.normal(1, 0.07)), int(rng.integers(3, 8)), int(rng.integers(3, 6)),
-            float(rng.normal(0, 0.45)), float(rng.random()), int(rng.integers(0, 2**31)))
+    return (
+        float(rng.normal(1, 0.07)),
+        int(rng.integers(3, 8)),
+        int(rng.integers(3, 6)),
+        float(rng.normal(0, 0.45)),
+        float(rng.random()),
+        int(rng.integers(0, 2**31)),
+    )
 
 
 def sample_flickr(fields: CityFields, cell_ids: np.ndarray, seed: int, count: int) -> pd.DataFrame:
@@ -161,7 +226,9 @@ def sample_flickr(fields: CityFields, cell_ids: np.ndarray, seed: int, count: in
     kx, ky = _CANAL_CENTRE[0] + radius * np.cos(angle), _CANAL_CENTRE[1] + radius * np.sin(angle)
     # Background photos everywhere people go, weighted by district activity and density.
     cells = fields.cells
-    weight = cells["district"].map(_DISTRICT_ACTIVITY).fillna(0).to_numpy() * (0.2 + cells["density"].to_numpy())
+    weight = cells["district"].map(_DISTRICT_ACTIVITY).fillna(0).to_numpy() * (
+        0.2 + cells["density"].to_numpy()
+    )
     n_bg = count - n_spot - n_canal
     pick = rng.choice(len(cells), n_bg, p=weight / weight.sum())
     bx = cells["x"].to_numpy()[pick] + rng.uniform(-50, 50, n_bg)
@@ -197,7 +264,11 @@ def sample_flickr(fields: CityFields, cell_ids: np.ndarray, seed: int, count: in
     drawn[ambiguous & on_topic] = rng.choice(["people", "water"], int((ambiguous & on_topic).sum()))
     table["drawn"] = drawn
     year = np.clip(np.round(2004 + 16 * rng.beta(2.2, 1.3, len(table))), 2004, 2020).astype(int)
-    table["year"], table["month"], table["day"] = year, rng.integers(1, 13, len(table)), rng.integers(1, 28, len(table))
+    table["year"], table["month"], table["day"] = (
+        year,
+        rng.integers(1, 13, len(table)),
+        rng.integers(1, 28, len(table)),
+    )
     table["night"] = (rng.random(len(table)) < 0.12) & (table["drawn"] != "food")
     table["heading"] = np.nan
     structure = [_facade_structure(rng) for _ in range(len(table))]
@@ -210,12 +281,16 @@ def sample_flickr(fields: CityFields, cell_ids: np.ndarray, seed: int, count: in
     return table
 
 
-def _attach_latents(table: pd.DataFrame, fields: CityFields, rng: np.random.Generator, framing: str) -> pd.DataFrame:
+def _attach_latents(
+    table: pd.DataFrame, fields: CityFields, rng: np.random.Generator, framing: str
+) -> pd.DataFrame:
     """Add the cell's latents in the capture year (nearest label year) and per-capture nuisances."""
     cells = fields.lookup(table["cell_id"].to_numpy())
     for name in ("era", "greenery", "density", "water_near"):
         table[name] = cells[name].to_numpy()
-    label_year = np.array(LABEL_YEARS)[np.abs(table["year"].to_numpy()[:, None] - np.array(LABEL_YEARS)).argmin(1)]
+    label_year = np.array(LABEL_YEARS)[
+        np.abs(table["year"].to_numpy()[:, None] - np.array(LABEL_YEARS)).argmin(1)
+    ]
     for name in ("upkeep", "litter", "shops"):
         values = np.empty(len(table))
         for year in LABEL_YEARS:
@@ -223,10 +298,14 @@ def _attach_latents(table: pd.DataFrame, fields: CityFields, rng: np.random.Gene
             values[at] = fields.yearly[year].loc[table["cell_id"].to_numpy()[at], name].to_numpy()
         table[name] = values
     n = len(table)
-    table["upkeep"] = table["upkeep"] + table["facade_offset"]  # each building differs from its cell
+    table["upkeep"] = (
+        table["upkeep"] + table["facade_offset"]
+    )  # each building differs from its cell
     season = (table["month"].to_numpy() % 12) // 3  # 0 winter, 1 spring, 2 summer, 3 autumn
     table["season"] = season
-    table["daylight"] = np.where(table["night"], rng.uniform(0.12, 0.3, n), rng.uniform(0.55, 1.15, n))
+    table["daylight"] = np.where(
+        table["night"], rng.uniform(0.12, 0.3, n), rng.uniform(0.55, 1.15, n)
+    )
     if framing == "gsv":
         table["horizon"], table["ground"] = rng.uniform(0.12, 0.3, n), rng.uniform(0.76, 0.86, n)
     else:  # photographers frame facades closer and streets wider
@@ -236,8 +315,9 @@ def _attach_latents(table: pd.DataFrame, fields: CityFields, rng: np.random.Gene
     table["shift"] = rng.uniform(0, 1, n)
     table["car"] = rng.random(n) < 0.3
     table["blur"] = rng.random(n) < 0.25
-    table["captured_at"] = pd.to_datetime(pd.DataFrame({"year": table["year"], "month": table["month"],
-                                                        "day": table["day"]}))
+    table["captured_at"] = pd.to_datetime(
+        pd.DataFrame({"year": table["year"], "month": table["month"], "day": table["day"]})
+    )
     return table
 
 
@@ -266,8 +346,12 @@ def _titles(table: pd.DataFrame, rng: np.random.Generator) -> tuple[list[str], l
 # -- rendering -----------------------------------------------------------------------------------
 
 _ERA_STOPS = np.array([0.0, 0.3, 0.6, 0.75, 1.0])
-_FACADE = np.array([[150, 72, 52], [118, 78, 60], [162, 160, 154], [192, 180, 156], [205, 214, 222]], float)
-_LEAVES = np.array([[110, 90, 70], [92, 150, 70], [60, 118, 48], [172, 112, 42]], float)  # by season
+_FACADE = np.array(
+    [[150, 72, 52], [118, 78, 60], [162, 160, 154], [192, 180, 156], [205, 214, 222]], float
+)
+_LEAVES = np.array(
+    [[110, 90, 70], [92, 150, 70], [60, 118, 48], [172, 112, 42]], float
+)  # by season
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -285,7 +369,11 @@ def render(table: pd.DataFrame, seed: int, px: int = RENDER_PX) -> np.ndarray:
     rng = np.random.default_rng([seed, 7])
     n = len(table)
     col = lambda name: table[name].to_numpy(dtype=np.float32)[:, None, None]  # noqa: E731
-    v, u = np.meshgrid((np.arange(px, dtype=np.float32) + 0.5) / px, (np.arange(px, dtype=np.float32) + 0.5) / px, indexing="ij")
+    v, u = np.meshgrid(
+        (np.arange(px, dtype=np.float32) + 0.5) / px,
+        (np.arange(px, dtype=np.float32) + 0.5) / px,
+        indexing="ij",
+    )
     v, u = v[None], u[None]
     day = col("daylight")
     horizon, ground = col("horizon"), col("ground")
@@ -294,12 +382,17 @@ def render(table: pd.DataFrame, seed: int, px: int = RENDER_PX) -> np.ndarray:
     sky = np.where(day[..., None] > 0.4, np.array([120, 165, 215]), np.array([22, 28, 52]))
     img = np.broadcast_to(sky, (n, px, px, 3)).astype(np.float32).copy()
 
-    facade_rgb = np.stack([np.interp(table["era"], _ERA_STOPS, _FACADE[:, c]) for c in range(3)], -1)
+    facade_rgb = np.stack(
+        [np.interp(table["era"], _ERA_STOPS, _FACADE[:, c]) for c in range(3)], -1
+    )
     facade_rgb = facade_rgb * table["tint"].to_numpy()[:, None]
     grime = dirt[..., 0, 0][:, None]
     facade_rgb = facade_rgb * (1 - 0.45 * grime) + 90 * 0.45 * grime
     blotch = px // 8
-    stains = rng.random((n, 9, 9), dtype=np.float32).repeat(blotch, 1).repeat(blotch, 2)[:, :px, :px] < 0.55 * dirt
+    stains = (
+        rng.random((n, 9, 9), dtype=np.float32).repeat(blotch, 1).repeat(blotch, 2)[:, :px, :px]
+        < 0.55 * dirt
+    )
     in_facade = (v >= horizon) & (v < ground)
     face = facade_rgb[:, None, None, :] * np.where(stains, 0.72, 1.0)[..., None]
     img = np.where(in_facade[..., None], face, img)
@@ -311,23 +404,32 @@ def render(table: pd.DataFrame, seed: int, px: int = RENDER_PX) -> np.ndarray:
     fv = ((v - horizon) / np.maximum(ground - horizon, 1e-3) * rows_n) % 1
     half_w = 0.16 + 0.3 * np.clip((era - 0.4) * 2, 0, 1)
     window = in_facade & (np.abs(fu - 0.5) < half_w) & (fv > 0.2) & (fv < 0.72) & (v < ground - 0.1)
-    window_id = np.floor((u + col("shift")) * cols_n) * 17 + np.floor((v - horizon) / np.maximum(ground - horizon, 1e-3) * rows_n)
+    window_id = np.floor((u + col("shift")) * cols_n) * 17 + np.floor(
+        (v - horizon) / np.maximum(ground - horizon, 1e-3) * rows_n
+    )
     broken = (np.sin(window_id * 12.9898 + col("tree_seed") % 1000) * 43758.5453) % 1 < 0.45 * dirt
     lit = (np.cos(window_id * 78.233 + col("tree_seed") % 997) * 12345.678) % 1 < 0.5
-    glass = np.where((day < 0.4)[..., None] & lit[..., None], np.array([235, 205, 120]), np.array([62, 78, 98]))
+    glass = np.where(
+        (day < 0.4)[..., None] & lit[..., None], np.array([235, 205, 120]), np.array([62, 78, 98])
+    )
     glass = np.where(broken[..., None], np.array([112, 88, 58]), glass)
     img = np.where(window[..., None], glass, img)
 
     # Shop fronts: a band of awnings above the pavement.
     shop_band = in_facade & (v >= ground - 0.1)
-    shop_here = ((np.floor((u + col("shift")) * 4) * 7.1 + col("tree_seed") % 101) * 0.618 % 1) < _sigmoid(1.4 * col("shops") - 0.6)
+    shop_here = (
+        (np.floor((u + col("shift")) * 4) * 7.1 + col("tree_seed") % 101) * 0.618 % 1
+    ) < _sigmoid(1.4 * col("shops") - 0.6)
     awning = _hue((table["awning_hue"].to_numpy()[:, None, None] + np.floor(u * 4) * 0.21) % 1)
     img = np.where((shop_band & shop_here)[..., None], awning, img)
 
     # Pavement and litter.
     pavement = v >= ground
     img = np.where(pavement[..., None], np.array([118, 116, 112], np.float32), img)
-    litter = pavement & (rng.random((n, px, px), dtype=np.float32) < 0.015 + 0.14 * _sigmoid(1.5 * col("litter") - 0.5))
+    litter = pavement & (
+        rng.random((n, px, px), dtype=np.float32)
+        < 0.015 + 0.14 * _sigmoid(1.5 * col("litter") - 0.5)
+    )
     img = np.where(litter[..., None], _hue(rng.random((n, px, px), dtype=np.float32)), img)
 
     # Trees: up to three crowns; leaves follow the season.
@@ -335,7 +437,11 @@ def render(table: pd.DataFrame, seed: int, px: int = RENDER_PX) -> np.ndarray:
     tree_rng = rng.random((n, 3, 4))
     for k in range(3):
         present = (tree_rng[:, k, 0] < table["greenery"].to_numpy() * 1.2)[:, None, None]
-        tu, tv, r = tree_rng[:, k, 1:2, None], ground - 0.12 - 0.1 * tree_rng[:, k, 2:3, None], 0.08 + 0.1 * tree_rng[:, k, 3:4, None]
+        tu, tv, r = (
+            tree_rng[:, k, 1:2, None],
+            ground - 0.12 - 0.1 * tree_rng[:, k, 2:3, None],
+            0.08 + 0.1 * tree_rng[:, k, 3:4, None],
+        )
         crown = present & ((u - tu) ** 2 + (v - tv) ** 2 < r**2)
         if k == 0:
             crown &= (table["season"].to_numpy() != 0)[:, None, None]
@@ -346,15 +452,25 @@ def render(table: pd.DataFrame, seed: int, px: int = RENDER_PX) -> np.ndarray:
         img[off_topic] = _scenes(img[off_topic], table[off_topic], rng, u, v)
 
     outdoor = table["drawn"].isin(OUTDOOR_SCENES).to_numpy()[:, None, None]
-    car = outdoor & col("car").astype(bool) & (np.abs(u - col("shift")) < 0.18) & (v > ground - 0.06) & (v < ground + 0.08)
+    car = (
+        outdoor
+        & col("car").astype(bool)
+        & (np.abs(u - col("shift")) < 0.18)
+        & (v > ground - 0.06)
+        & (v < ground + 0.08)
+    )
     img = np.where(car[..., None], _hue(table["shift"].to_numpy()[:, None, None] * 3 % 1), img)
     img = img * day[..., None] + rng.standard_normal(img.shape, dtype=np.float32) * 4
-    blurred = (img + np.roll(img, 1, 1) + np.roll(img, 1, 2) + np.roll(img, -1, 1) + np.roll(img, -1, 2)) / 5
+    blurred = (
+        img + np.roll(img, 1, 1) + np.roll(img, 1, 2) + np.roll(img, -1, 1) + np.roll(img, -1, 2)
+    ) / 5
     img = np.where(col("blur").astype(bool)[..., None], blurred, img)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _scenes(img: np.ndarray, table: pd.DataFrame, rng: np.random.Generator, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+def _scenes(
+    img: np.ndarray, table: pd.DataFrame, rng: np.random.Generator, u: np.ndarray, v: np.ndarray
+) -> np.ndarray:
     """Overlay the off-topic Flickr scenes on the rendered facades."""
     scene = table["drawn"].to_numpy()[:, None, None]
     n = len(table)
@@ -362,8 +478,14 @@ def _scenes(img: np.ndarray, table: pd.DataFrame, rng: np.random.Generator, u: n
     # Water: sky, a thin row of distant facades, water with ripples, a boat.
     water = (scene == "water") & (v > 0.42)
     ripples = 55 + 18 * np.sin(v * 90 + r[:, 0] * 6)
-    img = np.where(water[..., None], np.stack([ripples * 0.7, ripples * 1.25, ripples * 1.6], -1), img)
-    boat = (scene == "water") & (np.abs(u - r[:, 1]) < 0.22) & (np.abs(v - 0.62 - 0.2 * r[:, 2]) < 0.05)
+    img = np.where(
+        water[..., None], np.stack([ripples * 0.7, ripples * 1.25, ripples * 1.6], -1), img
+    )
+    boat = (
+        (scene == "water")
+        & (np.abs(u - r[:, 1]) < 0.22)
+        & (np.abs(v - 0.62 - 0.2 * r[:, 2]) < 0.05)
+    )
     img = np.where(boat[..., None], np.array([150, 40, 30]), img)
     # Park: lawn and a wall of trees.
     park = scene == "park"
@@ -381,7 +503,9 @@ def _scenes(img: np.ndarray, table: pd.DataFrame, rng: np.random.Generator, u: n
     plate = (u - 0.5) ** 2 + (v - 0.55) ** 2 < 0.3**2
     img = np.where(food[..., None], np.array([120, 82, 50]), img)
     img = np.where((food & plate)[..., None], np.array([235, 232, 225]), img)
-    bits = food & ((u - 0.5) ** 2 + (v - 0.55) ** 2 < 0.17**2) & (rng.random((n, *u.shape[1:])) < 0.5)
+    bits = (
+        food & ((u - 0.5) ** 2 + (v - 0.55) ** 2 < 0.17**2) & (rng.random((n, *u.shape[1:])) < 0.5)
+    )
     img = np.where(bits[..., None], _hue(r[:, 4] % 1), img)
     # Interior: a warm wall with windows onto bright sky; at a glance, a facade.
     inside = scene == "interior"

@@ -168,7 +168,9 @@ def save_backbone(model: nn.Module, path: str | Path, **metadata: object) -> Pat
         ``path`` as a Path.
     """
     if "backbone" in metadata:
-        raise ValueError("the 'backbone' metadata entry is the model's backbone_name; do not pass it")
+        raise ValueError(
+            "the 'backbone' metadata entry is the model's backbone_name; do not pass it"
+        )
     entries = {key: str(value) for key, value in metadata.items()}
     entries["backbone"] = model.backbone_name
     # safetensors wants contiguous CPU tensors that share no storage.
@@ -280,7 +282,11 @@ def _timm_backbone(arch: str, weights: Path | None, **kwargs: object) -> nn.Modu
         state.pop(f"{head}.bias", None)
     check_state_fits(state, expected.state_dict(), weights)
     return timm.create_model(
-        arch, pretrained=True, pretrained_cfg_overlay={"file": str(weights)}, num_classes=0, **kwargs
+        arch,
+        pretrained=True,
+        pretrained_cfg_overlay={"file": str(weights)},
+        num_classes=0,
+        **kwargs,
     )
 
 
@@ -300,11 +306,20 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"{next((r for r in reason if r), 'not a weights-only pickle')})"
         ) from exc
     except Exception as exc:  # torch and safetensors raise many types for a bad file
-        raise ValueError(f"{path}: not a readable weights file ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(
+            f"{path}: not a readable weights file ({type(exc).__name__}: {exc})"
+        ) from exc
     # Training checkpoints nest the weights next to optimiser state, epoch, etc.
     if isinstance(state, dict):
-        state = next((state[key] for key in ("state_dict", "model") if isinstance(state.get(key), dict)), state)
-    if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
+        state = next(
+            (state[key] for key in ("state_dict", "model") if isinstance(state.get(key), dict)),
+            state,
+        )
+    if not (
+        isinstance(state, dict)
+        and state
+        and all(isinstance(v, torch.Tensor) for v in state.values())
+    ):
         raise ValueError(f"{path}: not a readable weights file (expected a state dict of tensors)")
     return state
 
@@ -321,13 +336,15 @@ def strip_common_prefix(
         prefix = ".".join(parts[:depth]) + "."
         if not all(key.startswith(prefix) for key in state):
             break
-        stripped = {key[len(prefix):]: value for key, value in state.items()}
+        stripped = {key[len(prefix) :]: value for key, value in state.items()}
         if expected & stripped.keys():
             return stripped
     return state
 
 
-def check_state_fits(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], path: Path) -> None:
+def check_state_fits(
+    state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], path: Path
+) -> None:
     """Raise a ValueError naming ``path`` and a few missing/unexpected keys and bad shapes."""
 
     def few(items: list[str]) -> str:

@@ -41,19 +41,29 @@ class FusionRegressor(nn.Module):
         self.fc = nn.Linear(width, hidden)
         self.out = nn.Linear(hidden, 1)
 
-    def embed(self, aerial: torch.Tensor | None, ground: torch.Tensor | None,
-              has_ground: torch.Tensor | None) -> torch.Tensor:
+    def embed(
+        self,
+        aerial: torch.Tensor | None,
+        ground: torch.Tensor | None,
+        has_ground: torch.Tensor | None,
+    ) -> torch.Tensor:
         """The fused penultimate vector (B, hidden)."""
         parts = []
         if self.aerial is not None:
             parts.append(self.aerial(aerial))
         if self.ground is not None:
             projected = self.ground(ground)
-            parts.append(torch.where(has_ground[:, None], projected, self.missing.expand_as(projected)))
+            parts.append(
+                torch.where(has_ground[:, None], projected, self.missing.expand_as(projected))
+            )
         fused = parts[0] if len(parts) == 1 else parts[0] + parts[1]
         return torch.relu(self.fc(self.norm(fused)))
 
-    def forward(self, aerial: torch.Tensor | None, ground: torch.Tensor | None = None,
-                has_ground: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        aerial: torch.Tensor | None,
+        ground: torch.Tensor | None = None,
+        has_ground: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Predicted (standardised) score, shape (B,)."""
         return self.out(self.embed(aerial, ground, has_ground)).squeeze(1)

@@ -291,7 +291,9 @@ class GraphEncoder(nn.Module):
             relative = xy - xy[take, centre.long()].unsqueeze(1)
             parts.append(sinusoidal_encoding(relative, self.pos_dim, self.pos_scales))
         if self.place_dim:
-            parts.append(sinusoidal_encoding(xy, self.place_dim, self.place_scales, 200.0, 20_000.0))
+            parts.append(
+                sinusoidal_encoding(xy, self.place_dim, self.place_scales, 200.0, 20_000.0)
+            )
         dtype = self.input.weight.dtype
         return torch.cat([part.to(dtype) for part in parts], dim=-1)
 

@@ -25,7 +25,9 @@ from core.models.backbones import (
 class SceneClassifier(nn.Module):
     """Backbone + linear head over ``scenes``; outputs logits (B, len(scenes))."""
 
-    def __init__(self, backbone: str, scenes: tuple[str, ...], weights: str | None = None, seed: int = 0):
+    def __init__(
+        self, backbone: str, scenes: tuple[str, ...], weights: str | None = None, seed: int = 0
+    ):
         super().__init__()
         self.scenes = tuple(scenes)
         self.backbone = create_backbone(backbone, weights=weights, seed=seed)
@@ -39,7 +41,9 @@ class SceneClassifier(nn.Module):
 _HEAD_PREFIXES = ("fc.", "head.", "classifier.", "last_linear.")
 
 
-def load_scene_classifier(path: str | Path, backbone: str, scenes: tuple[str, ...]) -> SceneClassifier:
+def load_scene_classifier(
+    path: str | Path, backbone: str, scenes: tuple[str, ...]
+) -> SceneClassifier:
     """A classifier from a full checkpoint (backbone + head), e.g. a Places365 ResNet-50.
 
     Accepts our own ``scene`` runs' ``model.safetensors`` and foreign layouts where the head is
@@ -54,10 +58,18 @@ def load_scene_classifier(path: str | Path, backbone: str, scenes: tuple[str, ..
     state = read_state_dict(path)
     if not any(key.startswith("backbone.") for key in state):
         state = strip_common_prefix(state, {k.removeprefix("backbone.") for k in expected})
-        state = {("head." + key.split(".", 1)[1] if key.startswith(_HEAD_PREFIXES) else "backbone." + key): value
-                 for key, value in state.items()}
+        state = {
+            (
+                "head." + key.split(".", 1)[1]
+                if key.startswith(_HEAD_PREFIXES)
+                else "backbone." + key
+            ): value
+            for key, value in state.items()
+        }
     check_state_fits(state, expected, path)
-    model.load_state_dict(state, strict=False)  # BatchNorm counters of old checkpoints may be absent
+    model.load_state_dict(
+        state, strict=False
+    )  # BatchNorm counters of old checkpoints may be absent
     return model
 
 
@@ -66,7 +78,11 @@ def read_scene_names(path: str | Path) -> tuple[str, ...]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: scene names file not found")
-    names = [line.split()[0].strip("/").split("/", 1)[-1] for line in path.read_text().splitlines() if line.strip()]
+    names = [
+        line.split()[0].strip("/").split("/", 1)[-1]
+        for line in path.read_text().splitlines()
+        if line.strip()
+    ]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: scene names must be unique")
     return tuple(names)

@@ -78,9 +78,7 @@ class AerialRaster:
             self._dataset = source
             self.footprint = shapely.box(*source.bounds)
         else:
-            self._dataset = WarpedVRT(
-                source, crs=RD_NEW, resampling=Resampling.bilinear, nodata=0
-            )
+            self._dataset = WarpedVRT(source, crs=RD_NEW, resampling=Resampling.bilinear, nodata=0)
             self.footprint = _reprojected_footprint(source)
         shapely.prepare(self.footprint)
 

@@ -99,6 +99,8 @@ def read_landmarks(path: str | PathLike = LANDMARKS_FILE) -> gpd.GeoDataFrame:
     table = read_table(path, "landmarks")
     require_columns(table, ("name", "kind", "lat", "lon"), path)
     points = gpd.GeoDataFrame(
-        table[["name", "kind"]], geometry=gpd.points_from_xy(table["lon"], table["lat"]), crs="EPSG:4326"
+        table[["name", "kind"]],
+        geometry=gpd.points_from_xy(table["lon"], table["lat"]),
+        crs="EPSG:4326",
     )
     return points.to_crs(RD_NEW)

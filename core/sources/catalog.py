@@ -28,7 +28,13 @@ SOURCES = ("gsv", "flickr", "other")
 REQUIRED_COLUMNS = ("id", "source", "path", "heading", "captured_at")
 OPTIONAL_COLUMNS = ("pano_id", "title", "tags", "license")
 IMAGE_COLUMNS = (
-    *REQUIRED_COLUMNS[:3], "x", "y", *REQUIRED_COLUMNS[3:], *OPTIONAL_COLUMNS, "cell_id", "geometry"
+    *REQUIRED_COLUMNS[:3],
+    "x",
+    "y",
+    *REQUIRED_COLUMNS[3:],
+    *OPTIONAL_COLUMNS,
+    "cell_id",
+    "geometry",
 )
 PROBLEM_COLUMNS = ("id", "row", "kind", "problem")
 
@@ -164,7 +170,9 @@ def read_catalog(path: str | PathLike, check_files: bool = True) -> Catalog:
         "captured_at": captured,
     }
     for name in OPTIONAL_COLUMNS:
-        columns[name] = table[name] if name in table.columns else pd.Series(pd.NA, index=table.index)
+        columns[name] = (
+            table[name] if name in table.columns else pd.Series(pd.NA, index=table.index)
+        )
     images = pd.DataFrame(columns)[keep].reset_index(drop=True)
     images["cell_id"] = cell_id(images["x"].to_numpy(), images["y"].to_numpy())
     images = gpd.GeoDataFrame(
@@ -230,11 +238,18 @@ def _rd_positions(
     x = np.where(inside, x, np.nan)
     y = np.where(inside, y, np.nan)
     swap_name = "lat/lon" if names == ("lon", "lat") else "x/y"
-    return x, y, {
-        "missing position": (~known, lambda i: f"missing or non-numeric {names[0]}/{names[1]}"),
-        "outside the Netherlands": (outside, lambda i: f"position outside the Netherlands ({at(i)})"),
-        "swapped position": (swapped, lambda i: f"{swap_name} swapped? ({at(i)})"),
-    }
+    return (
+        x,
+        y,
+        {
+            "missing position": (~known, lambda i: f"missing or non-numeric {names[0]}/{names[1]}"),
+            "outside the Netherlands": (
+                outside,
+                lambda i: f"position outside the Netherlands ({at(i)})",
+            ),
+            "swapped position": (swapped, lambda i: f"{swap_name} swapped? ({at(i)})"),
+        },
+    )
 
 
 def _in_nl(lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
@@ -325,7 +340,9 @@ def write_catalog(images: pd.DataFrame, path: str | PathLike) -> Path:
     rest = [c for c in images.columns if c not in first and c not in DERIVED_COLUMNS]
     table = pd.DataFrame(images[first + rest]).reset_index(drop=True)
     folder = path.parent.resolve()
-    table["path"] = [p if pd.isna(p) else os.path.relpath(Path(p).resolve(), folder) for p in table["path"]]
+    table["path"] = [
+        p if pd.isna(p) else os.path.relpath(Path(p).resolve(), folder) for p in table["path"]
+    ]
     if suffix == ".csv":
         return write_atomic(path, lambda tmp: table.to_csv(tmp, index=False))
     return write_atomic(path, lambda tmp: table.to_parquet(tmp, index=False))
@@ -349,12 +366,13 @@ def merge_catalog(rows: pd.DataFrame, catalog: str | PathLike) -> Path:
     if catalog.exists():
         existing = read_table(catalog, "image catalog")
         if "geometry" in existing.columns:
-            raise ValueError(f"{catalog}: a GeoParquet catalog cannot be extended; "
-                             "write it as plain Parquet with x, y columns first")
+            raise ValueError(
+                f"{catalog}: a GeoParquet catalog cannot be extended; "
+                "write it as plain Parquet with x, y columns first"
+            )
         require_columns(existing, (*REQUIRED_COLUMNS, "x", "y"), catalog)
         kept = existing[~existing["id"].astype(str).isin(rows["id"].astype(str))]
         table = pd.concat([kept, rows], ignore_index=True) if len(kept) else rows
     folder = catalog.parent
     table = table.assign(path=[p if pd.isna(p) else str(folder / p) for p in table["path"]])
     return write_catalog(table, catalog)
-

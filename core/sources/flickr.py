@@ -90,16 +90,19 @@ class License:
 # --- Flickr API ------------------------------------------------------------------------------
 
 
-def call_flickr(client: HttpClient, api_key: str, method: str, endpoint: str = FLICKR_REST,
-                **params: Any) -> dict:
+def call_flickr(
+    client: HttpClient, api_key: str, method: str, endpoint: str = FLICKR_REST, **params: Any
+) -> dict:
     """Call one Flickr REST method (JSON) and return the decoded answer.
 
     Raises:
         FlickrError: when Flickr answers ``stat: fail`` (code 100 = invalid API key).
         FetchError: on HTTP failures after retries or a body that is not JSON.
     """
-    answer = client.get_json(endpoint, {"method": method, "api_key": api_key, "format": "json",
-                                        "nojsoncallback": 1, **params})
+    answer = client.get_json(
+        endpoint,
+        {"method": method, "api_key": api_key, "format": "json", "nojsoncallback": 1, **params},
+    )
     if not isinstance(answer, dict) or answer.get("stat") != "ok":
         answer = answer if isinstance(answer, dict) else {}
         code = int(answer.get("code", -1))
@@ -109,36 +112,70 @@ def call_flickr(client: HttpClient, api_key: str, method: str, endpoint: str = F
     return answer
 
 
-def flickr_licenses(client: HttpClient, api_key: str, endpoint: str = FLICKR_REST) -> dict[int, License]:
+def flickr_licenses(
+    client: HttpClient, api_key: str, endpoint: str = FLICKR_REST
+) -> dict[int, License]:
     """The licences Flickr knows, by id (``flickr.photos.licenses.getInfo``)."""
     answer = call_flickr(client, api_key, "flickr.photos.licenses.getInfo", endpoint)
-    return {int(item["id"]): License(int(item["id"]), str(item["name"]), str(item.get("url") or ""))
-            for item in answer["licenses"]["license"]}
+    return {
+        int(item["id"]): License(int(item["id"]), str(item["name"]), str(item.get("url") or ""))
+        for item in answer["licenses"]["license"]
+    }
 
 
-def _search_page(client: HttpClient, api_key: str, endpoint: str, box: BBox, window: tuple[datetime, datetime],
-                 page: int, per_page: int, sizes: Sequence[str], licenses: Collection[int] | None) -> dict:
+def _search_page(
+    client: HttpClient,
+    api_key: str,
+    endpoint: str,
+    box: BBox,
+    window: tuple[datetime, datetime],
+    page: int,
+    per_page: int,
+    sizes: Sequence[str],
+    licenses: Collection[int] | None,
+) -> dict:
     params = {
-        "bbox": ",".join(f"{v:.6f}" for v in box), "has_geo": 1, "media": "photos",
-        "min_taken_date": window[0].strftime(_TAKEN_FORMAT), "max_taken_date": window[1].strftime(_TAKEN_FORMAT),
+        "bbox": ",".join(f"{v:.6f}" for v in box),
+        "has_geo": 1,
+        "media": "photos",
+        "min_taken_date": window[0].strftime(_TAKEN_FORMAT),
+        "max_taken_date": window[1].strftime(_TAKEN_FORMAT),
         "extras": ",".join((*_SEARCH_EXTRAS, *(f"url_{s}" for s in sizes))),
-        "sort": "date-taken-asc", "per_page": per_page, "page": page,
+        "sort": "date-taken-asc",
+        "per_page": per_page,
+        "page": page,
     }
     if licenses is not None:
         params["license"] = ",".join(str(i) for i in sorted(licenses))
     answer = call_flickr(client, api_key, "flickr.photos.search", endpoint, **params)
     try:
         photos = answer["photos"]
-        return {"total": int(photos["total"]), "pages": int(photos["pages"]), "photo": list(photos["photo"])}
+        return {
+            "total": int(photos["total"]),
+            "pages": int(photos["pages"]),
+            "photo": list(photos["photo"]),
+        }
     except (KeyError, TypeError, ValueError):
-        raise FetchError(f"{endpoint}: flickr.photos.search answered without photos/total/pages/photo: "
-                         f"{client.redact(str(answer))[:200]!r}") from None
+        raise FetchError(
+            f"{endpoint}: flickr.photos.search answered without photos/total/pages/photo: "
+            f"{client.redact(str(answer))[:200]!r}"
+        ) from None
 
 
-def search_photos(client: HttpClient, api_key: str, bbox: BBox, *, min_taken: datetime = FIRST_TAKEN,
-                  max_taken: datetime | None = None, licenses: Collection[int] | None = None,
-                  sizes: Sequence[str] = SIZES, endpoint: str = FLICKR_REST, per_page: int = PER_PAGE,
-                  cap: int = RESULT_CAP, min_window: timedelta = MIN_WINDOW) -> list[dict]:
+def search_photos(
+    client: HttpClient,
+    api_key: str,
+    bbox: BBox,
+    *,
+    min_taken: datetime = FIRST_TAKEN,
+    max_taken: datetime | None = None,
+    licenses: Collection[int] | None = None,
+    sizes: Sequence[str] = SIZES,
+    endpoint: str = FLICKR_REST,
+    per_page: int = PER_PAGE,
+    cap: int = RESULT_CAP,
+    min_window: timedelta = MIN_WINDOW,
+) -> list[dict]:
     """Every public geotagged photo in ``bbox`` taken in the window, each once.
 
     A query whose ``total`` is above ``cap`` is split, its time window in halves down to
@@ -174,13 +211,19 @@ def search_photos(client: HttpClient, api_key: str, bbox: BBox, *, min_taken: da
             if parts:
                 queries.extend(parts)
                 continue
-            log.warning("Flickr: %d photos in a %.0e degree box within %s; only the first %d "
-                        "can be listed", first["total"], box[2] - box[0], min_window, cap)
+            log.warning(
+                "Flickr: %d photos in a %.0e degree box within %s; only the first %d can be listed",
+                first["total"],
+                box[2] - box[0],
+                min_window,
+                cap,
+            )
         pages = min(first["pages"], math.ceil(cap / per_page))
         records = list(first["photo"])
         for page in range(2, pages + 1):
-            records += _search_page(client, api_key, endpoint, box, window, page, per_page, sizes,
-                                    licenses)["photo"]
+            records += _search_page(
+                client, api_key, endpoint, box, window, page, per_page, sizes, licenses
+            )["photo"]
         for record in records:
             found.setdefault(str(record["id"]), record)
     log.info("Flickr: %d photos in %s", len(found), bbox)
@@ -192,8 +235,9 @@ def _check_bbox(bbox: BBox) -> None:
         raise ValueError(f"bbox must be WGS84 (min lon, min lat, max lon, max lat), got {bbox}")
 
 
-def _split(box: BBox, window: tuple[datetime, datetime],
-           min_window: timedelta) -> list[tuple[BBox, tuple[datetime, datetime]]]:
+def _split(
+    box: BBox, window: tuple[datetime, datetime], min_window: timedelta
+) -> list[tuple[BBox, tuple[datetime, datetime]]]:
     """Two halves of the time window, else four quadrants of the box, else nothing."""
     start, end = window
     if end - start > min_window:
@@ -203,12 +247,17 @@ def _split(box: BBox, window: tuple[datetime, datetime],
     if x1 - x0 < MIN_BOX_DEG:
         return []
     xm, ym = (x0 + x1) / 2, (y0 + y1) / 2
-    return [((a, b, c, d), window) for a, b, c, d in
-            ((x0, y0, xm, ym), (xm, y0, x1, ym), (x0, ym, xm, y1), (xm, ym, x1, y1))]
+    return [
+        ((a, b, c, d), window)
+        for a, b, c, d in ((x0, y0, xm, ym), (xm, y0, x1, ym), (x0, ym, xm, y1), (xm, ym, x1, y1))
+    ]
 
 
-def photo_rows(photos: Sequence[dict], licenses: dict[int, License], sizes: Sequence[str] = SIZES,
-               ) -> tuple[pd.DataFrame, list[str]]:
+def photo_rows(
+    photos: Sequence[dict],
+    licenses: dict[int, License],
+    sizes: Sequence[str] = SIZES,
+) -> tuple[pd.DataFrame, list[str]]:
     """Catalog rows of Flickr photo records and the image URL of each row.
 
     Photos without a URL at any of ``sizes`` are left out (counted in a log line).
@@ -226,29 +275,43 @@ def photo_rows(photos: Sequence[dict], licenses: dict[int, License], sizes: Sequ
         urls.append(str(photo[f"url_{size}"]))
         chosen.append(size)
     if len(kept) < len(photos):
-        log.info("Flickr: %d of %d photos have no image at sizes %s and were left out",
-                 len(photos) - len(kept), len(photos), list(sizes))
+        log.info(
+            "Flickr: %d of %d photos have no image at sizes %s and were left out",
+            len(photos) - len(kept),
+            len(photos),
+            list(sizes),
+        )
     lon = np.array([float(p["longitude"]) for p in kept], dtype=np.float64)
     lat = np.array([float(p["latitude"]) for p in kept], dtype=np.float64)
     x, y = lonlat_to_rd(lon, lat)
     ids = [f"flickr_{safe_name(str(p['id']))}" for p in kept]
     license_ids = [int(p.get("license", 0)) for p in kept]
     unknown = License(-1, "unknown", "")
-    rows = pd.DataFrame({
-        "id": ids, "source": "flickr", "path": image_paths("flickr", ids, x, y),
-        "heading": np.full(len(kept), np.nan),
-        "captured_at": pd.to_datetime([_taken(p) for p in kept], format=_TAKEN_FORMAT),
-        "x": x, "y": y, "pano_id": None,
-        "title": [str(p.get("title") or "") for p in kept],
-        "tags": [",".join(str(p.get("tags") or "").split()) for p in kept],
-        "license": [licenses.get(i, unknown).name for i in license_ids],
-        "lon": lon, "lat": lat, "license_id": np.array(license_ids, dtype=np.int64),
-        "license_url": [licenses.get(i, unknown).url for i in license_ids],
-        "owner": [str(p.get("owner") or "") for p in kept],
-        "owner_name": [str(p.get("ownername") or "") for p in kept],
-        "photo_page": [f"https://www.flickr.com/photos/{p.get('owner')}/{p['id']}" for p in kept],
-        "size": chosen,
-    })
+    rows = pd.DataFrame(
+        {
+            "id": ids,
+            "source": "flickr",
+            "path": image_paths("flickr", ids, x, y),
+            "heading": np.full(len(kept), np.nan),
+            "captured_at": pd.to_datetime([_taken(p) for p in kept], format=_TAKEN_FORMAT),
+            "x": x,
+            "y": y,
+            "pano_id": None,
+            "title": [str(p.get("title") or "") for p in kept],
+            "tags": [",".join(str(p.get("tags") or "").split()) for p in kept],
+            "license": [licenses.get(i, unknown).name for i in license_ids],
+            "lon": lon,
+            "lat": lat,
+            "license_id": np.array(license_ids, dtype=np.int64),
+            "license_url": [licenses.get(i, unknown).url for i in license_ids],
+            "owner": [str(p.get("owner") or "") for p in kept],
+            "owner_name": [str(p.get("ownername") or "") for p in kept],
+            "photo_page": [
+                f"https://www.flickr.com/photos/{p.get('owner')}/{p['id']}" for p in kept
+            ],
+            "size": chosen,
+        }
+    )
     return rows, urls
 
 
@@ -259,12 +322,22 @@ def _taken(photo: dict) -> str | None:
     return str(photo["datetaken"])
 
 
-def fetch_flickr(root: str | PathLike | DataRoot, bbox: BBox | None = None, *,
-                 min_taken: datetime = FIRST_TAKEN, max_taken: datetime | None = None,
-                 licenses: Collection[int] | None = None, sizes: Sequence[str] = SIZES,
-                 api_key: str | None = None, client: HttpClient | None = None,
-                 image_client: HttpClient | None = None, endpoint: str = FLICKR_REST,
-                 per_page: int = PER_PAGE, cap: int = RESULT_CAP, progress: bool = True) -> StreetFetch:
+def fetch_flickr(
+    root: str | PathLike | DataRoot,
+    bbox: BBox | None = None,
+    *,
+    min_taken: datetime = FIRST_TAKEN,
+    max_taken: datetime | None = None,
+    licenses: Collection[int] | None = None,
+    sizes: Sequence[str] = SIZES,
+    api_key: str | None = None,
+    client: HttpClient | None = None,
+    image_client: HttpClient | None = None,
+    endpoint: str = FLICKR_REST,
+    per_page: int = PER_PAGE,
+    cap: int = RESULT_CAP,
+    progress: bool = True,
+) -> StreetFetch:
     """Search, download and catalog the Flickr photos of a box into a data root.
 
     Rerunning resumes: images on disk are kept (corrupt ones fetched again), and the catalog
@@ -298,10 +371,22 @@ def fetch_flickr(root: str | PathLike | DataRoot, bbox: BBox | None = None, *,
     bbox = bbox or grid_bbox_lonlat(root.grid)
     known = flickr_licenses(client, api_key, endpoint)
     if licenses is not None and set(licenses) - set(known):
-        raise ValueError(f"unknown Flickr licence ids {sorted(set(licenses) - set(known))}; "
-                         f"Flickr knows {sorted(known)}")
-    photos = search_photos(client, api_key, bbox, min_taken=min_taken, max_taken=max_taken,
-                           licenses=licenses, sizes=sizes, endpoint=endpoint, per_page=per_page, cap=cap)
+        raise ValueError(
+            f"unknown Flickr licence ids {sorted(set(licenses) - set(known))}; "
+            f"Flickr knows {sorted(known)}"
+        )
+    photos = search_photos(
+        client,
+        api_key,
+        bbox,
+        min_taken=min_taken,
+        max_taken=max_taken,
+        licenses=licenses,
+        sizes=sizes,
+        endpoint=endpoint,
+        per_page=per_page,
+        cap=cap,
+    )
     if licenses is not None:  # also enforced here: never keep a photo under a licence not allowed
         photos = [p for p in photos if int(p.get("license", -1)) in set(licenses)]
     rows, urls = photo_rows(photos, known, sizes)
@@ -312,11 +397,20 @@ def fetch_flickr(root: str | PathLike | DataRoot, bbox: BBox | None = None, *,
     return StreetFetch(rows=rows, report=report, catalog=merge_catalog(rows, root.catalog))
 
 
-def estimate_flickr(bbox: BBox, *, min_taken: datetime = FIRST_TAKEN, max_taken: datetime | None = None,
-                    licenses: Collection[int] | None = None, sizes: Sequence[str] = SIZES,
-                    api_key: str | None = None, client: HttpClient | None = None,
-                    endpoint: str = FLICKR_REST, per_page: int = PER_PAGE, cap: int = RESULT_CAP,
-                    image_politeness: Politeness = IMAGE_POLITENESS) -> Estimate:
+def estimate_flickr(
+    bbox: BBox,
+    *,
+    min_taken: datetime = FIRST_TAKEN,
+    max_taken: datetime | None = None,
+    licenses: Collection[int] | None = None,
+    sizes: Sequence[str] = SIZES,
+    api_key: str | None = None,
+    client: HttpClient | None = None,
+    endpoint: str = FLICKR_REST,
+    per_page: int = PER_PAGE,
+    cap: int = RESULT_CAP,
+    image_politeness: Politeness = IMAGE_POLITENESS,
+) -> Estimate:
     """Plan a Flickr fetch from one search request (its ``total``).
 
     The request count is a lower bound when the total is above the cap (each split costs a
@@ -327,20 +421,26 @@ def estimate_flickr(bbox: BBox, *, min_taken: datetime = FIRST_TAKEN, max_taken:
     api_key = api_key or env_secret(API_KEY_ENV, "Flickr")
     client = client or HttpClient(API_POLITENESS, secrets=[api_key])
     max_taken = max_taken or datetime.now().replace(microsecond=0)
-    total = _search_page(client, api_key, endpoint, bbox, (min_taken, max_taken), 1, 1, sizes, licenses)["total"]
+    total = _search_page(
+        client, api_key, endpoint, bbox, (min_taken, max_taken), 1, 1, sizes, licenses
+    )["total"]
     parts = max(1, math.ceil(total / cap))
     api_calls = 1 + max(parts, math.ceil(total / per_page)) + (2 * parts if parts > 1 else 0)
     api_rate = client.politeness.requests_per_second or API_POLITENESS.requests_per_second
     image_rate = image_politeness.requests_per_second  # 0 = no limit
     seconds = api_calls / api_rate + (total / image_rate if image_rate > 0 else 0.0)
     allowed = "all licences" if licenses is None else f"licences {sorted(licenses)}"
-    note = (f"{total} photos ({allowed}); needs ${API_KEY_ENV}; the Flickr API terms allow "
-            f"{QUERIES_PER_HOUR} queries/hour per key; each photo keeps its owner's licence "
-            "(recorded per row with the owner, attribution needed)")
+    note = (
+        f"{total} photos ({allowed}); needs ${API_KEY_ENV}; the Flickr API terms allow "
+        f"{QUERIES_PER_HOUR} queries/hour per key; each photo keeps its owner's licence "
+        "(recorded per row with the owner, attribution needed)"
+    )
     if parts > 1:
         note += f"; above the {cap}-result cap: the search is split into at least {parts} parts"
     return Estimate(
-        source="Flickr", requests=api_calls + total, bytes=total * BYTES_PER_SIZE.get(sizes[0], 150_000),
-        requests_per_second=(api_calls + total) / seconds if seconds else 0.0, note=note,
+        source="Flickr",
+        requests=api_calls + total,
+        bytes=total * BYTES_PER_SIZE.get(sizes[0], 150_000),
+        requests_per_second=(api_calls + total) / seconds if seconds else 0.0,
+        note=note,
     )
-

@@ -92,20 +92,32 @@ def sign_url(url: str, secret: str) -> str:
     try:
         key = base64.urlsafe_b64decode(secret + "=" * (-len(secret) % 4))
     except (binascii.Error, ValueError):
-        raise ValueError(f"the URL signing secret (${SIGNING_SECRET_ENV}) is not URL-safe base64") from None
+        raise ValueError(
+            f"the URL signing secret (${SIGNING_SECRET_ENV}) is not URL-safe base64"
+        ) from None
     parts = urlsplit(url)
     digest = hmac.new(key, f"{parts.path}?{parts.query}".encode(), hashlib.sha1).digest()
     return f"{url}&signature={base64.urlsafe_b64encode(digest).decode()}"
 
 
-def _request_url(base_url: str, path: str, params: dict[str, Any], signing_secret: str | None) -> str:
+def _request_url(
+    base_url: str, path: str, params: dict[str, Any], signing_secret: str | None
+) -> str:
     url = with_params(base_url.rstrip("/") + path, params)
     return sign_url(url, signing_secret) if signing_secret else url
 
 
-def pano_metadata(client: HttpClient, api_key: str, *, location: tuple[float, float] | None = None,
-                  pano: str | None = None, radius: float = 50, source: str = "outdoor",
-                  signing_secret: str | None = None, base_url: str = GOOGLE_MAPS) -> dict | None:
+def pano_metadata(
+    client: HttpClient,
+    api_key: str,
+    *,
+    location: tuple[float, float] | None = None,
+    pano: str | None = None,
+    radius: float = 50,
+    source: str = "outdoor",
+    signing_secret: str | None = None,
+    base_url: str = GOOGLE_MAPS,
+) -> dict | None:
     """Metadata of the panorama nearest ``location`` (lon, lat) or of panorama ``pano``.
 
     ``UNKNOWN_ERROR`` (a temporary server error) is retried ``client.politeness.retries``
@@ -139,8 +151,11 @@ def pano_metadata(client: HttpClient, api_key: str, *, location: tuple[float, fl
         client.backoff(attempt, f"Street View metadata for {what}: UNKNOWN_ERROR")
     if status == "OK":
         if "pano_id" not in answer or not {"lat", "lng"} <= set(answer.get("location") or {}):
-            raise GsvError(f"Street View metadata for {what}: OK without pano_id/location: "
-                           f"{client.redact(str(answer))[:200]!r}", status)
+            raise GsvError(
+                f"Street View metadata for {what}: OK without pano_id/location: "
+                f"{client.redact(str(answer))[:200]!r}",
+                status,
+            )
         return answer
     if status in _NO_PANORAMA:
         return None
@@ -148,12 +163,15 @@ def pano_metadata(client: HttpClient, api_key: str, *, location: tuple[float, fl
     problem = {
         "OVER_QUERY_LIMIT": "quota exhausted; try again later or raise the project's quota",
         "REQUEST_DENIED": f"request denied; check ${API_KEY_ENV} (and ${SIGNING_SECRET_ENV}) and that "
-                          "the Street View Static API is enabled for the key's project",
+        "the Street View Static API is enabled for the key's project",
         "INVALID_REQUEST": "malformed request",
         "UNKNOWN_ERROR": f"server error, {client.politeness.retries + 1} attempts",
     }.get(status, f"unexpected answer {client.redact(str(answer))[:200]!r}")
-    raise GsvError(f"Street View metadata for {what}: {status or 'no status'}: {problem}"
-                   + (f" ({detail})" if detail else ""), status)
+    raise GsvError(
+        f"Street View metadata for {what}: {status or 'no status'}: {problem}"
+        + (f" ({detail})" if detail else ""),
+        status,
+    )
 
 
 def cell_centres_lonlat(grid: str | PathLike) -> np.ndarray:
@@ -173,7 +191,9 @@ def street_points_lonlat(streets: str | PathLike, spacing_m: float = 20.0) -> np
     lines = edges.geometry.to_numpy()
     counts = np.maximum(1, np.ceil(shapely.length(lines) / spacing_m).astype(int))
     line_of = np.repeat(np.arange(len(lines)), counts)
-    fraction = np.concatenate([(np.arange(n) + 0.5) / n for n in counts]) if len(lines) else np.zeros(0)
+    fraction = (
+        np.concatenate([(np.arange(n) + 0.5) / n for n in counts]) if len(lines) else np.zeros(0)
+    )
     points = shapely.line_interpolate_point(lines[line_of], fraction, normalized=True)
     return rd_to_lonlat(shapely.get_x(points), shapely.get_y(points))
 
@@ -186,10 +206,18 @@ def read_pano_ids(path: str | PathLike) -> list[str]:
     return list(dict.fromkeys(ids[ids != ""]))
 
 
-def find_panoramas(client: HttpClient, api_key: str, points: np.ndarray, *,
-                   pano_ids: Sequence[str] = (), radius: float = 50, source: str = "outdoor",
-                   signing_secret: str | None = None, base_url: str = GOOGLE_MAPS,
-                   progress: bool = True) -> pd.DataFrame:
+def find_panoramas(
+    client: HttpClient,
+    api_key: str,
+    points: np.ndarray,
+    *,
+    pano_ids: Sequence[str] = (),
+    radius: float = 50,
+    source: str = "outdoor",
+    signing_secret: str | None = None,
+    base_url: str = GOOGLE_MAPS,
+    progress: bool = True,
+) -> pd.DataFrame:
     """The panoramas nearest ``points`` and the given ``pano_ids``, each once.
 
     Returns:
@@ -197,11 +225,20 @@ def find_panoramas(client: HttpClient, api_key: str, points: np.ndarray, *,
     """
     points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     found: dict[str, dict] = {}
-    lookups = [{"location": (float(lon), float(lat))} for lon, lat in points] + [{"pano": p} for p in pano_ids]
+    lookups = [{"location": (float(lon), float(lat))} for lon, lat in points] + [
+        {"pano": p} for p in pano_ids
+    ]
     missing = []
     for lookup in tqdm(lookups, desc="gsv metadata", unit="req", disable=not progress):
-        answer = pano_metadata(client, api_key, radius=radius, source=source, signing_secret=signing_secret,
-                               base_url=base_url, **lookup)
+        answer = pano_metadata(
+            client,
+            api_key,
+            radius=radius,
+            source=source,
+            signing_secret=signing_secret,
+            base_url=base_url,
+            **lookup,
+        )
         if answer is None:
             missing.append(lookup)
         else:
@@ -209,15 +246,22 @@ def find_panoramas(client: HttpClient, api_key: str, points: np.ndarray, *,
     unknown = [m["pano"] for m in missing if "pano" in m]
     if unknown:
         log.warning("Street View: %d given panorama ids not found: %s", len(unknown), unknown[:5])
-    log.info("Street View: %d panoramas near %d points (%d points without one), %d given ids",
-             len(found), len(points), len(missing) - len(unknown), len(pano_ids))
-    return pd.DataFrame({
-        "pano_id": list(found),
-        "lon": [float(a["location"]["lng"]) for a in found.values()],
-        "lat": [float(a["location"]["lat"]) for a in found.values()],
-        "date": [str(a.get("date") or "") for a in found.values()],
-        "copyright": [str(a.get("copyright") or "") for a in found.values()],
-    })
+    log.info(
+        "Street View: %d panoramas near %d points (%d points without one), %d given ids",
+        len(found),
+        len(points),
+        len(missing) - len(unknown),
+        len(pano_ids),
+    )
+    return pd.DataFrame(
+        {
+            "pano_id": list(found),
+            "lon": [float(a["location"]["lng"]) for a in found.values()],
+            "lat": [float(a["location"]["lat"]) for a in found.values()],
+            "date": [str(a.get("date") or "") for a in found.values()],
+            "copyright": [str(a.get("copyright") or "") for a in found.values()],
+        }
+    )
 
 
 def view_rows(panoramas: pd.DataFrame, headings: Sequence[float]) -> pd.DataFrame:
@@ -236,22 +280,50 @@ def view_rows(panoramas: pd.DataFrame, headings: Sequence[float]) -> pd.DataFram
     date = np.repeat(panoramas["date"].to_numpy(dtype=object), k)
     copyright_ = np.repeat(panoramas["copyright"].to_numpy(dtype=object), k)
     x, y = lonlat_to_rd(lon, lat)
-    ids = [f"gsv_{safe_name(p)}_{int(round(h)) % 360:03d}" for p, h in zip(pano, heading, strict=True)]
-    return pd.DataFrame({
-        "id": ids, "source": "gsv", "path": image_paths("gsv", ids, x, y), "heading": heading,
-        "captured_at": pd.to_datetime([f"{d}-01" if d else None for d in date], format="%Y-%m-%d"),
-        "x": x, "y": y, "pano_id": pano, "title": None, "tags": None, "license": copyright_,
-        "lon": lon, "lat": lat, "capture_date": date, "copyright": copyright_,
-    })
+    ids = [
+        f"gsv_{safe_name(p)}_{int(round(h)) % 360:03d}" for p, h in zip(pano, heading, strict=True)
+    ]
+    return pd.DataFrame(
+        {
+            "id": ids,
+            "source": "gsv",
+            "path": image_paths("gsv", ids, x, y),
+            "heading": heading,
+            "captured_at": pd.to_datetime(
+                [f"{d}-01" if d else None for d in date], format="%Y-%m-%d"
+            ),
+            "x": x,
+            "y": y,
+            "pano_id": pano,
+            "title": None,
+            "tags": None,
+            "license": copyright_,
+            "lon": lon,
+            "lat": lat,
+            "capture_date": date,
+            "copyright": copyright_,
+        }
+    )
 
 
-def fetch_gsv(root: str | PathLike | DataRoot, points: np.ndarray | None = None, *,
-              headings: Sequence[float] = DEFAULT_HEADINGS, pano_csv: str | PathLike | None = None,
-              radius: float = 50, source: str = "outdoor", size: tuple[int, int] = (640, 640),
-              fov: float = 90, pitch: float = 0, max_requests: int | None = None,
-              api_key: str | None = None, signing_secret: str | None = None,
-              client: HttpClient | None = None, base_url: str = GOOGLE_MAPS,
-              progress: bool = True) -> StreetFetch:
+def fetch_gsv(
+    root: str | PathLike | DataRoot,
+    points: np.ndarray | None = None,
+    *,
+    headings: Sequence[float] = DEFAULT_HEADINGS,
+    pano_csv: str | PathLike | None = None,
+    radius: float = 50,
+    source: str = "outdoor",
+    size: tuple[int, int] = (640, 640),
+    fov: float = 90,
+    pitch: float = 0,
+    max_requests: int | None = None,
+    api_key: str | None = None,
+    signing_secret: str | None = None,
+    client: HttpClient | None = None,
+    base_url: str = GOOGLE_MAPS,
+    progress: bool = True,
+) -> StreetFetch:
     """Find panoramas, download their views and catalog them into a data root.
 
     Rerunning resumes: views on disk are not requested again (corrupt ones are), and the
@@ -288,30 +360,63 @@ def fetch_gsv(root: str | PathLike | DataRoot, points: np.ndarray | None = None,
     client = client or HttpClient(POLITENESS, secrets=[api_key, signing_secret or ""])
     points = cell_centres_lonlat(root.grid) if points is None else points
     pano_ids = read_pano_ids(pano_csv) if pano_csv is not None else []
-    panoramas = find_panoramas(client, api_key, points, pano_ids=pano_ids, radius=radius, source=source,
-                               signing_secret=signing_secret, base_url=base_url, progress=progress)
+    panoramas = find_panoramas(
+        client,
+        api_key,
+        points,
+        pano_ids=pano_ids,
+        radius=radius,
+        source=source,
+        signing_secret=signing_secret,
+        base_url=base_url,
+        progress=progress,
+    )
     rows = view_rows(panoramas, headings)
     street = root.catalog.parent
     remove_corrupt_images(street / p for p in rows["path"])
     needed = sum(not (street / p).is_file() for p in rows["path"])
     if max_requests is not None and needed > max_requests:
-        raise ValueError(f"Street View: {needed} image requests needed (about "
-                         f"{needed * USD_PER_1000 / 1000:.2f} USD), above max_requests={max_requests}; "
-                         "nothing was downloaded")
+        raise ValueError(
+            f"Street View: {needed} image requests needed (about "
+            f"{needed * USD_PER_1000 / 1000:.2f} USD), above max_requests={max_requests}; "
+            "nothing was downloaded"
+        )
     if needed > UNSIGNED_PER_DAY and not signing_secret:
-        log.warning("Street View: %d image requests without a signing secret; Google requires signed "
-                    "URLs above %d a day (set $%s)", needed, UNSIGNED_PER_DAY, SIGNING_SECRET_ENV)
-    urls = [_request_url(base_url, IMAGE_PATH, {
-        "size": f"{size[0]}x{size[1]}", "pano": p, "heading": f"{h:g}", "fov": f"{fov:g}",
-        "pitch": f"{pitch:g}", "return_error_code": "true", "key": api_key,
-    }, signing_secret) for p, h in zip(rows["pano_id"], rows["heading"], strict=True)]
+        log.warning(
+            "Street View: %d image requests without a signing secret; Google requires signed "
+            "URLs above %d a day (set $%s)",
+            needed,
+            UNSIGNED_PER_DAY,
+            SIGNING_SECRET_ENV,
+        )
+    urls = [
+        _request_url(
+            base_url,
+            IMAGE_PATH,
+            {
+                "size": f"{size[0]}x{size[1]}",
+                "pano": p,
+                "heading": f"{h:g}",
+                "fov": f"{fov:g}",
+                "pitch": f"{pitch:g}",
+                "return_error_code": "true",
+                "key": api_key,
+            },
+            signing_secret,
+        )
+        for p, h in zip(rows["pano_id"], rows["heading"], strict=True)
+    ]
     report = download_images(client, rows, urls, street, "gsv images", progress)
     report.raise_for_failures("Street View image downloads")
     return StreetFetch(rows=rows, report=report, catalog=merge_catalog(rows, root.catalog))
 
 
-def estimate_gsv(locations: int, headings: Sequence[float] = DEFAULT_HEADINGS, extra_panos: int = 0,
-                 politeness: Politeness = POLITENESS) -> Estimate:
+def estimate_gsv(
+    locations: int,
+    headings: Sequence[float] = DEFAULT_HEADINGS,
+    extra_panos: int = 0,
+    politeness: Politeness = POLITENESS,
+) -> Estimate:
     """Plan a Street View fetch without any request: an upper bound (one panorama per point).
 
     Args:
@@ -323,10 +428,17 @@ def estimate_gsv(locations: int, headings: Sequence[float] = DEFAULT_HEADINGS, e
     lookups = locations + extra_panos
     images = lookups * len(headings)
     cost = images * USD_PER_1000 / 1000
-    note = (f"{lookups} metadata requests (free) and at most {images} image requests, at most "
-            f"{cost:,.2f} USD at {USD_PER_1000:.2f} USD per 1,000 Static Street View requests "
-            "(0-100k a month; 5.60 USD per 1,000 above; a monthly free allowance may apply); "
-            f"needs ${API_KEY_ENV}; above {UNSIGNED_PER_DAY:,} requests a day also "
-            f"${SIGNING_SECRET_ENV}; points sharing a panorama make the real count lower")
-    return Estimate(source="Google Street View", requests=lookups + images, bytes=images * BYTES_PER_IMAGE,
-                    requests_per_second=politeness.requests_per_second, note=note)
+    note = (
+        f"{lookups} metadata requests (free) and at most {images} image requests, at most "
+        f"{cost:,.2f} USD at {USD_PER_1000:.2f} USD per 1,000 Static Street View requests "
+        "(0-100k a month; 5.60 USD per 1,000 above; a monthly free allowance may apply); "
+        f"needs ${API_KEY_ENV}; above {UNSIGNED_PER_DAY:,} requests a day also "
+        f"${SIGNING_SECRET_ENV}; points sharing a panorama make the real count lower"
+    )
+    return Estimate(
+        source="Google Street View",
+        requests=lookups + images,
+        bytes=images * BYTES_PER_IMAGE,
+        requests_per_second=politeness.requests_per_second,
+        note=note,
+    )

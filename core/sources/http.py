@@ -110,8 +110,12 @@ def retry_after_s(value: str | None, now: float | None = None) -> float | None:
 class RateLimiter:
     """Spaces request starts at least ``1 / rate`` seconds apart, across threads."""
 
-    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        rate: float,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.interval = 1.0 / rate if rate > 0 else 0.0
         self._clock, self._sleep = clock, sleep
         self._next = 0.0
@@ -159,9 +163,13 @@ class HttpClient:
         sleep: the wait function, injectable so tests do not sleep for real.
     """
 
-    def __init__(self, politeness: Politeness | None = None, secrets: Iterable[str] = (),
-                 session: requests.Session | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        politeness: Politeness | None = None,
+        secrets: Iterable[str] = (),
+        session: requests.Session | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.politeness = politeness or Politeness()
         self.secrets = tuple(s for s in secrets if s)
         self.session = session or requests.Session()
@@ -176,8 +184,9 @@ class HttpClient:
         extra = [str(v) for k, v in (params or {}).items() if k.lower() in SECRET_PARAMS]
         return redact(text, (*self.secrets, *extra))
 
-    def get(self, url: str, params: Mapping[str, Any] | None = None,
-            validate: Validator | None = None) -> requests.Response:
+    def get(
+        self, url: str, params: Mapping[str, Any] | None = None, validate: Validator | None = None
+    ) -> requests.Response:
         """GET ``url`` with retries; return the response of the first good attempt.
 
         Raises:
@@ -217,11 +226,14 @@ class HttpClient:
                     if wait is not None and wait > p.max_backoff_s:
                         raise FetchError(
                             f"{shown}: HTTP {status}, the server asks to wait "
-                            f"{wait:.0f} s (quota exhausted?); try again later", status
+                            f"{wait:.0f} s (quota exhausted?); try again later",
+                            status,
                         )
                 else:
-                    raise FetchError(f"{shown}: HTTP {response.status_code} "
-                                     f"{scrub(response.text[:200])!r}", response.status_code)
+                    raise FetchError(
+                        f"{shown}: HTTP {response.status_code} {scrub(response.text[:200])!r}",
+                        response.status_code,
+                    )
             if attempt == p.retries:
                 break
             self.backoff(attempt, f"{shown}: {problem}", wait)
@@ -251,11 +263,18 @@ class HttpClient:
         try:
             return response.json()
         except ValueError:
-            raise FetchError(f"{self.redact(response.url or url)}: not JSON: "
-                             f"{self.redact(response.text[:200])!r}") from None
+            raise FetchError(
+                f"{self.redact(response.url or url)}: not JSON: "
+                f"{self.redact(response.text[:200])!r}"
+            ) from None
 
-    def download(self, url: str, dest: str | PathLike, params: Mapping[str, Any] | None = None,
-                 validate: Validator | None = None) -> int:
+    def download(
+        self,
+        url: str,
+        dest: str | PathLike,
+        params: Mapping[str, Any] | None = None,
+        validate: Validator | None = None,
+    ) -> int:
         """Fetch ``url`` into ``dest`` unless it exists; return the bytes written (0 if skipped).
 
         The payload is validated first, then written to a temporary file and renamed, so an
@@ -274,9 +293,14 @@ class HttpClient:
             tmp.unlink(missing_ok=True)
         return len(content)
 
-    def download_many(self, items: Iterable[tuple[str, Path, Mapping[str, Any] | None]],
-                      validate: Validator | None = None, desc: str = "download",
-                      total: int | None = None, progress: bool = True) -> DownloadReport:
+    def download_many(
+        self,
+        items: Iterable[tuple[str, Path, Mapping[str, Any] | None]],
+        validate: Validator | None = None,
+        desc: str = "download",
+        total: int | None = None,
+        progress: bool = True,
+    ) -> DownloadReport:
         """Download ``(url, dest, params)`` items with ``concurrency`` threads.
 
         Files already on disk are skipped without a request. A failing item is recorded in the
@@ -300,8 +324,10 @@ class HttpClient:
                 else:
                     report.skipped += 1
 
-        with tqdm(total=total, desc=desc, unit="file", disable=not progress) as bar, \
-                ThreadPoolExecutor(self.politeness.concurrency) as pool:
+        with (
+            tqdm(total=total, desc=desc, unit="file", disable=not progress) as bar,
+            ThreadPoolExecutor(self.politeness.concurrency) as pool,
+        ):
             for _ in pool.map(one, items):
                 bar.update(1)
         return report

@@ -219,7 +219,9 @@ def _validated_scores(table: pd.DataFrame, path: Path) -> pd.DataFrame:
         table[column] = numbers.astype(np.float64)
     fractional = (table["jaar"] % 1 != 0).to_numpy()
     if fractional.any():
-        raise ValueError(f"{path}: jaar must be a whole year, found {table['jaar'][fractional].iloc[0]}")
+        raise ValueError(
+            f"{path}: jaar must be a whole year, found {table['jaar'][fractional].iloc[0]}"
+        )
     table["jaar"] = table["jaar"].astype(np.int64)
     table["grid_id"] = _grid_id_text(table["grid_id"])
     repeated = table.duplicated(list(KEY_COLUMNS), keep=False).to_numpy()

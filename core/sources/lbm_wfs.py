@@ -90,8 +90,11 @@ def _with_overall_score(table: pd.DataFrame, source: str) -> pd.DataFrame:
     """Add ``lbm`` from ``afw`` where a source has only the deviation (some WFS editions)."""
     if "lbm" in table.columns or "afw" not in table.columns:
         return table
-    log.warning("%s: no 'lbm' column; using afw + %.2f (the approximate national mean)",
-                source, NATIONAL_MEAN)
+    log.warning(
+        "%s: no 'lbm' column; using afw + %.2f (the approximate national mean)",
+        source,
+        NATIONAL_MEAN,
+    )
     return table.assign(lbm=pd.to_numeric(table["afw"], errors="coerce") + NATIONAL_MEAN)
 
 
@@ -99,8 +102,10 @@ def _require(table: pd.DataFrame, columns: Sequence[str], source: str) -> None:
     missing = [c for c in columns if c not in table.columns]
     if missing:
         aliases = {c: list(COLUMN_ALIASES[c]) for c in missing}
-        raise ValueError(f"{source}: missing Leefbaarometer columns {missing} (accepted names: "
-                         f"{aliases}; found {[str(c) for c in table.columns]})")
+        raise ValueError(
+            f"{source}: missing Leefbaarometer columns {missing} (accepted names: "
+            f"{aliases}; found {[str(c) for c in table.columns]})"
+        )
 
 
 # --- the WFS ---------------------------------------------------------------------------------
@@ -116,8 +121,14 @@ def _bbox_param(bbox: Bounds) -> str:
 
 
 def _feature_params(year: int, bbox: Bounds) -> dict[str, Any]:
-    return {"service": "WFS", "version": "2.0.0", "request": "GetFeature",
-            "typeNames": lbm_layer(year), "srsName": "EPSG:28992", "bbox": _bbox_param(bbox)}
+    return {
+        "service": "WFS",
+        "version": "2.0.0",
+        "request": "GetFeature",
+        "typeNames": lbm_layer(year),
+        "srsName": "EPSG:28992",
+        "bbox": _bbox_param(bbox),
+    }
 
 
 def _xml_problem(body: str) -> str:
@@ -153,8 +164,9 @@ def _page_crs(page: dict[str, Any]) -> str:
     return f"EPSG:{code.group(1)}" if code else RD_NEW
 
 
-def count_lbm_cells(year: int, bbox: Bounds, client: HttpClient | None = None,
-                    url: str = LBM_WFS_URL) -> int | None:
+def count_lbm_cells(
+    year: int, bbox: Bounds, client: HttpClient | None = None, url: str = LBM_WFS_URL
+) -> int | None:
     """Cells of one edition in ``bbox`` (a ``resultType=hits`` request), None if not told."""
     client = client or HttpClient(LBM_POLITENESS)
     response = client.get(url, {**_feature_params(year, bbox), "resultType": "hits"})
@@ -162,8 +174,13 @@ def count_lbm_cells(year: int, bbox: Bounds, client: HttpClient | None = None,
     return int(matched.group(1)) if matched else None
 
 
-def fetch_lbm_features(year: int, bbox: Bounds, client: HttpClient | None = None,
-                       url: str = LBM_WFS_URL, page_size: int = PAGE_SIZE) -> gpd.GeoDataFrame:
+def fetch_lbm_features(
+    year: int,
+    bbox: Bounds,
+    client: HttpClient | None = None,
+    url: str = LBM_WFS_URL,
+    page_size: int = PAGE_SIZE,
+) -> gpd.GeoDataFrame:
     """All features of one edition in ``bbox``, paged, with release column names.
 
     Returns:
@@ -175,8 +192,7 @@ def fetch_lbm_features(year: int, bbox: Bounds, client: HttpClient | None = None
         ValueError: if the features lack the score columns.
     """
     client = client or HttpClient(LBM_POLITENESS)
-    params = {**_feature_params(year, bbox), "outputFormat": "application/json",
-              "count": page_size}
+    params = {**_feature_params(year, bbox), "outputFormat": "application/json", "count": page_size}
     frames, start = [], 0
     while True:
         try:
@@ -184,23 +200,29 @@ def fetch_lbm_features(year: int, bbox: Bounds, client: HttpClient | None = None
         except FetchError as exc:
             if exc.status != 400 and "HTTP 400" not in str(exc):
                 raise
-            raise FetchError(f"{exc}; is {year} a published edition? The layers are listed by "
-                             f"{url}?service=WFS&request=GetCapabilities", exc.status) from None
+            raise FetchError(
+                f"{exc}; is {year} a published edition? The layers are listed by "
+                f"{url}?service=WFS&request=GetCapabilities",
+                exc.status,
+            ) from None
         features = page.get("features") or []
         if features:
             frames.append(gpd.GeoDataFrame.from_features(features, crs=_page_crs(page)))
         start += len(features)
         # numberMatched may be absent or "unknown"; then a short page is the last one. A
         # server capping the page size below ours gives short pages that are not the last.
-        matched = next((page[k] for k in ("numberMatched", "totalFeatures")
-                        if isinstance(page.get(k), int)), None)
-        if not features or (start >= matched if matched is not None
-                            else len(features) < page_size):
+        matched = next(
+            (page[k] for k in ("numberMatched", "totalFeatures") if isinstance(page.get(k), int)),
+            None,
+        )
+        if not features or (start >= matched if matched is not None else len(features) < page_size):
             break
     source = f"{url} {lbm_layer(year)}"
     if not frames:
-        raise ValueError(f"{source}: no cells in bbox {bbox}; is the bbox in EPSG:28992 metres "
-                         "inside the Netherlands, and was this year published?")
+        raise ValueError(
+            f"{source}: no cells in bbox {bbox}; is the bbox in EPSG:28992 metres "
+            "inside the Netherlands, and was this year published?"
+        )
     table = pd.concat([f.to_crs(RD_NEW) for f in frames], ignore_index=True)
     table = _with_overall_score(rename_lbm_columns(table), source)
     _require(table, SCORE_COLUMNS, source)
@@ -210,8 +232,13 @@ def fetch_lbm_features(year: int, bbox: Bounds, client: HttpClient | None = None
     return gpd.GeoDataFrame(table, geometry="geometry", crs=RD_NEW)
 
 
-def estimate_lbm(bbox: Bounds, years: Iterable[int], client: HttpClient | None = None,
-                 url: str = LBM_WFS_URL, page_size: int = PAGE_SIZE) -> Estimate:
+def estimate_lbm(
+    bbox: Bounds,
+    years: Iterable[int],
+    client: HttpClient | None = None,
+    url: str = LBM_WFS_URL,
+    page_size: int = PAGE_SIZE,
+) -> Estimate:
     """Requests and bytes of fetching ``years`` in ``bbox``.
 
     Counts the cells with one ``resultType=hits`` request per year; where the server does not
@@ -233,14 +260,25 @@ def estimate_lbm(bbox: Bounds, years: Iterable[int], client: HttpClient | None =
         cells += n
         requests += 1 + max(1, math.ceil(n / page_size))
     note = "open data, no key" + ("" if counted else "; cell count estimated from the bbox area")
-    return Estimate("Leefbaarometer WFS", requests, cells * BYTES_PER_FEATURE,
-                    client.politeness.requests_per_second, note)
+    return Estimate(
+        "Leefbaarometer WFS",
+        requests,
+        cells * BYTES_PER_FEATURE,
+        client.politeness.requests_per_second,
+        note,
+    )
 
 
-def fetch_lbm(root: DataRoot | str | PathLike, bbox: Bounds, years: Iterable[int],
-              boundary: BaseGeometry | None = None, client: HttpClient | None = None,
-              url: str = LBM_WFS_URL, page_size: int = PAGE_SIZE,
-              refresh: bool = False) -> tuple[Path, Path]:
+def fetch_lbm(
+    root: DataRoot | str | PathLike,
+    bbox: Bounds,
+    years: Iterable[int],
+    boundary: BaseGeometry | None = None,
+    client: HttpClient | None = None,
+    url: str = LBM_WFS_URL,
+    page_size: int = PAGE_SIZE,
+    refresh: bool = False,
+) -> tuple[Path, Path]:
     """Fetch editions from the WFS into the data root's label files.
 
     Args:
@@ -278,16 +316,22 @@ def fetch_lbm(root: DataRoot | str | PathLike, bbox: Bounds, years: Iterable[int
 
 def _member(archive: Path, suffix: str, what: str) -> str:
     with zipfile.ZipFile(archive) as zf:
-        names = [n for n in zf.namelist() if n.lower().endswith(suffix)
-                 and not Path(n).name.startswith(".")]
+        names = [
+            n
+            for n in zf.namelist()
+            if n.lower().endswith(suffix) and not Path(n).name.startswith(".")
+        ]
     if len(names) != 1:
-        raise ValueError(f"{archive}: expected exactly one {suffix} {what} in the zip, "
-                         f"found {names}")
+        raise ValueError(
+            f"{archive}: expected exactly one {suffix} {what} in the zip, found {names}"
+        )
     return names[0]
 
 
 def _read_release_grid(path: Path, bbox: Bounds | None) -> gpd.GeoDataFrame:
-    source = f"/vsizip/{path}/{_member(path, '.gpkg', 'grid')}" if path.suffix == ".zip" else str(path)
+    source = (
+        f"/vsizip/{path}/{_member(path, '.gpkg', 'grid')}" if path.suffix == ".zip" else str(path)
+    )
     try:
         crs = pyogrio.read_info(source)["crs"]
         window = None
@@ -338,8 +382,9 @@ def _read_release_scores(path: Path, grid_ids: set[str], years: set[int] | None)
     id_column = header.columns[list(renamed.columns).index("grid_id")]
     kept = []
     with _open_binary(path, member) as handle:
-        chunks = pd.read_csv(handle, sep=sep, chunksize=200_000, dtype={id_column: str},
-                             encoding="utf-8-sig")
+        chunks = pd.read_csv(
+            handle, sep=sep, chunksize=200_000, dtype={id_column: str}, encoding="utf-8-sig"
+        )
         for chunk in chunks:
             chunk = rename_lbm_columns(chunk)
             chunk = chunk[chunk["grid_id"].isin(grid_ids)]
@@ -349,10 +394,14 @@ def _read_release_scores(path: Path, grid_ids: set[str], years: set[int] | None)
     return _with_overall_score(pd.concat(kept, ignore_index=True), str(path))
 
 
-def import_lbm_release(root: DataRoot | str | PathLike, scores: str | PathLike,
-                       grid: str | PathLike | None = None, bbox: Bounds | None = None,
-                       boundary: BaseGeometry | None = None,
-                       years: Iterable[int] | None = None) -> tuple[Path, Path]:
+def import_lbm_release(
+    root: DataRoot | str | PathLike,
+    scores: str | PathLike,
+    grid: str | PathLike | None = None,
+    bbox: Bounds | None = None,
+    boundary: BaseGeometry | None = None,
+    years: Iterable[int] | None = None,
+) -> tuple[Path, Path]:
     """Clip the downloadable release (scores CSV + grid GeoPackage) into the data root.
 
     Args:
@@ -377,13 +426,19 @@ def import_lbm_release(root: DataRoot | str | PathLike, scores: str | PathLike,
     if bbox is None and boundary is not None:
         bbox = boundary.bounds
     cells = _read_release_grid(grid, bbox)
-    table = _read_release_scores(scores, set(cells["grid_id"]),
-                                 None if years is None else {int(y) for y in years})
+    table = _read_release_scores(
+        scores, set(cells["grid_id"]), None if years is None else {int(y) for y in years}
+    )
     if table.empty:
-        raise ValueError(f"{scores}: no scores for the {len(cells)} grid cells in bbox {bbox}"
-                         + ("" if years is None else f" and years {sorted(years)}"))
-    raw = gpd.GeoDataFrame(table[[*KEY_COLUMNS, *SCORE_COLUMNS]].merge(cells, on="grid_id"),
-                           geometry=cells.geometry.name, crs=RD_NEW)
+        raise ValueError(
+            f"{scores}: no scores for the {len(cells)} grid cells in bbox {bbox}"
+            + ("" if years is None else f" and years {sorted(years)}")
+        )
+    raw = gpd.GeoDataFrame(
+        table[[*KEY_COLUMNS, *SCORE_COLUMNS]].merge(cells, on="grid_id"),
+        geometry=cells.geometry.name,
+        crs=RD_NEW,
+    )
     path = root.cache / "lbm_release" / f"{scores.stem}.gpkg"
     write_atomic(path, lambda tmp: raw.to_file(tmp, layer="cells"))
     return _store(read_lbm(path), root, boundary)
@@ -392,15 +447,18 @@ def import_lbm_release(root: DataRoot | str | PathLike, scores: str | PathLike,
 # --- storing ---------------------------------------------------------------------------------
 
 
-def _store(labels: gpd.GeoDataFrame, root: DataRoot,
-           boundary: BaseGeometry | None) -> tuple[Path, Path]:
+def _store(
+    labels: gpd.GeoDataFrame, root: DataRoot, boundary: BaseGeometry | None
+) -> tuple[Path, Path]:
     """Write ``labels`` (from :func:`read_lbm`) into the root, keeping the root's other years."""
     if boundary is not None:
         inside = clip_cells(labels["cell_id"].to_numpy(), shapely.make_valid(boundary))
         labels = labels[np.isin(labels["cell_id"].to_numpy(), inside)]
         if labels.empty:
-            raise ValueError("no Leefbaarometer cell has its centre inside the boundary; is the "
-                             "boundary in EPSG:28992?")
+            raise ValueError(
+                "no Leefbaarometer cell has its centre inside the boundary; is the "
+                "boundary in EPSG:28992?"
+            )
     if root.scores.is_file() and root.lbm_grid.is_file():
         existing = read_lbm(root.scores, root.lbm_grid)
         kept = existing[~existing["jaar"].isin(labels["jaar"].unique())]

@@ -49,18 +49,34 @@ log = logging.getLogger(__name__)
 OVERPASS_URL = "https://overpass-api.de/api"
 #: overpass-api.de asks for at most ~10,000 queries and ~1 GB a day per user and gives an IP
 #: two slots: one request at a time, unhurried, with time for a city-sized query.
-OSM_POLITENESS = Politeness(requests_per_second=0.5, concurrency=1, timeout_s=330.0,
-                            max_backoff_s=300.0)
+OSM_POLITENESS = Politeness(
+    requests_per_second=0.5, concurrency=1, timeout_s=330.0, max_backoff_s=300.0
+)
 #: Server-side time limit of a query, seconds (Overpass's default is 180).
 QUERY_TIMEOUT_S = 300
 #: Margin around the boundary, metres: streets and water just outside still matter at the edge.
 MARGIN_M = 100.0
 
 #: Highway values that are not streets one can stand in (osmnx's "all" network excludes them).
-EXCLUDED_HIGHWAYS = ("abandoned", "construction", "no", "planned", "platform", "proposed",
-                     "raceway", "razed", "bus_stop", "elevator", "rest_area", "services")
-WATER_TAGS: dict[str, list[str]] = {"natural": ["water"], "waterway": ["riverbank"],
-                                    "landuse": ["reservoir", "basin"]}
+EXCLUDED_HIGHWAYS = (
+    "abandoned",
+    "construction",
+    "no",
+    "planned",
+    "platform",
+    "proposed",
+    "raceway",
+    "razed",
+    "bus_stop",
+    "elevator",
+    "rest_area",
+    "services",
+)
+WATER_TAGS: dict[str, list[str]] = {
+    "natural": ["water"],
+    "waterway": ["riverbank"],
+    "landuse": ["reservoir", "basin"],
+}
 PARK_TAGS: dict[str, list[str]] = {
     "leisure": ["park", "garden", "nature_reserve"],
     "landuse": ["grass", "forest", "recreation_ground", "meadow", "village_green"],
@@ -88,15 +104,21 @@ def _area(boundary: BaseGeometry, margin_m: float) -> tuple[BaseGeometry, str]:
 def streets_query(bbox: str) -> str:
     """Overpass QL for the street ways in a ``south,west,north,east`` bbox and their nodes."""
     excluded = "|".join(EXCLUDED_HIGHWAYS)
-    return (f"[out:json][timeout:{QUERY_TIMEOUT_S}][bbox:{bbox}];"
-            f'(way["highway"]["area"!~"yes"]["highway"!~"^({excluded})$"];>;);out;')
+    return (
+        f"[out:json][timeout:{QUERY_TIMEOUT_S}][bbox:{bbox}];"
+        f'(way["highway"]["area"!~"yes"]["highway"!~"^({excluded})$"];>;);out;'
+    )
 
 
 def context_query(bbox: str) -> str:
     """Overpass QL for water and park areas (ways and multipolygons) and their members."""
-    parts = [f'{kind}["{key}"="{value}"];'
-             for tags in (WATER_TAGS, PARK_TAGS) for key, values in tags.items()
-             for value in values for kind in ("way", "relation")]
+    parts = [
+        f'{kind}["{key}"="{value}"];'
+        for tags in (WATER_TAGS, PARK_TAGS)
+        for key, values in tags.items()
+        for value in values
+        for kind in ("way", "relation")
+    ]
     return f"[out:json][timeout:{QUERY_TIMEOUT_S}][bbox:{bbox}];({''.join(parts)});(._;>;);out;"
 
 
@@ -114,15 +136,25 @@ def overpass_to_osm_xml(answer: dict[str, Any]) -> bytes:
         for ref in element.get("nodes", ()):
             ET.SubElement(node, "nd", ref=str(ref))
         for member in element.get("members", ()):
-            ET.SubElement(node, "member", type=member["type"], ref=str(member["ref"]),
-                          role=member.get("role", ""))
+            ET.SubElement(
+                node,
+                "member",
+                type=member["type"],
+                ref=str(member["ref"]),
+                role=member.get("role", ""),
+            )
         for key, value in (element.get("tags") or {}).items():
             ET.SubElement(node, "tag", k=key, v=str(value))
     return ET.tostring(root, encoding="utf-8", xml_declaration=True)
 
 
-def fetch_overpass(query: str, dest: str | PathLike, client: HttpClient | None = None,
-                   url: str = OVERPASS_URL, refresh: bool = False) -> Path:
+def fetch_overpass(
+    query: str,
+    dest: str | PathLike,
+    client: HttpClient | None = None,
+    url: str = OVERPASS_URL,
+    refresh: bool = False,
+) -> Path:
     """Run an Overpass query and keep the answer as OSM XML at ``dest`` (reused if present).
 
     Raises:
@@ -139,8 +171,9 @@ def fetch_overpass(query: str, dest: str | PathLike, client: HttpClient | None =
         raise FetchError(f"{endpoint}: not an Overpass JSON answer: {json.dumps(answer)[:200]}")
     remark = str(answer.get("remark", ""))
     if "error" in remark.lower():
-        raise FetchError(f"{endpoint}: Overpass reports {remark!r}; a smaller area or a later "
-                         "try may succeed")
+        raise FetchError(
+            f"{endpoint}: Overpass reports {remark!r}; a smaller area or a later try may succeed"
+        )
     log.info("%s: %d OSM elements", endpoint, len(answer["elements"]))
     xml = overpass_to_osm_xml(answer)
     return write_atomic(dest, lambda tmp: tmp.write_bytes(xml))
@@ -155,8 +188,11 @@ def _check_osm_file(path: str | PathLike) -> Path:
     return path
 
 
-def pbf_to_osm_xml(pbf: str | PathLike, dest: str | PathLike,
-                   bbox_lonlat: tuple[float, float, float, float] | None = None) -> Path:
+def pbf_to_osm_xml(
+    pbf: str | PathLike,
+    dest: str | PathLike,
+    bbox_lonlat: tuple[float, float, float, float] | None = None,
+) -> Path:
     """Cut an OSM PBF extract to a lon/lat box and write it as OSM XML (pyosmium), atomically.
 
     A way is kept when one of its nodes lies in the box, a multipolygon relation when one of
@@ -182,13 +218,16 @@ def pbf_to_osm_xml(pbf: str | PathLike, dest: str | PathLike,
     def write(tmp: Path) -> None:
         kept: set[int] = set()
         with osmium.BackReferenceWriter(str(tmp), ref_src=str(pbf), overwrite=True) as writer:
-            for way in osmium.FileProcessor(str(pbf), osmium.osm.NODE | osmium.osm.WAY).with_locations():
+            for way in osmium.FileProcessor(
+                str(pbf), osmium.osm.NODE | osmium.osm.WAY
+            ).with_locations():
                 if way.is_way() and any(inside(node.location) for node in way.nodes):
                     writer.add_way(way)
                     kept.add(way.id)
             for relation in osmium.FileProcessor(str(pbf), osmium.osm.RELATION):
                 if relation.tags.get("type") == "multipolygon" and any(
-                        member.type == "w" and member.ref in kept for member in relation.members):
+                    member.type == "w" and member.ref in kept for member in relation.members
+                ):
                     writer.add_relation(relation)
 
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -212,15 +251,20 @@ def _as_osm_xml(path: Path, root: DataRoot, area: BaseGeometry | None) -> Path:
 
 def _lonlat(geometry: BaseGeometry) -> BaseGeometry:
     return shapely.transform(
-        geometry, lambda xy: np.column_stack(_TO_LONLAT.transform(xy[:, 0], xy[:, 1])))
+        geometry, lambda xy: np.column_stack(_TO_LONLAT.transform(xy[:, 0], xy[:, 1]))
+    )
 
 
 # --- streets ---------------------------------------------------------------------------------
 
 
-def read_osm_streets(path: str | PathLike, boundary: BaseGeometry | None = None,
-                     margin_m: float = MARGIN_M, simplify: bool = True,
-                     retain_all: bool = True) -> nx.MultiDiGraph:
+def read_osm_streets(
+    path: str | PathLike,
+    boundary: BaseGeometry | None = None,
+    margin_m: float = MARGIN_M,
+    simplify: bool = True,
+    retain_all: bool = True,
+) -> nx.MultiDiGraph:
     """The street graph of an OSM XML file (osmnx, lon/lat), optionally cut to a boundary.
 
     Ways without a street ``highway`` tag (buildings, land use in a full extract) are dropped.
@@ -242,8 +286,13 @@ def read_osm_streets(path: str | PathLike, boundary: BaseGeometry | None = None,
         graph = nx.MultiDiGraph()
     except Exception as exc:  # osmnx and the XML parser raise many types for a bad file
         raise ValueError(f"{path}: not a readable OSM XML street file ({exc})") from exc
-    graph.remove_edges_from([(u, v, k) for u, v, k, highway in graph.edges(keys=True,
-                             data="highway") if highway in (None, *EXCLUDED_HIGHWAYS)])
+    graph.remove_edges_from(
+        [
+            (u, v, k)
+            for u, v, k, highway in graph.edges(keys=True, data="highway")
+            if highway in (None, *EXCLUDED_HIGHWAYS)
+        ]
+    )
     graph.remove_nodes_from(list(nx.isolates(graph)))
     if boundary is not None and len(graph):
         area, _ = _area(boundary, margin_m)
@@ -252,8 +301,10 @@ def read_osm_streets(path: str | PathLike, boundary: BaseGeometry | None = None,
         except ValueError:  # osmnx: "found no graph nodes within the requested polygon"
             graph = nx.MultiDiGraph(graph.graph)
     if not len(graph):
-        raise ValueError(f"{path}: no streets" + ("" if boundary is None else
-                                                  f" within {margin_m:.0f} m of the boundary"))
+        raise ValueError(
+            f"{path}: no streets"
+            + ("" if boundary is None else f" within {margin_m:.0f} m of the boundary")
+        )
     if not retain_all:
         graph = ox.truncate.largest_component(graph)
     return ox.simplify_graph(graph) if simplify else graph
@@ -265,10 +316,15 @@ def write_streets(graph: nx.MultiDiGraph, path: str | PathLike) -> Path:
     return write_atomic(path, lambda tmp: ox.save_graph_geopackage(projected, tmp))
 
 
-def fetch_streets(root: DataRoot | str | PathLike, boundary: BaseGeometry,
-                  client: HttpClient | None = None, url: str = OVERPASS_URL,
-                  margin_m: float = MARGIN_M, simplify: bool = True,
-                  refresh: bool = False) -> Path:
+def fetch_streets(
+    root: DataRoot | str | PathLike,
+    boundary: BaseGeometry,
+    client: HttpClient | None = None,
+    url: str = OVERPASS_URL,
+    margin_m: float = MARGIN_M,
+    simplify: bool = True,
+    refresh: bool = False,
+) -> Path:
     """Fetch the streets around ``boundary`` (EPSG:28992) into ``graph/streets.gpkg``.
 
     The raw answer is kept as ``cache/osm/streets.osm``; a rerun reads it without a request
@@ -276,14 +332,19 @@ def fetch_streets(root: DataRoot | str | PathLike, boundary: BaseGeometry,
     """
     root = root if isinstance(root, DataRoot) else DataRoot(root)
     _, bbox = _area(boundary, margin_m)
-    raw = fetch_overpass(streets_query(bbox), root.cache / "osm" / "streets.osm", client, url,
-                         refresh)
+    raw = fetch_overpass(
+        streets_query(bbox), root.cache / "osm" / "streets.osm", client, url, refresh
+    )
     return import_streets(root, raw, boundary, margin_m, simplify)
 
 
-def import_streets(root: DataRoot | str | PathLike, osm_file: str | PathLike,
-                   boundary: BaseGeometry | None = None, margin_m: float = MARGIN_M,
-                   simplify: bool = True) -> Path:
+def import_streets(
+    root: DataRoot | str | PathLike,
+    osm_file: str | PathLike,
+    boundary: BaseGeometry | None = None,
+    margin_m: float = MARGIN_M,
+    simplify: bool = True,
+) -> Path:
     """Read a local OSM XML or PBF file's streets (see :func:`read_osm_streets`) into
     ``graph/streets.gpkg``; a PBF extract is cut to the boundary first (cached as OSM XML)."""
     root = root if isinstance(root, DataRoot) else DataRoot(root)
@@ -311,15 +372,23 @@ def _polygons(path: Path, tags: dict[str, list[str]], area: BaseGeometry) -> Bas
 
 
 def _write_polygons(geometry: BaseGeometry, kind: str, path: Path) -> Path:
-    parts = [g for g in getattr(geometry, "geoms", [geometry])
-             if g.geom_type == "Polygon" and not g.is_empty]
+    parts = [
+        g
+        for g in getattr(geometry, "geoms", [geometry])
+        if g.geom_type == "Polygon" and not g.is_empty
+    ]
     frame = gpd.GeoDataFrame({"kind": [kind] * len(parts)}, geometry=parts, crs=RD_NEW)
-    return write_atomic(path, lambda tmp: frame.to_file(tmp, layer=path.stem,
-                                                        geometry_type="Polygon"))
+    return write_atomic(
+        path, lambda tmp: frame.to_file(tmp, layer=path.stem, geometry_type="Polygon")
+    )
 
 
-def import_context(root: DataRoot | str | PathLike, osm_file: str | PathLike,
-                   boundary: BaseGeometry, margin_m: float = MARGIN_M) -> tuple[Path, Path]:
+def import_context(
+    root: DataRoot | str | PathLike,
+    osm_file: str | PathLike,
+    boundary: BaseGeometry,
+    margin_m: float = MARGIN_M,
+) -> tuple[Path, Path]:
     """Water and park polygons of an OSM XML file into ``context/water.gpkg`` and
     ``context/parks.gpkg`` (parks without their water), cut to the boundary's box.
 
@@ -337,29 +406,40 @@ def import_context(root: DataRoot | str | PathLike, osm_file: str | PathLike,
     water = _polygons(path, WATER_TAGS, area)
     parks = shapely.difference(_polygons(path, PARK_TAGS, area), water)
     log.info("%s: water %.2f km2, parks %.2f km2", path, water.area / 1e6, parks.area / 1e6)
-    return (_write_polygons(water, "water", root.water),
-            _write_polygons(parks, "park", root.parks))
+    return (_write_polygons(water, "water", root.water), _write_polygons(parks, "park", root.parks))
 
 
-def fetch_context(root: DataRoot | str | PathLike, boundary: BaseGeometry,
-                  client: HttpClient | None = None, url: str = OVERPASS_URL,
-                  margin_m: float = MARGIN_M, refresh: bool = False) -> tuple[Path, Path]:
+def fetch_context(
+    root: DataRoot | str | PathLike,
+    boundary: BaseGeometry,
+    client: HttpClient | None = None,
+    url: str = OVERPASS_URL,
+    margin_m: float = MARGIN_M,
+    refresh: bool = False,
+) -> tuple[Path, Path]:
     """Fetch water and park polygons around ``boundary`` (EPSG:28992) into ``context/``;
     the raw answer is kept as ``cache/osm/context.osm``."""
     root = root if isinstance(root, DataRoot) else DataRoot(root)
     _, bbox = _area(shapely.box(*boundary.bounds), margin_m)
-    raw = fetch_overpass(context_query(bbox), root.cache / "osm" / "context.osm", client, url,
-                         refresh)
+    raw = fetch_overpass(
+        context_query(bbox), root.cache / "osm" / "context.osm", client, url, refresh
+    )
     return import_context(root, raw, boundary, margin_m)
 
 
-def estimate_osm(boundary: BaseGeometry, margin_m: float = MARGIN_M,
-                 requests_per_second: float = OSM_POLITENESS.requests_per_second) -> Estimate:
+def estimate_osm(
+    boundary: BaseGeometry,
+    margin_m: float = MARGIN_M,
+    requests_per_second: float = OSM_POLITENESS.requests_per_second,
+) -> Estimate:
     """Two Overpass requests (streets, water and parks); bytes from the bbox area."""
     area, _ = _area(shapely.box(*boundary.bounds), margin_m)
     km2 = area.area / 1e6
-    return Estimate("OpenStreetMap (Overpass)", 2,
-                    math.ceil(km2 * (STREET_BYTES_PER_KM2 + CONTEXT_BYTES_PER_KM2)),
-                    requests_per_second,
-                    "ODbL (c) OpenStreetMap contributors; overpass-api.de allows ~10k "
-                    "queries/day; point url= at your own Overpass for large areas")
+    return Estimate(
+        "OpenStreetMap (Overpass)",
+        2,
+        math.ceil(km2 * (STREET_BYTES_PER_KM2 + CONTEXT_BYTES_PER_KM2)),
+        requests_per_second,
+        "ODbL (c) OpenStreetMap contributors; overpass-api.de allows ~10k "
+        "queries/day; point url= at your own Overpass for large areas",
+    )

@@ -68,12 +68,14 @@ def _outline(geometry: dict[str, Any] | None, source: str) -> BaseGeometry:
     if max(abs(v) for v in shape.bounds) <= 180:
         to_rd = Transformer.from_crs("OGC:CRS84", RD_NEW, always_xy=True)
         shape = shapely.transform(
-            shape, lambda xy: np.column_stack(to_rd.transform(xy[:, 0], xy[:, 1])))
+            shape, lambda xy: np.column_stack(to_rd.transform(xy[:, 0], xy[:, 1]))
+        )
     return shapely.make_valid(shape)
 
 
-def municipality_features(name: str, client: HttpClient | None = None,
-                          url: str = PDOK_BOUNDARIES_URL) -> list[dict[str, Any]]:
+def municipality_features(
+    name: str, client: HttpClient | None = None, url: str = PDOK_BOUNDARIES_URL
+) -> list[dict[str, Any]]:
     """GeoJSON features of ``gemeentegebied`` named ``name`` (case-insensitive), all pages."""
     client = client or HttpClient(PDOK_POLITENESS)
     next_url: str | None = f"{url.rstrip('/')}/collections/{MUNICIPALITY_COLLECTION}/items"
@@ -88,16 +90,25 @@ def municipality_features(name: str, client: HttpClient | None = None,
         shown = client.redact(next_url)
         if not isinstance(page, dict) or not isinstance(page.get("features"), list):
             raise FetchError(f"{shown}: not a GeoJSON FeatureCollection: {str(page)[:200]!r}")
-        found += [f for f in page["features"]
-                  if str((f.get("properties") or {}).get("naam", "")).casefold() == name.casefold()]
-        next_url = next((link.get("href") for link in page.get("links") or []
-                         if link.get("rel") == "next"), None)
+        found += [
+            f
+            for f in page["features"]
+            if str((f.get("properties") or {}).get("naam", "")).casefold() == name.casefold()
+        ]
+        next_url = next(
+            (link.get("href") for link in page.get("links") or [] if link.get("rel") == "next"),
+            None,
+        )
         params = None  # the next link carries every parameter
     return found
 
 
-def fetch_municipality(name: str, province: str | None = None, client: HttpClient | None = None,
-                       url: str = PDOK_BOUNDARIES_URL) -> Municipality:
+def fetch_municipality(
+    name: str,
+    province: str | None = None,
+    client: HttpClient | None = None,
+    url: str = PDOK_BOUNDARIES_URL,
+) -> Municipality:
     """The outline of one municipality by its official name, in EPSG:28992.
 
     Args:
@@ -113,29 +124,49 @@ def fetch_municipality(name: str, province: str | None = None, client: HttpClien
     """
     features = municipality_features(name, client, url)
     if province is not None:
-        features = [f for f in features if str(f["properties"].get("ligt_in_provincie_naam", ""))
-                    .casefold() == province.casefold()]
+        features = [
+            f
+            for f in features
+            if str(f["properties"].get("ligt_in_provincie_naam", "")).casefold()
+            == province.casefold()
+        ]
     where = f"{url} collection {MUNICIPALITY_COLLECTION}"
     if not features:
         raise ValueError(
-            f"{where}: no municipality named {name!r}" + (f" in {province!r}" if province else "")
+            f"{where}: no municipality named {name!r}"
+            + (f" in {province!r}" if province else "")
             + "; use the official Dutch name, e.g. 'Amsterdam', \"'s-Gravenhage\", 'Bergen (NH)'"
         )
     if len(features) > 1:
-        listed = [(f["properties"].get("naam"), f["properties"].get("code"),
-                   f["properties"].get("ligt_in_provincie_naam")) for f in features]
-        raise ValueError(f"{where}: {len(features)} municipalities are named {name!r}: {listed}; "
-                         "pass province= to choose one")
+        listed = [
+            (
+                f["properties"].get("naam"),
+                f["properties"].get("code"),
+                f["properties"].get("ligt_in_provincie_naam"),
+            )
+            for f in features
+        ]
+        raise ValueError(
+            f"{where}: {len(features)} municipalities are named {name!r}: {listed}; "
+            "pass province= to choose one"
+        )
     properties = features[0]["properties"]
     code = str(properties.get("code") or properties.get("identificatie") or "")
     geometry = _outline(features[0].get("geometry"), f"{where} {name!r}")
     log.info("%s: %s (%s), %.1f km2", where, properties["naam"], code, geometry.area / 1e6)
-    return Municipality(str(properties["naam"]), code,
-                        str(properties.get("ligt_in_provincie_naam") or ""), geometry)
+    return Municipality(
+        str(properties["naam"]), code, str(properties.get("ligt_in_provincie_naam") or ""), geometry
+    )
 
 
-def estimate_municipality(requests_per_second: float = PDOK_POLITENESS.requests_per_second
-                          ) -> Estimate:
+def estimate_municipality(
+    requests_per_second: float = PDOK_POLITENESS.requests_per_second,
+) -> Estimate:
     """One request for the outline (more only if the service ignores the name filter)."""
-    return Estimate("PDOK municipality outline", 1, OUTLINE_BYTES, requests_per_second,
-                    "open data (CC0), no key")
+    return Estimate(
+        "PDOK municipality outline",
+        1,
+        OUTLINE_BYTES,
+        requests_per_second,
+        "open data (CC0), no key",
+    )

@@ -96,7 +96,9 @@ def remove_corrupt_images(paths: Iterable[Path]) -> int:
 def lonlat_to_rd(lon: np.ndarray, lat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """WGS84 lon/lat to RD New x/y, rounded to centimetres."""
     x, y = Transformer.from_crs(WGS84, RD_NEW, always_xy=True).transform(lon, lat)
-    return np.round(np.asarray(x, dtype=np.float64), 2), np.round(np.asarray(y, dtype=np.float64), 2)
+    return np.round(np.asarray(x, dtype=np.float64), 2), np.round(
+        np.asarray(y, dtype=np.float64), 2
+    )
 
 
 def rd_to_lonlat(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -108,8 +110,10 @@ def rd_to_lonlat(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def image_paths(source: str, ids: Sequence[str], x: np.ndarray, y: np.ndarray) -> list[str]:
     """Catalog-relative paths ``images/<source>/<1 km block>/<id>.jpg``, the demo's layout."""
     ix, iy = cell_index(cell_id(np.asarray(x), np.asarray(y)))
-    return [f"images/{source}/{bx}_{by}/{i}.jpg"
-            for bx, by, i in zip(np.asarray(ix) // 10, np.asarray(iy) // 10, ids, strict=True)]
+    return [
+        f"images/{source}/{bx}_{by}/{i}.jpg"
+        for bx, by, i in zip(np.asarray(ix) // 10, np.asarray(iy) // 10, ids, strict=True)
+    ]
 
 
 def safe_name(text: str) -> str:
@@ -117,14 +121,31 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", text)
 
 
-def download_images(client: HttpClient, rows: pd.DataFrame, urls: Sequence[str], street: Path,
-                    what: str, progress: bool) -> DownloadReport:
+def download_images(
+    client: HttpClient,
+    rows: pd.DataFrame,
+    urls: Sequence[str],
+    street: Path,
+    what: str,
+    progress: bool,
+) -> DownloadReport:
     """Download ``urls`` to the catalog paths of ``rows`` (resumable, validated JPEG)."""
     dest = [street / p for p in rows["path"]]
-    report = client.download_many(((u, d, None) for u, d in zip(urls, dest, strict=True)),
-                                  validate=validate_jpeg, desc=what, total=len(dest), progress=progress)
-    log.info("%s: %d fetched, %d already on disk, %d failed (%.1f MB)", what, report.fetched,
-             report.skipped, len(report.failed), report.bytes / 1e6)
+    report = client.download_many(
+        ((u, d, None) for u, d in zip(urls, dest, strict=True)),
+        validate=validate_jpeg,
+        desc=what,
+        total=len(dest),
+        progress=progress,
+    )
+    log.info(
+        "%s: %d fetched, %d already on disk, %d failed (%.1f MB)",
+        what,
+        report.fetched,
+        report.skipped,
+        len(report.failed),
+        report.bytes / 1e6,
+    )
     return report
 
 

@@ -207,15 +207,19 @@ class Capabilities:
     def layer(self, name: str) -> WmtsLayer:
         """The layer called ``name``; a ValueError listing the available ones if absent."""
         if name not in self.layers:
-            raise ValueError(f"{self.url}: no WMTS layer {name!r}; available: "
-                             f"{', '.join(sorted(self.layers)) or 'none'}")
+            raise ValueError(
+                f"{self.url}: no WMTS layer {name!r}; available: "
+                f"{', '.join(sorted(self.layers)) or 'none'}"
+            )
         return self.layers[name]
 
     def matrix_set(self, layer: WmtsLayer, identifier: str = RD_MATRIX_SET) -> TileMatrixSet:
         """The tile matrix set ``identifier`` of ``layer``; a ValueError if it is not offered."""
         if identifier not in layer.matrix_sets or identifier not in self.matrix_sets:
-            raise ValueError(f"{self.url}: layer {layer.identifier!r} is not tiled in "
-                             f"{identifier} (it offers {list(layer.matrix_sets)})")
+            raise ValueError(
+                f"{self.url}: layer {layer.identifier!r} is not tiled in "
+                f"{identifier} (it offers {list(layer.matrix_sets)})"
+            )
         return self.matrix_sets[identifier]
 
     def tile_template(self, layer: WmtsLayer, matrix_set: str, image_format: str) -> str:
@@ -226,8 +230,10 @@ class Capabilities:
         is built from the capabilities URL.
         """
         if image_format not in layer.formats:
-            raise ValueError(f"{self.url}: layer {layer.identifier!r} is not served as "
-                             f"{image_format} (formats: {list(layer.formats)})")
+            raise ValueError(
+                f"{self.url}: layer {layer.identifier!r} is not served as "
+                f"{image_format} (formats: {list(layer.formats)})"
+            )
         template = layer.resource_urls.get(image_format)
         if template is None:
             base = self.url.split("?", 1)[0].rstrip("/")
@@ -288,13 +294,16 @@ def parse_capabilities(document: bytes | str, url: str) -> Capabilities:
     for element in contents.findall("wmts:Layer", _NS):
         identifier = _text(element, "ows:Identifier", url)
         styles = element.findall("wmts:Style", _NS)
-        default = next((s for s in styles if s.get("isDefault") == "true"), styles[0] if styles else None)
+        default = next(
+            (s for s in styles if s.get("isDefault") == "true"), styles[0] if styles else None
+        )
         layers[identifier] = WmtsLayer(
             identifier=identifier,
             title=(element.findtext("ows:Title", "", _NS) or "").strip(),
             formats=tuple(f.text.strip() for f in element.findall("wmts:Format", _NS) if f.text),
             matrix_sets=tuple(
-                s.text.strip() for s in element.findall("wmts:TileMatrixSetLink/wmts:TileMatrixSet", _NS)
+                s.text.strip()
+                for s in element.findall("wmts:TileMatrixSetLink/wmts:TileMatrixSet", _NS)
                 if s.text
             ),
             style="default" if default is None else _text(default, "ows:Identifier", url),
@@ -307,8 +316,10 @@ def parse_capabilities(document: bytes | str, url: str) -> Capabilities:
     matrix_sets = {}
     for element in contents.findall("wmts:TileMatrixSet", _NS):
         identifier = _text(element, "ows:Identifier", url)
-        matrices = sorted((_parse_matrix(m, url) for m in element.findall("wmts:TileMatrix", _NS)),
-                          key=lambda m: -m.scale_denominator)
+        matrices = sorted(
+            (_parse_matrix(m, url) for m in element.findall("wmts:TileMatrix", _NS)),
+            key=lambda m: -m.scale_denominator,
+        )
         matrix_sets[identifier] = TileMatrixSet(
             identifier, _text(element, "ows:SupportedCRS", url), tuple(matrices)
         )
@@ -328,10 +339,14 @@ def rd_tile_matrix_set(levels: int = 16) -> TileMatrixSet:
     From the Dutch tiling guideline (Geonovum, "Nederlandse richtlijn tiling") as PDOK writes
     it in its capabilities; used to plan a fetch without asking the service.
     """
-    return TileMatrixSet(RD_MATRIX_SET, "urn:ogc:def:crs:EPSG::28992", tuple(
-        TileMatrix(f"{z:02d}", 12288000.0 / 2**z, (-285401.92, 903401.92), 256, 256, 2**z, 2**z)
-        for z in range(levels)
-    ))
+    return TileMatrixSet(
+        RD_MATRIX_SET,
+        "urn:ogc:def:crs:EPSG::28992",
+        tuple(
+            TileMatrix(f"{z:02d}", 12288000.0 / 2**z, (-285401.92, 903401.92), 256, 256, 2**z, 2**z)
+            for z in range(levels)
+        ),
+    )
 
 
 def aerial_layer(year: int | str) -> str:
@@ -339,9 +354,14 @@ def aerial_layer(year: int | str) -> str:
     return f"{year}_ortho25"
 
 
-def estimate_aerial(bbox: BBox, year: int | str = 2020, resolution: float = 0.25,
-                    politeness: Politeness | None = None, matrix_set: TileMatrixSet | None = None,
-                    tile_bytes: int = AVERAGE_TILE_BYTES) -> Estimate:
+def estimate_aerial(
+    bbox: BBox,
+    year: int | str = 2020,
+    resolution: float = 0.25,
+    politeness: Politeness | None = None,
+    matrix_set: TileMatrixSet | None = None,
+    tile_bytes: int = AVERAGE_TILE_BYTES,
+) -> Estimate:
     """Plan a PDOK aerial fetch without contacting the service.
 
     Args:
@@ -361,7 +381,7 @@ def estimate_aerial(bbox: BBox, year: int | str = 2020, resolution: float = 0.25
     tiles = len(matrix.tile_range(bbox))
     return Estimate(
         source=f"PDOK aerial {aerial_layer(year)} (level {matrix.identifier}, "
-               f"{matrix.resolution:.2f} m/px)",
+        f"{matrix.resolution:.2f} m/px)",
         requests=tiles + 1,
         bytes=2 * tiles * tile_bytes,
         requests_per_second=politeness.requests_per_second,
@@ -408,11 +428,19 @@ class AerialFetch:
     missing: tuple[tuple[int, int], ...]
 
 
-def fetch_aerial(root: str | PathLike, bbox: BBox, year: int | str = 2020, *,
-                 resolution: float = 0.25, base_url: str = PDOK_WMTS,
-                 client: HttpClient | None = None, image_format: str = "image/jpeg",
-                 compress: str = "jpeg", cache_dir: str | PathLike | None = None,
-                 progress: bool = True) -> AerialFetch:
+def fetch_aerial(
+    root: str | PathLike,
+    bbox: BBox,
+    year: int | str = 2020,
+    *,
+    resolution: float = 0.25,
+    base_url: str = PDOK_WMTS,
+    client: HttpClient | None = None,
+    image_format: str = "image/jpeg",
+    compress: str = "jpeg",
+    cache_dir: str | PathLike | None = None,
+    progress: bool = True,
+) -> AerialFetch:
     """Download PDOK aerial tiles over ``bbox`` and mosaic them into ``aerial/aerial.tif``.
 
     Tiles land in ``{cache_dir}/{layer}/{set}/{level}/{col}/{row}.{ext}`` (``cache_dir``
@@ -447,48 +475,77 @@ def fetch_aerial(root: str | PathLike, bbox: BBox, year: int | str = 2020, *,
     template = capabilities.tile_template(layer, matrix_set.identifier, image_format)
     ext = _EXTENSIONS.get(image_format, image_format.rsplit("/", 1)[-1])
     folder = (Path(cache_dir) if cache_dir else DataRoot(root).cache / "pdok_wmts") / (
-        Path(layer.identifier) / matrix_set.identifier.replace(":", "_") / matrix.identifier)
+        Path(layer.identifier) / matrix_set.identifier.replace(":", "_") / matrix.identifier
+    )
 
     def tile_file(col: int, row: int) -> Path:
         return folder / str(col) / f"{row}.{ext}"
 
     def tile_url(col: int, row: int) -> str:
-        return (template.replace("{TileMatrix}", matrix.identifier)
-                .replace("{TileCol}", str(col)).replace("{TileRow}", str(row)))
+        return (
+            template.replace("{TileMatrix}", matrix.identifier)
+            .replace("{TileCol}", str(col))
+            .replace("{TileRow}", str(row))
+        )
 
     missing_file = folder / "missing.json"
     known_missing = _read_missing(missing_file)
     wanted = [tile for tile in tiles if tile not in known_missing]
-    log.info("PDOK aerial: %s level %s (%.2f m/px), %d tiles (%d known missing) into %s",
-             layer.identifier, matrix.identifier, matrix.resolution, len(tiles),
-             len(tiles) - len(wanted), folder)
+    log.info(
+        "PDOK aerial: %s level %s (%.2f m/px), %d tiles (%d known missing) into %s",
+        layer.identifier,
+        matrix.identifier,
+        matrix.resolution,
+        len(tiles),
+        len(tiles) - len(wanted),
+        folder,
+    )
     report = client.download_many(
         ((tile_url(col, row), tile_file(col, row), None) for col, row in wanted),
         validate=tile_validator(matrix.tile_width, matrix.tile_height),
-        desc=f"aerial tiles {layer.identifier}", total=len(wanted), progress=progress,
+        desc=f"aerial tiles {layer.identifier}",
+        total=len(wanted),
+        progress=progress,
     )
     by_path = {tile_file(*tile): tile for tile in wanted}
     new_missing = {by_path[path] for path, error in report.failed if error.status == 404}
     missing = known_missing | new_missing
     if new_missing:
         write_atomic(missing_file, lambda tmp: tmp.write_text(json.dumps(sorted(missing))))
-        log.warning("PDOK aerial: %d tiles not in the service (404), left black; listed in %s",
-                    len(new_missing), missing_file)
+        log.warning(
+            "PDOK aerial: %d tiles not in the service (404), left black; listed in %s",
+            len(new_missing),
+            missing_file,
+        )
     DownloadReport(
-        fetched=report.fetched, skipped=report.skipped, bytes=report.bytes,
+        fetched=report.fetched,
+        skipped=report.skipped,
+        bytes=report.bytes,
         failed=[(path, error) for path, error in report.failed if by_path[path] not in new_missing],
     ).raise_for_failures(f"PDOK aerial tiles of {layer.identifier}")
     missing_here = tuple(sorted(missing & set(tiles)))
     path = write_mosaic(
-        tiles, tile_file, DataRoot(root).root / "aerial" / "aerial.tif", compress=compress,
-        tags={"SOURCE": template.split("{", 1)[0], "WMTS_LAYER": layer.identifier,
-              "TILE_MATRIX": f"{matrix_set.identifier}:{matrix.identifier}",
-              "MISSING_TILES": str(len(missing_here))},
+        tiles,
+        tile_file,
+        DataRoot(root).root / "aerial" / "aerial.tif",
+        compress=compress,
+        tags={
+            "SOURCE": template.split("{", 1)[0],
+            "WMTS_LAYER": layer.identifier,
+            "TILE_MATRIX": f"{matrix_set.identifier}:{matrix.identifier}",
+            "MISSING_TILES": str(len(missing_here)),
+        },
         progress=progress,
     )
-    return AerialFetch(path=path, layer=layer.identifier, matrix=matrix, tiles=tiles,
-                       fetched=report.fetched, skipped=report.skipped,
-                       missing=missing_here)
+    return AerialFetch(
+        path=path,
+        layer=layer.identifier,
+        matrix=matrix,
+        tiles=tiles,
+        fetched=report.fetched,
+        skipped=report.skipped,
+        missing=missing_here,
+    )
 
 
 def _read_missing(path: Path) -> set[tuple[int, int]]:
@@ -497,13 +554,19 @@ def _read_missing(path: Path) -> set[tuple[int, int]]:
     try:
         return {(int(col), int(row)) for col, row in json.loads(path.read_text())}
     except (ValueError, TypeError) as exc:
-        raise ValueError(f"{path}: not a list of [col, row] pairs ({exc}); delete it to "
-                         "retry every missing tile") from None
+        raise ValueError(
+            f"{path}: not a list of [col, row] pairs ({exc}); delete it to retry every missing tile"
+        ) from None
 
 
-def write_mosaic(tiles: TileRange, tile_file: Callable[[int, int], Path], dest: str | PathLike,
-                 compress: str = "jpeg", tags: dict[str, str] | None = None,
-                 progress: bool = True) -> Path:
+def write_mosaic(
+    tiles: TileRange,
+    tile_file: Callable[[int, int], Path],
+    dest: str | PathLike,
+    compress: str = "jpeg",
+    tags: dict[str, str] | None = None,
+    progress: bool = True,
+) -> Path:
     """Mosaic cached tiles into a tiled, compressed GeoTIFF with overviews (EPSG:28992).
 
     The raster covers the tile range exactly, at the matrix's resolution. It is written in
@@ -519,16 +582,29 @@ def write_mosaic(tiles: TileRange, tile_file: Callable[[int, int], Path], dest: 
     tw, th = matrix.tile_width, matrix.tile_height
     width, height = tiles.cols * tw, tiles.rows * th
     left, _, _, top = tiles.bounds
-    profile = dict(driver="GTiff", width=width, height=height, count=3, dtype="uint8",
-                   crs=RD_NEW, transform=from_origin(left, top, matrix.resolution, matrix.resolution),
-                   tiled=True, blockxsize=MOSAIC_BLOCK, blockysize=MOSAIC_BLOCK, interleave="pixel",
-                   bigtiff="if_safer", **_compression(compress))
+    profile = dict(
+        driver="GTiff",
+        width=width,
+        height=height,
+        count=3,
+        dtype="uint8",
+        crs=RD_NEW,
+        transform=from_origin(left, top, matrix.resolution, matrix.resolution),
+        tiled=True,
+        blockxsize=MOSAIC_BLOCK,
+        blockysize=MOSAIC_BLOCK,
+        interleave="pixel",
+        bigtiff="if_safer",
+        **_compression(compress),
+    )
     rows_per_window = max(1, MOSAIC_BLOCK // th)
     cols_per_window = max(1, _WINDOW_WIDTH_PX // tw)
 
     def write(tmp: Path) -> None:
-        with rasterio.open(tmp, "w", **profile) as dst, \
-                tqdm(total=len(tiles), desc="aerial mosaic", unit="tile", disable=not progress) as bar:
+        with (
+            rasterio.open(tmp, "w", **profile) as dst,
+            tqdm(total=len(tiles), desc="aerial mosaic", unit="tile", disable=not progress) as bar,
+        ):
             for r0 in range(0, tiles.rows, rows_per_window):
                 nr = min(rows_per_window, tiles.rows - r0)
                 for c0 in range(0, tiles.cols, cols_per_window):
@@ -538,8 +614,9 @@ def write_mosaic(tiles: TileRange, tile_file: Callable[[int, int], Path], dest: 
                         for dc in range(nc):
                             path = tile_file(tiles.col_min + c0 + dc, tiles.row_min + r0 + dr)
                             if path.is_file():
-                                block[:, dr * th:(dr + 1) * th, dc * tw:(dc + 1) * tw] = \
+                                block[:, dr * th : (dr + 1) * th, dc * tw : (dc + 1) * tw] = (
                                     _read_tile(path, tw, th)
+                                )
                     dst.write(block, window=Window(c0 * tw, r0 * th, nc * tw, nr * th))
                     bar.update(nr * nc)
             factors = _overview_factors(width, height)
@@ -573,8 +650,12 @@ def _read_tile(path: Path, width: int, height: int) -> np.ndarray:
         with Image.open(path) as image:
             pixels = np.asarray(image.convert("RGB"))
     except (OSError, SyntaxError) as exc:
-        raise ValueError(f"{path}: cached tile does not decode ({exc}); delete it and rerun") from None
+        raise ValueError(
+            f"{path}: cached tile does not decode ({exc}); delete it and rerun"
+        ) from None
     if pixels.shape[:2] != (height, width):
-        raise ValueError(f"{path}: cached tile is {pixels.shape[1]} x {pixels.shape[0]} px, "
-                         f"expected {width} x {height}; delete it and rerun")
+        raise ValueError(
+            f"{path}: cached tile is {pixels.shape[1]} x {pixels.shape[0]} px, "
+            f"expected {width} x {height}; delete it and rerun"
+        )
     return pixels.transpose(2, 0, 1)

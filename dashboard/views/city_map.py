@@ -9,14 +9,23 @@ from core.dataroot import DataRoot
 from core.sources.lbm import CLASS_NAMES
 from dashboard import common, data, maps
 
-LABEL_LAYERS = {**common.LAYER_NAMES, "lbm_class": "Leefbaarometer class 1..9", "change": "change between two years"}
-RUN_LAYERS = {"predicted": "predicted score", "true": "true score", "residual": "residual (predicted - true)",
-              "split": "split (train / val / test)"}
+LABEL_LAYERS = {
+    **common.LAYER_NAMES,
+    "lbm_class": "Leefbaarometer class 1..9",
+    "change": "change between two years",
+}
+RUN_LAYERS = {
+    "predicted": "predicted score",
+    "true": "true score",
+    "residual": "residual (predicted - true)",
+    "split": "split (train / val / test)",
+}
 
 
 @st.cache_resource(show_spinner="Colouring the map ...", max_entries=32)
-def layer(root: str, run_path: str | None, layer_name: str, year: int | None, year_from: int | None
-          ) -> tuple[list[dict], pd.DataFrame, maps.Legend, str, list[str]]:
+def layer(
+    root: str, run_path: str | None, layer_name: str, year: int | None, year_from: int | None
+) -> tuple[list[dict], pd.DataFrame, maps.Legend, str, list[str]]:
     """One layer: its map records, the values shown (``cell_id, district, value``), its legend,
     a description and the files it comes from. Shared between reruns: do not modify."""
     cells, coverage = data.load_cells(root), data.load_coverage(root)
@@ -44,14 +53,22 @@ def layer(root: str, run_path: str | None, layer_name: str, year: int | None, ye
     if layer_name == "split":
         colours, legend = maps.categorical(shown["value"], maps.SPLIT_PALETTE, description)
     elif layer_name == "lbm_class":
-        colours, legend = maps.categorical(shown["value"].astype(int), maps.CLASS_PALETTE, description)
-        legend = maps.Legend(legend.title, [(c, f"{k} {CLASS_NAMES[int(k) - 1]}") for c, k in legend.stops])
+        colours, legend = maps.categorical(
+            shown["value"].astype(int), maps.CLASS_PALETTE, description
+        )
+        legend = maps.Legend(
+            legend.title, [(c, f"{k} {CLASS_NAMES[int(k) - 1]}") for c, k in legend.stops]
+        )
     elif layer_name in ("residual", "change"):
         colours, legend = maps.diverging(shown["value"].to_numpy(float), description)
     else:
         colours, legend = maps.sequential(shown["value"].to_numpy(float), description)
-    payload = maps.cell_payload(shown, colours, shown["value"],
-                                shown[[c for c in ("true", "predicted", "residual", "gsv", "flickr") if c in shown]])
+    payload = maps.cell_payload(
+        shown,
+        colours,
+        shown["value"],
+        shown[[c for c in ("true", "predicted", "residual", "gsv", "flickr") if c in shown]],
+    )
     return payload, shown[["cell_id", "district", "value"]], legend, description, sources
 
 
@@ -68,18 +85,28 @@ def main() -> None:
     year = year_from = None
     if run is None:
         options = [c for c in LABEL_LAYERS if c != "change" or len(years) > 1]
-        layer_name = controls[1].selectbox("Layer", options, key="map_layer", format_func=LABEL_LAYERS.get)
+        layer_name = controls[1].selectbox(
+            "Layer", options, key="map_layer", format_func=LABEL_LAYERS.get
+        )
         year = controls[2].selectbox("Year", years, index=len(years) - 1, key="map_year")
         if layer_name == "change":
             earlier = [y for y in years if y < year] or years[:1]
             year_from = controls[3].selectbox("From year", earlier, key="map_year_from")
     else:
-        layer_name = controls[1].selectbox("Layer", list(RUN_LAYERS), key="map_run_layer",
-                                           format_func=lambda c: f"{RUN_LAYERS[c]} ({run['config.target']})"
-                                           if c in ("predicted", "true") else RUN_LAYERS[c])
+        layer_name = controls[1].selectbox(
+            "Layer",
+            list(RUN_LAYERS),
+            key="map_run_layer",
+            format_func=lambda c: (
+                f"{RUN_LAYERS[c]} ({run['config.target']})"
+                if c in ("predicted", "true")
+                else RUN_LAYERS[c]
+            ),
+        )
         split = controls[2].selectbox("Cells", ["all", "test", "val", "train"], key="map_split")
-    payload, values, legend, description, sources = layer(root, None if run is None else str(run["path"]),
-                                                          layer_name, year, year_from)
+    payload, values, legend, description, sources = layer(
+        root, None if run is None else str(run["path"]), layer_name, year, year_from
+    )
     if run is not None and split != "all":
         kept = set(data.load_predictions(str(run["path"])).query("split == @split")["cell_id"])
         payload = [record for record in payload if record["i"] in kept]
@@ -88,17 +115,24 @@ def main() -> None:
     selected = common.selected_cell()
     left, right = st.columns([3, 1])
     with left:
-        chart = maps.city_deck(payload, data.load_context(root), description.split(",")[0],
-                               [] if selected is None else [selected])
-        event = st.pydeck_chart(chart, height=620, on_select="rerun", selection_mode="single-object",
-                                key="city_map")
+        chart = maps.city_deck(
+            payload,
+            data.load_context(root),
+            description.split(",")[0],
+            [] if selected is None else [selected],
+        )
+        event = st.pydeck_chart(
+            chart, height=620, on_select="rerun", selection_mode="single-object", key="city_map"
+        )
         picked = maps.selected_cells(event)
         if picked and picked[0] != selected:
             common.select_cell(picked[0])
             st.rerun()
         st.markdown(legend.html(), unsafe_allow_html=True)
-        st.caption("Hover a cell for its scores and image counts; click it to open its details below. "
-                   "Water, district lines and the municipal border are drawn without base-map tiles.")
+        st.caption(
+            "Hover a cell for its scores and image counts; click it to open its details below. "
+            "Water, district lines and the municipal border are drawn without base-map tiles."
+        )
     with right:
         numbers = pd.to_numeric(values["value"], errors="coerce")
         st.metric("Cells shown", f"{len(payload):,}")
@@ -110,8 +144,12 @@ def main() -> None:
         elif numbers.notna().any():
             st.metric("Mean", f"{numbers.mean():.3f}")
         if numbers.notna().any():
-            per_district = (values.assign(value=numbers).groupby("district")["value"]
-                            .agg(["count", "mean"]).round(3))
+            per_district = (
+                values.assign(value=numbers)
+                .groupby("district")["value"]
+                .agg(["count", "mean"])
+                .round(3)
+            )
             st.dataframe(per_district, width="stretch")
         common.provenance(*sources)
     if selected is not None:

@@ -10,8 +10,13 @@ import streamlit as st
 from core.dataroot import DataRoot
 from dashboard import common, data, maps
 
-COUNT_LAYERS = {"gsv": "GSV images", "flickr": "Flickr photos (all)", "flickr_outdoor": "Flickr photos, outdoor",
-                "flickr_building": "Flickr photos, building scenes", "gap": "cells without a filtered Flickr photo"}
+COUNT_LAYERS = {
+    "gsv": "GSV images",
+    "flickr": "Flickr photos (all)",
+    "flickr_outdoor": "Flickr photos, outdoor",
+    "flickr_building": "Flickr photos, building scenes",
+    "gap": "cells without a filtered Flickr photo",
+}
 #: Bins of image counts for the error-vs-coverage chart.
 COUNT_BINS = [-0.5, 0.5, 2.5, 5.5, 10.5, np.inf]
 COUNT_LABELS = ["0", "1-2", "3-5", "6-10", "> 10"]
@@ -35,15 +40,22 @@ def coverage_layer(root: str, layer_name: str) -> tuple[list[dict], maps.Legend]
         values = pd.Series(shown[filtered].to_numpy())
     else:
         values = shown[layer_name]
-        colours, legend = maps.sequential(values.to_numpy(float), f"{COUNT_LAYERS[layer_name]} per cell",
-                                          maps.SIMILARITY_PALETTE, log=True)
+        colours, legend = maps.sequential(
+            values.to_numpy(float),
+            f"{COUNT_LAYERS[layer_name]} per cell",
+            maps.SIMILARITY_PALETTE,
+            log=True,
+        )
     return maps.cell_payload(shown, colours, values, shown[["gsv", "flickr"]]), legend
 
 
 def coverage_map(root: str, layer_name: str) -> None:
     payload, legend = coverage_layer(root, layer_name)
-    st.pydeck_chart(maps.city_deck(payload, data.load_context(root), COUNT_LAYERS[layer_name]),
-                    height=520, key="coverage_map")
+    st.pydeck_chart(
+        maps.city_deck(payload, data.load_context(root), COUNT_LAYERS[layer_name]),
+        height=520,
+        key="coverage_map",
+    )
     st.markdown(legend.html(), unsafe_allow_html=True)
 
 
@@ -54,23 +66,35 @@ def per_district(root: str) -> pd.DataFrame:
     filtered = filtered_column(coverage)
     shown = data.on_grid(root, coverage)
     shown = shown[shown["district"].fillna("") != ""]
-    return shown.groupby("district").agg(
-        cells=("cell_id", "size"),
-        with_gsv=("gsv", lambda c: (c > 0).mean()),
-        with_flickr=("flickr", lambda c: (c > 0).mean()),
-        with_filtered_flickr=(filtered, lambda c: (c > 0).mean()),
-        median_gsv=("gsv", "median"), median_flickr=("flickr", "median"),
-    ).round(3)
+    return (
+        shown.groupby("district")
+        .agg(
+            cells=("cell_id", "size"),
+            with_gsv=("gsv", lambda c: (c > 0).mean()),
+            with_flickr=("flickr", lambda c: (c > 0).mean()),
+            with_filtered_flickr=(filtered, lambda c: (c > 0).mean()),
+            median_gsv=("gsv", "median"),
+            median_flickr=("flickr", "median"),
+        )
+        .round(3)
+    )
 
 
-def error_by_coverage(root: str, coverage: pd.DataFrame, run: pd.Series, count: str) -> pd.DataFrame:
+def error_by_coverage(
+    root: str, coverage: pd.DataFrame, run: pd.Series, count: str
+) -> pd.DataFrame:
     """Mean |residual| of a run's test cells per bin of image count."""
     predictions = data.load_predictions(str(run["path"]))
-    predictions = predictions[predictions["split"] == "test"].drop(columns=["district"], errors="ignore")
+    predictions = predictions[predictions["split"] == "test"].drop(
+        columns=["district"], errors="ignore"
+    )
     joined = data.on_grid(root, predictions.merge(coverage[["cell_id", count]], on="cell_id"))
     joined["images"] = pd.cut(joined[count], COUNT_BINS, labels=COUNT_LABELS)
-    return joined.groupby("images", observed=False).agg(
-        cells=("cell_id", "size"), mean_abs_error=("residual", lambda r: r.abs().mean())).reset_index()
+    return (
+        joined.groupby("images", observed=False)
+        .agg(cells=("cell_id", "size"), mean_abs_error=("residual", lambda r: r.abs().mean()))
+        .reset_index()
+    )
 
 
 def main() -> None:
@@ -84,37 +108,67 @@ def main() -> None:
     counts[0].metric("Cells", f"{len(coverage):,}")
     counts[1].metric("with GSV", f"{100 * (coverage['gsv'] > 0).mean():.0f}%")
     counts[2].metric("with Flickr", f"{100 * (coverage['flickr'] > 0).mean():.0f}%")
-    counts[3].metric(f"with {COUNT_LAYERS[filtered].lower()}", f"{100 * (coverage[filtered] > 0).mean():.0f}%")
+    counts[3].metric(
+        f"with {COUNT_LAYERS[filtered].lower()}", f"{100 * (coverage[filtered] > 0).mean():.0f}%"
+    )
     if scene_run is None:
-        st.info("No scene filter run yet, so Flickr photos are not filtered: "
-                "`python -m train scene-filter` scores them.")
+        st.info(
+            "No scene filter run yet, so Flickr photos are not filtered: "
+            "`python -m train scene-filter` scores them."
+        )
     options = [k for k in COUNT_LAYERS if k in coverage or k == "gap"]
-    layer_name = st.selectbox("Layer", options, index=options.index("gap"), key="coverage_layer",
-                              format_func=COUNT_LAYERS.get)
+    layer_name = st.selectbox(
+        "Layer",
+        options,
+        index=options.index("gap"),
+        key="coverage_layer",
+        format_func=COUNT_LAYERS.get,
+    )
     coverage_map(root, layer_name)
     st.subheader("Coverage per district")
     st.dataframe(per_district(root), width="stretch")
 
     st.subheader("Error where coverage is thin")
-    st.markdown("The paper found the Flickr models weakest north of the IJ, where few photos are "
-                "taken. Mean absolute error of a run's test cells by how many images a cell has:")
+    st.markdown(
+        "The paper found the Flickr models weakest north of the IJ, where few photos are "
+        "taken. Mean absolute error of a run's test cells by how many images a cell has:"
+    )
     runs = common.prediction_runs(root)
-    runs = runs[runs.get("config.ground").notna()].reset_index(drop=True) if "config.ground" in runs else runs.iloc[0:0]
+    runs = (
+        runs[runs.get("config.ground").notna()].reset_index(drop=True)
+        if "config.ground" in runs
+        else runs.iloc[0:0]
+    )
     if runs.empty:
         st.caption("No run with ground imagery yet.")
     else:
         left, right = st.columns([3, 2])
         with left:
-            run = common.run_picker(runs, "Run", key="coverage_run", default_label="aerial+flickr(building)")
+            run = common.run_picker(
+                runs, "Run", key="coverage_run", default_label="aerial+flickr(building)"
+            )
         source = "flickr" if run.get("config.ground") == "flickr" else "gsv"
-        count = right.selectbox("Count", [c for c in COUNT_LAYERS if c in coverage],
-                                index=[c for c in COUNT_LAYERS if c in coverage].index(
-                                    filtered if source == "flickr" else "gsv"),
-                                key="coverage_count", format_func=COUNT_LAYERS.get)
+        count = right.selectbox(
+            "Count",
+            [c for c in COUNT_LAYERS if c in coverage],
+            index=[c for c in COUNT_LAYERS if c in coverage].index(
+                filtered if source == "flickr" else "gsv"
+            ),
+            key="coverage_count",
+            format_func=COUNT_LAYERS.get,
+        )
         table = error_by_coverage(root, coverage, run, count)
-        chart = px.bar(table, x="images", y="mean_abs_error", text="cells",
-                       labels={"images": f"{COUNT_LAYERS[count]} in the cell", "mean_abs_error": "mean |residual|"},
-                       title=f"{common.run_title(run)}: test error by coverage (bar labels: cells)")
+        chart = px.bar(
+            table,
+            x="images",
+            y="mean_abs_error",
+            text="cells",
+            labels={
+                "images": f"{COUNT_LAYERS[count]} in the cell",
+                "mean_abs_error": "mean |residual|",
+            },
+            title=f"{common.run_title(run)}: test error by coverage (bar labels: cells)",
+        )
         st.plotly_chart(chart, key="coverage_error")
         common.provenance(f"{run['path']}/predictions.parquet")
     sources = [str(DataRoot(root).catalog)] + ([f"scene run {scene_run}"] if scene_run else [])

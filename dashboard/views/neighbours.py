@@ -38,7 +38,9 @@ def main() -> None:
     st.title("Embedding neighbours")
     runs = embedding_runs(root)
     if runs.empty:
-        st.info("No run with per-cell embeddings yet (fusion runs write their penultimate vectors).")
+        st.info(
+            "No run with per-cell embeddings yet (fusion runs write their penultimate vectors)."
+        )
         return
     kinds = sorted(runs["kind"].unique())
     kind_column, run_column, k_column = st.columns([1, 3, 1])
@@ -46,13 +48,19 @@ def main() -> None:
     preferred = next((k for k in ("uge", "contrastive") if k in kinds), kinds[0])
     kind = kind_column.selectbox("Model kind", kinds, index=kinds.index(preferred), key="nb_kind")
     with run_column:
-        run = common.run_picker(runs[runs["kind"] == kind].reset_index(drop=True), "Embedding of run", key="nb_run")
+        run = common.run_picker(
+            runs[runs["kind"] == kind].reset_index(drop=True), "Embedding of run", key="nb_run"
+        )
     k = k_column.slider("k nearest cells", 1, 200, 20, key="nb_k")
     index = embedding_index(str(run["path"]))
     query = ""
     if kind == "uge":  # a VLM run embeds text in the same space as its cells
-        query = st.text_input("Text query", key="nb_text", placeholder="green street near water in Oost",
-                              help="Ranks the cells by how well their images and street graph match the text")
+        query = st.text_input(
+            "Text query",
+            key="nb_text",
+            placeholder="green street near water in Oost",
+            help="Ranks the cells by how well their images and street graph match the text",
+        )
     if query.strip():
         from dashboard.text_query import text_vector
 
@@ -64,38 +72,57 @@ def main() -> None:
         if cell_id is None:  # start from the embedded cell nearest the middle of the grid
             cells = data.on_grid(root, pd.DataFrame({"cell_id": index.cell_ids}))
             centre = cells[["center_lon", "center_lat"]].median().to_numpy()
-            cell_id = int(cells["cell_id"].iloc[((cells[["center_lon", "center_lat"]] - centre) ** 2).sum(axis=1).argmin()])
+            cell_id = int(
+                cells["cell_id"].iloc[
+                    ((cells[["center_lon", "center_lat"]] - centre) ** 2).sum(axis=1).argmin()
+                ]
+            )
             common.select_cell(cell_id)
         if cell_id not in index:
-            st.warning(f"Cell {cell_id} has no embedding in run {run['run_id']}; choose another cell.")
+            st.warning(
+                f"Cell {cell_id} has no embedding in run {run['run_id']}; choose another cell."
+            )
             return
         table = on_grid_table(root, run, index.neighbours(cell_id, k))
 
     cells = data.load_cells(root)
     shown = data.on_grid(root, table[["cell_id", "similarity"]])
-    colours, legend = maps.sequential(shown["similarity"].to_numpy(float), "cosine similarity",
-                                      maps.SIMILARITY_PALETTE)
+    colours, legend = maps.sequential(
+        shown["similarity"].to_numpy(float), "cosine similarity", maps.SIMILARITY_PALETTE
+    )
     payload = maps.cell_payload(shown, colours, shown["similarity"])
     context = data.load_context(root)
     below, above = maps.context_layers(context)
     layers = [*below, maps.cell_layer(payload, opacity=1.0), *above]
     if cell_id is not None:
         layers.append(maps.highlight_layer([cell_id], (255, 0, 160)))
-    event = st.pydeck_chart(maps.deck(layers, "similarity", context["view"]), height=560, on_select="rerun",
-                            selection_mode="single-object", key="nb_map")
+    event = st.pydeck_chart(
+        maps.deck(layers, "similarity", context["view"]),
+        height=560,
+        on_select="rerun",
+        selection_mode="single-object",
+        key="nb_map",
+    )
     picked = maps.selected_cells(event)
     if picked and cell_id is not None and picked[0] != cell_id and picked[0] in index:
         common.select_cell(picked[0])
         st.rerun()
     if cell_id is None:
         st.markdown(legend.html(), unsafe_allow_html=True)
-        st.markdown(f"**{len(table)} cells that best match “{query.strip()}”** in the {index.dim}-dimensional "
-                    f"embedding of `{run['run_id']}`:")
+        st.markdown(
+            f"**{len(table)} cells that best match “{query.strip()}”** in the {index.dim}-dimensional "
+            f"embedding of `{run['run_id']}`:"
+        )
     else:
-        st.markdown(legend.html() + " <small>magenta outline: the chosen cell</small>", unsafe_allow_html=True)
+        st.markdown(
+            legend.html() + " <small>magenta outline: the chosen cell</small>",
+            unsafe_allow_html=True,
+        )
         here = cells[cells["cell_id"] == cell_id].iloc[0]
-        st.markdown(f"**{len(table)} cells nearest to cell {cell_id}** ({here['buurt_naam'] or '—'}, "
-                    f"{here['district'] or '—'}) in the {index.dim}-dimensional embedding of `{run['run_id']}`:")
+        st.markdown(
+            f"**{len(table)} cells nearest to cell {cell_id}** ({here['buurt_naam'] or '—'}, "
+            f"{here['district'] or '—'}) in the {index.dim}-dimensional embedding of `{run['run_id']}`:"
+        )
     st.dataframe(table.round(3), width="stretch", hide_index=True)
     common.provenance(f"{run['path']}/embeddings.parquet")
 

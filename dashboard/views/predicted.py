@@ -24,19 +24,35 @@ def split_predictions(root: str, run: pd.Series, split: str) -> pd.DataFrame:
 
 def metric_row(predictions: pd.DataFrame) -> dict[str, float]:
     metrics = score_metrics(predictions["predicted"], predictions["true"])
-    for column, (name, title) in zip(st.columns(len(METRIC_NAMES)), METRIC_NAMES.items(), strict=True):
+    for column, (name, title) in zip(
+        st.columns(len(METRIC_NAMES)), METRIC_NAMES.items(), strict=True
+    ):
         column.metric(title, f"{metrics[name]:.3f}")
     return metrics
 
 
 def scatter(predictions: pd.DataFrame, target: str, title: str) -> go.Figure:
-    figure = px.scatter(predictions, x="true", y="predicted", color="district", opacity=0.6,
-                        hover_data=["cell_id", "buurt_naam", "split"], title=title,
-                        labels={"true": f"true {target}", "predicted": f"predicted {target}"})
+    figure = px.scatter(
+        predictions,
+        x="true",
+        y="predicted",
+        color="district",
+        opacity=0.6,
+        hover_data=["cell_id", "buurt_naam", "split"],
+        title=title,
+        labels={"true": f"true {target}", "predicted": f"predicted {target}"},
+    )
     lo = float(np.nanmin(predictions[["true", "predicted"]].to_numpy()))
     hi = float(np.nanmax(predictions[["true", "predicted"]].to_numpy()))
-    figure.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="predicted = true",
-                                line={"color": "black", "dash": "dash"}))
+    figure.add_trace(
+        go.Scatter(
+            x=[lo, hi],
+            y=[lo, hi],
+            mode="lines",
+            name="predicted = true",
+            line={"color": "black", "dash": "dash"},
+        )
+    )
     figure.update_layout(height=480, legend={"orientation": "h", "y": -0.2})
     return figure
 
@@ -44,7 +60,9 @@ def scatter(predictions: pd.DataFrame, target: str, title: str) -> go.Figure:
 def residual_map(root: str, predictions: pd.DataFrame, title: str) -> None:
     shown = data.on_grid(root, predictions[["cell_id", "true", "predicted", "residual"]])
     colours, legend = maps.diverging(shown["residual"].to_numpy(float), title)
-    payload = maps.cell_payload(shown, colours, shown["residual"], shown[["true", "predicted", "residual"]])
+    payload = maps.cell_payload(
+        shown, colours, shown["residual"], shown[["true", "predicted", "residual"]]
+    )
     st.pydeck_chart(maps.city_deck(payload, data.load_context(root), "residual"), height=420)
     st.markdown(legend.html(), unsafe_allow_html=True)
 
@@ -54,15 +72,21 @@ def main() -> None:
     st.title("Predicted vs true")
     runs = common.prediction_runs(root)
     if runs.empty:
-        st.info("No runs with predictions yet: `make demo` trains the default runs, or train one "
-                "from the sidebar.")
+        st.info(
+            "No runs with predictions yet: `make demo` trains the default runs, or train one "
+            "from the sidebar."
+        )
         return
     left, middle, right = st.columns([3, 3, 1])
     with left:
         run = common.run_picker(runs, "Run", key="pvt_run")
     with middle:
-        other = common.run_picker(runs[runs["run_id"] != run["run_id"]].reset_index(drop=True),
-                                  "Compare with", key="pvt_other", optional=True)
+        other = common.run_picker(
+            runs[runs["run_id"] != run["run_id"]].reset_index(drop=True),
+            "Compare with",
+            key="pvt_other",
+            optional=True,
+        )
     split = right.selectbox("Cells", ["test", "val", "train", "all"], key="pvt_split")
     predictions = split_predictions(root, run, split)
     if predictions.empty:
@@ -73,9 +97,12 @@ def main() -> None:
     if other is None:
         metric_row(predictions)
         plot, histogram = st.columns([3, 2])
-        plot.plotly_chart(scatter(predictions, target, f"{common.run_title(run)} ({split})"),
-                          key="pvt_scatter")
-        residuals = px.histogram(predictions, x="residual", nbins=40, title="Residuals (predicted - true)")
+        plot.plotly_chart(
+            scatter(predictions, target, f"{common.run_title(run)} ({split})"), key="pvt_scatter"
+        )
+        residuals = px.histogram(
+            predictions, x="residual", nbins=40, title="Residuals (predicted - true)"
+        )
         residuals.update_layout(height=480)
         histogram.plotly_chart(residuals, key="pvt_histogram")
         st.subheader("Per district")
@@ -86,17 +113,28 @@ def main() -> None:
     else:
         second = split_predictions(root, other, split)
         columns = st.columns(2)
-        for column, (this, frame) in zip(columns, ((run, predictions), (other, second)), strict=True):
+        for column, (this, frame) in zip(
+            columns, ((run, predictions), (other, second)), strict=True
+        ):
             with column:
                 st.markdown(f"**{common.run_title(this)}**")
                 metric_row(frame)
                 residual_map(root, frame, f"residual of {this['run_id']} ({split} cells)")
-        both = predictions.merge(second[["cell_id", "residual"]], on="cell_id", suffixes=("", "_other"))
+        both = predictions.merge(
+            second[["cell_id", "residual"]], on="cell_id", suffixes=("", "_other")
+        )
         better = (both["residual"].abs() < both["residual_other"].abs()).mean()
-        st.markdown(f"On the {len(both):,} {split} cells both runs predict, **{common.run_title(run).split(' · ')[0]}** "
-                    f"has the smaller error in **{100 * better:.0f}%** of cells.")
-        per_district = pd.concat([grouped_metrics(frame, "district").set_index("district")["kendall_tau"]
-                                  for frame in (predictions, second)], axis=1)
+        st.markdown(
+            f"On the {len(both):,} {split} cells both runs predict, **{common.run_title(run).split(' · ')[0]}** "
+            f"has the smaller error in **{100 * better:.0f}%** of cells."
+        )
+        per_district = pd.concat(
+            [
+                grouped_metrics(frame, "district").set_index("district")["kendall_tau"]
+                for frame in (predictions, second)
+            ],
+            axis=1,
+        )
         per_district.columns = [f"tau {run['run_id']}", f"tau {other['run_id']}"]
         st.dataframe(per_district.round(3), width="stretch")
     common.provenance(*(f"{r['path']}/predictions.parquet" for r in (run, other) if r is not None))

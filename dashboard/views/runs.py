@@ -11,9 +11,19 @@ from core.exports import FORMATS, export_bytes, prediction_layer
 from core.runs import load_run
 from dashboard import common, data, retrain
 
-SUMMARY_COLUMNS = ["run_id", "kind", "created", "config.label", "config.target", "config.epochs",
-                   "config.seed", "metrics.test_kendall_tau", "metrics.test_spearman", "metrics.test_r2",
-                   "metrics.test_mae"]
+SUMMARY_COLUMNS = [
+    "run_id",
+    "kind",
+    "created",
+    "config.label",
+    "config.target",
+    "config.epochs",
+    "config.seed",
+    "metrics.test_kendall_tau",
+    "metrics.test_spearman",
+    "metrics.test_r2",
+    "metrics.test_mae",
+]
 
 
 @st.cache_data(show_spinner="Preparing the download ...", max_entries=8)
@@ -33,9 +43,16 @@ def main() -> None:
         chosen = st.multiselect("Kinds", kinds, default=kinds, key="runs_kinds")
         runs = runs[runs["kind"].isin(chosen)].reset_index(drop=True)
         columns = [c for c in SUMMARY_COLUMNS if c in runs]
-        st.dataframe(runs[columns], width="stretch", hide_index=True,
-                     column_config={c: st.column_config.NumberColumn(format="%.3f")
-                                    for c in columns if c.startswith("metrics.")})
+        st.dataframe(
+            runs[columns],
+            width="stretch",
+            hide_index=True,
+            column_config={
+                c: st.column_config.NumberColumn(format="%.3f")
+                for c in columns
+                if c.startswith("metrics.")
+            },
+        )
         run = common.run_picker(runs, "Run", key="runs_run")
     if not runs.empty and run is not None:
         details = load_run(run["path"])
@@ -48,17 +65,32 @@ def main() -> None:
             scalars = {k: v for k, v in details.metrics.items() if not isinstance(v, list | dict)}
             st.dataframe(pd.Series(scalars, name="value").astype(str), width="stretch")
             if not details.epochs.empty and "epoch" in details.epochs:
-                curves = [c for c in details.epochs.columns if c not in ("epoch", "seconds", "aerial_frozen")]
-                chart = px.line(details.epochs, x="epoch", y=curves, markers=True, title="Per epoch (metrics.csv)")
+                curves = [
+                    c
+                    for c in details.epochs.columns
+                    if c not in ("epoch", "seconds", "aerial_frozen")
+                ]
+                chart = px.line(
+                    details.epochs,
+                    x="epoch",
+                    y=curves,
+                    markers=True,
+                    title="Per epoch (metrics.csv)",
+                )
                 st.plotly_chart(chart, key="runs_epochs")
         if (run["path"] / "predictions.parquet").is_file():
             st.markdown("**Predictions** per cell, as 100 m squares in EPSG:28992 (RD New)")
             buttons = st.columns(len(FORMATS))
             names = {"gpkg": "GeoPackage", "parquet": "GeoParquet", "csv": "CSV"}
             for column, (fmt, mime) in zip(buttons, FORMATS.items(), strict=True):
-                column.download_button(f"{names[fmt]} (.{fmt})", prediction_file(root, str(run["path"]), fmt),
-                                       file_name=f"{run['run_id']}-predictions.{fmt}", mime=mime,
-                                       key=f"download_{fmt}", on_click="ignore")
+                column.download_button(
+                    f"{names[fmt]} (.{fmt})",
+                    prediction_file(root, str(run["path"]), fmt),
+                    file_name=f"{run['run_id']}-predictions.{fmt}",
+                    mime=mime,
+                    key=f"download_{fmt}",
+                    on_click="ignore",
+                )
         common.provenance(run["path"])
     st.subheader("Training jobs")
     jobs = retrain.jobs_table(root)

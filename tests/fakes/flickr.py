@@ -38,17 +38,47 @@ FIRST_PHOTO_ID = 52_000_000_000
 LICENSES = [
     {"id": 0, "name": "All Rights Reserved", "url": ""},
     {"id": 4, "name": "Attribution License", "url": "https://creativecommons.org/licenses/by/2.0/"},
-    {"id": 6, "name": "Attribution-NoDerivs License", "url": "https://creativecommons.org/licenses/by-nd/2.0/"},
-    {"id": 3, "name": "Attribution-NonCommercial-NoDerivs License",
-     "url": "https://creativecommons.org/licenses/by-nc-nd/2.0/"},
-    {"id": 2, "name": "Attribution-NonCommercial License", "url": "https://creativecommons.org/licenses/by-nc/2.0/"},
-    {"id": 1, "name": "Attribution-NonCommercial-ShareAlike License",
-     "url": "https://creativecommons.org/licenses/by-nc-sa/2.0/"},
-    {"id": 5, "name": "Attribution-ShareAlike License", "url": "https://creativecommons.org/licenses/by-sa/2.0/"},
-    {"id": 7, "name": "No known copyright restrictions", "url": "https://www.flickr.com/commons/usage/"},
+    {
+        "id": 6,
+        "name": "Attribution-NoDerivs License",
+        "url": "https://creativecommons.org/licenses/by-nd/2.0/",
+    },
+    {
+        "id": 3,
+        "name": "Attribution-NonCommercial-NoDerivs License",
+        "url": "https://creativecommons.org/licenses/by-nc-nd/2.0/",
+    },
+    {
+        "id": 2,
+        "name": "Attribution-NonCommercial License",
+        "url": "https://creativecommons.org/licenses/by-nc/2.0/",
+    },
+    {
+        "id": 1,
+        "name": "Attribution-NonCommercial-ShareAlike License",
+        "url": "https://creativecommons.org/licenses/by-nc-sa/2.0/",
+    },
+    {
+        "id": 5,
+        "name": "Attribution-ShareAlike License",
+        "url": "https://creativecommons.org/licenses/by-sa/2.0/",
+    },
+    {
+        "id": 7,
+        "name": "No known copyright restrictions",
+        "url": "https://www.flickr.com/commons/usage/",
+    },
     {"id": 8, "name": "United States Government Work", "url": "http://www.usa.gov/copyright.shtml"},
-    {"id": 9, "name": "Public Domain Dedication (CC0)", "url": "https://creativecommons.org/publicdomain/zero/1.0/"},
-    {"id": 10, "name": "Public Domain Mark", "url": "https://creativecommons.org/publicdomain/mark/1.0/"},
+    {
+        "id": 9,
+        "name": "Public Domain Dedication (CC0)",
+        "url": "https://creativecommons.org/publicdomain/zero/1.0/",
+    },
+    {
+        "id": 10,
+        "name": "Public Domain Mark",
+        "url": "https://creativecommons.org/publicdomain/mark/1.0/",
+    },
 ]
 _IMAGE = re.compile(r"^" + STATIC_PREFIX + r"/(\d+)_([0-9a-f]{10})_([a-z])\.jpg$")
 
@@ -86,8 +116,14 @@ class FakeFlickr:
         return f"{self.base_url}{STATIC_PREFIX}/{photo['photo_id']}_{photo['secret']}_{size}.jpg"
 
 
-def install_flickr(server: HTTPServer, root: str | DataRoot, *, api_key: str = "fake-flickr-key",
-                   cap: int = 4000, license_ids: tuple[int, ...] = (4,)) -> FakeFlickr:
+def install_flickr(
+    server: HTTPServer,
+    root: str | DataRoot,
+    *,
+    api_key: str = "fake-flickr-key",
+    cap: int = 4000,
+    license_ids: tuple[int, ...] = (4,),
+) -> FakeFlickr:
     """Serve the Flickr photos of the demo data root ``root`` on ``server``.
 
     Args:
@@ -101,28 +137,50 @@ def install_flickr(server: HTTPServer, root: str | DataRoot, *, api_key: str = "
     images = read_catalog(root.catalog).images
     images = images[images["source"] == "flickr"].sort_values("id").reset_index(drop=True)
     lon, lat = Transformer.from_crs("EPSG:28992", "EPSG:4326", always_xy=True).transform(
-        images["x"].to_numpy(), images["y"].to_numpy())
+        images["x"].to_numpy(), images["y"].to_numpy()
+    )
     ids = [str(FIRST_PHOTO_ID + i) for i in range(len(images))]
-    photos = pd.DataFrame({
-        "photo_id": ids, "demo_id": images["id"], "lon": np.round(lon, 6), "lat": np.round(lat, 6),
-        "datetaken": images["captured_at"].dt.tz_localize(None),
-        "title": images["title"].fillna(""),
-        "tags": [" ".join(str(t).split(",")) if isinstance(t, str) else "" for t in images["tags"]],
-        "license": [license_ids[i % len(license_ids)] for i in range(len(images))],
-        "owner": [f"{10_000_000 + i % 37}@N0{i % 8}" for i in range(len(images))],
-        "ownername": [f"demo photographer {i % 37}" for i in range(len(images))],
-        "secret": [hashlib.md5(i.encode()).hexdigest()[:10] for i in ids],
-        "file": images["path"],
-    }).sort_values("datetaken", kind="stable").reset_index(drop=True)
-    fake = FakeFlickr(endpoint=server.url_for(REST_PATH), api_key=api_key, cap=cap, photos=photos,
-                      base_url=server.url_for("").rstrip("/"))
+    photos = (
+        pd.DataFrame(
+            {
+                "photo_id": ids,
+                "demo_id": images["id"],
+                "lon": np.round(lon, 6),
+                "lat": np.round(lat, 6),
+                "datetaken": images["captured_at"].dt.tz_localize(None),
+                "title": images["title"].fillna(""),
+                "tags": [
+                    " ".join(str(t).split(",")) if isinstance(t, str) else ""
+                    for t in images["tags"]
+                ],
+                "license": [license_ids[i % len(license_ids)] for i in range(len(images))],
+                "owner": [f"{10_000_000 + i % 37}@N0{i % 8}" for i in range(len(images))],
+                "ownername": [f"demo photographer {i % 37}" for i in range(len(images))],
+                "secret": [hashlib.md5(i.encode()).hexdigest()[:10] for i in ids],
+                "file": images["path"],
+            }
+        )
+        .sort_values("datetaken", kind="stable")
+        .reset_index(drop=True)
+    )
+    fake = FakeFlickr(
+        endpoint=server.url_for(REST_PATH),
+        api_key=api_key,
+        cap=cap,
+        photos=photos,
+        base_url=server.url_for("").rstrip("/"),
+    )
     server.expect_request(REST_PATH).respond_with_handler(lambda request: _rest(fake, request))
     server.expect_request(_IMAGE).respond_with_handler(lambda request: _image(fake, request))
     return fake
 
 
 def _fail(code: int, message: str) -> Response:
-    return Response(json.dumps({"stat": "fail", "code": code, "message": message}), 200, mimetype="application/json")
+    return Response(
+        json.dumps({"stat": "fail", "code": code, "message": message}),
+        200,
+        mimetype="application/json",
+    )
 
 
 def _rest(fake: FakeFlickr, request: Request) -> Response:
@@ -130,12 +188,19 @@ def _rest(fake: FakeFlickr, request: Request) -> Response:
     method = args.get("method", "")
     fake.calls[method] += 1
     if args.get("format") != "json" or args.get("nojsoncallback") != "1":
-        return Response("<rsp stat=\"fail\"><err code=\"111\" msg=\"Format not found\" /></rsp>", 200,
-                        mimetype="text/xml")
+        return Response(
+            '<rsp stat="fail"><err code="111" msg="Format not found" /></rsp>',
+            200,
+            mimetype="text/xml",
+        )
     if args.get("api_key") != fake.api_key:
         return _fail(100, "Invalid API Key (Key has invalid format)")
     if method == "flickr.photos.licenses.getInfo":
-        return Response(json.dumps({"licenses": {"license": LICENSES}, "stat": "ok"}), 200, mimetype="application/json")
+        return Response(
+            json.dumps({"licenses": {"license": LICENSES}, "stat": "ok"}),
+            200,
+            mimetype="application/json",
+        )
     if method != "flickr.photos.search":
         return _fail(112, f'Method "{method}" not found')
     queued = fake.faults.get("search")
@@ -162,7 +227,12 @@ def _search(fake: FakeFlickr, args) -> Response:
             x0, y0, x1, y1 = (float(v) for v in args["bbox"].split(","))
         except ValueError:
             return _fail(18, "Illogical arguments")
-        photos = photos[(photos["lon"] >= x0) & (photos["lon"] <= x1) & (photos["lat"] >= y0) & (photos["lat"] <= y1)]
+        photos = photos[
+            (photos["lon"] >= x0)
+            & (photos["lon"] <= x1)
+            & (photos["lat"] >= y0)
+            & (photos["lat"] <= y1)
+        ]
     if low is not None:
         photos = photos[photos["datetaken"] >= low]
     if high is not None:
@@ -174,38 +244,74 @@ def _search(fake: FakeFlickr, args) -> Response:
     per_page = min(500, int(args.get("per_page", 100)))
     page = max(1, int(args.get("page", 1)))
     total = len(photos)
-    listed = photos.iloc[:fake.cap]
+    listed = photos.iloc[: fake.cap]
     start = (page - 1) * per_page
     if start >= len(listed) and len(listed):  # past the cap Flickr repeats its last page
         start = (math.ceil(len(listed) / per_page) - 1) * per_page
     extras = set(args.get("extras", "").split(","))
-    records = [_record(fake, row, extras) for _, row in listed.iloc[start:start + per_page].iterrows()]
-    body = {"photos": {"page": page, "pages": math.ceil(total / per_page), "perpage": per_page,
-                       "total": total, "photo": records}, "stat": "ok"}
+    records = [
+        _record(fake, row, extras) for _, row in listed.iloc[start : start + per_page].iterrows()
+    ]
+    body = {
+        "photos": {
+            "page": page,
+            "pages": math.ceil(total / per_page),
+            "perpage": per_page,
+            "total": total,
+            "photo": records,
+        },
+        "stat": "ok",
+    }
     return Response(json.dumps(body), 200, mimetype="application/json")
 
 
 def _record(fake: FakeFlickr, photo: pd.Series, extras: set[str]) -> dict:
-    record = {"id": photo["photo_id"], "owner": photo["owner"], "secret": photo["secret"], "server": "65535",
-              "farm": 66, "title": photo["title"], "ispublic": 1, "isfriend": 0, "isfamily": 0}
+    record = {
+        "id": photo["photo_id"],
+        "owner": photo["owner"],
+        "secret": photo["secret"],
+        "server": "65535",
+        "farm": 66,
+        "title": photo["title"],
+        "ispublic": 1,
+        "isfriend": 0,
+        "isfamily": 0,
+    }
     if "license" in extras:
         record["license"] = str(photo["license"])
     if "date_taken" in extras:
-        record.update(datetaken=photo["datetaken"].strftime("%Y-%m-%d %H:%M:%S"), datetakengranularity=0,
-                      datetakenunknown="0")
+        record.update(
+            datetaken=photo["datetaken"].strftime("%Y-%m-%d %H:%M:%S"),
+            datetakengranularity=0,
+            datetakenunknown="0",
+        )
     if "owner_name" in extras:
         record["ownername"] = photo["ownername"]
     if "tags" in extras:
         record["tags"] = photo["tags"]
     if "geo" in extras:
-        record.update(latitude=f"{photo['lat']:.6f}", longitude=f"{photo['lon']:.6f}", accuracy="16", context=0,
-                      place_id="", woeid="727232", geo_is_public=1, geo_is_contact=0, geo_is_friend=0,
-                      geo_is_family=0)
+        record.update(
+            latitude=f"{photo['lat']:.6f}",
+            longitude=f"{photo['lon']:.6f}",
+            accuracy="16",
+            context=0,
+            place_id="",
+            woeid="727232",
+            geo_is_public=1,
+            geo_is_contact=0,
+            geo_is_friend=0,
+            geo_is_family=0,
+        )
     sizes = {"z": 640} | ({"c": 800} if photo["datetaken"].year >= 2010 else {})
     for size, edge in sizes.items():
         if f"url_{size}" in extras:
-            record.update({f"url_{size}": fake.image_url(photo, size), f"height_{size}": edge * 3 // 4,
-                           f"width_{size}": edge})
+            record.update(
+                {
+                    f"url_{size}": fake.image_url(photo, size),
+                    f"height_{size}": edge * 3 // 4,
+                    f"width_{size}": edge,
+                }
+            )
     return record
 
 

@@ -69,22 +69,45 @@ class FakeGsv:
         self.faults.setdefault(target, []).extend(responses)
 
 
-def install_gsv(server: HTTPServer, root: str | DataRoot, *, api_key: str = "fake-gsv-key",
-                signing_secret: str | None = None) -> FakeGsv:
+def install_gsv(
+    server: HTTPServer,
+    root: str | DataRoot,
+    *,
+    api_key: str = "fake-gsv-key",
+    signing_secret: str | None = None,
+) -> FakeGsv:
     """Serve the GSV panoramas of the demo data root ``root`` on ``server``."""
     root = root if isinstance(root, DataRoot) else DataRoot(root)
     images = read_catalog(root.catalog).images
     images = images[images["source"] == "gsv"].reset_index(drop=True)
     lon, lat = Transformer.from_crs("EPSG:28992", "EPSG:4326", always_xy=True).transform(
-        images["x"].to_numpy(), images["y"].to_numpy())
-    views = pd.DataFrame({"pano_id": images["pano_id"].astype(str), "heading": images["heading"],
-                          "file": images["path"], "lon": lon, "lat": lat,
-                          "date": images["captured_at"].dt.strftime("%Y-%m")})
-    panoramas = views.groupby("pano_id", sort=True).agg(lon=("lon", "first"), lat=("lat", "first"),
-                                                         date=("date", "first")).reset_index()
-    fake = FakeGsv(base_url=server.url_for("").rstrip("/"), api_key=api_key, signing_secret=signing_secret,
-                   panoramas=panoramas, views=views[["pano_id", "heading", "file"]])
-    server.expect_request(METADATA_PATH).respond_with_handler(lambda request: _metadata(fake, request))
+        images["x"].to_numpy(), images["y"].to_numpy()
+    )
+    views = pd.DataFrame(
+        {
+            "pano_id": images["pano_id"].astype(str),
+            "heading": images["heading"],
+            "file": images["path"],
+            "lon": lon,
+            "lat": lat,
+            "date": images["captured_at"].dt.strftime("%Y-%m"),
+        }
+    )
+    panoramas = (
+        views.groupby("pano_id", sort=True)
+        .agg(lon=("lon", "first"), lat=("lat", "first"), date=("date", "first"))
+        .reset_index()
+    )
+    fake = FakeGsv(
+        base_url=server.url_for("").rstrip("/"),
+        api_key=api_key,
+        signing_secret=signing_secret,
+        panoramas=panoramas,
+        views=views[["pano_id", "heading", "file"]],
+    )
+    server.expect_request(METADATA_PATH).respond_with_handler(
+        lambda request: _metadata(fake, request)
+    )
     server.expect_request(IMAGE_PATH).respond_with_handler(lambda request: _image(fake, request))
     return fake
 
@@ -105,7 +128,8 @@ def _auth_problem(fake: FakeGsv, request: Request) -> str | None:
     unsigned, _, signature = query.rpartition("&signature=")
     secret = base64.urlsafe_b64decode(fake.signing_secret + "=" * (-len(fake.signing_secret) % 4))
     expected = base64.urlsafe_b64encode(
-        hmac.new(secret, f"{request.path}?{unsigned}".encode(), hashlib.sha1).digest()).decode()
+        hmac.new(secret, f"{request.path}?{unsigned}".encode(), hashlib.sha1).digest()
+    ).decode()
     if not unsigned or not hmac.compare_digest(signature, expected):
         return "Unable to authenticate the request. Provided 'signature' is not valid."
     return None
@@ -139,9 +163,15 @@ def _metadata(fake: FakeGsv, request: Request) -> Response:
     if found.empty:
         return _json({"status": "ZERO_RESULTS"})
     pano = found.iloc[0]
-    return _json({"copyright": "© Google", "date": pano["date"],
-                  "location": {"lat": round(float(pano["lat"]), 7), "lng": round(float(pano["lon"]), 7)},
-                  "pano_id": pano["pano_id"], "status": "OK"})
+    return _json(
+        {
+            "copyright": "© Google",
+            "date": pano["date"],
+            "location": {"lat": round(float(pano["lat"]), 7), "lng": round(float(pano["lon"]), 7)},
+            "pano_id": pano["pano_id"],
+            "status": "OK",
+        }
+    )
 
 
 def _metres(lon: float, lat: float, lons: np.ndarray, lats: np.ndarray) -> np.ndarray:

@@ -55,11 +55,15 @@ def _layers(root: DataRoot) -> dict[str, list[dict]]:
         shapes = clipped_squares(table["cell_id"].to_numpy())
         features = []
         for n, (row, shape) in enumerate(zip(table.to_dict("records"), shapes, strict=True)):
-            features.append({
-                "type": "Feature", "id": f"{name}.{n + 1}",
-                "geometry": shapely.geometry.mapping(shapely.MultiPolygon([shape])),
-                "geometry_name": "geom", "properties": _feature_properties(row),
-            })
+            features.append(
+                {
+                    "type": "Feature",
+                    "id": f"{name}.{n + 1}",
+                    "geometry": shapely.geometry.mapping(shapely.MultiPolygon([shape])),
+                    "geometry_name": "geom",
+                    "properties": _feature_properties(row),
+                }
+            )
         layers[f"lbm3:{name}"] = features
     return layers
 
@@ -90,8 +94,12 @@ def _in_bbox(features: list[dict], bbox: str | None) -> list[dict]:
     return [f for f in features if shapely.intersects(shapely.geometry.shape(f["geometry"]), box)]
 
 
-def install_lbm_wfs(server: HTTPServer, root: str | Path | DataRoot, path: str = WFS_PATH,
-                    max_count: int = 1_000_000) -> str:
+def install_lbm_wfs(
+    server: HTTPServer,
+    root: str | Path | DataRoot,
+    path: str = WFS_PATH,
+    max_count: int = 1_000_000,
+) -> str:
     """Serve the demo root's labels as the Leefbaarometer WFS at ``path``.
 
     Args:
@@ -117,13 +125,19 @@ def install_lbm_wfs(server: HTTPServer, root: str | Path | DataRoot, path: str =
         if args.get("resulttype") == "hits":
             return Response(_collection_xml(len(features), 0), content_type="text/xml")
         start = int(args.get("startindex", 0))
-        page = features[start:start + min(int(args.get("count", max_count)), max_count)]
+        page = features[start : start + min(int(args.get("count", max_count)), max_count)]
         if args.get("outputformat", "").lower() not in ("application/json", "json"):
-            return Response(_collection_xml(len(features), len(page)),
-                            content_type="application/gml+xml; version=3.2")
+            return Response(
+                _collection_xml(len(features), len(page)),
+                content_type="application/gml+xml; version=3.2",
+            )
         body = {
-            "type": "FeatureCollection", "features": page, "totalFeatures": len(features),
-            "numberMatched": len(features), "numberReturned": len(page), "timeStamp": _TIMESTAMP,
+            "type": "FeatureCollection",
+            "features": page,
+            "totalFeatures": len(features),
+            "numberMatched": len(features),
+            "numberReturned": len(page),
+            "timeStamp": _TIMESTAMP,
             "crs": {"type": "name", "properties": {"name": "urn:ogc:def:crs:EPSG::28992"}},
         }
         return Response(json.dumps(body), content_type="application/json;charset=UTF-8")

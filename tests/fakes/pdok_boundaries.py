@@ -37,14 +37,24 @@ def demo_outline(root: str | Path | DataRoot) -> shapely.Geometry:
 
 def municipality(name: str, code: str, province: str, outline: shapely.Geometry) -> dict:
     """One ``gemeentegebied`` record (properties + RD outline) for :func:`install_pdok_boundaries`."""
-    return {"code": code, "identificatie": f"GM{code}", "naam": name,
-            "ligt_in_provincie_code": "PV27", "ligt_in_provincie_naam": province,
-            "geometry": shapely.MultiPolygon(getattr(outline, "geoms", [outline]))}
+    return {
+        "code": code,
+        "identificatie": f"GM{code}",
+        "naam": name,
+        "ligt_in_provincie_code": "PV27",
+        "ligt_in_provincie_naam": province,
+        "geometry": shapely.MultiPolygon(getattr(outline, "geoms", [outline])),
+    }
 
 
-def install_pdok_boundaries(server: HTTPServer, root: str | Path | DataRoot,
-                            name: str = "Amsterdam", extra: list[dict] = (),
-                            path: str = API_PATH, filters: bool = True) -> str:
+def install_pdok_boundaries(
+    server: HTTPServer,
+    root: str | Path | DataRoot,
+    name: str = "Amsterdam",
+    extra: list[dict] = (),
+    path: str = API_PATH,
+    filters: bool = True,
+) -> str:
     """Serve the demo root's extent as municipality ``name`` (code 0363), beside a neighbour.
 
     Args:
@@ -62,8 +72,9 @@ def install_pdok_boundaries(server: HTTPServer, root: str | Path | DataRoot,
     minx, miny, maxx, maxy = outline.bounds
     records = [
         municipality(name, "0363", "Noord-Holland", outline),
-        municipality("Amstelveen", "0362", "Noord-Holland",
-                     shapely.box(minx, miny - 3000, maxx, miny)),
+        municipality(
+            "Amstelveen", "0362", "Noord-Holland", shapely.box(minx, miny - 3000, maxx, miny)
+        ),
         *extra,
     ]
     to_lonlat = Transformer.from_crs(RD_NEW, "OGC:CRS84", always_xy=True)
@@ -72,34 +83,59 @@ def install_pdok_boundaries(server: HTTPServer, root: str | Path | DataRoot,
         shape = record["geometry"]
         if not rd:
             shape = shapely.transform(
-                shape, lambda xy: np.column_stack(to_lonlat.transform(xy[:, 0], xy[:, 1])))
-        return {"type": "Feature", "id": str(index + 1),
-                "properties": {k: record[k] for k in _PROPERTIES},
-                "geometry": shapely.geometry.mapping(shape)}
+                shape, lambda xy: np.column_stack(to_lonlat.transform(xy[:, 0], xy[:, 1]))
+            )
+        return {
+            "type": "Feature",
+            "id": str(index + 1),
+            "properties": {k: record[k] for k in _PROPERTIES},
+            "geometry": shapely.geometry.mapping(shape),
+        }
 
     def handler(request: Request) -> Response:
-        args = request.args if filters else {k: v for k, v in request.args.items()
-                                             if k in ("f", "limit", "cursor")}
+        args = (
+            request.args
+            if filters
+            else {k: v for k, v in request.args.items() if k in ("f", "limit", "cursor")}
+        )
         rd = args.get("crs") == RD_URI
         if args.get("crs") not in (None, RD_URI, CRS84_URI):
-            return Response(json.dumps({"title": "Bad Request", "status": 400,
-                                        "detail": "unsupported crs"}),
-                            status=400, content_type="application/problem+json")
-        matching = [(i, r) for i, r in enumerate(records)
-                    if all(r[k] == args[k] for k in _PROPERTIES if k in args)]
+            return Response(
+                json.dumps({"title": "Bad Request", "status": 400, "detail": "unsupported crs"}),
+                status=400,
+                content_type="application/problem+json",
+            )
+        matching = [
+            (i, r)
+            for i, r in enumerate(records)
+            if all(r[k] == args[k] for k in _PROPERTIES if k in args)
+        ]
         limit, cursor = int(args.get("limit", 10)), int(args.get("cursor", 0))
-        page = matching[cursor:cursor + limit]
+        page = matching[cursor : cursor + limit]
         base = server.url_for(items)
-        links = [{"rel": "self", "type": "application/geo+json",
-                  "href": f"{base}?{urlencode(args)}"}]
+        links = [
+            {"rel": "self", "type": "application/geo+json", "href": f"{base}?{urlencode(args)}"}
+        ]
         if cursor + limit < len(matching):
-            links.append({"rel": "next", "type": "application/geo+json",
-                          "href": f"{base}?{urlencode({**args, 'cursor': cursor + limit})}"})
-        body = {"type": "FeatureCollection", "timeStamp": "2024-06-01T12:00:00Z",
-                "links": links, "numberReturned": len(page),
-                "features": [feature(i, r, rd) for i, r in page]}
-        return Response(json.dumps(body), content_type="application/geo+json",
-                        headers={"Content-Crs": f"<{RD_URI if rd else CRS84_URI}>"})
+            links.append(
+                {
+                    "rel": "next",
+                    "type": "application/geo+json",
+                    "href": f"{base}?{urlencode({**args, 'cursor': cursor + limit})}",
+                }
+            )
+        body = {
+            "type": "FeatureCollection",
+            "timeStamp": "2024-06-01T12:00:00Z",
+            "links": links,
+            "numberReturned": len(page),
+            "features": [feature(i, r, rd) for i, r in page],
+        }
+        return Response(
+            json.dumps(body),
+            content_type="application/geo+json",
+            headers={"Content-Crs": f"<{RD_URI if rd else CRS84_URI}>"},
+        )
 
     items = f"{path}/collections/gemeentegebied/items"
     server.expect_request(items).respond_with_handler(handler)

@@ -65,8 +65,12 @@ class FakeWmts:
         height, width = self.image.shape[:2]
         src_left, src_top, src_res = self.transform.c, self.transform.f, self.transform.a
         src_right, src_bottom = src_left + width * src_res, src_top - height * src_res
-        if (left >= src_right or left + 256 * res <= src_left
-                or top <= src_bottom or top - 256 * res >= src_top):
+        if (
+            left >= src_right
+            or left + 256 * res <= src_left
+            or top <= src_bottom
+            or top - 256 * res >= src_top
+        ):
             return None
         centres = (np.arange(256) + 0.5) * res
         cols = np.floor((left + centres - src_left) / src_res).astype(int)
@@ -76,10 +80,13 @@ class FakeWmts:
         return np.where(inside[..., None], tile, 0).astype(np.uint8)
 
 
-def install_wmts(server: HTTPServer, root: str | Path,
-                 layers: tuple[str, ...] = ("Actueel_ortho25", "2020_ortho25", "2019_ortho25"),
-                 formats: tuple[str, ...] = ("image/jpeg", "image/png"),
-                 resource_urls: bool = True) -> FakeWmts:
+def install_wmts(
+    server: HTTPServer,
+    root: str | Path,
+    layers: tuple[str, ...] = ("Actueel_ortho25", "2020_ortho25", "2019_ortho25"),
+    formats: tuple[str, ...] = ("image/jpeg", "image/png"),
+    resource_urls: bool = True,
+) -> FakeWmts:
     """Serve ``aerial/aerial.tif`` of data root ``root`` as PDOK's Luchtfoto WMTS.
 
     Args:
@@ -95,17 +102,24 @@ def install_wmts(server: HTTPServer, root: str | Path,
             raise ValueError(f"{src.name}: the fake WMTS needs an EPSG:28992 raster")
         image = src.read([1, 2, 3]).transpose(1, 2, 0)
         transform, bounds = src.transform, src.bounds
-    fake = FakeWmts(base_url=server.url_for(PREFIX), layers=tuple(layers), image=image,
-                    transform=transform)
+    fake = FakeWmts(
+        base_url=server.url_for(PREFIX), layers=tuple(layers), image=image, transform=transform
+    )
     capabilities = _capabilities(fake.base_url, layers, formats, bounds, resource_urls)
 
     def kvp(request: Request) -> Response:
         args = {k.lower(): v for k, v in request.args.items()}
-        if args.get("request", "").lower() == "getcapabilities" and args.get("service", "").lower() == "wmts":
+        if (
+            args.get("request", "").lower() == "getcapabilities"
+            and args.get("service", "").lower() == "wmts"
+        ):
             fake.capabilities_requests += 1
             return Response(capabilities, content_type="application/xml")
-        return _exception(400, "OperationNotSupported", "unsupported request; use GetCapabilities "
-                          "with KVP and GetTile with RESTful URLs")
+        return _exception(
+            400,
+            "OperationNotSupported",
+            "unsupported request; use GetCapabilities with KVP and GetTile with RESTful URLs",
+        )
 
     tile_path = re.compile(
         rf"^{re.escape(PREFIX)}/(?P<layer>[^/]+)/(?P<tms>[^/]+)/(?P<level>\d+)/(?P<col>\d+)/(?P<row>\d+)\.(?P<ext>\w+)$"
@@ -176,8 +190,13 @@ def _matrix(identifier: str, scale: float, top_left: str, size: int) -> str:
 """
 
 
-def _capabilities(base_url: str, layers: tuple[str, ...], formats: tuple[str, ...],
-                  bounds: rasterio.coords.BoundingBox, resource_urls: bool) -> str:
+def _capabilities(
+    base_url: str,
+    layers: tuple[str, ...],
+    formats: tuple[str, ...],
+    bounds: rasterio.coords.BoundingBox,
+    resource_urls: bool,
+) -> str:
     to_wgs84 = Transformer.from_crs("EPSG:28992", "EPSG:4326", always_xy=True)
     lon0, lat0 = to_wgs84.transform(bounds.left, bounds.bottom)
     lon1, lat1 = to_wgs84.transform(bounds.right, bounds.top)
@@ -185,11 +204,15 @@ def _capabilities(base_url: str, layers: tuple[str, ...], formats: tuple[str, ..
     layer_xml = ""
     for layer in layers:
         year = layer.split("_", 1)[0]
-        templates = "".join(
-            f'      <ResourceURL format="{mime}" resourceType="tile" template="{base_url}/{layer}/'
-            f'{{TileMatrixSet}}/{{TileMatrix}}/{{TileCol}}/{{TileRow}}.{ext[mime]}"/>\n'
-            for mime in formats
-        ) if resource_urls else ""
+        templates = (
+            "".join(
+                f'      <ResourceURL format="{mime}" resourceType="tile" template="{base_url}/{layer}/'
+                f'{{TileMatrixSet}}/{{TileMatrix}}/{{TileCol}}/{{TileRow}}.{ext[mime]}"/>\n'
+                for mime in formats
+            )
+            if resource_urls
+            else ""
+        )
         layer_xml += f"""    <Layer>
       <ows:Title>Luchtfoto {escape(year)} Ortho 25cm RGB</ows:Title>
       <ows:Abstract></ows:Abstract>
@@ -209,12 +232,17 @@ def _capabilities(base_url: str, layers: tuple[str, ...], formats: tuple[str, ..
       </TileMatrixSetLink>
 {templates}    </Layer>
 """
-    rd = "".join(_matrix(f"{z:02d}", _rd_scale(z), "-285401.92 903401.92", 2**z)
-                 for z in range(RD_LEVELS))
-    mercator = "".join(_matrix(f"{z:02d}", 559082264.0287178 / 2**z,
-                               "-20037508.342789244 20037508.342789244", 2**z)
-                       for z in range(WEB_MERCATOR_LEVELS))
-    operations = "".join(f"""    <ows:Operation name="{name}">
+    rd = "".join(
+        _matrix(f"{z:02d}", _rd_scale(z), "-285401.92 903401.92", 2**z) for z in range(RD_LEVELS)
+    )
+    mercator = "".join(
+        _matrix(
+            f"{z:02d}", 559082264.0287178 / 2**z, "-20037508.342789244 20037508.342789244", 2**z
+        )
+        for z in range(WEB_MERCATOR_LEVELS)
+    )
+    operations = "".join(
+        f"""    <ows:Operation name="{name}">
       <ows:DCP>
         <ows:HTTP>
           <ows:Get xlink:href="{base_url}?">
@@ -227,7 +255,9 @@ def _capabilities(base_url: str, layers: tuple[str, ...], formats: tuple[str, ..
         </ows:HTTP>
       </ows:DCP>
     </ows:Operation>
-""" for name in ("GetCapabilities", "GetTile", "GetFeatureInfo"))
+"""
+        for name in ("GetCapabilities", "GetTile", "GetFeatureInfo")
+    )
     return f"""<?xml version="1.0"?>
 <Capabilities xmlns="http://www.opengis.net/wmts/1.0" xmlns:ows="http://www.opengis.net/ows/1.1" xmlns:xlink="http://www.w3.org/1999/xlink" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xmlns:gml="http://www.opengis.net/gml" xsi:schemaLocation="http://www.opengis.net/wmts/1.0 http://schemas.opengis.net/wmts/1.0/wmtsGetCapabilities_response.xsd" version="1.0.0">
   <ows:ServiceIdentification>
