@@ -13,11 +13,12 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
+from core.configs import ContrastiveConfig
 from core.dataroot import DataRoot
 from core.jobs import JobCancelled
 from core.runs import list_runs, load_run
 from core.sources.catalog import read_catalog, write_catalog
-from train.contrastive import ContrastiveConfig, augment, train_contrastive
+from train.contrastive import augment, train_contrastive
 
 TINY = {
     "epochs": 2,
@@ -125,8 +126,9 @@ def test_single_capture_date_is_a_clear_cli_error(root, tmp_path):
 
 
 def test_evaluation_report_and_the_encoder_as_fusion_ground_weights(root, tmp_path):
+    from core.configs import FusionConfig
     from train.contrastive_eval import evaluate, write_report
-    from train.fusion import FusionConfig, train_fusion
+    from train.fusion import train_fusion
 
     runs = [
         train_contrastive(config(root, objective=o, seed=1), log=lambda _: None)
@@ -178,6 +180,6 @@ def test_unified_weights_select_the_rules():
 
 def test_the_cli_offers_every_objective():
     from train.__main__ import OBJECTIVES as CLI_OBJECTIVES
-    from train.contrastive import OBJECTIVES
+    from core.configs import OBJECTIVES
 
     assert CLI_OBJECTIVES == OBJECTIVES

@@ -35,7 +35,8 @@ PAGES = [
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory, tiny_demo):
     """A copy of the tiny demo city with an aerial-only and an aerial+GSV run."""
-    from train.fusion import FusionConfig, train_fusion
+    from core.configs import FusionConfig
+    from train.fusion import train_fusion
 
     root = tmp_path_factory.mktemp("dash") / "city"
     shutil.copytree(tiny_demo, root)

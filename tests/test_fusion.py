@@ -10,13 +10,14 @@ import pandas as pd
 import pytest
 import torch
 
+from core.configs import FusionConfig
 from core.dataroot import DataRoot
 from core.datasets import labelled_cells
 from core.experiments import summarise_matrix
 from core.models.backbones import create_backbone, save_backbone
 from core.models.fusion import FusionRegressor
 from core.runs import list_runs, load_run
-from train.fusion import FusionConfig, predict_run, train_fusion
+from train.fusion import predict_run, train_fusion
 from train.matrix import write_report
 
 QUICK = {"epochs": 2, "batch_size": 64, "block_size": 300.0}  # enough blocks for three splits

@@ -6,12 +6,13 @@ import pandas as pd
 import pytest
 import torch
 
+from core.configs import SceneTrainConfig
 from core.dataroot import DataRoot
 from core.models.backbones import create_backbone
 from core.models.scene_filter import load_scene_classifier, read_scene_names
 from core.runs import load_run
 from core.scenes import SceneFilterConfig, filter_config, scores_path
-from train.scene import SceneTrainConfig, train_scene_filter
+from train.scene import train_scene_filter
 
 
 @pytest.fixture

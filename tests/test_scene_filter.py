@@ -6,12 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from core.configs import PerceptionConfig, SceneTrainConfig
 from core.dataroot import DataRoot
 from core.models.backbones import create_backbone
 from core.runs import load_run
 from core.scenes import SceneFilterConfig, scores_path, select
-from train.perception import PerceptionConfig, read_votes, train_perception
-from train.scene import SceneTrainConfig, train_scene_filter
+from train.perception import read_votes, train_perception
+from train.scene import train_scene_filter
 
 SCORES = pd.DataFrame(
     {

@@ -9,13 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
+from core.configs import UGEConfig
 from core.dataroot import DataRoot
 from core.downstream import candidate_sets, paired_difference, ranking_metrics
 from core.runs import load_run
 from core.ugdata import PAIR_GRAPH, TRAIN_FILE, read_ugdata
 from train.__main__ import main
 from train.uge import (
-    UGEConfig,
     embed_queries,
     fused_embeddings,
     graph_records,

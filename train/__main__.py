@@ -84,8 +84,9 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _scene_filter(args: argparse.Namespace) -> int:
+    from core.configs import SceneTrainConfig
     from core.scenes import SceneFilterConfig
-    from train.scene import SceneTrainConfig, train_scene_filter
+    from train.scene import train_scene_filter
 
     scene_filter = SceneFilterConfig(
         building_scenes=tuple(args.building_scenes.split(",")),
@@ -109,7 +110,8 @@ def _scene_filter(args: argparse.Namespace) -> int:
 
 
 def _perception(args: argparse.Namespace) -> int:
-    from train.perception import PerceptionConfig, train_perception
+    from core.configs import PerceptionConfig
+    from train.perception import train_perception
 
     run_id = train_perception(
         PerceptionConfig(
@@ -128,9 +130,9 @@ def _perception(args: argparse.Namespace) -> int:
 
 
 def _fusion_config(args: argparse.Namespace):
+    from core.configs import FusionConfig, paper_schedule
     from core.demo import MANIFEST
     from train.common import resolve_weights
-    from train.fusion import FusionConfig, paper_schedule
 
     runs = DataRoot(Path(args.data)).runs
     values = {
@@ -229,7 +231,7 @@ def _demo_runs(args: argparse.Namespace) -> int:
 
 
 def _contrastive_config(args: argparse.Namespace):
-    from train.contrastive import ContrastiveConfig
+    from core.configs import ContrastiveConfig
 
     pairs = {
         "temporal_max_distance_m": args.max_distance,
@@ -342,7 +344,8 @@ def _ugdata(args: argparse.Namespace) -> int:
 
 
 def _uge(args: argparse.Namespace) -> int:
-    from train.uge import UGEConfig, train_uge
+    from core.configs import UGEConfig
+    from train.uge import train_uge
 
     run_id = train_uge(
         UGEConfig(

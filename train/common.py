@@ -4,27 +4,12 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from core.models.backbones import normalise
-
-
-@dataclass
-class EncoderConfig:
-    """What every image-encoder recipe (scene filter, perception, ...) is configured by."""
-
-    data: str = "data/demo"
-    backbone: str = "convnet_small"
-    px: int = 32
-    epochs: int = 6
-    batch_size: int = 256
-    lr: float = 3e-3
-    seed: int = 0
-    device: str = "auto"
 
 
 class OneCycle:

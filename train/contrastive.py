@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from core.configs import ContrastiveConfig
 from core.dataroot import DataRoot
 from core.features import load_pixels, resolve_device
 from core.grid import read_grid, spatial_split
@@ -35,55 +36,9 @@ from core.pairs import PairConfig, pair_statistics, require_temporal, spatial_pa
 from core.runs import RunWriter
 from core.sources.catalog import read_catalog
 from train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
-from train.common import EncoderConfig, OneCycle, predict, seed_everything, to_input
+from train.common import OneCycle, predict, seed_everything, to_input
 
-RULES = ("temporal", "spatial", "global")
-OBJECTIVES = (*RULES, "unified")
 HOLDOUT_SPLIT = "holdout"
-
-
-@dataclass
-class ContrastiveConfig(EncoderConfig):
-    """One pretraining run. Defaults are a CPU-sized demo schedule; real runs use ViT-B/16."""
-
-    objective: str = "temporal"
-    source: str = "gsv"
-    loss_weights: dict[str, float] = field(default_factory=lambda: dict.fromkeys(RULES, 1.0))
-    pairs: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 8
-    steps_per_epoch: int = 40
-    batch_size: int = 256
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    dim: int = 128
-    mlp_dim: int = 512
-    temperature: float = 0.2
-    base_momentum: float = 0.99
-    crop_min_scale: float = 0.35
-    holdout_share: float = 0.2
-    block_size: float = 1000.0
-    split_seed: int = 0
-    resume: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        unknown = sorted(set(self.loss_weights) - set(RULES))
-        if unknown:
-            raise ValueError(f"loss_weights: unknown rules {unknown}; the rules are {RULES}")
-        PairConfig(**self.pairs)  # fail now, not after loading images
-
-    @property
-    def rules(self) -> dict[str, float]:
-        """The pair rules this objective trains on, with their loss weights."""
-        if self.objective != "unified":
-            return {self.objective: 1.0}
-        return {rule: float(w) for rule, w in self.loss_weights.items() if w > 0}
-
-    @classmethod
-    def from_dict(cls, values: dict) -> ContrastiveConfig:
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in values.items() if k in known})
 
 
 def source_images(root: DataRoot, source: str) -> pd.DataFrame:
@@ -241,9 +196,8 @@ def train_contrastive(
     images = source_images(root, config.source)
     held_out = holdout_cells(root, config.holdout_share, config.block_size, config.split_seed)
     train_images = images[~images["cell_id"].isin(held_out)].reset_index(drop=True)
-    pair_config = PairConfig(**config.pairs)
     samplers, statistics = build_samplers(
-        train_images, config.rules, pair_config, str(root.catalog)
+        train_images, config.rules, config.pairs, str(root.catalog)
     )
     pixels = load_pixels(train_images, config.px, root.cache / "pixels")
 
@@ -267,10 +221,7 @@ def train_contrastive(
     )
     total_steps = config.epochs * config.steps_per_epoch
     if not config.resume:
-        resolved = asdict(config) | {
-            "label": f"contrastive {config.objective}",
-            "pair_rules": asdict(pair_config),
-        }
+        resolved = asdict(config) | {"label": f"contrastive {config.objective}"}
         run = RunWriter(root.runs, "contrastive", resolved, on_progress=progress)
     with run:
         start = 0

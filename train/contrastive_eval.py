@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from core.configs import ContrastiveConfig
 from core.dataroot import DataRoot
 from core.downstream import perception_probe, recall_at_k, region_means, socioeconomic_r2
 from core.features import load_pixels, resolve_device
@@ -29,7 +30,6 @@ from core.io import read_table, require_columns, write_atomic
 from core.models.backbones import create_backbone
 from core.runs import load_run
 from train.contrastive import (
-    ContrastiveConfig,
     embed_images,
     holdout_cells,
     source_images,

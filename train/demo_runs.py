@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from core.configs import FusionConfig, PerceptionConfig, SceneTrainConfig
 from core.dataroot import DataRoot
 from core.runs import list_runs
-from train.fusion import FusionConfig, train_fusion
-from train.perception import PerceptionConfig, train_perception
-from train.scene import SceneTrainConfig, train_scene_filter
+from train.fusion import train_fusion
+from train.perception import train_perception
+from train.scene import train_scene_filter
 
 DEFAULT_CONFIGURATIONS = (
     {"name": "aerial", "ground": None},

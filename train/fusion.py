@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from core.configs import FusionConfig
 from core.dataroot import DataRoot
 from core.datasets import aerial_patches, labelled_cells, street_images
 from core.features import extract_features, pool_by_cell, resolve_device
@@ -29,85 +30,8 @@ from core.metrics import grouped_metrics, kendall_tau_b, score_metrics
 from core.models.backbones import create_backbone
 from core.models.fusion import FusionRegressor
 from core.runs import Run, RunWriter, load_run
-from core.scenes import SUBSETS, filter_config, scores_path, select
+from core.scenes import filter_config, scores_path, select
 from train.common import OneCycle, augment_aerial, batches, seed_everything, to_input
-
-GROUND_SOURCES = ("gsv", "flickr")
-
-
-@dataclass
-class FusionConfig:
-    """One fusion run. Defaults are the CPU demo schedule; ``paper_schedule()`` gives the paper's."""
-
-    data: str = "data/demo"
-    year: int | None = None
-    target: str = "won"
-    aerial: bool = True
-    aerial_backbone: str = "convnet_small"
-    aerial_weights: str | None = None
-    aerial_px: int = 64
-    patch_m: float = 256.0
-    ground: str | None = "gsv"
-    flickr_subset: str = "all"
-    scene_run: str | None = None
-    scene_threshold: float | None = None
-    ground_backbone: str = "convnet_small"
-    ground_weights: str | None = None
-    ground_px: int = 32
-    epochs: int = 12
-    warmup_epochs: int = 0
-    batch_size: int = 128
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
-    seed: int = 0
-    split_seed: int | None = None
-    block_size: float = 1000.0
-    device: str = "auto"
-    name: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.aerial and self.ground is None:
-            raise ValueError("a fusion run needs aerial imagery, ground imagery, or both")
-        if self.ground is not None and self.ground not in GROUND_SOURCES:
-            raise ValueError(f"ground must be one of {GROUND_SOURCES} or None, got {self.ground!r}")
-        if self.flickr_subset not in SUBSETS:
-            raise ValueError(f"flickr_subset must be one of {SUBSETS}, got {self.flickr_subset!r}")
-        if self.ground == "flickr" and self.flickr_subset != "all" and not self.scene_run:
-            raise ValueError(
-                f"the {self.flickr_subset!r} Flickr subset needs --scene-run (a scene filter run)"
-            )
-
-    @property
-    def label(self) -> str:
-        """Short description, e.g. ``aerial+flickr(building)``."""
-        parts = (["aerial"] if self.aerial else []) + (
-            [self.ground + (f"({self.flickr_subset})" if self.ground == "flickr" else "")]
-            if self.ground
-            else []
-        )
-        return self.name or "+".join(parts)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> FusionConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
-
-
-def paper_schedule(**overrides) -> FusionConfig:
-    """The paper's setting for real data on a GPU: ResNet-50 both branches, 224 px, 25 epochs."""
-    return FusionConfig(
-        **{
-            "aerial_backbone": "resnet50",
-            "ground_backbone": "resnet50",
-            "aerial_px": 224,
-            "ground_px": 224,
-            "epochs": 25,
-            "warmup_epochs": 5,
-            "batch_size": 32,
-            "lr": 1e-4,
-            **overrides,
-        }
-    )
 
 
 def ground_inputs(

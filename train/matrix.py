@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from core.configs import FusionConfig
 from core.dataroot import DataRoot
 from core.experiments import summarise_matrix
 from core.io import write_atomic
 from core.runs import load_run
-from train.fusion import FusionConfig, train_fusion
+from train.fusion import train_fusion
 
 
 def matrix_configs(

@@ -9,7 +9,7 @@ catalog. The trained backbone is saved as "pp2-like" ground weights for the fusi
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -17,22 +17,16 @@ import pandas as pd
 import torch
 from torch import nn
 
+from core.configs import PerceptionConfig
 from core.dataroot import DataRoot
 from core.datasets import street_images
 from core.features import load_pixels, resolve_device
 from core.io import read_table, require_columns
 from core.models.backbones import create_backbone, save_backbone
 from core.runs import RunWriter
-from train.common import EncoderConfig, OneCycle, augment_street, batches, seed_everything, to_input
+from train.common import OneCycle, augment_street, batches, seed_everything, to_input
 
 WINNER_TARGET = {"left": 1.0, "right": 0.0, "equal": 0.5}
-
-
-@dataclass
-class PerceptionConfig(EncoderConfig):
-    """Perception training on pairwise votes; ``test_share`` of them measure pair accuracy."""
-
-    test_share: float = 0.2
 
 
 def read_votes(path: Path, image_ids: pd.Index) -> pd.DataFrame:

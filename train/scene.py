@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from core.configs import SceneTrainConfig
 from core.dataroot import DataRoot
 from core.datasets import street_images
 from core.features import load_pixels, resolve_device
@@ -33,7 +34,6 @@ from core.models.scene_filter import SceneClassifier, load_scene_classifier, rea
 from core.runs import RunWriter
 from core.scenes import SceneFilterConfig, scores_path, select
 from train.common import (
-    EncoderConfig,
     OneCycle,
     augment_street,
     batches,
@@ -41,15 +41,6 @@ from train.common import (
     seed_everything,
     to_input,
 )
-
-
-@dataclass
-class SceneTrainConfig(EncoderConfig):
-    """Scene classifier: trained on the root's scene labels, or loaded from ``checkpoint``."""
-
-    checkpoint: str | None = None
-    scene_names: str | None = None
-    filter: SceneFilterConfig = field(default_factory=SceneFilterConfig)
 
 
 def _held_out(ids: pd.Series) -> np.ndarray:

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from core.configs import UGEConfig
 from core.dataroot import DataRoot
 from core.models.graph_encoder import GraphEncoder, SpatialFusion
 from core.models.uge import LoraSettings, UGEEmbedder, UGESettings, info_nce, make_tiny_qwen2vl
@@ -54,73 +55,36 @@ STRUCTURE_FEATURES = 2  # degree / 4 and hop / 2; the node text's embedding foll
 EDGE_FEATURES = 5  # length / 100 m, sin and cos of the bearing, dx and dy / 100 m
 
 
-@dataclass
-class UGEConfig:
-    """One UGE run. Defaults are a CPU schedule for the tiny model on the demo city.
-
-    The tiny model is pretrained here on captions only (``tiny_pretrain_steps``, see
-    :mod:`train.uge_pretrain`), so it needs a softer temperature (0.05) and more image tokens
-    (112 px: 16 tokens) than the paper's pretrained 2B model, whose setting is
-    ``temperature=0.01`` with ``vlm`` a local Qwen2-VL folder and images of about 448 px.
-    """
-
-    data: str = "data/demo"
-    ugdata: str = ""
-    vlm: str | None = None
-    tiny_pretrain_steps: int = 2000
-    stage1_steps: int = 600
-    stage2_steps: int = 1000
-    stage2_questions: int = 4000
-    batch_size: int = 16
-    lr: float = 3e-3
-    graph_lr: float = 2e-3
-    temperature: float = 0.05
-    lora_r: int = 8
-    pooling: str = "last"
-    dim: int | None = None
-    image_px: int = 112
-    graph_dim: int = 64
-    place_dim: int = 16
-    seed: int = 0
-    device: str = "auto"
-
-    @classmethod
-    def from_dict(cls, values: dict) -> UGEConfig:
-        """A config from a run's ``config.yaml`` (keys that are not fields are ignored)."""
-        return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
-
-    @property
-    def ugdata_folder(self) -> Path:
-        return Path(self.ugdata) if self.ugdata else DataRoot(self.data).root / "ugdata"
-
-    def vlm_folder(self, log: Callable[[str], None] = print, data: UGData | None = None) -> Path:
-        """The backbone folder: ``vlm``, else the tiny Qwen2-VL after its captioning pretraining
-        on this UGData (``data`` if already read; both made on first use and cached under
-        ``DATA/cache/vlm/``)."""
-        if self.vlm:
-            return Path(self.vlm)
-        cache = DataRoot(self.data).cache / "vlm"
-        base = cache / "tiny-qwen2vl"
-        if not (base / "config.json").is_file():
-            make_tiny_qwen2vl(base)
-        if self.tiny_pretrain_steps <= 0:
-            return base
-        source = hashlib.sha1(str(self.ugdata_folder.resolve()).encode()).hexdigest()[:8]
-        folder = cache / f"tiny-qwen2vl-captions-{self.tiny_pretrain_steps}-{source}"
-        if not (folder / PRETRAINING_MARKER).is_file():
-            log(
-                f"pretraining the tiny VLM on captions ({self.tiny_pretrain_steps} steps, cached in {folder})"
-            )
-            pretrain_captioning(
-                base,
-                folder,
-                data or read_ugdata(self.ugdata_folder),
-                self.tiny_pretrain_steps,
-                load_images,
-                image_px=self.image_px,
-                log=log,
-            )
-        return folder
+def vlm_folder(
+    config: UGEConfig, log: Callable[[str], None] = print, data: UGData | None = None
+) -> Path:
+    """The backbone folder: ``config.vlm``, else the tiny Qwen2-VL after its captioning
+    pretraining on this UGData (``data`` if already read; both made on first use and cached
+    under ``DATA/cache/vlm/``)."""
+    if config.vlm:
+        return Path(config.vlm)
+    cache = DataRoot(config.data).cache / "vlm"
+    base = cache / "tiny-qwen2vl"
+    if not (base / "config.json").is_file():
+        make_tiny_qwen2vl(base)
+    if config.tiny_pretrain_steps <= 0:
+        return base
+    source = hashlib.sha1(str(config.ugdata_folder.resolve()).encode()).hexdigest()[:8]
+    folder = cache / f"tiny-qwen2vl-captions-{config.tiny_pretrain_steps}-{source}"
+    if not (folder / PRETRAINING_MARKER).is_file():
+        log(
+            f"pretraining the tiny VLM on captions ({config.tiny_pretrain_steps} steps, cached in {folder})"
+        )
+        pretrain_captioning(
+            base,
+            folder,
+            data or read_ugdata(config.ugdata_folder),
+            config.tiny_pretrain_steps,
+            load_images,
+            image_px=config.image_px,
+            log=log,
+        )
+    return folder
 
 
 def settings(config: UGEConfig, lora: bool = True) -> UGESettings:
@@ -482,7 +446,7 @@ def train_uge(
     """Both stages; writes the run folder and returns its id."""
     root = DataRoot(config.data)
     data = read_ugdata(config.ugdata_folder)
-    vlm = config.vlm_folder(log, data)
+    vlm = vlm_folder(config, log, data)
     generator = seed_everything(config.seed)
     embedder = UGEEmbedder.from_folder(vlm, settings(config), device=config.device)
     train = data.files[TRAIN_FILE]
@@ -600,7 +564,7 @@ def restore(
 ) -> tuple[UGEEmbedder, GraphModel | None]:
     """A UGE run's embedder (stage 0: the backbone without adapters) and graph model (stage 2)."""
     config = config or UGEConfig.from_dict(run.config)
-    vlm = config.vlm_folder()
+    vlm = vlm_folder(config)
     if stage == 0:
         return UGEEmbedder.from_folder(
             vlm, settings(config, lora=False), device=config.device

@@ -27,6 +27,7 @@ from sklearn.model_selection import KFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from core.configs import UGEConfig
 from core.dataroot import DataRoot
 from core.downstream import candidate_sets, paired_difference, ranking_metrics, ranks
 from core.io import write_atomic
@@ -35,7 +36,6 @@ from core.runs import load_run
 from core.sources.lbm import read_lbm
 from core.ugdata import HELDOUT_FILE, PAIR_GRAPH, TRAIN_FILE, read_ugdata
 from train.uge import (
-    UGEConfig,
     embed_positives,
     embed_queries,
     fused_embeddings,

@@ -42,13 +42,14 @@ Runner = Callable[[dict, Callable[[str], None], Callable[[dict], None]], str]
 def run_fusion_job(
     config: dict, log: Callable[[str], None], progress: Callable[[dict], None]
 ) -> str:
-    """Train one fusion run from a job config (:class:`train.fusion.FusionConfig` fields).
+    """Train one fusion run from a job config (:class:`core.configs.FusionConfig` fields).
 
     Raises:
         ValueError: for a key that is not a FusionConfig field (a typo would otherwise be
             silently dropped) or an invalid config.
     """
-    from train.fusion import FusionConfig, train_fusion  # torch, only when a job runs
+    from core.configs import FusionConfig
+    from train.fusion import train_fusion  # torch, only when a job runs
 
     unknown = sorted(set(config) - {f.name for f in fields(FusionConfig)})
     if unknown:
@@ -59,15 +60,13 @@ def run_fusion_job(
 def run_contrastive_job(
     config: dict, log: Callable[[str], None], progress: Callable[[dict], None]
 ) -> str:
-    """Pretrain one contrastive encoder from a job config (:class:`train.contrastive.ContrastiveConfig` fields).
+    """Pretrain one contrastive encoder from a job config (:class:`core.configs.ContrastiveConfig` fields).
 
     Raises:
         ValueError: for an unknown key or an invalid config.
     """
-    from train.contrastive import (  # torch, only when a job runs
-        ContrastiveConfig,
-        train_contrastive,
-    )
+    from core.configs import ContrastiveConfig
+    from train.contrastive import train_contrastive  # torch, only when a job runs
 
     unknown = sorted(set(config) - {f.name for f in fields(ContrastiveConfig)})
     if unknown:

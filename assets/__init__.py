@@ -1,0 +1,1 @@
+"""Small shipped data: Amsterdam's buurten and landmarks, and the schedules in ``configs/``."""

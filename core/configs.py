@@ -1,0 +1,311 @@
+"""The configurations of every trainer: one dataclass per recipe, saved with every run.
+
+These are the single source of the command line (``stadsbeeld <command> --help`` lists every
+field as an option, its attribute docstring as the help text) and of the run folders'
+``config.yaml``, which ``stadsbeeld <command> --config runs/<id>/config.yaml`` reads back to
+repeat a run. The demo and paper schedules are YAML files of field values under
+``assets/configs/`` (:func:`schedule`).
+
+This module imports neither torch nor the geo stack, so ``--help`` and the dashboard's forms
+stay fast; the valid backbone names are spelt out here and checked against the registry in
+:mod:`core.models.backbones` by a test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Self
+
+import yaml
+
+from core import ASSETS
+from core.dataroot import DataRoot
+from core.pairs import PairConfig
+from core.scenes import SUBSETS, SceneFilterConfig
+
+#: Names in :func:`core.models.backbones.create_backbone`'s registry.
+Backbone = Literal["convnet_small", "resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base"]
+#: Leefbaarometer score columns a fusion model can learn, and the 1..9 class.
+Target = Literal["lbm", "afw", "fys", "onv", "soc", "vrz", "won", "lbm_class"]
+GroundSource = Literal["gsv", "flickr"]
+FlickrSubset = Literal["all", "outdoor", "building"]
+Objective = Literal["temporal", "spatial", "global", "unified"]
+GROUND_SOURCES: tuple[str, ...] = GroundSource.__args__
+RULES = ("temporal", "spatial", "global")
+OBJECTIVES: tuple[str, ...] = Objective.__args__
+#: The data root a config names when none is given (``STADSBEELD_DATA``, else ``data/demo``).
+DEFAULT_DATA = "data/demo"
+
+
+class Config:
+    """What every trainer config shares: reading back from a run's ``config.yaml``."""
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Self:
+        """A config from saved values; keys that are not fields (a run's derived values) are
+        ignored."""
+        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values, as ``config.yaml`` stores them."""
+        return asdict(self)  # type: ignore[call-overload]
+
+
+def schedule(name: str) -> dict[str, Any]:
+    """The field values of a shipped schedule, ``assets/configs/<name>.yaml``.
+
+    Raises:
+        FileNotFoundError: if no such schedule ships, naming the ones that do.
+    """
+    path = (ASSETS / "configs") / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (ASSETS / "configs").glob("*.yaml"))
+        raise FileNotFoundError(f"{path}: no schedule {name!r}; the schedules are {known}")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+@dataclass
+class EncoderConfig(Config):
+    """What every image-encoder recipe (scene filter, perception, ...) is configured by."""
+
+    data: str = DEFAULT_DATA
+    """Data root (default: ``STADSBEELD_DATA``, else data/demo)."""
+    backbone: Backbone = "convnet_small"
+    """Image encoder architecture."""
+    px: int = 32
+    """Images are resized to this square, in pixels."""
+    epochs: int = 6
+    """Passes over the training data."""
+    batch_size: int = 256
+    """Images per optimisation step."""
+    lr: float = 3e-3
+    """Peak learning rate of the one-cycle schedule (AdamW)."""
+    seed: int = 0
+    """Seed of the initialisation, shuffling and augmentation."""
+    device: str = "auto"
+    """auto (CUDA when present, else CPU), cpu, cuda or cuda:N."""
+
+
+@dataclass
+class SceneTrainConfig(EncoderConfig):
+    """Scene classifier: trained on the root's scene labels, or loaded from ``checkpoint``."""
+
+    checkpoint: str | None = None
+    """A trained classifier (e.g. Places365 ResNet-50) to score with, instead of training one."""
+    scene_names: str | None = None
+    """The checkpoint's class names, one per line (categories_places365.txt works)."""
+    filter: SceneFilterConfig = field(default_factory=SceneFilterConfig)
+    """Which scenes make the outdoor and building Flickr subsets."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.filter, dict):  # read back from a run's config.yaml
+            self.filter = SceneFilterConfig(**self.filter)
+
+
+@dataclass
+class PerceptionConfig(EncoderConfig):
+    """Perception training on pairwise votes; ``test_share`` of them measure pair accuracy."""
+
+    test_share: float = 0.2
+    """Share of the votes held out to measure pair accuracy."""
+
+
+@dataclass
+class FusionConfig(Config):
+    """One fusion run. Defaults are the CPU demo schedule; :func:`paper_schedule` gives the
+    paper's."""
+
+    data: str = DEFAULT_DATA
+    """Data root (default: ``STADSBEELD_DATA``, else data/demo)."""
+    year: int | None = None
+    """Label year (default: the latest)."""
+    target: Target = "won"
+    """Leefbaarometer score to learn, or lbm_class (the 1..9 class)."""
+    aerial: bool = True
+    """Use the aerial branch (false: ground only)."""
+    aerial_backbone: Backbone = "convnet_small"
+    """Aerial encoder architecture."""
+    aerial_weights: str | None = None
+    """Weights file or run id for the aerial backbone (default: random initialisation)."""
+    aerial_px: int = 64
+    """Aerial patches are resized to this square, in pixels."""
+    patch_m: float = 256.0
+    """Side of the aerial patch around each cell's centre, in metres."""
+    ground: GroundSource | None = "gsv"
+    """Street-level source of the ground branch (none: aerial only)."""
+    flickr_subset: FlickrSubset = "all"
+    """Flickr photos kept by the scene filter: all, outdoor or building scenes."""
+    scene_run: str | None = None
+    """Scene filter run id (needed for the outdoor and building subsets)."""
+    scene_threshold: float | None = None
+    """Override the scene run's probability threshold."""
+    ground_backbone: Backbone = "convnet_small"
+    """Frozen ground encoder architecture."""
+    ground_weights: str | None = None
+    """Weights file or run id of the frozen ground encoder (default: random initialisation)."""
+    ground_px: int = 32
+    """Street images are resized to this square, in pixels."""
+    epochs: int = 12
+    """Training epochs; the epoch with the best validation tau is kept."""
+    warmup_epochs: int = 0
+    """Epochs with the aerial backbone frozen."""
+    batch_size: int = 128
+    """Cells per optimisation step."""
+    lr: float = 3e-3
+    """Peak learning rate of the one-cycle schedule (AdamW)."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    seed: int = 0
+    """Seed of the initialisation, shuffling and augmentation (and of the split, by default)."""
+    split_seed: int | None = None
+    """Seed of the spatial block split (default: seed)."""
+    block_size: float = 1000.0
+    """Side of the spatial split's blocks, in metres."""
+    device: str = "auto"
+    """auto (CUDA when present, else CPU), cpu, cuda or cuda:N."""
+    name: str = ""
+    """A label for the run (default: the imagery, e.g. aerial+flickr(building))."""
+
+    def __post_init__(self) -> None:
+        if not self.aerial and self.ground is None:
+            raise ValueError("a fusion run needs aerial imagery, ground imagery, or both")
+        if self.ground is not None and self.ground not in GROUND_SOURCES:
+            raise ValueError(f"ground must be one of {GROUND_SOURCES} or None, got {self.ground!r}")
+        if self.flickr_subset not in SUBSETS:
+            raise ValueError(f"flickr_subset must be one of {SUBSETS}, got {self.flickr_subset!r}")
+        if self.ground == "flickr" and self.flickr_subset != "all" and not self.scene_run:
+            raise ValueError(
+                f"the {self.flickr_subset!r} Flickr subset needs --scene-run (a scene filter run)"
+            )
+
+    @property
+    def label(self) -> str:
+        """Short description, e.g. ``aerial+flickr(building)``."""
+        parts = (["aerial"] if self.aerial else []) + (
+            [self.ground + (f"({self.flickr_subset})" if self.ground == "flickr" else "")]
+            if self.ground
+            else []
+        )
+        return self.name or "+".join(parts)
+
+
+def paper_schedule(**overrides: Any) -> FusionConfig:
+    """The paper's setting for real data on a GPU (``assets/configs/fusion-paper.yaml``):
+    ResNet-50 both branches, 224 px, 25 epochs with 5 warm-up epochs."""
+    return FusionConfig(**(schedule("fusion-paper") | overrides))
+
+
+@dataclass
+class ContrastiveConfig(EncoderConfig):
+    """One pretraining run. Defaults are a CPU-sized demo schedule; real runs use ViT-B/16."""
+
+    objective: Objective = "temporal"
+    """Positive pairs: temporal, spatial, global, or unified (a weighted sum of the three)."""
+    source: str = "gsv"
+    """Catalog source whose images are trained on."""
+    loss_weights: dict[str, float] = field(default_factory=lambda: dict.fromkeys(RULES, 1.0))
+    """Weight of each rule's loss in the unified objective (temporal, spatial, global)."""
+    pairs: PairConfig = field(default_factory=PairConfig)
+    """Thresholds of the pair rules."""
+    epochs: int = 8
+    """Training epochs (a checkpoint after each)."""
+    steps_per_epoch: int = 40
+    """Optimisation steps per epoch."""
+    batch_size: int = 256
+    """Pairs per optimisation step."""
+    lr: float = 2e-3
+    """Peak learning rate of the one-cycle schedule (AdamW)."""
+    weight_decay: float = 0.05
+    """AdamW weight decay."""
+    dim: int = 128
+    """Width of the projected embedding the loss compares."""
+    mlp_dim: int = 512
+    """Hidden width of the projector and predictor."""
+    temperature: float = 0.2
+    """InfoNCE temperature."""
+    base_momentum: float = 0.99
+    """Momentum of the key encoder at the start (cosine schedule to 1)."""
+    crop_min_scale: float = 0.35
+    """Smallest area share of the random resized crop."""
+    holdout_share: float = 0.2
+    """Share of spatial blocks held out for place recognition (never trained on)."""
+    block_size: float = 1000.0
+    """Side of the held-out blocks, in metres."""
+    split_seed: int = 0
+    """Seed of the held-out blocks (the same for every run to compare)."""
+    resume: str | None = None
+    """Continue this interrupted run from its last checkpoint."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.pairs, dict):  # read back from a run's config.yaml
+            self.pairs = PairConfig(**self.pairs)
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        unknown = sorted(set(self.loss_weights) - set(RULES))
+        if unknown:
+            raise ValueError(f"loss_weights: unknown rules {unknown}; the rules are {RULES}")
+
+    @property
+    def rules(self) -> dict[str, float]:
+        """The pair rules this objective trains on, with their loss weights."""
+        if self.objective != "unified":
+            return {self.objective: 1.0}
+        return {rule: float(w) for rule, w in self.loss_weights.items() if w > 0}
+
+
+@dataclass
+class UGEConfig(Config):
+    """One UGE run. Defaults are a CPU schedule for the tiny model on the demo city.
+
+    The tiny model is pretrained here on captions only (``tiny_pretrain_steps``), so it needs a
+    softer temperature (0.05) and more image tokens (112 px: 16 tokens) than the paper's
+    pretrained 2B model (``assets/configs/uge-paper.yaml``: ``temperature=0.01``, ``vlm`` a local
+    Qwen2-VL folder, images of 448 px).
+    """
+
+    data: str = DEFAULT_DATA
+    """Data root (default: ``STADSBEELD_DATA``, else data/demo)."""
+    ugdata: str = ""
+    """UGData folder (default: DATA/ugdata)."""
+    vlm: str | None = None
+    """Local Qwen2-VL / Qwen2.5-VL checkpoint folder (default: the tiny model)."""
+    tiny_pretrain_steps: int = 2000
+    """Captioning pretraining of the tiny model before stage 1, cached per step count (ignored
+    with vlm; 0 = a randomly initialised backbone)."""
+    stage1_steps: int = 600
+    """Image-text contrastive steps (LoRA)."""
+    stage2_steps: int = 1000
+    """Graph encoder and fusion steps."""
+    stage2_questions: int = 4000
+    """Spatial-reasoning walks stage 2 trains on, beside the place captions."""
+    batch_size: int = 16
+    """Image-text pairs per step."""
+    lr: float = 3e-3
+    """LoRA learning rate."""
+    graph_lr: float = 2e-3
+    """Graph encoder learning rate."""
+    temperature: float = 0.05
+    """InfoNCE temperature (the paper: 0.01 with a pretrained VLM; 0.05 for the tiny model)."""
+    lora_r: int = 8
+    """LoRA rank."""
+    pooling: Literal["last", "mean"] = "last"
+    """Token pooling of the embedding: the last token or the mean."""
+    dim: int | None = None
+    """Embedding width (default: the backbone's hidden size)."""
+    image_px: int = 112
+    """Images are resized to this square, in pixels."""
+    graph_dim: int = 64
+    """Width of the graph encoder."""
+    place_dim: int = 16
+    """Sinusoidal features of the graph nodes' absolute coordinates (0: relative only)."""
+    seed: int = 0
+    """Seed of the initialisation and sampling."""
+    device: str = "auto"
+    """auto (CUDA when present, else CPU), cpu, cuda or cuda:N."""
+
+    @property
+    def ugdata_folder(self) -> Path:
+        """The UGData folder: ``ugdata``, else ``DATA/ugdata``."""
+        return Path(self.ugdata) if self.ugdata else DataRoot(self.data).root / "ugdata"
