@@ -9,17 +9,16 @@ RETRAIN ?=
 
 .PHONY: demo test lint bench
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) -m train demo --seed $(SEED) --extent $(EXTENT) --out $(DATA) --if-missing
-	$(PY) -m train demo-runs --data $(DATA)
-	STADSBEELD_DATA=$(DATA) $(if $(RETRAIN),STADSBEELD_RETRAIN=$(RETRAIN)) $(PY) -m streamlit run dashboard/app.py \
-		--server.address 127.0.0.1 --server.port $(PORT) --server.headless true \
-		--browser.gatherUsageStats false
+	$(VENV)/bin/stadsbeeld demo --seed $(SEED) --extent $(EXTENT) --out $(DATA) --if-missing
+	$(VENV)/bin/stadsbeeld demo-runs --data $(DATA)
+	$(VENV)/bin/stadsbeeld dashboard --data $(DATA) --port $(PORT) $(if $(RETRAIN),--retrain true)
 
 test: $(VENV)/.installed
 	$(PY) -m ruff format --check .

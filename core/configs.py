@@ -34,6 +34,16 @@ Objective = Literal["temporal", "spatial", "global", "unified"]
 GROUND_SOURCES: tuple[str, ...] = GroundSource.__args__
 RULES = ("temporal", "spatial", "global")
 OBJECTIVES: tuple[str, ...] = Objective.__args__
+#: Values a trainer records in a run's ``config.yaml`` beside the config's fields: derived from
+#: the config and the data, never inputs (``--config runs/<id>/config.yaml`` skips them).
+DERIVED_KEYS = (
+    "label",
+    "device_resolved",
+    "target_mean",
+    "target_std",
+    "vlm_resolved",
+    "ugdata_manifest",
+)
 #: The data root a config names when none is given (``STADSBEELD_DATA``, else ``data/demo``).
 DEFAULT_DATA = "data/demo"
 
@@ -114,8 +124,10 @@ class PerceptionConfig(EncoderConfig):
 
 @dataclass
 class FusionConfig(Config):
-    """One fusion run. Defaults are the CPU demo schedule; :func:`paper_schedule` gives the
-    paper's."""
+    """One fusion run (defaults: the CPU demo schedule).
+
+    :func:`paper_schedule` gives the paper's.
+    """
 
     data: str = DEFAULT_DATA
     """Data root (default: ``STADSBEELD_DATA``, else data/demo)."""

@@ -54,6 +54,7 @@ PREDICTIONS_FILE = "predictions.parquet"
 EMBEDDINGS_FILE = "embeddings.parquet"
 MODEL_FILE = "model.safetensors"
 LOG_FILE = "log.txt"
+BACKBONE_FILE = "backbone.safetensors"
 PROGRESS_FILE = "progress.json"
 REQUIRED_FILES = (CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE)
 PREDICTION_COLUMNS = ("cell_id", "split", "true", "predicted")

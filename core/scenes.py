@@ -25,11 +25,15 @@ class SceneFilterConfig:
     """Which scenes count as building-related or indoor, and the probability threshold."""
 
     building_scenes: tuple[str, ...] = ("building", "street")
+    """Scenes that count as building-related (the building subset)."""
     indoor_scenes: tuple[str, ...] = ("food", "interior")
+    """Indoor scenes (the outdoor subset leaves them out)."""
     threshold: float = 0.5
+    """Probability a photo needs to count as building-related, or as outdoor."""
     scenes: tuple[str, ...] = field(
         default=("building", "street", "water", "park", "people", "food", "interior")
     )
+    """The classifier's scenes, in the order of its outputs."""
 
 
 def select(scores: pd.DataFrame, subset: str, config: SceneFilterConfig) -> np.ndarray:

@@ -1,23 +1,17 @@
 """Stadsbeeld dashboard: Amsterdam's 100 m Leefbaarometer grid, models and imagery coverage.
 
-Started by ``make demo`` (``streamlit run dashboard/app.py``). Reads a data root
+Started by ``stadsbeeld dashboard`` (``make demo``), or ``streamlit run dashboard/app.py`` with
+the package installed. Reads a data root
 (``STADSBEELD_DATA``, default the demo city). Pages only read files and the job database; they
 never import torch, and training runs in a separate worker process.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import streamlit as st
 
-sys.path.insert(
-    0, str(Path(__file__).resolve().parent.parent)
-)  # `streamlit run` puts only dashboard/ on the path
-
-import streamlit as st  # noqa: E402
-
-from dashboard import retrain  # noqa: E402
-from dashboard.data import data_root  # noqa: E402
+from dashboard import retrain
+from dashboard.data import data_root
 
 PAGES = [
     st.Page("views/city_map.py", title="City map", icon=":material/map:", default=True),

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import typing
 
 import pandas as pd
 import pytest
+import yaml
 
-from train.__main__ import build_parser, main
+from core.configs import OBJECTIVES
+from train.cli import COMMANDS, build_parser, main, normalise
 
 SMALL = "bbox:121000,486000,122000,487000"
 
@@ -17,15 +21,131 @@ def test_help_lists_the_subcommands():
     result = subprocess.run(
         [sys.executable, "-m", "train", "--help"], capture_output=True, text=True, check=True
     )
-    assert "demo" in result.stdout and "summary" in result.stdout
+    for name in COMMANDS:
+        assert f"  {name} " in result.stdout
 
 
-@pytest.mark.parametrize("command", ["demo", "summary"])
-def test_each_subcommand_has_help(command, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        build_parser().parse_args([command, "--help"])
-    assert exit_info.value.code == 0
+def parsed(name: str, *argv: str) -> dict:
+    """The options ``stadsbeeld name argv`` resolves to."""
+    parser = build_parser(name)
+    return parser.parse_args(normalise(parser, name, list(argv))).as_dict()
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_every_option_of_every_command_has_help(name, capsys):
+    assert main([name, "--help"]) == 0
     assert "--" in capsys.readouterr().out
+    for action in build_parser(name)._actions:
+        if action.dest in ("help", "print_config") or not action.help:
+            assert action.dest in ("help", "print_config"), f"{name}: {action.dest} has no help"
+            continue
+        # jsonargparse appends "(type: ..., default: ...)"; the docstring's text comes first
+        assert not action.help.lstrip().startswith("(type"), f"{name} --{action.dest}: no help"
+
+
+def test_choices_are_listed_and_match_the_registries():
+    from core.configs import Backbone
+    from core.models.backbones import BACKBONES
+    from core.sources.lbm import SCORE_COLUMNS
+
+    assert set(typing.get_args(Backbone)) == set(BACKBONES)
+    help_text = build_parser("fusion").format_help()
+    assert "{" + ",".join(typing.get_args(Backbone)) + "}" in help_text
+    for name in BACKBONES:
+        assert parsed("fusion", "--aerial-backbone", name)["aerial_backbone"] == name
+    assert "{" + ",".join([*SCORE_COLUMNS, "lbm_class"]) + "}" in help_text
+    assert "{" + ",".join(OBJECTIVES) + "}" in build_parser("contrastive").format_help()
+
+
+def test_the_option_spellings_users_know_keep_working():
+    fusion = parsed(
+        "fusion",
+        "--no-aerial",
+        "--ground",
+        "flickr",
+        "--aerial-backbone",
+        "resnet18",
+        "--epochs",
+        "3",
+    )
+    assert (fusion["aerial"], fusion["ground"], fusion["aerial_backbone"], fusion["epochs"]) == (
+        False,
+        "flickr",
+        "resnet18",
+        3,
+    )
+    assert parsed("fusion", "--ground", "none")["ground"] is None
+    matrix = parsed(
+        "fusion-matrix",
+        "--seeds",
+        "0",
+        "1",
+        "--compare-weights",
+        "a=x.safetensors",
+        "--compare-weights",
+        "b=run-1",
+        "--only",
+        "aerial",
+        "aerial+gsv",
+    )
+    assert matrix["seeds"] == [0, 1]
+    assert matrix["compare_weights"] == {"a": "x.safetensors", "b": "run-1"}
+    assert matrix["only"] == ["aerial", "aerial+gsv"]
+    contrastive = parsed(
+        "contrastive", "--loss-weights", "1", "0.5", "1", "--max-distance", "7", "--buffer", "50"
+    )
+    assert contrastive["loss_weights"] == {"temporal": 1.0, "spatial": 0.5, "global": 1.0}
+    assert contrastive["pairs"]["temporal_max_distance_m"] == 7.0
+    assert contrastive["pairs"]["spatial_buffer_m"] == 50.0
+    scene = parsed("scene-filter", "--building-scenes", "building,street", "--threshold", "0.4")
+    assert scene["filter"]["building_scenes"] == ("building", "street")
+    assert scene["filter"]["threshold"] == 0.4
+    assert parsed("contrastive-eval", "r1", "r2", "--compare-weights", "x=y")["runs"] == [
+        "r1",
+        "r2",
+    ]
+    assert parsed("uge-bench", "r1")["run_ids"] == ["r1"]
+    worker = parsed("worker", "--once", "--exit-when-idle", "5")
+    assert worker["once"] is True and worker["exit_when_idle"] == 5.0
+    # and jsonargparse's own spelling
+    assert parsed("fusion", "--aerial_px", "48", "--aerial", "false")["aerial_px"] == 48
+
+
+def test_unknown_options_and_bad_values_are_one_error_line(capsys):
+    assert main(["fusion", "--aerial-backbone", "resnet1000"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "resnet1000" in err and "Traceback" not in err
+    assert main(["fusion", "--no-such-option", "1"]) == 2
+    assert "--no-such-option" in capsys.readouterr().err
+    assert main(["nope"]) == 2
+    assert "unknown command 'nope'" in capsys.readouterr().err
+
+
+def test_print_config_prints_the_resolved_options(tmp_path, capsys):
+    assert main(["fusion", "--data", str(tmp_path), "--epochs", "4", "--print_config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["epochs"] == 4 and printed["aerial_backbone"] == "resnet50"  # paper: not a demo
+    config = tmp_path / "mine.yaml"
+    config.write_text("epochs: 7\nground: flickr\n")
+    assert main(["fusion", "--data", str(tmp_path), "--config", str(config), "--print_config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["epochs"], printed["ground"], printed["aerial_px"]) == (7, "flickr", 224)
+    assert (
+        main(
+            [
+                "fusion",
+                "--config",
+                str(config),
+                "--epochs",
+                "2",
+                "--data",
+                str(tmp_path),
+                "--print_config",
+            ]
+        )
+        == 0
+    )
+    assert yaml.safe_load(capsys.readouterr().out)["epochs"] == 2  # later options win
 
 
 def test_demo_builds_prints_a_summary_and_respects_existing_output(tmp_path, capsys):
@@ -65,12 +185,15 @@ def test_demo_builds_prints_a_summary_and_respects_existing_output(tmp_path, cap
 
 
 def test_fusion_schedule_is_the_papers_on_real_data_and_short_on_the_demo(tmp_path):
-    from train.__main__ import _fusion_config
-
     real = tmp_path / "real"
     real.mkdir()
-    paper = _fusion_config(build_parser().parse_args(["fusion", "--data", str(real)]))
-    assert (paper.aerial_backbone, paper.aerial_px, paper.epochs, paper.warmup_epochs) == (
+    paper = parsed("fusion", "--data", str(real))
+    assert (
+        paper["aerial_backbone"],
+        paper["aerial_px"],
+        paper["epochs"],
+        paper["warmup_epochs"],
+    ) == (
         "resnet50",
         224,
         25,
@@ -79,14 +202,12 @@ def test_fusion_schedule_is_the_papers_on_real_data_and_short_on_the_demo(tmp_pa
     demo = tmp_path / "demo"
     demo.mkdir()
     (demo / "demo.json").write_text("{}")
-    short = _fusion_config(
-        build_parser().parse_args(["fusion", "--data", str(demo), "--epochs", "3"])
-    )
-    assert (short.aerial_backbone, short.epochs) == ("convnet_small", 3)
-    forced = _fusion_config(
-        build_parser().parse_args(["fusion", "--data", str(demo), "--schedule", "paper"])
-    )
-    assert forced.ground_backbone == "resnet50"
+    short = parsed("fusion", "--data", str(demo), "--epochs", "3")
+    assert (short["aerial_backbone"], short["epochs"]) == ("convnet_small", 3)
+    forced = parsed("fusion", "--data", str(demo), "--schedule", "paper")
+    assert forced["ground_backbone"] == "resnet50"
+    assert parsed("contrastive", "--schedule", "paper")["backbone"] == "vit_base"
+    assert parsed("uge", "--schedule", "paper")["temperature"] == 0.01
 
 
 def test_fusion_matrix_command_on_a_tiny_city(tiny_demo, tmp_path, capsys):
@@ -100,7 +221,7 @@ def test_fusion_matrix_command_on_a_tiny_city(tiny_demo, tmp_path, capsys):
             "0",
             "--epochs",
             "1",
-            "--block-size",
+            "--block_size",
             "300",
             "--out",
             str(out),
@@ -180,3 +301,23 @@ def test_bad_input_is_one_error_line_not_a_traceback(tmp_path, capsys, monkeypat
     monkeypatch.setenv("STADSBEELD_TRACEBACK", "1")
     with pytest.raises(FileNotFoundError, match="catalog file not found"):
         main(["scene-filter", "--data", str(tmp_path)])
+
+
+def _newest(root, kind: str):
+    from core.runs import list_runs, load_run
+
+    return load_run(list_runs(root / "runs", kind=kind)["path"].iloc[0])
+
+
+def test_a_fusion_run_repeats_from_its_own_config(tiny_demo, tmp_path):
+    root = tmp_path / "city"
+    shutil.copytree(tiny_demo, root, ignore=shutil.ignore_patterns("runs"))
+    options = ["--data", str(root), "--epochs", "2", "--block-size", "300", "--seed", "3"]
+    assert main(["fusion", *options, "--ground", "flickr", "--aerial-px", "32"]) == 0
+    first = _newest(root, "fusion")
+    assert main(["fusion", "--config", str(first.path / "config.yaml")]) == 0
+    second = _newest(root, "fusion")
+    assert second.run_id != first.run_id
+    assert second.config == first.config
+    assert second.metrics == first.metrics and first.metrics["test_kendall_tau"] != 0
+    pd.testing.assert_frame_equal(second.predictions(), first.predictions())

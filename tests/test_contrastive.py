@@ -179,7 +179,30 @@ def test_unified_weights_select_the_rules():
 
 
 def test_the_cli_offers_every_objective():
-    from train.__main__ import OBJECTIVES as CLI_OBJECTIVES
     from core.configs import OBJECTIVES
+    from train.__main__ import OBJECTIVES as CLI_OBJECTIVES
 
     assert CLI_OBJECTIVES == OBJECTIVES
+
+
+def test_a_contrastive_run_repeats_from_its_own_config(root):
+    from safetensors.numpy import load_file
+
+    from core.runs import BACKBONE_FILE, list_runs, load_run
+    from train.cli import main
+
+    def newest():
+        return load_run(list_runs(root / "runs", kind="contrastive")["path"].iloc[0])
+
+    options = ["--data", str(root), "--objective", "unified", "--seed", "5", "--epochs", "1"]
+    tiny = ["--steps-per-epoch", "2", "--batch-size", "16", "--dim", "16", "--mlp-dim", "32"]
+    assert main(["contrastive", *options, *tiny, "--device", "cpu"]) == 0
+    first = newest()
+    assert main(["contrastive", "--config", str(first.path / "config.yaml")]) == 0
+    second = newest()
+    assert second.run_id != first.run_id and second.config == first.config
+    assert second.metrics == first.metrics
+    weights = [load_file(run.path / BACKBONE_FILE) for run in (first, second)]
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        np.testing.assert_array_equal(weights[0][name], weights[1][name])

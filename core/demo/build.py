@@ -56,11 +56,18 @@ class DemoConfig:
     """What to build. Sizes are for the whole city; an extent keeps its share."""
 
     seed: int = 7
+    """Seed of everything the city is drawn from."""
     extent: str = "city"
+    """city, a district (centrum, west, nieuw-west, zuid, oost, noord, zuidoost, westpoort,
+    weesp) or bbox:minx,miny,maxx,maxy in RD metres."""
     flickr_photos: int = 30_000
+    """Flickr photos for the whole city (an extent keeps its share)."""
     gsv_locations_per_cell: int = 2
+    """Street View panorama locations per street cell."""
     aerial_margin_m: float = 300.0
+    """Aerial mosaic beyond the extent's cells, in metres."""
     workers: int = field(default_factory=lambda: min(2, os.cpu_count() or 1))
+    """Processes rendering the street images."""
 
 
 def extent_cells(fields: city.CityFields, extent: str) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""The Streamlit dashboard (``stadsbeeld dashboard``); pages in ``views/``."""
