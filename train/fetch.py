@@ -322,7 +322,7 @@ def _duration(seconds: float) -> str:
 def format_plan(municipality: Municipality, root: Path, lines: list[PlanLine]) -> str:
     """The plan as text: the municipality, one line per source and the totals."""
     area = municipality.geometry.area / 1e6
-    bounds = ", ".join(f"{v:.0f}" for v in municipality.bounds)
+    bounds = ", ".join(f"{v:.0f}" for v in municipality.bbox_rd)
     text = [
         f"fetch plan for {municipality.name} ({municipality.code}, {municipality.province}), "
         f"{area:.1f} km2, RD bbox {bounds} -> {root}"
@@ -347,7 +347,7 @@ def format_plan(municipality: Municipality, root: Path, lines: list[PlanLine]) -
 
 def aerial_bbox(municipality: Municipality) -> tuple[float, float, float, float]:
     """The outline's box grown by :data:`AERIAL_MARGIN_M`."""
-    minx, miny, maxx, maxy = municipality.bounds
+    minx, miny, maxx, maxy = municipality.bbox_rd
     m = AERIAL_MARGIN_M
     return minx - m, miny - m, maxx + m, maxy + m
 
@@ -355,7 +355,7 @@ def aerial_bbox(municipality: Municipality) -> tuple[float, float, float, float]
 def lonlat_bbox(municipality: Municipality) -> tuple[float, float, float, float]:
     """The outline's box in WGS84 (min lon, min lat, max lon, max lat), for Flickr."""
     to_lonlat = Transformer.from_crs(RD_NEW, WGS84, always_xy=True)
-    return tuple(round(v, 6) for v in to_lonlat.transform_bounds(*municipality.bounds))
+    return tuple(round(v, 6) for v in to_lonlat.transform_bounds(*municipality.bbox_rd))
 
 
 def make_plan(
@@ -389,7 +389,7 @@ def _estimate(
                 f"from {', '.join(str(p) for p in config.lbm_release if p)}; {licence}",
             )
         e = estimate_lbm(
-            municipality.bounds, config.years, _client(config, "lbm"), config.endpoints["lbm"]
+            municipality.bbox_rd, config.years, _client(config, "lbm"), config.endpoints["lbm"]
         )
         return replace(e, note=f"years {config.years}; {e.note} (terms: leefbaarometer.nl)")
     if source == "aerial":
@@ -544,17 +544,17 @@ def _lbm_step(config: FetchConfig, municipality: Municipality, root: DataRoot) -
         params = {
             "endpoint": config.endpoints["lbm"],
             "years": config.years,
-            "bbox": municipality.bounds,
+            "bbox": municipality.bbox_rd,
         }
 
         def run() -> tuple[Path, Path]:
             return fetch_lbm(
                 root,
-                municipality.bounds,
+                municipality.bbox_rd,
                 config.years,
                 boundary=outline,
                 client=_client(config, "lbm"),
-                url=config.endpoints["lbm"],
+                endpoint=config.endpoints["lbm"],
             )
 
     def step() -> dict:
@@ -615,7 +615,7 @@ def _aerial_step(config: FetchConfig, municipality: Municipality, root: DataRoot
             bbox,
             config.year,
             resolution=config.resolution,
-            base_url=config.endpoints["wmts"],
+            endpoint=config.endpoints["wmts"],
             client=_client(config, "wmts"),
             progress=config.progress,
         )
@@ -644,7 +644,7 @@ def _osm_step(config: FetchConfig, municipality: Municipality, root: DataRoot) -
                 *import_context(root, config.osm_file, outline),
             )
     else:
-        params = {"endpoint": config.endpoints["overpass"], "bbox": municipality.bounds}
+        params = {"endpoint": config.endpoints["overpass"], "bbox": municipality.bbox_rd}
 
         def run() -> tuple[Path, ...]:
             client = _client(config, "overpass")
@@ -748,7 +748,7 @@ def _gsv_step(
             max_requests=config.gsv_max_requests,
             api_key=key,
             client=_client(config, "gsv", [key, secret]),
-            base_url=config.endpoints["gsv"],
+            endpoint=config.endpoints["gsv"],
             progress=config.progress,
         )
         return {
@@ -804,7 +804,7 @@ def run_fetch(config: FetchConfig, say: Callable[[str], None] = print) -> int:
                 "code": municipality.code,
                 "province": municipality.province,
                 "area_km2": round(municipality.geometry.area / 1e6, 3),
-                "bbox_rd": municipality.bounds,
+                "bbox_rd": municipality.bbox_rd,
             },
             "year": config.year,
             "label_years": config.years,
