@@ -1,4 +1,5 @@
-"""``python -m train fetch`` end to end, against one loopback server running all six fakes.
+"""The fetch end to end (:func:`core.ingest.run_fetch`), against one loopback server running all
+six fakes; and the library's parts: the config, the source registry and the plan.
 
 The fakes serve the tiny demo city as Amsterdam: its extent is the PDOK outline, its labels the
 Leefbaarometer WFS, its aerial raster the PDOK WMTS, its streets, water and parks Overpass, its
@@ -8,11 +9,17 @@ a data root that the readers open and the fusion model trains on, as on the demo
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import inspect
 import io
 import json
-from dataclasses import dataclass
+import subprocess
+import sys
+import typing
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pytest_httpserver import HTTPServer
@@ -20,12 +27,21 @@ from werkzeug import Response
 
 from core.dataroot import DataRoot
 from core.grid import read_grid
+from core.ingest import SOURCES, FetchArea, FetchConfig, Source, run_fetch
+from core.ingest.area import Outline
+from core.ingest.config import CLIENT_NAMES, ENDPOINT_NAMES, SOURCE_NAMES, STEP_NAMES
+from core.ingest.manifest import MANIFEST, Manifest
+from core.ingest.plan import choose_sources, format_plan, make_plan
+from core.ingest.steps import AerialSource, FlickrSource, LbmSource, client_names, endpoint_names
+from core.io import jsonable, utc_now
 from core.runs import list_runs, load_run
 from core.sources.aerial import open_aerial
 from core.sources.catalog import read_catalog
+from core.sources.flickr import REUSABLE_LICENSES
+from core.sources.http import Estimate, Politeness
 from core.sources.lbm import read_lbm
-from core.sources.pdok_boundaries import Municipality
 from core.sources.wmts import rd_tile_matrix_set
+from core.summary import summarize
 from core.ugdata import read_streets
 from tests.fakes.flickr import FakeFlickr, install_flickr
 from tests.fakes.gsv import FakeGsv, install_gsv
@@ -33,43 +49,28 @@ from tests.fakes.lbm_wfs import install_lbm_wfs
 from tests.fakes.overpass import install_overpass
 from tests.fakes.pdok_boundaries import demo_outline, install_pdok_boundaries
 from tests.fakes.wmts import FakeWmts, install_wmts
-from train.__main__ import FETCH_ENDPOINTS, FETCH_RATES, FETCH_SOURCES, main
-from train.fetch import (
-    ENDPOINTS,
-    MANIFEST,
-    POLITENESS,
-    SOURCES,
-    aerial_bbox,
-)
+from train.__main__ import main
 
 FLICKR_KEY = "flickr-Key-5f1d9c0e7a"
 GSV_KEY = "AIzaGsv-Key-0b7c1e9d44"
 #: Coarse aerial (level 10, 3.36 m/px: a few tiles), no rate limit, the demo's photo dates.
-FAST = ["--resolution", "4", "--rate", "all=0", "--flickr-since", "2000-01-01", "--quiet"]
+FAST = {"resolution": 4.0, "rate": {"all": 0.0}, "flickr_since": "2000-01-01", "quiet": True}
 
 
 @dataclass
 class Services:
-    """The loopback server with every fake, and the options pointing the fetch at it."""
+    """The loopback server with every fake, and the endpoints pointing the fetch at it."""
 
     server: HTTPServer
     wmts: FakeWmts
     flickr: FakeFlickr
     gsv: FakeGsv
-    endpoints: list[str]
+    endpoints: dict[str, str]
 
-    def args(self, out: Path, *extra: str) -> list[str]:
-        return [
-            "fetch",
-            "amsterdam",
-            "--year",
-            "2020",
-            "--out",
-            str(out),
-            *self.endpoints,
-            *FAST,
-            *extra,
-        ]
+    def config(self, out: Path, **options: Any) -> FetchConfig:
+        """A fetch of "amsterdam" 2020 into ``out`` from the fakes, fast, with ``options``."""
+        values = {"municipality": "amsterdam", "year": 2020, "out": str(out)}
+        return FetchConfig(**values | {"endpoint": dict(self.endpoints)} | FAST | options)
 
     def image_requests(self) -> int:
         return (
@@ -91,11 +92,19 @@ def services(tiny_demo):
     wmts = install_wmts(server, tiny_demo)
     flickr = install_flickr(server, tiny_demo, api_key=FLICKR_KEY)
     gsv = install_gsv(server, tiny_demo, api_key=GSV_KEY)
-    urls |= {"wmts": wmts.base_url, "flickr": flickr.endpoint, "gsv": gsv.base_url}
-    endpoints = [a for name, url in urls.items() for a in ("--endpoint", f"{name}={url}")]
-    yield Services(server, wmts, flickr, gsv, endpoints)
+    urls |= {"wmts": wmts.endpoint, "flickr": flickr.endpoint, "gsv": gsv.endpoint}
+    yield Services(server, wmts, flickr, gsv, urls)
     server.clear()
     server.stop()
+
+
+def fetch(config: FetchConfig) -> tuple[int, str]:
+    """:func:`run_fetch`: its exit code and everything it said (and printed)."""
+    said: list[str] = []
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        code = run_fetch(config, say=said.append)
+    return code, "\n".join(said) + printed.getvalue()
 
 
 def run(argv: list[str]) -> tuple[int, str, str]:
@@ -114,15 +123,283 @@ def fetched(services, tmp_path_factory):
         env.setenv("FLICKR_API_KEY", FLICKR_KEY)
         env.setenv("GOOGLE_MAPS_API_KEY", GSV_KEY)
         env.delenv("GOOGLE_MAPS_SIGNING_SECRET", raising=False)
-        code, out, err = run(
-            services.args(root, "--extra-years", "2018", "--gsv-headings", "0", "180")
+        code, output = fetch(services.config(root, extra_years=[2018], gsv_headings=[0, 180]))
+    return root, code, output
+
+
+# --- the config ------------------------------------------------------------------------------
+
+
+def test_the_config_names_are_the_registry_names():
+    assert tuple(SOURCES) == SOURCE_NAMES
+    assert tuple(endpoint_names()) == ENDPOINT_NAMES
+    assert tuple(client_names()) == CLIENT_NAMES
+    assert len(set(ENDPOINT_NAMES)) == len(ENDPOINT_NAMES)  # one service per name
+    assert len(set(CLIENT_NAMES)) == len(CLIENT_NAMES)
+    labels = [name for name, source in SOURCES.items() if source.feeds_grid]
+    others = [name for name, source in SOURCES.items() if not source.feeds_grid]
+    assert (*labels, "grid", *others) == STEP_NAMES
+
+
+def test_the_config_has_plain_typed_fields_each_with_a_docstring():
+    tree = ast.parse(inspect.getsource(FetchConfig))
+    body = tree.body[0].body
+    documented = {
+        statement.target.id
+        for statement, after in zip(body, body[1:], strict=False)
+        if isinstance(statement, ast.AnnAssign)
+        and isinstance(after, ast.Expr)
+        and isinstance(after.value, ast.Constant)
+        and isinstance(after.value.value, str)
+        and after.value.value.strip()
+    }
+    names = [f.name for f in fields(FetchConfig)]
+    assert documented == set(names)
+    assert names[0] == "municipality" and "dry_run" in names and "quiet" in names
+    plain = (str, int, float, bool, type(None), list, dict, typing.Literal, type(str | None))
+    hints = typing.get_type_hints(FetchConfig)
+
+    def is_plain(hint: Any) -> bool:
+        origin = typing.get_origin(hint)
+        if origin is None:
+            return hint in plain
+        return origin in plain and all(
+            is_plain(a) or origin is typing.Literal for a in typing.get_args(hint)
         )
-    return root, code, out + err
+
+    assert all(is_plain(hints[name]) for name in names), hints
 
 
-def test_the_cli_names_match_the_fetch_module():
-    assert FETCH_SOURCES == SOURCES
-    assert tuple(ENDPOINTS) == FETCH_ENDPOINTS and tuple(POLITENESS) == FETCH_RATES
+def test_the_config_module_is_cheap_to_import():
+    heavy = ["geopandas", "pyogrio", "osmnx", "requests", "shapely", "pandas", "pyproj"]
+    code = (
+        "import sys, core.ingest, core.ingest.config; from core.ingest import FetchConfig; "
+        f"print([m for m in {heavy!r} if m in sys.modules])"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parents[1],
+    )
+    assert loaded.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"rate": {"wms": 3}}, "--rate wms=3: expected NAME=VALUE with NAME one of"),
+        ({"rate": {"all": -1}}, "--rate: requests per second cannot be negative"),
+        ({"rate": {"gsv": "fast"}}, "--rate gsv=fast: not a number"),
+        ({"endpoint": {"wfs": "http://x"}}, "--endpoint wfs=http://x: expected NAME=VALUE"),
+        ({"flickr_licenses": "cc-by"}, "--flickr-licenses 'cc-by': expected comma-separated ids"),
+        ({"flickr_licenses": ""}, "--flickr-licenses '': expected comma-separated ids"),
+        ({"flickr_since": "last year"}, "--flickr-since 'last year': expected an ISO date"),
+        ({"lbm_release": ["a.csv", "b.gpkg", "c.gpkg"]}, "--lbm-release ['a.csv', 'b.gpkg', "),
+        ({"lbm_release": []}, "--lbm-release []: expected the scores CSV and the grid"),
+        (
+            {"sources": ["lbm", "mapillary"]},
+            "--sources ['lbm', 'mapillary']: unknown ['mapillary']",
+        ),
+        ({"sources": []}, "--sources: give at least one of"),
+        ({"redo": ["labels"]}, "--redo ['labels']: unknown ['labels']"),
+        ({"resolution": 0}, "--resolution 0.0: must be > 0"),
+        ({"gsv_spacing": -5}, "--gsv-spacing -5.0: must be > 0"),
+        ({"gsv_headings": []}, "--gsv-headings: give at least one heading"),
+    ],
+)
+def test_bad_options_are_clear_errors_naming_the_option(options, message):
+    with pytest.raises(ValueError) as error:
+        FetchConfig("amsterdam", **options)
+    assert str(error.value).startswith(message)
+
+
+def test_the_config_parses_its_values():
+    config = FetchConfig(
+        "'s-Gravenhage",
+        year=2022,
+        extra_years=[2020, 2022, 2018],
+        sources=["osm", "lbm", "osm"],
+        flickr_licenses="4, 9",
+        lbm_release=["release.zip"],
+        rate={"all": 2, "gsv": "5"},
+        gsv_headings=[0, 180],
+    )
+    assert config.out_path == Path("data/s-gravenhage")
+    assert config.years == [2022, 2020, 2018]
+    assert config.sources == ["osm", "lbm"]
+    assert config.licence_ids == frozenset({4, 9})
+    assert config.release == (Path("release.zip"), None)
+    assert config.rate == {"all": 2.0, "gsv": 5.0}
+    assert config.rate_for("gsv") == 5.0 and config.rate_for("lbm") == 2.0
+    assert config.gsv_headings == [0.0, 180.0]
+    assert FetchConfig("x", flickr_licenses="reusable").licence_ids == REUSABLE_LICENSES
+    assert FetchConfig("x").licence_ids is None and FetchConfig("x").rate_for("lbm") is None
+    assert FetchConfig("x", out="here").out_path == Path("here")
+    assert FetchConfig("x", flickr_since="2010-05-01").since.isoformat() == "2010-05-01T00:00:00"
+
+
+# --- the sources -----------------------------------------------------------------------------
+
+
+def test_every_source_declares_its_name_licence_service_and_politeness():
+    assert list(SOURCES) == ["lbm", "aerial", "osm", "flickr", "gsv"]  # data-flow order
+    config = FetchConfig("amsterdam")
+    for name, source in SOURCES.items():
+        assert issubclass(source, Source) and not inspect.isabstract(source)
+        assert source.name == name
+        assert isinstance(source.licence, str) and len(source.licence) > 10
+        assert isinstance(source.service, str) and source.endpoint.startswith("https://")
+        assert source.politeness and all(
+            isinstance(p, Politeness) for p in source.politeness.values()
+        )
+        assert (source.key_env is None) == (source.key_help == "")
+        built = source(config)  # no --endpoint, no --rate: the defaults
+        assert built.endpoint == source.endpoint and built.politeness == source.politeness
+    assert [s.name for s in SOURCES.values() if s.key_env] == ["flickr", "gsv"]
+    assert [s.name for s in SOURCES.values() if s.feeds_grid] == ["lbm"]
+
+
+def test_endpoint_and_rate_options_reach_each_source(monkeypatch):
+    config = FetchConfig(
+        "amsterdam",
+        endpoint={"wmts": "http://mirror.test/wmts"},
+        rate={"all": 1.5, "flickr-images": 0},
+    )
+    aerial = AerialSource(config)
+    assert aerial.endpoint == "http://mirror.test/wmts"
+    assert AerialSource.endpoint.startswith("https://service.pdok.nl/")  # the default stays
+    assert aerial.client().politeness.requests_per_second == 1.5
+    flickr = FlickrSource(config)
+    assert flickr.politeness["flickr"].requests_per_second == 1.5
+    assert flickr.politeness["flickr-images"].requests_per_second == 0
+    assert flickr.endpoint == FlickrSource.endpoint
+    lbm = LbmSource(config).politeness["lbm"]
+    assert lbm.requests_per_second == 1.5 and lbm.concurrency == 1  # only the rate changes
+    assert Outline(config).politeness["pdok"].requests_per_second == 1.5
+    monkeypatch.setenv("FLICKR_API_KEY", " a-key ")
+    assert flickr.key() == "a-key" and flickr.client().secrets == ("a-key",)
+    monkeypatch.delenv("FLICKR_API_KEY")
+    assert flickr.key() is None and LbmSource.key() is None
+
+
+class CounterSource(Source):
+    """A source that downloads nothing: it writes how many it was asked for."""
+
+    name = "counter"
+    licence = "counted by the test, no licence needed"
+    service = "counter"
+    endpoint = "https://counter.invalid/api"
+    politeness = {"counter": Politeness(requests_per_second=2.0)}
+
+    def params(self, area: FetchArea) -> dict[str, Any]:
+        return {"endpoint": self.endpoint, "municipality": area.code}
+
+    def estimate(self, root: DataRoot, area: FetchArea) -> Estimate:
+        return Estimate("Counter service", 3, 3000, 2.0, "a note from the counter")
+
+    def fetch(self, root: DataRoot, area: FetchArea, say=print) -> dict[str, Any]:
+        path = root.root / "counter" / "count.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{area.name}: {len(read_grid(root.grid))} cells")
+        say("counter: counted")
+        return {"outputs": [str(path.relative_to(root.root))], "counted": 3}
+
+
+@pytest.fixture
+def registry():
+    """:data:`SOURCES`, which a test may change, restored (in its order) after the test."""
+    saved = dict(SOURCES)
+    yield SOURCES
+    SOURCES.clear()
+    SOURCES.update(saved)
+
+
+def test_a_registered_source_is_planned_fetched_and_recorded_without_other_edits(
+    services, tmp_path, monkeypatch, registry
+):
+    monkeypatch.delenv("FLICKR_API_KEY", raising=False)
+    monkeypatch.delenv("GOOGLE_MAPS_API_KEY", raising=False)
+    for name in ("aerial", "osm"):  # keep the test short: labels, grid, then the new source
+        del registry[name]
+    registry["counter"] = CounterSource
+    out = tmp_path / "amsterdam"
+    code, printed = fetch(services.config(out))
+    assert code == 0, printed
+    assert (
+        "counter  Counter service: 3 requests, 0.0 MB, 2 s at the rate limit; a note from the "
+        "counter" in printed
+    )
+    assert "flickr   skipped: no key: set FLICKR_API_KEY" in printed
+    assert "counter: counted" in printed and "counter: done counted 3" in printed
+    assert printed.index("grid: done") < printed.index("counter: fetching")
+    assert (out / "counter" / "count.txt").read_text().startswith("Amsterdam: ")
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["sources"] == ["lbm", "counter"]
+    assert manifest["skipped"] == {
+        "flickr": "no key: set FLICKR_API_KEY (https://www.flickr.com/services/api/keys/)",
+        "gsv": "no key: set GOOGLE_MAPS_API_KEY (a Google Maps Platform key with the Street "
+        "View Static API enabled)",
+    }
+    assert manifest["licences"]["counter"] == CounterSource.licence
+    assert manifest["endpoints"]["counter"] == CounterSource.endpoint
+    step = manifest["steps"]["counter"]
+    assert step["status"] == "done" and step["counted"] == 3
+    assert step["licence"] == CounterSource.licence and step["outputs"] == ["counter/count.txt"]
+
+    code, printed = fetch(services.config(out))
+    assert code == 0 and "counter: done before, skipped (--redo counter runs it again)" in printed
+
+
+def test_the_plan_counts_every_registered_source(services, tmp_path, registry):
+    registry["counter"] = CounterSource
+    config = services.config(tmp_path / "x", sources=["aerial"])
+    area = Outline(config).find()
+    chosen, skipped = choose_sources(config)
+    assert list(chosen) == ["aerial"]
+    assert skipped == dict.fromkeys(["lbm", "osm", "flickr", "gsv", "counter"], "not in --sources")
+    lines = make_plan(config, area, chosen, skipped)
+    assert [line.source for line in lines] == ["pdok", *SOURCE_NAMES, "counter"]
+    text = format_plan(area, config.out_path, lines).splitlines()
+    assert text[-2] == "  counter  skipped: not in --sources"
+    assert text[-1].startswith("  total: 8 requests")  # the outline's 1 and the aerial's 7
+
+    chosen, skipped = choose_sources(services.config(tmp_path / "x", sources=None))
+    assert "counter" in chosen and isinstance(chosen["counter"], CounterSource)
+
+
+def test_the_manifest_records_plain_json_and_knows_what_is_done(tmp_path):
+    root = DataRoot(tmp_path)
+    (tmp_path / "out.txt").write_text("x")
+    params = {"bbox": (1.0, 2.0), "file": Path("a/b.csv"), "year": 2020}
+    manifest = Manifest(root, {"bbox_rd": (1.0, 2.0)})
+    manifest.record("step", params, "done", outputs=["out.txt"], count=jsonable(3))
+    again = Manifest(root, {"bbox_rd": (1.0, 2.0)})
+    assert again.data["created"] == manifest.data["created"]
+    assert again.data["steps"]["step"]["params"] == {
+        "bbox": [1.0, 2.0],
+        "file": "a/b.csv",
+        "year": 2020,
+    }
+    assert again.done("step", params) and not again.done("step", params | {"year": 2018})
+    (tmp_path / "out.txt").unlink()
+    assert not again.done("step", params)  # its output is gone
+
+
+def test_jsonable_and_utc_now():
+    import numpy as np
+
+    assert jsonable({1: (np.int64(2), np.array([0.5, np.nan])), "p": Path("a/b")}) == {
+        "1": [2, [0.5, None]],
+        "p": "a/b",
+    }
+    assert jsonable(float("inf")) is None and type(jsonable(np.float32(1.5))) is float
+    assert utc_now().endswith("+00:00") and len(utc_now()) == 25
+    assert len(utc_now("milliseconds")) == 29
+
+
+# --- the fetch -------------------------------------------------------------------------------
 
 
 def test_dry_run_prints_the_plan_of_every_source_and_writes_nothing(
@@ -131,7 +408,7 @@ def test_dry_run_prints_the_plan_of_every_source_and_writes_nothing(
     monkeypatch.setenv("FLICKR_API_KEY", FLICKR_KEY)
     monkeypatch.setenv("GOOGLE_MAPS_API_KEY", GSV_KEY)
     out = tmp_path / "amsterdam"
-    code, printed, _ = run(services.args(out, "--dry-run", "--extra-years", "2018", "2016"))
+    code, printed = fetch(services.config(out, dry_run=True, extra_years=[2018, 2016]))
     assert code == 0
     assert "fetch plan for Amsterdam (0363, Noord-Holland)" in printed
     for line in (
@@ -153,26 +430,22 @@ def test_dry_run_prints_the_plan_of_every_source_and_writes_nothing(
 def test_a_missing_key_skips_its_source_unless_asked_for(services, tmp_path, monkeypatch):
     monkeypatch.delenv("FLICKR_API_KEY", raising=False)
     monkeypatch.setenv("GOOGLE_MAPS_API_KEY", GSV_KEY)
-    code, printed, _ = run(services.args(tmp_path / "a", "--dry-run"))
+    code, printed = fetch(services.config(tmp_path / "a", dry_run=True))
     assert code == 0
     assert "flickr   skipped: no key: set FLICKR_API_KEY" in printed
     assert "Google Street View" in printed
 
-    code, printed, error = run(services.args(tmp_path / "b", "--sources", "lbm,flickr"))
-    assert code == 2 and printed == ""
-    assert "flickr needs an API key: set the environment variable FLICKR_API_KEY" in error
+    with pytest.raises(ValueError, match="flickr needs an API key: set the environment variable"):
+        fetch(services.config(tmp_path / "b", sources=["lbm", "flickr"]))
     assert not (tmp_path / "b").exists()
 
 
-def test_bad_options_are_clear_errors(services, tmp_path):
-    assert run(services.args(tmp_path, "--sources", "lbm,mapillary"))[2].startswith(
-        "error: --sources 'lbm,mapillary': unknown ['mapillary']"
-    )
-    assert "expected NAME=VALUE" in run(services.args(tmp_path, "--rate", "wms=3"))[2]
-    code, _, error = run(
-        ["fetch", "Atlantis", "--out", str(tmp_path / "x"), *services.endpoints, *FAST]
-    )
-    assert code == 2 and "no municipality named 'Atlantis'" in error
+def test_an_unknown_municipality_or_missing_file_is_a_clear_error(services, tmp_path):
+    with pytest.raises(ValueError, match="no municipality named 'Atlantis'"):
+        fetch(services.config(tmp_path / "x", municipality="Atlantis"))
+    with pytest.raises(FileNotFoundError, match="missing.osm: file not found"):
+        fetch(services.config(tmp_path / "x", osm_file=str(tmp_path / "missing.osm")))
+    assert not (tmp_path / "x").exists()
 
 
 def test_a_fetch_gives_a_root_that_the_readers_open_and_fusion_trains_on(fetched, tiny_demo):
@@ -213,8 +486,7 @@ def test_a_fetch_gives_a_root_that_the_readers_open_and_fusion_trains_on(fetched
     assert counts["gsv"] == manifest["steps"]["gsv"]["views"] > 0
     assert len(read_streets(paths.streets).xy) > 0
 
-    code, printed, _ = run(["summary", "--data", str(root)])
-    assert code == 0 and "coverage per district" in printed
+    assert "coverage per district" in summarize(root)
 
     code, _, error = run(
         [
@@ -253,20 +525,17 @@ def test_a_rerun_requests_no_tile_or_image_again(services, fetched, monkeypatch)
     monkeypatch.setenv("FLICKR_API_KEY", FLICKR_KEY)
     monkeypatch.setenv("GOOGLE_MAPS_API_KEY", GSV_KEY)
     before = services.image_requests()
-    code, printed, _ = run(
-        services.args(root, "--extra-years", "2018", "--gsv-headings", "0", "180")
-    )
+    code, printed = fetch(services.config(root, extra_years=[2018], gsv_headings=[0, 180]))
     assert code == 0
     assert services.image_requests() == before
     for step in ("lbm", "grid", "aerial", "osm", "flickr", "gsv"):
         assert f"{step}: done before, skipped" in printed
 
-    code, printed, _ = run(
-        services.args(
-            root, "--extra-years", "2018", "--gsv-headings", "0", "180", "--redo", "aerial", "gsv"
-        )
+    code, printed = fetch(
+        services.config(root, extra_years=[2018], gsv_headings=[0, 180], redo=["aerial", "gsv"])
     )
-    assert code == 0 and "aerial: done" in printed
+    assert code == 0 and "aerial: done" in printed and "gsv: done" in printed
+    assert "lbm: done before, skipped" in printed
     assert services.image_requests() == before  # the clients skip what is on disk
 
 
@@ -281,10 +550,11 @@ def test_keys_never_reach_the_output_or_any_file(fetched):
 
 def test_a_failing_step_stops_the_fetch_and_a_rerun_resumes_it(services, tiny_demo, tmp_path):
     out = tmp_path / "amsterdam"
-    served = Municipality("Amsterdam", "0363", "Noord-Holland", demo_outline(tiny_demo))
-    first_tile = next(iter(rd_tile_matrix_set().nearest(4).tile_range(aerial_bbox(served))))
+    served = FetchArea("Amsterdam", "0363", "Noord-Holland", demo_outline(tiny_demo))
+    bbox_rd = AerialSource.bbox_rd(served)
+    first_tile = next(iter(rd_tile_matrix_set().nearest(4).tile_range(bbox_rd)))
     services.wmts.inject(*first_tile, Response("Forbidden", status=403))
-    code, printed, _ = run(services.args(out, "--sources", "lbm,aerial"))
+    code, printed = fetch(services.config(out, sources=["lbm", "aerial"]))
     assert code == 1
     assert (
         "error: aerial failed:" in printed
@@ -296,7 +566,7 @@ def test_a_failing_step_stops_the_fetch_and_a_rerun_resumes_it(services, tiny_de
     assert not (out / "aerial" / "aerial.tif").exists()
 
     tiles_before = sum(services.wmts.tile_requests.values())
-    code, printed, _ = run(services.args(out, "--sources", "lbm,aerial"))
+    code, printed = fetch(services.config(out, sources=["lbm", "aerial"]))
     assert code == 0 and "lbm: done before, skipped" in printed
     assert sum(services.wmts.tile_requests.values()) == tiles_before + 1  # only the failed tile
     assert (out / "aerial" / "aerial.tif").is_file()
@@ -305,18 +575,13 @@ def test_a_failing_step_stops_the_fetch_and_a_rerun_resumes_it(services, tiny_de
 def test_a_downloaded_release_and_osm_file_are_imported(services, fetched, tiny_demo, tmp_path):
     demo, (root, _, _) = DataRoot(tiny_demo), fetched
     out = tmp_path / "amsterdam"
-    code, printed, _ = run(
-        services.args(
+    code, printed = fetch(
+        services.config(
             out,
-            "--sources",
-            "lbm,osm",
-            "--extra-years",
-            "2018",
-            "2016",
-            "--lbm-release",
-            f"{demo.scores},{demo.lbm_grid}",
-            "--osm-file",
-            str(root / "cache" / "osm" / "streets.osm"),
+            sources=["lbm", "osm"],
+            extra_years=[2018, 2016],
+            lbm_release=[str(demo.scores), str(demo.lbm_grid)],
+            osm_file=str(root / "cache" / "osm" / "streets.osm"),
         )
     )
     assert code == 0, printed

@@ -21,7 +21,7 @@ from core.sources.flickr import (
     search_photos,
 )
 from core.sources.http import FetchError, HttpClient
-from core.sources.street_fetch import grid_bbox_lonlat, validate_jpeg
+from core.sources.street_fetch import grid_bbox_wgs84, validate_jpeg
 from tests.fakes import FAST, Sleeps
 from tests.fakes.flickr import install_flickr
 
@@ -42,7 +42,7 @@ def client(sleeps) -> HttpClient:
 
 @pytest.fixture(scope="module")
 def bbox(tiny_demo):
-    return grid_bbox_lonlat(DataRoot(tiny_demo).grid)
+    return grid_bbox_wgs84(DataRoot(tiny_demo).grid)
 
 
 def fetch(fake, root: Path, client: HttpClient, bbox, **options):

@@ -30,7 +30,7 @@ from core.sources.gsv import (
     street_points_lonlat,
 )
 from core.sources.http import FetchError, HttpClient
-from core.sources.street_fetch import grid_bbox_lonlat, validate_jpeg
+from core.sources.street_fetch import grid_bbox_wgs84, validate_jpeg
 from tests.fakes import FAST, Sleeps
 from tests.fakes.flickr import install_flickr
 from tests.fakes.gsv import install_gsv
@@ -65,7 +65,7 @@ def fetch(fake, root: Path, client: HttpClient, points: np.ndarray, **options):
         "headings": HEADINGS,
         "api_key": KEY,
         "client": client,
-        "base_url": fake.base_url,
+        "endpoint": fake.endpoint,
         "progress": False,
         **options,
     }
@@ -114,7 +114,7 @@ def test_fetch_finds_the_latest_panorama_of_every_place(
 def test_cell_centres_are_deduplicated_by_panorama(httpserver, tiny_demo, client, centres):
     fake = install_gsv(httpserver, tiny_demo, api_key=KEY)
     found = find_panoramas(
-        client, KEY, np.vstack([centres, centres]), base_url=fake.base_url, progress=False
+        client, KEY, np.vstack([centres, centres]), endpoint=fake.endpoint, progress=False
     )
     assert fake.metadata_requests == 2 * len(centres)
     assert 0 < len(found) <= len(centres) and found["pano_id"].is_unique
@@ -167,21 +167,21 @@ def test_unknown_error_is_retried_and_zero_results_skipped(
         "metadata", Response('{"status": "UNKNOWN_ERROR"}', 200, mimetype="application/json")
     )
     answer = pano_metadata(
-        client, KEY, location=tuple(centres[0]), radius=500, base_url=fake.base_url
+        client, KEY, location=tuple(centres[0]), radius=500, endpoint=fake.endpoint
     )
     assert answer["status"] == "OK" and fake.metadata_requests == 2
     assert (
         len(sleeps) == 1 and 0 < sleeps[0] <= 1.5 * FAST.backoff_s
     )  # the client's backoff, not a real sleep
     assert (
-        pano_metadata(client, KEY, location=(4.0, 52.0), base_url=fake.base_url) is None
+        pano_metadata(client, KEY, location=(4.0, 52.0), endpoint=fake.endpoint) is None
     )  # in the fields
-    assert pano_metadata(client, KEY, pano="no-such-pano", base_url=fake.base_url) is None
+    assert pano_metadata(client, KEY, pano="no-such-pano", endpoint=fake.endpoint) is None
     fake.inject(
         "metadata", Response('{"status": "OK", "pano_id": "x"}', 200, mimetype="application/json")
     )
     with pytest.raises(GsvError, match="OK without pano_id/location"):
-        pano_metadata(client, KEY, location=tuple(centres[0]), base_url=fake.base_url)
+        pano_metadata(client, KEY, location=tuple(centres[0]), endpoint=fake.endpoint)
 
 
 def test_a_bad_key_is_request_denied_without_the_key(
@@ -239,7 +239,7 @@ def test_429_and_5xx_on_images_are_retried(
     httpserver, tiny_demo, tmp_path, client, sleeps, centres
 ):
     fake = install_gsv(httpserver, tiny_demo, api_key=KEY)
-    pano = find_panoramas(client, KEY, centres, base_url=fake.base_url, progress=False)[
+    pano = find_panoramas(client, KEY, centres, endpoint=fake.endpoint, progress=False)[
         "pano_id"
     ].iloc[0]
     fake.inject(
@@ -257,7 +257,7 @@ def test_corrupt_view_refetched_and_interrupted_fetch_resumed(
 ):
     fake = install_gsv(httpserver, tiny_demo, api_key=KEY)
     panos = list(
-        find_panoramas(client, KEY, centres, base_url=fake.base_url, progress=False)["pano_id"]
+        find_panoramas(client, KEY, centres, endpoint=fake.endpoint, progress=False)["pano_id"]
     )
     good = Path(fake.views["file"].iloc[0]).read_bytes()
     fake.inject(panos[0], Response(good[:-50], 200, mimetype="image/jpeg"))
@@ -294,7 +294,7 @@ def test_flickr_and_gsv_share_one_catalog(httpserver, tiny_demo, tmp_path, clien
     fetch(gsv, tmp_path, client, centres)
     fetch_flickr(
         tmp_path,
-        grid_bbox_lonlat(DataRoot(tiny_demo).grid),
+        grid_bbox_wgs84(DataRoot(tiny_demo).grid),
         min_taken=datetime(2000, 1, 1),
         api_key=KEY,
         client=client,

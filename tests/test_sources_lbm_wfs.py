@@ -72,7 +72,7 @@ def test_fetch_pages_rebuilds_clipped_cells_and_reads_back(
     raw = fetch_lbm_features(2020, BBOX, client, url, page_size=40)
     assert (raw.geometry.area < 9999).sum() > len(raw) / 2  # the fake serves clipped squares
 
-    scores, grid = fetch_lbm(tmp_path, BBOX, [2020], client=client, url=url, page_size=40)
+    scores, grid = fetch_lbm(tmp_path, BBOX, [2020], client=client, endpoint=url, page_size=40)
     assert (scores, grid) == (DataRoot(tmp_path).scores, DataRoot(tmp_path).lbm_grid)
     got = read_lbm(scores, grid)
     assert_same_labels(got, demo_labels[demo_labels["jaar"] == 2020])
@@ -86,21 +86,21 @@ def test_fetch_pages_rebuilds_clipped_cells_and_reads_back(
 
 def test_a_rerun_uses_the_cached_layer(tiny_demo, httpserver, client, tmp_path):
     url = install_lbm_wfs(httpserver, tiny_demo)
-    fetch_lbm(tmp_path, BBOX, [2020], client=client, url=url)
+    fetch_lbm(tmp_path, BBOX, [2020], client=client, endpoint=url)
     made = client.requests_made
-    fetch_lbm(tmp_path, BBOX, [2020], client=client, url=url)
+    fetch_lbm(tmp_path, BBOX, [2020], client=client, endpoint=url)
     assert client.requests_made == made
-    fetch_lbm(tmp_path, BBOX, [2020], client=client, url=url, refresh=True)
+    fetch_lbm(tmp_path, BBOX, [2020], client=client, endpoint=url, refresh=True)
     assert client.requests_made == made + 1
 
 
 def test_years_accumulate_in_the_same_files(tiny_demo, demo_labels, httpserver, client, tmp_path):
     url = install_lbm_wfs(httpserver, tiny_demo)
-    fetch_lbm(tmp_path, BBOX, [2020], client=client, url=url)
-    fetch_lbm(tmp_path, BBOX, [2018], client=client, url=url)
+    fetch_lbm(tmp_path, BBOX, [2020], client=client, endpoint=url)
+    fetch_lbm(tmp_path, BBOX, [2018], client=client, endpoint=url)
     root = DataRoot(tmp_path)
     assert sorted(read_lbm(root.scores, root.lbm_grid)["jaar"].unique()) == [2018, 2020]
-    fetch_lbm(tmp_path, BBOX, [2016, 2018], client=client, url=url)
+    fetch_lbm(tmp_path, BBOX, [2016, 2018], client=client, endpoint=url)
     assert_same_labels(read_lbm(root.scores, root.lbm_grid), demo_labels)
     assert read_lbm(root.scores, root.lbm_grid, year=2018)["cell_id"].is_unique
 
@@ -119,7 +119,7 @@ def test_boundary_keeps_cells_with_their_centre_inside(
 ):
     url = install_lbm_wfs(httpserver, tiny_demo)
     boundary = shapely.Polygon([(121000, 485000), (122500, 485000), (121000, 486000)])
-    fetch_lbm(tmp_path, BBOX, [2020], boundary=boundary, client=client, url=url)
+    fetch_lbm(tmp_path, BBOX, [2020], boundary=boundary, client=client, endpoint=url)
     got = read_lbm(DataRoot(tmp_path).scores, DataRoot(tmp_path).lbm_grid)
     centres = shapely.points(got.geometry.centroid.x, got.geometry.centroid.y)
     assert shapely.contains(boundary, centres).all()
@@ -134,7 +134,7 @@ def test_429_with_retry_after_and_5xx_are_retried(tiny_demo, httpserver, tmp_pat
     url = install_lbm_wfs(httpserver, tiny_demo)
     sleeps = Sleeps()
     client = HttpClient(FAST, sleep=sleeps)
-    fetch_lbm(tmp_path, BBOX, [2020], client=client, url=url)
+    fetch_lbm(tmp_path, BBOX, [2020], client=client, endpoint=url)
     assert 7.0 in sleeps and len(sleeps) == 2
     assert len(read_lbm(DataRoot(tmp_path).scores, DataRoot(tmp_path).lbm_grid)) > 0
 
@@ -146,7 +146,7 @@ def test_an_unknown_year_names_the_layer(tiny_demo, httpserver, client, tmp_path
         match=r"clippedgridscore19.*HTTP 400.*is 2019 a published "
         r"edition\?.*GetCapabilities",
     ):
-        fetch_lbm(tmp_path, BBOX, [2019], client=client, url=url)
+        fetch_lbm(tmp_path, BBOX, [2019], client=client, endpoint=url)
     assert not DataRoot(tmp_path).scores.exists()
 
 
@@ -223,7 +223,7 @@ def test_release_zip_is_clipped_into_the_root(tiny_demo, demo_labels, tmp_path):
         tiny_demo, tmp_path / "release", rename={"grid_id": "GRID_ID", "lbm": "LBM"}, sep=";"
     )
     small = (121000.0, 485000.0, 121600.0, 485500.0)
-    import_lbm_release(tmp_path / "root", archive, bbox=small, years=[2018, 2020])
+    import_lbm_release(tmp_path / "root", archive, bbox_rd=small, years=[2018, 2020])
     got = read_lbm(DataRoot(tmp_path / "root").scores, DataRoot(tmp_path / "root").lbm_grid)
     x0, y0 = got.geometry.bounds["minx"], got.geometry.bounds["miny"]
     want = demo_labels[demo_labels["jaar"].isin([2018, 2020])]
@@ -241,7 +241,7 @@ def test_release_with_wrong_columns_names_the_file(tiny_demo, tmp_path):
         match=r"lbm3_release\.zip: missing Leefbaarometer columns "
         r"\['fys'\]",
     ):
-        import_lbm_release(tmp_path / "root", archive, bbox=BBOX)
+        import_lbm_release(tmp_path / "root", archive, bbox_rd=BBOX)
     scores = tmp_path / "lbm3_scores.csv"
     with pytest.raises(ValueError, match="grid GeoPackage"):
         import_lbm_release(tmp_path / "root", scores, grid=scores)
@@ -256,7 +256,7 @@ def test_municipality_outline_defines_the_lbm_fetch(
 ):
     pdok = install_pdok_boundaries(httpserver, tiny_demo)
     wfs = install_lbm_wfs(httpserver, tiny_demo)
-    amsterdam = fetch_municipality("Amsterdam", client=client, url=pdok)
+    amsterdam = fetch_municipality("Amsterdam", client=client, endpoint=pdok)
     assert (amsterdam.name, amsterdam.code, amsterdam.province) == (
         "Amsterdam",
         "0363",
@@ -264,7 +264,12 @@ def test_municipality_outline_defines_the_lbm_fetch(
     )
     assert amsterdam.geometry.equals(demo_outline(tiny_demo))
     fetch_lbm(
-        tmp_path, amsterdam.bounds, [2020], boundary=amsterdam.geometry, client=client, url=wfs
+        tmp_path,
+        amsterdam.bbox_rd,
+        [2020],
+        boundary=amsterdam.geometry,
+        client=client,
+        endpoint=wfs,
     )
     got = read_lbm(DataRoot(tmp_path).scores, DataRoot(tmp_path).lbm_grid)
     assert_same_labels(got, demo_labels[demo_labels["jaar"] == 2020])
@@ -288,7 +293,7 @@ def test_municipality_pages_and_lonlat_answers(tiny_demo, httpserver, client):
     features = municipality_features("Amstelveen", client, pdok)
     assert len(features) == 1
     ignoring = install_pdok_boundaries(httpserver, tiny_demo, path="/ignoring", filters=False)
-    amsterdam = fetch_municipality("Amsterdam", client=client, url=ignoring)
+    amsterdam = fetch_municipality("Amsterdam", client=client, endpoint=ignoring)
     assert amsterdam.geometry.symmetric_difference(outline).area < 1e-5 * outline.area
     assert shapely.get_num_geometries(amsterdam.geometry) >= 1
 
@@ -304,16 +309,16 @@ def test_unknown_and_ambiguous_names_are_clear_errors(tiny_demo, httpserver, cli
         ],
     )
     with pytest.raises(ValueError, match=r"no municipality named 'Amsterdm'.*official Dutch name"):
-        fetch_municipality("Amsterdm", client=client, url=pdok)
+        fetch_municipality("Amsterdm", client=client, endpoint=pdok)
     with pytest.raises(
         ValueError,
         match=r"2 municipalities are named 'Bergen'.*0373.*0893.*"
         r"province=",
     ):
-        fetch_municipality("Bergen", client=client, url=pdok)
-    assert fetch_municipality("Bergen", "limburg", client=client, url=pdok).code == "0893"
+        fetch_municipality("Bergen", client=client, endpoint=pdok)
+    assert fetch_municipality("Bergen", "limburg", client=client, endpoint=pdok).code == "0893"
     httpserver.expect_request("/broken/collections/gemeentegebied/items").respond_with_data(
         "<html>down</html>", content_type="text/html"
     )
     with pytest.raises(FetchError, match="/broken/.*not JSON"):
-        fetch_municipality("Amsterdam", client=client, url=httpserver.url_for("/broken"))
+        fetch_municipality("Amsterdam", client=client, endpoint=httpserver.url_for("/broken"))

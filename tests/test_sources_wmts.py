@@ -75,7 +75,7 @@ def assert_georeferenced(mosaic_path, root, tolerance):
 
 def test_capabilities_parse_layers_formats_and_the_rd_matrix_set(httpserver, tiny_demo):
     fake = install_wmts(httpserver, tiny_demo, resource_urls=False)
-    caps = fetch_capabilities(HttpClient(FAST), fake.base_url)
+    caps = fetch_capabilities(HttpClient(FAST), fake.endpoint)
     assert set(caps.layers) == {"Actueel_ortho25", "2020_ortho25", "2019_ortho25"}
     layer = caps.layer("2020_ortho25")
     assert layer.formats == ("image/jpeg", "image/png")
@@ -97,20 +97,20 @@ def test_capabilities_parse_layers_formats_and_the_rd_matrix_set(httpserver, tin
     )
     # no ResourceURL in the KVP document: PDOK's RESTful pattern is built from the endpoint
     expected = (
-        f"{fake.base_url}/2020_ortho25/EPSG:28992/{{TileMatrix}}/{{TileCol}}/{{TileRow}}.jpeg"
+        f"{fake.endpoint}/2020_ortho25/EPSG:28992/{{TileMatrix}}/{{TileCol}}/{{TileRow}}.jpeg"
     )
     assert caps.tile_template(layer, "EPSG:28992", "image/jpeg") == expected
     assert fake.capabilities_requests == 1
 
 
 def test_resource_url_templates_are_used_when_present(httpserver, fake):
-    caps = fetch_capabilities(HttpClient(FAST), fake.base_url)
+    caps = fetch_capabilities(HttpClient(FAST), fake.endpoint)
     layer = caps.layer("2019_ortho25")
     assert layer.resource_urls["image/png"].endswith(
         "/2019_ortho25/{TileMatrixSet}/{TileMatrix}/{TileCol}/{TileRow}.png"
     )
     assert caps.tile_template(layer, "EPSG:28992", "image/png") == (
-        f"{fake.base_url}/2019_ortho25/EPSG:28992/{{TileMatrix}}/{{TileCol}}/{{TileRow}}.png"
+        f"{fake.endpoint}/2019_ortho25/EPSG:28992/{{TileMatrix}}/{{TileCol}}/{{TileRow}}.png"
     )
     with pytest.raises(ValueError, match="not served as image/webp"):
         caps.tile_template(layer, "EPSG:28992", "image/webp")
@@ -123,11 +123,11 @@ def test_missing_layer_names_the_url_and_the_available_layers(fake, tmp_path):
             DEMO_RASTER,
             year=2016,
             client=HttpClient(FAST),
-            base_url=fake.base_url,
+            endpoint=fake.endpoint,
             progress=False,
         )
     message = str(info.value)
-    assert fake.base_url in message and "request=GetCapabilities" in message
+    assert fake.endpoint in message and "request=GetCapabilities" in message
     assert "2016_ortho25" in message
     assert "2019_ortho25, 2020_ortho25, Actueel_ortho25" in message
     assert sum(fake.tile_requests.values()) == 0
@@ -201,7 +201,7 @@ def test_fetch_mosaics_a_georeferenced_cog_style_geotiff(fake, tiny_demo, tmp_pa
         out,
         DEMO_RASTER,
         client=HttpClient(FAST),
-        base_url=fake.base_url,
+        endpoint=fake.endpoint,
         resolution=2.0,
         progress=False,
     )
@@ -228,7 +228,7 @@ def test_png_tiles_reproduce_the_source_pixels_at_known_rd_points(fake, tiny_dem
         tmp_path / "out",
         DEMO_RASTER,
         client=HttpClient(FAST),
-        base_url=fake.base_url,
+        endpoint=fake.endpoint,
         resolution=4.0,
         image_format="image/png",
         compress="deflate",
@@ -249,7 +249,7 @@ def test_open_aerial_reads_the_mosaic_and_cuts_patches(fake, tiny_demo, tmp_path
         tmp_path / "out",
         DEMO_RASTER,
         client=HttpClient(FAST),
-        base_url=fake.base_url,
+        endpoint=fake.endpoint,
         resolution=2.0,
         progress=False,
     )
@@ -268,7 +268,7 @@ def test_429_with_retry_after_is_obeyed(fake, tmp_path):
         tmp_path / "out",
         DEMO_RASTER,
         client=HttpClient(FAST, sleep=sleeps),
-        base_url=fake.base_url,
+        endpoint=fake.endpoint,
         resolution=4.0,
         progress=False,
     )
@@ -284,7 +284,7 @@ def test_5xx_is_retried(fake, tmp_path):
         tmp_path / "out",
         DEMO_RASTER,
         client=HttpClient(FAST, sleep=sleeps),
-        base_url=fake.base_url,
+        endpoint=fake.endpoint,
         resolution=4.0,
         progress=False,
     )
@@ -300,7 +300,7 @@ def test_a_corrupt_tile_is_refetched_and_never_written(fake, tmp_path):
         out,
         DEMO_RASTER,
         client=HttpClient(FAST, sleep=Sleeps()),
-        base_url=fake.base_url,
+        endpoint=fake.endpoint,
         resolution=4.0,
         progress=False,
     )
@@ -328,7 +328,7 @@ def test_an_interrupted_download_resumes_without_refetching(fake, tmp_path):
             out,
             DEMO_RASTER,
             client=HttpClient(FAST, sleep=Sleeps()),
-            base_url=fake.base_url,
+            endpoint=fake.endpoint,
             resolution=4.0,
             progress=False,
         )
@@ -341,7 +341,7 @@ def test_an_interrupted_download_resumes_without_refetching(fake, tmp_path):
         out,
         DEMO_RASTER,
         client=HttpClient(FAST),
-        base_url=fake.base_url,
+        endpoint=fake.endpoint,
         resolution=4.0,
         progress=False,
     )
@@ -356,7 +356,7 @@ def test_an_interrupted_download_resumes_without_refetching(fake, tmp_path):
         out,
         DEMO_RASTER,
         client=HttpClient(FAST),
-        base_url=fake.base_url,
+        endpoint=fake.endpoint,
         resolution=4.0,
         progress=False,
     )
@@ -370,7 +370,7 @@ def test_tiles_missing_at_the_edge_of_coverage_stay_black_and_are_recorded(
     bbox = (119000.0, *DEMO_RASTER[1:])
     out = tmp_path / "out"
     result = fetch_aerial(
-        out, bbox, client=HttpClient(FAST), base_url=fake.base_url, resolution=4.0, progress=False
+        out, bbox, client=HttpClient(FAST), endpoint=fake.endpoint, resolution=4.0, progress=False
     )
     assert result.missing == (
         (470, 484),
@@ -396,6 +396,6 @@ def test_tiles_missing_at_the_edge_of_coverage_stay_black_and_are_recorded(
     # known-missing tiles are not asked for again
     before = sum(fake.tile_requests.values())
     fetch_aerial(
-        out, bbox, client=HttpClient(FAST), base_url=fake.base_url, resolution=4.0, progress=False
+        out, bbox, client=HttpClient(FAST), endpoint=fake.endpoint, resolution=4.0, progress=False
     )
     assert sum(fake.tile_requests.values()) == before

@@ -34,7 +34,7 @@ from core.sources.street_fetch import (
     StreetFetch,
     download_images,
     env_secret,
-    grid_bbox_lonlat,
+    grid_bbox_wgs84,
     image_paths,
     lonlat_to_rd,
     remove_corrupt_images,
@@ -165,7 +165,7 @@ def _search_page(
 def search_photos(
     client: HttpClient,
     api_key: str,
-    bbox: BBox,
+    bbox_wgs84: BBox,
     *,
     min_taken: datetime = FIRST_TAKEN,
     max_taken: datetime | None = None,
@@ -176,7 +176,7 @@ def search_photos(
     cap: int = RESULT_CAP,
     min_window: timedelta = MIN_WINDOW,
 ) -> list[dict]:
-    """Every public geotagged photo in ``bbox`` taken in the window, each once.
+    """Every public geotagged photo in ``bbox_wgs84`` taken in the window, each once.
 
     A query whose ``total`` is above ``cap`` is split, its time window in halves down to
     ``min_window``, then its box in quadrants, so that each part can be paged completely.
@@ -184,7 +184,7 @@ def search_photos(
     Args:
         client: the client for the API (rate limited to the API terms).
         api_key: the Flickr API key.
-        bbox: WGS84 (min lon, min lat, max lon, max lat).
+        bbox_wgs84: (min lon, min lat, max lon, max lat).
         min_taken: earliest capture time (Flickr needs a limit on geo queries).
         max_taken: latest capture time (default: now).
         licenses: licence ids to keep (``None`` = all).
@@ -197,12 +197,12 @@ def search_photos(
     Returns:
         The photo records as Flickr sends them, in the order found.
     """
-    _check_bbox(bbox)
+    _check_bbox(bbox_wgs84)
     max_taken = max_taken or datetime.now().replace(microsecond=0)
     if max_taken < min_taken:
         raise ValueError(f"max_taken {max_taken} is before min_taken {min_taken}")
     found: dict[str, dict] = {}
-    queries = [(bbox, (min_taken, max_taken))]
+    queries = [(bbox_wgs84, (min_taken, max_taken))]
     while queries:
         box, window = queries.pop()
         first = _search_page(client, api_key, endpoint, box, window, 1, per_page, sizes, licenses)
@@ -226,13 +226,14 @@ def search_photos(
             )["photo"]
         for record in records:
             found.setdefault(str(record["id"]), record)
-    log.info("Flickr: %d photos in %s", len(found), bbox)
+    log.info("Flickr: %d photos in %s", len(found), bbox_wgs84)
     return list(found.values())
 
 
-def _check_bbox(bbox: BBox) -> None:
-    if len(bbox) != 4 or not (-180 <= bbox[0] < bbox[2] <= 180 and -90 <= bbox[1] < bbox[3] <= 90):
-        raise ValueError(f"bbox must be WGS84 (min lon, min lat, max lon, max lat), got {bbox}")
+def _check_bbox(bbox_wgs84: BBox) -> None:
+    box = bbox_wgs84
+    if len(box) != 4 or not (-180 <= box[0] < box[2] <= 180 and -90 <= box[1] < box[3] <= 90):
+        raise ValueError(f"bbox must be WGS84 (min lon, min lat, max lon, max lat), got {box}")
 
 
 def _split(
@@ -324,7 +325,7 @@ def _taken(photo: dict) -> str | None:
 
 def fetch_flickr(
     root: str | PathLike | DataRoot,
-    bbox: BBox | None = None,
+    bbox_wgs84: BBox | None = None,
     *,
     min_taken: datetime = FIRST_TAKEN,
     max_taken: datetime | None = None,
@@ -345,7 +346,7 @@ def fetch_flickr(
 
     Args:
         root: the data root (``street/`` is filled).
-        bbox: WGS84 (min lon, min lat, max lon, max lat); default: around the root's grid.
+        bbox_wgs84: (min lon, min lat, max lon, max lat); default: around the root's grid.
         min_taken: earliest capture time.
         max_taken: latest capture time (default: now).
         licenses: licence ids to keep, e.g. :data:`REUSABLE_LICENSES` (``None`` = all).
@@ -368,7 +369,7 @@ def fetch_flickr(
     api_key = api_key or env_secret(API_KEY_ENV, "Flickr")
     image_client = image_client or client or HttpClient(IMAGE_POLITENESS, secrets=[api_key])
     client = client or HttpClient(API_POLITENESS, secrets=[api_key])
-    bbox = bbox or grid_bbox_lonlat(root.grid)
+    bbox_wgs84 = bbox_wgs84 or grid_bbox_wgs84(root.grid)
     known = flickr_licenses(client, api_key, endpoint)
     if licenses is not None and set(licenses) - set(known):
         raise ValueError(
@@ -378,7 +379,7 @@ def fetch_flickr(
     photos = search_photos(
         client,
         api_key,
-        bbox,
+        bbox_wgs84,
         min_taken=min_taken,
         max_taken=max_taken,
         licenses=licenses,
@@ -398,7 +399,7 @@ def fetch_flickr(
 
 
 def estimate_flickr(
-    bbox: BBox,
+    bbox_wgs84: BBox,
     *,
     min_taken: datetime = FIRST_TAKEN,
     max_taken: datetime | None = None,
@@ -417,12 +418,12 @@ def estimate_flickr(
     request per part). The rate is the effective one of API calls at the API terms' rate
     and image downloads at ``image_politeness``.
     """
-    _check_bbox(bbox)
+    _check_bbox(bbox_wgs84)
     api_key = api_key or env_secret(API_KEY_ENV, "Flickr")
     client = client or HttpClient(API_POLITENESS, secrets=[api_key])
     max_taken = max_taken or datetime.now().replace(microsecond=0)
     total = _search_page(
-        client, api_key, endpoint, bbox, (min_taken, max_taken), 1, 1, sizes, licenses
+        client, api_key, endpoint, bbox_wgs84, (min_taken, max_taken), 1, 1, sizes, licenses
     )["total"]
     parts = max(1, math.ceil(total / cap))
     api_calls = 1 + max(parts, math.ceil(total / per_page)) + (2 * parts if parts > 1 else 0)

@@ -101,9 +101,9 @@ def sign_url(url: str, secret: str) -> str:
 
 
 def _request_url(
-    base_url: str, path: str, params: dict[str, Any], signing_secret: str | None
+    endpoint: str, path: str, params: dict[str, Any], signing_secret: str | None
 ) -> str:
-    url = with_params(base_url.rstrip("/") + path, params)
+    url = with_params(endpoint.rstrip("/") + path, params)
     return sign_url(url, signing_secret) if signing_secret else url
 
 
@@ -116,7 +116,7 @@ def pano_metadata(
     radius: float = 50,
     source: str = "outdoor",
     signing_secret: str | None = None,
-    base_url: str = GOOGLE_MAPS,
+    endpoint: str = GOOGLE_MAPS,
 ) -> dict | None:
     """Metadata of the panorama nearest ``location`` (lon, lat) or of panorama ``pano``.
 
@@ -141,7 +141,7 @@ def pano_metadata(
         lon, lat = location
         params.update(location=f"{lat:.7f},{lon:.7f}", radius=f"{radius:g}", source=source)
         what = f"lon={lon:.6f}, lat={lat:.6f}"
-    url = _request_url(base_url, METADATA_PATH, params, signing_secret)
+    url = _request_url(endpoint, METADATA_PATH, params, signing_secret)
     retries = client.politeness.retries
     for attempt in range(retries + 1):
         answer = client.get_json(url)
@@ -215,7 +215,7 @@ def find_panoramas(
     radius: float = 50,
     source: str = "outdoor",
     signing_secret: str | None = None,
-    base_url: str = GOOGLE_MAPS,
+    endpoint: str = GOOGLE_MAPS,
     progress: bool = True,
 ) -> pd.DataFrame:
     """The panoramas nearest ``points`` and the given ``pano_ids``, each once.
@@ -236,7 +236,7 @@ def find_panoramas(
             radius=radius,
             source=source,
             signing_secret=signing_secret,
-            base_url=base_url,
+            endpoint=endpoint,
             **lookup,
         )
         if answer is None:
@@ -321,7 +321,7 @@ def fetch_gsv(
     api_key: str | None = None,
     signing_secret: str | None = None,
     client: HttpClient | None = None,
-    base_url: str = GOOGLE_MAPS,
+    endpoint: str = GOOGLE_MAPS,
     progress: bool = True,
 ) -> StreetFetch:
     """Find panoramas, download their views and catalog them into a data root.
@@ -344,7 +344,7 @@ def fetch_gsv(
         api_key: default ``$GOOGLE_MAPS_API_KEY``.
         signing_secret: default ``$GOOGLE_MAPS_SIGNING_SECRET`` (unsigned when unset).
         client: the HTTP client (default: :data:`POLITENESS`).
-        base_url: scheme and host of the API.
+        endpoint: scheme and host of the API.
         progress: show progress bars.
 
     Raises:
@@ -368,7 +368,7 @@ def fetch_gsv(
         radius=radius,
         source=source,
         signing_secret=signing_secret,
-        base_url=base_url,
+        endpoint=endpoint,
         progress=progress,
     )
     rows = view_rows(panoramas, headings)
@@ -391,7 +391,7 @@ def fetch_gsv(
         )
     urls = [
         _request_url(
-            base_url,
+            endpoint,
             IMAGE_PATH,
             {
                 "size": f"{size[0]}x{size[1]}",

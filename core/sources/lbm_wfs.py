@@ -111,23 +111,23 @@ def _require(table: pd.DataFrame, columns: Sequence[str], source: str) -> None:
 # --- the WFS ---------------------------------------------------------------------------------
 
 
-def _bbox_param(bbox: Bounds) -> str:
-    minx, miny, maxx, maxy = bbox
+def _bbox_param(bbox_rd: Bounds) -> str:
+    minx, miny, maxx, maxy = bbox_rd
     if not (maxx > minx and maxy > miny):
-        raise ValueError(f"empty bbox {bbox}")
-    if max(abs(v) for v in bbox) <= 180:
-        raise ValueError(f"bbox {bbox} looks like lon/lat degrees; give EPSG:28992 metres")
+        raise ValueError(f"empty bbox {bbox_rd}")
+    if max(abs(v) for v in bbox_rd) <= 180:
+        raise ValueError(f"bbox {bbox_rd} looks like lon/lat degrees; give EPSG:28992 metres")
     return f"{minx:.0f},{miny:.0f},{maxx:.0f},{maxy:.0f},urn:ogc:def:crs:EPSG::28992"
 
 
-def _feature_params(year: int, bbox: Bounds) -> dict[str, Any]:
+def _feature_params(year: int, bbox_rd: Bounds) -> dict[str, Any]:
     return {
         "service": "WFS",
         "version": "2.0.0",
         "request": "GetFeature",
         "typeNames": lbm_layer(year),
         "srsName": "EPSG:28992",
-        "bbox": _bbox_param(bbox),
+        "bbox": _bbox_param(bbox_rd),
     }
 
 
@@ -141,9 +141,9 @@ def _xml_problem(body: str) -> str:
     return f"answered XML, not GeoJSON: {body[:200]!r}"
 
 
-def _get_page(client: HttpClient, url: str, params: dict[str, Any]) -> dict[str, Any]:
-    response = client.get(url, params)
-    shown = client.redact(response.url or url)
+def _get_page(client: HttpClient, endpoint: str, params: dict[str, Any]) -> dict[str, Any]:
+    response = client.get(endpoint, params)
+    shown = client.redact(response.url or endpoint)
     try:
         page = response.json()
     except ValueError:
@@ -165,23 +165,23 @@ def _page_crs(page: dict[str, Any]) -> str:
 
 
 def count_lbm_cells(
-    year: int, bbox: Bounds, client: HttpClient | None = None, url: str = LBM_WFS_URL
+    year: int, bbox_rd: Bounds, client: HttpClient | None = None, endpoint: str = LBM_WFS_URL
 ) -> int | None:
-    """Cells of one edition in ``bbox`` (a ``resultType=hits`` request), None if not told."""
+    """Cells of one edition in ``bbox_rd`` (a ``resultType=hits`` request), None if not told."""
     client = client or HttpClient(LBM_POLITENESS)
-    response = client.get(url, {**_feature_params(year, bbox), "resultType": "hits"})
+    response = client.get(endpoint, {**_feature_params(year, bbox_rd), "resultType": "hits"})
     matched = re.search(r'numberMatched="(\d+)"', response.text[:2000])
     return int(matched.group(1)) if matched else None
 
 
 def fetch_lbm_features(
     year: int,
-    bbox: Bounds,
+    bbox_rd: Bounds,
     client: HttpClient | None = None,
-    url: str = LBM_WFS_URL,
+    endpoint: str = LBM_WFS_URL,
     page_size: int = PAGE_SIZE,
 ) -> gpd.GeoDataFrame:
-    """All features of one edition in ``bbox``, paged, with release column names.
+    """All features of one edition in ``bbox_rd`` (EPSG:28992), paged, with release column names.
 
     Returns:
         GeoDataFrame in EPSG:28992 with ``grid_id`` (the cell's own id when the layer has
@@ -192,17 +192,21 @@ def fetch_lbm_features(
         ValueError: if the features lack the score columns.
     """
     client = client or HttpClient(LBM_POLITENESS)
-    params = {**_feature_params(year, bbox), "outputFormat": "application/json", "count": page_size}
+    params = {
+        **_feature_params(year, bbox_rd),
+        "outputFormat": "application/json",
+        "count": page_size,
+    }
     frames, start = [], 0
     while True:
         try:
-            page = _get_page(client, url, {**params, "startIndex": start})
+            page = _get_page(client, endpoint, {**params, "startIndex": start})
         except FetchError as exc:
             if exc.status != 400 and "HTTP 400" not in str(exc):
                 raise
             raise FetchError(
                 f"{exc}; is {year} a published edition? The layers are listed by "
-                f"{url}?service=WFS&request=GetCapabilities",
+                f"{endpoint}?service=WFS&request=GetCapabilities",
                 exc.status,
             ) from None
         features = page.get("features") or []
@@ -217,10 +221,10 @@ def fetch_lbm_features(
         )
         if not features or (start >= matched if matched is not None else len(features) < page_size):
             break
-    source = f"{url} {lbm_layer(year)}"
+    source = f"{endpoint} {lbm_layer(year)}"
     if not frames:
         raise ValueError(
-            f"{source}: no cells in bbox {bbox}; is the bbox in EPSG:28992 metres "
+            f"{source}: no cells in bbox {bbox_rd}; is the bbox in EPSG:28992 metres "
             "inside the Netherlands, and was this year published?"
         )
     table = pd.concat([f.to_crs(RD_NEW) for f in frames], ignore_index=True)
@@ -233,25 +237,25 @@ def fetch_lbm_features(
 
 
 def estimate_lbm(
-    bbox: Bounds,
+    bbox_rd: Bounds,
     years: Iterable[int],
     client: HttpClient | None = None,
-    url: str = LBM_WFS_URL,
+    endpoint: str = LBM_WFS_URL,
     page_size: int = PAGE_SIZE,
 ) -> Estimate:
-    """Requests and bytes of fetching ``years`` in ``bbox``.
+    """Requests and bytes of fetching ``years`` in ``bbox_rd`` (EPSG:28992).
 
     Counts the cells with one ``resultType=hits`` request per year; where the server does not
     answer that, assumes every cell of the bbox is scored (an upper bound).
     """
     client = client or HttpClient(LBM_POLITENESS)
-    minx, miny, maxx, maxy = bbox
+    minx, miny, maxx, maxy = bbox_rd
     bbox_cells = math.ceil((maxx - minx) * (maxy - miny) / 1e4)
     requests = cells = 0
     counted = True
     for year in years:
         try:
-            n = count_lbm_cells(year, bbox, client, url)
+            n = count_lbm_cells(year, bbox_rd, client, endpoint)
         except FetchError as exc:
             log.info("could not count %s cells (%s); estimating from the bbox", year, exc)
             n = None
@@ -271,11 +275,11 @@ def estimate_lbm(
 
 def fetch_lbm(
     root: DataRoot | str | PathLike,
-    bbox: Bounds,
+    bbox_rd: Bounds,
     years: Iterable[int],
     boundary: BaseGeometry | None = None,
     client: HttpClient | None = None,
-    url: str = LBM_WFS_URL,
+    endpoint: str = LBM_WFS_URL,
     page_size: int = PAGE_SIZE,
     refresh: bool = False,
 ) -> tuple[Path, Path]:
@@ -284,11 +288,11 @@ def fetch_lbm(
     Args:
         root: the data root; writes ``labels/lbm_scores.csv`` and ``labels/lbm_grid.gpkg``
             (other years already there are kept) and caches raw layers in ``cache/lbm_wfs``.
-        bbox: (minx, miny, maxx, maxy) in EPSG:28992.
+        bbox_rd: (minx, miny, maxx, maxy) in EPSG:28992.
         years: four-digit editions, e.g. ``(2020, 2018)``.
         boundary: keep only cells whose centre lies in this polygon (EPSG:28992).
         client: the HTTP client (default: :data:`LBM_POLITENESS`).
-        url: the WFS endpoint.
+        endpoint: the WFS endpoint.
         page_size: features per request.
         refresh: fetch again even when the raw layer is cached.
 
@@ -299,10 +303,10 @@ def fetch_lbm(
     client = client or HttpClient(LBM_POLITENESS)
     parts = []
     for year in dict.fromkeys(int(y) for y in years):
-        name = "_".join([lbm_layer(year).split(":")[1], *(f"{v:.0f}" for v in bbox)])
+        name = "_".join([lbm_layer(year).split(":")[1], *(f"{v:.0f}" for v in bbox_rd)])
         raw = root.cache / "lbm_wfs" / f"{name}.gpkg"
         if refresh or not raw.is_file():
-            features = fetch_lbm_features(year, bbox, client, url, page_size)
+            features = fetch_lbm_features(year, bbox_rd, client, endpoint, page_size)
             columns = [*KEY_COLUMNS, *SCORE_COLUMNS, "geometry"]
             write_atomic(raw, lambda tmp, f=features[columns]: f.to_file(tmp, layer="cells"))
         parts.append(read_lbm(raw))  # validates, rebuilds clipped cells to full squares
@@ -328,16 +332,16 @@ def _member(archive: Path, suffix: str, what: str) -> str:
     return names[0]
 
 
-def _read_release_grid(path: Path, bbox: Bounds | None) -> gpd.GeoDataFrame:
+def _read_release_grid(path: Path, bbox_rd: Bounds | None) -> gpd.GeoDataFrame:
     source = (
         f"/vsizip/{path}/{_member(path, '.gpkg', 'grid')}" if path.suffix == ".zip" else str(path)
     )
     try:
         crs = pyogrio.read_info(source)["crs"]
         window = None
-        if bbox is not None:
+        if bbox_rd is not None:
             to_file = Transformer.from_crs(RD_NEW, crs or RD_NEW, always_xy=True)
-            window = to_file.transform_bounds(*bbox)
+            window = to_file.transform_bounds(*bbox_rd)
         grid = gpd.read_file(source, bbox=window)
     except Exception as exc:  # pyogrio raises several types for a missing or bad file
         raise ValueError(f"{path}: not a readable Leefbaarometer grid GeoPackage ({exc})") from exc
@@ -348,8 +352,8 @@ def _read_release_grid(path: Path, bbox: Bounds | None) -> gpd.GeoDataFrame:
     if grid.crs is None:
         raise ValueError(f"{path}: the grid has no CRS; expected EPSG:28992")
     grid = grid[["grid_id", grid.geometry.name]].to_crs(RD_NEW)
-    if bbox is not None:  # the file's bbox filter also keeps cells that only touch the box
-        box = shapely.box(*bbox)
+    if bbox_rd is not None:  # the file's bbox filter also keeps cells that only touch the box
+        box = shapely.box(*bbox_rd)
         grid = grid[grid.intersects(box) & ~grid.touches(box)]
     return grid.assign(grid_id=grid["grid_id"].astype(str))
 
@@ -398,7 +402,7 @@ def import_lbm_release(
     root: DataRoot | str | PathLike,
     scores: str | PathLike,
     grid: str | PathLike | None = None,
-    bbox: Bounds | None = None,
+    bbox_rd: Bounds | None = None,
     boundary: BaseGeometry | None = None,
     years: Iterable[int] | None = None,
 ) -> tuple[Path, Path]:
@@ -410,7 +414,7 @@ def import_lbm_release(
         scores: the score CSV, or a .zip holding one .csv (and possibly the grid).
         grid: the grid GeoPackage or a .zip holding one .gpkg; None when ``scores`` is a zip
             holding both.
-        bbox: keep cells in this EPSG:28992 box (default: the boundary's box, else all).
+        bbox_rd: keep cells in this EPSG:28992 box (default: the boundary's box, else all).
         boundary: keep only cells whose centre lies in this polygon (EPSG:28992).
         years: keep only these editions.
 
@@ -423,15 +427,15 @@ def import_lbm_release(
     for path in {scores, grid}:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: Leefbaarometer release file not found")
-    if bbox is None and boundary is not None:
-        bbox = boundary.bounds
-    cells = _read_release_grid(grid, bbox)
+    if bbox_rd is None and boundary is not None:
+        bbox_rd = boundary.bounds
+    cells = _read_release_grid(grid, bbox_rd)
     table = _read_release_scores(
         scores, set(cells["grid_id"]), None if years is None else {int(y) for y in years}
     )
     if table.empty:
         raise ValueError(
-            f"{scores}: no scores for the {len(cells)} grid cells in bbox {bbox}"
+            f"{scores}: no scores for the {len(cells)} grid cells in bbox {bbox_rd}"
             + ("" if years is None else f" and years {sorted(years)}")
         )
     raw = gpd.GeoDataFrame(

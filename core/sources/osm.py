@@ -2,9 +2,9 @@
 
 Overpass is queried with the shared polite :class:`~core.sources.http.HttpClient` (rate limit,
 retries on 429/5xx with ``Retry-After``) rather than osmnx's own requests (which sleep 55 s on
-a 429, do not retry a 5xx and patch ``socket.getaddrinfo``): one ``GET {url}/interpreter?data=``
-per layer, bbox-filtered, ``[out:json]``. The answer is kept as OSM XML under
-``cache/osm/`` (a rerun reuses it) and read with osmnx's public ``graph_from_xml`` /
+a 429, do not retry a 5xx and patch ``socket.getaddrinfo``): one
+``GET {endpoint}/interpreter?data=`` per layer, bbox-filtered, ``[out:json]``. The answer is
+kept as OSM XML under ``cache/osm/`` (a rerun reuses it) and read with osmnx's public ``graph_from_xml`` /
 ``features_from_xml``, the same path a user's own ``.osm`` file takes (a ``.pbf`` extract is
 cut to the area with pyosmium first); osmnx itself never makes a request, so its cache is not
 used.
@@ -86,32 +86,41 @@ PARK_TAGS: dict[str, list[str]] = {
 STREET_BYTES_PER_KM2 = 400_000
 CONTEXT_BYTES_PER_KM2 = 150_000
 
+#: WGS84 (min lon, min lat, max lon, max lat).
+BBox = tuple[float, float, float, float]
 _TO_LONLAT = Transformer.from_crs(RD_NEW, "EPSG:4326", always_xy=True)
 
 
 # --- queries ---------------------------------------------------------------------------------
 
 
-def _area(boundary: BaseGeometry, margin_m: float) -> tuple[BaseGeometry, str]:
-    """The boundary grown by ``margin_m`` (RD) and its Overpass bbox ``south,west,north,east``."""
+def _area(boundary: BaseGeometry, margin_m: float) -> tuple[BaseGeometry, BBox]:
+    """The boundary grown by ``margin_m`` (RD) and the WGS84 box around it."""
     if max(abs(v) for v in boundary.bounds) <= 180:
         raise ValueError(f"boundary {boundary.bounds} looks like lon/lat; give EPSG:28992 metres")
     area = shapely.make_valid(boundary).buffer(margin_m)
-    west, south, east, north = _TO_LONLAT.transform_bounds(*area.bounds)
-    return area, f"{south:.6f},{west:.6f},{north:.6f},{east:.6f}"
+    return area, tuple(_TO_LONLAT.transform_bounds(*area.bounds))
 
 
-def streets_query(bbox: str) -> str:
-    """Overpass QL for the street ways in a ``south,west,north,east`` bbox and their nodes."""
+def _overpass_bbox(bbox_wgs84: BBox) -> str:
+    """An Overpass QL bbox filter ``[bbox:south,west,north,east]``."""
+    west, south, east, north = bbox_wgs84
+    return f"[bbox:{south:.6f},{west:.6f},{north:.6f},{east:.6f}]"
+
+
+def streets_query(bbox_wgs84: BBox) -> str:
+    """Overpass QL for the street ways in a WGS84 box (min lon, min lat, max lon, max lat) and
+    their nodes."""
     excluded = "|".join(EXCLUDED_HIGHWAYS)
     return (
-        f"[out:json][timeout:{QUERY_TIMEOUT_S}][bbox:{bbox}];"
+        f"[out:json][timeout:{QUERY_TIMEOUT_S}]{_overpass_bbox(bbox_wgs84)};"
         f'(way["highway"]["area"!~"yes"]["highway"!~"^({excluded})$"];>;);out;'
     )
 
 
-def context_query(bbox: str) -> str:
-    """Overpass QL for water and park areas (ways and multipolygons) and their members."""
+def context_query(bbox_wgs84: BBox) -> str:
+    """Overpass QL for water and park areas (ways and multipolygons) and their members, in a
+    WGS84 box (min lon, min lat, max lon, max lat)."""
     parts = [
         f'{kind}["{key}"="{value}"];'
         for tags in (WATER_TAGS, PARK_TAGS)
@@ -119,7 +128,10 @@ def context_query(bbox: str) -> str:
         for value in values
         for kind in ("way", "relation")
     ]
-    return f"[out:json][timeout:{QUERY_TIMEOUT_S}][bbox:{bbox}];({''.join(parts)});(._;>;);out;"
+    return (
+        f"[out:json][timeout:{QUERY_TIMEOUT_S}]{_overpass_bbox(bbox_wgs84)};"
+        f"({''.join(parts)});(._;>;);out;"
+    )
 
 
 def overpass_to_osm_xml(answer: dict[str, Any]) -> bytes:
@@ -152,10 +164,12 @@ def fetch_overpass(
     query: str,
     dest: str | PathLike,
     client: HttpClient | None = None,
-    url: str = OVERPASS_URL,
+    endpoint: str = OVERPASS_URL,
     refresh: bool = False,
 ) -> Path:
     """Run an Overpass query and keep the answer as OSM XML at ``dest`` (reused if present).
+
+    ``endpoint`` is the API base URL; the query goes to ``{endpoint}/interpreter``.
 
     Raises:
         FetchError: naming the URL, for HTTP failures, answers that are not Overpass JSON, and
@@ -165,16 +179,16 @@ def fetch_overpass(
     if dest.is_file() and not refresh:
         return dest
     client = client or HttpClient(OSM_POLITENESS)
-    endpoint = f"{url.rstrip('/')}/interpreter"
-    answer = client.get_json(endpoint, {"data": query})
+    interpreter = f"{endpoint.rstrip('/')}/interpreter"
+    answer = client.get_json(interpreter, {"data": query})
     if not isinstance(answer, dict) or not isinstance(answer.get("elements"), list):
-        raise FetchError(f"{endpoint}: not an Overpass JSON answer: {json.dumps(answer)[:200]}")
+        raise FetchError(f"{interpreter}: not an Overpass JSON answer: {json.dumps(answer)[:200]}")
     remark = str(answer.get("remark", ""))
     if "error" in remark.lower():
         raise FetchError(
-            f"{endpoint}: Overpass reports {remark!r}; a smaller area or a later try may succeed"
+            f"{interpreter}: Overpass reports {remark!r}; a smaller area or a later try may succeed"
         )
-    log.info("%s: %d OSM elements", endpoint, len(answer["elements"]))
+    log.info("%s: %d OSM elements", interpreter, len(answer["elements"]))
     xml = overpass_to_osm_xml(answer)
     return write_atomic(dest, lambda tmp: tmp.write_bytes(xml))
 
@@ -191,7 +205,7 @@ def _check_osm_file(path: str | PathLike) -> Path:
 def pbf_to_osm_xml(
     pbf: str | PathLike,
     dest: str | PathLike,
-    bbox_lonlat: tuple[float, float, float, float] | None = None,
+    bbox_wgs84: BBox | None = None,
 ) -> Path:
     """Cut an OSM PBF extract to a lon/lat box and write it as OSM XML (pyosmium), atomically.
 
@@ -202,7 +216,7 @@ def pbf_to_osm_xml(
     Args:
         pbf: the extract (e.g. a Geofabrik province file).
         dest: the ``.osm`` file to write.
-        bbox_lonlat: ``(min lon, min lat, max lon, max lat)``; None keeps everything.
+        bbox_wgs84: ``(min lon, min lat, max lon, max lat)``; None keeps everything.
 
     Raises:
         ValueError: naming the file, when pyosmium cannot read it.
@@ -210,7 +224,7 @@ def pbf_to_osm_xml(
     import osmium
 
     pbf, dest = Path(pbf), Path(dest)
-    west, south, east, north = bbox_lonlat or (-180.0, -90.0, 180.0, 90.0)
+    west, south, east, north = bbox_wgs84 or (-180.0, -90.0, 180.0, 90.0)
 
     def inside(location: Any) -> bool:
         return location.valid() and west <= location.lon <= east and south <= location.lat <= north
@@ -242,11 +256,11 @@ def _as_osm_xml(path: Path, root: DataRoot, area: BaseGeometry | None) -> Path:
     and cached as OSM XML under ``cache/osm/``."""
     if path.suffix.lower() != ".pbf":
         return path
-    bbox = None if area is None else tuple(_TO_LONLAT.transform_bounds(*area.bounds))
+    bbox_wgs84 = None if area is None else tuple(_TO_LONLAT.transform_bounds(*area.bounds))
     stem = path.name.removesuffix(".pbf").removesuffix(".osm")
-    box = "" if bbox is None else "-" + "_".join(f"{v:.4f}" for v in bbox)
+    box = "" if bbox_wgs84 is None else "-" + "_".join(f"{v:.4f}" for v in bbox_wgs84)
     dest = root.cache / "osm" / f"{stem}{box}.osm"
-    return dest if dest.is_file() else pbf_to_osm_xml(path, dest, bbox)
+    return dest if dest.is_file() else pbf_to_osm_xml(path, dest, bbox_wgs84)
 
 
 def _lonlat(geometry: BaseGeometry) -> BaseGeometry:
@@ -320,7 +334,7 @@ def fetch_streets(
     root: DataRoot | str | PathLike,
     boundary: BaseGeometry,
     client: HttpClient | None = None,
-    url: str = OVERPASS_URL,
+    endpoint: str = OVERPASS_URL,
     margin_m: float = MARGIN_M,
     simplify: bool = True,
     refresh: bool = False,
@@ -331,9 +345,9 @@ def fetch_streets(
     unless ``refresh``.
     """
     root = root if isinstance(root, DataRoot) else DataRoot(root)
-    _, bbox = _area(boundary, margin_m)
+    _, bbox_wgs84 = _area(boundary, margin_m)
     raw = fetch_overpass(
-        streets_query(bbox), root.cache / "osm" / "streets.osm", client, url, refresh
+        streets_query(bbox_wgs84), root.cache / "osm" / "streets.osm", client, endpoint, refresh
     )
     return import_streets(root, raw, boundary, margin_m, simplify)
 
@@ -413,16 +427,16 @@ def fetch_context(
     root: DataRoot | str | PathLike,
     boundary: BaseGeometry,
     client: HttpClient | None = None,
-    url: str = OVERPASS_URL,
+    endpoint: str = OVERPASS_URL,
     margin_m: float = MARGIN_M,
     refresh: bool = False,
 ) -> tuple[Path, Path]:
     """Fetch water and park polygons around ``boundary`` (EPSG:28992) into ``context/``;
     the raw answer is kept as ``cache/osm/context.osm``."""
     root = root if isinstance(root, DataRoot) else DataRoot(root)
-    _, bbox = _area(shapely.box(*boundary.bounds), margin_m)
+    _, bbox_wgs84 = _area(shapely.box(*boundary.bounds), margin_m)
     raw = fetch_overpass(
-        context_query(bbox), root.cache / "osm" / "context.osm", client, url, refresh
+        context_query(bbox_wgs84), root.cache / "osm" / "context.osm", client, endpoint, refresh
     )
     return import_context(root, raw, boundary, margin_m)
 
@@ -441,5 +455,5 @@ def estimate_osm(
         math.ceil(km2 * (STREET_BYTES_PER_KM2 + CONTEXT_BYTES_PER_KM2)),
         requests_per_second,
         "ODbL (c) OpenStreetMap contributors; overpass-api.de allows ~10k "
-        "queries/day; point url= at your own Overpass for large areas",
+        "queries/day; point endpoint= at your own Overpass for large areas",
     )

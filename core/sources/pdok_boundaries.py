@@ -52,7 +52,7 @@ class Municipality:
     geometry: BaseGeometry
 
     @property
-    def bounds(self) -> Bounds:
+    def bbox_rd(self) -> Bounds:
         """(minx, miny, maxx, maxy) of the outline in RD metres."""
         return tuple(float(v) for v in self.geometry.bounds)
 
@@ -74,17 +74,19 @@ def _outline(geometry: dict[str, Any] | None, source: str) -> BaseGeometry:
 
 
 def municipality_features(
-    name: str, client: HttpClient | None = None, url: str = PDOK_BOUNDARIES_URL
+    name: str, client: HttpClient | None = None, endpoint: str = PDOK_BOUNDARIES_URL
 ) -> list[dict[str, Any]]:
     """GeoJSON features of ``gemeentegebied`` named ``name`` (case-insensitive), all pages."""
     client = client or HttpClient(PDOK_POLITENESS)
-    next_url: str | None = f"{url.rstrip('/')}/collections/{MUNICIPALITY_COLLECTION}/items"
+    next_url: str | None = f"{endpoint.rstrip('/')}/collections/{MUNICIPALITY_COLLECTION}/items"
     params: dict[str, Any] | None = {"f": "json", "crs": RD_CRS_URI, "naam": name, "limit": 100}
     found: list[dict[str, Any]] = []
     pages = 0
     while next_url is not None:
         if pages == _MAX_PAGES:
-            raise FetchError(f"{url}: more than {_MAX_PAGES} pages of municipalities; giving up")
+            raise FetchError(
+                f"{endpoint}: more than {_MAX_PAGES} pages of municipalities; giving up"
+            )
         pages += 1
         page = client.get_json(next_url, params)
         shown = client.redact(next_url)
@@ -107,7 +109,7 @@ def fetch_municipality(
     name: str,
     province: str | None = None,
     client: HttpClient | None = None,
-    url: str = PDOK_BOUNDARIES_URL,
+    endpoint: str = PDOK_BOUNDARIES_URL,
 ) -> Municipality:
     """The outline of one municipality by its official name, in EPSG:28992.
 
@@ -115,14 +117,14 @@ def fetch_municipality(
         name: the exact official Dutch name (``naam``), e.g. ``"Amsterdam"``.
         province: the province (``ligt_in_provincie_naam``) when the name is ambiguous.
         client: the HTTP client (default: :data:`PDOK_POLITENESS`).
-        url: the OGC API landing page.
+        endpoint: the OGC API landing page.
 
     Raises:
         ValueError: if no municipality or several have this name (listing their codes and
             provinces).
         FetchError: naming the URL, for HTTP failures or answers that are not GeoJSON.
     """
-    features = municipality_features(name, client, url)
+    features = municipality_features(name, client, endpoint)
     if province is not None:
         features = [
             f
@@ -130,7 +132,7 @@ def fetch_municipality(
             if str(f["properties"].get("ligt_in_provincie_naam", "")).casefold()
             == province.casefold()
         ]
-    where = f"{url} collection {MUNICIPALITY_COLLECTION}"
+    where = f"{endpoint} collection {MUNICIPALITY_COLLECTION}"
     if not features:
         raise ValueError(
             f"{where}: no municipality named {name!r}"

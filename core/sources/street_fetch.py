@@ -149,7 +149,7 @@ def download_images(
     return report
 
 
-def grid_bbox_lonlat(grid: str | PathLike) -> BBox:
+def grid_bbox_wgs84(grid: str | PathLike) -> BBox:
     """WGS84 (min lon, min lat, max lon, max lat) around every cell of a grid file."""
     x0, y0, x1, y1 = read_grid(grid).total_bounds
     xs, ys = np.array([x0, x1, x0, x1]), np.array([y0, y0, y1, y1])

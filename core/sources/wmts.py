@@ -326,11 +326,11 @@ def parse_capabilities(document: bytes | str, url: str) -> Capabilities:
     return Capabilities(url=url, layers=layers, matrix_sets=matrix_sets)
 
 
-def fetch_capabilities(client: HttpClient, base_url: str = PDOK_WMTS) -> Capabilities:
+def fetch_capabilities(client: HttpClient, endpoint: str = PDOK_WMTS) -> Capabilities:
     """GET and parse the service's KVP GetCapabilities document."""
     params = {"request": "GetCapabilities", "service": "WMTS"}
-    response = client.get(base_url, params)
-    return parse_capabilities(response.content, client.redact(response.url or base_url, params))
+    response = client.get(endpoint, params)
+    return parse_capabilities(response.content, client.redact(response.url or endpoint, params))
 
 
 def rd_tile_matrix_set(levels: int = 16) -> TileMatrixSet:
@@ -355,7 +355,7 @@ def aerial_layer(year: int | str) -> str:
 
 
 def estimate_aerial(
-    bbox: BBox,
+    bbox_rd: BBox,
     year: int | str = 2020,
     resolution: float = 0.25,
     politeness: Politeness | None = None,
@@ -365,7 +365,7 @@ def estimate_aerial(
     """Plan a PDOK aerial fetch without contacting the service.
 
     Args:
-        bbox: (minx, miny, maxx, maxy) in EPSG:28992.
+        bbox_rd: (minx, miny, maxx, maxy) in EPSG:28992.
         year: the orthomosaic's year.
         resolution: wanted metres per pixel; the nearest level is used.
         politeness: the rate limit the fetch runs under.
@@ -378,7 +378,7 @@ def estimate_aerial(
     """
     politeness = politeness or Politeness()
     matrix = (matrix_set or rd_tile_matrix_set()).nearest(resolution)
-    tiles = len(matrix.tile_range(bbox))
+    tiles = len(matrix.tile_range(bbox_rd))
     return Estimate(
         source=f"PDOK aerial {aerial_layer(year)} (level {matrix.identifier}, "
         f"{matrix.resolution:.2f} m/px)",
@@ -430,18 +430,18 @@ class AerialFetch:
 
 def fetch_aerial(
     root: str | PathLike,
-    bbox: BBox,
+    bbox_rd: BBox,
     year: int | str = 2020,
     *,
     resolution: float = 0.25,
-    base_url: str = PDOK_WMTS,
+    endpoint: str = PDOK_WMTS,
     client: HttpClient | None = None,
     image_format: str = "image/jpeg",
     compress: str = "jpeg",
     cache_dir: str | PathLike | None = None,
     progress: bool = True,
 ) -> AerialFetch:
-    """Download PDOK aerial tiles over ``bbox`` and mosaic them into ``aerial/aerial.tif``.
+    """Download PDOK aerial tiles over ``bbox_rd`` and mosaic them into ``aerial/aerial.tif``.
 
     Tiles land in ``{cache_dir}/{layer}/{set}/{level}/{col}/{row}.{ext}`` (``cache_dir``
     defaults to ``cache/pdok_wmts`` of the data root); tiles on disk are not fetched again,
@@ -451,10 +451,10 @@ def fetch_aerial(
 
     Args:
         root: the output data root.
-        bbox: (minx, miny, maxx, maxy) in EPSG:28992.
+        bbox_rd: (minx, miny, maxx, maxy) in EPSG:28992.
         year: the orthomosaic's year (layer ``{year}_ortho25``).
         resolution: wanted metres per pixel; the level nearest it is used (0.25 -> 0.21).
-        base_url: the WMTS endpoint.
+        endpoint: the WMTS endpoint.
         client: the HTTP client (rate limit, retries); a default polite one if not given.
         image_format: tile format to request.
         compress: mosaic compression, ``"jpeg"`` (YCbCr, quality 90) or ``"deflate"``.
@@ -467,11 +467,11 @@ def fetch_aerial(
             on disk are kept, and no mosaic is written.
     """
     client = client or HttpClient()
-    capabilities = fetch_capabilities(client, base_url)
+    capabilities = fetch_capabilities(client, endpoint)
     layer = capabilities.layer(aerial_layer(year))
     matrix_set = capabilities.matrix_set(layer, RD_MATRIX_SET)
     matrix = matrix_set.nearest(resolution)
-    tiles = matrix.tile_range(bbox)
+    tiles = matrix.tile_range(bbox_rd)
     template = capabilities.tile_template(layer, matrix_set.identifier, image_format)
     ext = _EXTENSIONS.get(image_format, image_format.rsplit("/", 1)[-1])
     folder = (Path(cache_dir) if cache_dir else DataRoot(root).cache / "pdok_wmts") / (

@@ -45,7 +45,7 @@ class FakeGsv:
     """A running fake; see :func:`install_gsv`.
 
     Attributes:
-        base_url: scheme and host (what ``GOOGLE_MAPS`` is for the real service).
+        endpoint: scheme and host (what ``GOOGLE_MAPS`` is for the real service).
         api_key: the only key it accepts.
         signing_secret: when set, every request must be signed with it.
         panoramas: one row per demo panorama: ``pano_id, lon, lat, date``.
@@ -55,7 +55,7 @@ class FakeGsv:
         faults: responses queued for ``"metadata"`` or a pano id, served (and consumed) first.
     """
 
-    base_url: str
+    endpoint: str
     api_key: str
     signing_secret: str | None
     panoramas: pd.DataFrame
@@ -99,7 +99,7 @@ def install_gsv(
         .reset_index()
     )
     fake = FakeGsv(
-        base_url=server.url_for("").rstrip("/"),
+        endpoint=server.url_for("").rstrip("/"),
         api_key=api_key,
         signing_secret=signing_secret,
         panoramas=panoramas,

@@ -109,7 +109,7 @@ def install_lbm_wfs(
         max_count: the server's page cap (GeoServer's maxFeatures), below a client's count.
 
     Returns:
-        The endpoint URL to pass as ``url=``.
+        The endpoint URL to pass as ``endpoint=``.
     """
     root = root if isinstance(root, DataRoot) else DataRoot(root)
     layers = _layers(root)

@@ -135,7 +135,7 @@ def install_overpass(
     """Serve the demo root's streets, water and parks as the Overpass API at ``path``.
 
     Returns:
-        The API base URL (without ``/interpreter``) to pass as ``url=``.
+        The API base URL (without ``/interpreter``) to pass as ``endpoint=``.
     """
     root = root if isinstance(root, DataRoot) else DataRoot(root)
     street_nodes, street_ways = street_elements(root)

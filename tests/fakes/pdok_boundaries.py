@@ -66,7 +66,7 @@ def install_pdok_boundaries(
         filters: honour property filters and ``crs``; False answers everything in CRS84.
 
     Returns:
-        The OGC API landing page URL to pass as ``url=``.
+        The OGC API landing page URL to pass as ``endpoint=``.
     """
     outline = demo_outline(root)
     minx, miny, maxx, maxy = outline.bounds

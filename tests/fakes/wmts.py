@@ -39,14 +39,14 @@ class FakeWmts:
     """A running fake; see :func:`install_wmts`.
 
     Attributes:
-        base_url: the WMTS endpoint (what ``PDOK_WMTS`` is for the real service).
+        endpoint: the WMTS endpoint (what ``PDOK_WMTS`` is for the real service).
         layers: the layers it serves (all the same demo raster).
         tile_requests: how often each (col, row) tile was asked for, at any level.
         capabilities_requests: how often GetCapabilities was asked for.
         faults: responses queued per (col, row), served (and consumed) before the real tile.
     """
 
-    base_url: str
+    endpoint: str
     layers: tuple[str, ...]
     image: np.ndarray
     transform: rasterio.Affine
@@ -103,9 +103,9 @@ def install_wmts(
         image = src.read([1, 2, 3]).transpose(1, 2, 0)
         transform, bounds = src.transform, src.bounds
     fake = FakeWmts(
-        base_url=server.url_for(PREFIX), layers=tuple(layers), image=image, transform=transform
+        endpoint=server.url_for(PREFIX), layers=tuple(layers), image=image, transform=transform
     )
-    capabilities = _capabilities(fake.base_url, layers, formats, bounds, resource_urls)
+    capabilities = _capabilities(fake.endpoint, layers, formats, bounds, resource_urls)
 
     def kvp(request: Request) -> Response:
         args = {k.lower(): v for k, v in request.args.items()}
@@ -191,7 +191,7 @@ def _matrix(identifier: str, scale: float, top_left: str, size: int) -> str:
 
 
 def _capabilities(
-    base_url: str,
+    endpoint: str,
     layers: tuple[str, ...],
     formats: tuple[str, ...],
     bounds: rasterio.coords.BoundingBox,
@@ -206,7 +206,7 @@ def _capabilities(
         year = layer.split("_", 1)[0]
         templates = (
             "".join(
-                f'      <ResourceURL format="{mime}" resourceType="tile" template="{base_url}/{layer}/'
+                f'      <ResourceURL format="{mime}" resourceType="tile" template="{endpoint}/{layer}/'
                 f'{{TileMatrixSet}}/{{TileMatrix}}/{{TileCol}}/{{TileRow}}.{ext[mime]}"/>\n'
                 for mime in formats
             )
@@ -245,7 +245,7 @@ def _capabilities(
         f"""    <ows:Operation name="{name}">
       <ows:DCP>
         <ows:HTTP>
-          <ows:Get xlink:href="{base_url}?">
+          <ows:Get xlink:href="{endpoint}?">
             <ows:Constraint name="GetEncoding">
               <ows:AllowedValues>
                 <ows:Value>KVP</ows:Value>

@@ -1,0 +1,238 @@
+"""What one fetch is asked to do: :class:`FetchConfig`, the single source of the ``fetch``
+command line (every field an option of the same name, its attribute docstring the help text).
+
+This module imports neither the geo stack nor ``requests``, so ``--help`` stays fast. The valid
+source, step, endpoint and client names are therefore spelt out here; a test checks them
+against the registry :data:`core.ingest.steps.SOURCES`, where they come from.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+SourceName = Literal["lbm", "aerial", "osm", "flickr", "gsv"]
+StepName = Literal["lbm", "grid", "aerial", "osm", "flickr", "gsv"]
+#: The sources in data-flow order: the keys of :data:`core.ingest.steps.SOURCES`.
+SOURCE_NAMES: tuple[str, ...] = SourceName.__args__
+#: The steps a fetch records in ``fetch.json``: the sources, with the grid after the labels.
+STEP_NAMES: tuple[str, ...] = StepName.__args__
+#: Services whose base URL ``--endpoint`` overrides: the outline's (PDOK), then each source's.
+ENDPOINT_NAMES: tuple[str, ...] = ("pdok", "lbm", "wmts", "overpass", "flickr", "gsv")
+#: HTTP clients whose rate ``--rate`` sets (besides ``all``): the outline's, then each source's.
+CLIENT_NAMES: tuple[str, ...] = (
+    "pdok",
+    "lbm",
+    "wmts",
+    "overpass",
+    "flickr",
+    "flickr-images",
+    "gsv",
+)
+DEFAULT_HEADINGS = (0.0, 90.0, 180.0, 270.0)
+
+
+def _option(name: str) -> str:
+    """The command-line spelling of field ``name``: ``flickr_since`` -> ``--flickr-since``."""
+    return "--" + name.replace("_", "-")
+
+
+def _names(values: list[str] | None, known: tuple[str, ...], name: str) -> None:
+    unknown = [v for v in values or () if v not in known]
+    if unknown:
+        raise ValueError(f"{_option(name)} {values}: unknown {unknown}; choose from {list(known)}")
+
+
+@dataclass
+class FetchConfig:
+    """One fetch of a Dutch municipality's data root from public services (``fetch``).
+
+    Raises:
+        ValueError: on construction, naming the option, for a malformed or unknown value.
+    """
+
+    municipality: str
+    """Official Dutch name of the municipality, case-insensitive: amsterdam, utrecht,
+    "'s-Gravenhage", "Bergen (NH)"."""
+    out: str | None = None
+    """Data root to fill (default: data/<municipality>, lower case, other characters as -)."""
+    year: int = 2020
+    """Label year and aerial year: a Leefbaarometer edition and PDOK orthophoto year, e.g.
+    2020."""
+    extra_years: list[int] = field(default_factory=list)
+    """More Leefbaarometer editions to fetch besides --year, e.g. 2018 2016 (the change between
+    editions)."""
+    sources: list[SourceName] | None = None
+    """Sources to fetch, in any order: lbm, aerial, osm, flickr, gsv (default: every source;
+    flickr and gsv are then skipped without their key, while asking for them without it is an
+    error)."""
+    province: str | None = None
+    """The municipality's province, when its name is ambiguous, e.g. Limburg."""
+    resolution: float = 0.25
+    """Wanted aerial metres per pixel (> 0); the nearest PDOK level is used (0.25 -> 0.21 m,
+    0.42, 0.84, ...)."""
+    flickr_since: str = "2004-01-01"
+    """Earliest capture time of Flickr photos, an ISO date or date-time (Flickr opened in
+    2004)."""
+    flickr_licenses: str = "all"
+    """Flickr licence ids to keep: 'all' (each photo's licence is recorded), 'reusable' (4, 5,
+    7, 8, 9, 10: CC BY, CC BY-SA, no known restrictions, US government, CC0, public domain) or
+    comma-separated ids, e.g. 4,5,9."""
+    gsv_headings: list[float] = field(default_factory=lambda: list(DEFAULT_HEADINGS))
+    """Compass headings of the Street View views of each panorama, degrees."""
+    gsv_spacing: float = 50.0
+    """Metres between Street View lookups along the streets (> 0)."""
+    gsv_max_requests: int | None = None
+    """Stop before any billed request if Street View needs more image requests than this
+    (default: no limit)."""
+    gsv_panos: str | None = None
+    """A CSV or Parquet file of extra Street View panorama ids (column pano_id) to fetch as well:
+    older captures, which the API finds only by id."""
+    lbm_release: list[str] | None = None
+    """Import a downloaded Leefbaarometer release instead of the WFS: the scores CSV and the
+    grid GeoPackage, or one zip holding both."""
+    osm_file: str | None = None
+    """Read streets, water and parks from this OSM file (.osm, .osm.gz, .osm.bz2, or a .osm.pbf
+    extract) instead of Overpass."""
+    endpoint: dict[str, str] = field(default_factory=dict)
+    """Another base URL per service (a mirror, a proxy, a test server), by service name: pdok,
+    lbm, wmts, overpass, flickr, gsv."""
+    rate: dict[str, float] = field(default_factory=dict)
+    """Requests per second per HTTP client (0 = no limit), by client name: pdok, lbm, wmts,
+    overpass, flickr, flickr-images, gsv, or all."""
+    redo: list[StepName] = field(default_factory=list)
+    """Steps to run again even when fetch.json records them as done: lbm, grid, aerial, osm,
+    flickr, gsv."""
+    dry_run: bool = False
+    """Print the plan (requests, size, time, cost, licences) and stop."""
+    quiet: bool = False
+    """No progress bars."""
+
+    def __post_init__(self) -> None:
+        if not self.municipality.strip():
+            raise ValueError("municipality: give the municipality's official name")
+        if self.sources is not None:
+            if not self.sources:
+                raise ValueError(f"--sources: give at least one of {list(SOURCE_NAMES)}")
+            _names(self.sources, SOURCE_NAMES, "sources")
+            self.sources = list(dict.fromkeys(self.sources))
+        _names(self.redo, STEP_NAMES, "redo")
+        self.year = int(self.year)
+        self.extra_years = [int(y) for y in self.extra_years]
+        self.resolution = float(self.resolution)
+        self.gsv_spacing = float(self.gsv_spacing)
+        self.gsv_headings = [float(h) for h in self.gsv_headings]
+        for name, value in (("resolution", self.resolution), ("gsv_spacing", self.gsv_spacing)):
+            if not value > 0:
+                raise ValueError(f"{_option(name)} {value}: must be > 0")
+        if not self.gsv_headings:
+            raise ValueError("--gsv-headings: give at least one heading")
+        _datetime(self.flickr_since)
+        _licence_choice(self.flickr_licenses)
+        if self.lbm_release is not None and not 1 <= len(self.lbm_release) <= 2:
+            raise ValueError(
+                f"--lbm-release {self.lbm_release}: expected the scores CSV and the grid "
+                "GeoPackage, or one zip holding both"
+            )
+        for name, value in self.endpoint.items():
+            if name not in ENDPOINT_NAMES or not value:
+                raise ValueError(
+                    f"--endpoint {name}={value}: expected NAME=VALUE with NAME one of "
+                    f"{list(ENDPOINT_NAMES)}"
+                )
+        rates = {}
+        for name, value in self.rate.items():
+            if name not in (*CLIENT_NAMES, "all"):
+                raise ValueError(
+                    f"--rate {name}={value}: expected NAME=VALUE with NAME one of "
+                    f"{[*CLIENT_NAMES, 'all']}"
+                )
+            try:
+                rates[name] = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"--rate {name}={value}: not a number") from None
+        if any(v < 0 for v in rates.values()):
+            raise ValueError(f"--rate: requests per second cannot be negative: {rates}")
+        self.rate = rates
+
+    @property
+    def out_path(self) -> Path:
+        """The data root: ``out``, else ``data/<municipality>`` (lower case, other characters
+        as ``-``)."""
+        slug = re.sub(r"[^a-z0-9]+", "-", self.municipality.lower()).strip("-")
+        return Path(self.out or f"data/{slug}")
+
+    @property
+    def years(self) -> list[int]:
+        """Label years, ``year`` first, each once."""
+        return list(dict.fromkeys([self.year, *self.extra_years]))
+
+    @property
+    def since(self) -> datetime:
+        """``flickr_since`` as a datetime."""
+        return _datetime(self.flickr_since)
+
+    @property
+    def licence_ids(self) -> frozenset[int] | None:
+        """The Flickr licence ids to keep; None keeps every licence."""
+        choice = _licence_choice(self.flickr_licenses)
+        if choice == "reusable":
+            from core.sources.flickr import REUSABLE_LICENSES
+
+            return REUSABLE_LICENSES
+        return choice
+
+    @property
+    def release(self) -> tuple[Path, Path | None] | None:
+        """The Leefbaarometer release to import: (scores, grid), grid None for one zip."""
+        if self.lbm_release is None:
+            return None
+        scores, *grid = (Path(p) for p in self.lbm_release)
+        return scores, grid[0] if grid else None
+
+    @property
+    def input_files(self) -> list[Path]:
+        """The local files the fetch reads (release, OSM file, panorama ids)."""
+        files = [*(p for p in self.release or () if p), self.osm_file, self.gsv_panos]
+        return [Path(p) for p in files if p]
+
+    @property
+    def progress(self) -> bool:
+        """Whether to show progress bars."""
+        return not self.quiet
+
+    def rate_for(self, client: str) -> float | None:
+        """Requests per second of HTTP client ``client`` (its own ``--rate``, else ``all``);
+        None keeps the client's default."""
+        return self.rate.get(client, self.rate.get("all"))
+
+
+def _datetime(text: str) -> datetime:
+    """``flickr_since`` parsed."""
+    try:
+        return datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"--flickr-since {text!r}: expected an ISO date such as 2004-01-01"
+        ) from None
+
+
+def _licence_choice(text: str) -> frozenset[int] | Literal["reusable"] | None:
+    """``flickr_licenses`` parsed: None (all), ``"reusable"`` or the ids."""
+    choice = text.strip().lower()
+    if choice == "all":
+        return None
+    if choice == "reusable":
+        return "reusable"
+    try:
+        ids = frozenset(int(v) for v in choice.split(",") if v.strip())
+    except ValueError:
+        ids = frozenset()
+    if not ids:
+        raise ValueError(
+            f"--flickr-licenses {text!r}: expected comma-separated ids, 'reusable' or 'all'"
+        )
+    return ids

@@ -1,0 +1,389 @@
+"""The download sources of a fetch, one :class:`~core.ingest.source.Source` each, and their
+registry :data:`SOURCES` in data-flow order:
+
+1. ``lbm``: Leefbaarometer labels (WFS, or an imported release) for the label years, cells
+   whose centre lies in the outline (then the grid is built, see :mod:`core.ingest.grid`);
+2. ``aerial``: the PDOK aerial mosaic of the year;
+3. ``osm``: OpenStreetMap streets, water and parks (Overpass, or a local OSM file);
+4. ``flickr``: Flickr photos, and 5. ``gsv``: Google Street View views along the OSM streets,
+   into the catalog.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pyogrio
+from pyproj import Transformer
+
+from core.dataroot import DataRoot
+from core.grid import RD_NEW, Bounds, cell_id, grid_for_boundary
+from core.ingest.area import FetchArea, Outline
+from core.ingest.source import Say, Service, Source, outputs
+from core.sources import flickr, gsv
+from core.sources.catalog import WGS84
+from core.sources.http import Estimate, Politeness, redact
+from core.sources.lbm import read_lbm
+from core.sources.lbm_wfs import (
+    LBM_POLITENESS,
+    LBM_WFS_URL,
+    estimate_lbm,
+    fetch_lbm,
+    import_lbm_release,
+)
+from core.sources.osm import (
+    OSM_POLITENESS,
+    OVERPASS_URL,
+    estimate_osm,
+    fetch_context,
+    fetch_streets,
+    import_context,
+    import_streets,
+)
+from core.sources.wmts import PDOK_WMTS, estimate_aerial, fetch_aerial
+
+
+class LbmSource(Source):
+    """Leefbaarometer 3.0 labels of the label years: from the WFS, or from a downloaded release
+    (``lbm_release``)."""
+
+    name = "lbm"
+    licence = "Leefbaarometer 3.0 (Ministerie van BZK): open data, see leefbaarometer.nl"
+    service = "lbm"
+    endpoint = LBM_WFS_URL
+    politeness = {"lbm": LBM_POLITENESS}
+    feeds_grid = True
+
+    def params(self, area: FetchArea) -> dict[str, Any]:
+        if self.config.release is not None:
+            return {"release": self._release_files(), "years": self.config.years}
+        return {"endpoint": self.endpoint, "years": self.config.years, "bbox": area.bbox_rd}
+
+    def estimate(self, root: DataRoot, area: FetchArea) -> Estimate:
+        if self.config.release is not None:
+            files = ", ".join(self._release_files())
+            return Estimate(
+                "Leefbaarometer release import", 0, 0, 0.0, f"from {files}; {self.licence}"
+            )
+        years = self.config.years
+        e = estimate_lbm(area.bbox_rd, years, self.client(), self.endpoint)
+        return replace(e, note=f"years {years}; {e.note} (terms: leefbaarometer.nl)")
+
+    def fetch(self, root: DataRoot, area: FetchArea, say: Say = print) -> dict[str, Any]:
+        years = self.config.years
+        if self.config.release is not None:
+            scores, grid = self.config.release
+            paths = import_lbm_release(root, scores, grid, boundary=area.outline, years=years)
+        else:
+            paths = fetch_lbm(
+                root,
+                area.bbox_rd,
+                years,
+                boundary=area.outline,
+                client=self.client(),
+                endpoint=self.endpoint,
+            )
+        labels = read_lbm(root.scores, root.lbm_grid)
+        return {
+            "outputs": outputs(root, *paths),
+            "cells_per_year": {str(y): int(n) for y, n in labels.groupby("jaar").size().items()},
+        }
+
+    def _release_files(self) -> list[str]:
+        return [str(p) for p in self.config.release or () if p]
+
+
+class AerialSource(Source):
+    """The PDOK aerial orthomosaic of ``year`` over the outline's box and a margin."""
+
+    name = "aerial"
+    licence = (
+        "PDOK Luchtfoto RGB (Beeldmateriaal Nederland): CC BY 4.0, attribute Beeldmateriaal "
+        "Nederland"
+    )
+    service = "wmts"
+    endpoint = PDOK_WMTS
+    politeness = {"wmts": Politeness()}
+    margin_m: ClassVar[float] = 150.0
+    """Metres of imagery beyond the outline's box: a 256 m patch around an edge cell's centre."""
+
+    @classmethod
+    def bbox_rd(cls, area: FetchArea) -> Bounds:
+        """The outline's box grown by :attr:`margin_m`."""
+        minx, miny, maxx, maxy = area.bbox_rd
+        m = cls.margin_m
+        return minx - m, miny - m, maxx + m, maxy + m
+
+    def params(self, area: FetchArea) -> dict[str, Any]:
+        return {
+            "endpoint": self.endpoint,
+            "year": self.config.year,
+            "resolution": self.config.resolution,
+            "bbox": self.bbox_rd(area),
+        }
+
+    def estimate(self, root: DataRoot, area: FetchArea) -> Estimate:
+        c = self.config
+        e = estimate_aerial(self.bbox_rd(area), c.year, c.resolution, self.politeness["wmts"])
+        return replace(e, note=f"{e.note}; CC BY 4.0 Beeldmateriaal Nederland")
+
+    def fetch(self, root: DataRoot, area: FetchArea, say: Say = print) -> dict[str, Any]:
+        done = fetch_aerial(
+            root.root,
+            self.bbox_rd(area),
+            self.config.year,
+            resolution=self.config.resolution,
+            endpoint=self.endpoint,
+            client=self.client(),
+            progress=self.config.progress,
+        )
+        return {
+            "outputs": outputs(root, done.path),
+            "layer": done.layer,
+            "tile_matrix": done.matrix.identifier,
+            "metres_per_pixel": round(done.matrix.resolution, 4),
+            "tiles": len(done.tiles),
+            "fetched": done.fetched,
+            "skipped": done.skipped,
+            "missing": len(done.missing),
+        }
+
+
+class OsmSource(Source):
+    """OpenStreetMap streets, water and parks: from Overpass, or from a local file
+    (``osm_file``)."""
+
+    name = "osm"
+    licence = "(c) OpenStreetMap contributors, ODbL 1.0"
+    service = "overpass"
+    endpoint = OVERPASS_URL
+    politeness = {"overpass": OSM_POLITENESS}
+
+    def params(self, area: FetchArea) -> dict[str, Any]:
+        if self.config.osm_file is not None:
+            return {"file": str(Path(self.config.osm_file))}
+        return {"endpoint": self.endpoint, "bbox": area.bbox_rd}
+
+    def estimate(self, root: DataRoot, area: FetchArea) -> Estimate:
+        if self.config.osm_file is not None:
+            return Estimate(
+                "OpenStreetMap file import",
+                0,
+                0,
+                0.0,
+                f"from {Path(self.config.osm_file)}; {self.licence}",
+            )
+        rate = self.politeness["overpass"].requests_per_second
+        return estimate_osm(area.outline, requests_per_second=rate)
+
+    def fetch(self, root: DataRoot, area: FetchArea, say: Say = print) -> dict[str, Any]:
+        if self.config.osm_file is not None:
+            osm_file = Path(self.config.osm_file)
+            paths = (
+                import_streets(root, osm_file, area.outline),
+                *import_context(root, osm_file, area.outline),
+            )
+        else:
+            client = self.client()
+            paths = (
+                fetch_streets(root, area.outline, client, self.endpoint),
+                *fetch_context(root, area.outline, client, self.endpoint),
+            )
+        counts = {
+            layer: int(pyogrio.read_info(root.streets, layer=layer)["features"])
+            for layer in ("nodes", "edges")
+        }
+        return {
+            "outputs": outputs(root, *paths),
+            "street_nodes": counts["nodes"],
+            "street_edges": counts["edges"],
+        }
+
+
+class FlickrSource(Source):
+    """Geotagged Flickr photos in the outline's WGS84 box, taken since ``flickr_since``, under
+    the ``flickr_licenses`` allowed."""
+
+    name = "flickr"
+    licence = (
+        "each photo under its owner's licence (catalog columns license, license_url, "
+        "owner_name, photo_page); attribution needed"
+    )
+    service = "flickr"
+    endpoint = flickr.FLICKR_REST
+    politeness = {"flickr": flickr.API_POLITENESS, "flickr-images": flickr.IMAGE_POLITENESS}
+    key_env = flickr.API_KEY_ENV
+    key_help = "https://www.flickr.com/services/api/keys/"
+
+    def params(self, area: FetchArea) -> dict[str, Any]:
+        licences = self.config.licence_ids
+        return {
+            "endpoint": self.endpoint,
+            "bbox_lonlat": area.bbox_wgs84,
+            "since": self.config.since.isoformat(),
+            "licenses": None if licences is None else sorted(licences),
+        }
+
+    def estimate(self, root: DataRoot, area: FetchArea) -> Estimate:
+        return flickr.estimate_flickr(
+            area.bbox_wgs84,
+            min_taken=self.config.since,
+            licenses=self.config.licence_ids,
+            api_key=self.key(),
+            client=self.client("flickr"),
+            endpoint=self.endpoint,
+            image_politeness=self.politeness["flickr-images"],
+        )
+
+    def fetch(self, root: DataRoot, area: FetchArea, say: Say = print) -> dict[str, Any]:
+        until = datetime.now().replace(microsecond=0)
+        done = flickr.fetch_flickr(
+            root,
+            area.bbox_wgs84,
+            min_taken=self.config.since,
+            max_taken=until,
+            licenses=self.config.licence_ids,
+            api_key=self.key(),
+            client=self.client("flickr"),
+            image_client=self.client("flickr-images"),
+            endpoint=self.endpoint,
+            progress=self.config.progress,
+        )
+        return {
+            "outputs": outputs(root, done.catalog),
+            "until": until.isoformat(),
+            "photos": len(done.rows),
+            "fetched": done.report.fetched,
+            "skipped": done.report.skipped,
+            "photos_per_licence": {
+                str(k): int(n) for k, n in done.rows["license"].value_counts().items()
+            },
+        }
+
+
+class GsvSource(Source):
+    """Google Street View views at ``gsv_headings`` of the panoramas along the streets (every
+    ``gsv_spacing`` metres), and of the ids in ``gsv_panos``."""
+
+    name = "gsv"
+    licence = (
+        "Google Maps Platform Terms of Service: images (c) Google, not to be stored long-term "
+        "or redistributed"
+    )
+    service = "gsv"
+    endpoint = gsv.GOOGLE_MAPS
+    politeness = {"gsv": gsv.POLITENESS}
+    key_env = gsv.API_KEY_ENV
+    key_help = "a Google Maps Platform key with the Street View Static API enabled"
+    street_m_per_cell: ClassVar[float] = 250.0
+    """Assumed street length (footpaths and cycleways included) per 100 m cell, for the plan
+    before the streets are fetched; the points are counted from the streets before the step."""
+
+    @classmethod
+    def secrets(cls) -> list[str]:
+        signing = os.environ.get(gsv.SIGNING_SECRET_ENV, "").strip()
+        return [s for s in (cls.key(), signing) if s]
+
+    def params(self, area: FetchArea) -> dict[str, Any]:
+        return {
+            "endpoint": self.endpoint,
+            "headings": self.config.gsv_headings,
+            "spacing_m": self.config.gsv_spacing,
+            "panos": self._panos(),
+        }
+
+    def estimate(self, root: DataRoot, area: FetchArea) -> Estimate:
+        spacing = self.config.gsv_spacing
+        if root.streets.is_file():
+            locations = len(street_points(root, area, spacing))
+            counted = "points along the streets on disk"
+        else:
+            cells = len(grid_for_boundary(area.outline))
+            locations = math.ceil(cells * self.street_m_per_cell / spacing)
+            counted = (
+                f"points assumed from {cells:,} cells x {self.street_m_per_cell:.0f} m of "
+                "street, recounted from the streets before the Street View step"
+            )
+        e = self._estimate(locations)
+        return replace(e, note=f"{locations:,} {counted}; {e.note}; {self.licence}")
+
+    def fetch(self, root: DataRoot, area: FetchArea, say: Say = print) -> dict[str, Any]:
+        if root.streets.is_file():
+            points = street_points(root, area, self.config.gsv_spacing)
+        else:
+            say(
+                "gsv: no streets on disk (add osm to --sources); looking for panoramas at the "
+                "cell centres"
+            )
+            points = gsv.cell_centres_lonlat(root.grid)
+        say(f"gsv: {len(points):,} lookup points; {self._estimate(len(points)).note}")
+        done = gsv.fetch_gsv(
+            root,
+            points,
+            headings=self.config.gsv_headings,
+            pano_csv=self._panos(),
+            max_requests=self.config.gsv_max_requests,
+            api_key=self.key(),
+            client=self.client(),
+            endpoint=self.endpoint,
+            progress=self.config.progress,
+        )
+        return {
+            "outputs": outputs(root, done.catalog),
+            "lookup_points": len(points),
+            "panoramas": int(done.rows["pano_id"].nunique()),
+            "views": len(done.rows),
+            "fetched": done.report.fetched,
+            "skipped": done.report.skipped,
+            "copyright": {str(k): int(n) for k, n in done.rows["copyright"].value_counts().items()},
+        }
+
+    def _panos(self) -> Path | None:
+        return Path(self.config.gsv_panos) if self.config.gsv_panos else None
+
+    def _estimate(self, locations: int) -> Estimate:
+        panos = self._panos()
+        extra = len(gsv.read_pano_ids(panos)) if panos else 0
+        return gsv.estimate_gsv(
+            locations, self.config.gsv_headings, extra, politeness=self.politeness["gsv"]
+        )
+
+
+def street_points(root: DataRoot, area: FetchArea, spacing_m: float) -> np.ndarray:
+    """WGS84 points every ``spacing_m`` along the streets whose cell is in the area."""
+    points = gsv.street_points_lonlat(root.streets, spacing_m)
+    x, y = Transformer.from_crs(WGS84, RD_NEW, always_xy=True).transform(points[:, 0], points[:, 1])
+    return points[np.isin(cell_id(x, y), grid_for_boundary(area.outline))]
+
+
+#: The sources a fetch can run, by name, in data-flow order (a source may use what an earlier
+#: one wrote: the grid the labels, Street View the OSM streets). Register a new source here.
+SOURCES: dict[str, type[Source]] = {
+    source.name: source for source in (LbmSource, AerialSource, OsmSource, FlickrSource, GsvSource)
+}
+
+
+def services() -> list[type[Service]]:
+    """Every service a fetch may talk to: the outline's, then each registered source's."""
+    return [Outline, *SOURCES.values()]
+
+
+def endpoint_names() -> list[str]:
+    """The service names ``--endpoint`` takes."""
+    return [service.service for service in services()]
+
+
+def client_names() -> list[str]:
+    """The HTTP client names ``--rate`` takes (besides ``all``)."""
+    return [name for service in services() for name in service.politeness]
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` without any service's key or secret (nor secret URL parameters)."""
+    return redact(text, [s for service in services() for s in service.secrets()])
