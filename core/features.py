@@ -59,6 +59,13 @@ class ImageFiles(Dataset):
         return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
 
 
+def _loader_generator() -> torch.Generator:
+    """A generator for a DataLoader's worker seeds. Without one, starting workers draws from
+    torch's global RNG, so a training run that fills a cache would draw differently from the
+    same run reading it."""
+    return torch.Generator().manual_seed(0)
+
+
 def load_pixels(
     images: pd.DataFrame, px: int, cache_root: str | Path, workers: int = 2
 ) -> np.ndarray:
@@ -71,7 +78,12 @@ def load_pixels(
     paths = images["path"].astype(str).to_numpy()
     path = Path(cache_root) / f"pixels-{px}px-{image_set_key(ids, paths)}.npy"
     if not path.exists():
-        loader = DataLoader(ImageFiles(list(paths), px), batch_size=512, num_workers=workers)
+        loader = DataLoader(
+            ImageFiles(list(paths), px),
+            batch_size=512,
+            num_workers=workers,
+            generator=_loader_generator(),  # not the global RNG: a run that fills the cache repeats
+        )
         pixels = (
             np.concatenate([batch.numpy() for batch in loader])
             if len(paths)
@@ -213,6 +225,7 @@ def _extract_rows(
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
+        generator=_loader_generator(),
     )
     out = np.load(folder / "features.npy", mmap_mode="r+")
     row, started = start, time.perf_counter()

@@ -321,3 +321,36 @@ def test_a_fusion_run_repeats_from_its_own_config(tiny_demo, tmp_path):
     assert second.config == first.config
     assert second.metrics == first.metrics and first.metrics["test_kendall_tau"] != 0
     pd.testing.assert_frame_equal(second.predictions(), first.predictions())
+
+
+def test_fetch_takes_the_municipality_and_its_old_option_spellings():
+    fetch = parsed(
+        "fetch",
+        "amsterdam",
+        "--sources",
+        "lbm,aerial",
+        "--extra-years",
+        "2018",
+        "2016",
+        "--endpoint",
+        "wmts=http://127.0.0.1:9/wmts",
+        "--rate",
+        "all=0",
+        "--gsv-headings",
+        "0",
+        "180",
+        "--lbm-release",
+        "scores.csv,grid.gpkg",
+        "--redo",
+        "aerial",
+        "osm",
+        "--dry-run",
+    )
+    assert fetch["municipality"] == "amsterdam"
+    assert fetch["sources"] == ["lbm", "aerial"] and fetch["extra_years"] == [2018, 2016]
+    assert fetch["endpoint"] == {"wmts": "http://127.0.0.1:9/wmts"} and fetch["rate"] == {
+        "all": 0.0
+    }
+    assert fetch["gsv_headings"] == [0.0, 180.0] and fetch["redo"] == ["aerial", "osm"]
+    assert fetch["lbm_release"] == ["scores.csv", "grid.gpkg"] and fetch["dry_run"] is True
+    assert main(["fetch", "amsterdam", "--rate", "nope=3"]) == 2

@@ -201,7 +201,10 @@ def test_a_contrastive_run_repeats_from_its_own_config(root):
     assert main(["contrastive", "--config", str(first.path / "config.yaml")]) == 0
     second = newest()
     assert second.run_id != first.run_id and second.config == first.config
-    assert second.metrics == first.metrics
+    timing = "images_per_s"  # the only measured value that may differ
+    assert {k: v for k, v in second.metrics.items() if k != timing} == {
+        k: v for k, v in first.metrics.items() if k != timing
+    }
     weights = [load_file(run.path / BACKBONE_FILE) for run in (first, second)]
     assert weights[0].keys() == weights[1].keys()
     for name in weights[0]:

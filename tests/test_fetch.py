@@ -49,7 +49,7 @@ from tests.fakes.lbm_wfs import install_lbm_wfs
 from tests.fakes.overpass import install_overpass
 from tests.fakes.pdok_boundaries import demo_outline, install_pdok_boundaries
 from tests.fakes.wmts import FakeWmts, install_wmts
-from train.__main__ import main
+from train.cli import main
 
 FLICKR_KEY = "flickr-Key-5f1d9c0e7a"
 GSV_KEY = "AIzaGsv-Key-0b7c1e9d44"

@@ -14,7 +14,7 @@ from core.dataroot import DataRoot
 from core.downstream import candidate_sets, paired_difference, ranking_metrics
 from core.runs import load_run
 from core.ugdata import PAIR_GRAPH, TRAIN_FILE, read_ugdata
-from train.__main__ import main
+from train.cli import main
 from train.uge import (
     embed_queries,
     fused_embeddings,

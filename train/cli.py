@@ -49,14 +49,7 @@ from core.configs import (
 from core.dataroot import DataRoot
 from core.demo.build import DemoConfig
 
-try:  # TEMPORARY until the ingest branch lands
-    from core.ingest.config import FetchConfig
-except ImportError:
-    from dataclasses import dataclass as _dc
-
-    @_dc
-    class FetchConfig:
-        municipality: str
+from core.ingest.config import FetchConfig
 
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -148,10 +141,15 @@ def fetch(config: FetchConfig) -> int:
     import logging
 
     from core.ingest import run_fetch
+    from core.sources.http import FetchError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("core.sources").setLevel(logging.INFO)
-    return run_fetch(config)
+    try:
+        return run_fetch(config)
+    except FetchError as exc:  # the outline could not be fetched; the message is redacted
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def summary(data: str | None = None) -> int:
