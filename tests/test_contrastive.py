@@ -178,13 +178,6 @@ def test_unified_weights_select_the_rules():
         replace(ContrastiveConfig(), pairs={"spatial_buffer_m": -1})
 
 
-def test_the_cli_offers_every_objective():
-    from core.configs import OBJECTIVES
-    from train.__main__ import OBJECTIVES as CLI_OBJECTIVES
-
-    assert CLI_OBJECTIVES == OBJECTIVES
-
-
 def test_a_contrastive_run_repeats_from_its_own_config(root):
     from safetensors.numpy import load_file
 
