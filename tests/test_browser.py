@@ -1,4 +1,4 @@
-"""The dashboard end to end in a real browser: ``streamlit run`` driven by Chromium (Playwright).
+"""The dashboard end to end in a real browser: ``stadsbeeld dashboard`` driven by Chromium (Playwright).
 
 The server runs on a copy of the tiny demo city with retraining on; the test checks that the
 city map renders, trains a small fusion model from the sidebar form and waits for the worker to
@@ -41,7 +41,6 @@ if not Path(CHROMIUM).is_file():
     pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 
-REPO = Path(__file__).resolve().parent.parent
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -130,7 +129,7 @@ def _stop(pids: set[int], alive: Callable[[int], bool], grace: float = 10.0) -> 
 
 @pytest.fixture(scope="module")
 def dashboard(tmp_path_factory, request) -> Iterator[Dashboard]:
-    """``streamlit run dashboard/app.py`` on a copy of the tiny demo city, retraining on.
+    """``stadsbeeld dashboard --retrain`` on a copy of the tiny demo city.
 
     Teardown stops the server's process group and any training worker it started (the worker
     runs in a session of its own, so it would outlive the server by its idle timeout).
@@ -148,32 +147,14 @@ def dashboard(tmp_path_factory, request) -> Iterator[Dashboard]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("browser-log") / "streamlit.log"
-    env = {
-        **os.environ,
-        "STADSBEELD_DATA": str(root),
-        "STADSBEELD_RETRAIN": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
+    env = {**os.environ, "STADSBEELD_DATA": str(root)}
     env.pop("STADSBEELD_START_WORKER", None)
-    command = [
-        sys.executable,
-        "-m",
-        "streamlit",
-        "run",
-        "dashboard/app.py",
-        "--server.address",
-        "127.0.0.1",
-        "--server.port",
-        str(port),
-        "--server.headless",
-        "true",
-        "--browser.gatherUsageStats",
-        "false",
-    ]
+    # The installed command, started outside the repository: no path or directory workaround.
+    command = [sys.executable, "-m", "train", "dashboard", "--port", str(port), "--retrain"]
     with open(log, "wb") as out:
         server = subprocess.Popen(
             command,
-            cwd=REPO,
+            cwd=tmp_path_factory.mktemp("elsewhere"),
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=out,
