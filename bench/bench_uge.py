@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from bench.common import register
-from core.models.uge import UGEEmbedder, UGESettings, make_tiny_qwen2vl
+from core.models.uge import IMAGE_TASK, TEXT_TASK, UGEEmbedder, UGESettings, make_tiny_qwen2vl
 
 #: A local Qwen2-VL / Qwen2.5-VL folder to measure instead of the tiny model (on a GPU, bf16).
 VLM_ENV = "STADSBEELD_BENCH_VLM"
@@ -46,8 +46,8 @@ def bench_uge_throughput(repeat: int, images: int, batch: int, px: int) -> dict[
                 best = min(best, time.perf_counter() - start)
             return images / best
 
-        image_rate = rate(lambda i: embedder.embed_images(pictures[i : i + batch], "location"))
-        text_rate = rate(lambda i: embedder.embed_texts(texts[i : i + batch], "caption"))
+        image_rate = rate(lambda i: embedder.embed_images(pictures[i : i + batch], IMAGE_TASK))
+        text_rate = rate(lambda i: embedder.embed_texts(texts[i : i + batch], TEXT_TASK))
         return {
             "model": "tiny qwen2-vl" if not os.environ.get(VLM_ENV) else vlm,
             "device": str(embedder.device),

@@ -14,7 +14,7 @@ from core.runs import load_run
 
 @st.cache_resource(show_spinner="Loading the run's text encoder ...", max_entries=2)
 def _embedder(run_path: str):
-    from train.uge import restore
+    from core.models.uge_run import restore
 
     embedder, _ = restore(load_run(run_path), stage=1)
     return embedder
@@ -24,7 +24,7 @@ def text_vector(run_path: str, query: str) -> np.ndarray:
     """The query's embedding in the run's space (the caption side of its training pairs)."""
     import torch
 
-    from train.uge import TEXT_TASK
+    from core.models.uge import TEXT_TASK
 
     with torch.no_grad():
         return _embedder(run_path).embed_texts([query], TEXT_TASK)[0].float().cpu().numpy()

@@ -22,6 +22,7 @@ from core.ugdata import (
     TemplateCaptioner,
     UGDataFormatError,
     build_samples,
+    build_ugdata,
     compass,
     edge_features,
     format_distance,
@@ -36,7 +37,6 @@ from core.ugdata import (
     to_networkx,
     write_graph,
 )
-from train.ugdata_cli import build_ugdata
 
 WORDS = ("north", "north-east", "east", "south-east", "south", "south-west", "west", "north-west")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -12,20 +13,13 @@ import torch
 from core.configs import UGEConfig
 from core.dataroot import DataRoot
 from core.downstream import candidate_sets, paired_difference, ranking_metrics
+from core.models.uge_graph import fused_embeddings, graph_records, graph_tensors, node_vectors
+from core.models.uge_run import PRETRAINING_MARKER, embed_queries, restore
 from core.runs import load_run
 from core.ugdata import PAIR_GRAPH, TRAIN_FILE, read_ugdata
 from train.cli import main
-from train.uge import (
-    embed_queries,
-    fused_embeddings,
-    graph_records,
-    graph_tensors,
-    node_vectors,
-    restore,
-    train_uge,
-)
+from train.uge import train_uge
 from train.uge_bench import BenchResult, run_bench, stage_gains, write_report
-from train.uge_pretrain import MARKER
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +63,7 @@ def test_a_run_saves_adapters_graph_model_and_cell_embeddings(trained):
     }
     # the backbone is the tiny model after its captioning pretraining, cached for later runs
     backbone = DataRoot(root).cache / "vlm"
-    pretrained = [p for p in backbone.iterdir() if (p / MARKER).is_file()]
+    pretrained = [p for p in backbone.iterdir() if (p / PRETRAINING_MARKER).is_file()]
     assert [p.name for p in pretrained] == [
         f"tiny-qwen2vl-captions-3-{p.name.rsplit('-', 1)[1]}" for p in pretrained
     ]
@@ -97,6 +91,15 @@ def test_restored_stage_2_reproduces_the_run_embeddings(trained):
     np.testing.assert_allclose(matrix[list(ids).index(cell)], expected, atol=1e-4)
     stage0, _ = restore(run, config, stage=0)
     assert not stage0.adapter_parameters()
+
+
+def test_restore_needs_the_cached_backbone_it_cannot_pretrain(trained):
+    # core restores without the trainer: a missing pretrained backbone is an error, not a
+    # captioning pretraining started from the dashboard
+    root, config, run_id = trained
+    run = load_run(DataRoot(root).runs / run_id)
+    with pytest.raises(FileNotFoundError, match="pretrained tiny VLM is missing"):
+        restore(run, replace(config, tiny_pretrain_steps=config.tiny_pretrain_steps + 1), stage=1)
 
 
 def test_ugbench_reports_every_task_for_each_stage_and_split(trained, tmp_path):

@@ -426,7 +426,7 @@ def ugdata(
         hops: Hops of each image's street subgraph.
         holdout_district: A district kept out of training (heldout.jsonl).
     """
-    from train.ugdata_cli import build_ugdata
+    from core.ugdata import build_ugdata
 
     root = data or _default_data()
     folder = out or str(DataRoot(Path(root)).root / "ugdata")

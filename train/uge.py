@@ -9,13 +9,16 @@ the fused embeddings of a cell's images) for the dashboard.
 
 The backbone is a local checkpoint folder (``--vlm``, a real Qwen2-VL / Qwen2.5-VL on a GPU in
 bf16); without one, a tiny Qwen2-VL is built once under ``DATA/cache/vlm/`` for CPU runs.
+
+The graph model, its batching and the embedding of samples live in :mod:`core.models.uge_graph`
+and :mod:`core.models.uge_run` (which also restores a run from its folder); here are the
+training stages, the run writing and :func:`train_uge`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,55 +26,49 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
-from safetensors.torch import load_file
 
 from core.configs import UGEConfig
 from core.dataroot import DataRoot
-from core.models.graph_encoder import GraphEncoder, SpatialFusion
-from core.models.uge import LoraSettings, UGEEmbedder, UGESettings, info_nce, make_tiny_qwen2vl
-from core.runs import Run, RunWriter
+from core.models.uge import IMAGE_TASK, QUESTION_TASK, TEXT_TASK, UGEEmbedder, info_nce
+from core.models.uge_graph import (
+    GraphModel,
+    fused_embeddings,
+    graph_file,
+    graph_records,
+    graph_tensors,
+    node_vectors,
+)
+from core.models.uge_run import (
+    ADAPTERS_DIR,
+    backbone_folder,
+    embed_positives,
+    embed_queries,
+    load_images,
+    settings,
+)
+from core.runs import RunWriter
 from core.ugdata import (
-    GRAPH_DIR,
     HELDOUT_FILE,
     PAIR_CAPTION,
     PAIR_GRAPH,
     PAIR_REASONING,
     TRAIN_FILE,
-    GraphRecord,
     UGData,
     UGSample,
-    graph_file_name,
-    read_graph,
     read_ugdata,
 )
 from train.common import seed_everything
-from train.uge_pretrain import MARKER as PRETRAINING_MARKER
 from train.uge_pretrain import pretrain_captioning
-
-IMAGE_TASK, TEXT_TASK, QUESTION_TASK, NODE_TASK = "location", "caption", "grounding", "node"
-ADAPTERS_DIR = "adapters"
-STRUCTURE_FEATURES = 2  # degree / 4 and hop / 2; the node text's embedding follows them
-EDGE_FEATURES = 5  # length / 100 m, sin and cos of the bearing, dx and dy / 100 m
 
 
 def vlm_folder(
     config: UGEConfig, log: Callable[[str], None] = print, data: UGData | None = None
 ) -> Path:
-    """The backbone folder: ``config.vlm``, else the tiny Qwen2-VL after its captioning
-    pretraining on this UGData (``data`` if already read; both made on first use and cached
-    under ``DATA/cache/vlm/``)."""
-    if config.vlm:
-        return Path(config.vlm)
-    cache = DataRoot(config.data).cache / "vlm"
-    base = cache / "tiny-qwen2vl"
-    if not (base / "config.json").is_file():
-        make_tiny_qwen2vl(base)
-    if config.tiny_pretrain_steps <= 0:
-        return base
-    source = hashlib.sha1(str(config.ugdata_folder.resolve()).encode()).hexdigest()[:8]
-    folder = cache / f"tiny-qwen2vl-captions-{config.tiny_pretrain_steps}-{source}"
-    if not (folder / PRETRAINING_MARKER).is_file():
+    """The backbone folder (:func:`~core.models.uge_run.backbone_folder`): ``config.vlm``, else
+    the tiny Qwen2-VL after its captioning pretraining on this UGData (``data`` if already read;
+    both made on first use and cached under ``DATA/cache/vlm/``)."""
+
+    def pretrain(base: Path, folder: Path) -> None:
         log(
             f"pretraining the tiny VLM on captions ({config.tiny_pretrain_steps} steps, cached in {folder})"
         )
@@ -84,104 +81,8 @@ def vlm_folder(
             image_px=config.image_px,
             log=log,
         )
-    return folder
 
-
-def settings(config: UGEConfig, lora: bool = True) -> UGESettings:
-    """The embedder settings of a run (stage 0 has no adapters)."""
-    pixels = config.image_px * config.image_px
-    return UGESettings(
-        pooling=config.pooling,
-        dim=config.dim,
-        image_min_pixels=pixels,
-        image_max_pixels=pixels,
-        lora=LoraSettings(r=config.lora_r, alpha=2 * config.lora_r) if lora else None,
-    )
-
-
-def load_images(data: UGData, samples: Sequence[UGSample], px: int) -> list[Image.Image]:
-    """Each sample's first image as RGB at ``px`` x ``px``."""
-    return [Image.open(data.image_path(s)).convert("RGB").resize((px, px)) for s in samples]
-
-
-def graph_batch(
-    records: Sequence[GraphRecord], node_vectors: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Padded tensors of subgraphs for :class:`GraphEncoder` (both edge directions).
-
-    A node's features are its degree and hop, then the embedding of its text (``node_vectors``,
-    keyed by node id: the paper's nodes carry their category, neighbourhood and coordinates as
-    text, so names in a caption can meet the same names on the graph).
-    """
-    n = max(len(r.nodes) for r in records)
-    e = max(2 * len(r.edges) for r in records) or 1
-    width = STRUCTURE_FEATURES + next(iter(node_vectors.values())).shape[0]
-    batch = {
-        "nodes": torch.zeros(len(records), n, width),
-        "node_mask": torch.zeros(len(records), n, dtype=torch.bool),
-        "xy": torch.zeros(len(records), n, 2),
-        "edges": torch.zeros(len(records), e, 2, dtype=torch.long),
-        "edge_mask": torch.zeros(len(records), e, dtype=torch.bool),
-        "edge_attr": torch.zeros(len(records), e, EDGE_FEATURES),
-        "centre": torch.zeros(len(records), dtype=torch.long),
-    }
-    for b, record in enumerate(records):
-        index = {node["node_id"]: i for i, node in enumerate(record.nodes)}
-        for i, node in enumerate(record.nodes):
-            batch["nodes"][b, i, :STRUCTURE_FEATURES] = torch.tensor(
-                [node.get("degree", 0) / 4, node.get("hop", 0) / 2]
-            )
-            batch["nodes"][b, i, STRUCTURE_FEATURES:] = node_vectors[node["node_id"]]
-            batch["xy"][b, i] = torch.tensor(node["xy"], dtype=torch.float32)
-        batch["node_mask"][b, : len(record.nodes)] = True
-        batch["centre"][b] = index[record.center_node]
-        for j, edge in enumerate(record.edges):
-            bearing = np.radians(edge["bearing_deg"])
-            forward = [
-                edge["length_m"] / 100,
-                np.sin(bearing),
-                np.cos(bearing),
-                edge["dx_m"] / 100,
-                edge["dy_m"] / 100,
-            ]
-            backward = [forward[0], -forward[1], -forward[2], -forward[3], -forward[4]]
-            for k, (pair, attr) in enumerate(
-                (
-                    ((edge["source"], edge["target"]), forward),
-                    ((edge["target"], edge["source"]), backward),
-                )
-            ):
-                batch["edges"][b, 2 * j + k] = torch.tensor([index[pair[0]], index[pair[1]]])
-                batch["edge_attr"][b, 2 * j + k] = torch.tensor(attr, dtype=torch.float32)
-                batch["edge_mask"][b, 2 * j + k] = True
-    return batch
-
-
-class GraphModel(torch.nn.Module):
-    """Stage 2: the graph encoder and its fusion with the (frozen) image embedding."""
-
-    def __init__(self, image_dim: int, graph_dim: int, place_dim: int = 0) -> None:
-        super().__init__()
-        self.encoder = GraphEncoder(
-            STRUCTURE_FEATURES + image_dim,
-            EDGE_FEATURES,
-            hidden=graph_dim,
-            out_dim=graph_dim,
-            place_dim=place_dim,
-        )
-        self.fusion = SpatialFusion(image_dim, graph_dim)
-
-    def forward(self, image: torch.Tensor, graphs: dict[str, torch.Tensor]) -> torch.Tensor:
-        graph = self.encoder(
-            graphs["nodes"],
-            graphs["node_mask"],
-            graphs["edges"],
-            graphs["edge_mask"],
-            graphs["edge_attr"],
-            graphs["centre"],
-            graphs["xy"],
-        )
-        return self.fusion(image, graph)
+    return backbone_folder(config, pretrain)
 
 
 def group_ids(keys: Iterable[Any]) -> torch.Tensor:
@@ -192,38 +93,6 @@ def group_ids(keys: Iterable[Any]) -> torch.Tensor:
 def node_groups(samples: Sequence[UGSample]) -> torch.Tensor:
     """Group by anchor node: images of one place share its captions."""
     return group_ids([s.meta.get("node_id", i) for i, s in enumerate(samples)])
-
-
-def embed_queries(
-    embedder: UGEEmbedder, data: UGData, samples: Sequence[UGSample], px: int, batch_size: int = 32
-) -> torch.Tensor:
-    """Image-side embeddings: caption/graph samples by image, reasoning samples by image + question."""
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(samples), batch_size):
-            part = samples[start : start + batch_size]
-            images = load_images(data, part, px)
-            reasoning = [s.pair_type == PAIR_REASONING for s in part]
-            if all(reasoning):
-                questions = [s.query.replace("<image>", "").strip() for s in part]
-                out.append(embedder.embed_images(images, QUESTION_TASK, questions).float().cpu())
-            else:
-                out.append(embedder.embed_images(images, IMAGE_TASK).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, embedder.dim)
-
-
-def embed_positives(
-    embedder: UGEEmbedder, samples: Sequence[UGSample], batch_size: int = 64
-) -> torch.Tensor:
-    """Text-side embeddings of the samples' positives (captions or answers)."""
-    with torch.no_grad():
-        parts = [
-            embedder.embed_texts([s.positive for s in samples[i : i + batch_size]], TEXT_TASK)
-            .float()
-            .cpu()
-            for i in range(0, len(samples), batch_size)
-        ]
-    return torch.cat(parts) if parts else torch.zeros(0, embedder.dim)
 
 
 def _stage1(
@@ -321,53 +190,6 @@ def _stage2(
     model.eval()
 
 
-def fused_embeddings(
-    model: GraphModel, images: torch.Tensor, graphs: dict[str, torch.Tensor], batch_size: int = 256
-) -> torch.Tensor:
-    """Stage-2 embeddings of images with their subgraphs."""
-    with torch.no_grad():
-        return (
-            torch.cat(
-                [
-                    model(
-                        images[i : i + batch_size],
-                        {k: v[i : i + batch_size] for k, v in graphs.items()},
-                    )
-                    for i in range(0, len(images), batch_size)
-                ]
-            )
-            if len(images)
-            else images
-        )
-
-
-def _pad_cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Concatenate padded graph batches of different widths."""
-    out = {}
-    for key in parts[0]:
-        width = max(p[key].shape[1] for p in parts) if parts[0][key].ndim > 1 else None
-        padded = []
-        for p in parts:
-            value = p[key]
-            if width is not None and value.shape[1] < width:
-                pad = torch.zeros(
-                    (value.shape[0], width - value.shape[1], *value.shape[2:]), dtype=value.dtype
-                )
-                value = torch.cat([value, pad], 1)
-            padded.append(value)
-        out[key] = torch.cat(padded)
-    return out
-
-
-def graph_file(sample: UGSample) -> str:
-    """A sample's street subgraph file: its own, else its anchor node's (where a walk starts)."""
-    return (
-        sample.graphs[0]
-        if sample.graphs
-        else f"{GRAPH_DIR}/{graph_file_name(str(sample.meta['node_id']))}"
-    )
-
-
 def walks_with_graphs(data: UGData, samples: Sequence[UGSample]) -> list[UGSample]:
     """The reasoning samples whose start node has a graph file (a graph that reaches into the
     held-out district is not written for the training split)."""
@@ -376,47 +198,6 @@ def walks_with_graphs(data: UGData, samples: Sequence[UGSample]) -> list[UGSampl
         for s in samples
         if s.pair_type == PAIR_REASONING and (data.root / graph_file(s)).is_file()
     ]
-
-
-def graph_records(data: UGData, samples: Sequence[UGSample]) -> list[GraphRecord]:
-    """Each sample's subgraph; a file shared by several samples (one anchor node) is read once."""
-    files: dict[str, GraphRecord] = {}
-    for sample in samples:
-        name = graph_file(sample)
-        if name not in files:
-            files[name] = read_graph(data.root / name)
-    return [files[graph_file(sample)] for sample in samples]
-
-
-def node_vectors(
-    embedder: UGEEmbedder, records: Sequence[GraphRecord], batch_size: int = 128
-) -> dict[str, torch.Tensor]:
-    """The embedding of every node text in ``records``, by node id (each node embedded once)."""
-    texts: dict[str, str] = {}
-    for record in records:
-        for node in record.nodes:
-            texts.setdefault(node["node_id"], node["node_text"])
-    ids = list(texts)
-    with torch.no_grad():
-        vectors = [
-            embedder.embed_texts([texts[i] for i in ids[k : k + batch_size]], NODE_TASK)
-            .float()
-            .cpu()
-            for k in range(0, len(ids), batch_size)
-        ]
-    return dict(zip(ids, torch.cat(vectors), strict=True)) if ids else {}
-
-
-def graph_tensors(
-    records: Sequence[GraphRecord], vectors: Mapping[str, torch.Tensor], batch_size: int = 256
-) -> dict[str, torch.Tensor]:
-    """Subgraphs as one padded batch (see :func:`graph_batch`)."""
-    return _pad_cat(
-        [
-            graph_batch(records[i : i + batch_size], vectors)
-            for i in range(0, len(records), batch_size)
-        ]
-    )
 
 
 def subset(samples: list[UGSample], n: int, seed: int) -> list[UGSample]:
@@ -557,24 +338,3 @@ def run_losses(path: Path) -> dict[int, float]:
     return {
         int(stage): float(part["loss"].tail(10).mean()) for stage, part in epochs.groupby("stage")
     }
-
-
-def restore(
-    run: Run, config: UGEConfig | None = None, stage: int = 2
-) -> tuple[UGEEmbedder, GraphModel | None]:
-    """A UGE run's embedder (stage 0: the backbone without adapters) and graph model (stage 2)."""
-    config = config or UGEConfig.from_dict(run.config)
-    vlm = vlm_folder(config)
-    if stage == 0:
-        return UGEEmbedder.from_folder(
-            vlm, settings(config, lora=False), device=config.device
-        ), None
-    embedder = UGEEmbedder.from_adapters(run.path / ADAPTERS_DIR, vlm, device=config.device)
-    if stage == 1:
-        return embedder, None
-    metadata = run.model_metadata()
-    model = GraphModel(
-        int(metadata["image_dim"]), int(metadata["graph_dim"]), int(metadata["place_dim"])
-    )
-    model.load_state_dict(load_file(run.path / "model.safetensors"))
-    return embedder, model.eval()

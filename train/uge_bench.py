@@ -32,20 +32,12 @@ from core.dataroot import DataRoot
 from core.downstream import candidate_sets, paired_difference, ranking_metrics, ranks
 from core.io import write_atomic
 from core.metrics import kendall_tau_b, r2
+from core.models.uge_graph import fused_embeddings, graph_records, graph_tensors, node_vectors
+from core.models.uge_run import embed_positives, embed_queries, restore
 from core.runs import load_run
 from core.sources.lbm import read_lbm
 from core.ugdata import HELDOUT_FILE, PAIR_GRAPH, TRAIN_FILE, read_ugdata
-from train.uge import (
-    embed_positives,
-    embed_queries,
-    fused_embeddings,
-    graph_records,
-    graph_tensors,
-    node_vectors,
-    restore,
-    subset,
-    walks_with_graphs,
-)
+from train.uge import subset, vlm_folder, walks_with_graphs
 
 STAGES = (0, 1, 2)
 
@@ -97,8 +89,9 @@ def run_bench(
     config = UGEConfig.from_dict(run.config)
     data = read_ugdata(config.ugdata_folder)
     rows, query_ranks = [], []
+    vlm = vlm_folder(config, data=data)  # pretrained again if its cached folder is gone
     for stage in STAGES:
-        embedder, model = restore(run, config, stage=stage)
+        embedder, model = restore(run, config, stage=stage, vlm=vlm)
         for split, name in (("train", TRAIN_FILE), ("heldout", HELDOUT_FILE)):
             samples = data.files.get(name, [])
             places = subset([s for s in samples if s.pair_type == PAIR_GRAPH], max_queries, 0)

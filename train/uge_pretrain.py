@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from core.models.uge import load_vlm
+from core.models.uge_run import PRETRAINING_MARKER
 from core.ugdata import PAIR_CAPTION, TRAIN_FILE, UGData, UGSample
 
 PROMPT = "Describe where this street-level image was taken."
-MARKER = "pretraining.json"
 
 
 def caption_batch(
@@ -139,7 +139,7 @@ def pretrain_captioning(
     shutil.rmtree(staged, ignore_errors=True)
     model.eval().save_pretrained(staged)
     processor.save_pretrained(staged)
-    (staged / MARKER).write_text(
+    (staged / PRETRAINING_MARKER).write_text(
         json.dumps(
             {
                 "base": str(base),

@@ -74,6 +74,11 @@ DEFAULT_INSTRUCTIONS: dict[str, str] = {
     "node": "Represent this street node and where it lies.",
 }
 
+#: The tasks a UGE run embeds with (keys of :data:`DEFAULT_INSTRUCTIONS`): images, captions and
+#: answers, images with a spatial question, street-node texts. Embeddings compare within these
+#: pairings, so a text query against a run's cell embeddings uses :data:`TEXT_TASK`.
+IMAGE_TASK, TEXT_TASK, QUESTION_TASK, NODE_TASK = "location", "caption", "grounding", "node"
+
 Pooling = Literal["last", "mean"]
 PaddingSide = Literal["left", "right"]
 
