@@ -48,9 +48,7 @@ from core.configs import (
 )
 from core.dataroot import DataRoot
 from core.demo.build import DemoConfig
-
 from core.ingest.config import FetchConfig
-
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
