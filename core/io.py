@@ -1,14 +1,19 @@
 """Table I/O shared by the readers and writers: one reader for every table format, column
-checks that name the file, and atomic writes (temp file + rename)."""
+checks that name the file, atomic writes (temp file + rename), and the UTC timestamps and
+JSON-safe values of the files that record what was done."""
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from os import PathLike
-from pathlib import Path
+from pathlib import Path, PurePath
+from typing import Any
 
 import geopandas as gpd
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
@@ -71,3 +76,32 @@ def write_atomic(path: str | PathLike, write: Callable[[Path], object]) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def utc_now(timespec: str = "seconds") -> str:
+    """The current time in UTC as ISO 8601 text, e.g. ``2024-05-01T12:00:00+00:00``.
+
+    Args:
+        timespec: the finest unit shown, as :meth:`datetime.isoformat` takes it
+            (``"seconds"``, ``"milliseconds"``, ...).
+    """
+    return datetime.now(UTC).isoformat(timespec=timespec)
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON values, recursively.
+
+    Mappings become dicts with text keys, tuples and numpy arrays lists, numpy scalars Python
+    scalars, paths text, and NaN and inf None (JSON null); anything else is returned as is.
+    """
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | np.ndarray):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
