@@ -179,7 +179,7 @@ def test_unified_weights_select_the_rules():
 
 
 def test_the_cli_offers_every_objective():
-    from train.__main__ import OBJECTIVES as CLI_OBJECTIVES
     from core.configs import OBJECTIVES
+    from train.__main__ import OBJECTIVES as CLI_OBJECTIVES
 
     assert CLI_OBJECTIVES == OBJECTIVES
