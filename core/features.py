@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from core.io import write_atomic
 from core.models.backbones import backbone_fingerprint, create_backbone, normalise
+from core.progress import Progress
 
 CACHE_VERSION = 1
 
@@ -118,7 +118,7 @@ def extract_features(
     workers: int = 2,
     device: str = "auto",
     chunk_batches: int = 8,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> FeatureSet:
     """Features of ``images`` (columns ``id``, ``path``) from a frozen backbone, cached.
 
@@ -131,7 +131,7 @@ def extract_features(
         batch_size, workers: DataLoader settings (workers load and decode JPEGs in parallel).
         device: ``auto``, ``cpu`` or ``cuda``; on CUDA the forward runs in bf16 autocast.
         chunk_batches: batches between progress checkpoints (the unit of resumption).
-        progress: called with (rows done, rows total) after each chunk.
+        progress: called with ``done`` and ``total`` rows after each chunk.
     """
     ids = images["id"].astype(str).to_numpy()
     paths = images["path"].astype(str).to_numpy()
@@ -204,7 +204,7 @@ def _extract_rows(
     workers: int,
     device: torch.device,
     chunk_batches: int,
-    progress: Callable[[int, int], None] | None,
+    progress: Progress | None,
 ) -> None:
     model = model.to(device).eval().to(memory_format=torch.channels_last)
     loader = DataLoader(
@@ -233,8 +233,8 @@ def _extract_rows(
                     folder,
                     {**meta, "done": row, "seconds": round(time.perf_counter() - started, 2)},
                 )
-                if progress:
-                    progress(row, len(paths))
+                if progress is not None:
+                    progress({"done": row, "total": len(paths)})
     del out
 
 

@@ -12,12 +12,12 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from os import PathLike
 from pathlib import Path, PurePath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import geopandas as gpd
 import numpy as np
-import pandas as pd
-import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def read_table(path: str | PathLike, what: str) -> pd.DataFrame:
@@ -43,6 +43,11 @@ def read_table(path: str | PathLike, what: str) -> pd.DataFrame:
             f"{path}: unknown {what} file type {suffix!r}; "
             "expected .csv, .parquet, .geoparquet, .gpkg or .geojson"
         )
+    # Imported here: the job queue uses this module's helpers and must start in a blink.
+    import geopandas as gpd
+    import pandas as pd
+    import pyarrow.parquet as pq
+
     try:
         if suffix == ".csv":
             return pd.read_csv(path)

@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -33,6 +32,7 @@ from core.grid import read_grid, spatial_split
 from core.models.backbones import IMAGENET_MEAN, IMAGENET_STD, create_backbone, save_backbone
 from core.models.contrastive import MoCoV3, cosine_momentum
 from core.pairs import PairConfig, pair_statistics, require_temporal, spatial_pairs, temporal_pairs
+from core.progress import Progress
 from core.runs import RunWriter
 from core.sources.catalog import read_catalog
 from train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
@@ -178,7 +178,7 @@ def build_samplers(
 def train_contrastive(
     config: ContrastiveConfig,
     log: Callable[[str], None] = print,
-    progress: Callable[[dict[str, Any]], None] | None = None,
+    progress: Progress | None = None,
 ) -> str:
     """Pretrain one encoder and write its run folder; returns the run id.
 
@@ -187,7 +187,7 @@ def train_contrastive(
     """
     root = DataRoot(Path(config.data))
     if config.resume:
-        run = RunWriter.resume(root.runs, config.resume, on_progress=progress)
+        run = RunWriter.resume(root.runs, config.resume, progress=progress)
         config = ContrastiveConfig.from_dict(
             {**run.config, "data": config.data, "device": config.device, "resume": config.resume}
         )
@@ -222,7 +222,7 @@ def train_contrastive(
     total_steps = config.epochs * config.steps_per_epoch
     if not config.resume:
         resolved = asdict(config) | {"label": f"contrastive {config.objective}"}
-        run = RunWriter(root.runs, "contrastive", resolved, on_progress=progress)
+        run = RunWriter(root.runs, "contrastive", resolved, progress=progress)
     with run:
         start = 0
         if config.resume:

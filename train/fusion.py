@@ -12,10 +12,8 @@ Kendall's tau is kept. The target is standardised on the training cells.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -29,6 +27,7 @@ from core.features import extract_features, pool_by_cell, resolve_device
 from core.metrics import grouped_metrics, kendall_tau_b, score_metrics
 from core.models.backbones import create_backbone
 from core.models.fusion import FusionRegressor
+from core.progress import Progress
 from core.runs import Run, RunWriter, load_run
 from core.scenes import filter_config, scores_path, select
 from train.common import OneCycle, augment_aerial, batches, seed_everything, to_input
@@ -114,9 +113,7 @@ def predict_cells(
     return torch.cat(outputs).numpy(), torch.cat(embeddings).numpy()
 
 
-def train_fusion(
-    config: FusionConfig, log=print, progress: Callable[[dict[str, Any]], None] | None = None
-) -> str:
+def train_fusion(config: FusionConfig, log=print, progress: Progress | None = None) -> str:
     """Train one configuration and write its run folder; returns the run id.
 
     Args:
@@ -170,7 +167,7 @@ def train_fusion(
         "target_mean": mean,
         "target_std": std,
     }
-    with RunWriter(root.runs, "fusion", resolved, on_progress=progress) as run:
+    with RunWriter(root.runs, "fusion", resolved, progress=progress) as run:
         run.progress(epoch=0, epochs=config.epochs)  # tells a job its run id before epoch 1
         run.log(
             f"{config.label}: {len(ids)} cells ({len(train_rows)} train, {len(val_rows)} val), "
