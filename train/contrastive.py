@@ -33,9 +33,9 @@ from core.models.backbones import IMAGENET_MEAN, IMAGENET_STD, create_backbone, 
 from core.models.contrastive import MoCoV3, cosine_momentum
 from core.pairs import PairConfig, pair_statistics, require_temporal, spatial_pairs, temporal_pairs
 from core.progress import Progress
-from core.runs import RunWriter
+from core.runs import BACKBONE_FILE, CHECKPOINT_FILE, EPOCHS_FILE, RunWriter
 from core.sources.catalog import read_catalog
-from train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from train.checkpoint import load_checkpoint, save_checkpoint
 from train.common import OneCycle, predict, seed_everything, to_input
 
 HOLDOUT_SPLIT = "holdout"
@@ -304,7 +304,7 @@ def _finish(
     """Save the encoder, per-cell embeddings of every image, and the run's metrics."""
     save_backbone(
         model.backbone,
-        run.path / "backbone.safetensors",
+        run.path / BACKBONE_FILE,
         trained_on=f"contrastive {config.objective} pairs",
         px=str(config.px),
     )
@@ -329,7 +329,7 @@ def _finish(
             }
         )
     )
-    epochs = pd.read_csv(run.path / "metrics.csv")
+    epochs = pd.read_csv(run.path / EPOCHS_FILE)
     run.write_metrics(
         {
             "label": f"contrastive {config.objective}",

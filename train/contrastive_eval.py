@@ -28,7 +28,7 @@ from core.features import load_pixels, resolve_device
 from core.grid import read_grid
 from core.io import read_table, require_columns, write_atomic
 from core.models.backbones import create_backbone
-from core.runs import load_run
+from core.runs import BACKBONE_FILE, load_run
 from train.contrastive import (
     embed_images,
     holdout_cells,
@@ -50,7 +50,7 @@ TASK_COLUMNS = (
 def encoder_of_run(root: DataRoot, run_id: str) -> tuple[str, str]:
     """The backbone name and weights file of a run that saved ``backbone.safetensors``."""
     run = load_run(root.runs / run_id)
-    weights = run.path / "backbone.safetensors"
+    weights = run.path / BACKBONE_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: run {run_id} saved no encoder")
     return str(run.config["backbone"]), str(weights)

@@ -31,7 +31,7 @@ from core.features import load_pixels, resolve_device
 from core.io import write_atomic
 from core.models.backbones import save_backbone
 from core.models.scene_filter import SceneClassifier, load_scene_classifier, read_scene_names
-from core.runs import RunWriter
+from core.runs import BACKBONE_FILE, RunWriter
 from core.scenes import SceneFilterConfig, scores_path, select
 from train.common import (
     OneCycle,
@@ -130,7 +130,7 @@ def train_scene_filter(config: SceneTrainConfig, log=print) -> str:
         )
         save_backbone(
             model.backbone,
-            run.path / "backbone.safetensors",
+            run.path / BACKBONE_FILE,
             trained_on="scene classification",
             px=str(config.px),
         )
