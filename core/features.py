@@ -26,18 +26,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from core.io import write_atomic
 from core.models.backbones import backbone_fingerprint, create_backbone, normalise
+from core.models.device import resolve_device
 from core.progress import Progress
 
 CACHE_VERSION = 1
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` = CUDA when present, else CPU."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class ImageFiles(Dataset):

@@ -27,10 +27,11 @@ import torch.nn.functional as F
 
 from core.configs import ContrastiveConfig
 from core.dataroot import DataRoot
-from core.features import load_pixels, resolve_device
+from core.features import load_pixels
 from core.grid import read_grid, spatial_split
 from core.models.backbones import IMAGENET_MEAN, IMAGENET_STD, create_backbone, save_backbone
 from core.models.contrastive import MoCoV3, cosine_momentum
+from core.models.device import resolve_device
 from core.pairs import PairConfig, pair_statistics, require_temporal, spatial_pairs, temporal_pairs
 from core.progress import Progress
 from core.runs import BACKBONE_FILE, CHECKPOINT_FILE, EPOCHS_FILE, RunWriter

@@ -24,10 +24,11 @@ import pandas as pd
 from core.configs import ContrastiveConfig
 from core.dataroot import DataRoot
 from core.downstream import perception_probe, recall_at_k, region_means, socioeconomic_r2
-from core.features import load_pixels, resolve_device
+from core.features import load_pixels
 from core.grid import read_grid
 from core.io import read_table, require_columns, write_atomic
 from core.models.backbones import create_backbone
+from core.models.device import resolve_device
 from core.runs import BACKBONE_FILE, load_run
 from train.contrastive import (
     embed_images,

@@ -23,9 +23,10 @@ from torch import nn
 from core.configs import FusionConfig
 from core.dataroot import DataRoot
 from core.datasets import aerial_patches, labelled_cells, street_images
-from core.features import extract_features, pool_by_cell, resolve_device
+from core.features import extract_features, pool_by_cell
 from core.metrics import grouped_metrics, kendall_tau_b, score_metrics
 from core.models.backbones import create_backbone
+from core.models.device import resolve_device
 from core.models.fusion import FusionRegressor
 from core.progress import Progress
 from core.runs import Run, RunWriter, load_run

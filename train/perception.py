@@ -20,9 +20,10 @@ from torch import nn
 from core.configs import PerceptionConfig
 from core.dataroot import DataRoot
 from core.datasets import street_images
-from core.features import load_pixels, resolve_device
+from core.features import load_pixels
 from core.io import read_table, require_columns
 from core.models.backbones import create_backbone, save_backbone
+from core.models.device import resolve_device
 from core.runs import BACKBONE_FILE, RunWriter
 from train.common import OneCycle, augment_street, batches, seed_everything, to_input
 

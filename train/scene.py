@@ -27,9 +27,10 @@ from torch import nn
 from core.configs import SceneTrainConfig
 from core.dataroot import DataRoot
 from core.datasets import street_images
-from core.features import load_pixels, resolve_device
+from core.features import load_pixels
 from core.io import write_atomic
 from core.models.backbones import save_backbone
+from core.models.device import resolve_device
 from core.models.scene_filter import SceneClassifier, load_scene_classifier, read_scene_names
 from core.runs import BACKBONE_FILE, RunWriter
 from core.scenes import SceneFilterConfig, scores_path, select
