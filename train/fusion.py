@@ -27,9 +27,9 @@ from core.features import extract_features, pool_by_cell
 from core.metrics import grouped_metrics, kendall_tau_b, score_metrics
 from core.models.backbones import create_backbone
 from core.models.device import resolve_device
-from core.models.fusion import FusionRegressor
+from core.models.fusion import FusionRegressor, restore
 from core.progress import Progress
-from core.runs import Run, RunWriter, load_run
+from core.runs import RunWriter, load_run
 from core.scenes import filter_config, scores_path, select
 from train.common import OneCycle, augment_aerial, batches, seed_everything, to_input
 
@@ -247,23 +247,6 @@ def train_fusion(config: FusionConfig, log=print, progress: Progress | None = No
         run.log(f"test kendall tau {metrics['test_kendall_tau']:.3f} (best epoch {best_epoch})")
     log(f"{config.label}: run {run.run_id}, test tau {metrics['test_kendall_tau']:.3f}")
     return run.run_id
-
-
-def restore(run: Run, device: str = "cpu") -> tuple[FusionRegressor, FusionConfig]:
-    """The trained model of a fusion run (weights from its safetensors) and its config."""
-    config = FusionConfig.from_dict(run.config)
-    state = {k: torch.from_numpy(v) for k, v in run.state_dict().items()}
-    ground_dim = None
-    if config.ground:
-        ground_dim = (
-            state["ground.weight"].shape[1]
-            if "ground.weight" in state
-            else state["missing"].shape[0]
-        )
-    backbone = create_backbone(config.aerial_backbone) if config.aerial else None
-    model = FusionRegressor(backbone, ground_dim)
-    model.load_state_dict(state)
-    return model.to(resolve_device(device)).eval(), config
 
 
 def predict_run(run_dir: str | Path, device: str = "cpu") -> pd.DataFrame:
