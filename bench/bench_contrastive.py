@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from bench.common import register
-from core.features import resolve_device
 from core.models.backbones import create_backbone
 from core.models.contrastive import MoCoV3
+from core.models.device import resolve_device
 from train.contrastive import augment
 
 SETTINGS = {"convnet_small@32": ("convnet_small", 32, 256), "resnet18@64": ("resnet18", 64, 64)}

@@ -40,7 +40,7 @@ def bench_demo_build(repeat: int, seed: int, extents: tuple[str, ...]) -> dict[s
             def build(extent: str = extent, tmp: str = tmp) -> dict:
                 out = Path(tmp) / "demo"
                 shutil.rmtree(out, ignore_errors=True)
-                return build_demo(out, DemoConfig(seed=seed, extent=extent), progress=False)
+                return build_demo(out, DemoConfig(seed=seed, extent=extent), show_progress=False)
 
             timing, manifest = measure(build, repeat)
         results[extent] = {
@@ -89,7 +89,7 @@ def bench_demo_signal(repeat: int, data: str, year: int, target: str, seeds: int
     """Kendall's tau of ridge on colour-layout features, per modality, over split seeds."""
     root = Path(data)
     if not root.exists():
-        build_demo(root, DemoConfig(), progress=False)
+        build_demo(root, DemoConfig(), show_progress=False)
     paths = DataRoot(root)
     labels = read_lbm(paths.scores, paths.lbm_grid, year=year)
     ids, y = labels["cell_id"].to_numpy(), labels[target].to_numpy()

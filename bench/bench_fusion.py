@@ -26,7 +26,7 @@ from train.demo_runs import ensure_default_runs
 def _demo_root(data: str) -> DataRoot:
     root = DataRoot(Path(data))
     if not root.root.exists():
-        build_demo(root.root, DemoConfig(), progress=False)
+        build_demo(root.root, DemoConfig(), show_progress=False)
     return root
 
 
@@ -162,7 +162,7 @@ def bench_demo_pipeline(repeat: int, seed: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "demo"
         start = time.perf_counter()
-        build_demo(out, DemoConfig(seed=seed), progress=False)
+        build_demo(out, DemoConfig(seed=seed), show_progress=False)
         data_s = time.perf_counter() - start
         ensure_default_runs(DataRoot(out), log=lambda _: None)
         total = time.perf_counter() - start

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import importlib
 import json
 import os
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from core.io import utc_now
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -105,7 +106,7 @@ def run_one(name: str, out_dir: Path, overrides: dict[str, Any] | None = None) -
     """Run a registered benchmark and write ``out_dir/<name>.json``; returns the payload."""
     entry = REGISTRY[name]
     params = {**entry.params, **{k: v for k, v in (overrides or {}).items() if k in entry.params}}
-    timestamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    timestamp = utc_now()
     start = time.perf_counter()
     results = entry.fn(**params)
     payload = {

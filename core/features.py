@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,17 +26,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from core.io import write_atomic
 from core.models.backbones import backbone_fingerprint, create_backbone, normalise
+from core.models.device import resolve_device
+from core.progress import Progress
 
 CACHE_VERSION = 1
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` = CUDA when present, else CPU."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class ImageFiles(Dataset):
@@ -130,7 +122,7 @@ def extract_features(
     workers: int = 2,
     device: str = "auto",
     chunk_batches: int = 8,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> FeatureSet:
     """Features of ``images`` (columns ``id``, ``path``) from a frozen backbone, cached.
 
@@ -143,7 +135,7 @@ def extract_features(
         batch_size, workers: DataLoader settings (workers load and decode JPEGs in parallel).
         device: ``auto``, ``cpu`` or ``cuda``; on CUDA the forward runs in bf16 autocast.
         chunk_batches: batches between progress checkpoints (the unit of resumption).
-        progress: called with (rows done, rows total) after each chunk.
+        progress: called with ``done`` and ``total`` rows after each chunk.
     """
     ids = images["id"].astype(str).to_numpy()
     paths = images["path"].astype(str).to_numpy()
@@ -216,7 +208,7 @@ def _extract_rows(
     workers: int,
     device: torch.device,
     chunk_batches: int,
-    progress: Callable[[int, int], None] | None,
+    progress: Progress | None,
 ) -> None:
     model = model.to(device).eval().to(memory_format=torch.channels_last)
     loader = DataLoader(
@@ -246,8 +238,8 @@ def _extract_rows(
                     folder,
                     {**meta, "done": row, "seconds": round(time.perf_counter() - started, 2)},
                 )
-                if progress:
-                    progress(row, len(paths))
+                if progress is not None:
+                    progress({"done": row, "total": len(paths)})
     del out
 
 

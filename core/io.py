@@ -1,21 +1,23 @@
 """Table I/O shared by the readers and writers: one reader for every table format, column
-checks that name the file, atomic writes (temp file + rename), and the UTC timestamps and
-JSON-safe values of the files that record what was done."""
+checks that name the file, atomic writes (temp file + rename) of files and of whole folders, and
+the UTC timestamps and JSON-safe values of the files that record what was done."""
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+import shutil
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from os import PathLike
 from pathlib import Path, PurePath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import geopandas as gpd
 import numpy as np
-import pandas as pd
-import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def read_table(path: str | PathLike, what: str) -> pd.DataFrame:
@@ -41,6 +43,11 @@ def read_table(path: str | PathLike, what: str) -> pd.DataFrame:
             f"{path}: unknown {what} file type {suffix!r}; "
             "expected .csv, .parquet, .geoparquet, .gpkg or .geojson"
         )
+    # Imported here: the job queue uses this module's helpers and must start in a blink.
+    import geopandas as gpd
+    import pandas as pd
+    import pyarrow.parquet as pq
+
     try:
         if suffix == ".csv":
             return pd.read_csv(path)
@@ -76,6 +83,65 @@ def write_atomic(path: str | PathLike, write: Callable[[Path], object]) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def move_folder(src: str | PathLike, dst: str | PathLike, *, replace: bool = False) -> Path:
+    """Rename the folder ``src`` to ``dst`` (on the same file system); returns ``dst``.
+
+    An existing ``dst`` is an error (``os.rename`` would silently replace an empty folder). With
+    ``replace`` it is renamed aside, ``src`` renamed in, then the old one deleted: a reader finds
+    the old folder or the new one, never a mix, and if the second rename fails the old folder is
+    put back.
+
+    Raises:
+        FileExistsError: if ``dst`` exists and ``replace`` is false.
+    """
+    src, dst = Path(src), Path(dst)
+    if not dst.exists():
+        os.rename(src, dst)
+        return dst
+    if not replace:
+        raise FileExistsError(f"{dst}: already exists; {src} left in place")
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(dst, old)
+    try:
+        os.rename(src, dst)
+    except BaseException:
+        os.rename(old, dst)
+        raise
+    shutil.rmtree(old)
+    return dst
+
+
+@contextmanager
+def building(out: str | PathLike, *, replace: bool = False) -> Iterator[Path]:
+    """Build the folder ``out`` atomically: ``with building(out) as tmp:`` writes into ``tmp``.
+
+    ``tmp`` is a new, empty folder beside ``out`` (``.<name>.building-<pid>``); when the block
+    ends normally it is renamed to ``out`` (:func:`move_folder`), when it raises it is deleted,
+    so nothing that looks like a finished ``out`` is ever half-written.
+
+    Args:
+        out: the folder to build; its parent is created if missing.
+        replace: replace an existing ``out`` (renamed aside, then deleted once the new one is in
+            place); without it an existing ``out`` is an error, before the build and after it.
+
+    Raises:
+        FileExistsError: if ``out`` exists and ``replace`` is false.
+    """
+    out = Path(out)
+    if out.exists() and not replace:
+        raise FileExistsError(f"{out}: already exists")
+    tmp = out.with_name(f".{out.name}.building-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        move_folder(tmp, out, replace=replace)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def utc_now(timespec: str = "seconds") -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import math
 import os
 import socket
 import sqlite3
@@ -27,12 +26,12 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from os import PathLike
 from pathlib import Path
 from typing import Any
 
 from core.dataroot import DataRoot
+from core.io import jsonable, move_folder, utc_now
 
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 #: The kinds a worker can run (:data:`train.worker.JOB_RUNNERS` has one runner for each).
@@ -75,26 +74,9 @@ class JobCancelled(Exception):
     """Raised inside a running job (from its progress callback) to stop it on request."""
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-def _plain(value: Any) -> Any:
-    """``value`` as plain JSON values: numpy scalars unwrapped, NaN and inf as None."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):  # numpy scalars, without importing numpy
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def _dumps(value: Mapping[str, Any], what: str) -> str:
     try:
-        return json.dumps(_plain(value), allow_nan=False)
+        return json.dumps(jsonable(value), allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{what}: not JSON-serialisable plain values ({exc})") from exc
 
@@ -268,7 +250,7 @@ class JobStore:
         with self._write() as db:
             cursor = db.execute(
                 "INSERT INTO jobs (kind, config, status, created) VALUES (?, ?, 'queued', ?)",
-                (kind, text, _now()),
+                (kind, text, utc_now("milliseconds")),
             )
             return int(cursor.lastrowid)
 
@@ -310,7 +292,7 @@ class JobStore:
             db.execute(
                 "UPDATE jobs SET status = 'running', started = ?, pid = ?, host = ?, heartbeat = ?"
                 " WHERE id = ?",
-                (_now(), int(pid), socket.gethostname(), time.time(), row[0]),
+                (utc_now("milliseconds"), int(pid), socket.gethostname(), time.time(), row[0]),
             )
             return self._row(db, row[0])
 
@@ -345,7 +327,7 @@ class JobStore:
                 return  # already ended (reaped, or recorded twice): the first word stands
             db.execute(
                 "UPDATE jobs SET status = ?, finished = ?, run_id = ?, error = ? WHERE id = ?",
-                (status, _now(), run_id or job.run_id, error, job.id),
+                (status, utc_now("milliseconds"), run_id or job.run_id, error, job.id),
             )
 
     def finish(self, job_id: int, run_id: str) -> None:
@@ -385,7 +367,7 @@ class JobStore:
             if job.status == "queued":
                 db.execute(
                     "UPDATE jobs SET status = 'cancelled', finished = ? WHERE id = ?",
-                    (_now(), job.id),
+                    (utc_now("milliseconds"), job.id),
                 )
             elif job.status == "running":
                 db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job.id,))
@@ -426,7 +408,7 @@ class JobStore:
                     "UPDATE jobs SET status = ?, finished = ?, error = ? WHERE id = ?",
                     (
                         "done" if complete else "failed",
-                        _now(),
+                        utc_now("milliseconds"),
                         None if complete else error + ("\n" + tail if tail else ""),
                         job_id,
                     ),
@@ -438,18 +420,24 @@ class JobStore:
 
     def _give_up_run(self, run_id: str, message: str) -> None:
         # The same rename RunWriter makes on an exception, so list_runs never sees it.
-        partial = self.runs_root / f".tmp-{run_id}"
-        failed = self.runs_root / f".failed-{run_id}"
+        from core.runs import FAILED_PREFIX, LOG_FILE, TMP_PREFIX  # not at the top: see below
+
+        partial = self.runs_root / f"{TMP_PREFIX}{run_id}"
+        failed = self.runs_root / f"{FAILED_PREFIX}{run_id}"
         if not partial.is_dir() or failed.exists():
             return
-        with open(partial / "log.txt", "a", encoding="utf-8") as file:
-            file.write(f"{datetime.now(UTC).isoformat(timespec='seconds')} {message}\n")
-        os.rename(partial, failed)
+        with open(partial / LOG_FILE, "a", encoding="utf-8") as file:
+            file.write(f"{utc_now()} {message}\n")
+        move_folder(partial, failed)
 
 
 def _complete_run(runs_root: Path, run_id: str) -> bool:
+    # Imported here, not at the top: core.runs loads pandas and pyarrow, and a worker that finds
+    # the lock taken must exit at once.
+    from core.runs import METRICS_FILE
+
     # RunWriter renames a run to its own name only once it is complete.
-    return (runs_root / run_id / "metrics.json").is_file()
+    return (runs_root / run_id / METRICS_FILE).is_file()
 
 
 def log_tail(path: str | PathLike, lines: int = 20) -> str:

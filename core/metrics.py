@@ -1,8 +1,9 @@
 """Regression metrics for score prediction: Kendall's tau-b (the fusion paper's primary metric),
 Spearman's rho, R^2 and MAE, overall and per group (district, split, ...).
 
-Pure numpy: no scipy, no torch. Kendall's tau-b is Knight's O(n log n) algorithm, so 100k
-cells take about 40 ms rather than the minutes of the O(n^2) pair count.
+The rank correlations are scipy's (``kendalltau`` is Knight's O(n log n) algorithm, so 100k
+cells take milliseconds); the inputs are checked here first, so a NaN is an error naming the
+array, and a constant input gives NaN without a warning. No torch.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
+from scipy import stats
 
 from core.io import require_columns
 
@@ -40,50 +42,13 @@ def _pair(
     return pred_a, true_a
 
 
-def _run_starts(sorted_values: np.ndarray) -> np.ndarray:
-    """Boolean mask of the first element of each run of equal values in a sorted array."""
-    return np.r_[True, sorted_values[1:] != sorted_values[:-1]]
-
-
-def _tied_pairs(sizes: np.ndarray) -> int:
-    """Number of pairs within groups of tied values of the given sizes."""
-    return int((sizes * (sizes - 1) // 2).sum())
-
-
-def _run_sizes(starts: np.ndarray) -> np.ndarray:
-    """Lengths of the runs whose first elements ``starts`` (a :func:`_run_starts` mask) marks."""
-    return np.diff(np.flatnonzero(np.r_[starts, True]))
-
-
-def _count_inversions(ranks: np.ndarray) -> int:
-    """Number of pairs i < j with ranks[i] > ranks[j] (strictly), for ranks in 0..m-1.
-
-    A bottom-up merge sort, vectorised across all blocks of one width: a stable sort of
-    ``pair * m + rank`` merges every pair of sorted blocks at once (timsort sees two runs per
-    pair, so a level costs about O(n)), and an element of a right block moves left by exactly
-    the number of larger elements in its left partner (equal ones stay ahead: stable sort).
-    """
-    n = ranks.size
-    m = int(ranks.max()) + 1
-    position = np.arange(n)
-    ranks = ranks.astype(np.int64)
-    inversions = 0
-    width = 1
-    while width < n:
-        pair = position // (2 * width)
-        key = pair * m + ranks
-        order = np.argsort(key, kind="stable")  # order[new position] = old position
-        inversions += int(np.maximum(order - position, 0).sum())
-        ranks = key[order] - pair * m
-        width *= 2
-    return inversions
+def _constant(values: np.ndarray) -> bool:
+    return bool(values.size) and bool((values == values[0]).all())
 
 
 def kendall_tau_b(pred: ArrayLike, true: ArrayLike) -> float:
-    """Kendall's tau-b between two 1-D arrays, with the tie correction (as scipy's default).
-
-    Knight's algorithm: sort by (pred, true), count ties, and count the discordant pairs as the
-    inversions of ``true`` in that order.
+    """Kendall's tau-b between two 1-D arrays, with the tie correction (``scipy.stats.kendalltau``,
+    variant ``b``).
 
     Returns:
         tau-b in [-1, 1]; NaN when either input is constant or has fewer than 2 items.
@@ -92,48 +57,24 @@ def kendall_tau_b(pred: ArrayLike, true: ArrayLike) -> float:
         ValueError: for NaN/inf values, arrays of different length or not 1-D.
     """
     x, y = _pair(pred, true)
-    n = x.size
-    if n < 2:
+    if x.size < 2 or _constant(x) or _constant(y):
         return math.nan
-    order = np.lexsort((y, x))
-    x, y = x[order], y[order]
-    x_starts = _run_starts(x)
-    total = n * (n - 1) // 2
-    x_ties = _tied_pairs(_run_sizes(x_starts))
-    joint_ties = _tied_pairs(_run_sizes(x_starts | _run_starts(y)))
-    _, y_ranks, y_counts = np.unique(y, return_inverse=True, return_counts=True)
-    y_ties = _tied_pairs(y_counts)
-    if x_ties == total or y_ties == total:
-        return math.nan
-    # y's ties within equal x come out sorted, so only strictly discordant pairs are inversions.
-    discordant = _count_inversions(y_ranks)
-    numerator = total - x_ties - y_ties + joint_ties - 2 * discordant
-    return numerator / math.sqrt(total - x_ties) / math.sqrt(total - y_ties)
-
-
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks, ties given the mean of the ranks they span."""
-    order = np.argsort(values, kind="stable")
-    starts = np.flatnonzero(_run_starts(values[order]))
-    ends = np.r_[starts[1:], values.size]
-    ranks = np.empty(values.size)
-    ranks[order] = np.repeat((starts + ends + 1) / 2, ends - starts)
-    return ranks
-
-
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a = a - a.mean()
-    b = b - b.mean()
-    denominator = math.sqrt(float(a @ a) * float(b @ b))
-    return float(a @ b) / denominator if denominator > 0 else math.nan
+    return float(stats.kendalltau(x, y, variant="b").statistic)
 
 
 def spearman(pred: ArrayLike, true: ArrayLike) -> float:
-    """Spearman's rho: the Pearson correlation of average ranks; NaN for constant input."""
+    """Spearman's rho (``scipy.stats.spearmanr``): the Pearson correlation of average ranks.
+
+    Returns:
+        rho in [-1, 1]; NaN when either input is constant or has fewer than 2 items.
+
+    Raises:
+        ValueError: for NaN/inf values, arrays of different length or not 1-D.
+    """
     x, y = _pair(pred, true)
-    if x.size < 2:
+    if x.size < 2 or _constant(x) or _constant(y):
         return math.nan
-    return _pearson(_average_ranks(x), _average_ranks(y))
+    return float(stats.spearmanr(x, y).statistic)
 
 
 def r2(pred: ArrayLike, true: ArrayLike) -> float:

@@ -10,10 +10,13 @@ A run is a folder ``runs_root/<run_id>/`` holding
 - ``embeddings.parquet`` (optional): ``cell_id`` int64 and ``embedding``, a fixed-size list of
   float32, with the width in the schema metadata ``dim``;
 - ``model.safetensors`` (optional), ``log.txt``, and ``progress.json`` (the last progress
-  report, read by the job worker while the run is going).
+  report, read by the job worker while the run is going);
+- written by some trainers: ``backbone.safetensors`` (an image encoder others can load as
+  weights) and, while training, ``checkpoint.safetensors`` (to resume an interrupted run).
 
 :class:`RunWriter` writes it under ``.tmp-<run_id>`` and renames it when complete, or to
 ``.failed-<run_id>`` when the training raised, so :func:`list_runs` only ever sees complete runs.
+Code elsewhere names these files by the constants below, never by their text.
 
 This module never imports torch: the dashboard reads runs through it. Checkpoints are stored
 with ``safetensors.numpy``; torch tensors are accepted duck-typed and come back as numpy arrays.
@@ -23,8 +26,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
-import os
 import re
 import secrets
 import traceback
@@ -45,7 +46,8 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
-from core.io import read_table, require_columns, write_atomic
+from core.io import jsonable, move_folder, read_table, require_columns, utc_now, write_atomic
+from core.progress import Progress
 
 CONFIG_FILE = "config.yaml"
 EPOCHS_FILE = "metrics.csv"
@@ -56,6 +58,11 @@ MODEL_FILE = "model.safetensors"
 LOG_FILE = "log.txt"
 BACKBONE_FILE = "backbone.safetensors"
 PROGRESS_FILE = "progress.json"
+BACKBONE_FILE = "backbone.safetensors"
+CHECKPOINT_FILE = "checkpoint.safetensors"
+#: Prefixes of a run folder still being written, and of one whose training failed.
+TMP_PREFIX = ".tmp-"
+FAILED_PREFIX = ".failed-"
 REQUIRED_FILES = (CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE)
 PREDICTION_COLUMNS = ("cell_id", "split", "true", "predicted")
 LIST_COLUMNS = ("run_id", "kind", "created", "path")
@@ -93,26 +100,9 @@ def parse_run_id(run_id: str) -> tuple[str, pd.Timestamp]:
     return match["kind"], pd.Timestamp(datetime.strptime(match["time"], _TIME_FORMAT), tz="UTC")
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _jsonable(value: Any) -> Any:
-    """``value`` with numpy scalars/arrays as Python values and NaN/inf as None (JSON null)."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | np.ndarray):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def _write_json(path: Path, value: Mapping[str, Any]) -> None:
     try:
-        text = json.dumps(_jsonable(value), indent=2, allow_nan=False)
+        text = json.dumps(jsonable(value), indent=2, allow_nan=False)
     except TypeError as exc:
         raise ValueError(f"{path}: value is not JSON-serialisable ({exc})") from exc
     write_atomic(path, lambda tmp: tmp.write_text(text + "\n"))
@@ -144,8 +134,10 @@ class RunWriter:
         runs_root: folder holding the runs; created if missing.
         kind: model kind, the run id's prefix (``fusion``, ``contrastive``, ...).
         config: the resolved config; must be YAML-serialisable (plain Python values).
-        on_progress: called by :meth:`progress` with the values and ``run_id`` (a job worker
+        progress: called by :meth:`progress` with the values and ``run_id`` (a job worker
             reports them); an exception it raises (e.g. a cancel) fails the run.
+        on_progress: the former name of ``progress``, still accepted until every trainer
+            passes ``progress``.
 
     Raises:
         ValueError: for a bad ``kind`` or a config that is not a YAML-serialisable dict.
@@ -156,10 +148,12 @@ class RunWriter:
         runs_root: str | PathLike,
         kind: str,
         config: Mapping[str, Any],
-        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        progress: Progress | None = None,
+        *,
+        on_progress: Progress | None = None,
     ) -> None:
         self.run_id = new_run_id(kind)
-        self._on_progress = on_progress
+        self._report = _callback(progress, on_progress)
         self.runs_root = Path(runs_root)
         if not isinstance(config, Mapping):
             raise ValueError(f"run config: expected a mapping, got {type(config).__name__}")
@@ -168,7 +162,7 @@ class RunWriter:
         except yaml.YAMLError as exc:
             # safe_dump refuses numpy scalars and Paths, which safe_load could not read back.
             raise ValueError(f"run config: not YAML-serialisable plain values ({exc})") from exc
-        self._path = self.runs_root / f".tmp-{self.run_id}"
+        self._path = self.runs_root / f"{TMP_PREFIX}{self.run_id}"
         self._path.mkdir(parents=True)
         self._epoch_columns: list[str] | None = None
         write_atomic(self._path / CONFIG_FILE, lambda tmp: tmp.write_text(config_text))
@@ -178,7 +172,9 @@ class RunWriter:
         cls,
         runs_root: str | PathLike,
         run_id: str,
-        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        progress: Progress | None = None,
+        *,
+        on_progress: Progress | None = None,
     ) -> RunWriter:
         """Reopen an interrupted run (``.tmp-<run_id>`` or ``.failed-<run_id>``) to continue it.
 
@@ -195,7 +191,7 @@ class RunWriter:
             raise FileExistsError(f"{root / run_id}: run {run_id} is complete; nothing to resume")
         found = [
             root / f"{prefix}{run_id}"
-            for prefix in (".tmp-", ".failed-")
+            for prefix in (TMP_PREFIX, FAILED_PREFIX)
             if (root / f"{prefix}{run_id}").is_dir()
         ]
         if not found:
@@ -203,10 +199,11 @@ class RunWriter:
                 f"{root}: no interrupted run {run_id} (.tmp-{run_id} or .failed-{run_id})"
             )
         writer = cls.__new__(cls)
-        writer.run_id, writer.runs_root, writer._on_progress = run_id, root, on_progress
+        writer.run_id, writer.runs_root = run_id, root
+        writer._report = _callback(progress, on_progress)
         writer._path = found[0]
-        if found[0].name.startswith(".failed-"):
-            writer._move(f".tmp-{run_id}")
+        if found[0].name.startswith(FAILED_PREFIX):
+            writer._move(f"{TMP_PREFIX}{run_id}")
         epochs = _read_epochs(writer._path / EPOCHS_FILE)
         writer._epoch_columns = list(epochs.columns) if len(epochs.columns) else None
         writer.log(f"resumed from {found[0].name}")
@@ -240,12 +237,12 @@ class RunWriter:
     ) -> None:
         if exc_type is not None:
             self.log("run failed:\n" + "".join(traceback.format_exception(exc_type, exc, tb)))
-            self._move(f".failed-{self.run_id}")
+            self._move(f"{FAILED_PREFIX}{self.run_id}")
             return  # the exception propagates
         missing = [name for name in REQUIRED_FILES if not (self._path / name).is_file()]
         if missing:
             self.log(f"run incomplete: missing {missing}")
-            self._move(f".failed-{self.run_id}")
+            self._move(f"{FAILED_PREFIX}{self.run_id}")
             raise RuntimeError(
                 f"{self._path}: run incomplete, missing {missing}; "
                 "write_metrics() and write_predictions() must be called before the run ends"
@@ -253,12 +250,7 @@ class RunWriter:
         self._move(self.run_id)
 
     def _move(self, name: str) -> None:
-        target = self.runs_root / name
-        # os.rename would silently replace an existing empty folder on POSIX.
-        if target.exists():
-            raise FileExistsError(f"{target}: already exists; run left at {self._path}")
-        os.rename(self._path, target)
-        self._path = target
+        self._path = move_folder(self._path, self.runs_root / name)
 
     def _append(self, name: str, text: str) -> None:
         with open(self._path / name, "a", encoding="utf-8") as file:
@@ -267,7 +259,7 @@ class RunWriter:
 
     def log(self, message: str) -> None:
         """Append ``<UTC time> <message>`` to ``log.txt`` (flushed at once, for tailing)."""
-        self._append(LOG_FILE, f"{_now()} {message.rstrip()}\n")
+        self._append(LOG_FILE, f"{utc_now()} {message.rstrip()}\n")
 
     def log_epoch(self, **values: float | int | str | None) -> None:
         """Append one row to ``metrics.csv`` (None is written as an empty cell).
@@ -295,10 +287,10 @@ class RunWriter:
 
     def progress(self, **values: Any) -> None:
         """Replace ``progress.json`` atomically with ``values`` (epoch, loss, val tau, ...) and
-        the time, then pass ``values`` and ``run_id`` to ``on_progress``."""
-        _write_json(self._path / PROGRESS_FILE, {**values, "time": _now()})
-        if self._on_progress is not None:
-            self._on_progress({**values, "run_id": self.run_id})
+        the time, then pass ``values`` and ``run_id`` to the ``progress`` callback."""
+        _write_json(self._path / PROGRESS_FILE, {**values, "time": utc_now()})
+        if self._report is not None:
+            self._report({**values, "run_id": self.run_id})
 
     def write_metrics(self, metrics: Mapping[str, Any]) -> None:
         """Write the final ``metrics.json`` (NaN and inf as null)."""
@@ -365,10 +357,19 @@ class RunWriter:
         """
         tensors = {name: np.ascontiguousarray(_to_numpy(v)) for name, v in state_dict.items()}
         header = {
-            str(k): v if isinstance(v, str) else json.dumps(_jsonable(v))
+            str(k): v if isinstance(v, str) else json.dumps(jsonable(v))
             for k, v in (metadata or {}).items()
         }
         write_atomic(self._path / MODEL_FILE, lambda tmp: save_file(tensors, tmp, header))
+
+
+def _callback(progress: Progress | None, on_progress: Progress | None) -> Progress | None:
+    """The progress callback given by its name, or by its former name ``on_progress``."""
+    if progress is not None and on_progress is not None:
+        raise TypeError(
+            "pass the progress callback once, as progress (on_progress is its old name)"
+        )
+    return progress if progress is not None else on_progress
 
 
 def _read_mapping(

@@ -14,6 +14,7 @@ import streamlit as st
 
 from core.dataroot import DataRoot
 from core.jobs import Job, JobStore, start_worker, worker_alive
+from core.runs import BACKBONE_FILE
 from core.sources.lbm import SCORE_COLUMNS
 from dashboard import data
 
@@ -43,7 +44,7 @@ def encoder_weights(root: str) -> dict[str, str | None]:
     runs = data.load_runs(root)
     choices: dict[str, str | None] = {}
     for run in runs.itertuples():
-        weights = DataRoot(root).runs / run.run_id / "backbone.safetensors"
+        weights = DataRoot(root).runs / run.run_id / BACKBONE_FILE
         if weights.is_file():
             choices[f"{run.kind} encoder ({run.run_id})"] = str(weights)
     choices["random initialisation"] = None

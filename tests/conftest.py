@@ -20,5 +20,5 @@ def tiny_config() -> DemoConfig:
 def tiny_demo(tmp_path_factory, tiny_config):
     """A tiny demo data root shared by the tests (do not modify its inputs)."""
     root = tmp_path_factory.mktemp("tiny") / "demo"
-    build_demo(root, tiny_config, progress=False)
+    build_demo(root, tiny_config, show_progress=False)
     return root

@@ -69,7 +69,14 @@ def test_build_writes_every_file_in_its_real_format(tiny_demo):
 
 def test_same_seed_gives_identical_files(tiny_demo, tiny_config, tmp_path):
     again = tmp_path / "again"
-    build_demo(again, tiny_config, progress=False)
+    reports = []
+    build_demo(again, tiny_config, show_progress=False, progress=reports.append)
+    stages = list(dict.fromkeys(r["stage"] for r in reports))
+    assert stages[0] == "latent fields" and {"street images", "aerial mosaic"} <= set(stages)
+    for stage in ("street images", "aerial mosaic"):
+        counts = [r for r in reports if r["stage"] == stage and "done" in r]
+        assert counts and counts[-1]["done"] == counts[-1]["total"] > 0
+        assert [r["done"] for r in counts] == sorted(r["done"] for r in counts)
     for rel in ("labels/lbm_scores.csv", "street/flickr_scene_labels.csv", "perception/votes.csv"):
         assert filecmp.cmp(tiny_demo / rel, again / rel, shallow=False), rel
     first = pd.read_parquet(tiny_demo / "street" / "catalog.parquet")
@@ -167,7 +174,9 @@ def test_build_refuses_existing_folder_and_leaves_nothing_half_written(tiny_conf
     existing = tmp_path / "existing"
     existing.mkdir()
     with pytest.raises(FileExistsError, match="already exists"):
+        build_demo(existing, tiny_config, show_progress=False)
+    with pytest.raises(FileExistsError, match="already exists"):  # progress=bool: the old name
         build_demo(existing, tiny_config, progress=False)
     with pytest.raises(ValueError, match="unknown extent"):
-        build_demo(tmp_path / "new", DemoConfig(extent="atlantis"), progress=False)
+        build_demo(tmp_path / "new", DemoConfig(extent="atlantis"), show_progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]

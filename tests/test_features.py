@@ -102,7 +102,7 @@ def test_interrupted_extraction_resumes(images, tmp_path):
         workers=0,
         batch_size=50,
         chunk_batches=1,
-        progress=lambda done, total: calls.append(done),
+        progress=lambda values: calls.append(values["done"]),
     )
     assert calls[0] == 150  # started at row 100, not 0
     np.testing.assert_allclose(resumed.matrix, full, rtol=1e-5, atol=1e-6)

@@ -138,7 +138,9 @@ def test_queue_order_states_and_cancel(tmp_path):
     with pytest.raises(ValueError, match="job kind"):
         store.enqueue("bogus", {})
     with pytest.raises(ValueError, match="JSON"):
-        store.enqueue("fusion", {"data": tmp_path})
+        store.enqueue("fusion", {"data": {1, 2}})  # a set has no JSON form
+    as_text = store.enqueue("fusion", {**QUICK, "data": tmp_path})  # a path is stored as text
+    assert store.get(as_text).config["data"] == str(tmp_path)
     assert JOB_KINDS == ("fusion", "contrastive")
 
 
@@ -244,7 +246,7 @@ def test_log_tail_and_worker_alive(tmp_path):
 
 def test_run_progress_reaches_the_callback_and_a_cancel_fails_the_run(tmp_path):
     seen: list[dict] = []
-    with RunWriter(tmp_path, "fusion", {}, on_progress=seen.append) as run:
+    with RunWriter(tmp_path, "fusion", {}, progress=seen.append) as run:
         run.progress(epoch=0, epochs=2)
         write_complete(run)
     assert seen == [{"epoch": 0, "epochs": 2, "run_id": run.run_id}]
@@ -252,7 +254,7 @@ def test_run_progress_reaches_the_callback_and_a_cancel_fails_the_run(tmp_path):
     def cancel(values: dict) -> None:
         raise JobCancelled("stop")
 
-    with pytest.raises(JobCancelled), RunWriter(tmp_path, "fusion", {}, on_progress=cancel) as run:
+    with pytest.raises(JobCancelled), RunWriter(tmp_path, "fusion", {}, progress=cancel) as run:
         write_complete(run)
         run.progress(epoch=1)
     assert run.path.name == f".failed-{run.run_id}"

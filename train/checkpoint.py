@@ -16,8 +16,6 @@ from safetensors.torch import save_file
 
 from core.io import write_atomic
 
-CHECKPOINT_FILE = "checkpoint.safetensors"
-
 
 def save_checkpoint(
     path: Path,

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from core.models.backbones import normalise
+from core.runs import BACKBONE_FILE
 
 
 class OneCycle:
@@ -82,9 +83,9 @@ def resolve_weights(runs_root: Path, value: str | None) -> str | None:
         return None
     if Path(value).is_file():
         return str(value)
-    candidate = Path(runs_root) / value / "backbone.safetensors"
+    candidate = Path(runs_root) / value / BACKBONE_FILE
     if candidate.is_file():
         return str(candidate)
     raise FileNotFoundError(
-        f"{value}: neither a weights file nor a run in {runs_root} with backbone.safetensors"
+        f"{value}: neither a weights file nor a run in {runs_root} with {BACKBONE_FILE}"
     )

@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -28,14 +27,16 @@ import torch.nn.functional as F
 
 from core.configs import ContrastiveConfig
 from core.dataroot import DataRoot
-from core.features import load_pixels, resolve_device
+from core.features import load_pixels
 from core.grid import read_grid, spatial_split
 from core.models.backbones import IMAGENET_MEAN, IMAGENET_STD, create_backbone, save_backbone
 from core.models.contrastive import MoCoV3, cosine_momentum
+from core.models.device import resolve_device
 from core.pairs import PairConfig, pair_statistics, require_temporal, spatial_pairs, temporal_pairs
-from core.runs import RunWriter
+from core.progress import Progress
+from core.runs import BACKBONE_FILE, CHECKPOINT_FILE, EPOCHS_FILE, RunWriter
 from core.sources.catalog import read_catalog
-from train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from train.checkpoint import load_checkpoint, save_checkpoint
 from train.common import OneCycle, predict, seed_everything, to_input
 
 HOLDOUT_SPLIT = "holdout"
@@ -178,7 +179,7 @@ def build_samplers(
 def train_contrastive(
     config: ContrastiveConfig,
     log: Callable[[str], None] = print,
-    progress: Callable[[dict[str, Any]], None] | None = None,
+    progress: Progress | None = None,
 ) -> str:
     """Pretrain one encoder and write its run folder; returns the run id.
 
@@ -187,7 +188,7 @@ def train_contrastive(
     """
     root = DataRoot(Path(config.data))
     if config.resume:
-        run = RunWriter.resume(root.runs, config.resume, on_progress=progress)
+        run = RunWriter.resume(root.runs, config.resume, progress=progress)
         config = ContrastiveConfig.from_dict(
             {**run.config, "data": config.data, "device": config.device, "resume": config.resume}
         )
@@ -222,7 +223,7 @@ def train_contrastive(
     total_steps = config.epochs * config.steps_per_epoch
     if not config.resume:
         resolved = asdict(config) | {"label": f"contrastive {config.objective}"}
-        run = RunWriter(root.runs, "contrastive", resolved, on_progress=progress)
+        run = RunWriter(root.runs, "contrastive", resolved, progress=progress)
     with run:
         start = 0
         if config.resume:
@@ -304,7 +305,7 @@ def _finish(
     """Save the encoder, per-cell embeddings of every image, and the run's metrics."""
     save_backbone(
         model.backbone,
-        run.path / "backbone.safetensors",
+        run.path / BACKBONE_FILE,
         trained_on=f"contrastive {config.objective} pairs",
         px=str(config.px),
     )
@@ -329,7 +330,7 @@ def _finish(
             }
         )
     )
-    epochs = pd.read_csv(run.path / "metrics.csv")
+    epochs = pd.read_csv(run.path / EPOCHS_FILE)
     run.write_metrics(
         {
             "label": f"contrastive {config.objective}",

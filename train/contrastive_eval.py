@@ -24,10 +24,11 @@ import pandas as pd
 from core.configs import ContrastiveConfig
 from core.dataroot import DataRoot
 from core.downstream import perception_probe, recall_at_k, region_means, socioeconomic_r2
-from core.features import load_pixels, resolve_device
+from core.features import load_pixels
 from core.grid import read_grid
 from core.io import read_table, require_columns, write_atomic
-from core.models.backbones import create_backbone
+from core.models.backbones import create_backbone, encoder_of_run
+from core.models.device import resolve_device
 from core.runs import load_run
 from train.contrastive import (
     embed_images,
@@ -45,15 +46,6 @@ TASK_COLUMNS = (
     "perception_accuracy",
     "perception_auc",
 )
-
-
-def encoder_of_run(root: DataRoot, run_id: str) -> tuple[str, str]:
-    """The backbone name and weights file of a run that saved ``backbone.safetensors``."""
-    run = load_run(root.runs / run_id)
-    weights = run.path / "backbone.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: run {run_id} saved no encoder")
-    return str(run.config["backbone"]), str(weights)
 
 
 class Evaluation:
@@ -152,7 +144,7 @@ def evaluate(
     rows = []
     for run_id in run_ids:
         run = load_run(root.runs / run_id)
-        backbone, weights = encoder_of_run(root, run_id)
+        backbone, weights = encoder_of_run(run)
         rows.append(
             {
                 "encoder": run.config["objective"],

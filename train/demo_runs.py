@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 from core.configs import FusionConfig, PerceptionConfig, SceneTrainConfig
 from core.dataroot import DataRoot
-from core.runs import list_runs
+from core.runs import BACKBONE_FILE, list_runs
 from train.fusion import train_fusion
 from train.perception import train_perception
 from train.scene import train_scene_filter
@@ -54,8 +54,8 @@ def ensure_encoders(root: DataRoot, device: str = "auto", log=print) -> Encoders
     return Encoders(
         scene,
         perception,
-        str(root.runs / scene / "backbone.safetensors"),
-        str(root.runs / perception / "backbone.safetensors"),
+        str(root.runs / scene / BACKBONE_FILE),
+        str(root.runs / perception / BACKBONE_FILE),
     )
 
 

@@ -12,10 +12,8 @@ Kendall's tau is kept. The target is standardised on the training cells.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,11 +23,13 @@ from torch import nn
 from core.configs import FusionConfig
 from core.dataroot import DataRoot
 from core.datasets import aerial_patches, labelled_cells, street_images
-from core.features import extract_features, pool_by_cell, resolve_device
+from core.features import extract_features, pool_by_cell
 from core.metrics import grouped_metrics, kendall_tau_b, score_metrics
 from core.models.backbones import create_backbone
-from core.models.fusion import FusionRegressor
-from core.runs import Run, RunWriter, load_run
+from core.models.device import resolve_device
+from core.models.fusion import FusionRegressor, restore
+from core.progress import Progress
+from core.runs import RunWriter, load_run
 from core.scenes import filter_config, scores_path, select
 from train.common import OneCycle, augment_aerial, batches, seed_everything, to_input
 
@@ -114,9 +114,7 @@ def predict_cells(
     return torch.cat(outputs).numpy(), torch.cat(embeddings).numpy()
 
 
-def train_fusion(
-    config: FusionConfig, log=print, progress: Callable[[dict[str, Any]], None] | None = None
-) -> str:
+def train_fusion(config: FusionConfig, log=print, progress: Progress | None = None) -> str:
     """Train one configuration and write its run folder; returns the run id.
 
     Args:
@@ -170,7 +168,7 @@ def train_fusion(
         "target_mean": mean,
         "target_std": std,
     }
-    with RunWriter(root.runs, "fusion", resolved, on_progress=progress) as run:
+    with RunWriter(root.runs, "fusion", resolved, progress=progress) as run:
         run.progress(epoch=0, epochs=config.epochs)  # tells a job its run id before epoch 1
         run.log(
             f"{config.label}: {len(ids)} cells ({len(train_rows)} train, {len(val_rows)} val), "
@@ -249,23 +247,6 @@ def train_fusion(
         run.log(f"test kendall tau {metrics['test_kendall_tau']:.3f} (best epoch {best_epoch})")
     log(f"{config.label}: run {run.run_id}, test tau {metrics['test_kendall_tau']:.3f}")
     return run.run_id
-
-
-def restore(run: Run, device: str = "cpu") -> tuple[FusionRegressor, FusionConfig]:
-    """The trained model of a fusion run (weights from its safetensors) and its config."""
-    config = FusionConfig.from_dict(run.config)
-    state = {k: torch.from_numpy(v) for k, v in run.state_dict().items()}
-    ground_dim = None
-    if config.ground:
-        ground_dim = (
-            state["ground.weight"].shape[1]
-            if "ground.weight" in state
-            else state["missing"].shape[0]
-        )
-    backbone = create_backbone(config.aerial_backbone) if config.aerial else None
-    model = FusionRegressor(backbone, ground_dim)
-    model.load_state_dict(state)
-    return model.to(resolve_device(device)).eval(), config
 
 
 def predict_run(run_dir: str | Path, device: str = "cpu") -> pd.DataFrame:

@@ -20,10 +20,11 @@ from torch import nn
 from core.configs import PerceptionConfig
 from core.dataroot import DataRoot
 from core.datasets import street_images
-from core.features import load_pixels, resolve_device
+from core.features import load_pixels
 from core.io import read_table, require_columns
 from core.models.backbones import create_backbone, save_backbone
-from core.runs import RunWriter
+from core.models.device import resolve_device
+from core.runs import BACKBONE_FILE, RunWriter
 from train.common import OneCycle, augment_street, batches, seed_everything, to_input
 
 WINNER_TARGET = {"left": 1.0, "right": 0.0, "equal": 0.5}
@@ -141,7 +142,7 @@ def train_perception(config: PerceptionConfig, log=print) -> str:
         )
         save_backbone(
             model.backbone,
-            run.path / "backbone.safetensors",
+            run.path / BACKBONE_FILE,
             trained_on="pairwise perception votes",
             px=str(config.px),
         )

@@ -27,11 +27,12 @@ from torch import nn
 from core.configs import SceneTrainConfig
 from core.dataroot import DataRoot
 from core.datasets import street_images
-from core.features import load_pixels, resolve_device
+from core.features import load_pixels
 from core.io import write_atomic
 from core.models.backbones import save_backbone
+from core.models.device import resolve_device
 from core.models.scene_filter import SceneClassifier, load_scene_classifier, read_scene_names
-from core.runs import RunWriter
+from core.runs import BACKBONE_FILE, RunWriter
 from core.scenes import SceneFilterConfig, scores_path, select
 from train.common import (
     OneCycle,
@@ -130,7 +131,7 @@ def train_scene_filter(config: SceneTrainConfig, log=print) -> str:
         )
         save_backbone(
             model.backbone,
-            run.path / "backbone.safetensors",
+            run.path / BACKBONE_FILE,
             trained_on="scene classification",
             px=str(config.px),
         )

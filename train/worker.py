@@ -27,21 +27,20 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import fields
-from datetime import UTC, datetime
 from os import PathLike
 from pathlib import Path
 from typing import IO, Any
 
 from core.dataroot import DataRoot
+from core.io import utc_now
 from core.jobs import LOCK_FILE, Job, JobCancelled, JobStore, log_tail
+from core.progress import Progress
 
 #: ``runner(config, log, progress) -> run_id``: ``log`` takes one message, ``progress`` one dict.
-Runner = Callable[[dict, Callable[[str], None], Callable[[dict], None]], str]
+Runner = Callable[[dict, Callable[[str], None], Progress], str]
 
 
-def run_fusion_job(
-    config: dict, log: Callable[[str], None], progress: Callable[[dict], None]
-) -> str:
+def run_fusion_job(config: dict, log: Callable[[str], None], progress: Progress) -> str:
     """Train one fusion run from a job config (:class:`core.configs.FusionConfig` fields).
 
     Raises:
@@ -57,9 +56,7 @@ def run_fusion_job(
     return train_fusion(FusionConfig.from_dict(config), log=log, progress=progress)
 
 
-def run_contrastive_job(
-    config: dict, log: Callable[[str], None], progress: Callable[[dict], None]
-) -> str:
+def run_contrastive_job(config: dict, log: Callable[[str], None], progress: Progress) -> str:
     """Pretrain one contrastive encoder from a job config (:class:`core.configs.ContrastiveConfig` fields).
 
     Raises:
@@ -142,12 +139,8 @@ class _Heartbeat(threading.Thread):
                 self.say(f"job {self.job_id}: heartbeat failed ({exc})")  # retried next beat
 
 
-def _stamp() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
 def _say(message: str) -> None:
-    print(f"{_stamp()} {message}", flush=True)
+    print(f"{utc_now()} {message}", flush=True)
 
 
 def _acquire_lock(path: Path, wait: float = 1.0) -> IO[bytes] | None:
@@ -253,12 +246,12 @@ class Worker:
         with open(log_path, "a", encoding="utf-8") as file:
 
             def log(message: str) -> None:
-                file.write(f"{_stamp()} {str(message).rstrip()}\n")
+                file.write(f"{utc_now()} {str(message).rstrip()}\n")
                 file.flush()
 
             beat = _Heartbeat(self.store, job.id, self.heartbeat, self.say)
 
-            def progress(values: dict) -> None:
+            def progress(values: dict[str, Any]) -> None:
                 beat.push(values)
                 if beat.stop_requested.is_set():
                     raise JobCancelled(f"job {job.id} cancelled")
@@ -293,8 +286,10 @@ class Worker:
             finally:
                 beat.close()
         # A complete run folder is a result, whatever stopped the job after writing it.
+        from core.runs import METRICS_FILE  # pandas and pyarrow: not needed to start the worker
+
         known = run_id or beat.progress.get("run_id")
-        if status != "done" and known and (self.root.runs / known / "metrics.json").is_file():
+        if status != "done" and known and (self.root.runs / known / METRICS_FILE).is_file():
             status, run_id = "done", known
         if status == "done":
             self.store.finish(job.id, run_id)

@@ -8,7 +8,6 @@ Flight strips differ a little in brightness, as real mosaics do.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from scipy import ndimage
 
 from core.demo.city import CityFields, park_geometry, water_geometry
 from core.grid import CELL_SIZE, RD_NEW, cell_index
+from core.progress import Progress
 
 PIXEL_SIZE = 4.0  # metres; real PDOK imagery is 0.25 m and is cut by metres the same way
 _STRIP_ROWS = 512
@@ -61,7 +61,7 @@ def write_aerial(
     streets: np.ndarray,
     path: Path,
     seed: int,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> Path:
     """Render the mosaic over ``bounds`` (RD metres) and write a tiled, compressed GeoTIFF.
 
@@ -72,7 +72,7 @@ def write_aerial(
             :func:`street_areas`), drawn as asphalt.
         path: output file; written under a temporary name and renamed when complete.
         seed: seeds the textures, per strip, so the output does not depend on strip order.
-        progress: called with the number of rows finished after each strip.
+        progress: called with ``done`` and ``total`` rows after each strip.
     """
     minx, miny = np.floor(np.array(bounds[:2]) / PIXEL_SIZE) * PIXEL_SIZE
     maxx, maxy = np.ceil(np.array(bounds[2:]) / PIXEL_SIZE) * PIXEL_SIZE
@@ -109,8 +109,8 @@ def write_aerial(
             rng = np.random.default_rng([seed, 3, top])
             image = _render_strip(latents, shapes, strip_transform, (rows, width), rng)
             dst.write(image.transpose(2, 0, 1), window=Window(0, top, width, rows))
-            if progress:
-                progress(rows)
+            if progress is not None:
+                progress({"done": top + rows, "total": height})
     tmp.replace(path)
     return path
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -43,6 +42,8 @@ from tqdm import tqdm
 from core.demo import city, street
 from core.demo.aerial import PIXEL_SIZE, street_areas, write_aerial
 from core.grid import CELL_SIZE, RD_NEW, cell_index, cell_polygons, to_geodataframe, write_grid
+from core.io import building, utc_now
+from core.progress import Progress
 from core.sources.catalog import write_catalog
 from core.sources.lbm import write_lbm
 
@@ -101,49 +102,66 @@ def extent_cells(fields: city.CityFields, extent: str) -> np.ndarray:
 
 
 def build_demo(
-    out: str | os.PathLike, config: DemoConfig | None = None, progress: bool = True
+    out: str | os.PathLike,
+    config: DemoConfig | None = None,
+    show_progress: bool = True,
+    *,
+    progress: Progress | None = None,
+    replace: bool = False,
 ) -> dict:
     """Generate the demo city into ``out`` and return its manifest.
 
+    The tree is built beside ``out`` and renamed into place when complete (:func:`building`).
+
+    Args:
+        out: the data root to create.
+        config: what to build (default :class:`DemoConfig`).
+        show_progress: show progress bars on the terminal.
+        progress: called with ``stage`` as each stage starts, and with ``stage``, ``done`` and
+            ``total`` as the street images and the aerial rows are written.
+        replace: replace an existing ``out``, once the new city is complete.
+
     Raises:
-        FileExistsError: if ``out`` already exists (the caller decides whether to keep it).
+        FileExistsError: if ``out`` already exists and ``replace`` is false (the caller
+            decides whether to keep it).
     """
+    if isinstance(progress, bool):  # its former meaning, still passed by train/__main__.py
+        show_progress, progress = progress, None
     config = config or DemoConfig()
     out = Path(out)
-    if out.exists():
+    if out.exists() and not replace:
         raise FileExistsError(f"{out}: already exists; remove it or choose another --out")
-    tmp = out.with_name(f".{out.name}.building-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     timings: dict[str, float] = {}
-    try:
-        manifest = _build_into(tmp, config, progress, timings)
+    with building(out, replace=replace) as tmp:
+        manifest = _build_into(tmp, config, show_progress, progress, timings)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
 class _Stages:
-    """Times each stage and shows it on the progress line."""
+    """Times each stage and reports it to the progress callback."""
 
-    def __init__(self, timings: dict[str, float], bar: tqdm | None):
-        self.timings, self.bar = timings, bar
+    def __init__(self, timings: dict[str, float], progress: Progress | None):
+        self.timings, self.progress = timings, progress
 
     def run(self, name: str, fn, *args, **kwargs):
-        if self.bar is not None:
-            self.bar.set_description(name)
+        if self.progress is not None:
+            self.progress({"stage": name})
         start = time.perf_counter()
         result = fn(*args, **kwargs)
         self.timings[name] = round(time.perf_counter() - start, 3)
         return result
 
 
-def _build_into(root: Path, config: DemoConfig, progress: bool, timings: dict[str, float]) -> dict:
+def _build_into(
+    root: Path,
+    config: DemoConfig,
+    show_progress: bool,
+    progress: Progress | None,
+    timings: dict[str, float],
+) -> dict:
     started = time.perf_counter()
-    stages = _Stages(timings, None)
+    stages = _Stages(timings, progress)
     fields = stages.run("latent fields", city.build_fields, config.seed)
     ids = extent_cells(fields, config.extent)
     cells = fields.lookup(ids)
@@ -190,10 +208,16 @@ def _build_into(root: Path, config: DemoConfig, progress: bool, timings: dict[st
         for s, c, i in zip(images["source"], images["cell_id"], images["id"], strict=True)
     ]
 
-    bar = tqdm(total=len(images), unit="img", desc="street images", disable=not progress)
+    bar = tqdm(total=len(images), unit="img", desc="street images", disable=not show_progress)
     start = time.perf_counter()
-    for done in _render_all(images, root / "street", config):
-        bar.update(done)
+    done = 0
+    if progress is not None:
+        progress({"stage": "street images"})
+    for count in _render_all(images, root / "street", config):
+        bar.update(count)
+        done += count
+        if progress is not None:
+            progress({"stage": "street images", "done": done, "total": len(images)})
     bar.close()
     timings["street images"] = round(time.perf_counter() - start, 3)
     _write_catalog(images, root / "street")
@@ -206,7 +230,15 @@ def _build_into(root: Path, config: DemoConfig, progress: bool, timings: dict[st
         cells["y"].max() + CELL_SIZE / 2 + config.aerial_margin_m,
     )
     rows = int(np.ceil((bounds[3] - bounds[1]) / PIXEL_SIZE))
-    with tqdm(total=rows, unit="row", desc="aerial mosaic", disable=not progress) as aerial_bar:
+    with tqdm(
+        total=rows, unit="row", desc="aerial mosaic", disable=not show_progress
+    ) as aerial_bar:
+
+        def aerial_progress(values: dict) -> None:
+            aerial_bar.update(values["done"] - aerial_bar.n)
+            if progress is not None:
+                progress({"stage": "aerial mosaic", **values})
+
         stages.run(
             "aerial mosaic",
             write_aerial,
@@ -215,7 +247,7 @@ def _build_into(root: Path, config: DemoConfig, progress: bool, timings: dict[st
             street_areas(graph.edges["geometry"].to_numpy()),
             root / "aerial" / "aerial.tif",
             config.seed,
-            aerial_bar.update,
+            aerial_progress,
         )
 
     stages.run(
@@ -246,7 +278,7 @@ def _build_into(root: Path, config: DemoConfig, progress: bool, timings: dict[st
         "street_edges": int(len(graph.edges)),
         "timings_s": timings,
         "elapsed_s": round(time.perf_counter() - started, 1),
-        "created": pd.Timestamp.now(tz="UTC").isoformat(timespec="seconds"),
+        "created": utc_now(),
     }
 
 

@@ -1,4 +1,5 @@
-"""Models: image backbones (registry and local weights), cross-modal fusion, scene filter."""
+"""Models: image backbones (registry and local weights), cross-modal fusion, scene filter, and
+the device they run on."""
 
 from core.models.backbones import (
     BACKBONES,
@@ -11,6 +12,7 @@ from core.models.backbones import (
     register_backbone,
     save_backbone,
 )
+from core.models.device import resolve_device
 
 __all__ = [
     "BACKBONES",
@@ -21,5 +23,6 @@ __all__ = [
     "load_backbone_weights",
     "normalise",
     "register_backbone",
+    "resolve_device",
     "save_backbone",
 ]

@@ -8,7 +8,8 @@ from files on disk, in one of two kinds:
   through timm's own loader (``pretrained=True, pretrained_cfg_overlay=dict(file=...)``), which
   drops the classifier and reads torch files with ``weights_only=True``;
 - our own checkpoints, written by :func:`save_backbone`: safetensors with a ``backbone``
-  metadata entry, loaded strictly by :func:`load_backbone_weights`.
+  metadata entry, loaded strictly by :func:`load_backbone_weights` (a run that saved one names
+  it and its backbone for :func:`encoder_of_run`).
 
 Both are checked against the model first, so a wrong file is an error naming the file and the
 offending keys or shapes, never a silently half-loaded model.
@@ -21,6 +22,7 @@ import json
 import pickle
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import safetensors
 import safetensors.torch
@@ -30,6 +32,10 @@ from timm.models import clean_state_dict
 from torch import nn
 
 from core.io import write_atomic
+from core.runs import BACKBONE_FILE
+
+if TYPE_CHECKING:
+    from core.runs import Run
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -198,6 +204,20 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> nn.Module:
     check_state_fits(state, expected, path)
     model.load_state_dict(state)
     return model
+
+
+def encoder_of_run(run: Run) -> tuple[str, str]:
+    """The backbone name and weights file of a run that saved ``backbone.safetensors`` (a
+    contrastive, perception or scene run): ``create_backbone(*encoder_of_run(run))`` rebuilds
+    its trained encoder.
+
+    Raises:
+        FileNotFoundError: if the run saved no encoder.
+    """
+    weights = run.path / BACKBONE_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: run {run.run_id} saved no encoder")
+    return str(run.config["backbone"]), str(weights)
 
 
 def backbone_fingerprint(

@@ -8,12 +8,23 @@ predicts the score. The FC(100) output is the cell's embedding.
 Cells without ground images: the paper trains on cells that have them; we keep every cell and
 give the image-less ones a learned "missing" vector in place of the ground vector, so the model
 falls back to the aerial path instead of crashing or seeing zeros as a real observation.
+
+:func:`restore` rebuilds the trained model of a ``fusion`` run from its run folder.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+from core.configs import FusionConfig
+from core.models.backbones import create_backbone
+from core.models.device import resolve_device
+
+if TYPE_CHECKING:
+    from core.runs import Run
 
 
 class FusionRegressor(nn.Module):
@@ -67,3 +78,20 @@ class FusionRegressor(nn.Module):
     ) -> torch.Tensor:
         """Predicted (standardised) score, shape (B,)."""
         return self.out(self.embed(aerial, ground, has_ground)).squeeze(1)
+
+
+def restore(run: Run, device: str | torch.device = "cpu") -> tuple[FusionRegressor, FusionConfig]:
+    """The trained model of a fusion run (weights from its safetensors) and its config."""
+    config = FusionConfig.from_dict(run.config)
+    state = {k: torch.from_numpy(v) for k, v in run.state_dict().items()}
+    ground_dim = None
+    if config.ground:
+        ground_dim = (
+            state["ground.weight"].shape[1]
+            if "ground.weight" in state
+            else state["missing"].shape[0]
+        )
+    backbone = create_backbone(config.aerial_backbone) if config.aerial else None
+    model = FusionRegressor(backbone, ground_dim)
+    model.load_state_dict(state)
+    return model.to(resolve_device(device)).eval(), config

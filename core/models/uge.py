@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.features import resolve_device
+from core.models.device import resolve_device
 
 #: Model types the embedder is written for (M-RoPE, ``mm_token_type_ids``, ``image_grid_thw``).
 SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")

@@ -6,6 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from core.dataroot import DataRoot
+from core.runs import PREDICTIONS_FILE
 from core.sources.lbm import CLASS_NAMES
 from dashboard import common, data, maps
 
@@ -46,7 +47,7 @@ def layer(
         values = predictions[layer_name].rename("value")
         details = predictions[["true", "predicted", "residual"]]
         description = f"{RUN_LAYERS[layer_name]} of run {run_path.rsplit('/', 1)[-1]}"
-        sources = [f"{run_path}/predictions.parquet"]
+        sources = [f"{run_path}/{PREDICTIONS_FILE}"]
     shown = cells.merge(values, left_on="cell_id", right_index=True)
     shown = shown.merge(details, left_on="cell_id", right_index=True, how="left")
     shown = shown.merge(coverage[["cell_id", "gsv", "flickr"]], on="cell_id", how="left")

@@ -8,6 +8,7 @@ import plotly.express as px
 import streamlit as st
 
 from core.dataroot import DataRoot
+from core.runs import PREDICTIONS_FILE
 from dashboard import common, data, maps
 
 COUNT_LAYERS = {
@@ -170,7 +171,7 @@ def main() -> None:
             title=f"{common.run_title(run)}: test error by coverage (bar labels: cells)",
         )
         st.plotly_chart(chart, key="coverage_error")
-        common.provenance(f"{run['path']}/predictions.parquet")
+        common.provenance(f"{run['path']}/{PREDICTIONS_FILE}")
     sources = [str(DataRoot(root).catalog)] + ([f"scene run {scene_run}"] if scene_run else [])
     common.provenance(*sources)
 

@@ -6,6 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from core.neighbours import EmbeddingIndex
+from core.runs import EMBEDDINGS_FILE, PREDICTIONS_FILE
 from dashboard import common, data, maps
 
 
@@ -18,7 +19,7 @@ def embedding_index(run_path: str) -> EmbeddingIndex:
 def embedding_runs(root: str) -> pd.DataFrame:
     """Complete runs that wrote per-cell embeddings (fusion, contrastive, UGE, ...)."""
     runs = data.load_runs(root)
-    has = [(p / "embeddings.parquet").is_file() for p in runs["path"]] if len(runs) else []
+    has = [(p / EMBEDDINGS_FILE).is_file() for p in runs["path"]] if len(runs) else []
     return runs[has].reset_index(drop=True)
 
 
@@ -26,7 +27,7 @@ def on_grid_table(root: str, run: pd.Series, found: pd.DataFrame) -> pd.DataFram
     """Found cells (rank, cell_id, similarity) with where they are and their scores (true and
     predicted when the run has them)."""
     table = data.on_grid(root, found)[["rank", "cell_id", "similarity", "buurt_naam", "district"]]
-    predictions_file = run["path"] / "predictions.parquet"
+    predictions_file = run["path"] / PREDICTIONS_FILE
     if predictions_file.is_file():
         predictions = data.load_predictions(str(run["path"]))[["cell_id", "true", "predicted"]]
         table = table.merge(predictions, on="cell_id", how="left")
@@ -124,7 +125,7 @@ def main() -> None:
             f"{here['district'] or '—'}) in the {index.dim}-dimensional embedding of `{run['run_id']}`:"
         )
     st.dataframe(table.round(3), width="stretch", hide_index=True)
-    common.provenance(f"{run['path']}/embeddings.parquet")
+    common.provenance(f"{run['path']}/{EMBEDDINGS_FILE}")
 
 
 main()

@@ -9,6 +9,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core.metrics import grouped_metrics, score_metrics
+from core.runs import PREDICTIONS_FILE
 from dashboard import common, data, maps
 
 METRIC_NAMES = {"kendall_tau": "Kendall's tau", "spearman": "Spearman", "r2": "R²", "mae": "MAE"}
@@ -137,7 +138,7 @@ def main() -> None:
         )
         per_district.columns = [f"tau {run['run_id']}", f"tau {other['run_id']}"]
         st.dataframe(per_district.round(3), width="stretch")
-    common.provenance(*(f"{r['path']}/predictions.parquet" for r in (run, other) if r is not None))
+    common.provenance(*(f"{r['path']}/{PREDICTIONS_FILE}" for r in (run, other) if r is not None))
 
 
 main()

@@ -8,7 +8,7 @@ import streamlit as st
 import yaml
 
 from core.exports import FORMATS, export_bytes, prediction_layer
-from core.runs import load_run
+from core.runs import CONFIG_FILE, EPOCHS_FILE, METRICS_FILE, PREDICTIONS_FILE, load_run
 from dashboard import common, data, retrain
 
 SUMMARY_COLUMNS = [
@@ -58,10 +58,10 @@ def main() -> None:
         details = load_run(run["path"])
         left, right = st.columns(2)
         with left:
-            st.markdown("**Config** (`config.yaml`)")
+            st.markdown(f"**Config** (`{CONFIG_FILE}`)")
             st.code(yaml.safe_dump(details.config, sort_keys=False), language="yaml")
         with right:
-            st.markdown("**Final metrics** (`metrics.json`)")
+            st.markdown(f"**Final metrics** (`{METRICS_FILE}`)")
             scalars = {k: v for k, v in details.metrics.items() if not isinstance(v, list | dict)}
             st.dataframe(pd.Series(scalars, name="value").astype(str), width="stretch")
             if not details.epochs.empty and "epoch" in details.epochs:
@@ -75,10 +75,10 @@ def main() -> None:
                     x="epoch",
                     y=curves,
                     markers=True,
-                    title="Per epoch (metrics.csv)",
+                    title=f"Per epoch ({EPOCHS_FILE})",
                 )
                 st.plotly_chart(chart, key="runs_epochs")
-        if (run["path"] / "predictions.parquet").is_file():
+        if (run["path"] / PREDICTIONS_FILE).is_file():
             st.markdown("**Predictions** per cell, as 100 m squares in EPSG:28992 (RD New)")
             buttons = st.columns(len(FORMATS))
             names = {"gpkg": "GeoPackage", "parquet": "GeoParquet", "csv": "CSV"}

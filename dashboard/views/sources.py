@@ -8,6 +8,7 @@ import streamlit as st
 
 from core.dataroot import DataRoot
 from core.experiments import AERIAL_FLICKR_BUILDING, AERIAL_GSV, summarise_matrix
+from core.runs import PREDICTIONS_FILE
 from dashboard import common, data, maps
 
 
@@ -129,7 +130,7 @@ def main() -> None:
     )
     st.dataframe(per_district.round(3), width="stretch")
     common.provenance(
-        f"{gsv_run['path']}/predictions.parquet", f"{flickr_run['path']}/predictions.parquet"
+        f"{gsv_run['path']}/{PREDICTIONS_FILE}", f"{flickr_run['path']}/{PREDICTIONS_FILE}"
     )
 
 
