@@ -136,8 +136,6 @@ class RunWriter:
         config: the resolved config; must be YAML-serialisable (plain Python values).
         progress: called by :meth:`progress` with the values and ``run_id`` (a job worker
             reports them); an exception it raises (e.g. a cancel) fails the run.
-        on_progress: the former name of ``progress``, still accepted until every trainer
-            passes ``progress``.
 
     Raises:
         ValueError: for a bad ``kind`` or a config that is not a YAML-serialisable dict.
@@ -149,11 +147,9 @@ class RunWriter:
         kind: str,
         config: Mapping[str, Any],
         progress: Progress | None = None,
-        *,
-        on_progress: Progress | None = None,
     ) -> None:
         self.run_id = new_run_id(kind)
-        self._report = _callback(progress, on_progress)
+        self._report = progress
         self.runs_root = Path(runs_root)
         if not isinstance(config, Mapping):
             raise ValueError(f"run config: expected a mapping, got {type(config).__name__}")
@@ -173,8 +169,6 @@ class RunWriter:
         runs_root: str | PathLike,
         run_id: str,
         progress: Progress | None = None,
-        *,
-        on_progress: Progress | None = None,
     ) -> RunWriter:
         """Reopen an interrupted run (``.tmp-<run_id>`` or ``.failed-<run_id>``) to continue it.
 
@@ -200,7 +194,7 @@ class RunWriter:
             )
         writer = cls.__new__(cls)
         writer.run_id, writer.runs_root = run_id, root
-        writer._report = _callback(progress, on_progress)
+        writer._report = progress
         writer._path = found[0]
         if found[0].name.startswith(FAILED_PREFIX):
             writer._move(f"{TMP_PREFIX}{run_id}")
@@ -361,15 +355,6 @@ class RunWriter:
             for k, v in (metadata or {}).items()
         }
         write_atomic(self._path / MODEL_FILE, lambda tmp: save_file(tensors, tmp, header))
-
-
-def _callback(progress: Progress | None, on_progress: Progress | None) -> Progress | None:
-    """The progress callback given by its name, or by its former name ``on_progress``."""
-    if progress is not None and on_progress is not None:
-        raise TypeError(
-            "pass the progress callback once, as progress (on_progress is its old name)"
-        )
-    return progress if progress is not None else on_progress
 
 
 def _read_mapping(

@@ -175,8 +175,6 @@ def test_build_refuses_existing_folder_and_leaves_nothing_half_written(tiny_conf
     existing.mkdir()
     with pytest.raises(FileExistsError, match="already exists"):
         build_demo(existing, tiny_config, show_progress=False)
-    with pytest.raises(FileExistsError, match="already exists"):  # progress=bool: the old name
-        build_demo(existing, tiny_config, progress=False)
     with pytest.raises(ValueError, match="unknown extent"):
         build_demo(tmp_path / "new", DemoConfig(extent="atlantis"), show_progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]

@@ -52,7 +52,7 @@ def fetch(fake, root: Path, client: HttpClient, bbox, **options):
         "api_key": KEY,
         "client": client,
         "endpoint": fake.endpoint,
-        "progress": False,
+        "show_progress": False,
         **options,
     }
     return fetch_flickr(root, bbox, **options)
@@ -205,7 +205,7 @@ def test_stat_fail_of_the_search_is_an_error(httpserver, tiny_demo, tmp_path, cl
 def test_missing_key_names_the_environment_variable(monkeypatch, tmp_path, bbox):
     monkeypatch.delenv(API_KEY_ENV, raising=False)
     with pytest.raises(ValueError, match=API_KEY_ENV):
-        fetch_flickr(tmp_path, bbox, progress=False)
+        fetch_flickr(tmp_path, bbox, show_progress=False)
 
 
 def test_429_retry_after_and_5xx_are_retried(httpserver, tiny_demo, tmp_path, client, sleeps, bbox):

@@ -66,7 +66,7 @@ def fetch(fake, root: Path, client: HttpClient, points: np.ndarray, **options):
         "api_key": KEY,
         "client": client,
         "endpoint": fake.endpoint,
-        "progress": False,
+        "show_progress": False,
         **options,
     }
     return fetch_gsv(root, points, **options)
@@ -114,7 +114,7 @@ def test_fetch_finds_the_latest_panorama_of_every_place(
 def test_cell_centres_are_deduplicated_by_panorama(httpserver, tiny_demo, client, centres):
     fake = install_gsv(httpserver, tiny_demo, api_key=KEY)
     found = find_panoramas(
-        client, KEY, np.vstack([centres, centres]), endpoint=fake.endpoint, progress=False
+        client, KEY, np.vstack([centres, centres]), endpoint=fake.endpoint, show_progress=False
     )
     assert fake.metadata_requests == 2 * len(centres)
     assert 0 < len(found) <= len(centres) and found["pano_id"].is_unique
@@ -198,7 +198,7 @@ def test_a_bad_key_is_request_denied_without_the_key(
 def test_missing_key_names_the_environment_variable(monkeypatch, tmp_path, centres):
     monkeypatch.delenv(API_KEY_ENV, raising=False)
     with pytest.raises(ValueError, match=API_KEY_ENV):
-        fetch_gsv(tmp_path, centres, progress=False)
+        fetch_gsv(tmp_path, centres, show_progress=False)
 
 
 def test_signed_urls_are_accepted_and_unsigned_refused(
@@ -239,7 +239,7 @@ def test_429_and_5xx_on_images_are_retried(
     httpserver, tiny_demo, tmp_path, client, sleeps, centres
 ):
     fake = install_gsv(httpserver, tiny_demo, api_key=KEY)
-    pano = find_panoramas(client, KEY, centres, endpoint=fake.endpoint, progress=False)[
+    pano = find_panoramas(client, KEY, centres, endpoint=fake.endpoint, show_progress=False)[
         "pano_id"
     ].iloc[0]
     fake.inject(
@@ -257,7 +257,7 @@ def test_corrupt_view_refetched_and_interrupted_fetch_resumed(
 ):
     fake = install_gsv(httpserver, tiny_demo, api_key=KEY)
     panos = list(
-        find_panoramas(client, KEY, centres, endpoint=fake.endpoint, progress=False)["pano_id"]
+        find_panoramas(client, KEY, centres, endpoint=fake.endpoint, show_progress=False)["pano_id"]
     )
     good = Path(fake.views["file"].iloc[0]).read_bytes()
     fake.inject(panos[0], Response(good[:-50], 200, mimetype="image/jpeg"))
@@ -299,7 +299,7 @@ def test_flickr_and_gsv_share_one_catalog(httpserver, tiny_demo, tmp_path, clien
         api_key=KEY,
         client=client,
         endpoint=flickr.endpoint,
-        progress=False,
+        show_progress=False,
     )
     fetch(gsv, tmp_path, client, centres)  # a rerun replaces its own rows, keeps Flickr's
     images = read_catalog(DataRoot(tmp_path).catalog).images

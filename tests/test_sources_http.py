@@ -172,7 +172,7 @@ def test_download_many_resumes_without_refetching(httpserver, tmp_path):
     for url, dest, _ in items[:3]:
         client.download(url, dest)
     before = client.requests_made
-    report = client.download_many(items, progress=False)
+    report = client.download_many(items, show_progress=False)
     assert (report.fetched, report.skipped, len(report.failed)) == (3, 3, 1)
     assert [(path.name, error.status) for path, error in report.failed] == [("6.bin", 404)]
     assert client.requests_made - before == 4  # three new tiles and the 404, nothing refetched

@@ -124,7 +124,7 @@ def test_missing_layer_names_the_url_and_the_available_layers(fake, tmp_path):
             year=2016,
             client=HttpClient(FAST),
             endpoint=fake.endpoint,
-            progress=False,
+            show_progress=False,
         )
     message = str(info.value)
     assert fake.endpoint in message and "request=GetCapabilities" in message
@@ -203,7 +203,7 @@ def test_fetch_mosaics_a_georeferenced_cog_style_geotiff(fake, tiny_demo, tmp_pa
         client=HttpClient(FAST),
         endpoint=fake.endpoint,
         resolution=2.0,
-        progress=False,
+        show_progress=False,
     )
     assert result.path == out / "aerial" / "aerial.tif" == DataRoot(out).aerial
     assert result.matrix.identifier == "11" and len(result.tiles) == 6 * 5
@@ -232,7 +232,7 @@ def test_png_tiles_reproduce_the_source_pixels_at_known_rd_points(fake, tiny_dem
         resolution=4.0,
         image_format="image/png",
         compress="deflate",
-        progress=False,
+        show_progress=False,
     )
     assert result.matrix.identifier == "10"
     got, expected = mosaic_vs_source(result.path, tiny_demo)
@@ -251,7 +251,7 @@ def test_open_aerial_reads_the_mosaic_and_cuts_patches(fake, tiny_demo, tmp_path
         client=HttpClient(FAST),
         endpoint=fake.endpoint,
         resolution=2.0,
-        progress=False,
+        show_progress=False,
     )
     with open_aerial(result.path) as fetched, open_aerial(DataRoot(tiny_demo).aerial) as demo:
         assert fetched.resolution == pytest.approx((1.68, 1.68))
@@ -270,7 +270,7 @@ def test_429_with_retry_after_is_obeyed(fake, tmp_path):
         client=HttpClient(FAST, sleep=sleeps),
         endpoint=fake.endpoint,
         resolution=4.0,
-        progress=False,
+        show_progress=False,
     )
     assert sleeps == [7.0]
     assert fake.tile_requests[(473, 485)] == 2
@@ -286,7 +286,7 @@ def test_5xx_is_retried(fake, tmp_path):
         client=HttpClient(FAST, sleep=sleeps),
         endpoint=fake.endpoint,
         resolution=4.0,
-        progress=False,
+        show_progress=False,
     )
     assert fake.tile_requests[(472, 484)] == 3 and len(sleeps) == 2
     assert result.fetched == 9 and result.path.is_file()
@@ -302,7 +302,7 @@ def test_a_corrupt_tile_is_refetched_and_never_written(fake, tmp_path):
         client=HttpClient(FAST, sleep=Sleeps()),
         endpoint=fake.endpoint,
         resolution=4.0,
-        progress=False,
+        show_progress=False,
     )
     assert fake.tile_requests[(474, 486)] == 2
     tile = (
@@ -330,7 +330,7 @@ def test_an_interrupted_download_resumes_without_refetching(fake, tmp_path):
             client=HttpClient(FAST, sleep=Sleeps()),
             endpoint=fake.endpoint,
             resolution=4.0,
-            progress=False,
+            show_progress=False,
         )
     assert not (out / "aerial" / "aerial.tif").exists()
     assert len(list((DataRoot(out).cache).rglob("*.jpeg"))) == 7
@@ -343,7 +343,7 @@ def test_an_interrupted_download_resumes_without_refetching(fake, tmp_path):
         client=HttpClient(FAST),
         endpoint=fake.endpoint,
         resolution=4.0,
-        progress=False,
+        show_progress=False,
     )
     assert result.fetched == 2 and result.skipped == 7
     again = {tile: fake.tile_requests[tile] - first[tile] for tile in first}
@@ -358,7 +358,7 @@ def test_an_interrupted_download_resumes_without_refetching(fake, tmp_path):
         client=HttpClient(FAST),
         endpoint=fake.endpoint,
         resolution=4.0,
-        progress=False,
+        show_progress=False,
     )
     assert rerun.skipped == 9 and sum(fake.tile_requests.values()) == before
 
@@ -370,7 +370,12 @@ def test_tiles_missing_at_the_edge_of_coverage_stay_black_and_are_recorded(
     bbox = (119000.0, *DEMO_RASTER[1:])
     out = tmp_path / "out"
     result = fetch_aerial(
-        out, bbox, client=HttpClient(FAST), endpoint=fake.endpoint, resolution=4.0, progress=False
+        out,
+        bbox,
+        client=HttpClient(FAST),
+        endpoint=fake.endpoint,
+        resolution=4.0,
+        show_progress=False,
     )
     assert result.missing == (
         (470, 484),
@@ -396,6 +401,11 @@ def test_tiles_missing_at_the_edge_of_coverage_stay_black_and_are_recorded(
     # known-missing tiles are not asked for again
     before = sum(fake.tile_requests.values())
     fetch_aerial(
-        out, bbox, client=HttpClient(FAST), endpoint=fake.endpoint, resolution=4.0, progress=False
+        out,
+        bbox,
+        client=HttpClient(FAST),
+        endpoint=fake.endpoint,
+        resolution=4.0,
+        show_progress=False,
     )
     assert sum(fake.tile_requests.values()) == before

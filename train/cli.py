@@ -23,7 +23,6 @@ import dataclasses
 import inspect
 import json
 import os
-import shutil
 import subprocess
 import sys
 import typing
@@ -111,15 +110,8 @@ def demo(
         raise FileExistsError(
             f"{target} already exists; use --force to rebuild it or --if-missing to keep it"
         )
-    if target.exists():  # --force: build beside it, then swap, so a failed build keeps the old
-        staged = target.with_name(f"{target.name}.new")
-        manifest = build_demo(staged, config, progress=not quiet)
-        old = target.with_name(f"{target.name}.old")
-        target.rename(old)
-        staged.rename(target)
-        shutil.rmtree(old)
-    else:
-        manifest = build_demo(target, config, progress=not quiet)
+    # --force: the new city replaces the old one only once complete; a failed build keeps it
+    manifest = build_demo(target, config, show_progress=not quiet, replace=force)
     print(f"built {target} in {manifest['elapsed_s']} s")
     print(summarize(target))
     return 0

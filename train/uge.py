@@ -46,7 +46,7 @@ from core.models.uge_run import (
     load_images,
     settings,
 )
-from core.runs import RunWriter
+from core.runs import EPOCHS_FILE, RunWriter
 from core.ugdata import (
     HELDOUT_FILE,
     PAIR_CAPTION,
@@ -242,7 +242,7 @@ def train_uge(
         "vlm_resolved": str(vlm),
         "ugdata_manifest": data.manifest.get("options", {}),
     }
-    with RunWriter(root.runs, "uge", resolved, on_progress=progress) as run:
+    with RunWriter(root.runs, "uge", resolved, progress=progress) as run:
         run.progress(stage=1, epoch=0, epochs=config.stage1_steps)
         started = time.perf_counter()
         _stage1(embedder, data, stage1, config, generator, run, log)
@@ -334,7 +334,7 @@ def train_uge(
 
 def run_losses(path: Path) -> dict[int, float]:
     """Mean loss of each stage's last ten steps."""
-    epochs = pd.read_csv(path / "metrics.csv")
+    epochs = pd.read_csv(path / EPOCHS_FILE)
     return {
         int(stage): float(part["loss"].tail(10).mean()) for stage, part in epochs.groupby("stage")
     }

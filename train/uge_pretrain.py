@@ -14,13 +14,13 @@ and step count, so stage 0 of UGBench is this pretrained backbone.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
+from core.io import building
 from core.models.uge import load_vlm
 from core.models.uge_run import PRETRAINING_MARKER
 from core.ugdata import PAIR_CAPTION, TRAIN_FILE, UGData, UGSample
@@ -135,26 +135,23 @@ def pretrain_captioning(
                 f"({time.perf_counter() - started:.0f} s)"
             )
     out = Path(out)
-    staged = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(staged, ignore_errors=True)
-    model.eval().save_pretrained(staged)
-    processor.save_pretrained(staged)
-    (staged / PRETRAINING_MARKER).write_text(
-        json.dumps(
-            {
-                "base": str(base),
-                "ugdata": str(data.root),
-                "steps": steps,
-                "batch_size": batch_size,
-                "lr": lr,
-                "image_px": image_px,
-                "seed": seed,
-                "final_loss": sum(recent) / len(recent),
-            },
-            indent=2,
+    with building(out, replace=True) as staged:
+        model.eval().save_pretrained(staged)
+        processor.save_pretrained(staged)
+        (staged / PRETRAINING_MARKER).write_text(
+            json.dumps(
+                {
+                    "base": str(base),
+                    "ugdata": str(data.root),
+                    "steps": steps,
+                    "batch_size": batch_size,
+                    "lr": lr,
+                    "image_px": image_px,
+                    "seed": seed,
+                    "final_loss": sum(recent) / len(recent),
+                },
+                indent=2,
+            )
+            + "\n"
         )
-        + "\n"
-    )
-    shutil.rmtree(out, ignore_errors=True)
-    staged.rename(out)
     return out

@@ -125,8 +125,6 @@ def build_demo(
         FileExistsError: if ``out`` already exists and ``replace`` is false (the caller
             decides whether to keep it).
     """
-    if isinstance(progress, bool):  # its former meaning, still passed by train/__main__.py
-        show_progress, progress = progress, None
     config = config or DemoConfig()
     out = Path(out)
     if out.exists() and not replace:

@@ -200,7 +200,7 @@ class FetchConfig:
         return [Path(p) for p in files if p]
 
     @property
-    def progress(self) -> bool:
+    def show_progress(self) -> bool:
         """Whether to show progress bars."""
         return not self.quiet
 

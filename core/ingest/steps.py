@@ -141,7 +141,7 @@ class AerialSource(Source):
             resolution=self.config.resolution,
             endpoint=self.endpoint,
             client=self.client(),
-            progress=self.config.progress,
+            show_progress=self.config.show_progress,
         )
         return {
             "outputs": outputs(root, done.path),
@@ -253,7 +253,7 @@ class FlickrSource(Source):
             client=self.client("flickr"),
             image_client=self.client("flickr-images"),
             endpoint=self.endpoint,
-            progress=self.config.progress,
+            show_progress=self.config.show_progress,
         )
         return {
             "outputs": outputs(root, done.catalog),
@@ -332,7 +332,7 @@ class GsvSource(Source):
             api_key=self.key(),
             client=self.client(),
             endpoint=self.endpoint,
-            progress=self.config.progress,
+            show_progress=self.config.show_progress,
         )
         return {
             "outputs": outputs(root, done.catalog),

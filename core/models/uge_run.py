@@ -29,7 +29,7 @@ from core.models.uge import (
     make_tiny_qwen2vl,
 )
 from core.models.uge_graph import GraphModel
-from core.runs import Run
+from core.runs import MODEL_FILE, Run
 from core.ugdata import PAIR_REASONING, UGData, UGSample
 
 ADAPTERS_DIR = "adapters"
@@ -141,5 +141,5 @@ def restore(
     model = GraphModel(
         int(metadata["image_dim"]), int(metadata["graph_dim"]), int(metadata["place_dim"])
     )
-    model.load_state_dict(load_file(run.path / "model.safetensors"))
+    model.load_state_dict(load_file(run.path / MODEL_FILE))
     return embedder, model.eval()

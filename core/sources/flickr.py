@@ -337,7 +337,7 @@ def fetch_flickr(
     endpoint: str = FLICKR_REST,
     per_page: int = PER_PAGE,
     cap: int = RESULT_CAP,
-    progress: bool = True,
+    show_progress: bool = True,
 ) -> StreetFetch:
     """Search, download and catalog the Flickr photos of a box into a data root.
 
@@ -358,7 +358,7 @@ def fetch_flickr(
         endpoint: the REST endpoint.
         per_page: results per search page.
         cap: the most results Flickr returns for one query.
-        progress: show a progress bar for the downloads.
+        show_progress: show a progress bar for the downloads.
 
     Raises:
         ValueError: no API key, a bad bbox or an unknown licence id.
@@ -393,7 +393,7 @@ def fetch_flickr(
     rows, urls = photo_rows(photos, known, sizes)
     street = root.catalog.parent
     remove_corrupt_images(street / p for p in rows["path"])
-    report = download_images(image_client, rows, urls, street, "flickr images", progress)
+    report = download_images(image_client, rows, urls, street, "flickr images", show_progress)
     report.raise_for_failures("Flickr image downloads")
     return StreetFetch(rows=rows, report=report, catalog=merge_catalog(rows, root.catalog))
 

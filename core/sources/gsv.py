@@ -216,7 +216,7 @@ def find_panoramas(
     source: str = "outdoor",
     signing_secret: str | None = None,
     endpoint: str = GOOGLE_MAPS,
-    progress: bool = True,
+    show_progress: bool = True,
 ) -> pd.DataFrame:
     """The panoramas nearest ``points`` and the given ``pano_ids``, each once.
 
@@ -229,7 +229,7 @@ def find_panoramas(
         {"pano": p} for p in pano_ids
     ]
     missing = []
-    for lookup in tqdm(lookups, desc="gsv metadata", unit="req", disable=not progress):
+    for lookup in tqdm(lookups, desc="gsv metadata", unit="req", disable=not show_progress):
         answer = pano_metadata(
             client,
             api_key,
@@ -322,7 +322,7 @@ def fetch_gsv(
     signing_secret: str | None = None,
     client: HttpClient | None = None,
     endpoint: str = GOOGLE_MAPS,
-    progress: bool = True,
+    show_progress: bool = True,
 ) -> StreetFetch:
     """Find panoramas, download their views and catalog them into a data root.
 
@@ -345,7 +345,7 @@ def fetch_gsv(
         signing_secret: default ``$GOOGLE_MAPS_SIGNING_SECRET`` (unsigned when unset).
         client: the HTTP client (default: :data:`POLITENESS`).
         endpoint: scheme and host of the API.
-        progress: show progress bars.
+        show_progress: show progress bars.
 
     Raises:
         ValueError: no key, bad sizes, or the plan exceeds ``max_requests``.
@@ -369,7 +369,7 @@ def fetch_gsv(
         source=source,
         signing_secret=signing_secret,
         endpoint=endpoint,
-        progress=progress,
+        show_progress=show_progress,
     )
     rows = view_rows(panoramas, headings)
     street = root.catalog.parent
@@ -406,7 +406,7 @@ def fetch_gsv(
         )
         for p, h in zip(rows["pano_id"], rows["heading"], strict=True)
     ]
-    report = download_images(client, rows, urls, street, "gsv images", progress)
+    report = download_images(client, rows, urls, street, "gsv images", show_progress)
     report.raise_for_failures("Street View image downloads")
     return StreetFetch(rows=rows, report=report, catalog=merge_catalog(rows, root.catalog))
 

@@ -299,7 +299,7 @@ class HttpClient:
         validate: Validator | None = None,
         desc: str = "download",
         total: int | None = None,
-        progress: bool = True,
+        show_progress: bool = True,
     ) -> DownloadReport:
         """Download ``(url, dest, params)`` items with ``concurrency`` threads.
 
@@ -325,7 +325,7 @@ class HttpClient:
                     report.skipped += 1
 
         with (
-            tqdm(total=total, desc=desc, unit="file", disable=not progress) as bar,
+            tqdm(total=total, desc=desc, unit="file", disable=not show_progress) as bar,
             ThreadPoolExecutor(self.politeness.concurrency) as pool,
         ):
             for _ in pool.map(one, items):

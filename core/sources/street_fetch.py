@@ -127,7 +127,7 @@ def download_images(
     urls: Sequence[str],
     street: Path,
     what: str,
-    progress: bool,
+    show_progress: bool,
 ) -> DownloadReport:
     """Download ``urls`` to the catalog paths of ``rows`` (resumable, validated JPEG)."""
     dest = [street / p for p in rows["path"]]
@@ -136,7 +136,7 @@ def download_images(
         validate=validate_jpeg,
         desc=what,
         total=len(dest),
-        progress=progress,
+        show_progress=show_progress,
     )
     log.info(
         "%s: %d fetched, %d already on disk, %d failed (%.1f MB)",

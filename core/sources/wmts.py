@@ -439,7 +439,7 @@ def fetch_aerial(
     image_format: str = "image/jpeg",
     compress: str = "jpeg",
     cache_dir: str | PathLike | None = None,
-    progress: bool = True,
+    show_progress: bool = True,
 ) -> AerialFetch:
     """Download PDOK aerial tiles over ``bbox_rd`` and mosaic them into ``aerial/aerial.tif``.
 
@@ -459,7 +459,7 @@ def fetch_aerial(
         image_format: tile format to request.
         compress: mosaic compression, ``"jpeg"`` (YCbCr, quality 90) or ``"deflate"``.
         cache_dir: where tiles are cached.
-        progress: show progress bars.
+        show_progress: show progress bars.
 
     Raises:
         ValueError: if the layer, the EPSG:28992 matrix set or the format is not offered.
@@ -505,7 +505,7 @@ def fetch_aerial(
         validate=tile_validator(matrix.tile_width, matrix.tile_height),
         desc=f"aerial tiles {layer.identifier}",
         total=len(wanted),
-        progress=progress,
+        show_progress=show_progress,
     )
     by_path = {tile_file(*tile): tile for tile in wanted}
     new_missing = {by_path[path] for path, error in report.failed if error.status == 404}
@@ -535,7 +535,7 @@ def fetch_aerial(
             "TILE_MATRIX": f"{matrix_set.identifier}:{matrix.identifier}",
             "MISSING_TILES": str(len(missing_here)),
         },
-        progress=progress,
+        show_progress=show_progress,
     )
     return AerialFetch(
         path=path,
@@ -565,7 +565,7 @@ def write_mosaic(
     dest: str | PathLike,
     compress: str = "jpeg",
     tags: dict[str, str] | None = None,
-    progress: bool = True,
+    show_progress: bool = True,
 ) -> Path:
     """Mosaic cached tiles into a tiled, compressed GeoTIFF with overviews (EPSG:28992).
 
@@ -603,7 +603,9 @@ def write_mosaic(
     def write(tmp: Path) -> None:
         with (
             rasterio.open(tmp, "w", **profile) as dst,
-            tqdm(total=len(tiles), desc="aerial mosaic", unit="tile", disable=not progress) as bar,
+            tqdm(
+                total=len(tiles), desc="aerial mosaic", unit="tile", disable=not show_progress
+            ) as bar,
         ):
             for r0 in range(0, tiles.rows, rows_per_window):
                 nr = min(rows_per_window, tiles.rows - r0)
