@@ -469,7 +469,7 @@ def worker_alive(runs_root: str | PathLike) -> bool:
 
 
 def start_worker(data_root: str | PathLike, *, exit_when_idle: float = 60.0) -> subprocess.Popen:
-    """Start ``python -m train worker`` for ``data_root`` in the background, detached.
+    """Start ``python -m train worker`` (the installed package) for ``data_root`` in the background, detached.
 
     It runs the queue of ``data_root/runs`` and exits after ``exit_when_idle`` seconds with
     nothing queued. A worker started while another one holds the lock exits at once, so calling
@@ -478,17 +478,12 @@ def start_worker(data_root: str | PathLike, *, exit_when_idle: float = 60.0) -> 
 
     Args:
         data_root: the data root (not its runs folder); made absolute, as the worker runs in the
-            repository root.
+            data root.
         exit_when_idle: seconds of empty queue before the worker exits.
     """
     root = DataRoot(Path(data_root).resolve())
     log_dir = root.runs / JOBS_DIR
     log_dir.mkdir(parents=True, exist_ok=True)
-    repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(repo), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
-    )
     command = [
         sys.executable,
         "-m",
@@ -503,8 +498,7 @@ def start_worker(data_root: str | PathLike, *, exit_when_idle: float = 60.0) -> 
         # A new session: the worker outlives the dashboard and gets none of its signals.
         return subprocess.Popen(
             command,
-            cwd=repo,
-            env=env,
+            cwd=root.root,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

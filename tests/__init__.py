@@ -1,0 +1,1 @@
+"""The test suite; tests/fakes holds loopback servers in the real services' formats."""
