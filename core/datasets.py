@@ -30,7 +30,9 @@ def labelled_cells(
         root: the data root.
         year: label year (``None`` = the latest year in the file).
         column: target column (``won``, ``lbm``, any LBM score, or ``lbm_class``).
-        block_size, split_seed, fractions: the spatial block split (see ``core.grid.spatial_split``).
+        block_size: side of the spatial split's blocks, in metres.
+        split_seed: seed of the block split (see ``core.grid.spatial_split``).
+        fractions: train, validation and test shares of the blocks.
 
     Returns:
         DataFrame with ``cell_id, true, split, district, buurt_naam``, sorted by cell id.

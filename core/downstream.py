@@ -47,10 +47,13 @@ def recall_at_k(
     (reported as ``queries``).
 
     Args:
-        database, queries: ``(n, dim)`` embeddings.
-        database_xy, queries_xy: ``(n, 2)`` positions in metres.
+        database: ``(n, dim)`` embeddings searched.
+        database_xy: ``(n, 2)`` their positions in metres.
+        queries: ``(m, dim)`` embeddings looked up.
+        queries_xy: ``(m, 2)`` their positions in metres.
         ks: the K values.
         radius_m: how close a retrieved image must be to count as the same place.
+        batch: queries compared at once (bounds the memory of the similarity block).
 
     Returns:
         ``recall@K`` per K, and ``queries`` (the number evaluated).
@@ -93,6 +96,7 @@ def socioeconomic_r2(
         targets: one row per region (index) and one column per target; regions missing from
             either side are left out, as are NaN targets.
         folds: outer folds for the out-of-fold predictions (LassoCV picks alpha with 5 inner folds).
+        seed: seed of the folds and of LassoCV.
     """
     joined = features.join(targets, how="inner")
     x_columns = list(features.columns)
@@ -124,8 +128,11 @@ def perception_probe(
     side bias; each vote is scored once, in its original order.
 
     Args:
-        left, right: ``(n, dim)`` embeddings of the two images of each decided vote.
+        left: ``(n, dim)`` embeddings of the left image of each decided vote.
+        right: ``(n, dim)`` embeddings of the right image.
         left_wins: ``(n,)`` booleans.
+        folds: cross-validation folds.
+        seed: seed of the folds.
     """
     difference = np.asarray(left, np.float32) - np.asarray(right, np.float32)
     labels = np.asarray(left_wins, bool)

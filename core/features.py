@@ -35,7 +35,7 @@ CACHE_VERSION = 1
 class ImageFiles(Dataset):
     """JPEG/PNG files as uint8 tensors (3, px, px), resized on load."""
 
-    def __init__(self, paths: list[str], px: int):
+    def __init__(self, paths: list[str], px: int) -> None:
         self.paths, self.px = list(paths), px
 
     def __len__(self) -> int:
@@ -95,6 +95,7 @@ class FeatureSet:
 
     @property
     def dim(self) -> int:
+        """The feature width."""
         return int(self.matrix.shape[1])
 
 
@@ -128,11 +129,13 @@ def extract_features(
 
     Args:
         images: the image set; its order is the order of the returned rows.
-        backbone: registered backbone name; ``weights`` a local weights file or None (random
-            initialisation with a fixed seed, the floor baseline).
+        backbone: registered backbone name.
+        weights: a local weights file, or None (random initialisation with a fixed seed, the
+            floor baseline).
         cache_root: folder holding one subfolder per (backbone, weights, px, image set).
         px: input size the images are resized to.
-        batch_size, workers: DataLoader settings (workers load and decode JPEGs in parallel).
+        batch_size: images per forward pass.
+        workers: DataLoader processes loading and decoding the JPEGs in parallel.
         device: ``auto``, ``cpu`` or ``cuda``; on CUDA the forward runs in bf16 autocast.
         chunk_batches: batches between progress checkpoints (the unit of resumption).
         progress: called with ``done`` and ``total`` rows after each chunk.

@@ -42,6 +42,7 @@ class EmbeddingIndex:
 
     @property
     def dim(self) -> int:
+        """The embedding width."""
         return self.vectors.shape[1]
 
     def __contains__(self, cell_id: int) -> bool:

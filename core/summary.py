@@ -20,7 +20,8 @@ def coverage_table(root: DataRoot, labels: pd.DataFrame, catalog: pd.DataFrame) 
 
     Args:
         root: the data root (its grid and scene labels are read).
-        labels: its Leefbaarometer labels (``read_lbm``); catalog: its valid images.
+        labels: its Leefbaarometer labels (``read_lbm``).
+        catalog: its valid images.
     """
     grid = read_grid(root.grid)
     counts = images_per_cell(catalog, grid["cell_id"].to_numpy())

@@ -14,7 +14,7 @@ import numpy as np
 import rasterio
 import shapely
 from rasterio import features
-from rasterio.transform import from_origin
+from rasterio.transform import Affine, from_origin
 from rasterio.windows import Window
 from scipy import ndimage
 
@@ -116,7 +116,7 @@ def write_aerial(
 
 
 def _render_strip(
-    latents: dict, shapes: dict, transform, shape: tuple[int, int], rng: np.random.Generator
+    latents: dict, shapes: dict, transform: Affine, shape: tuple[int, int], rng: np.random.Generator
 ) -> np.ndarray:
     rows, cols = shape
     # Pixel centres in lattice units (cells, from the lattice origin), for bilinear lookups.

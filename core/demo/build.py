@@ -27,10 +27,11 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import geopandas as gpd
 import numpy as np
@@ -48,6 +49,7 @@ from core.sources.catalog import write_catalog
 from core.sources.lbm import write_lbm
 
 GENERATOR_VERSION = 1
+T = TypeVar("T")
 MANIFEST = "demo.json"
 _CHUNK = 2000
 
@@ -139,10 +141,10 @@ def build_demo(
 class _Stages:
     """Times each stage and reports it to the progress callback."""
 
-    def __init__(self, timings: dict[str, float], progress: Progress | None):
+    def __init__(self, timings: dict[str, float], progress: Progress | None) -> None:
         self.timings, self.progress = timings, progress
 
-    def run(self, name: str, fn, *args, **kwargs):
+    def run(self, name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if self.progress is not None:
             self.progress({"stage": name})
         start = time.perf_counter()

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pyogrio
 from pyproj import Transformer
+from typing_extensions import override
 
 from core.dataroot import DataRoot
 from core.grid import RD_NEW, Bounds, cell_id, grid_for_boundary
@@ -60,11 +61,13 @@ class LbmSource(Source):
     politeness = {"lbm": LBM_POLITENESS}
     feeds_grid = True
 
+    @override
     def params(self, area: FetchArea) -> dict[str, Any]:
         if self.config.release is not None:
             return {"release": self._release_files(), "years": self.config.years}
         return {"endpoint": self.endpoint, "years": self.config.years, "bbox": area.bbox_rd}
 
+    @override
     def estimate(self, root: DataRoot, area: FetchArea) -> Estimate:
         if self.config.release is not None:
             files = ", ".join(self._release_files())
@@ -75,6 +78,7 @@ class LbmSource(Source):
         e = estimate_lbm(area.bbox_rd, years, self.client(), self.endpoint)
         return replace(e, note=f"years {years}; {e.note} (terms: leefbaarometer.nl)")
 
+    @override
     def fetch(self, root: DataRoot, area: FetchArea, say: Say = print) -> dict[str, Any]:
         years = self.config.years
         if self.config.release is not None:
@@ -120,6 +124,7 @@ class AerialSource(Source):
         m = cls.margin_m
         return minx - m, miny - m, maxx + m, maxy + m
 
+    @override
     def params(self, area: FetchArea) -> dict[str, Any]:
         return {
             "endpoint": self.endpoint,
@@ -128,11 +133,13 @@ class AerialSource(Source):
             "bbox": self.bbox_rd(area),
         }
 
+    @override
     def estimate(self, root: DataRoot, area: FetchArea) -> Estimate:
         c = self.config
         e = estimate_aerial(self.bbox_rd(area), c.year, c.resolution, self.politeness["wmts"])
         return replace(e, note=f"{e.note}; CC BY 4.0 Beeldmateriaal Nederland")
 
+    @override
     def fetch(self, root: DataRoot, area: FetchArea, say: Say = print) -> dict[str, Any]:
         done = fetch_aerial(
             root.root,
@@ -165,11 +172,13 @@ class OsmSource(Source):
     endpoint = OVERPASS_URL
     politeness = {"overpass": OSM_POLITENESS}
 
+    @override
     def params(self, area: FetchArea) -> dict[str, Any]:
         if self.config.osm_file is not None:
             return {"file": str(Path(self.config.osm_file))}
         return {"endpoint": self.endpoint, "bbox": area.bbox_rd}
 
+    @override
     def estimate(self, root: DataRoot, area: FetchArea) -> Estimate:
         if self.config.osm_file is not None:
             return Estimate(
@@ -182,6 +191,7 @@ class OsmSource(Source):
         rate = self.politeness["overpass"].requests_per_second
         return estimate_osm(area.outline, requests_per_second=rate)
 
+    @override
     def fetch(self, root: DataRoot, area: FetchArea, say: Say = print) -> dict[str, Any]:
         if self.config.osm_file is not None:
             osm_file = Path(self.config.osm_file)
@@ -221,6 +231,7 @@ class FlickrSource(Source):
     key_env = flickr.API_KEY_ENV
     key_help = "https://www.flickr.com/services/api/keys/"
 
+    @override
     def params(self, area: FetchArea) -> dict[str, Any]:
         licences = self.config.licence_ids
         return {
@@ -230,6 +241,7 @@ class FlickrSource(Source):
             "licenses": None if licences is None else sorted(licences),
         }
 
+    @override
     def estimate(self, root: DataRoot, area: FetchArea) -> Estimate:
         return flickr.estimate_flickr(
             area.bbox_wgs84,
@@ -241,6 +253,7 @@ class FlickrSource(Source):
             image_politeness=self.politeness["flickr-images"],
         )
 
+    @override
     def fetch(self, root: DataRoot, area: FetchArea, say: Say = print) -> dict[str, Any]:
         until = datetime.now().replace(microsecond=0)
         done = flickr.fetch_flickr(
@@ -286,10 +299,12 @@ class GsvSource(Source):
     before the streets are fetched; the points are counted from the streets before the step."""
 
     @classmethod
+    @override
     def secrets(cls) -> list[str]:
         signing = os.environ.get(gsv.SIGNING_SECRET_ENV, "").strip()
         return [s for s in (cls.key(), signing) if s]
 
+    @override
     def params(self, area: FetchArea) -> dict[str, Any]:
         return {
             "endpoint": self.endpoint,
@@ -298,6 +313,7 @@ class GsvSource(Source):
             "panos": self._panos(),
         }
 
+    @override
     def estimate(self, root: DataRoot, area: FetchArea) -> Estimate:
         spacing = self.config.gsv_spacing
         if root.streets.is_file():
@@ -313,6 +329,7 @@ class GsvSource(Source):
         e = self._estimate(locations)
         return replace(e, note=f"{locations:,} {counted}; {e.note}; {self.licence}")
 
+    @override
     def fetch(self, root: DataRoot, area: FetchArea, say: Say = print) -> dict[str, Any]:
         if root.streets.is_file():
             points = street_points(root, area, self.config.gsv_spacing)

@@ -36,7 +36,7 @@ class FusionRegressor(nn.Module):
         hidden: width of the penultimate layer (the paper's FC(100)).
     """
 
-    def __init__(self, aerial: nn.Module | None, ground_dim: int | None, hidden: int = 100):
+    def __init__(self, aerial: nn.Module | None, ground_dim: int | None, hidden: int = 100) -> None:
         super().__init__()
         if aerial is None and ground_dim is None:
             raise ValueError("FusionRegressor needs an aerial backbone, ground features, or both")

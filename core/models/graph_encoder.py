@@ -133,7 +133,7 @@ class GATv2Layer(nn.Module):
         concat: bool = True,
         negative_slope: float = 0.2,
         dropout: float = 0.0,
-    ):
+    ) -> None:
         super().__init__()
         self.heads, self.out_dim, self.concat = heads, out_dim, concat
         self.negative_slope, self.dropout = negative_slope, dropout
@@ -251,7 +251,7 @@ class GraphEncoder(nn.Module):
         place_dim: int = 0,
         place_scales: Sequence[float] | None = None,
         dropout: float = 0.0,
-    ):
+    ) -> None:
         super().__init__()
         if hidden % heads:
             raise ValueError(f"hidden {hidden} must be divisible by heads {heads}")
@@ -343,7 +343,7 @@ class SpatialFusion(nn.Module):
         mode: str = "gated",
         hidden: int | None = None,
         gate_bias: float = -2.0,
-    ):
+    ) -> None:
         super().__init__()
         if mode not in ("gated", "concat"):
             raise ValueError(f"mode must be 'gated' or 'concat', got {mode!r}")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from core.models.backbones import (
     check_state_fits,
@@ -27,12 +28,13 @@ class SceneClassifier(nn.Module):
 
     def __init__(
         self, backbone: str, scenes: tuple[str, ...], weights: str | None = None, seed: int = 0
-    ):
+    ) -> None:
         super().__init__()
         self.scenes = tuple(scenes)
         self.backbone = create_backbone(backbone, weights=weights, seed=seed)
         self.head = nn.Linear(self.backbone.num_features, len(self.scenes))
 
+    @override
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
 

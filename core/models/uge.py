@@ -421,7 +421,9 @@ class UGEEmbedder(nn.Module):
         settings: pooling, dimension, prompts, LoRA.
     """
 
-    def __init__(self, backbone: nn.Module, processor: Any, settings: UGESettings | None = None):
+    def __init__(
+        self, backbone: nn.Module, processor: Any, settings: UGESettings | None = None
+    ) -> None:
         super().__init__()
         self.settings = settings or UGESettings()
         self.processor = processor

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
+from typing_extensions import override
 
 from core.models.graph_encoder import GraphEncoder, SpatialFusion
 from core.models.uge import NODE_TASK, UGEEmbedder
@@ -157,6 +158,7 @@ class GraphModel(torch.nn.Module):
         )
         self.fusion = SpatialFusion(image_dim, graph_dim)
 
+    @override
     def forward(self, image: torch.Tensor, graphs: dict[str, torch.Tensor]) -> torch.Tensor:
         graph = self.encoder(
             graphs["nodes"],

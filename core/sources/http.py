@@ -122,6 +122,7 @@ class RateLimiter:
         self._lock = threading.Lock()
 
     def wait(self) -> None:
+        """Block until the next request may start, and claim its slot."""
         with self._lock:
             now = self._clock()
             start = max(now, self._next)

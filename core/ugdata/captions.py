@@ -92,7 +92,7 @@ class TemplateCaptioner:
     when other images are added or the sample order changes.
     """
 
-    def __init__(self, seed: int = 0, radius: float = CONTEXT_RADIUS_M):
+    def __init__(self, seed: int = 0, radius: float = CONTEXT_RADIUS_M) -> None:
         self.seed, self.radius = seed, radius
 
     def caption(self, facts: PlaceFacts, image_path: str | None = None) -> str:

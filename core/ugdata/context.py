@@ -50,7 +50,7 @@ class ShareRaster:
         bounds: tuple[float, float, float, float],
         radius: float,
         pixel: float = _RASTER_M,
-    ):
+    ) -> None:
         pad = radius + 2 * pixel
         self.left, self.top = bounds[0] - pad, bounds[3] + pad
         self.pixel = pixel
@@ -339,6 +339,8 @@ def nearest_landmarks(
     Args:
         xy: (n, 2) points in a metric CRS.
         landmarks: ``name``, ``kind``, ``x``, ``y`` in the same CRS.
+        k: landmarks per point at most.
+        max_distance: landmarks farther than this (in the CRS's units) are left out.
     """
     xy = np.asarray(xy, float).reshape(-1, 2)
     if not len(landmarks):

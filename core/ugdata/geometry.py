@@ -53,7 +53,7 @@ class KeyedRng:
 
     _MASK = (1 << 64) - 1
 
-    def __init__(self, key: str):
+    def __init__(self, key: str) -> None:
         self._state = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
 
     def _next(self) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.grid import RD_NEW
 
@@ -31,6 +31,9 @@ INSTRUCTIONS = {
     PAIR_REASONING: "<image> Answer the spatial question about a walk from where this image was "
     "taken. ",
 }
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 
 class UGDataFormatError(ValueError):
@@ -82,7 +85,7 @@ def _node_kind(degree: int) -> str:
     return {0: "isolated street node", 1: "dead end", 2: "street node"}[degree]
 
 
-def to_networkx(record: GraphRecord):
+def to_networkx(record: GraphRecord) -> nx.Graph:
     """The record as a ``networkx.Graph`` with ``node_text``/``coords`` node attributes and
     ``central_node_id`` graph attribute: what the paper's fork loads from pickles."""
     import networkx as nx  # optional: only this converter needs it
