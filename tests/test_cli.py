@@ -303,10 +303,13 @@ def test_bad_input_is_one_error_line_not_a_traceback(tmp_path, capsys, monkeypat
         main(["scene-filter", "--data", str(tmp_path)])
 
 
-def _newest(root, kind: str):
+def _new_run(root, kind: str, before: set[str]):
+    """The one run of ``kind`` that is not among ``before``."""
     from core.runs import list_runs, load_run
 
-    return load_run(list_runs(root / "runs", kind=kind)["path"].iloc[0])
+    runs = list_runs(root / "runs", kind=kind)
+    (path,) = runs.loc[~runs["run_id"].isin(before), "path"]
+    return load_run(path)
 
 
 def test_a_fusion_run_repeats_from_its_own_config(tiny_demo, tmp_path):
@@ -314,10 +317,9 @@ def test_a_fusion_run_repeats_from_its_own_config(tiny_demo, tmp_path):
     shutil.copytree(tiny_demo, root, ignore=shutil.ignore_patterns("runs"))
     options = ["--data", str(root), "--epochs", "2", "--block-size", "300", "--seed", "3"]
     assert main(["fusion", *options, "--ground", "flickr", "--aerial-px", "32"]) == 0
-    first = _newest(root, "fusion")
+    first = _new_run(root, "fusion", set())
     assert main(["fusion", "--config", str(first.path / "config.yaml")]) == 0
-    second = _newest(root, "fusion")
-    assert second.run_id != first.run_id
+    second = _new_run(root, "fusion", {first.run_id})
     assert second.config == first.config
     assert second.metrics == first.metrics and first.metrics["test_kendall_tau"] != 0
     pd.testing.assert_frame_equal(second.predictions(), first.predictions())
