@@ -4,7 +4,7 @@ These are the single source of the command line (``stadsbeeld <command> --help``
 field as an option, its attribute docstring as the help text) and of the run folders'
 ``config.yaml``, which ``stadsbeeld <command> --config runs/<id>/config.yaml`` reads back to
 repeat a run. The demo and paper schedules are YAML files of field values under
-``assets/configs/`` (:func:`schedule`).
+``assets/configs/`` (:func:`schedule_file`).
 
 This module imports neither torch nor the geo stack, so ``--help`` and the dashboard's forms
 stay fast; the valid backbone names are spelt out here and checked against the registry in
@@ -13,11 +13,9 @@ stay fast; the valid backbone names are spelt out here and checked against the r
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Self
-
-import yaml
 
 from core import ASSETS
 from core.dataroot import DataRoot
@@ -58,22 +56,19 @@ class Config:
         names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
         return cls(**{k: v for k, v in values.items() if k in names})
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain values, as ``config.yaml`` stores them."""
-        return asdict(self)  # type: ignore[call-overload]
 
-
-def schedule(name: str) -> dict[str, Any]:
-    """The field values of a shipped schedule, ``assets/configs/<name>.yaml``.
+def schedule_file(command: str, name: str) -> Path:
+    """The shipped schedule ``name`` of a command: ``assets/configs/<command>-<name>.yaml``.
 
     Raises:
         FileNotFoundError: if no such schedule ships, naming the ones that do.
     """
-    path = (ASSETS / "configs") / f"{name}.yaml"
+    folder = ASSETS / "configs"
+    path = folder / f"{command}-{name}.yaml"
     if not path.is_file():
-        known = sorted(p.stem for p in (ASSETS / "configs").glob("*.yaml"))
+        known = sorted(p.stem for p in folder.glob(f"{command}-*.yaml"))
         raise FileNotFoundError(f"{path}: no schedule {name!r}; the schedules are {known}")
-    return yaml.safe_load(path.read_text()) or {}
+    return path
 
 
 @dataclass
@@ -124,10 +119,7 @@ class PerceptionConfig(EncoderConfig):
 
 @dataclass
 class FusionConfig(Config):
-    """One fusion run (defaults: the CPU demo schedule).
-
-    :func:`paper_schedule` gives the paper's.
-    """
+    """One fusion run (defaults: the CPU demo schedule; ``fusion-paper.yaml`` is the paper's)."""
 
     data: str = DEFAULT_DATA
     """Data root (default: ``STADSBEELD_DATA``, else data/demo)."""
@@ -201,12 +193,6 @@ class FusionConfig(Config):
             else []
         )
         return self.name or "+".join(parts)
-
-
-def paper_schedule(**overrides: Any) -> FusionConfig:
-    """The paper's setting for real data on a GPU (``assets/configs/fusion-paper.yaml``):
-    ResNet-50 both branches, 224 px, 25 epochs with 5 warm-up epochs."""
-    return FusionConfig(**(schedule("fusion-paper") | overrides))
 
 
 @dataclass

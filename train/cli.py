@@ -34,7 +34,6 @@ from typing import Any, Literal
 import yaml
 from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
 
-from core import ASSETS
 from core.configs import (
     DERIVED_KEYS,
     OBJECTIVES,
@@ -44,6 +43,7 @@ from core.configs import (
     PerceptionConfig,
     SceneTrainConfig,
     UGEConfig,
+    schedule_file,
 )
 from core.dataroot import DataRoot
 from core.demo.build import DemoConfig
@@ -615,7 +615,7 @@ def _schedule_file(name: str, schedule: str, data: str) -> Path:
         from core.demo import MANIFEST
 
         schedule = "demo" if (Path(data) / MANIFEST).exists() else "paper"
-    return ASSETS / "configs" / f"{name.split('-')[0]}-{schedule}.yaml"
+    return schedule_file(name.split("-")[0], schedule)
 
 
 def normalise(parser: ArgumentParser, name: str, argv: list[str]) -> list[str]:
