@@ -271,7 +271,7 @@ def _check_ranges(table: pd.DataFrame, path: Path) -> None:
         bad = ~np.isnan(values) & ((values < low) | (values > high))
         if bad.any():
             rows = table.loc[bad, ["grid_id", column]]
-            examples = [(g, v.item()) for g, v in zip(rows["grid_id"], rows[column], strict=True)]
+            examples = list(zip(_examples(rows["grid_id"]), _examples(rows[column]), strict=True))
             raise ValueError(
                 f"{path}: column {column!r} has {int(bad.sum())} values outside the plausible "
                 f"range {low:g}..{high:g}, e.g. (grid_id, {column}) {_examples(examples)}; "
