@@ -20,7 +20,7 @@ from rasterio.enums import Resampling
 from rasterio.transform import from_origin
 
 from core.dataroot import DataRoot
-from core.datasets import labelled_cells, street_images
+from core.datasets import aerial_patches, labelled_cells, street_images
 from core.features import extract_features
 from core.grid import cell_id
 from core.sources.aerial import AerialRaster
@@ -396,3 +396,13 @@ def test_a_raster_without_data_warns_about_blank_patches(tmp_path: Path, nodata)
         pytest.warns(UserWarning, match=r"empty.tif: 3 of 3 patches inside the raster are blank"),
     ):
         source.patches(cells_around(*DAM), 100.0, 8)
+
+
+def test_training_patches_from_a_raster_elsewhere_fail_and_cache_nothing(tmp_path: Path) -> None:
+    """The run used to complete with constant predictions; now nothing is cut or cached."""
+    root = DataRoot(tmp_path / "root")
+    (root.root / "aerial").mkdir(parents=True)
+    write_raster(root.root / "aerial" / "aerial.tif", 92_000, 438_000, 4.0, 200)
+    with unchanged(root.root), pytest.raises(ValueError, match=r"aerial.tif: the raster covers"):
+        aerial_patches(root, cells_around(*DAM), 256.0, 16)
+    assert not root.cache.exists()
