@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from core.dataroot import DataRoot
-from core.grid import read_grid, spatial_split
+from core.grid import block_id, read_grid, spatial_split
 from core.io import write_atomic
 from core.sources.aerial import AerialRaster
 from core.sources.catalog import read_catalog
@@ -36,6 +36,11 @@ def labelled_cells(
 
     Returns:
         DataFrame with ``cell_id, true, split, district, buurt_naam``, sorted by cell id.
+
+    Raises:
+        ValueError: before any training, when a split with a share above 0 gets no cells
+            (too few blocks of ``block_size`` for three splits), saying how many cells and
+            blocks there are and suggesting a smaller block size.
     """
     labels = read_lbm(root.scores, root.lbm_grid)
     year = int(labels["jaar"].max()) if year is None else year
@@ -49,6 +54,7 @@ def labelled_cells(
     )
     cells = cells.sort_values("cell_id", ignore_index=True)
     cells["split"] = spatial_split(cells["cell_id"].to_numpy(), fractions, block_size, split_seed)
+    _check_split(cells, fractions, block_size, f"{root.scores} ({column}, {year})")
     grid = read_grid(root.grid).set_index("cell_id")
     places = grid.reindex(cells["cell_id"])
     cells["district"] = places["district"].fillna("").to_numpy() if "district" in places else ""
@@ -56,6 +62,27 @@ def labelled_cells(
         places["buurt_naam"].fillna("").to_numpy() if "buurt_naam" in places else ""
     )
     return cells
+
+
+def _check_split(
+    cells: pd.DataFrame, fractions: tuple[float, float, float], block_size: float, what: str
+) -> None:
+    """ValueError when a split that should have cells has none (its metrics would be NaN)."""
+    counts = cells["split"].value_counts()
+    empty = [
+        name
+        for name, share in zip(("train", "val", "test"), fractions, strict=True)
+        if share > 0 and counts.get(name, 0) == 0
+    ]
+    if empty:
+        blocks = len(np.unique(block_id(cells["cell_id"].to_numpy(), block_size)))
+        smaller = max(100, int(block_size // 400) * 100)
+        found = ", ".join(f"{name} {int(counts.get(name, 0))}" for name in ("train", "val", "test"))
+        raise ValueError(
+            f"{what}: the spatial split of {len(cells)} labelled cells into {blocks} blocks of "
+            f"{block_size:g} m leaves no {' and no '.join(empty)} cells ({found}); use a "
+            f"smaller --block-size (e.g. {smaller}) or a larger extent"
+        )
 
 
 def aerial_patches(
@@ -94,10 +121,15 @@ def aerial_patches(
 def street_images(root: DataRoot, source: str, cell_ids: np.ndarray | None = None) -> pd.DataFrame:
     """Valid catalog images of one source (``gsv``, ``flickr``, ``other``), optionally in some cells.
 
+    Every image file is checked before training (``read_catalog(check_images=True)``): a
+    missing, empty, corrupt or truncated image, or a path outside the catalog's folder, is
+    left out with one warning naming the catalog (the rows are in its ``problems``), rather
+    than aborting a training run halfway with a DataLoader traceback.
+
     Returns:
         DataFrame with ``id, path, cell_id, captured_at`` sorted by id (a stable image set).
     """
-    catalog = read_catalog(root.catalog, check_files=False).images
+    catalog = read_catalog(root.catalog, check_images=True).images
     images = catalog[catalog["source"] == source]
     if cell_ids is not None:
         images = images[images["cell_id"].isin(cell_ids)]

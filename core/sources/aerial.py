@@ -23,12 +23,19 @@ from rasterio.errors import RasterioIOError
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import from_bounds
 
-from core.grid import RD_NEW, cell_center
+from core.grid import CELL_SIZE, RD_NEW, cell_center
 
 _RGB = (1, 2, 3)
 # Edge segments of the source footprint when it is reprojected; curvature over a city-sized
 # raster is far below a pixel at this density.
 _FOOTPRINT_SEGMENTS = 64
+#: Largest resampling factor (source pixels per patch pixel, along one axis) read without
+#: overviews. Beyond it every patch decodes factor² times the pixels it keeps: a 256 m patch
+#: of an 8 cm raster (factor 50 at 64 px) reads 3200 x 3200 pixels, about a second a patch
+#: and hours a city. Overviews (2x, 4x, ... averaged) let GDAL read the nearest level instead.
+MAX_FACTOR_WITHOUT_OVERVIEWS = 8.0
+#: Share of the covered patches that may be blank (all 0 or all nodata) without a warning.
+_BLANK_SHARE_WARNING = 0.5
 
 
 @dataclass(frozen=True)
@@ -114,14 +121,25 @@ class AerialRaster:
         """Patches centred on cells.
 
         Cells whose window misses the raster are not dropped: their image is all 0 and the
-        status says so (plus one warning with the count).
+        status says so (plus one warning with the count and both extents). When most covered
+        patches are blank (all 0 or all nodata: an empty or sparse raster) a warning gives the
+        count.
 
         Returns:
             ``images`` uint8 (n, 3, out_px, out_px) aligned with ``cell_ids`` and ``status``,
             a DataFrame with ``cell_id``, ``valid_fraction``, ``edge``, ``outside``.
+
+        Raises:
+            ValueError: naming the raster, before any read, when no cell's window touches the
+                raster (its bounds and the cells' are in the message), or when a patch would
+                shrink more than :data:`MAX_FACTOR_WITHOUT_OVERVIEWS` times from a raster
+                without overviews (the message gives the command that builds them).
         """
         cell_ids = np.asarray(cell_ids, dtype=np.int64)
         cx, cy = cell_center(cell_ids)
+        if len(cell_ids):
+            self._check_coverage(cx, cy, size_m)
+            self._check_overviews(size_m, out_px)
         images = np.zeros((len(cell_ids), 3, out_px, out_px), dtype=np.uint8)
         rows = []
         for i, (x, y) in enumerate(zip(cx, cy, strict=True)):
@@ -136,10 +154,53 @@ class AerialRaster:
         if n_outside:
             warnings.warn(
                 f"{self.path}: {n_outside} of {len(cell_ids)} cells lie entirely outside the "
-                "raster; their patches are all 0 (see status['outside'])",
+                "raster; their patches are all 0 (see status['outside']); raster bounds "
+                f"{_rounded(self.bounds)}, cells' bounds {_rounded(_cells_bounds(cx, cy))}",
+                stacklevel=2,
+            )
+        covered = ~status["outside"].to_numpy()
+        blank = covered & self._blank(images)
+        if covered.any() and blank.sum() > _BLANK_SHARE_WARNING * covered.sum():
+            warnings.warn(
+                f"{self.path}: {int(blank.sum())} of {int(covered.sum())} patches inside the "
+                "raster are blank (all 0 or nodata); is the raster empty or sparse there?",
                 stacklevel=2,
             )
         return images, status
+
+    def _blank(self, images: np.ndarray) -> np.ndarray:
+        """Per image: every pixel is 0, or every pixel is the raster's nodata value."""
+        flat = images.reshape(len(images), -1)
+        blank = flat.max(axis=1, initial=0) == 0
+        nodata = self._source.nodata
+        if nodata is not None and 0 <= nodata <= 255:
+            blank |= (flat == int(nodata)).all(axis=1)
+        return blank
+
+    def _check_coverage(self, cx: np.ndarray, cy: np.ndarray, size_m: float) -> None:
+        half = size_m / 2
+        windows = shapely.box(cx - half, cy - half, cx + half, cy + half)
+        if not shapely.intersects(windows, self.footprint).any():
+            raise ValueError(
+                f"{self.path}: the raster covers none of the {len(cx)} cells: raster bounds "
+                f"{_rounded(self.bounds)} vs cells' bounds {_rounded(_cells_bounds(cx, cy))} "
+                "(EPSG:28992 metres); wrong raster, extent or CRS?"
+            )
+
+    def _check_overviews(self, size_m: float, out_px: int) -> None:
+        factor = size_m / out_px / min(self.resolution)
+        if factor <= MAX_FACTOR_WITHOUT_OVERVIEWS or self._source.overviews(_RGB[0]):
+            return
+        levels = " ".join(str(2**k) for k in range(1, math.ceil(math.log2(factor)) + 1))
+        window = math.ceil(size_m / min(self.resolution))
+        raise ValueError(
+            f"{self.path}: a {size_m:g} m patch at {out_px} px shrinks {factor:.0f}x from "
+            f"{min(self.resolution):g} m pixels, and this {self._source.width} x "
+            f"{self._source.height} raster has no overviews, so every patch would read "
+            f"{window} x {window} full-resolution pixels (hours for a city). Build overviews "
+            f"once: gdaladdo -r average {self._source.name} {levels}  (or: rio overview "
+            f"--build {levels.replace(' ', ',')} --resampling average {self._source.name})"
+        )
 
     def _read_into(self, image: np.ndarray, left: float, top: float, pixel_m: float) -> None:
         """Fill the part of ``image`` (top-left at (left, top)) that lies on the raster.
@@ -204,6 +265,15 @@ def _check(source: rasterio.io.DatasetReader, path: Path) -> None:
     dtypes = {source.dtypes[b - 1] for b in _RGB}
     if dtypes != {"uint8"}:
         raise ValueError(f"{path}: RGB bands must be 8-bit (uint8), found {sorted(dtypes)}")
+
+
+def _cells_bounds(cx: np.ndarray, cy: np.ndarray) -> tuple[float, float, float, float]:
+    half = CELL_SIZE / 2
+    return (cx.min() - half, cy.min() - half, cx.max() + half, cy.max() + half)
+
+
+def _rounded(bounds: tuple[float, ...]) -> tuple[float, ...]:
+    return tuple(round(float(b), 1) for b in bounds)
 
 
 def _reprojected_footprint(source: rasterio.io.DatasetReader) -> shapely.Polygon:

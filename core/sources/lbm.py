@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from os import PathLike
 from pathlib import Path
 
@@ -51,6 +52,29 @@ CLASS_NAMES = (
 AFW_CLASS_EDGES = (-0.35, -0.25, -0.15, -0.05, 0.05, 0.15, 0.25, 0.35)
 #: The same edges on ``lbm``.
 LBM_CLASS_EDGES = tuple(NATIONAL_MEAN + edge for edge in AFW_CLASS_EDGES)
+
+#: Plausible range of each score column, inclusive, checked when reading (a data contract, not a
+#: statistic). Leefbaarometer 3.0 scores are deviations from the national mean on a scale
+#: where the nine classes are 0.1 wide (:data:`AFW_CLASS_EDGES`): published grid scores of
+#: ``lbm`` lie within about 3.3..5.0 (``afw`` about -0.8..+0.9) and the five dimensions
+#: within about -0.6..+0.6. The bounds are several times wider than that, so no real cell
+#: is refused, yet a wrong column, a unit error (a percentage, a class number, a mark out of
+#: 10) or a fill value (-999, 99) cannot pass as a score: ``lbm`` 2..6, ``afw`` -2..2 (the
+#: same window around :data:`NATIONAL_MEAN`), each dimension -1.5..1.5.
+SCORE_RANGES: dict[str, tuple[float, float]] = {
+    "lbm": (2.0, 6.0),
+    "afw": (-2.0, 2.0),
+    **{dimension: (-1.5, 1.5) for dimension in DIMENSIONS},
+}
+#: First plausible label year: Leefbaarometer editions reach back to 1998 at most (3.0 is
+#: backcast to 2002); 1990 leaves room and still refuses typos such as 20200 or 202.
+FIRST_YEAR = 1990
+
+
+def last_year() -> int:
+    """Last plausible label year: next year (an edition may be dated ahead of its release)."""
+    return datetime.now(UTC).year + 1
+
 
 # Reprojected squares carry millimetre errors; a real misalignment is tens of metres.
 _SQUARE_TOLERANCE_M = 1.0
@@ -224,6 +248,7 @@ def _validated_scores(table: pd.DataFrame, path: Path) -> pd.DataFrame:
         )
     table["jaar"] = table["jaar"].astype(np.int64)
     table["grid_id"] = _grid_id_text(table["grid_id"])
+    _check_ranges(table, path)
     repeated = table.duplicated(list(KEY_COLUMNS), keep=False).to_numpy()
     if repeated.any():
         pairs = table.loc[repeated, list(KEY_COLUMNS)].drop_duplicates()
@@ -232,6 +257,26 @@ def _validated_scores(table: pd.DataFrame, path: Path) -> pd.DataFrame:
             f"e.g. {_examples(list(pairs.itertuples(index=False, name=None)))}"
         )
     return table
+
+
+def _check_ranges(table: pd.DataFrame, path: Path) -> None:
+    """ValueError naming the file and column when a year or score is out of its range.
+
+    A whole file is refused rather than its odd rows: a score out of range means a wrong
+    column, unit or fill value, which no row of that file can be trusted to be free of.
+    """
+    ranges = {"jaar": (FIRST_YEAR, last_year()), **SCORE_RANGES}
+    for column, (low, high) in ranges.items():
+        values = table[column].to_numpy(dtype=np.float64)
+        bad = ~np.isnan(values) & ((values < low) | (values > high))
+        if bad.any():
+            rows = table.loc[bad, ["grid_id", column]]
+            examples = list(zip(_examples(rows["grid_id"]), _examples(rows[column]), strict=True))
+            raise ValueError(
+                f"{path}: column {column!r} has {int(bad.sum())} values outside the plausible "
+                f"range {low:g}..{high:g}, e.g. (grid_id, {column}) {_examples(examples)}; "
+                "a wrong column, unit or fill value? (see core.sources.lbm.SCORE_RANGES)"
+            )
 
 
 def _grid_id_text(ids: pd.Series) -> pd.Series:
