@@ -315,10 +315,10 @@ def panel(root: str) -> None:
         else:
             store, note = open_store(root, write=True)
             if store is None:
-                st.warning(note)
-            else:
-                enqueue_from_form(root, store, caps)
-        enabled = store is not None  # a refused session or a broken store only reads
+                st.warning(note)  # the one note: the queue below cannot be read either
+                return
+            enqueue_from_form(root, store, caps)
+        enabled = store is not None  # a refused session only reads
     else:
         st.info(
             "Retraining is off (" + decided_by + "). To train from here, start the dashboard "
