@@ -38,7 +38,10 @@ def test_the_paper_schedule_is_a_valid_config_that_differs(command):
 
 
 def test_an_unknown_schedule_names_the_shipped_ones():
-    with pytest.raises(FileNotFoundError, match=r"no schedule 'nope'; the schedules are \['fusion-demo', 'fusion-paper'\]"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"no schedule 'nope'; the schedules are \['fusion-demo', 'fusion-paper'\]",
+    ):
         schedule_file("fusion", "nope")
 
 
