@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import shutil
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -358,6 +360,17 @@ def test_the_repository_config_binds_loopback():
 
     config = Path(APP).parents[1] / ".streamlit" / "config.toml"
     assert tomllib.loads(config.read_text(encoding="utf-8"))["server"]["address"] == "127.0.0.1"
+    # Streamlit started from the repository root reads it (it looks in the working directory).
+    script = "import streamlit; print(streamlit.get_option('server.address'))"
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=config.parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert result.stdout.strip().splitlines()[-1] == "127.0.0.1"
 
 
 @pytest.mark.parametrize("address", ["0.0.0.0", "", "192.168.1.20"])
