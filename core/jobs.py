@@ -148,6 +148,10 @@ class Job:
         )
 
 
+class QueueFull(ValueError):
+    """A job was refused because a cap on waiting and running jobs is reached."""
+
+
 class JobStore:
     """The job queue of one runs folder, in SQLite (WAL mode, so readers never block the worker).
 
@@ -156,13 +160,20 @@ class JobStore:
 
     Args:
         path: the database file; its folder (the runs root) and the schema are created if missing.
+        readonly: open an existing database read-only (SQLite ``mode=ro``): nothing is created
+            or written, and every writing method fails with ``sqlite3.OperationalError``.
 
     Raises:
-        ValueError: if ``path`` exists but is not a job database.
+        ValueError: if ``path`` exists but is not a job database (or, read-only, is missing or
+            cannot be read).
     """
 
-    def __init__(self, path: str | PathLike) -> None:
+    def __init__(self, path: str | PathLike, *, readonly: bool = False) -> None:
         self.path = Path(path)
+        self.readonly = readonly
+        if readonly:
+            self._check_readonly()
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with self._connect() as db:
@@ -187,10 +198,28 @@ class JobStore:
         except sqlite3.DatabaseError as exc:  # "file is not a database", unreadable, a folder
             raise ValueError(f"{self.path}: not a job database ({exc})") from exc
 
+    def _check_readonly(self) -> None:
+        if not self.path.is_file():
+            raise ValueError(f"{self.path}: no job database here")
+        try:
+            with self._connect() as db:
+                application_id = db.execute("PRAGMA application_id").fetchone()[0]
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                if application_id != _APPLICATION_ID:
+                    raise ValueError(f"{self.path}: an SQLite database, but not a job database")
+                if version > _SCHEMA_VERSION:
+                    raise ValueError(
+                        f"{self.path}: job database schema {version} is newer than "
+                        f"this code's ({_SCHEMA_VERSION}); update Stadsbeeld"
+                    )
+                db.execute("SELECT count(*) FROM jobs").fetchone()
+        except sqlite3.Error as exc:  # not a database, unreadable, locked
+            raise ValueError(f"{self.path}: not a job database ({exc})") from exc
+
     @classmethod
-    def for_runs(cls, runs_root: str | PathLike) -> JobStore:
-        """The store of a runs folder: ``runs_root/jobs.sqlite``."""
-        return cls(Path(runs_root) / DB_FILE)
+    def for_runs(cls, runs_root: str | PathLike, *, readonly: bool = False) -> JobStore:
+        """The store of a runs folder: ``runs_root/jobs.sqlite`` (see the class for ``readonly``)."""
+        return cls(Path(runs_root) / DB_FILE, readonly=readonly)
 
     @property
     def runs_root(self) -> Path:
@@ -210,10 +239,19 @@ class JobStore:
     def _connect(self) -> Iterator[sqlite3.Connection]:
         # Autocommit mode: transactions are explicit BEGIN IMMEDIATE, so a read-then-write
         # (claim, report) holds the write lock from its first read.
-        db = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+        if self.readonly:
+            # A read-only connection to a WAL database creates the -wal and -shm files when they
+            # are missing; they are missing only when no writer is connected and everything is
+            # checkpointed into the main file, which then can be read as immutable instead.
+            wal = self.path.with_name(self.path.name + "-wal").exists()
+            uri = f"{self.path.resolve().as_uri()}?mode=ro" + ("" if wal else "&immutable=1")
+            db = sqlite3.connect(uri, timeout=_BUSY_TIMEOUT_S, isolation_level=None, uri=True)
+        else:
+            db = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
         try:
-            # Durable across process crashes in WAL mode, without an fsync per heartbeat.
-            db.execute("PRAGMA synchronous=NORMAL")
+            if not self.readonly:
+                # Durable across process crashes in WAL mode, without an fsync per heartbeat.
+                db.execute("PRAGMA synchronous=NORMAL")
             yield db
         except BaseException:
             if db.in_transaction:
@@ -236,18 +274,55 @@ class JobStore:
             raise KeyError(f"job {job_id} not found in {self.path}")
         return Job._from_row(row)
 
-    def enqueue(self, kind: str, config: Mapping[str, Any]) -> int:
+    def enqueue(
+        self,
+        kind: str,
+        config: Mapping[str, Any],
+        *,
+        max_active: int | None = None,
+        mine: Iterable[int] = (),
+        max_mine: int | None = None,
+    ) -> int:
         """Queue a job; returns its id.
+
+        The caps count active jobs (queued or running) and are checked in the same transaction
+        as the insert, so concurrent callers cannot overshoot them.
+
+        Args:
+            kind: one of :data:`JOB_KINDS`.
+            config: the job's options (JSON-serialisable).
+            max_active: refuse when this many jobs are already active (None: no cap).
+            mine: the ids of the jobs the caller queued before (e.g. one dashboard session's).
+            max_mine: refuse when this many of ``mine`` are still active (None: no cap).
 
         Raises:
             ValueError: for an unknown kind or a config that is not a JSON-serialisable mapping.
+            QueueFull: when a cap is reached.
         """
         if kind not in JOB_KINDS:
             raise ValueError(f"job kind {kind!r}: expected one of {JOB_KINDS}")
         if not isinstance(config, Mapping):
             raise ValueError(f"job config: expected a mapping, got {type(config).__name__}")
         text = _dumps(config, "job config")
+        mine = [int(i) for i in mine]
         with self._write() as db:
+            active = "status IN ('queued', 'running')"
+            if max_active is not None:
+                count = db.execute(f"SELECT count(*) FROM jobs WHERE {active}").fetchone()[0]
+                if count >= max_active:
+                    raise QueueFull(
+                        f"{count} jobs are already queued or running (at most {max_active})"
+                    )
+            if max_mine is not None and mine:
+                count = db.execute(
+                    f"SELECT count(*) FROM jobs WHERE {active} AND id IN "
+                    f"({', '.join('?' * len(mine))})",
+                    mine,
+                ).fetchone()[0]
+                if count >= max_mine:
+                    raise QueueFull(
+                        f"{count} of your jobs are already queued or running (at most {max_mine})"
+                    )
             cursor = db.execute(
                 "INSERT INTO jobs (kind, config, status, created) VALUES (?, ?, 'queued', ?)",
                 (kind, text, utc_now("milliseconds")),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboard import retrain
-from dashboard.data import data_root
+from dashboard.data import data_root, is_data_root, skipped_runs
 
 PAGES = [
     st.Page("views/city_map.py", title="City map", icon=":material/map:", default=True),
@@ -26,5 +26,8 @@ st.set_page_config(page_title="Stadsbeeld", page_icon=":material/location_city:"
 page = st.navigation(PAGES)
 with st.sidebar:
     st.caption(f"Data root: `{data_root()}`")
+    if is_data_root(data_root()):
+        for note in skipped_runs(str(data_root())):
+            st.warning(note, icon=":material/warning:")
     retrain.panel(str(data_root()))
 page.run()

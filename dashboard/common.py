@@ -27,7 +27,7 @@ LAYER_NAMES = {
 def root_or_stop() -> str:
     """The data root as a string; stops the page with instructions when it holds no grid."""
     root = data.data_root()
-    if not (root / "grid.parquet").exists():
+    if not data.is_data_root(root):
         st.error(
             f"No data in `{root}`. Build the demo city with `make demo` (or "
             f"`python -m train demo --out {root}`), or point `STADSBEELD_DATA` at a data root "
@@ -198,7 +198,8 @@ def street_images(root: str, cell_id: int, per_source: int = 6) -> None:
                 caption = f"{image.scene} ({image.scene_p:.2f}), building filter: {verdict}"
             elif source == "gsv" and not pd.isna(getattr(image, "heading", np.nan)):
                 caption += f", heading {image.heading:.0f}°"
-            if path.is_file():
-                column.image(str(path), caption=caption, width="stretch")
+            shown_image = data.street_thumbnail(str(path))
+            if isinstance(shown_image, str):
+                column.caption(f"{image.path}: {shown_image}. {caption}")
             else:
-                column.caption(f"missing file {image.path}: {caption}")
+                column.image(shown_image, caption=caption, width="stretch")

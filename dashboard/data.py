@@ -7,6 +7,7 @@ it; runs are listed with a short TTL so a run a worker finishes shows up without
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import geopandas as gpd
@@ -15,10 +16,11 @@ import pandas as pd
 import shapely
 import streamlit as st
 import yaml
+from PIL import Image
 
 from core.dataroot import DataRoot
 from core.grid import cell_center, cell_origin, read_grid
-from core.runs import list_runs, load_run
+from core.runs import EMBEDDINGS_FILE, PREDICTIONS_FILE, list_runs, load_run
 from core.scenes import scene_verdicts
 from core.sources.aerial import AerialRaster
 from core.sources.boundaries import districts, municipality_outline, read_buurten
@@ -29,11 +31,44 @@ from dashboard.maps import fit_view, lonlat_polygons, outline_strip, to_lon_lat
 RETRAIN_ENV = "STADSBEELD_RETRAIN"
 WORKER_ENV = "STADSBEELD_START_WORKER"
 SETTINGS_FILE = "dashboard.yaml"
+SECRET_ENV = "STADSBEELD_RETRAIN_SECRET"
+#: Caps on active (queued or running) jobs, overridable in ``dashboard.yaml``.
+QUEUE_CAPS = {"max_jobs_per_session": 3, "max_jobs_queued": 10}
+#: Street images larger than this many pixels are not decoded (image bombs).
+MAX_IMAGE_PIXELS = 40_000_000
+THUMBNAIL_PX = 640
+#: The run files the pages read, and how each is read.
+RUN_FILES = (PREDICTIONS_FILE, EMBEDDINGS_FILE)
 
 
 def data_root() -> Path:
     """The data root: ``STADSBEELD_DATA`` or the demo city."""
     return DataRoot.from_env().root
+
+
+def is_data_root(root: str | os.PathLike) -> bool:
+    """Whether ``root`` looks like a data root (holds ``grid.parquet``); the dashboard writes
+    nothing (no job store) into a folder that does not."""
+    return (Path(root) / "grid.parquet").is_file()
+
+
+def queue_caps(root: str | os.PathLike) -> dict[str, int]:
+    """The caps on active jobs: ``max_jobs_per_session`` and ``max_jobs_queued``.
+
+    Raises:
+        ValueError: if ``dashboard.yaml`` is unreadable or a cap is not a positive integer.
+    """
+    configured = settings(root)
+    caps = {}
+    for key, default in QUEUE_CAPS.items():
+        value = configured.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"{Path(root) / SETTINGS_FILE}: {key} must be a positive whole number, "
+                f"got {value!r}"
+            )
+        caps[key] = value
+    return caps
 
 
 def settings(root: str | os.PathLike) -> dict:
@@ -139,25 +174,117 @@ def load_context(root: str) -> dict:
     return {"outline": outline, "districts": district_lines, "water": water, "view": view}
 
 
+def read_run_file(run_path: str | os.PathLike, name: str):
+    """The one way the dashboard reads a run's data files.
+
+    ``predictions.parquet`` comes back as a frame (with ``residual``), ``embeddings.parquet``
+    as (cell ids, float32 matrix).
+
+    Raises:
+        FileNotFoundError, ValueError: for a missing or unreadable file (the message names it).
+    """
+    run = load_run(run_path)
+    if name == PREDICTIONS_FILE:
+        predictions = run.predictions()
+        if "residual" not in predictions:
+            predictions["residual"] = predictions["predicted"] - predictions["true"]
+        return predictions
+    if name == EMBEDDINGS_FILE:
+        return run.embeddings()
+    raise ValueError(f"{name}: not a run file the dashboard reads (expected one of {RUN_FILES})")
+
+
+def _signature(path: Path) -> tuple:
+    stat = path.stat()
+    return (stat.st_size, stat.st_mtime_ns)
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def _run_problem(run_path: str, signatures: tuple) -> str | None:
+    """Why a run cannot be shown (its first unreadable file), or None; cached per file version."""
+    for name in RUN_FILES:
+        if (Path(run_path) / name).exists():
+            try:
+                read_run_file(run_path, name)
+            except (OSError, ValueError, KeyError) as exc:
+                named = str(Path(run_path) / name) in str(exc)
+                return str(exc) if named else f"{Path(run_path) / name}: {exc}"
+    return None
+
+
 @st.cache_data(show_spinner=False, ttl=10)
+def list_readable_runs(root: str) -> tuple[pd.DataFrame, list[str]]:
+    """All complete runs whose files can be read, newest first, and a note for each skipped run
+    (naming the file and the problem). Re-listed every 10 s."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runs = list_runs(DataRoot(root).runs)
+    notes = [str(w.message) for w in caught if str(w.message).startswith("skipping run")]
+    keep = []
+    for path in runs["path"] if len(runs) else []:
+        files = [Path(path) / name for name in RUN_FILES]
+        try:
+            signatures = tuple(_signature(f) if f.exists() else None for f in files)
+            problem = _run_problem(str(path), signatures)
+        except OSError as exc:
+            problem = str(exc)
+        keep.append(problem is None)
+        if problem is not None:
+            notes.append(f"skipping run {Path(path).name}: {problem}")
+    runs = runs[keep] if len(runs) else runs
+    for column in ("kind", "config.label", "config.target"):
+        if column not in runs:
+            runs[column] = pd.Series(dtype=object)
+    return runs.reset_index(drop=True), notes
+
+
 def load_runs(root: str, kind: str | None = None) -> pd.DataFrame:
-    """Complete runs of the data root (optionally of one kind), newest first; re-listed every 10 s."""
-    return list_runs(DataRoot(root).runs, kind=kind)
+    """Complete, readable runs of the data root (optionally of one kind), newest first.
+
+    Always has the columns ``run_id, kind, path, config.label, config.target``; see
+    :func:`skipped_runs` for the runs left out.
+    """
+    runs = list_readable_runs(root)[0]
+    if kind is not None:
+        runs = runs[runs["kind"] == kind].reset_index(drop=True)
+    return runs
+
+
+def skipped_runs(root: str) -> list[str]:
+    """One note per run left out because a file of it cannot be read."""
+    return list_readable_runs(root)[1]
 
 
 @st.cache_data(show_spinner="Loading predictions ...", max_entries=16)
 def load_predictions(run_path: str) -> pd.DataFrame:
     """A run's per-cell predictions (cell_id, split, true, predicted, residual, ...)."""
-    predictions = load_run(run_path).predictions()
-    if "residual" not in predictions:
-        predictions["residual"] = predictions["predicted"] - predictions["true"]
-    return predictions
+    return read_run_file(run_path, PREDICTIONS_FILE)
 
 
 @st.cache_data(show_spinner="Loading embeddings ...", max_entries=8)
 def load_embeddings(run_path: str) -> tuple[np.ndarray, np.ndarray]:
     """A run's per-cell embeddings as (cell ids, float32 matrix)."""
-    return load_run(run_path).embeddings()
+    return read_run_file(run_path, EMBEDDINGS_FILE)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def street_thumbnail(path: str) -> np.ndarray | str:
+    """A street image decoded for display (at most :data:`THUMBNAIL_PX` on a side), or a note
+    saying why it cannot be shown (missing, not an image, too many pixels)."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                return f"too large to show ({width}x{height} pixels)"
+            image.draft("RGB", (THUMBNAIL_PX, THUMBNAIL_PX))
+            image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+            return np.asarray(image.convert("RGB"))
+    except FileNotFoundError:
+        return "missing file"
+    except Image.DecompressionBombError as exc:
+        return f"too large to show ({exc})"
+    except (OSError, ValueError, SyntaxError) as exc:  # UnidentifiedImageError is an OSError
+        return f"not a readable image ({type(exc).__name__})"
 
 
 @st.cache_data(show_spinner="Loading the street-level catalog ...")
@@ -174,7 +301,7 @@ def load_images(root: str) -> pd.DataFrame:
         c for c in ("id", "source", "path", "cell_id", "captured_at", "heading") if c in images
     ]
     images = images[columns].reset_index(drop=True)
-    scene_runs = list_runs(paths.runs, kind="scene")
+    scene_runs = load_runs(root, "scene")
     if len(scene_runs):
         images = images.merge(
             scene_verdicts(paths, scene_runs["run_id"].iloc[0]), on="id", how="left"

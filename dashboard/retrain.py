@@ -7,19 +7,24 @@ run folder. The queue is redrawn by a fragment every few seconds, so the page ne
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
+import os
+import sqlite3
 from datetime import UTC, datetime
 
 import pandas as pd
 import streamlit as st
 
 from core.dataroot import DataRoot
-from core.jobs import Job, JobStore, start_worker, worker_alive
+from core.jobs import DB_FILE, Job, JobStore, QueueFull, start_worker, worker_alive
 from core.runs import BACKBONE_FILE
 from core.sources.lbm import SCORE_COLUMNS
 from dashboard import data
 
 POLL_SECONDS = 2.0
 SEEN_KEY = "jobs_seen_done"
+MINE_KEY = "jobs_queued_here"
 MODALITIES = {
     "aerial + ground": (True, True),
     "aerial only": (True, False),
@@ -35,8 +40,74 @@ OBJECTIVES = {
 }
 
 
-def job_store(root: str) -> JobStore:
-    return JobStore.for_runs(DataRoot(root).runs)
+def open_store(root: str, write: bool) -> tuple[JobStore | None, str | None]:
+    """The data root's job store and a note when it cannot be used.
+
+    Browsing (``write`` false) opens it read-only, or not at all when there is none yet, so a
+    read-only ``runs/`` or a broken file never stops a page. Nothing is created in a folder that
+    is not a data root.
+    """
+    path = DataRoot(root).runs / DB_FILE
+    if not data.is_data_root(root):
+        return None, f"`{root}` is not a data root (no grid.parquet): no job store is kept here."
+    if not write and not path.exists():
+        return None, None
+    try:
+        return JobStore(path, readonly=not write), None
+    except (ValueError, OSError, sqlite3.Error) as exc:
+        reason = str(exc).removeprefix(f"{path}: ")
+        return None, f"job store unreadable: {path}: {reason}"
+
+
+def server_address() -> str:
+    """The address the server listens on ('' means every interface)."""
+    return str(st.get_option("server.address") or "")
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``address`` is reachable from this machine only."""
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def access() -> tuple[bool, bool, str | None]:
+    """Whether this session may queue jobs, whether it may cancel anyone's, and a refusal note.
+
+    On a loopback address anyone may train; otherwise the secret in ``STADSBEELD_RETRAIN_SECRET``
+    must be typed into the sidebar. The secret also lets a session cancel jobs it did not queue
+    (on loopback without a secret configured, anyone may).
+    """
+    secret = os.environ.get(data.SECRET_ENV, "")
+    local = is_loopback(server_address())
+    typed = ""
+    if secret:
+        typed = st.text_input("Retraining secret", type="password", key="retrain_secret")
+    authorised = bool(secret) and hmac.compare_digest(typed.encode(), secret.encode())
+    if local:
+        return True, authorised or not secret, None
+    where = server_address() or "every interface"
+    if not secret:
+        refusal = (
+            f"Retraining refused: the dashboard listens on {where}, not only on this machine, and "
+            f"no `{data.SECRET_ENV}` is set. Set it (and type it here) or serve on 127.0.0.1."
+        )
+        return False, False, refusal
+    if not authorised:
+        refusal = (
+            f"Retraining refused: the dashboard listens on {where}; type the secret from "
+            f"`{data.SECRET_ENV}` above to train."
+        )
+        return False, False, refusal
+    return True, True, None
+
+
+def queued_here() -> set[int]:
+    """The ids of the jobs this session queued."""
+    return st.session_state.setdefault(MINE_KEY, set())
 
 
 def encoder_weights(root: str) -> dict[str, str | None]:
@@ -166,16 +237,33 @@ def show_running(store: JobStore, job: Job, may_cancel: bool) -> None:
 
 
 @st.fragment(run_every=POLL_SECONDS)
-def queue(root: str, may_cancel: bool) -> None:
-    """Running and queued jobs with live progress, and the last finished ones."""
-    store = job_store(root)
-    store.reap()
-    jobs = store.jobs(limit=20)
+def queue(root: str, write: bool, cancel_any: bool) -> None:
+    """Running and queued jobs with live progress, and the last finished ones.
+
+    With ``write`` false (browsing) the store is only read; otherwise dead workers' jobs are
+    reaped, and jobs this session queued (any job with ``cancel_any``) may be cancelled.
+    """
+    store, note = open_store(root, write)
+    if store is None:
+        if note:
+            st.warning(note)
+        else:
+            st.caption("No training jobs yet.")
+        return
+    try:
+        if write:
+            store.reap()
+        jobs = store.jobs(limit=20)
+    except (sqlite3.Error, OSError, ValueError) as exc:
+        st.warning(f"job store unreadable: {store.path}: {exc}")
+        return
     active = [j for j in jobs if j.status in ("running", "queued")]
     if not jobs:
         st.caption("No training jobs yet.")
         return
+    mine = queued_here()
     for job in active:
+        may_cancel = write and (cancel_any or job.id in mine)
         if job.status == "running":
             show_running(store, job, may_cancel)
         else:
@@ -187,7 +275,7 @@ def queue(root: str, may_cancel: bool) -> None:
     if active and not worker_alive(store.runs_root):
         st.warning(
             "No worker is running: start one with `python -m train worker --data "
-            f"{root}`" + (" or press Train again." if may_cancel else ".")
+            f"{root}`" + (" or press Train again." if write else ".")
         )
     finished = [j for j in jobs if j.status not in ("running", "queued")][:5]
     for job in finished:
@@ -202,38 +290,76 @@ def queue(root: str, may_cancel: bool) -> None:
     seen = st.session_state.setdefault(SEEN_KEY, done)
     if done - seen:  # a job finished while this session watched: its run joins the selectors
         st.session_state[SEEN_KEY] = seen | done
-        data.load_runs.clear()
+        data.list_readable_runs.clear()
         st.rerun(scope="app")
 
 
 def panel(root: str) -> None:
-    """The sidebar section: the form (when retraining is enabled) and the job queue."""
+    """The sidebar section: the form (when retraining is enabled and allowed) and the job queue."""
     st.subheader("Training jobs")
+    if not data.is_data_root(root):
+        st.info(open_store(root, write=False)[1])
+        return
     try:
         enabled, decided_by = data.retraining_enabled(root)
+        caps = data.queue_caps(root)
     except ValueError as error:
         st.error(str(error))
-        enabled, decided_by = False, "an unreadable settings file"
+        enabled, decided_by, caps = False, "an unreadable settings file", data.QUEUE_CAPS
+    cancel_any = False
     if enabled:
-        kind = st.selectbox("Model", list(KINDS), key="retrain_kind", format_func=KINDS.get)
-        config = fusion_form(root) if kind == "fusion" else contrastive_form()
-        if config is not None:
-            store = job_store(root)
-            job_id = store.enqueue(kind, config)
-            if not worker_alive(store.runs_root) and data.start_worker_enabled(root):
-                start_worker(root)
-            st.toast(f"Job #{job_id} queued")
+        allowed, cancel_any, refusal = access()
+        store = None
+        if not allowed:
+            st.warning(refusal)
+        else:
+            store, note = open_store(root, write=True)
+            if store is None:
+                st.warning(note)  # the one note: the queue below cannot be read either
+                return
+            enqueue_from_form(root, store, caps)
+        enabled = store is not None  # a refused session only reads
     else:
         st.info(
             "Retraining is off (" + decided_by + "). To train from here, start the dashboard "
             f"with `{data.RETRAIN_ENV}=1` (e.g. `make demo RETRAIN=1`) or put "
             f"`retraining: true` in `{DataRoot(root).root / data.SETTINGS_FILE}`."
         )
-    queue(root, enabled)
+    queue(root, enabled, cancel_any)
+
+
+def enqueue_from_form(root: str, store: JobStore, caps: dict[str, int]) -> None:
+    """The model choice and its form; queues the job within the caps and starts a worker."""
+    kind = st.selectbox("Model", list(KINDS), key="retrain_kind", format_func=KINDS.get)
+    config = fusion_form(root) if kind == "fusion" else contrastive_form()
+    if config is None:
+        return
+    mine = queued_here()
+    try:
+        job_id = store.enqueue(
+            kind,
+            config,
+            max_active=caps["max_jobs_queued"],
+            mine=mine,
+            max_mine=caps["max_jobs_per_session"],
+        )
+    except QueueFull as full:
+        st.warning(f"Job not queued: {full}. Wait for one to finish or cancel one.")
+        return
+    mine.add(job_id)
+    if not worker_alive(store.runs_root) and data.start_worker_enabled(root):
+        start_worker(root)
+    st.toast(f"Job #{job_id} queued")
 
 
 def jobs_table(root: str) -> pd.DataFrame:
-    """All jobs of the data root as a table (for the runs page)."""
+    """All jobs of the data root as a table (for the runs page), read-only; empty without a
+    readable job store."""
+    store = open_store(root, write=False)[0]
+    try:
+        jobs = [] if store is None else store.jobs(limit=500)
+    except (sqlite3.Error, OSError, ValueError):
+        jobs = []
     return pd.DataFrame(
         [
             {
@@ -246,6 +372,6 @@ def jobs_table(root: str) -> pd.DataFrame:
                 "run_id": j.run_id,
                 "error": (j.error or "").splitlines()[-1] if j.error else None,
             }
-            for j in job_store(root).jobs(limit=500)
+            for j in jobs
         ]
     )

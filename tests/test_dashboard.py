@@ -49,10 +49,22 @@ def demo_root(tmp_path_factory, tiny_demo):
 
 
 @pytest.fixture
-def app(demo_root, monkeypatch):
+def server_address():
+    """Set the address the (tested) server listens on; loopback unless a test says otherwise."""
+    from streamlit import config
+
+    before = config.get_option("server.address")
+    config.set_option("server.address", "127.0.0.1")
+    yield lambda address: config.set_option("server.address", address)
+    config.set_option("server.address", before)
+
+
+@pytest.fixture
+def app(demo_root, monkeypatch, server_address):
     """A fresh dashboard session on the demo root, retraining off, no worker started."""
     monkeypatch.setenv("STADSBEELD_DATA", str(demo_root))
     monkeypatch.delenv("STADSBEELD_RETRAIN", raising=False)
+    monkeypatch.delenv("STADSBEELD_RETRAIN_SECRET", raising=False)
     monkeypatch.setenv("STADSBEELD_START_WORKER", "0")
     st.cache_data.clear()
     st.cache_resource.clear()
