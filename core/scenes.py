@@ -15,7 +15,7 @@ import pandas as pd
 
 from core.dataroot import DataRoot
 from core.io import read_table, require_columns
-from core.runs import load_run
+from core.runs import load_run, run_path
 
 SUBSETS = ("all", "outdoor", "building")
 
@@ -67,7 +67,7 @@ def scores_path(root: DataRoot, run_id: str) -> Path:
 
 def filter_config(root: DataRoot, run_id: str) -> SceneFilterConfig:
     """The scene lists and threshold a scene run was made with."""
-    stored = load_run(root.runs / run_id).config["filter"]
+    stored = load_run(run_path(root.runs, run_id)).config["filter"]
     return SceneFilterConfig(
         **{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}
     )

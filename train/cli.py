@@ -175,11 +175,11 @@ def perception(config: PerceptionConfig) -> int:
     Args:
         config: the perception encoder's training.
     """
-    from core.runs import BACKBONE_FILE
+    from core.runs import BACKBONE_FILE, run_path
     from train.perception import train_perception
 
     run_id = train_perception(config)
-    weights = DataRoot(Path(config.data)).runs / run_id / BACKBONE_FILE
+    weights = run_path(DataRoot(Path(config.data)).runs, run_id) / BACKBONE_FILE
     print(f"perception run {run_id}: ground weights at {weights}")
     return 0
 
@@ -299,11 +299,11 @@ def contrastive(config: ContrastiveConfig, schedule: Literal["demo", "paper"] = 
         schedule: Defaults of a shipped schedule (assets/configs/contrastive-*.yaml): demo (a
             small CNN at 32 px, CPU) or paper (ViT-B/16 at 224 px, batch 1,024, GPU).
     """
-    from core.runs import BACKBONE_FILE
+    from core.runs import BACKBONE_FILE, run_path
     from train.contrastive import train_contrastive
 
     run_id = train_contrastive(config)
-    weights = DataRoot(Path(config.data)).runs / run_id / BACKBONE_FILE
+    weights = run_path(DataRoot(Path(config.data)).runs, run_id) / BACKBONE_FILE
     print(f"contrastive run {run_id}: ground weights {weights}")
     return 0
 
