@@ -81,6 +81,7 @@ def demo(
     if_missing: bool = False,
     force: bool = False,
     quiet: bool = False,
+    force_delete_runs: bool = False,
 ) -> int:
     """Build the synthetic Amsterdam demo city (real file formats) and print its summary.
 
@@ -88,8 +89,11 @@ def demo(
         config: what to build.
         out: Output folder (default: ``STADSBEELD_DATA``, else data/demo).
         if_missing: Do nothing if the output is already built.
-        force: Rebuild the output if it exists.
+        force: Rebuild the output if it exists, keeping its trained runs and job database
+            (runs/, moved into the new city).
         quiet: No progress bars.
+        force_delete_runs: Rebuild the output if it exists and delete its runs/ (every trained
+            run and the job database).
     """
     from core.demo import MANIFEST, build_demo
     from core.summary import summarize
@@ -106,12 +110,21 @@ def demo(
             )
         print(f"demo city already built in {target} (remove it to rebuild)")
         return 0
-    if target.exists() and not force:
+    replace = force or force_delete_runs
+    if target.exists() and not replace:
         raise FileExistsError(
             f"{target} already exists; use --force to rebuild it or --if-missing to keep it"
         )
-    # --force: the new city replaces the old one only once complete; a failed build keeps it
-    manifest = build_demo(target, config, show_progress=not quiet, replace=force)
+    runs = DataRoot(target).runs
+    count = sum(1 for p in runs.iterdir() if not p.name.startswith(".")) if runs.is_dir() else 0
+    keep = () if force_delete_runs else (runs.name,)
+    # --force: the new city replaces the old one only once complete (a failed build keeps it),
+    # and takes over its runs/ unless --force_delete_runs
+    manifest = build_demo(target, config, show_progress=not quiet, replace=replace, keep=keep)
+    if runs.is_dir() and keep:
+        print(f"kept {runs} ({count} entries; --force_delete_runs deletes them)")
+    elif count:
+        print(f"deleted {count} entries of {runs} (--force_delete_runs)", file=sys.stderr)
     print(f"built {target} in {manifest['elapsed_s']} s")
     print(summarize(target))
     return 0
