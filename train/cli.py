@@ -693,13 +693,38 @@ def _without_derived(path: str, kinds: dict[str, str]) -> str:
     file = Path(path)
     if not file.is_file():
         return path
-    values = yaml.safe_load(file.read_text())
-    if not isinstance(values, dict):
+    try:  # safe_load: a python/object tag is refused, never constructed
+        values = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{file}: not a valid --config YAML file ({exc})") from exc
+    if values is not None and not isinstance(values, dict):
+        raise ValueError(
+            f"{file}: a --config file holds a mapping of option values, "
+            f"not a {type(values).__name__}"
+        )
+    if not values:
         return path
     derived = [k for k in values if k in DERIVED_KEYS and k not in kinds]
     if not derived:
         return path
     return json.dumps({k: v for k, v in values.items() if k not in derived})
+
+
+def _blamed_config(argv: list[str], message: str) -> str:
+    """`` (in --config FILE)`` for the config files of ``argv`` that set the option a parser
+    error ``message`` names (``Parser key "epochs": ...``), else nothing."""
+    key = message.partition('Parser key "')[2].partition('"')[0].split(".")[0]
+    files = [a.partition("=")[2] for a in argv if a.startswith("--config=")]
+    files += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    blamed = []
+    for file in files:
+        try:
+            values = yaml.safe_load(Path(file).read_text(encoding="utf-8"))
+        except (OSError, ValueError, yaml.YAMLError):
+            continue
+        if key and isinstance(values, dict) and key in values:
+            blamed.append(file)
+    return f" (in --config {', '.join(blamed)})" if blamed else ""
 
 
 def _last_value(argv: list[str], key: str) -> str | None:
@@ -781,7 +806,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {str(exc).strip()}", file=sys.stderr)
         return 2
     except ArgumentError as exc:
-        print(f"error: {exc}\n(see {PROG} {name} --help)", file=sys.stderr)
+        print(
+            f"error: {exc}{_blamed_config(rest, str(exc))}\n(see {PROG} {name} --help)",
+            file=sys.stderr,
+        )
         return 2
     except SystemExit as exc:  # --help, --print_config
         return exc.code if isinstance(exc.code, int) else 0
