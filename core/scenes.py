@@ -61,7 +61,12 @@ def select(scores: pd.DataFrame, subset: str, config: SceneFilterConfig) -> np.n
 
 
 def scores_path(root: DataRoot, run_id: str) -> Path:
-    """Where a scene run's per-photo scores are cached, beside the catalog."""
+    """Where a scene run's per-photo scores are cached, beside the catalog.
+
+    Raises:
+        ValueError: if ``run_id`` is not a run id (:func:`core.runs.run_path`).
+    """
+    run_path(root.runs, run_id)  # the id names a file too: no "../" out of street/
     return root.catalog.parent / f"scene_scores-{run_id}.parquet"
 
 

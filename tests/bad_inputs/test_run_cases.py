@@ -315,3 +315,18 @@ def test_a_run_kind_that_would_leave_the_runs_folder(world):
     with pytest.raises(ValueError, match=r"run kind '\.\./x': use letters, digits"):
         RunWriter(world["runs"], "../x", {})
     assert snapshot(world["root"]) == before
+
+
+def test_a_scene_run_id_names_no_file_outside_the_street_folder(world):
+    from core.dataroot import DataRoot
+    from core.scenes import scene_verdicts, scores_path
+
+    root = DataRoot(world["data"])
+    before = snapshot(world["root"])
+    for bad in ("../../outside/x", "../runs/x"):
+        with pytest.raises(ValueError, match=rf"{re.escape(repr(bad))} is not a run id"):
+            scores_path(root, bad)
+        with pytest.raises(ValueError, match=rf"{re.escape(repr(bad))} is not a run id"):
+            scene_verdicts(root, bad)
+    assert scores_path(root, UNKNOWN).name == f"scene_scores-{UNKNOWN}.parquet"
+    assert snapshot(world["root"]) == before
