@@ -114,18 +114,77 @@ def move_folder(src: str | PathLike, dst: str | PathLike, *, replace: bool = Fal
     return dst
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (``os.kill(pid, 0)``; a zombie counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except (OverflowError, ValueError):
+        return False
+    return True
+
+
+def remove_stale_siblings(out: str | PathLike, keep: Sequence[str] = ()) -> list[Path]:
+    """Delete the temporary siblings of ``out`` that dead processes left behind.
+
+    They are the ``.<name>.building-<pid>`` folders of :func:`building` and the
+    ``.<name>.old-<pid>`` folders of :func:`move_folder` whose ``<pid>`` no longer runs (a
+    build killed by SIGKILL, a power cut). A build killed in the middle of the swap, with
+    ``out`` renamed aside and the new one not yet in, gets its old ``out`` back; entries named
+    in ``keep`` that a killed build had already moved out of ``out`` are moved back, when ``out``
+    lacks them.
+
+    Args:
+        out: the folder whose siblings to clean.
+        keep: names of entries :func:`building` carries over from the old ``out``.
+
+    Returns:
+        The folders deleted.
+    """
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    removed = []
+    stale = []
+    for sibling in out.parent.iterdir():
+        stem, _, pid = sibling.name.rpartition("-")
+        if stem not in (f".{out.name}.building", f".{out.name}.old") or not pid.isdigit():
+            continue
+        if int(pid) != os.getpid() and not pid_alive(int(pid)) and sibling.is_dir():
+            stale.append((stem.endswith(".building"), sibling))  # the old ones first
+    for is_build, sibling in sorted(stale):
+        if not is_build and not out.exists():
+            os.rename(sibling, out)
+            continue
+        for name in keep:
+            if (sibling / name).exists() and out.is_dir() and not (out / name).exists():
+                os.rename(sibling / name, out / name)
+        shutil.rmtree(sibling, ignore_errors=True)
+        removed.append(sibling)
+    return removed
+
+
 @contextmanager
-def building(out: str | PathLike, *, replace: bool = False) -> Iterator[Path]:
+def building(
+    out: str | PathLike, *, replace: bool = False, keep: Sequence[str] = ()
+) -> Iterator[Path]:
     """Build the folder ``out`` atomically: ``with building(out) as tmp:`` writes into ``tmp``.
 
     ``tmp`` is a new, empty folder beside ``out`` (``.<name>.building-<pid>``); when the block
     ends normally it is renamed to ``out`` (:func:`move_folder`), when it raises it is deleted,
-    so nothing that looks like a finished ``out`` is ever half-written.
+    so nothing that looks like a finished ``out`` is ever half-written. Before it starts, the
+    temporary folders of builds whose process died are deleted (:func:`remove_stale_siblings`).
 
     Args:
         out: the folder to build; its parent is created if missing.
         replace: replace an existing ``out`` (renamed aside, then deleted once the new one is in
             place); without it an existing ``out`` is an error, before the build and after it.
+        keep: names of entries of an existing ``out`` (e.g. ``runs``) moved into the new folder
+            just before it replaces the old one, replacing what the build wrote under those
+            names; moved back if the swap fails.
 
     Raises:
         FileExistsError: if ``out`` exists and ``replace`` is false.
@@ -133,13 +192,26 @@ def building(out: str | PathLike, *, replace: bool = False) -> Iterator[Path]:
     out = Path(out)
     if out.exists() and not replace:
         raise FileExistsError(f"{out}: already exists")
+    remove_stale_siblings(out, keep)
     tmp = out.with_name(f".{out.name}.building-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    moved: list[str] = []
     try:
         yield tmp
+        for name in keep:
+            if (out / name).exists():
+                if (tmp / name).is_dir() and not (tmp / name).is_symlink():
+                    shutil.rmtree(tmp / name)
+                else:
+                    (tmp / name).unlink(missing_ok=True)
+                os.rename(out / name, tmp / name)
+                moved.append(name)
         move_folder(tmp, out, replace=replace)
     except BaseException:
+        for name in moved:  # the swap failed: the old folder is back in place
+            if (tmp / name).exists() and out.is_dir() and not (out / name).exists():
+                os.rename(tmp / name, out / name)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 

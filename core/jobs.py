@@ -495,10 +495,13 @@ class JobStore:
 
     def _give_up_run(self, run_id: str, message: str) -> None:
         # The same rename RunWriter makes on an exception, so list_runs never sees it.
-        from core.runs import FAILED_PREFIX, LOG_FILE, TMP_PREFIX  # not at the top: see below
+        from core.runs import FAILED_PREFIX, LOG_FILE, TMP_PREFIX, run_path  # see below
 
-        partial = self.runs_root / f"{TMP_PREFIX}{run_id}"
-        failed = self.runs_root / f"{FAILED_PREFIX}{run_id}"
+        try:
+            partial = run_path(self.runs_root, run_id, prefix=TMP_PREFIX)
+            failed = run_path(self.runs_root, run_id, prefix=FAILED_PREFIX)
+        except ValueError:  # not a run id: nothing of ours to give up
+            return
         if not partial.is_dir() or failed.exists():
             return
         with open(partial / LOG_FILE, "a", encoding="utf-8") as file:
@@ -509,10 +512,13 @@ class JobStore:
 def _complete_run(runs_root: Path, run_id: str) -> bool:
     # Imported here, not at the top: core.runs loads pandas and pyarrow, and a worker that finds
     # the lock taken must exit at once.
-    from core.runs import METRICS_FILE
+    from core.runs import METRICS_FILE, run_path
 
     # RunWriter renames a run to its own name only once it is complete.
-    return (runs_root / run_id / METRICS_FILE).is_file()
+    try:
+        return (run_path(runs_root, run_id) / METRICS_FILE).is_file()
+    except ValueError:  # not a run id, or a link out of the runs folder: never complete
+        return False
 
 
 def log_tail(path: str | PathLike, lines: int = 20) -> str:

@@ -58,7 +58,6 @@ MODEL_FILE = "model.safetensors"
 LOG_FILE = "log.txt"
 BACKBONE_FILE = "backbone.safetensors"
 PROGRESS_FILE = "progress.json"
-BACKBONE_FILE = "backbone.safetensors"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 #: Prefixes of a run folder still being written, and of one whose training failed.
 TMP_PREFIX = ".tmp-"
@@ -98,6 +97,38 @@ def parse_run_id(run_id: str) -> tuple[str, pd.Timestamp]:
     if match is None:
         raise ValueError(f"{run_id!r} is not a run id (<kind>-<yyyymmdd-hhmmss>-<4 hex>)")
     return match["kind"], pd.Timestamp(datetime.strptime(match["time"], _TIME_FORMAT), tz="UTC")
+
+
+def run_path(runs_root: str | PathLike, run_id: str, *, prefix: str = "") -> Path:
+    """The folder ``runs_root/<prefix><run_id>``, after checking that ``run_id`` is a run id.
+
+    The one way an id (from the command line, a job, a config) becomes a folder: an id must be
+    of the form :func:`new_run_id` makes (so no ``/``, ``..`` or leading ``.``), and a folder
+    that exists must not be a symbolic link leading outside ``runs_root``. The folder need not
+    exist.
+
+    Args:
+        runs_root: the runs folder.
+        run_id: the id to check.
+        prefix: :data:`TMP_PREFIX` or :data:`FAILED_PREFIX` for an interrupted run's folder.
+
+    Raises:
+        ValueError: if ``run_id`` is not a run id, or its folder leads outside ``runs_root``.
+    """
+    if not isinstance(run_id, str) or _RUN_ID.fullmatch(run_id) is None:
+        raise ValueError(f"{run_id!r} is not a run id (<kind>-<yyyymmdd-hhmmss>-<4 hex>)")
+    root = Path(runs_root)
+    path = root / f"{prefix}{run_id}"
+    if path.is_symlink() and not _inside(path, root):
+        raise ValueError(
+            f"{path}: run {run_id} is a symbolic link to {path.resolve()}, outside {root}"
+        )
+    return path
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path``, links followed, lies inside ``root`` (links followed too)."""
+    return path.resolve().is_relative_to(root.resolve())
 
 
 def _write_json(path: Path, value: Mapping[str, Any]) -> None:
@@ -179,14 +210,17 @@ class RunWriter:
         Raises:
             FileNotFoundError: if no interrupted run of that id exists.
             FileExistsError: if the run already completed.
+            ValueError: if ``run_id`` is not a run id or its folder leads outside ``runs_root``
+                (:func:`run_path`).
         """
         root = Path(runs_root)
-        if (root / run_id).exists():
-            raise FileExistsError(f"{root / run_id}: run {run_id} is complete; nothing to resume")
+        complete = run_path(root, run_id)
+        if complete.exists():
+            raise FileExistsError(f"{complete}: run {run_id} is complete; nothing to resume")
         found = [
-            root / f"{prefix}{run_id}"
-            for prefix in (TMP_PREFIX, FAILED_PREFIX)
-            if (root / f"{prefix}{run_id}").is_dir()
+            folder
+            for folder in (run_path(root, run_id, prefix=p) for p in (TMP_PREFIX, FAILED_PREFIX))
+            if folder.is_dir()
         ]
         if not found:
             raise FileNotFoundError(
@@ -499,7 +533,8 @@ def list_runs(runs_root: str | PathLike, kind: str | None = None) -> pd.DataFram
     """The complete runs under ``runs_root``, newest first.
 
     A complete run is a folder whose name does not start with ``.`` and that holds
-    ``metrics.json``. A run whose files are unreadable is skipped with a warning naming the file.
+    ``metrics.json``. A run whose files are unreadable, and a symbolic link leading outside
+    ``runs_root``, are skipped with a warning naming the folder.
 
     Args:
         runs_root: the runs folder; a missing one means no runs.
@@ -514,6 +549,12 @@ def list_runs(runs_root: str | PathLike, kind: str | None = None) -> pd.DataFram
     folders = sorted(root.iterdir()) if root.is_dir() else []
     for folder in folders:
         if folder.name.startswith(".") or not (folder / METRICS_FILE).is_file():
+            continue
+        if folder.is_symlink() and not _inside(folder, root):
+            warnings.warn(
+                f"skipping run {folder}: a symbolic link to {folder.resolve()}, outside {root}",
+                stacklevel=2,
+            )
             continue
         try:
             run_kind, created = parse_run_id(folder.name)

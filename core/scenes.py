@@ -15,7 +15,7 @@ import pandas as pd
 
 from core.dataroot import DataRoot
 from core.io import read_table, require_columns
-from core.runs import load_run
+from core.runs import load_run, run_path
 
 SUBSETS = ("all", "outdoor", "building")
 
@@ -61,13 +61,18 @@ def select(scores: pd.DataFrame, subset: str, config: SceneFilterConfig) -> np.n
 
 
 def scores_path(root: DataRoot, run_id: str) -> Path:
-    """Where a scene run's per-photo scores are cached, beside the catalog."""
+    """Where a scene run's per-photo scores are cached, beside the catalog.
+
+    Raises:
+        ValueError: if ``run_id`` is not a run id (:func:`core.runs.run_path`).
+    """
+    run_path(root.runs, run_id)  # the id names a file too: no "../" out of street/
     return root.catalog.parent / f"scene_scores-{run_id}.parquet"
 
 
 def filter_config(root: DataRoot, run_id: str) -> SceneFilterConfig:
     """The scene lists and threshold a scene run was made with."""
-    stored = load_run(root.runs / run_id).config["filter"]
+    stored = load_run(run_path(root.runs, run_id)).config["filter"]
     return SceneFilterConfig(
         **{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}
     )

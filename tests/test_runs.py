@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.runs import RunWriter, list_runs, load_run, new_run_id, parse_run_id
+from core.runs import RunWriter, list_runs, load_run, new_run_id, parse_run_id, run_path
 
 CONFIG = {"model": "fusion", "target": "won", "epochs": 3, "lr": 1e-3, "modalities": ["aerial"]}
 IDS = np.array([12134872, 12134873, 12144872], dtype=np.int64)
@@ -251,3 +251,76 @@ def test_an_interrupted_run_resumes_in_place(tmp_path):
         RunWriter.resume(tmp_path, run.run_id)
     with pytest.raises(FileNotFoundError, match="no interrupted run"):
         RunWriter.resume(tmp_path, "probe-20260101-000000-abcd")
+
+
+# --- run ids become folders only through run_path ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["../outside", "..", "fusion-20260101-000000-abcd/../../x", "/etc", ".tmp-x", "", "a/b"],
+)
+def test_run_path_refuses_what_is_not_a_run_id(tmp_path, bad):
+    with pytest.raises(ValueError, match="is not a run id"):
+        run_path(tmp_path, bad)
+
+
+def test_run_path_refuses_a_symlink_out_of_the_root(tmp_path):
+    root, outside = tmp_path / "runs", tmp_path / "elsewhere"
+    root.mkdir()
+    outside.mkdir()
+    (root / "fusion-20260101-000000-abcd").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ValueError, match=r"symbolic link to .*elsewhere, outside"):
+        run_path(root, "fusion-20260101-000000-abcd")
+    inside = root / "store"
+    inside.mkdir()
+    (root / "fusion-20260101-000000-beef").symlink_to(inside, target_is_directory=True)
+    assert run_path(root, "fusion-20260101-000000-beef") == root / "fusion-20260101-000000-beef"
+    assert run_path(root, "x-20260101-000000-0000", prefix=".tmp-") == root / (
+        ".tmp-x-20260101-000000-0000"
+    )
+
+
+def test_list_runs_skips_a_symlinked_run_outside_the_root(tmp_path):
+    root, outside = tmp_path / "runs", tmp_path / "elsewhere"
+    with RunWriter(root, "fusion", {"lr": 0.1}) as run:
+        write_complete(run)
+    with RunWriter(outside, "fusion", {"lr": 9.0}) as foreign:
+        write_complete(foreign)
+    # sorts last, so it would be the newest run and the dashboard's default
+    (root / "fusion-29990101-000000-ffff").symlink_to(outside / foreign.run_id)
+    with pytest.warns(UserWarning, match=r"fusion-29990101-000000-ffff: a symbolic link to"):
+        runs = list_runs(root)
+    assert runs["run_id"].tolist() == [run.run_id]
+
+
+def test_resume_refuses_a_path_for_a_run_id(tmp_path):
+    root = tmp_path / "runs"
+    with pytest.raises(RuntimeError), RunWriter(tmp_path / "other", "probe", {}) as run:
+        raise RuntimeError("boom")
+    root.mkdir()
+    before = sorted(p.name for p in (tmp_path / "other").iterdir())
+    for bad in (f"../other/.failed-{run.run_id}", f"../other/{run.run_id}"):
+        with pytest.raises(ValueError, match="is not a run id"):
+            RunWriter.resume(root, bad)
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == before
+    assert list(root.iterdir()) == []
+
+
+def test_resolve_weights_takes_a_file_or_a_run_id_only(tmp_path):
+    pytest.importorskip("torch")
+    from train.common import resolve_weights
+
+    root, outside = tmp_path / "runs", tmp_path / "elsewhere" / "runs-x"
+    outside.mkdir(parents=True)
+    (outside / "backbone.safetensors").write_bytes(b"x")
+    root.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"\.\./elsewhere/runs-x: neither a weights file"):
+        resolve_weights(root, "../elsewhere/runs-x")
+    run_id = "contrastive-20260101-000000-abcd"
+    (root / run_id).symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ValueError, match="outside"):
+        resolve_weights(root, run_id)
+    assert resolve_weights(root, str(outside / "backbone.safetensors")) == str(
+        outside / "backbone.safetensors"
+    )

@@ -81,6 +81,7 @@ def demo(
     if_missing: bool = False,
     force: bool = False,
     quiet: bool = False,
+    force_delete_runs: bool = False,
 ) -> int:
     """Build the synthetic Amsterdam demo city (real file formats) and print its summary.
 
@@ -88,8 +89,11 @@ def demo(
         config: what to build.
         out: Output folder (default: ``STADSBEELD_DATA``, else data/demo).
         if_missing: Do nothing if the output is already built.
-        force: Rebuild the output if it exists.
+        force: Rebuild the output if it exists, keeping its trained runs and job database
+            (runs/, moved into the new city).
         quiet: No progress bars.
+        force_delete_runs: Rebuild the output if it exists and delete its runs/ (every trained
+            run and the job database).
     """
     from core.demo import MANIFEST, build_demo
     from core.summary import summarize
@@ -106,12 +110,21 @@ def demo(
             )
         print(f"demo city already built in {target} (remove it to rebuild)")
         return 0
-    if target.exists() and not force:
+    replace = force or force_delete_runs
+    if target.exists() and not replace:
         raise FileExistsError(
             f"{target} already exists; use --force to rebuild it or --if-missing to keep it"
         )
-    # --force: the new city replaces the old one only once complete; a failed build keeps it
-    manifest = build_demo(target, config, show_progress=not quiet, replace=force)
+    runs = DataRoot(target).runs
+    count = sum(1 for p in runs.iterdir() if not p.name.startswith(".")) if runs.is_dir() else 0
+    keep = () if force_delete_runs else (runs.name,)
+    # --force: the new city replaces the old one only once complete (a failed build keeps it),
+    # and takes over its runs/ unless --force_delete_runs
+    manifest = build_demo(target, config, show_progress=not quiet, replace=replace, keep=keep)
+    if runs.is_dir() and keep:
+        print(f"kept {runs} ({count} entries; --force_delete_runs deletes them)")
+    elif count:
+        print(f"deleted {count} entries of {runs} (--force_delete_runs)", file=sys.stderr)
     print(f"built {target} in {manifest['elapsed_s']} s")
     print(summarize(target))
     return 0
@@ -175,11 +188,11 @@ def perception(config: PerceptionConfig) -> int:
     Args:
         config: the perception encoder's training.
     """
-    from core.runs import BACKBONE_FILE
+    from core.runs import BACKBONE_FILE, run_path
     from train.perception import train_perception
 
     run_id = train_perception(config)
-    weights = DataRoot(Path(config.data)).runs / run_id / BACKBONE_FILE
+    weights = run_path(DataRoot(Path(config.data)).runs, run_id) / BACKBONE_FILE
     print(f"perception run {run_id}: ground weights at {weights}")
     return 0
 
@@ -299,11 +312,11 @@ def contrastive(config: ContrastiveConfig, schedule: Literal["demo", "paper"] = 
         schedule: Defaults of a shipped schedule (assets/configs/contrastive-*.yaml): demo (a
             small CNN at 32 px, CPU) or paper (ViT-B/16 at 224 px, batch 1,024, GPU).
     """
-    from core.runs import BACKBONE_FILE
+    from core.runs import BACKBONE_FILE, run_path
     from train.contrastive import train_contrastive
 
     run_id = train_contrastive(config)
-    weights = DataRoot(Path(config.data)).runs / run_id / BACKBONE_FILE
+    weights = run_path(DataRoot(Path(config.data)).runs, run_id) / BACKBONE_FILE
     print(f"contrastive run {run_id}: ground weights {weights}")
     return 0
 
@@ -680,13 +693,38 @@ def _without_derived(path: str, kinds: dict[str, str]) -> str:
     file = Path(path)
     if not file.is_file():
         return path
-    values = yaml.safe_load(file.read_text())
-    if not isinstance(values, dict):
+    try:  # safe_load: a python/object tag is refused, never constructed
+        values = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{file}: not a valid --config YAML file ({exc})") from exc
+    if values is not None and not isinstance(values, dict):
+        raise ValueError(
+            f"{file}: a --config file holds a mapping of option values, "
+            f"not a {type(values).__name__}"
+        )
+    if not values:
         return path
     derived = [k for k in values if k in DERIVED_KEYS and k not in kinds]
     if not derived:
         return path
     return json.dumps({k: v for k, v in values.items() if k not in derived})
+
+
+def _blamed_config(argv: list[str], message: str) -> str:
+    """`` (in --config FILE)`` for the config files of ``argv`` that set the option a parser
+    error ``message`` names (``Parser key "epochs": ...``), else nothing."""
+    key = message.partition('Parser key "')[2].partition('"')[0].split(".")[0]
+    files = [a.partition("=")[2] for a in argv if a.startswith("--config=")]
+    files += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    blamed = []
+    for file in files:
+        try:
+            values = yaml.safe_load(Path(file).read_text(encoding="utf-8"))
+        except (OSError, ValueError, yaml.YAMLError):
+            continue
+        if key and isinstance(values, dict) and key in values:
+            blamed.append(file)
+    return f" (in --config {', '.join(blamed)})" if blamed else ""
 
 
 def _last_value(argv: list[str], key: str) -> str | None:
@@ -768,7 +806,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {str(exc).strip()}", file=sys.stderr)
         return 2
     except ArgumentError as exc:
-        print(f"error: {exc}\n(see {PROG} {name} --help)", file=sys.stderr)
+        print(
+            f"error: {exc}{_blamed_config(rest, str(exc))}\n(see {PROG} {name} --help)",
+            file=sys.stderr,
+        )
         return 2
     except SystemExit as exc:  # --help, --print_config
         return exc.code if isinstance(exc.code, int) else 0

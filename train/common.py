@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from core.models.backbones import normalise
-from core.runs import BACKBONE_FILE
+from core.runs import BACKBONE_FILE, parse_run_id, run_path
 
 
 class OneCycle:
@@ -78,12 +78,22 @@ def predict(
 
 
 def resolve_weights(runs_root: Path, value: str | None) -> str | None:
-    """A weights argument: a file path, or the id of a run that saved ``backbone.safetensors``."""
+    """A weights argument: a file path, or the id of a run that saved ``backbone.safetensors``.
+
+    A value that is not a file must be a run id (:func:`core.runs.run_path`): ``../other`` is
+    never followed out of ``runs_root``.
+    """
     if value in (None, "", "random"):
         return None
     if Path(value).is_file():
         return str(value)
-    candidate = Path(runs_root) / value / BACKBONE_FILE
+    try:
+        parse_run_id(value)
+    except ValueError:
+        raise FileNotFoundError(
+            f"{value}: neither a weights file nor a run id (<kind>-<yyyymmdd-hhmmss>-<4 hex>)"
+        ) from None
+    candidate = run_path(runs_root, value) / BACKBONE_FILE
     if candidate.is_file():
         return str(candidate)
     raise FileNotFoundError(

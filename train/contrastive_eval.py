@@ -29,7 +29,7 @@ from core.grid import read_grid
 from core.io import read_table, require_columns, write_atomic
 from core.models.backbones import create_backbone, encoder_of_run
 from core.models.device import resolve_device
-from core.runs import load_run
+from core.runs import load_run, run_path
 from train.contrastive import (
     embed_images,
     holdout_cells,
@@ -136,14 +136,14 @@ def evaluate(
     """
     if not run_ids:
         raise ValueError("contrastive evaluation needs at least one contrastive run")
-    first = load_run(root.runs / run_ids[0])
+    first = load_run(run_path(root.runs, run_ids[0]))
     config = ContrastiveConfig.from_dict(
         {**first.config, "data": str(root.root), "device": device, "resume": None}
     )
     evaluation = Evaluation(root, config)
     rows = []
     for run_id in run_ids:
-        run = load_run(root.runs / run_id)
+        run = load_run(run_path(root.runs, run_id))
         backbone, weights = encoder_of_run(run)
         rows.append(
             {

@@ -21,7 +21,7 @@ from core.configs import FusionConfig
 from core.dataroot import DataRoot
 from core.experiments import summarise_matrix
 from core.io import write_atomic
-from core.runs import load_run
+from core.runs import load_run, run_path
 from train.fusion import train_fusion
 
 
@@ -64,7 +64,7 @@ def run_matrix(configs: list[FusionConfig], seeds: list[int], log=print) -> pd.D
     for seed in seeds:
         for config in configs:
             run_id = train_fusion(replace(config, seed=seed, split_seed=seed), log=lambda _: None)
-            run = load_run(DataRoot(Path(config.data)).runs / run_id)
+            run = load_run(run_path(DataRoot(Path(config.data)).runs, run_id))
             rows.append(
                 {
                     "configuration": config.label,

@@ -34,7 +34,7 @@ from core.io import write_atomic
 from core.metrics import kendall_tau_b, r2
 from core.models.uge_graph import fused_embeddings, graph_records, graph_tensors, node_vectors
 from core.models.uge_run import embed_positives, embed_queries, restore
-from core.runs import load_run
+from core.runs import load_run, run_path
 from core.sources.lbm import read_lbm
 from core.ugdata import HELDOUT_FILE, PAIR_GRAPH, TRAIN_FILE, read_ugdata
 from train.uge import subset, vlm_folder, walks_with_graphs
@@ -85,7 +85,7 @@ def run_bench(
 ) -> BenchResult:
     """Every task's metrics per (stage, split), and each query's rank (the same queries and
     candidates at every stage, so stages compare query by query)."""
-    run = load_run(root.runs / run_id)
+    run = load_run(run_path(root.runs, run_id))
     config = UGEConfig.from_dict(run.config)
     data = read_ugdata(config.ugdata_folder)
     rows, query_ranks = [], []
@@ -153,7 +153,7 @@ def bench_runs(
     """:func:`run_bench` of each run, with ``run`` and ``seed`` columns."""
     summaries, query_ranks = [], []
     for run_id in run_ids:
-        seed = load_run(root.runs / run_id).config.get("seed")
+        seed = load_run(run_path(root.runs, run_id)).config.get("seed")
         result = run_bench(root, run_id, candidates, max_queries)
         summaries.append(result.summary.assign(run=run_id, seed=seed))
         query_ranks.append(result.query_ranks.assign(run=run_id, seed=seed))

@@ -286,10 +286,14 @@ class Worker:
             finally:
                 beat.close()
         # A complete run folder is a result, whatever stopped the job after writing it.
-        from core.runs import METRICS_FILE  # pandas and pyarrow: not needed to start the worker
+        from core.runs import METRICS_FILE, run_path  # pandas: not at the top
 
         known = run_id or beat.progress.get("run_id")
-        if status != "done" and known and (self.root.runs / known / METRICS_FILE).is_file():
+        try:
+            complete = bool(known) and (run_path(self.root.runs, known) / METRICS_FILE).is_file()
+        except ValueError:  # a progress report naming no run id of ours
+            complete = False
+        if status != "done" and complete:
             status, run_id = "done", known
         if status == "done":
             self.store.finish(job.id, run_id)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -110,6 +110,7 @@ def build_demo(
     *,
     progress: Progress | None = None,
     replace: bool = False,
+    keep: Sequence[str] = (),
 ) -> dict:
     """Generate the demo city into ``out`` and return its manifest.
 
@@ -122,6 +123,8 @@ def build_demo(
         progress: called with ``stage`` as each stage starts, and with ``stage``, ``done`` and
             ``total`` as the street images and the aerial rows are written.
         replace: replace an existing ``out``, once the new city is complete.
+        keep: entries of the old ``out`` the new city takes over (e.g. ``("runs",)``: the
+            trained runs and the job database), moved in just before the swap.
 
     Raises:
         FileExistsError: if ``out`` already exists and ``replace`` is false (the caller
@@ -132,7 +135,7 @@ def build_demo(
     if out.exists() and not replace:
         raise FileExistsError(f"{out}: already exists; remove it or choose another --out")
     timings: dict[str, float] = {}
-    with building(out, replace=replace) as tmp:
+    with building(out, replace=replace, keep=keep) as tmp:
         manifest = _build_into(tmp, config, show_progress, progress, timings)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
