@@ -150,6 +150,16 @@ def fusion_form(root: str) -> dict | None:
         )
         epochs = st.number_input("Epochs", 1, 200, 12, key="retrain_epochs")
         seed = st.number_input("Seed", 0, 10_000, 0, key="retrain_seed")
+        block_size = st.number_input(
+            "Split block size (m)",
+            100,
+            5000,
+            1000,
+            step=100,
+            key="retrain_block_size",
+            help="Side of the spatial blocks of the train/validation/test split; a small data "
+            "root needs small blocks to have test cells",
+        )
         submitted = st.form_submit_button("Train", type="primary", key="retrain_submit")
     if not submitted:
         return None
@@ -160,6 +170,7 @@ def fusion_form(root: str) -> dict | None:
         "target": target,
         "epochs": int(epochs),
         "seed": int(seed),
+        "block_size": float(block_size),
         "ground_weights": weights[encoder],
     }
     if uses_ground and ground == "flickr":
@@ -168,7 +179,7 @@ def fusion_form(root: str) -> dict | None:
             if scene_runs.empty:
                 st.error(
                     "The outdoor and building filters need a scene filter run: "
-                    "`python -m train scene-filter` first, or choose 'all photos'."
+                    "`stadsbeeld scene-filter` first, or choose 'all photos'."
                 )
                 return None
             config["scene_run"] = str(scene_runs["run_id"].iloc[0])

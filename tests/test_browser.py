@@ -301,6 +301,9 @@ def test_dashboard_in_a_browser_trains_a_model_and_shows_every_page(page, dashbo
         epochs = page.locator('[data-testid="stNumberInput"]', has_text="Epochs").locator("input")
         epochs.fill("2")
         epochs.press("Tab")
+        blocks = page.locator('[data-testid="stNumberInput"]', has_text="Split block size")
+        blocks.locator("input").fill("300")  # the tiny city has no test block of 1000 m
+        blocks.locator("input").press("Tab")
         page.locator('[data-testid="stFormSubmitButton"] button', has_text="Train").click()
 
         new: list = []
@@ -311,6 +314,7 @@ def test_dashboard_in_a_browser_trains_a_model_and_shows_every_page(page, dashbo
             new = [job for job in store.jobs(limit=500) if job.id not in before]
         job = new[0]
         assert job.kind == "fusion" and job.config["ground"] is None and job.config["epochs"] == 2
+        assert job.config["block_size"] == 300
 
         # The queue fragment redraws every 2 s: running with "epoch i/2", then "✓ #id ...".
         done_line, saw_epoch, seen = f"✓ #{job.id} fusion aerial", False, ""

@@ -212,6 +212,7 @@ def test_retrain_form_enqueues_a_job(app, demo_root, monkeypatch):
     app.selectbox(key="retrain_modalities").set_value("aerial only")
     app.selectbox(key="retrain_target").set_value("fys")
     app.number_input(key="retrain_epochs").set_value(3)
+    app.number_input(key="retrain_block_size").set_value(300)
     app.button(key="retrain_submit").click().run()
     assert not app.exception
     jobs = store.jobs()
@@ -221,6 +222,7 @@ def test_retrain_form_enqueues_a_job(app, demo_root, monkeypatch):
     assert (
         job.config["ground"] is None and job.config["target"] == "fys" and job.config["epochs"] == 3
     )
+    assert job.config["block_size"] == 300.0
     assert any(f"#{job.id}" in c.value and "queued" in c.value for c in app.sidebar.caption)
     store.cancel(job.id)
 
