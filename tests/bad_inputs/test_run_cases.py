@@ -79,7 +79,7 @@ def snapshot(folder: Path) -> dict[str, object]:
     return entries
 
 
-def fails_cleanly(world, capsys, argv: list[str], message: str) -> None:
+def assert_fails_cleanly(world, capsys, argv: list[str], message: str) -> None:
     """``stadsbeeld argv`` exits with 2, one ``error:`` line matching ``message``, no traceback,
     and leaves every stored file as it was."""
     before = snapshot(world["root"])
@@ -97,7 +97,7 @@ def fails_cleanly(world, capsys, argv: list[str], message: str) -> None:
 def test_resume_of_a_path_out_of_the_runs_folder(world, capsys):
     bad = f"../../outside/.failed-{world['lost']}"
     data = str(world["data"])
-    fails_cleanly(
+    assert_fails_cleanly(
         world,
         capsys,
         ["contrastive", "--data", data, "--resume", bad],
@@ -107,7 +107,7 @@ def test_resume_of_a_path_out_of_the_runs_folder(world, capsys):
 
 def test_resume_of_a_complete_run(world, capsys):
     data, run_id = str(world["data"]), world["inside"]
-    fails_cleanly(
+    assert_fails_cleanly(
         world,
         capsys,
         ["contrastive", "--data", data, "--resume", run_id],
@@ -117,7 +117,7 @@ def test_resume_of_a_complete_run(world, capsys):
 
 def test_resume_of_an_unknown_run(world, capsys):
     data = str(world["data"])
-    fails_cleanly(
+    assert_fails_cleanly(
         world,
         capsys,
         ["contrastive", "--data", data, "--resume", UNKNOWN],
@@ -131,7 +131,7 @@ def test_resume_of_a_run_linked_from_outside(world, capsys):
         world["root"] / "outside" / f".failed-{world['lost']}"
     )
     data = str(world["data"])
-    fails_cleanly(
+    assert_fails_cleanly(
         world,
         capsys,
         ["contrastive", "--data", data, "--resume", UNKNOWN],
@@ -141,7 +141,7 @@ def test_resume_of_a_run_linked_from_outside(world, capsys):
 
 def test_contrastive_eval_of_a_path(world, capsys):
     bad = f"../../outside/{world['foreign']}"
-    fails_cleanly(
+    assert_fails_cleanly(
         world,
         capsys,
         ["contrastive-eval", bad, "--data", str(world["data"])],
@@ -150,7 +150,7 @@ def test_contrastive_eval_of_a_path(world, capsys):
 
 
 def test_contrastive_eval_of_a_linked_run(world, capsys):
-    fails_cleanly(
+    assert_fails_cleanly(
         world,
         capsys,
         ["contrastive-eval", LINKED, "--data", str(world["data"])],
@@ -159,7 +159,7 @@ def test_contrastive_eval_of_a_linked_run(world, capsys):
 
 
 def test_uge_bench_of_a_path(world, capsys):
-    fails_cleanly(
+    assert_fails_cleanly(
         world,
         capsys,
         ["uge-bench", "../..", "--data", str(world["data"])],
@@ -169,13 +169,13 @@ def test_uge_bench_of_a_path(world, capsys):
 
 def test_uge_bench_of_an_id_with_a_trailing_newline(world, capsys):
     bad = f"{world['inside']}\n"
-    fails_cleanly(
+    assert_fails_cleanly(
         world, capsys, ["uge-bench", bad, "--data", str(world["data"])], r"is not a run id"
     )
 
 
 def test_uge_bench_of_an_unknown_run(world, capsys):
-    fails_cleanly(
+    assert_fails_cleanly(
         world,
         capsys,
         ["uge-bench", UNKNOWN, "--data", str(world["data"])],
@@ -185,7 +185,7 @@ def test_uge_bench_of_an_unknown_run(world, capsys):
 
 def test_weights_given_as_a_path_to_a_run_folder(world, capsys):
     bad = f"../outside/{world['foreign']}"  # a folder, not a weights file
-    fails_cleanly(
+    assert_fails_cleanly(
         world,
         capsys,
         ["fusion", "--data", str(world["data"]), "--ground_weights", bad],
@@ -194,7 +194,7 @@ def test_weights_given_as_a_path_to_a_run_folder(world, capsys):
 
 
 def test_weights_given_as_a_linked_run(world, capsys):
-    fails_cleanly(
+    assert_fails_cleanly(
         world,
         capsys,
         ["fusion", "--data", str(world["data"]), "--aerial_weights", LINKED],
@@ -205,7 +205,7 @@ def test_weights_given_as_a_linked_run(world, capsys):
 def test_a_run_whose_config_holds_a_python_object_tag(world, capsys):
     config = world["runs"] / world["inside"] / "config.yaml"
     config.write_text("objective: !!python/object/apply:os.system ['touch PWNED']\n")
-    fails_cleanly(
+    assert_fails_cleanly(
         world,
         capsys,
         ["contrastive-eval", world["inside"], "--data", str(world["data"])],
@@ -221,7 +221,7 @@ def test_a_config_file_with_a_python_object_tag(world, capsys, monkeypatch):
     monkeypatch.chdir(world["root"])
     evil = world["root"] / "evil.yaml"
     evil.write_text("epochs: !!python/object/apply:os.system ['touch PWNED']\n")
-    fails_cleanly(
+    assert_fails_cleanly(
         world,
         capsys,
         ["fusion", "--data", str(world["data"]), "--config", str(evil)],
@@ -234,7 +234,7 @@ def test_a_config_file_with_a_python_object_tag(world, capsys, monkeypatch):
 def test_a_config_file_with_a_wrong_type(world, capsys):
     wrong = world["root"] / "wrong.yaml"
     wrong.write_text("epochs: many\n")
-    fails_cleanly(
+    assert_fails_cleanly(
         world,
         capsys,
         ["fusion", "--data", str(world["data"]), "--config", str(wrong)],
@@ -246,7 +246,7 @@ def test_a_config_file_with_a_wrong_type(world, capsys):
 def test_a_config_file_that_is_a_list(world, capsys):
     listed = world["root"] / "list.yaml"
     listed.write_text("- epochs\n- 3\n")
-    fails_cleanly(
+    assert_fails_cleanly(
         world, capsys, ["fusion", "--data", str(world["data"]), "--config", str(listed)], r"error: "
     )
 
