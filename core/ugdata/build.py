@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -18,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from core.grid import cell_id
+from core.io import building
 from core.ugdata.captions import Captioner, TemplateCaptioner
 from core.ugdata.context import CityContext, PlaceFacts, load_city
 from core.ugdata.geometry import KeyedRng
@@ -326,11 +326,8 @@ def build_ugdata(
         dropped = len(split.dropped)
     used = {g for samples in files.values() for s in samples for g in s.graphs}
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.building-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / GRAPH_DIR).mkdir(parents=True)
-    try:
+    with building(out_path) as tmp:
+        (tmp / GRAPH_DIR).mkdir()
         graphs = 0
         for node_id, record in built.graphs.items():
             name = f"{GRAPH_DIR}/{graph_file_name(node_id)}"
@@ -368,8 +365,4 @@ def build_ugdata(
             "elapsed_s": round(time.perf_counter() - started, 2),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-        tmp.rename(out_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
