@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Self
 
 from core import ASSETS
-from core.dataroot import DataRoot
+from core.dataroot import DEFAULT_DATA, DataRoot
 from core.pairs import PairConfig
 from core.scenes import SUBSETS, SceneFilterConfig
 
@@ -42,8 +42,6 @@ DERIVED_KEYS = (
     "vlm_resolved",
     "ugdata_manifest",
 )
-#: The data root a config names when none is given (``STADSBEELD_DATA``, else ``data/demo``).
-DEFAULT_DATA = "data/demo"
 
 
 class Config:
