@@ -30,7 +30,7 @@ APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
 _LINKED = ("grid.parquet", "labels", "aerial", "street", "context")
 
 
-def _scratch_root(city: Path, folder: Path) -> Path:
+def scratch_root(city: Path, folder: Path) -> Path:
     """A data root whose inputs are links to ``city``'s and whose runs folder is empty."""
     if not (city / "grid.parquet").is_file():
         raise FileNotFoundError(
@@ -135,7 +135,7 @@ def bench_dashboard_map(repeat: int, city: str) -> dict[str, Any]:
     tooltip fields, and the server time of a cold first run and of warm reruns (layer switches
     on cached data): the city map (scored cells) and the coverage map (every grid cell)."""
     with tempfile.TemporaryDirectory() as folder:
-        root = _scratch_root(Path(city), Path(folder))
+        root = scratch_root(Path(city), Path(folder))
         app = _app(root)
         scored = _sizes(_map_page(app, None, "map_layer", ("won", "lbm"), repeat), root)
         every = _sizes(
@@ -154,7 +154,7 @@ def bench_dashboard_neighbours(repeat: int, city: str, k: int, dim: int) -> dict
     neighbours page rerun after choosing another cell (search, table, map payload)."""
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as folder:
-        root = _scratch_root(Path(city), Path(folder))
+        root = scratch_root(Path(city), Path(folder))
         ids = read_grid(DataRoot(root).grid)["cell_id"].to_numpy()
         vectors = rng.standard_normal((len(ids), dim)).astype(np.float32)
         with RunWriter(DataRoot(root).runs, "probe", {"label": "random embedding"}) as run:
