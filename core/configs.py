@@ -37,6 +37,7 @@ OBJECTIVES: tuple[str, ...] = Objective.__args__
 DERIVED_KEYS = (
     "label",
     "device_resolved",
+    "processes",
     "target_mean",
     "target_std",
     "vlm_resolved",

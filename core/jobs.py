@@ -549,7 +549,9 @@ def worker_alive(runs_root: str | PathLike) -> bool:
         return False
 
 
-def start_worker(data_root: str | PathLike, *, exit_when_idle: float = 60.0) -> subprocess.Popen:
+def start_worker(
+    data_root: str | PathLike, *, exit_when_idle: float = 60.0, processes: int = 1
+) -> subprocess.Popen:
     """Start ``python -m train worker`` (the installed package) for ``data_root`` in the background, detached.
 
     It runs the queue of ``data_root/runs`` and exits after ``exit_when_idle`` seconds with
@@ -561,6 +563,7 @@ def start_worker(data_root: str | PathLike, *, exit_when_idle: float = 60.0) -> 
         data_root: the data root (not its runs folder); made absolute, as the worker runs in the
             data root.
         exit_when_idle: seconds of empty queue before the worker exits.
+        processes: training processes per job (``--processes``; above 1, torchrun).
     """
     root = DataRoot(Path(data_root).resolve())
     log_dir = root.runs / JOBS_DIR
@@ -574,6 +577,8 @@ def start_worker(data_root: str | PathLike, *, exit_when_idle: float = 60.0) -> 
         str(root.root),
         "--exit-when-idle",
         str(exit_when_idle),
+        "--processes",
+        str(processes),
     ]
     with open(log_dir / WORKER_LOG, "ab") as log:
         # A new session: the worker outlives the dashboard and gets none of its signals.

@@ -32,8 +32,9 @@ RETRAIN_ENV = "STADSBEELD_RETRAIN"
 WORKER_ENV = "STADSBEELD_START_WORKER"
 SETTINGS_FILE = "dashboard.yaml"
 SECRET_ENV = "STADSBEELD_RETRAIN_SECRET"
-#: Caps on active (queued or running) jobs, overridable in ``dashboard.yaml``.
-QUEUE_CAPS = {"max_jobs_per_session": 3, "max_jobs_queued": 10}
+#: Caps on active (queued or running) jobs and the training processes per job (above 1 the
+#: worker runs each job under torchrun), overridable in ``dashboard.yaml``.
+JOB_SETTINGS = {"max_jobs_per_session": 3, "max_jobs_queued": 10, "worker_processes": 1}
 #: Street images larger than this many pixels are not decoded (image bombs).
 MAX_IMAGE_PIXELS = 40_000_000
 THUMBNAIL_PX = 640
@@ -52,15 +53,15 @@ def is_data_root(root: str | os.PathLike) -> bool:
     return (Path(root) / "grid.parquet").is_file()
 
 
-def queue_caps(root: str | os.PathLike) -> dict[str, int]:
-    """The caps on active jobs: ``max_jobs_per_session`` and ``max_jobs_queued``.
+def job_settings(root: str | os.PathLike) -> dict[str, int]:
+    """The job settings: ``max_jobs_per_session``, ``max_jobs_queued`` and ``worker_processes``.
 
     Raises:
-        ValueError: if ``dashboard.yaml`` is unreadable or a cap is not a positive integer.
+        ValueError: if ``dashboard.yaml`` is unreadable or a setting is not a positive integer.
     """
     configured = settings(root)
     caps = {}
-    for key, default in QUEUE_CAPS.items():
+    for key, default in JOB_SETTINGS.items():
         value = configured.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(

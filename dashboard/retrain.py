@@ -313,10 +313,10 @@ def panel(root: str) -> None:
         return
     try:
         enabled, decided_by = data.retraining_enabled(root)
-        caps = data.queue_caps(root)
+        caps = data.job_settings(root)
     except ValueError as error:
         st.error(str(error))
-        enabled, decided_by, caps = False, "an unreadable settings file", data.QUEUE_CAPS
+        enabled, decided_by, caps = False, "an unreadable settings file", data.JOB_SETTINGS
     cancel_any = False
     if enabled:
         allowed, cancel_any, refusal = access()
@@ -359,7 +359,7 @@ def enqueue_from_form(root: str, store: JobStore, caps: dict[str, int]) -> None:
         return
     mine.add(job_id)
     if not worker_alive(store.runs_root) and data.start_worker_enabled(root):
-        start_worker(root)
+        start_worker(root, processes=caps["worker_processes"])
     st.toast(f"Job #{job_id} queued")
 
 

@@ -501,6 +501,7 @@ def worker(
     poll: float = 1.0,
     stale_after: float = 30.0,
     once: bool = False,
+    processes: int = 1,
 ) -> int:
     """Run the dashboard's queued training jobs, one at a time.
 
@@ -514,12 +515,26 @@ def worker(
         stale_after: Fail a running job whose heartbeat is this many seconds old: its worker
             died.
         once: Run at most one job, then exit.
+        processes: Training processes per job: above 1, each job runs under torchrun with this
+            many ranks (gloo on CPU, NCCL with one GPU per rank).
     """
     from train.worker import Worker
 
-    return Worker(data or _default_data()).loop(
+    return Worker(data or _default_data(), processes=processes).loop(
         exit_when_idle=exit_when_idle, poll=poll, stale_after=stale_after, once=once
     )
+
+
+def job(job: int, data: str | None = None) -> int:
+    """One rank of a queued job; a worker started with --processes N launches it under torchrun.
+
+    Args:
+        job: Id of the job in DATA/runs/jobs.sqlite.
+        data: Data root (default: ``STADSBEELD_DATA``, else data/demo).
+    """
+    from train.worker import run_job_rank
+
+    return run_job_rank(data or _default_data(), job)
 
 
 def dashboard(
@@ -566,6 +581,7 @@ COMMANDS: dict[str, Callable[..., int]] = {
     "uge": uge,
     "uge-bench": uge_bench,
     "worker": worker,
+    "job": job,
     "dashboard": dashboard,
 }
 

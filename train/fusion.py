@@ -23,6 +23,7 @@ from torch import nn
 from core.configs import FusionConfig
 from core.dataroot import DataRoot
 from core.datasets import aerial_patches, labelled_cells, street_images
+from core.distributed import Ranks
 from core.features import extract_features, pool_by_cell
 from core.metrics import grouped_metrics, kendall_tau_b, score_metrics
 from core.models.backbones import create_backbone
@@ -32,6 +33,10 @@ from core.progress import Progress
 from core.runs import RunWriter, load_run
 from core.scenes import filter_config, scores_path, select
 from train.common import OneCycle, augment_aerial, batches, seed_everything, to_input
+
+
+def _quiet(line: str) -> None:
+    """The log of ranks other than 0: rank 0 speaks for the run."""
 
 
 def ground_inputs(
@@ -102,16 +107,26 @@ def cell_inputs(
 
 @torch.inference_mode()
 def predict_cells(
-    model: FusionRegressor, inputs: CellInputs, n: int, device: torch.device
+    model: FusionRegressor, inputs: CellInputs, rows: torch.Tensor, device: torch.device
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Standardised predictions (n,) and embeddings (n, hidden) of all cells, in order."""
+    """Standardised predictions ``(len(rows),)`` and embeddings ``(len(rows), hidden)``."""
     model.eval()
     outputs, embeddings = [], []
-    for rows in batches(n, 512):
-        embedding = model.embed(*inputs.batch(rows, device))
+    for index in batches(len(rows), 512):
+        embedding = model.embed(*inputs.batch(rows[index], device))
         embeddings.append(embedding.float().cpu())
         outputs.append(model.out(embedding).squeeze(1).float().cpu())
     return torch.cat(outputs).numpy(), torch.cat(embeddings).numpy()
+
+
+def predict_all(
+    model: FusionRegressor, inputs: CellInputs, n: int, ranks: Ranks
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`predict_cells` of all ``n`` cells, each rank predicting its share."""
+    ranks.broadcast_buffers(model)
+    rows = ranks.shard(torch.arange(n))
+    predicted, embeddings = predict_cells(model, inputs, rows, ranks.device)
+    return ranks.gather_rows(rows, predicted, n), ranks.gather_rows(rows, embeddings, n)
 
 
 def train_fusion(config: FusionConfig, log=print, progress: Progress | None = None) -> str:
@@ -125,7 +140,10 @@ def train_fusion(config: FusionConfig, log=print, progress: Progress | None = No
             :meth:`core.runs.RunWriter.progress`); an exception it raises fails the run.
     """
     root = DataRoot(Path(config.data))
-    device = resolve_device(config.device)
+    ranks = Ranks(config.device)
+    device = ranks.device
+    if not ranks.is_main:
+        log = _quiet
     cells = labelled_cells(
         root,
         config.year,
@@ -134,7 +152,8 @@ def train_fusion(config: FusionConfig, log=print, progress: Progress | None = No
         config.seed if config.split_seed is None else config.split_seed,
     )
     ids = cells["cell_id"].to_numpy()
-    inputs, image_counts = cell_inputs(config, root, ids, log)
+    with ranks.main_first():  # rank 0 fills the feature cache, the others read it
+        inputs, image_counts = cell_inputs(config, root, ids, log)
     generator = seed_everything(config.seed)
 
     train_rows = torch.from_numpy(np.flatnonzero(cells["split"].to_numpy() == "train"))
@@ -148,9 +167,9 @@ def train_fusion(config: FusionConfig, log=print, progress: Progress | None = No
         if config.aerial
         else None
     )
-    model = FusionRegressor(
-        backbone, inputs.ground.shape[1] if inputs.ground is not None else None
-    ).to(device)
+    model = ranks.prepare(
+        FusionRegressor(backbone, inputs.ground.shape[1] if inputs.ground is not None else None)
+    )
     if backbone is not None:
         model.aerial.to(memory_format=torch.channels_last)
 
@@ -165,35 +184,47 @@ def train_fusion(config: FusionConfig, log=print, progress: Progress | None = No
     resolved = asdict(config) | {
         "label": config.label,
         "device_resolved": str(device),
+        "processes": ranks.world,
         "target_mean": mean,
         "target_std": std,
     }
-    with RunWriter(root.runs, "fusion", resolved, progress=progress) as run:
+    with ranks.run_writer(
+        lambda: RunWriter(root.runs, "fusion", resolved, progress=progress)
+    ) as run:
         run.progress(epoch=0, epochs=config.epochs)  # tells a job its run id before epoch 1
         run.log(
             f"{config.label}: {len(ids)} cells ({len(train_rows)} train, {len(val_rows)} val), "
-            f"target {config.target}, device {device}"
+            f"target {config.target}, device {device} x {ranks.world} process(es)"
         )
         if config.ground:
             run.log(
                 f"ground: {int(image_counts.sum())} images, {int((image_counts > 0).sum())} cells with images"
             )
         best_tau, best_state, best_epoch = -np.inf, None, 0
+        net, net_frozen = None, None
         for epoch in range(1, config.epochs + 1):
             frozen = epoch <= config.warmup_epochs
             if model.aerial is not None:
                 model.aerial.requires_grad_(not frozen)
+            if frozen != net_frozen:
+                net, net_frozen = ranks.ddp(model), frozen
             model.train()
             started, total = time.perf_counter(), 0.0
             for index in batches(len(train_rows), config.batch_size, generator):
                 rows = train_rows[index]
-                if len(rows) < 2:  # BatchNorm needs two samples
+                if len(rows) < 2 * ranks.world:  # BatchNorm needs two samples per rank
                     continue
-                loss = nn.functional.mse_loss(
-                    model(*inputs.batch(rows, device, generator)), y[rows].to(device)
+                mine = ranks.shard(rows)
+                # the global batch's mean once DDP averages the ranks' gradients
+                scale = ranks.world / len(rows)
+                loss = scale * nn.functional.mse_loss(
+                    net(*inputs.batch(mine, device, generator)),
+                    y[mine].to(device),
+                    reduction="sum",
                 )
-                total += trainer.step(loss) * len(rows)
-            predicted = predict_cells(model, inputs, len(ids), device)[0] * std + mean
+                total += trainer.step(loss) / scale
+            total = ranks.sum(total)
+            predicted = predict_all(model, inputs, len(ids), ranks)[0] * std + mean
             val_tau = kendall_tau_b(predicted[val_rows.numpy()], true[val_rows.numpy()])
             seconds = round(time.perf_counter() - started, 2)
             run.log_epoch(
@@ -219,7 +250,7 @@ def train_fusion(config: FusionConfig, log=print, progress: Progress | None = No
                 best_tau, best_epoch = val_tau, epoch
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         model.load_state_dict(best_state)
-        predicted, embeddings = predict_cells(model, inputs, len(ids), device)
+        predicted, embeddings = predict_all(model, inputs, len(ids), ranks)
         predicted = predicted * std + mean
         result = cells.assign(
             predicted=predicted, residual=predicted - true, ground_images=image_counts
@@ -255,7 +286,7 @@ def predict_run(run_dir: str | Path, device: str = "cpu") -> pd.DataFrame:
     model, config = restore(run, device)
     ids = run.predictions()["cell_id"].to_numpy()
     inputs, _ = cell_inputs(config, DataRoot(Path(config.data)), ids, log=lambda _: None)
-    standardised, _ = predict_cells(model, inputs, len(ids), resolve_device(device))
+    standardised, _ = predict_cells(model, inputs, torch.arange(len(ids)), resolve_device(device))
     return pd.DataFrame(
         {
             "cell_id": ids,

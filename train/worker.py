@@ -11,6 +11,12 @@ of the training raises :class:`core.jobs.JobCancelled`, which the run writer tur
 ``.failed-`` run folder. SIGTERM (and SIGINT) stop the current job as failed ("worker
 terminated") and end the worker cleanly.
 
+With ``processes`` above 1 the worker launches each job as ``torchrun --nproc-per-node N -m
+train job --job ID`` in a process group of its own (:func:`run_job_rank` on every rank) and
+waits for it; rank 0 reports heartbeat and progress to the store and reads cancel requests, as
+the worker does for a job in its own process. A rank that dies makes torchrun stop the others;
+the job is then failed with the log's tail, and SIGTERM of the worker stops the whole group.
+
 This module imports torch only when a job runs, so a worker that finds another one holding the
 lock exits in a fraction of a second.
 """
@@ -22,6 +28,8 @@ import json
 import os
 import queue
 import signal
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -175,13 +183,16 @@ class Worker:
         data_root: str | PathLike,
         *,
         heartbeat: float = 1.0,
+        processes: int = 1,
         say: Callable[[str], None] = _say,
     ) -> None:
+        if processes < 1:
+            raise ValueError(f"processes must be at least 1, got {processes}")
         self.root = DataRoot(Path(data_root).resolve())
         if not self.root.root.is_dir():  # rather than create a job database under a typo
             raise FileNotFoundError(f"{self.root.root}: data root not found")
         self.store = JobStore.for_runs(self.root.runs)
-        self.heartbeat, self.say = heartbeat, say
+        self.heartbeat, self.processes, self.say = heartbeat, processes, say
         self.stopping = False  # set by a signal: no new job, leave the loop
         self._in_job = False  # a signal raises WorkerTerminated only while a job's code runs
         self._terminating = False
@@ -244,18 +255,9 @@ class Worker:
         self.say(f"job {job.id} ({job.kind}): started")
         log_path = self.store.log_path(job.id)
         with open(log_path, "a", encoding="utf-8") as file:
-
-            def log(message: str) -> None:
-                file.write(f"{utc_now()} {str(message).rstrip()}\n")
-                file.flush()
-
+            log = _line_writer(file)
             beat = _Heartbeat(self.store, job.id, self.heartbeat, self.say)
-
-            def progress(values: dict[str, Any]) -> None:
-                beat.push(values)
-                if beat.stop_requested.is_set():
-                    raise JobCancelled(f"job {job.id} cancelled")
-
+            progress = _reporter(beat, job.id)
             log(f"job {job.id} ({job.kind}) run by worker {os.getpid()}: {json.dumps(job.config)}")
             beat.start()
             run_id, error = None, None
@@ -269,8 +271,11 @@ class Worker:
                         raise ValueError(
                             f"unknown job kind {job.kind!r}; this worker runs {sorted(JOB_RUNNERS)}"
                         )
-                    # The job trains on the data this worker serves, whatever the config says.
-                    run_id = runner({**job.config, "data": str(self.root.root)}, log, progress)
+                    if self.processes > 1:
+                        run_id = self._launch(job, log_path)
+                    else:
+                        # The job trains on the data this worker serves, whatever the config says.
+                        run_id = runner({**job.config, "data": str(self.root.root)}, log, progress)
                 finally:
                     self._in_job = False
                 status = "done"
@@ -288,7 +293,7 @@ class Worker:
         # A complete run folder is a result, whatever stopped the job after writing it.
         from core.runs import METRICS_FILE, run_path  # pandas: not at the top
 
-        known = run_id or beat.progress.get("run_id")
+        known = run_id or beat.progress.get("run_id") or self.store.get(job.id).run_id
         try:
             complete = bool(known) and (run_path(self.root.runs, known) / METRICS_FILE).is_file()
         except ValueError:  # a progress report naming no run id of ours
@@ -305,6 +310,95 @@ class Worker:
         recorded = self.store.get(job.id)  # the store's word: a reaped job stays failed
         self.say(f"job {job.id}: {recorded.status}" + (f" (run {run_id})" if run_id else ""))
 
+    def _launch(self, job: Job, log_path: Path) -> str | None:
+        """Run ``job`` under torchrun with :attr:`processes` ranks; its run id.
+
+        Raises:
+            JobCancelled: the ranks stopped because a cancel was requested.
+            RuntimeError: a rank failed (torchrun stops the others).
+        """
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        command += [f"--nproc-per-node={self.processes}", "-m", "train", "job", str(job.id)]
+        command += ["--data", str(self.root.root)]
+        with open(log_path, "ab") as out:
+            ranks = subprocess.Popen(
+                command,
+                cwd=self.root.root,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # one group: a stop reaches every rank
+            )
+        try:
+            code = ranks.wait()
+        except BaseException:  # WorkerTerminated: the ranks must not outlive the job
+            _stop_group(ranks)
+            raise
+        stored = self.store.get(job.id)
+        if code != 0:
+            if stored.cancel_requested:
+                raise JobCancelled(f"job {job.id} cancelled")
+            raise RuntimeError(f"{self.processes} training processes: torchrun exited with {code}")
+        return stored.run_id
+
+
+def _line_writer(file: IO[str]) -> Callable[[str], None]:
+    """A job log: each message on a line of its own, stamped with the UTC time."""
+
+    def log(message: str) -> None:
+        file.write(f"{utc_now()} {str(message).rstrip()}\n")
+        file.flush()
+
+    return log
+
+
+def _reporter(beat: _Heartbeat, job_id: int) -> Progress:
+    """A job's progress callback: report through ``beat``; raise once a cancel is requested."""
+
+    def progress(values: dict[str, Any]) -> None:
+        beat.push(values)
+        if beat.stop_requested.is_set():
+            raise JobCancelled(f"job {job_id} cancelled")
+
+    return progress
+
+
+def _stop_group(process: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM ``process``'s process group, SIGKILL what is left after ``grace`` seconds."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass
+
+
+def run_job_rank(data_root: str | PathLike, job_id: int, heartbeat: float = 1.0) -> int:
+    """One rank of a job that a worker launched under torchrun; returns the exit code.
+
+    Every rank runs the job's runner; rank 0 appends to the job's log and reports heartbeat and
+    progress to the store (and raises :class:`~core.jobs.JobCancelled` on a cancel request),
+    the other ranks stay silent. The worker records how the job ended.
+    """
+    root = DataRoot(Path(data_root).resolve())
+    store = JobStore.for_runs(root.runs)
+    job = store.get(job_id)
+    runner = JOB_RUNNERS[job.kind]
+    config = {**job.config, "data": str(root.root)}
+    if os.environ.get("RANK", "0") != "0":
+        runner(config, lambda message: None, lambda values: None)
+        return 0
+    with open(store.log_path(job.id), "a", encoding="utf-8") as file:
+        beat = _Heartbeat(store, job.id, heartbeat, _say)
+        beat.start()
+        try:
+            runner(config, _line_writer(file), _reporter(beat, job.id))
+        finally:
+            beat.close()
+    return 0
+
 
 def run_worker(
     data_root: str | PathLike,
@@ -313,6 +407,7 @@ def run_worker(
     poll: float = 1.0,
     stale_after: float = 30.0,
     once: bool = False,
+    processes: int = 1,
 ) -> int:
     """Run the job queue of ``data_root`` (see the module docstring); returns the exit code.
 
@@ -322,7 +417,8 @@ def run_worker(
         poll: seconds between looks at an empty queue.
         stale_after: a running job with no heartbeat for this long belongs to a dead worker.
         once: run at most one job, then exit.
+        processes: ranks per job; above 1 each job runs under torchrun.
     """
-    return Worker(data_root).loop(
+    return Worker(data_root, processes=processes).loop(
         exit_when_idle=exit_when_idle, poll=poll, stale_after=stale_after, once=once
     )

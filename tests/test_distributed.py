@@ -1,0 +1,215 @@
+"""Training on several processes: gloo ranks on CPU against one process.
+
+The plumbing (:mod:`core.distributed`) is checked exactly against an independent one-process
+computation; a whole trainer under ``torchrun`` is checked against one process within a
+tolerance, because on CPU each rank normalises its BatchNorm layers over its own half of the
+batch (PyTorch synchronises BatchNorm on GPUs only).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from torch import nn
+
+from core.dataroot import DataRoot
+from core.distributed import Ranks
+from core.jobs import JobStore
+from core.models.backbones import create_backbone, save_backbone
+from core.runs import EPOCHS_FILE, list_runs, load_run
+from train.worker import Worker
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+#: The same global batch in one and in two processes; three splits on the tiny city.
+FUSION = ["--ground", "gsv", "--epochs", "3", "--batch_size", "64", "--block_size", "300"]
+#: Per-epoch training loss of two CPU ranks vs one process: BatchNorm over 32 instead of 64.
+LOSS_RTOL = 0.15
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _one_step(rank: int, world: int, port: int, out: str) -> None:
+    """A rank of :func:`test_ranks_take_the_one_process_step`: one SGD step on 7 rows."""
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    ranks = Ranks("cpu")
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.arange(21.0).reshape(7, 3) / 10, torch.linspace(-1, 1, 7)
+    rows = torch.arange(7)
+    mine = ranks.shard(rows)
+    net = ranks.ddp(model)
+    loss = world / len(rows) * ((net(x[mine]).squeeze(1) - y[mine]) ** 2).sum()
+    loss.backward()
+    optimiser.step()
+    gathered = ranks.gather_rows(mine, (x[mine] * 2).numpy(), len(rows))
+    total = ranks.sum(rank + 1.0)
+    if ranks.is_main:
+        np.savez(
+            out,
+            weight=model.weight.detach().numpy(),
+            bias=model.bias.detach().numpy(),
+            gathered=gathered,
+            total=total,
+            world=ranks.world,
+        )
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_take_the_one_process_step(tmp_path):
+    out = tmp_path / "step.npz"
+    torch.multiprocessing.start_processes(
+        _one_step, args=(2, _free_port(), str(out)), nprocs=2, start_method="spawn"
+    )
+    got = np.load(out)
+    assert got["world"] == 2
+    # one process, by hand: mean squared error over all 7 rows, one SGD step
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    x, y = torch.arange(21.0).reshape(7, 3) / 10, torch.linspace(-1, 1, 7)
+    residual = (x @ model.weight.detach().T).squeeze(1) + model.bias.detach() - y
+    grad_w = 2 * (residual[:, None] * x).mean(0)
+    grad_b = 2 * residual.mean()
+    np.testing.assert_allclose(got["weight"][0], model.weight.detach()[0] - 0.1 * grad_w, atol=1e-6)
+    np.testing.assert_allclose(got["bias"], model.bias.detach() - 0.1 * grad_b, atol=1e-6)
+    np.testing.assert_array_equal(got["gathered"], (x * 2).numpy())  # rows back in order
+    assert got["total"] == 3.0
+
+
+def test_one_process_is_world_one():
+    ranks = Ranks("cpu")
+    rows = torch.arange(5)
+    assert (ranks.rank, ranks.world, ranks.is_main) == (0, 1, True)
+    assert torch.equal(ranks.shard(rows), rows)
+    model = nn.Linear(2, 1)
+    assert ranks.ddp(model) is model
+
+
+@pytest.fixture(scope="module")
+def city(tiny_demo, tmp_path_factory) -> tuple[Path, Path]:
+    """A copy of the tiny city (its runs are this module's) and ground weights for it."""
+    root = tmp_path_factory.mktemp("distributed") / "city"
+    shutil.copytree(tiny_demo, root, ignore=shutil.ignore_patterns("runs"))
+    weights = root.parent / "ground.safetensors"
+    save_backbone(create_backbone("convnet_small", seed=3), weights)
+    return root, weights
+
+
+def _train(command: list[str], root: Path, weights: Path) -> str:
+    """Run a fusion training command on ``root``; the id of the run it wrote."""
+    args = [*command, "-m", "train", "fusion", "--data", str(root), *FUSION]
+    args += ["--ground_weights", str(weights)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return re.search(r"run (fusion-\S+),", done.stdout).group(1)
+
+
+def test_two_gloo_ranks_train_fusion_like_one_process(city):
+    root, weights = city
+    one = load_run(DataRoot(root).runs / _train([sys.executable], root, weights))
+    two = load_run(DataRoot(root).runs / _train([*TORCHRUN, "--nproc-per-node=2"], root, weights))
+    assert (one.config["processes"], two.config["processes"]) == (1, 2)
+    np.testing.assert_allclose(two.epochs["train_loss"], one.epochs["train_loss"], rtol=LOSS_RTOL)
+    # the whole split is evaluated once, not per rank: every cell predicted, in the same order
+    a, b = one.predictions(), two.predictions()
+    np.testing.assert_array_equal(a["cell_id"], b["cell_id"])
+    assert b["predicted"].notna().all()
+    assert np.corrcoef(a["predicted"], b["predicted"])[0, 1] > 0.9
+    assert len(two.metrics["test_per_district"]) == len(one.metrics["test_per_district"])
+    assert (DataRoot(root).runs / two.run_id / EPOCHS_FILE).is_file()
+
+
+def _ranks_of(parent: psutil.Process, timeout: float = 120.0) -> dict[int, psutil.Process]:
+    """The training ranks below ``parent`` (by their ``RANK``), once both are running."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = {}
+        for child in parent.children(recursive=True):
+            try:
+                rank = child.environ().get("RANK")
+                if rank is not None and "train" in child.cmdline():
+                    found[int(rank)] = child
+            except psutil.Error:
+                continue
+        if len(found) == 2:
+            return found
+        time.sleep(0.2)
+    raise AssertionError("the two ranks did not start")
+
+
+def _visible(runs: Path) -> set[str]:
+    return (
+        {p.name for p in runs.iterdir() if not p.name.startswith(".")} if runs.is_dir() else set()
+    )
+
+
+def test_a_killed_rank_fails_the_worker_job_cleanly(city):
+    root, weights = city
+    runs = DataRoot(root).runs
+    store = JobStore.for_runs(runs)
+    config = {"ground": "gsv", "ground_weights": str(weights), "epochs": 200}
+    config |= {"batch_size": 64, "block_size": 300.0}
+    job_id = store.enqueue("fusion", config)
+    before = _visible(runs)
+    worker = Worker(root, processes=2, say=lambda _: None)
+    thread = threading.Thread(target=worker.loop, kwargs={"once": True})
+    thread.start()
+    try:
+        ranks = _ranks_of(psutil.Process())
+        deadline = time.monotonic() + 120
+        while store.get(job_id).progress.get("epoch", 0) < 1:  # rank 0 reports epochs
+            assert time.monotonic() < deadline, "no epoch was reported"
+            time.sleep(0.2)
+        ranks[1].send_signal(signal.SIGKILL)
+        thread.join(120)
+    finally:
+        for rank in psutil.Process().children(recursive=True):
+            rank.kill()
+    assert not thread.is_alive()
+    job = store.get(job_id)
+    assert job.status == "failed"
+    assert "torchrun exited" in job.error
+    assert _visible(runs) == before  # no half-written run folder is visible
+    listed = list_runs(runs)
+    assert listed.empty or job.run_id not in set(listed["run_id"])
+
+
+def test_a_worker_runs_a_job_on_two_ranks(city):
+    root, weights = city
+    runs = DataRoot(root).runs
+    store = JobStore.for_runs(runs)
+    config = {"ground": "gsv", "ground_weights": str(weights), "epochs": 2}
+    job_id = store.enqueue("fusion", config | {"batch_size": 64, "block_size": 300.0})
+    Worker(root, processes=2, say=lambda _: None).loop(once=True)
+    job = store.get(job_id)
+    assert job.status == "done", job.error
+    run = load_run(runs / job.run_id)
+    assert run.config["processes"] == 2 and len(run.epochs) == 2
+    assert job.progress["epoch"] == 2
+    assert "x 2 process(es)" in (run.path / "log.txt").read_text()
+    assert store.log_path(job_id).read_text().count("epoch 1/2") == 1  # rank 0 speaks, once
+    assert run.predictions()["predicted"].notna().all()
