@@ -27,6 +27,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,30 +128,23 @@ def _stop(pids: set[int], alive: Callable[[int], bool], grace: float = 10.0) -> 
         os.kill(pid, signal.SIGKILL)
 
 
-@pytest.fixture(scope="module")
-def dashboard(tmp_path_factory, request) -> Iterator[Dashboard]:
-    """``stadsbeeld dashboard --retrain`` on a copy of the tiny demo city.
+@contextmanager
+def serve(root: Path, tmp_path_factory, retrain: bool, trains: bool = False) -> Iterator[Dashboard]:
+    """``stadsbeeld dashboard --retrain true|false`` on ``root`` until the block ends.
 
-    Teardown stops the server's process group and any training worker it started (the worker
-    runs in a session of its own, so it would outlive the server by its idle timeout).
+    The installed command, started outside the repository: no path or directory workaround.
+    Stopping it stops the server's process group and, with retraining on, any training worker it
+    started (the worker runs in a session of its own, so it would outlive the server by its idle
+    timeout). With retraining off no worker can start, and the job store is left unopened.
     """
-    existing = os.environ.get("STADSBEELD_E2E_DATA")
-    if existing:
-        root = Path(existing).resolve()
-        assert (root / "grid.parquet").is_file(), (
-            f"STADSBEELD_E2E_DATA={existing} holds no data root"
-        )
-    else:
-        root = tmp_path_factory.mktemp("browser") / "city"
-        shutil.copytree(request.getfixturevalue("tiny_demo"), root)
-    workers_before = _worker_pids(root)
+    workers_before = _worker_pids(root) if retrain else set()
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("browser-log") / "streamlit.log"
     env = {**os.environ, "STADSBEELD_DATA": str(root)}
     env.pop("STADSBEELD_START_WORKER", None)
-    # The installed command, started outside the repository: no path or directory workaround.
-    command = [sys.executable, "-m", "train", "dashboard", "--port", str(port), "--retrain"]
+    command = [sys.executable, "-m", "train", "dashboard", "--port", str(port)]
+    command += ["--retrain", "true" if retrain else "false"]
     with open(log, "wb") as out:
         server = subprocess.Popen(
             command,
@@ -169,7 +163,7 @@ def dashboard(tmp_path_factory, request) -> Iterator[Dashboard]:
             )
             assert time.monotonic() < deadline, f"no health answer in 60 s:\n{log.read_text()}"
             time.sleep(0.3)
-        yield Dashboard(url, root, trains=not existing, log=log)
+        yield Dashboard(url, root, trains=trains, log=log)
     finally:
         try:
             os.killpg(server.pid, signal.SIGTERM)
@@ -179,7 +173,24 @@ def dashboard(tmp_path_factory, request) -> Iterator[Dashboard]:
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=15)
-        _stop(_worker_pids(root) - workers_before, lambda pid: _is_worker_of(pid, root))
+        if retrain:
+            _stop(_worker_pids(root) - workers_before, lambda pid: _is_worker_of(pid, root))
+
+
+@pytest.fixture(scope="module")
+def dashboard(tmp_path_factory, request) -> Iterator[Dashboard]:
+    """``stadsbeeld dashboard --retrain`` on a copy of the tiny demo city (see :func:`serve`)."""
+    existing = os.environ.get("STADSBEELD_E2E_DATA")
+    if existing:
+        root = Path(existing).resolve()
+        assert (root / "grid.parquet").is_file(), (
+            f"STADSBEELD_E2E_DATA={existing} holds no data root"
+        )
+    else:
+        root = tmp_path_factory.mktemp("browser") / "city"
+        shutil.copytree(request.getfixturevalue("tiny_demo"), root)
+    with serve(root, tmp_path_factory, retrain=True, trains=not existing) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -192,8 +203,9 @@ def browser() -> Iterator[object]:
             chromium.close()
 
 
-@pytest.fixture
-def page(browser, dashboard):
+@contextmanager
+def new_page(browser, dashboard: Dashboard) -> Iterator[object]:
+    """A fresh browser context on ``dashboard``, collecting its console errors and warnings."""
     context = browser.new_context(viewport=VIEWPORT)
     page = context.new_page()
     page.set_default_timeout(60_000)
@@ -207,22 +219,32 @@ def page(browser, dashboard):
         ),
     )
     page.on("pageerror", lambda error: dashboard.console.append(f"pageerror: {error}"))
-    yield page
-    context.close()
+    try:
+        yield page
+    finally:
+        context.close()
+
+
+@pytest.fixture
+def page(browser, dashboard):
+    with new_page(browser, dashboard) as page:
+        yield page
 
 
 def settle(page, seconds: float = 1.5) -> None:
     """Wait until Streamlit has finished running the script, then let WebGL and charts draw."""
+    finished = '[data-testid="stApp"][data-test-script-state="notRunning"]'
+    page.locator(finished).wait_for(timeout=120_000)
     page.locator('[data-testid="stStatusWidget"]').wait_for(state="detached", timeout=120_000)
     page.locator('[data-testid="stSpinner"]').wait_for(state="detached", timeout=120_000)
     page.wait_for_timeout(seconds * 1000)
 
 
-def open_page(page, title: str) -> None:
+def open_page(page, title: str, seconds: float = 1.5) -> None:
     """Follow the sidebar link to a page and wait for its title and its script to finish."""
     page.locator('[data-testid="stSidebarNavLink"]', has_text=title).click()
     page.get_by_role("heading", name=title, exact=True).wait_for()
-    settle(page)
+    settle(page, seconds)
 
 
 def capture_pages(page, out_dir: Path) -> list[Path]:
