@@ -2,7 +2,10 @@
 
 The server runs on a copy of the tiny demo city with retraining on; the test checks that the
 city map renders, trains a small fusion model from the sidebar form and waits for the worker to
-finish it, then screenshots every page. Chromium is Debian's (``apt-get install chromium``, as
+finish it, then screenshots every page. A few of the dashboard's bad-input cases
+(``tests/bad_inputs/test_dashboard_cases.py``) run here too, on damaged copies of the tiny city
+served with retraining off: a corrupt job store, an unreadable run, bad street images and a
+data root without ``runs/``; every page renders with its note, and nothing stored changes. Chromium is Debian's (``apt-get install chromium``, as
 ``.ci/run`` does); Playwright never downloads a browser here.
 
 Screenshots go to ``$STADSBEELD_SCREENSHOTS`` when set (the README's come from
@@ -27,6 +30,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +38,17 @@ import numpy as np
 import pytest
 
 from core.dataroot import DataRoot
-from core.jobs import LOCK_FILE, JobStore, worker_alive
+from core.experiments import AERIAL_GSV
+from core.grid import read_grid
+from core.jobs import DB_FILE, LOCK_FILE, JobStore, worker_alive
+from core.runs import PREDICTIONS_FILE
+from tests.bad_inputs.damage import (
+    png_header,
+    snapshot,
+    street_images_of_a_cell,
+    truncate,
+    write_run,
+)
 
 CHROMIUM = "/usr/bin/chromium"
 if not Path(CHROMIUM).is_file():
@@ -127,30 +141,23 @@ def _stop(pids: set[int], alive: Callable[[int], bool], grace: float = 10.0) -> 
         os.kill(pid, signal.SIGKILL)
 
 
-@pytest.fixture(scope="module")
-def dashboard(tmp_path_factory, request) -> Iterator[Dashboard]:
-    """``stadsbeeld dashboard --retrain`` on a copy of the tiny demo city.
+@contextmanager
+def serve(root: Path, tmp_path_factory, retrain: bool, trains: bool = False) -> Iterator[Dashboard]:
+    """``stadsbeeld dashboard --retrain true|false`` on ``root`` until the block ends.
 
-    Teardown stops the server's process group and any training worker it started (the worker
-    runs in a session of its own, so it would outlive the server by its idle timeout).
+    The installed command, started outside the repository: no path or directory workaround.
+    Stopping it stops the server's process group and, with retraining on, any training worker it
+    started (the worker runs in a session of its own, so it would outlive the server by its idle
+    timeout). With retraining off no worker can start, and the job store is left unopened.
     """
-    existing = os.environ.get("STADSBEELD_E2E_DATA")
-    if existing:
-        root = Path(existing).resolve()
-        assert (root / "grid.parquet").is_file(), (
-            f"STADSBEELD_E2E_DATA={existing} holds no data root"
-        )
-    else:
-        root = tmp_path_factory.mktemp("browser") / "city"
-        shutil.copytree(request.getfixturevalue("tiny_demo"), root)
-    workers_before = _worker_pids(root)
+    workers_before = _worker_pids(root) if retrain else set()
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("browser-log") / "streamlit.log"
     env = {**os.environ, "STADSBEELD_DATA": str(root)}
     env.pop("STADSBEELD_START_WORKER", None)
-    # The installed command, started outside the repository: no path or directory workaround.
-    command = [sys.executable, "-m", "train", "dashboard", "--port", str(port), "--retrain"]
+    command = [sys.executable, "-m", "train", "dashboard", "--port", str(port)]
+    command += ["--retrain", "true" if retrain else "false"]
     with open(log, "wb") as out:
         server = subprocess.Popen(
             command,
@@ -169,7 +176,7 @@ def dashboard(tmp_path_factory, request) -> Iterator[Dashboard]:
             )
             assert time.monotonic() < deadline, f"no health answer in 60 s:\n{log.read_text()}"
             time.sleep(0.3)
-        yield Dashboard(url, root, trains=not existing, log=log)
+        yield Dashboard(url, root, trains=trains, log=log)
     finally:
         try:
             os.killpg(server.pid, signal.SIGTERM)
@@ -179,7 +186,24 @@ def dashboard(tmp_path_factory, request) -> Iterator[Dashboard]:
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=15)
-        _stop(_worker_pids(root) - workers_before, lambda pid: _is_worker_of(pid, root))
+        if retrain:
+            _stop(_worker_pids(root) - workers_before, lambda pid: _is_worker_of(pid, root))
+
+
+@pytest.fixture(scope="module")
+def dashboard(tmp_path_factory, request) -> Iterator[Dashboard]:
+    """``stadsbeeld dashboard --retrain`` on a copy of the tiny demo city (see :func:`serve`)."""
+    existing = os.environ.get("STADSBEELD_E2E_DATA")
+    if existing:
+        root = Path(existing).resolve()
+        assert (root / "grid.parquet").is_file(), (
+            f"STADSBEELD_E2E_DATA={existing} holds no data root"
+        )
+    else:
+        root = tmp_path_factory.mktemp("browser") / "city"
+        shutil.copytree(request.getfixturevalue("tiny_demo"), root)
+    with serve(root, tmp_path_factory, retrain=True, trains=not existing) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -192,8 +216,9 @@ def browser() -> Iterator[object]:
             chromium.close()
 
 
-@pytest.fixture
-def page(browser, dashboard):
+@contextmanager
+def new_page(browser, dashboard: Dashboard) -> Iterator[object]:
+    """A fresh browser context on ``dashboard``, collecting its console errors and warnings."""
     context = browser.new_context(viewport=VIEWPORT)
     page = context.new_page()
     page.set_default_timeout(60_000)
@@ -207,22 +232,32 @@ def page(browser, dashboard):
         ),
     )
     page.on("pageerror", lambda error: dashboard.console.append(f"pageerror: {error}"))
-    yield page
-    context.close()
+    try:
+        yield page
+    finally:
+        context.close()
+
+
+@pytest.fixture
+def page(browser, dashboard):
+    with new_page(browser, dashboard) as page:
+        yield page
 
 
 def settle(page, seconds: float = 1.5) -> None:
     """Wait until Streamlit has finished running the script, then let WebGL and charts draw."""
+    finished = '[data-testid="stApp"][data-test-script-state="notRunning"]'
+    page.locator(finished).wait_for(timeout=120_000)
     page.locator('[data-testid="stStatusWidget"]').wait_for(state="detached", timeout=120_000)
     page.locator('[data-testid="stSpinner"]').wait_for(state="detached", timeout=120_000)
     page.wait_for_timeout(seconds * 1000)
 
 
-def open_page(page, title: str) -> None:
+def open_page(page, title: str, seconds: float = 1.5) -> None:
     """Follow the sidebar link to a page and wait for its title and its script to finish."""
     page.locator('[data-testid="stSidebarNavLink"]', has_text=title).click()
     page.get_by_role("heading", name=title, exact=True).wait_for()
-    settle(page)
+    settle(page, seconds)
 
 
 def capture_pages(page, out_dir: Path) -> list[Path]:
@@ -388,3 +423,143 @@ def test_clicking_a_cell_opens_its_detail_panel(page, dashboard):
     main = page.locator('[data-testid="stMain"]').inner_text()
     assert "Street View" in main and "Flickr" in main
     assert page.locator('[data-testid="stMain"] [data-testid="stImage"]').count() >= 1
+
+
+# -- bad inputs in a browser: a few of tests/bad_inputs/test_dashboard_cases.py, served for real --
+
+
+@dataclass
+class DamagedCity:
+    """A damaged copy of the tiny demo city, served with retraining off."""
+
+    dashboard: Dashboard
+    before: dict[str, tuple]  # snapshot() of the root after the damage, before the server
+    older: str  # a good run
+    newest: str  # the run whose predictions.parquet is truncated
+    cell: int  # the cell whose street images are an HTML page and an image bomb
+    images: dict[str, str]  # those images' catalog paths -> the placeholder the panel shows
+
+
+def visit_every_page(page, dashboard: Dashboard) -> Iterator[str]:
+    """Open the dashboard, then each page by its sidebar link; yields each page's title once its
+    script has finished and no exception box is shown."""
+    page.goto(dashboard.url)  # opens the first page, the city map
+    for i, title in enumerate(PAGES):
+        if i:
+            page.locator('[data-testid="stSidebarNavLink"]', has_text=title).click()
+        page.get_by_role("heading", name=title, exact=True).wait_for()
+        settle(page, 0)
+        exceptions = page.locator('[data-testid="stException"]')
+        assert not exceptions.count(), f"{title}: {exceptions.first.inner_text()}"
+        yield title
+
+
+def sidebar_warnings(page) -> list[str]:
+    """The text of each warning in the sidebar (without its icon)."""
+    return page.locator(
+        '[data-testid="stSidebar"] [data-testid="stAlert"] [data-testid="stMarkdownContainer"]'
+    ).all_inner_texts()
+
+
+@pytest.fixture(scope="module")
+def damaged_city(tmp_path_factory, tiny_demo) -> Iterator[DamagedCity]:
+    """The tiny demo city with three of the corpus's dashboard damages at once: garbage bytes as
+    ``runs/jobs.sqlite``, the newer of two runs with a truncated ``predictions.parquet``, and one
+    cell's GSV images replaced by an HTML page and a 30000x30000 PNG bomb (alternately)."""
+    root = tmp_path_factory.mktemp("damaged") / "city"
+    shutil.copytree(tiny_demo, root)
+    runs = DataRoot(root).runs
+    ids = read_grid(DataRoot(root).grid)["cell_id"].to_numpy()
+    older = write_run(runs, ids, AERIAL_GSV)
+    newest = write_run(runs, ids, "aerial")
+    truncate(runs / newest / PREDICTIONS_FILE)
+    (runs / DB_FILE).write_bytes(b"this is not a database\n" * 200)
+    cell, paths = street_images_of_a_cell(root, at_least=2)
+    damages = [
+        (b"<html>not an image</html>", "not a readable image"),
+        (png_header(30000, 30000), "too large to show"),
+    ]
+    images = {}
+    for i, relative in enumerate(paths):
+        content, note = damages[i % 2]
+        (DataRoot(root).catalog.parent / relative).write_bytes(content)
+        images[relative] = note
+    before = snapshot(root)
+    with serve(root, tmp_path_factory, retrain=False) as server:
+        yield DamagedCity(server, before, older, newest, cell, images)
+
+
+def test_a_broken_job_store_and_an_unreadable_run_in_a_browser(browser, damaged_city):
+    """Every page renders and its sidebar names the unreadable job store and the skipped run; the
+    run pickers offer only the good run."""
+    city = damaged_city
+    runs = DataRoot(city.dashboard.root).runs
+    store_note = f"job store unreadable: {runs / DB_FILE}: "
+    skip_note = f"skipping run {city.newest}: {runs / city.newest / PREDICTIONS_FILE}"
+    with new_page(browser, city.dashboard) as page:
+        for title in visit_every_page(page, city.dashboard):
+            notes = sidebar_warnings(page)
+            store = [n for n in notes if "job store" in n]
+            assert len(store) == 1 and store[0].startswith(store_note), (title, notes)
+            skipped = [n for n in notes if city.newest in n]
+            assert len(skipped) == 1 and skipped[0].startswith(skip_note), (title, notes)
+            if title == "Predicted vs true":
+                run = page.locator('[data-testid="stMain"]').get_by_role(
+                    "combobox", name="Run", exact=True
+                )
+                assert city.older in run.input_value(), run.input_value()
+                run.click()
+                page.get_by_role("option").first.wait_for()
+                options = page.get_by_role("option").all_inner_texts()
+                page.keyboard.press("Escape")
+                assert any(city.older in o for o in options), options
+                assert not any(city.newest in o for o in options), options
+    assert not [m for m in city.dashboard.console if m.startswith("pageerror")], (
+        city.dashboard.console
+    )
+    assert snapshot(city.dashboard.root) == city.before
+
+
+def test_bad_street_images_show_placeholders_in_a_browser(browser, damaged_city):
+    """The cell panel shows a placeholder naming each bad image and why it is not shown."""
+    city = damaged_city
+    with new_page(browser, city.dashboard) as page:
+        # Choose the cell on the neighbours page (typed, as a user would), then open the map.
+        page.goto(f"{city.dashboard.url}/neighbours")
+        page.get_by_role("heading", name="Embedding neighbours", exact=True).wait_for()
+        settle(page, 0)
+        main = page.locator('[data-testid="stMain"]')
+        typed = main.get_by_role("textbox", name="Cell id")
+        typed.fill(str(city.cell))
+        typed.press("Enter")
+        main.get_by_text(f"cells nearest to cell {city.cell}").wait_for()
+        settle(page, 0)
+        open_page(page, "City map", seconds=0)
+        page.get_by_role("heading", name=f"Cell {city.cell}", exact=True).wait_for()
+        settle(page, 0)
+        assert not page.locator('[data-testid="stException"]').count()
+        captions = main.locator('[data-testid="stCaptionContainer"]').all_inner_texts()
+        shown = list(city.images.items())[:6]  # the panel shows six images per source
+        for relative, note in shown:
+            assert len([c for c in captions if c.startswith(f"{relative}: {note}")]) == 1, (
+                relative,
+                captions,
+            )
+    assert snapshot(city.dashboard.root) == city.before
+
+
+def test_a_data_root_without_runs_in_a_browser(browser, tiny_demo, tmp_path_factory):
+    """Every page renders on a city that has trained nothing, and browsing creates no ``runs/``
+    (so no job store either)."""
+    root = tmp_path_factory.mktemp("runless") / "city"
+    shutil.copytree(tiny_demo, root)
+    assert not DataRoot(root).runs.exists()  # the tiny demo city has trained nothing yet
+    before = snapshot(root)
+    with serve(root, tmp_path_factory, retrain=False) as server, new_page(browser, server) as page:
+        for title in visit_every_page(page, server):
+            assert "No training jobs yet." in sidebar_text(page), title
+            if title == "GSV vs Flickr":
+                info = page.locator('[data-testid="stMain"] [data-testid="stAlert"]')
+                assert any("No fusion runs yet" in t for t in info.all_inner_texts()), title
+    assert not DataRoot(root).runs.exists()
+    assert snapshot(root) == before

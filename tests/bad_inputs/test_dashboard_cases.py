@@ -8,16 +8,11 @@ root, and no new files or folders), except where a job is queued on purpose.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
-import struct
 import subprocess
 import sys
-import time
-import zlib
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import streamlit as st
@@ -28,8 +23,14 @@ from core.dataroot import DataRoot
 from core.experiments import AERIAL_GSV
 from core.grid import read_grid
 from core.jobs import DB_FILE, JobStore, QueueFull
-from core.runs import EMBEDDINGS_FILE, PREDICTIONS_FILE, RunWriter
-from core.sources.catalog import read_catalog
+from core.runs import EMBEDDINGS_FILE, PREDICTIONS_FILE
+from tests.bad_inputs.damage import (
+    png_header,
+    snapshot,
+    street_images_of_a_cell,
+    truncate,
+    write_run,
+)
 
 APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
 PAGES = [
@@ -40,27 +41,6 @@ PAGES = [
     "views/neighbours.py",
     "views/runs.py",
 ]
-
-
-def write_run(runs_root: Path, ids: np.ndarray, label: str) -> str:
-    """A small fusion-like run with predictions and embeddings; returns its id."""
-    rng = np.random.default_rng(len(label))
-    with RunWriter(runs_root, "fusion", {"label": label, "target": "won", "seed": 0}) as run:
-        run.write_metrics({"test_kendall_tau": 0.3})
-        true = rng.normal(size=len(ids))
-        run.write_predictions(
-            pd.DataFrame(
-                {
-                    "cell_id": ids,
-                    "split": np.where(np.arange(len(ids)) % 3 == 0, "test", "train"),
-                    "true": true,
-                    "predicted": true + rng.normal(scale=0.1, size=len(ids)),
-                }
-            )
-        )
-        run.write_embeddings(ids, rng.normal(size=(len(ids), 4)))
-    time.sleep(0.01)  # distinct creation times: the second run is the newest
-    return run.run_id
 
 
 @pytest.fixture(scope="module")
@@ -93,18 +73,6 @@ def env(monkeypatch):
     st_config.set_option("server.address", "127.0.0.1")
     yield monkeypatch
     st_config.set_option("server.address", before)
-
-
-def snapshot(root: Path) -> dict[str, tuple]:
-    """Every file (bytes hash, mtime) and folder under ``root``."""
-    state = {}
-    for path in sorted(root.rglob("*")):
-        key = str(path.relative_to(root))
-        if path.is_dir():
-            state[key] = ("dir",)
-        else:
-            state[key] = (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
-    return state
 
 
 def open_app(root: Path, env, **variables: str) -> AppTest:
@@ -210,15 +178,11 @@ def test_browsing_reads_an_existing_store_without_writing(city, env):
 # -- runs ---------------------------------------------------------------------------------------
 
 
-def _truncate(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
 @pytest.mark.parametrize(
     ("name", "damage"),
     [
         (PREDICTIONS_FILE, lambda p: p.write_bytes(b"PAR1 not really parquet")),
-        (PREDICTIONS_FILE, _truncate),
+        (PREDICTIONS_FILE, truncate),
         (PREDICTIONS_FILE, lambda p: pd.DataFrame({"cell_id": [1]}).to_parquet(p)),
         (EMBEDDINGS_FILE, lambda p: p.write_bytes(b"\x00" * 100)),
         (EMBEDDINGS_FILE, lambda p: pd.DataFrame({"x": ["a"]}).to_parquet(p)),
@@ -299,22 +263,6 @@ def test_an_invalid_cap_in_the_settings_is_reported(city, env):
 # -- street images ------------------------------------------------------------------------------
 
 
-def png_header(width: int, height: int) -> bytes:
-    """A PNG that declares ``width`` x ``height`` pixels and holds almost none (an image bomb)."""
-
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-        + chunk(b"IEND", b"")
-    )
-
-
 @pytest.mark.parametrize(
     ("content", "note"),
     [
@@ -328,14 +276,9 @@ def png_header(width: int, height: int) -> bytes:
 )
 def test_a_bad_street_image_shows_a_placeholder(city, env, content, note):
     root, _, _ = city
-    catalog = DataRoot(root).catalog
-    images = pd.DataFrame(read_catalog(catalog, check_files=False).images)
-    grid_ids = set(read_grid(DataRoot(root).grid)["cell_id"])
-    gsv = images[(images["source"] == "gsv") & images["cell_id"].isin(grid_ids)]
-    cell = int(gsv["cell_id"].iloc[0])
-    bad = gsv[gsv["cell_id"] == cell]["path"].tolist()
+    cell, bad = street_images_of_a_cell(root)
     for relative in bad:
-        path = catalog.parent / relative
+        path = DataRoot(root).catalog.parent / relative
         if content is None:
             path.unlink()
         else:
