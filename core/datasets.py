@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,7 @@ from core.dataroot import DataRoot
 from core.grid import block_id, read_grid, spatial_split
 from core.io import write_atomic
 from core.sources.aerial import AerialRaster
-from core.sources.catalog import read_catalog
+from core.sources.catalog import problem_examples, read_catalog
 from core.sources.lbm import read_lbm, target
 
 
@@ -118,25 +119,52 @@ def aerial_patches(
     return np.load(path, mmap_mode="r")
 
 
-def street_images(root: DataRoot, source: str, cell_ids: np.ndarray | None = None) -> pd.DataFrame:
+#: The columns :func:`street_images` returns unless asked for others.
+STREET_COLUMNS = ("id", "path", "cell_id", "captured_at")
+
+
+def street_images(
+    root: DataRoot,
+    source: str,
+    cell_ids: np.ndarray | None = None,
+    columns: Sequence[str] = STREET_COLUMNS,
+) -> pd.DataFrame:
     """Valid catalog images of one source (``gsv``, ``flickr``, ``other``), optionally in some cells.
 
-    Every image file is checked before training (``read_catalog(check_images=True)``): a
-    missing, empty, corrupt or truncated image, or a path outside the catalog's folder, is
-    left out with one warning naming the catalog (the rows are in its ``problems``), rather
+    The image set of every trainer and feature extraction that reads pixels (fusion,
+    perception, scene, contrastive pretraining and its evaluation). Every image file is
+    checked first (``read_catalog(check_images=True)``): a missing, empty, corrupt or truncated
+    image, or a path outside the catalog's folder, is left out with one warning naming the
+    catalog and the first bad file of each kind (all rows are in its ``problems``), rather
     than aborting a training run halfway with a DataLoader traceback.
 
+    Args:
+        root: the data root.
+        source: the catalog source to keep.
+        cell_ids: keep only images in these cells.
+        columns: the columns to return, any of :data:`core.sources.catalog.IMAGE_COLUMNS`.
+
     Returns:
-        DataFrame with ``id, path, cell_id, captured_at`` sorted by id (a stable image set).
+        DataFrame with ``columns`` sorted by id (a stable image set).
+
+    Raises:
+        ValueError: naming the catalog when no usable image of the source is left; the
+            message counts the rejected rows and names the first of each kind.
     """
-    catalog = read_catalog(root.catalog, check_images=True).images
-    images = catalog[catalog["source"] == source]
+    catalog = read_catalog(root.catalog, check_images=True)
+    images = catalog.images[catalog.images["source"] == source]
     if cell_ids is not None:
         images = images[images["cell_id"].isin(cell_ids)]
     if images.empty:
+        rejected = catalog.problems
         raise ValueError(
-            f"{root.catalog}: no {source!r} images"
+            f"{root.catalog}: no usable {source!r} images"
             + (" in these cells" if cell_ids is not None else "")
+            + (
+                f"; {rejected['row'].nunique()} rows were rejected ({problem_examples(rejected)})"
+                if len(rejected)
+                else ""
+            )
         )
-    columns = ["id", "path", "cell_id", "captured_at"]
-    return pd.DataFrame(images[columns]).sort_values("id", ignore_index=True)
+    images = pd.DataFrame(images).sort_values("id", ignore_index=True)
+    return images[list(columns)]

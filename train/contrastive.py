@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from core.configs import ContrastiveConfig
 from core.dataroot import DataRoot
+from core.datasets import street_images
 from core.features import load_pixels
 from core.grid import read_grid, spatial_split
 from core.models.backbones import IMAGENET_MEAN, IMAGENET_STD, create_backbone, save_backbone
@@ -35,7 +36,6 @@ from core.models.device import resolve_device
 from core.pairs import PairConfig, pair_statistics, require_temporal, spatial_pairs, temporal_pairs
 from core.progress import Progress
 from core.runs import BACKBONE_FILE, CHECKPOINT_FILE, EPOCHS_FILE, RunWriter
-from core.sources.catalog import read_catalog
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.common import OneCycle, predict, seed_everything, to_input
 
@@ -43,13 +43,14 @@ HOLDOUT_SPLIT = "holdout"
 
 
 def source_images(root: DataRoot, source: str) -> pd.DataFrame:
-    """The catalog's images of one source with position, heading and capture time, sorted by id."""
-    catalog = read_catalog(root.catalog, check_files=False).images
-    images = catalog[catalog["source"] == source]
-    if images.empty:
-        raise ValueError(f"{root.catalog}: no {source!r} images")
-    columns = ["id", "path", "cell_id", "x", "y", "heading", "captured_at"]
-    return pd.DataFrame(images[columns]).sort_values("id", ignore_index=True)
+    """The catalog's images of one source with position, heading and capture time, sorted by id.
+
+    The trainers' image set (:func:`core.datasets.street_images`): a missing, corrupt or
+    truncated image is left out with a warning naming it before any pixels are decoded.
+    """
+    return street_images(
+        root, source, columns=("id", "path", "cell_id", "x", "y", "heading", "captured_at")
+    )
 
 
 def holdout_cells(root: DataRoot, share: float, block_size: float, seed: int) -> set[int]:

@@ -75,7 +75,7 @@ def vlm_folder(
         pretrain_captioning(
             base,
             folder,
-            data or read_ugdata(config.ugdata_folder),
+            data or read_ugdata(config.ugdata_folder, check_images=True),
             config.tiny_pretrain_steps,
             load_images,
             image_px=config.image_px,
@@ -226,7 +226,7 @@ def train_uge(
 ) -> str:
     """Both stages; writes the run folder and returns its id."""
     root = DataRoot(config.data)
-    data = read_ugdata(config.ugdata_folder)
+    data = read_ugdata(config.ugdata_folder, check_images=True)
     vlm = vlm_folder(config, log, data)
     generator = seed_everything(config.seed)
     embedder = UGEEmbedder.from_folder(vlm, settings(config), device=config.device)

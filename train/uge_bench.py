@@ -87,7 +87,7 @@ def run_bench(
     candidates at every stage, so stages compare query by query)."""
     run = load_run(run_path(root.runs, run_id))
     config = UGEConfig.from_dict(run.config)
-    data = read_ugdata(config.ugdata_folder)
+    data = read_ugdata(config.ugdata_folder, check_images=True)
     rows, query_ranks = [], []
     vlm = vlm_folder(config, data=data)  # pretrained again if its cached folder is gone
     for stage in STAGES:

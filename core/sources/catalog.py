@@ -97,7 +97,8 @@ def read_catalog(
 ) -> Catalog:
     """Read and check an image catalog.
 
-    Rows are rejected, listed in ``problems`` and counted in one warning when: the id is
+    Rows are rejected, listed in ``problems`` and counted in one warning (which names the
+    first row of each kind of problem, with its file: :func:`problem_examples`) when: the id is
     missing or duplicated (every row of a duplicated id), the source is not gsv/flickr/other,
     the path is missing, lies outside ``root`` (``/etc/passwd``, ``../../x.jpg``; with
     ``check_files`` also through symlinks) or (with ``check_files``) the file does not exist,
@@ -163,7 +164,7 @@ def read_catalog(
         reasons = {
             i: reason
             for i in np.flatnonzero(~no_path & ~escaped & ~absent)
-            if (reason := _image_problem(files[i])) is not None
+            if (reason := image_problem(files[i])) is not None
         }
         unreadable = np.zeros(len(table), dtype=bool)
         unreadable[list(reasons)] = True
@@ -217,7 +218,7 @@ def read_catalog(
     if len(problems):
         warnings.warn(
             f"{path}: rejected {len(table) - int(keep.sum())} of {len(table)} images "
-            f"({_kind_counts(problems)}); see Catalog.problems",
+            f"({_kind_counts(problems)}): {problem_examples(problems)}; see Catalog.problems",
             stacklevel=2,
         )
 
@@ -247,12 +248,24 @@ def _inside(file: str, base: str) -> bool:
     return os.path.commonpath([file, base]) == base
 
 
-def _image_problem(file: str) -> str | None:
-    """Why ``file`` is not a readable image, or None: empty, unparseable or truncated.
+def image_problem(file: str | PathLike) -> str | None:
+    """Why ``file`` is not a readable image, or None: missing, empty, unparseable or truncated.
 
-    PIL's ``verify`` parses the headers without decoding; a JPEG must also end in an
-    end-of-image marker, and only one that does not is decoded in full to be sure.
+    The one check of every image file whose pixels a trainer will read (``read_catalog``
+    with ``check_images``, and the UGData reader). PIL's ``verify`` parses the headers
+    without decoding; a JPEG must also end in an end-of-image marker, and only one that does
+    not is decoded in full to be sure. Well under a millisecond per image (0.2 ms for the
+    demo city's JPEGs in the page cache).
+
+    Args:
+        file: the image file.
+
+    Returns:
+        A short reason (``"file not found"``, ``"empty file"``, ``"not a readable image
+        (...)"``), or None when the file is a readable image.
     """
+    if not os.path.isfile(file):
+        return "file not found"
     try:
         if os.path.getsize(file) == 0:
             return "empty file"
@@ -345,6 +358,24 @@ def _rd_positions(
 def _in_nl(lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
     min_lon, min_lat, max_lon, max_lat = NL_LONLAT_BOUNDS
     return (lon >= min_lon) & (lon <= max_lon) & (lat >= min_lat) & (lat <= max_lat)
+
+
+def problem_examples(problems: pd.DataFrame) -> str:
+    """The first rejected row of each kind of problem, as text: its row and what is wrong.
+
+    A warning lists these, so that a bad image file is named where it is reported, not only in
+    ``Catalog.problems``; every other row is there.
+
+    Args:
+        problems: a ``Catalog.problems`` table (columns :data:`PROBLEM_COLUMNS`).
+
+    Returns:
+        ``"row 3: image file not found: /x.jpg; row 7: ..."``, one entry per kind in row
+        order; empty for no problems.
+    """
+    first = problems.sort_values("row", kind="stable").drop_duplicates("kind")
+    pairs = zip(first["row"], first["problem"], strict=True)
+    return "; ".join(f"row {row}: {text}" for row, text in pairs)
 
 
 def _kind_counts(problems: pd.DataFrame) -> str:

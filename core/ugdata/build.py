@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from core.dataroot import DataRoot
 from core.grid import cell_id
 from core.io import building
 from core.ugdata.captions import Captioner, TemplateCaptioner
@@ -274,7 +275,9 @@ def build_ugdata(
     """Build UGData for the data root ``data`` into the new folder ``out``, atomically.
 
     The folder is written under a temporary name beside ``out`` and renamed when complete, so a
-    failed build leaves nothing that looks like a dataset.
+    failed build leaves nothing that looks like a dataset. Catalog images that UGE training
+    could not decode (missing, corrupt, truncated, outside the catalog's folder) are left out
+    with one warning naming them (:func:`~core.ugdata.context.load_city`).
 
     Args:
         data: the data root (grid, street graph, catalog; water and parks layers if present).
@@ -293,7 +296,8 @@ def build_ugdata(
     Raises:
         FileExistsError: if ``out`` exists.
         FileNotFoundError: naming a missing input file.
-        ValueError: for a held-out district that occurs in no sample.
+        ValueError: for a held-out district that occurs in no sample, or naming the catalog
+            when none of its images is usable.
     """
     out_path = Path(os.path.abspath(out))
     if out_path.exists():
@@ -307,6 +311,11 @@ def build_ugdata(
         return now
 
     context = load_city(data)
+    if not len(context.images):
+        raise ValueError(
+            f"{DataRoot(Path(data)).catalog}: no usable images to build UGData from "
+            "(rejected rows are named in the catalog warning)"
+        )
     t = lap("load", started)
     built = build_samples(
         context,

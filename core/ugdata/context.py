@@ -374,6 +374,11 @@ def load_city(
 ) -> CityContext:
     """Read a data root's grid, street graph, catalog and context layers into a context.
 
+    The catalog is read with ``check_images=True``, the check of every trainer's image set:
+    UGE training decodes every image a sample names, so a missing, corrupt or truncated image
+    (or one outside the catalog's folder) is left out here, with one warning naming it, and
+    no sample names it.
+
     Args:
         data: the data root (see :class:`core.dataroot.DataRoot`).
         landmarks: ``name, kind`` with point geometry (any CRS) or ``x, y`` in RD New;
@@ -394,7 +399,7 @@ def load_city(
     )
     cells["x"], cells["y"] = cell_center(cells.index.to_numpy())
     graph = read_streets(root.streets)
-    images = read_catalog(root.catalog, check_files=False).images
+    images = read_catalog(root.catalog, check_images=True).images
     images = pd.DataFrame(images.drop(columns="geometry")).reset_index(drop=True)
     graph.anchor(
         cell_ids=cells.index.to_numpy(),

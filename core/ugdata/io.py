@@ -4,6 +4,7 @@ folder, checked against the layout."""
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from os import PathLike
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from core.grid import RD_NEW
+from core.sources.catalog import image_problem
 from core.ugdata.records import (
     HELDOUT_FILE,
     MANIFEST,
@@ -178,12 +180,19 @@ class UGData:
         return (self.root / sample.images[index]).resolve()
 
 
-def read_ugdata(folder: str | PathLike, check_graphs: bool = True) -> UGData:
+def read_ugdata(
+    folder: str | PathLike, check_graphs: bool = True, check_images: bool = False
+) -> UGData:
     """Read a UGData folder: manifest, ``train.jsonl`` and ``heldout.jsonl`` if present.
 
     Args:
         folder: the output folder of a build.
         check_graphs: read and check every graph file the samples name.
+        check_images: check every image the samples name with the trainers' image check
+            (:func:`core.sources.catalog.image_problem`); samples naming a missing, corrupt or
+            truncated image are left out with one warning naming the images, rather than
+            stopping a training run halfway. For readers that decode the images (UGE
+            training and UGBench).
 
     Raises:
         FileNotFoundError: for a missing folder, manifest, JSONL or referenced graph file.
@@ -207,4 +216,36 @@ def read_ugdata(folder: str | PathLike, check_graphs: bool = True) -> UGData:
     if check_graphs:
         for name in sorted({g for samples in files.values() for s in samples for g in s.graphs}):
             read_graph(root / name)
+    if check_images:
+        files = _with_readable_images(root, files)
     return UGData(root=root, manifest=manifest, files=files)
+
+
+def _with_readable_images(
+    root: Path, files: dict[str, list[UGSample]]
+) -> dict[str, list[UGSample]]:
+    """``files`` without the samples that name an unreadable image, with one warning."""
+    names = sorted({name for samples in files.values() for s in samples for name in s.images})
+    bad = {
+        name: reason
+        for name in names
+        if (reason := image_problem((root / name).resolve())) is not None
+    }
+    if not bad:
+        return files
+    kept = {
+        key: [s for s in samples if not any(name in bad for name in s.images)]
+        for key, samples in files.items()
+    }
+    total = sum(len(samples) for samples in files.values())
+    left_out = total - sum(len(samples) for samples in kept.values())
+    examples = "; ".join(
+        f"{(root / name).resolve()}: {reason}" for name, reason in list(bad.items())[:3]
+    )
+    more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
+    warnings.warn(
+        f"{root}: left out {left_out} of {total} samples naming {len(bad)} unreadable "
+        f"images ({examples}{more}); rebuild the folder from a checked catalog",
+        stacklevel=3,
+    )
+    return kept

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,14 +20,20 @@ from PIL import Image
 from rasterio.enums import Resampling
 from rasterio.transform import from_origin
 
+from core.configs import ContrastiveConfig
 from core.dataroot import DataRoot
 from core.datasets import aerial_patches, labelled_cells, street_images
 from core.features import extract_features
 from core.grid import cell_id
+from core.runs import load_run
 from core.sources.aerial import AerialRaster
-from core.sources.catalog import read_catalog
+from core.sources.catalog import read_catalog, write_catalog
 from core.sources.lbm import read_lbm
+from core.ugdata import build_ugdata, read_ugdata
+from tests.bad_inputs.test_run_cases import assert_fails_cleanly
 from tests.test_sources_lbm import grid_frame, score_table
+from train.contrastive import train_contrastive
+from train.contrastive_eval import Evaluation
 
 DAM = (121_350.0, 487_250.0)  # RD metres, inside the Netherlands
 
@@ -290,6 +297,144 @@ def test_feature_extraction_skips_unreadable_images_with_one_warning(
         chosen, "convnet_small", None, tmp_path / "cache", px=32, workers=0, device="cpu"
     )
     assert features.matrix.shape[0] == 8 and np.isfinite(features.matrix).all()
+
+
+# --- images of contrastive training and UGData ----------------------------------------------
+
+
+@pytest.fixture
+def linked_city(tiny_demo: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny demo city made of hard links (quick): replace a file, never write
+    into one, or the shared city changes too."""
+    root = tmp_path / "city"
+    shutil.copytree(
+        tiny_demo, root, copy_function=os.link, ignore=shutil.ignore_patterns("runs", "cache")
+    )
+    return root
+
+
+def break_images(root: Path, keep: int | None = None) -> tuple[Path, Path, list[str]]:
+    """Truncate the first GSV image (by id) and delete the second; with ``keep``, the catalog
+    is cut to its first ``keep`` GSV rows first. Returns the truncated and the deleted file
+    and their two ids."""
+    path = root / "street" / "catalog.parquet"
+    images = read_catalog(path, check_files=False).images
+    gsv = images[images["source"] == "gsv"].sort_values("id", ignore_index=True)
+    if keep is not None:
+        gsv = gsv.iloc[:keep]
+        write_catalog(pd.DataFrame(gsv.drop(columns=["geometry", "cell_id"])), path)
+    truncated, deleted = Path(gsv["path"][0]), Path(gsv["path"][1])
+    content = truncated.read_bytes()
+    truncated.unlink()  # a hard link into the shared city
+    truncated.write_bytes(content[: len(content) // 3])  # a download cut off mid-scan
+    deleted.unlink()
+    return truncated, deleted, gsv["id"][:2].tolist()
+
+
+def _catalog_warning(caught: list) -> str:
+    (message,) = [str(w.message) for w in caught if "catalog.parquet: rejected" in str(w.message)]
+    return message
+
+
+def test_a_contrastive_run_leaves_out_a_truncated_and_a_missing_image(linked_city: Path) -> None:
+    """Pretraining used to read the catalog unchecked and stop in the DataLoader; now the run
+    (and its evaluation's image set) leaves both out, with one warning naming both files."""
+    truncated, deleted, ids = break_images(linked_city)
+    config = ContrastiveConfig(
+        data=str(linked_city),
+        objective="global",
+        epochs=1,
+        steps_per_epoch=1,
+        batch_size=8,
+        dim=8,
+        mlp_dim=16,
+        device="cpu",
+    )
+    with unchanged(linked_city / "street"), pytest.warns(UserWarning) as caught:
+        run_id = train_contrastive(config, log=lambda _: None)
+    message = _catalog_warning(caught)
+    assert "rejected 2 of" in message and "1 unreadable image" in message
+    assert "1 missing file" in message
+    assert f"{truncated}: not a readable image" in message
+    assert f"image file not found: {deleted}" in message
+    catalog = read_catalog(linked_city / "street" / "catalog.parquet", check_files=False).images
+    n_gsv = int((catalog["source"] == "gsv").sum())
+    assert load_run(DataRoot(linked_city).runs / run_id).predictions()["images"].sum() == n_gsv - 2
+    with pytest.warns(UserWarning, match="rejected 2 of"):
+        evaluation = Evaluation(DataRoot(linked_city), config)
+    assert not evaluation.images["id"].isin(ids).any()
+    assert len(evaluation.images) == n_gsv - 2
+
+
+def test_contrastive_without_a_readable_image_is_an_error_naming_both_files(
+    linked_city: Path, capsys
+) -> None:
+    truncated, deleted, _ = break_images(linked_city, keep=2)
+    with pytest.warns(UserWarning, match="rejected 2 of 2 images"):
+        assert_fails_cleanly(
+            {"root": linked_city},
+            capsys,
+            ["contrastive", "--data", str(linked_city), "--device", "cpu"],
+            rf"catalog.parquet: no usable 'gsv' images; 2 rows were rejected \(row 0: "
+            rf"{re.escape(str(truncated))}: not a readable image .*; "
+            rf"row 1: image file not found: {re.escape(str(deleted))}\)",
+        )
+
+
+def test_ugdata_is_built_without_a_truncated_or_missing_image(
+    linked_city: Path, tmp_path: Path
+) -> None:
+    """UGE training decodes every image a sample names: the build leaves both out (one warning
+    naming them), so no sample names them."""
+    truncated, deleted, _ = break_images(linked_city)
+    out = tmp_path / "ugdata"
+    with unchanged(linked_city), pytest.warns(UserWarning) as caught:
+        manifest = build_ugdata(str(linked_city), str(out), max_images=None)
+    message = _catalog_warning(caught)
+    assert f"{truncated}: not a readable image" in message
+    assert f"image file not found: {deleted}" in message
+    n_images = len(
+        read_catalog(linked_city / "street" / "catalog.parquet", check_files=False).images
+    )
+    assert manifest["images"] == n_images - 2
+    data = read_ugdata(out)
+    named = {str(data.image_path(s)) for s in data.files["train.jsonl"]}
+    assert len(named) == n_images - 2
+    assert not named & {str(truncated), str(deleted)}
+
+
+def test_ugdata_without_a_readable_image_is_an_error_and_writes_nothing(
+    linked_city: Path, tmp_path: Path
+) -> None:
+    break_images(linked_city, keep=2)
+    with (
+        unchanged(linked_city),
+        pytest.warns(UserWarning, match="rejected 2 of 2 images"),
+        pytest.raises(ValueError, match=r"catalog.parquet: no usable images to build UGData"),
+    ):
+        build_ugdata(str(linked_city), str(tmp_path / "ugdata"))
+    assert not (tmp_path / "ugdata").exists()
+
+
+def test_uge_reads_ugdata_without_samples_of_an_image_broken_since_the_build(
+    linked_city: Path, tmp_path: Path
+) -> None:
+    """The folder was built from good images; one is corrupt by the time UGE trains on it."""
+    out = tmp_path / "ugdata"
+    build_ugdata(str(linked_city), str(out), max_images=60)
+    data = read_ugdata(out)
+    broken = data.image_path(data.files["train.jsonl"][0])
+    broken.unlink()  # a hard link into the shared city
+    broken.write_bytes(b"<html>rate limited</html>")
+    naming = [s for s in data.files["train.jsonl"] if data.image_path(s) == broken]
+    with unchanged(linked_city, out), pytest.warns(UserWarning) as caught:
+        checked = read_ugdata(out, check_images=True)
+    (message,) = [str(w.message) for w in caught]
+    assert f"left out {len(naming)} of {len(data.files['train.jsonl'])} samples" in message
+    assert f"{broken}: not a readable image" in message
+    assert len(checked.files["train.jsonl"]) == len(data.files["train.jsonl"]) - len(naming)
+    assert broken not in {checked.image_path(s) for s in checked.files["train.jsonl"]}
+    assert len(read_ugdata(out).files["train.jsonl"]) == len(data.files["train.jsonl"])
 
 
 # --- rasters ---------------------------------------------------------------------------------
