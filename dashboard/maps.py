@@ -11,6 +11,8 @@ from __future__ import annotations
 import html
 import json
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -272,22 +274,57 @@ def context_layers(context: dict) -> tuple[list[pdk.Layer], list[pdk.Layer]]:
     return below, above
 
 
-class CompactDeck(pdk.Deck):
-    """A ``pdk.Deck`` whose JSON has no indentation.
+#: Layers with at least this many records have their data serialised once per records list.
+MEMO_MIN_RECORDS = 1_000
+#: How many serialised record lists are kept (the layer caches hold 32 layers).
+MEMO_ENTRIES = 64
+_serialised: OrderedDict[int, tuple[list, str]] = OrderedDict()
+_serialised_lock = threading.Lock()
 
-    ``st.pydeck_chart`` sends ``to_json()``; pydeck indents it by two spaces per level, which
-    for a city of per-cell records is most of the bytes.
+
+class CompactDeck(pdk.Deck):
+    """A ``pdk.Deck`` whose JSON has no indentation and whose big layers are serialised once.
+
+    ``st.pydeck_chart`` sends ``to_json()`` on every rerun; pydeck indents it by two spaces per
+    level, which for a city of per-cell records is most of the bytes, and serialising the
+    city's records took about 0.1 s of every rerun. The page's layer caches hand the same
+    records list to every rerun and session, so its JSON is kept per list (by identity, for
+    the lifetime of the list; cached records are never modified).
     """
 
     def to_json(self) -> str:
-        return json.dumps(self, sort_keys=True, default=_records, separators=(",", ":"))
+        fragments: dict[str, str] = {}
+
+        def serialise(value: object) -> object:
+            if isinstance(value, pd.DataFrame):  # pandas 3 frames have no __dict__
+                return value.to_dict(orient="records")
+            out = default_serialize(value)
+            data = out.get("data") if isinstance(out, dict) else None
+            if isinstance(data, list) and len(data) >= MEMO_MIN_RECORDS:
+                token = f"@@records-{len(fragments)}@@"
+                fragments[token] = _records_json(data)
+                out = {**out, "data": token}
+            return out
+
+        text = json.dumps(self, sort_keys=True, default=serialise, separators=(",", ":"))
+        for token, fragment in fragments.items():
+            text = text.replace(json.dumps(token), fragment, 1)
+        return text
 
 
-def _records(value: object) -> object:
-    """pydeck's serialiser, with pandas frames as records (pandas 3 frames have no __dict__)."""
-    if isinstance(value, pd.DataFrame):
-        return value.to_dict(orient="records")
-    return default_serialize(value)
+def _records_json(records: list) -> str:
+    """``records`` as compact JSON, remembered for the same list object."""
+    with _serialised_lock:
+        hit = _serialised.get(id(records))
+        if hit is not None and hit[0] is records:
+            _serialised.move_to_end(id(records))
+            return hit[1]
+    text = json.dumps(records, sort_keys=True, separators=(",", ":"))
+    with _serialised_lock:
+        _serialised[id(records)] = (records, text)  # the list is held: its id stays unique
+        while len(_serialised) > MEMO_ENTRIES:
+            _serialised.popitem(last=False)
+    return text
 
 
 def _mercator_y(lat: float) -> float:
