@@ -23,7 +23,7 @@ import pyproj
 import shapely
 from pydeck.bindings.json_tools import default_serialize
 
-from core.grid import cell_origin
+from core.grid import CELL_SIZE, block_id, cell_index, cell_origin, ids_from_index
 
 #: Leefbaarometer-like sequential palette: red (low) .. yellow .. green (high).
 SCORE_PALETTE = np.array(
@@ -171,6 +171,76 @@ def cell_payload(
     return payload.to_dict(orient="records")
 
 
+#: Most cells one map view sends at 100 m; a view with more shows coarser blocks instead, so
+#: that a national root (0.4 million scored cells) never sends a deck of hundreds of MB.
+MAX_MAP_CELLS = 60_000
+#: Block sizes (m) a view aggregates to, the smallest that keeps it within MAX_MAP_CELLS.
+BLOCK_SIZES = (500.0, 1000.0, 2000.0, 5000.0, 10000.0)
+
+
+def view_block_size(cell_ids: np.ndarray, max_cells: int | None = None) -> float:
+    """The square size (m) a map of ``cell_ids`` shows: 100 m cells, or the smallest of
+    :data:`BLOCK_SIZES` with at most ``max_cells`` (default :data:`MAX_MAP_CELLS`) blocks."""
+    max_cells = MAX_MAP_CELLS if max_cells is None else max_cells
+    if len(cell_ids) <= max_cells:
+        return CELL_SIZE
+    for size in BLOCK_SIZES:
+        if len(np.unique(block_id(cell_ids, size))) <= max_cells:
+            return size
+    return BLOCK_SIZES[-1]
+
+
+def aggregate_blocks(
+    shown: pd.DataFrame, block_size: float, categorical: bool = False
+) -> pd.DataFrame:
+    """Cells as ``block_size`` squares: the mean of the numbers (sum of image counts), the
+    most common value of a categorical ``value``, the cell count, the most common district.
+
+    Args:
+        shown: one row per cell: ``cell_id``, ``value`` and optionally ``true``,
+            ``predicted``, ``residual``, ``gsv``, ``flickr``, ``district``.
+        block_size: a multiple of 100 m.
+        categorical: ``value`` holds classes (most common per block), not numbers (mean).
+
+    Returns:
+        One row per block in :func:`cell_payload`'s columns: ``cell_id`` (the block's
+        lower-left cell), ``lon``/``lat`` of that corner, ``cells``, ``buurt_naam`` (a
+        description of the block) and the aggregated columns.
+    """
+    blocks = shown.assign(block=block_id(shown["cell_id"].to_numpy(), block_size))
+    grouped = blocks.groupby("block", sort=True)
+    means = [c for c in ("true", "predicted", "residual") if c in blocks]
+    sums = [c for c in ("gsv", "flickr") if c in blocks]
+    out = grouped[means].mean() if means else pd.DataFrame(index=grouped.size().index)
+    out[sums] = grouped[sums].sum()
+    out["cells"] = grouped.size()
+    if not categorical:
+        out["value"] = grouped["value"].mean()
+    else:
+        out["value"] = _most_common(blocks, "value")
+    if "district" in blocks:
+        out["district"] = _most_common(blocks, "district")
+    ix, iy = cell_index(out.index.to_numpy())
+    per_block = int(round(block_size / CELL_SIZE))
+    corner = ids_from_index(ix * per_block, iy * per_block)
+    out = out.reset_index(drop=True).assign(cell_id=corner)
+    out["lon"], out["lat"] = to_lon_lat(*cell_origin(corner))
+    size = f"{block_size / 1000:g} km" if block_size >= 1000 else f"{block_size:g} m"
+    out["buurt_naam"] = out["cells"].map(lambda n: f"{n} cells in this {size} block")
+    return out
+
+
+def _most_common(frame: pd.DataFrame, column: str) -> pd.Series:
+    """The most common ``column`` value per ``block`` (ties: the first in sort order)."""
+    counts = frame.groupby(["block", column], sort=True).size()
+    return (
+        counts.sort_values(ascending=False, kind="stable")
+        .groupby(level=0)
+        .head(1)
+        .reset_index(level=1)[column]
+    )
+
+
 def tooltip(value_label: str) -> dict:
     """The deck tooltip over :func:`cell_payload` records."""
     lines = [
@@ -186,15 +256,21 @@ def tooltip(value_label: str) -> dict:
     }
 
 
-def cell_layer(payload: list[dict], layer_id: str = "cells", opacity: float = 0.85) -> pdk.Layer:
-    """A flat ``GridCellLayer`` of 100 m cells from :func:`cell_payload` records."""
+def cell_layer(
+    payload: list[dict],
+    layer_id: str = "cells",
+    opacity: float = 0.85,
+    cell_size: float = CELL_SIZE,
+) -> pdk.Layer:
+    """A flat ``GridCellLayer`` of 100 m cells (or coarser blocks) from :func:`cell_payload`
+    records."""
     return pdk.Layer(
         "GridCellLayer",
         payload,
         id=layer_id,
         get_position="p",
         get_fill_color="c",
-        cell_size=100,
+        cell_size=cell_size,
         extruded=False,
         pickable=True,
         opacity=opacity,
@@ -353,12 +429,16 @@ def deck(layers: list[pdk.Layer], value_label: str, view: pdk.ViewState) -> pdk.
 
 
 def city_deck(
-    payload: list[dict], context: dict, value_label: str, selected: Sequence[int] = ()
+    payload: list[dict],
+    context: dict,
+    value_label: str,
+    selected: Sequence[int] = (),
+    cell_size: float = CELL_SIZE,
 ) -> pdk.Deck:
-    """The whole map: water, the coloured grid, district lines, outline and the selection,
-    opening on ``context["view"]``."""
+    """The whole map: water, the coloured grid (100 m cells or ``cell_size`` blocks), district
+    lines, outline and the selection, opening on ``context["view"]``."""
     below, above = context_layers(context)
-    layers = [*below, cell_layer(payload), *above]
+    layers = [*below, cell_layer(payload, cell_size=cell_size), *above]
     if len(selected):
         layers.append(highlight_layer(selected))
     return deck(layers, value_label, context["view"])

@@ -116,6 +116,34 @@ def test_choosing_another_layer_changes_the_map_data(app):
     assert "change in lbm" in app.markdown[0].value
 
 
+def test_a_view_over_the_cell_limit_draws_blocks_of_the_same_cells(app, monkeypatch):
+    from dashboard import maps
+
+    app.run()
+    cells = layer(deck_spec(app), "cells")
+    assert cells["cellSize"] == 100
+    per_cell = {r["i"]: r["v"] for r in cells["data"]}
+    monkeypatch.setattr(maps, "MAX_MAP_CELLS", len(per_cell) // 3)
+    st.cache_resource.clear()
+    app.run()
+    assert not app.exception
+    blocks = layer(deck_spec(app), "cells")
+    assert blocks["cellSize"] in maps.BLOCK_SIZES
+    assert 0 < len(blocks["data"]) <= len(per_cell) // 3
+    size = int(blocks["cellSize"] // 100)
+    # every block is the mean of the 100 m cells inside it
+    members: dict[int, list[float]] = {}
+    for cell, value in per_cell.items():
+        corner = (cell // 10_000 // size * size) * 10_000 + cell % 10_000 // size * size
+        members.setdefault(corner, []).append(value)
+    for record in blocks["data"]:
+        assert record["v"] == pytest.approx(np.mean(members[record["i"]]), abs=1e-3)
+        assert record["b"].startswith(f"{len(members[record['i']])} cells in this")
+    assert sum(len(m) for m in members.values()) == len(per_cell)
+    assert app.metric[0].value == f"{len(per_cell):,}"  # still counts cells, not blocks
+    assert any("m blocks" in caption.value for caption in app.caption)
+
+
 def test_a_run_shows_predictions_residuals_and_splits(app, demo_root):
     app.run()
     runs = app.selectbox(key="map_run")

@@ -6,6 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from core.dataroot import DataRoot
+from core.grid import CELL_SIZE
 from core.runs import PREDICTIONS_FILE
 from core.sources.lbm import CLASS_NAMES
 from dashboard import common, data, maps
@@ -26,9 +27,11 @@ RUN_LAYERS = {
 @st.cache_resource(show_spinner="Colouring the map ...", max_entries=32)
 def layer(
     root: str, run_path: str | None, layer_name: str, year: int | None, year_from: int | None
-) -> tuple[list[dict], pd.DataFrame, maps.Legend, str, list[str]]:
-    """One layer: its map records, the values shown (``cell_id, district, value``), its legend,
-    a description and the files it comes from. Shared between reruns: do not modify."""
+) -> tuple[list[dict], pd.DataFrame, maps.Legend, str, list[str], float]:
+    """One layer: its map records, the values shown (``cell_id, district, value`` per cell),
+    its legend, a description, the files it comes from and the size of the squares drawn
+    (100 m, or coarser blocks when the view holds more than ``maps.MAX_MAP_CELLS`` cells).
+    Shared between reruns: do not modify."""
     cells, coverage = data.load_cells(root), data.load_coverage(root)
     if run_path is None:
         labels = data.load_labels(root)
@@ -51,6 +54,12 @@ def layer(
     shown = cells.merge(values, left_on="cell_id", right_index=True)
     shown = shown.merge(details, left_on="cell_id", right_index=True, how="left")
     shown = shown.merge(coverage[["cell_id", "gsv", "flickr"]], on="cell_id", how="left")
+    values = shown[["cell_id", "district", "value"]]
+    block = maps.view_block_size(shown["cell_id"].to_numpy())
+    if block > CELL_SIZE:
+        categorical = layer_name in ("split", "lbm_class")
+        shown = maps.aggregate_blocks(shown, block, categorical)
+        description += f", {'most common' if categorical else 'mean'} per {block:g} m block"
     if layer_name == "split":
         colours, legend = maps.categorical(shown["value"], maps.SPLIT_PALETTE, description)
     elif layer_name == "lbm_class":
@@ -70,7 +79,7 @@ def layer(
         shown["value"],
         shown[[c for c in ("true", "predicted", "residual", "gsv", "flickr") if c in shown]],
     )
-    return payload, shown[["cell_id", "district", "value"]], legend, description, sources
+    return payload, values, legend, description, sources, block
 
 
 def main() -> None:
@@ -105,13 +114,14 @@ def main() -> None:
             ),
         )
         split = controls[2].selectbox("Cells", ["all", "test", "val", "train"], key="map_split")
-    payload, values, legend, description, sources = layer(
+    payload, values, legend, description, sources, block = layer(
         root, None if run is None else str(run["path"]), layer_name, year, year_from
     )
     if run is not None and split != "all":
         kept = set(data.load_predictions(str(run["path"])).query("split == @split")["cell_id"])
-        payload = [record for record in payload if record["i"] in kept]
         values = values[values["cell_id"].isin(kept)]
+        if block == CELL_SIZE:  # blocks mix the splits: they stay whole
+            payload = [record for record in payload if record["i"] in kept]
 
     selected = common.selected_cell()
     left, right = st.columns([3, 1])
@@ -121,22 +131,38 @@ def main() -> None:
             data.load_context(root),
             description.split(",")[0],
             [] if selected is None else [selected],
+            cell_size=block,
         )
         event = st.pydeck_chart(
-            chart, height=620, on_select="rerun", selection_mode="single-object", key="city_map"
+            chart,
+            height=620,
+            on_select="rerun" if block == CELL_SIZE else "ignore",  # a block is not a cell
+            selection_mode="single-object",
+            key="city_map",
         )
-        picked = maps.selected_cells(event)
+        picked = maps.selected_cells(event) if block == CELL_SIZE else []
         if picked and picked[0] != selected:
             common.select_cell(picked[0])
             st.rerun()
         st.markdown(legend.html(), unsafe_allow_html=True)
-        st.caption(
-            "Hover a cell for its scores and image counts; click it to open its details below. "
-            "Water, district lines and the municipal border are drawn without base-map tiles."
-        )
+        if block == CELL_SIZE:
+            st.caption(
+                "Hover a cell for its scores and image counts; click it to open its details "
+                "below. Water, district lines and the municipal border are drawn without "
+                "base-map tiles."
+            )
+        else:
+            st.caption(
+                f"{len(values):,} cells are more than one view sends "
+                f"({maps.MAX_MAP_CELLS:,}), so the map shows {block:g} m blocks: hover one for "
+                "its cell count and mean values. Find a cell by its id on the Embedding "
+                "neighbours page to see it at 100 m."
+            )
     with right:
         numbers = pd.to_numeric(values["value"], errors="coerce")
-        st.metric("Cells shown", f"{len(payload):,}")
+        st.metric("Cells shown", f"{len(values):,}")
+        if block > CELL_SIZE:
+            st.metric(f"{block:g} m blocks drawn", f"{len(payload):,}")
         if run is not None:
             for name in ("test_kendall_tau", "test_spearman", "test_r2", "test_mae"):
                 value = run.get(f"metrics.{name}")
