@@ -1,0 +1,166 @@
+"""National scale, synthesised: the Netherlands' 100 m grid and Leefbaarometer sizes.
+
+About 3.4 million 100 m cells cover the Dutch land area; the Leefbaarometer scores about 0.4
+million of them (where people live) in each release. The benchmark draws a land mask of that
+many cells inside the RD New bounds from smooth random noise (blobs the size of provinces and
+towns), scores the most "urban" 0.4 million over five release years, and times the code paths
+a national data root goes through: the grid's build, write and read, the labels' write and read
+in the release format, the nearest-neighbour index over a 128-d embedding of every cell, and
+the city map's payload for the scored cells (which the map draws as blocks: see
+``dashboard.maps.view_block_size``). Peak memory is the benchmark process's resident set,
+sampled while each step runs.
+"""
+
+from __future__ import annotations
+
+import gzip
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import psutil
+
+from bench.bench_load import MemorySampler
+from bench.common import register
+from core.grid import (
+    RD_NEW,
+    cell_polygons,
+    ids_from_index,
+    read_grid,
+    spatial_split,
+    to_geodataframe,
+    write_grid,
+)
+from core.sources.lbm import SCORE_COLUMNS, read_lbm, write_lbm
+
+#: RD New cell indices (100 m) of a box around the Netherlands' land.
+X_CELLS, Y_CELLS = (130, 2780), (3060, 6200)
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], scales: tuple[int, ...]):
+    """Sum of nearest-upsampled uniform noise at several block sizes (cells), in [0, 1]."""
+    field = np.zeros(shape, np.float32)
+    for scale in scales:
+        coarse = rng.random((shape[0] // scale + 1, shape[1] // scale + 1), dtype=np.float32)
+        field += np.kron(coarse, np.ones((scale, scale), np.float32))[: shape[0], : shape[1]]
+    return field / len(scales)
+
+
+def national_cells(cells: int, scored: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``cells`` land cell ids and the ``scored`` most urban of them."""
+    rng = np.random.default_rng(seed)
+    shape = (X_CELLS[1] - X_CELLS[0], Y_CELLS[1] - Y_CELLS[0])
+    land = _smooth_noise(rng, shape, (400, 100, 25))
+    flat = land.ravel()
+    keep = np.argpartition(-flat, cells - 1)[:cells]
+    urban = _smooth_noise(rng, shape, (60, 12, 3)).ravel()[keep]
+    ix, iy = np.unravel_index(keep, shape)
+    ids = ids_from_index(ix + X_CELLS[0], iy + Y_CELLS[0])
+    order = np.argsort(ids)
+    ids, urban = ids[order], urban[order]
+    return ids, np.sort(ids[np.argpartition(-urban, scored - 1)[:scored]])
+
+
+def _step(fn: Callable[..., Any], *args: Any) -> tuple[dict[str, float], Any]:
+    """Wall time and the process's peak resident memory (MB) while ``fn(*args)`` runs."""
+    sampler = MemorySampler(psutil.Process().pid, interval=0.05)
+    sampler.start()
+    start = time.perf_counter()
+    value = fn(*args)
+    seconds = time.perf_counter() - start
+    samples = sampler.stop() or [psutil.Process().memory_info().rss]
+    return {"s": seconds, "peak_rss_mb": max(samples) / 2**20}, value
+
+
+def _labels(scored: np.ndarray, years: tuple[int, ...], seed: int) -> gpd.GeoDataFrame:
+    """Release-format labels of the scored cells for every year (plausible score ranges)."""
+    rng = np.random.default_rng(seed)
+    n = len(scored)
+    frames = []
+    for year in years:
+        table = {"grid_id": scored, "jaar": np.full(n, year)}
+        table["lbm"] = rng.normal(4.1, 0.25, n).round(4)
+        table["afw"] = (table["lbm"] - 4.1).round(4)
+        for column in SCORE_COLUMNS:
+            table.setdefault(column, rng.normal(0.0, 0.1, n).round(4))
+        frames.append(pd.DataFrame(table))
+    labels = pd.concat(frames, ignore_index=True)
+    polygons = dict(zip(scored, cell_polygons(scored), strict=True))
+    return gpd.GeoDataFrame(labels, geometry=labels["grid_id"].map(polygons).to_list(), crs=RD_NEW)
+
+
+def _map_payload(scored: np.ndarray, seed: int) -> dict[str, Any]:
+    """The city map's deck for the scored cells, as the page builds it (blocks), and its size."""
+    from dashboard import maps
+
+    rng = np.random.default_rng(seed)
+    shown = pd.DataFrame({"cell_id": scored, "value": rng.normal(4.1, 0.25, len(scored))})
+    shown["district"] = ""
+
+    def build() -> tuple[list[dict], float]:
+        block = maps.view_block_size(shown["cell_id"].to_numpy())
+        blocks = maps.aggregate_blocks(shown, block)
+        colours, _ = maps.sequential(blocks["value"].to_numpy(float), "lbm")
+        return maps.cell_payload(blocks, colours, blocks["value"]), block
+
+    cold, (payload, block) = _step(build)
+    view = maps.fit_view((3.3, 50.7, 7.3, 53.6))
+
+    def deck() -> str:
+        return maps.city_deck(payload, {"view": view}, "lbm", cell_size=block).to_json()
+
+    first, text = _step(deck)
+    warm, _ = _step(deck)
+    return {
+        "block_m": block,
+        "blocks": len(payload),
+        "payload_mb": len(text) / 1e6,
+        "payload_gzip_mb": len(gzip.compress(text.encode())) / 1e6,
+        "aggregate": cold,
+        "deck_json_first": first,
+        "deck_json_warm": warm,
+    }
+
+
+@register(
+    "national",
+    cells=3_400_000,
+    scored=400_000,
+    years=(2014, 2016, 2018, 2020, 2022),
+    seed=0,
+)
+def bench_national(cells: int, scored: int, years: tuple[int, ...], seed: int) -> dict[str, Any]:
+    """Grid, labels, neighbours and map payload at the Netherlands' sizes (see the module)."""
+    results: dict[str, Any] = {}
+    results["synthesise_cells"], (ids, scored_ids) = _step(
+        lambda: national_cells(cells, scored, seed)
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        results["grid_build"], grid = _step(
+            lambda: to_geodataframe(ids, split=spatial_split(ids, seed=seed))
+        )
+        results["grid_write"], _ = _step(write_grid, grid, root / "grid.parquet")
+        del grid
+        results["grid_read"], grid = _step(lambda: read_grid(root / "grid.parquet"))
+        results["grid_parquet_mb"] = (root / "grid.parquet").stat().st_size / 1e6
+        del grid
+        labels = _labels(scored_ids, years, seed)
+        results["labels_write"], _ = _step(
+            write_lbm, labels, root / "lbm_scores.csv", root / "lbm_grid.gpkg"
+        )
+        del labels
+        results["labels_read"], labels = _step(
+            lambda: read_lbm(root / "lbm_scores.csv", root / "lbm_grid.gpkg")
+        )
+        results["label_rows"] = len(labels)
+        del labels
+    results["map"] = _map_payload(scored_ids, seed)
+    results |= {"cells": len(ids), "scored_cells": len(scored_ids), "years": len(years)}
+    results["targets"] = {"map_payload_mb_max": 10.0, "map_warm_rerun_s_max": 1.0}
+    return results
