@@ -14,8 +14,11 @@ import hashlib
 import json
 import os
 import time
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -49,6 +52,139 @@ class ImageFiles(Dataset):
         except (OSError, ValueError) as exc:
             raise ValueError(f"{path}: not a readable image ({exc})") from exc
         return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+
+
+#: Where :func:`extract_features` decodes JPEGs: ``cpu`` with PIL in the DataLoader workers, or
+#: ``device``: the workers only read the files' bytes and :func:`decode_images` decodes them in
+#: batches on the extraction device (nvjpeg on a GPU).
+DecodeOn = Literal["cpu", "device"]
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+class ImageBytes(Dataset):
+    """Image files for decoding on the extraction device: ``(path, data)`` per file.
+
+    ``data`` is the file's ``bytes`` for a JPEG, which :func:`decode_images` decodes in batches
+    on the device; any other format (PNG, ...) is decoded here in the worker by
+    :class:`ImageFiles`, as a uint8 array (3, px, px), so only JPEGs reach the device decoder.
+    Bytes and arrays cross from the workers pickled through the pipe: hundreds of small tensors
+    per batch would each hold a file descriptor until received.
+    """
+
+    def __init__(self, paths: list[str], px: int) -> None:
+        self.paths, self.px = list(paths), px
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[str, bytes | np.ndarray]:
+        path = self.paths[i]
+        try:
+            with open(path, "rb") as file:
+                data = file.read()
+        except OSError as exc:
+            raise ValueError(f"{path}: not a readable image ({exc})") from exc
+        if not data.startswith(JPEG_MAGIC):
+            return path, ImageFiles([path], self.px)[0].numpy()
+        return path, data
+
+    @staticmethod
+    def collate(
+        items: list[tuple[str, bytes | np.ndarray]],
+    ) -> tuple[list[str], list[bytes | np.ndarray]]:
+        """A batch as ``(paths, data)`` lists: the files differ in length and size."""
+        return [path for path, _ in items], [data for _, data in items]
+
+
+def decode_images(
+    paths: Sequence[str], data: Sequence[bytes | np.ndarray], px: int, device: torch.device
+) -> torch.Tensor:
+    """A batch from :class:`ImageBytes` as uint8 (B, 3, px, px) on ``device``.
+
+    JPEG bytes are decoded together by torchvision on ``device`` (nvjpeg on a GPU, libjpeg on a
+    CPU) and resized there with antialiased bilinear interpolation, as PIL resizes in
+    :class:`ImageFiles` (the two agree within a few grey levels). A batch the decoder refuses
+    is decoded file by file, and a file it still refuses (CMYK, truncated, not an image) goes
+    through PIL, which names an unreadable file. Items already decoded in a worker are copied.
+    """
+    out = torch.empty((len(data), 3, px, px), dtype=torch.uint8, device=device)
+    jpegs = [i for i, item in enumerate(data) if isinstance(item, bytes)]
+    for i in sorted(set(range(len(data))) - set(jpegs)):
+        out[i] = torch.from_numpy(data[i]).to(device)
+    encoded = [torch.frombuffer(bytearray(data[i]), dtype=torch.uint8) for i in jpegs]
+    sizes: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
+    for i, image in zip(jpegs, _decode_jpegs(encoded, device), strict=True):
+        if image is None:
+            out[i] = ImageFiles([paths[i]], px)[0].to(device)
+        else:
+            sizes.setdefault(tuple(image.shape), []).append((i, image))
+    for same in sizes.values():  # one resize per image size (a source's images share one)
+        rows = [i for i, _ in same]
+        out[rows] = _resize(torch.stack([image for _, image in same]), px)
+    return out
+
+
+def pixel_batches(
+    paths: list[str],
+    px: int,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    decode_on: DecodeOn = "cpu",
+) -> Iterator[torch.Tensor]:
+    """The images of ``paths`` in order, as uint8 batches (B, 3, px, px) on ``device``.
+
+    ``decode_on="cpu"``: PIL decodes in the DataLoader workers (:class:`ImageFiles`) and the
+    batches travel through pinned memory; ``"device"``: the workers read the bytes
+    (:class:`ImageBytes`) and :func:`decode_images` decodes each batch on ``device``.
+    """
+    on_device = decode_on == "device"
+    loader = DataLoader(
+        (ImageBytes if on_device else ImageFiles)(paths, px),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=ImageBytes.collate if on_device else None,
+        pin_memory=device.type == "cuda" and not on_device,
+        persistent_workers=False,
+        generator=_loader_generator(),  # not the global RNG: a run that fills a cache repeats
+    )
+    for batch in loader:
+        yield (
+            decode_images(*batch, px, device) if on_device else batch.to(device, non_blocking=True)
+        )
+
+
+def _decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """torchvision's batched JPEG decoding to RGB on ``device``; None where it fails."""
+    if not data:
+        return []
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its decoders for TorchCodec (not a dependency here)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        try:
+            return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:  # one bad file fails the whole batch: decode one by one
+            decoded: list[torch.Tensor | None] = []
+            for item in data:
+                try:
+                    decoded.append(decode_jpeg(item, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError:
+                    decoded.append(None)
+            return decoded
+
+
+def _resize(images: torch.Tensor, px: int) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> (B, 3, px, px), antialiased bilinear as PIL resizes."""
+    if images.shape[2:] == (px, px):
+        return images
+    with torch.autocast(images.device.type, enabled=False):  # float32 whatever the caller runs
+        resized = torch.nn.functional.interpolate(
+            images.float(), size=(px, px), mode="bilinear", antialias=True
+        )
+    return resized.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def _loader_generator() -> torch.Generator:
@@ -124,6 +260,7 @@ def extract_features(
     device: str = "auto",
     chunk_batches: int = 8,
     progress: Progress | None = None,
+    decode_on: DecodeOn = "cpu",
 ) -> FeatureSet:
     """Features of ``images`` (columns ``id``, ``path``) from a frozen backbone, cached.
 
@@ -139,7 +276,12 @@ def extract_features(
         device: ``auto``, ``cpu`` or ``cuda``; on CUDA the forward runs in bf16 autocast.
         chunk_batches: batches between progress checkpoints (the unit of resumption).
         progress: called with ``done`` and ``total`` rows after each chunk.
+        decode_on: ``cpu`` (PIL in the workers) or ``device``: the workers read the bytes and
+            the JPEGs are decoded in batches on ``device`` (:func:`decode_images`; nvjpeg on a
+            GPU, where CPU decoding would starve the forward). Both fill the same cache.
     """
+    if decode_on not in ("cpu", "device"):
+        raise ValueError(f"decode_on must be 'cpu' or 'device', got {decode_on!r}")
     ids = images["id"].astype(str).to_numpy()
     paths = images["path"].astype(str).to_numpy()
     fingerprint = backbone_fingerprint(backbone, weights)
@@ -177,6 +319,7 @@ def extract_features(
             resolve_device(device),
             chunk_batches,
             progress,
+            decode_on,
         )
     return FeatureSet(
         ids=ids, matrix=np.load(folder / "features.npy", mmap_mode="r"), folder=folder
@@ -212,26 +355,18 @@ def _extract_rows(
     device: torch.device,
     chunk_batches: int,
     progress: Progress | None,
+    decode_on: DecodeOn = "cpu",
 ) -> None:
     model = model.to(device).eval().to(memory_format=torch.channels_last)
-    loader = DataLoader(
-        ImageFiles(list(paths[start:]), px),
-        batch_size=batch_size,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-        generator=_loader_generator(),
-    )
+    loader = pixel_batches(list(paths[start:]), px, batch_size, workers, device, decode_on)
     out = np.load(folder / "features.npy", mmap_mode="r+")
     row, started = start, time.perf_counter()
     with (
         torch.inference_mode(),
         torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
     ):
-        for batch_index, batch in enumerate(loader, start=1):
-            x = normalise(batch.to(device, non_blocking=True)).contiguous(
-                memory_format=torch.channels_last
-            )
+        for batch_index, pixels in enumerate(loader, start=1):
+            x = normalise(pixels).contiguous(memory_format=torch.channels_last)
             features = model(x).float().cpu().numpy()
             out[row : row + len(features)] = features
             row += len(features)

@@ -53,7 +53,8 @@ def augment_aerial(images: torch.Tensor, generator: torch.Generator) -> torch.Te
     if torch.rand(1, generator=generator) < 0.5:
         images = images.flip(-1)
     turns = int(torch.randint(0, 4, (1,), generator=generator))
-    return torch.rot90(images, turns, dims=(-2, -1))
+    # a quarter turn transposes the strides: back to the layout the backbones run fastest in
+    return torch.rot90(images, turns, dims=(-2, -1)).contiguous(memory_format=torch.channels_last)
 
 
 def augment_street(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

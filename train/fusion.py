@@ -27,7 +27,7 @@ from core.distributed import Ranks
 from core.features import extract_features, pool_by_cell
 from core.metrics import grouped_metrics, kendall_tau_b, score_metrics
 from core.models.backbones import create_backbone
-from core.models.device import resolve_device
+from core.models.device import bf16_autocast, resolve_device
 from core.models.fusion import FusionRegressor, restore
 from core.progress import Progress
 from core.runs import RunWriter, load_run
@@ -113,9 +113,11 @@ def predict_cells(
     model.eval()
     outputs, embeddings = [], []
     for index in batches(len(rows), 512):
-        embedding = model.embed(*inputs.batch(rows[index], device))
-        embeddings.append(embedding.float().cpu())
-        outputs.append(model.out(embedding).squeeze(1).float().cpu())
+        with bf16_autocast(device):
+            embedding = model.embed(*inputs.batch(rows[index], device)).float()
+        embeddings.append(embedding.cpu())
+        # the last layer in float32: bf16 scores would tie cells that Kendall's tau tells apart
+        outputs.append(model.out(embedding).squeeze(1).cpu())
     return torch.cat(outputs).numpy(), torch.cat(embeddings).numpy()
 
 
@@ -127,6 +129,34 @@ def predict_all(
     rows = ranks.shard(torch.arange(n))
     predicted, embeddings = predict_cells(model, inputs, rows, ranks.device)
     return ranks.gather_rows(rows, predicted, n), ranks.gather_rows(rows, embeddings, n)
+
+
+def train_step(
+    net: nn.Module,
+    trainer: OneCycle,
+    inputs: CellInputs,
+    y: torch.Tensor,
+    rows: torch.Tensor,
+    ranks: Ranks,
+    generator: torch.Generator,
+) -> float | None:
+    """One optimisation step on the global batch ``rows`` (bf16 autocast on a GPU).
+
+    Each rank runs its slice; the loss is the slice's sum over the global batch size, times the
+    number of ranks, so DDP's averaging gives the global batch's mean gradient. Returns this
+    rank's summed squared error, or None for a batch too small to step on (BatchNorm needs two
+    samples per rank).
+    """
+    if len(rows) < 2 * ranks.world:
+        return None
+    mine = ranks.shard(rows)
+    scale = ranks.world / len(rows)
+    with bf16_autocast(ranks.device):
+        predicted = net(*inputs.batch(mine, ranks.device, generator))
+    loss = scale * nn.functional.mse_loss(
+        predicted.float(), y[mine].to(ranks.device), reduction="sum"
+    )
+    return trainer.step(loss) / scale
 
 
 def train_fusion(config: FusionConfig, log=print, progress: Progress | None = None) -> str:
@@ -211,18 +241,8 @@ def train_fusion(config: FusionConfig, log=print, progress: Progress | None = No
             model.train()
             started, total = time.perf_counter(), 0.0
             for index in batches(len(train_rows), config.batch_size, generator):
-                rows = train_rows[index]
-                if len(rows) < 2 * ranks.world:  # BatchNorm needs two samples per rank
-                    continue
-                mine = ranks.shard(rows)
-                # the global batch's mean once DDP averages the ranks' gradients
-                scale = ranks.world / len(rows)
-                loss = scale * nn.functional.mse_loss(
-                    net(*inputs.batch(mine, device, generator)),
-                    y[mine].to(device),
-                    reduction="sum",
-                )
-                total += trainer.step(loss) / scale
+                loss = train_step(net, trainer, inputs, y, train_rows[index], ranks, generator)
+                total += loss or 0.0
             total = ranks.sum(total)
             predicted = predict_all(model, inputs, len(ids), ranks)[0] * std + mean
             val_tau = kendall_tau_b(predicted[val_rows.numpy()], true[val_rows.numpy()])

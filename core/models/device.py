@@ -12,3 +12,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def bf16_autocast(device: torch.device) -> torch.autocast:
+    """bf16 autocast on a GPU; on a CPU a context that changes nothing (fp32 throughout)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
