@@ -1,4 +1,5 @@
-"""Contrastive pretraining throughput: a full MoCo v3 step vs the bare backbone on the same images.
+"""Contrastive pretraining throughput: a full MoCo v3 step vs the bare backbone on the same images,
+and the whole trainer on two gloo ranks vs one process (``contrastive_ddp``).
 
 A pretraining step augments two views of a batch, runs the momentum encoder on both (no grad),
 the base encoder and predictor on both, the symmetric InfoNCE, backward and the optimiser. The
@@ -8,15 +9,25 @@ images (2 x batch), already normalised: what training the encoder could cost at 
 
 from __future__ import annotations
 
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from bench.common import register
+from core.dataroot import DataRoot
+from core.demo import DemoConfig, build_demo
 from core.models.backbones import create_backbone
 from core.models.contrastive import MoCoV3
 from core.models.device import resolve_device
+from core.runs import load_run
 from train.contrastive import augment
 
 SETTINGS = {"convnet_small@32": ("convnet_small", 32, 256), "resnet18@64": ("resnet18", 64, 64)}
@@ -97,4 +108,85 @@ def bench_contrastive_throughput(repeat: int, device: str) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         **results,
         "target_ratio_min": 0.8,
+    }
+
+
+#: (processes, threads per process) of each setting; one process with both cores is the
+#: baseline, one thread alone shows what a rank gets out of its single core.
+DDP_SETTINGS = {
+    "one_process_2_threads": (1, 2),
+    "two_ranks_1_thread": (2, 1),
+    "one_process_1_thread": (1, 1),
+}
+
+
+def _pretrain(root: Path, processes: int, threads: int, options: list[str]) -> dict[str, float]:
+    """One ``stadsbeeld contrastive`` run on ``processes`` ranks of ``threads`` threads each."""
+    command = [sys.executable, "-m", "train", "contrastive", "--data", str(root), *options]
+    if processes > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        command = [*launcher, f"--nproc-per-node={processes}", *command[1:]]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    run_id = re.search(r"contrastive run (contrastive-\S+):", done.stdout).group(1)
+    run = load_run(DataRoot(root).runs / run_id)
+    # the training loop's own rate (pixels cached, model built), after the first epoch
+    rate = float(run.epochs["images_per_s"].iloc[1:].median())
+    return {"images_per_s": rate, "wall_s": wall}
+
+
+@register(
+    "contrastive_ddp",
+    repeat=3,
+    extent="bbox:121000,485000,122500,486000",
+    objective="temporal",
+    epochs=3,
+    steps_per_epoch=20,
+    batch_size=256,
+)
+def bench_contrastive_ddp(
+    repeat: int, extent: str, objective: str, epochs: int, steps_per_epoch: int, batch_size: int
+) -> dict[str, Any]:
+    """The contrastive trainer on 2 gloo ranks of 1 thread vs 1 process of 2 threads (CPU).
+
+    Each setting is a whole ``stadsbeeld contrastive`` run (``convnet_small`` at 32 px, the
+    default heads) on the tests' 150-cell demo city with the same global batch; the settings
+    take turns ``repeat`` times, and each reports the median of its runs' training rates
+    (pair images per second over all ranks, epochs after the first).
+    """
+    options = ["--objective", objective, "--epochs", str(epochs), "--batch_size", str(batch_size)]
+    options += ["--steps_per_epoch", str(steps_per_epoch), "--device", "cpu"]
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "city"
+        build_demo(root, DemoConfig(seed=7, extent=extent), show_progress=False)
+        warm = ["--objective", objective, "--epochs", "1", "--steps_per_epoch", "1"]
+        _pretrain(root, 1, 2, [*warm, "--device", "cpu"])  # fills the pixel cache
+        measured: dict[str, list[dict[str, float]]] = {name: [] for name in DDP_SETTINGS}
+        for _ in range(max(1, repeat)):
+            for name, (processes, threads) in DDP_SETTINGS.items():
+                measured[name].append(_pretrain(root, processes, threads, options))
+    results: dict[str, Any] = {}
+    for name, runs in measured.items():
+        processes, threads = DDP_SETTINGS[name]
+        rates = [r["images_per_s"] for r in runs]
+        results[name] = {
+            "processes": processes,
+            "threads_per_process": threads,
+            "images_per_s": statistics.median(rates),
+            "images_per_s_per_process": statistics.median(rates) / processes,
+            "images_per_s_runs": rates,
+            "wall_s": statistics.median(r["wall_s"] for r in runs),
+        }
+    base = results["one_process_2_threads"]["images_per_s"]
+    return {
+        **results,
+        "speedup_two_ranks_vs_one_process": results["two_ranks_1_thread"]["images_per_s"] / base,
+        "cores": os.cpu_count(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg()[0],
     }

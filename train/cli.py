@@ -317,7 +317,8 @@ def contrastive(config: ContrastiveConfig, schedule: Literal["demo", "paper"] = 
 
     run_id = train_contrastive(config)
     weights = run_path(DataRoot(Path(config.data)).runs, run_id) / BACKBONE_FILE
-    print(f"contrastive run {run_id}: ground weights {weights}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks
+        print(f"contrastive run {run_id}: ground weights {weights}")
     return 0
 
 

@@ -11,28 +11,37 @@ augmentations. Cells in held-out spatial blocks never reach training: the place-
 evaluation runs on them. Each epoch ends with a checkpoint; ``--resume RUN`` continues an
 interrupted run from it. The run saves ``backbone.safetensors`` (ground weights for the fusion
 model: ``--ground-weights RUN``) and per-cell mean image embeddings for the dashboard.
+
+Under ``torchrun --nproc-per-node N`` (:mod:`core.distributed`) every rank draws the same pairs
+and view decisions from the same seeded generator and takes its slice of each global batch;
+queries meet the keys of all ranks (MoCo v3's gather), DDP averages the gradients, and the
+momentum encoder follows the synchronised base encoder on every rank. The embeddings are
+computed in shares and gathered; rank 0 alone writes the run folder and its checkpoints, which
+every rank reads on ``--resume``.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch import nn
+from typing_extensions import override
 
 from core.configs import ContrastiveConfig
 from core.dataroot import DataRoot
 from core.datasets import street_images
+from core.distributed import Ranks
 from core.features import load_pixels
 from core.grid import read_grid, spatial_split
 from core.models.backbones import IMAGENET_MEAN, IMAGENET_STD, create_backbone, save_backbone
 from core.models.contrastive import MoCoV3, cosine_momentum
-from core.models.device import resolve_device
 from core.pairs import PairConfig, pair_statistics, require_temporal, spatial_pairs, temporal_pairs
 from core.progress import Progress
 from core.runs import BACKBONE_FILE, CHECKPOINT_FILE, EPOCHS_FILE, RunWriter
@@ -60,57 +69,110 @@ def holdout_cells(root: DataRoot, share: float, block_size: float, seed: int) ->
     return set(ids[split == "test"].tolist())
 
 
+@dataclass(frozen=True)
+class Views:
+    """The random MoCo v3 view decisions for a batch of images, one row per image.
+
+    Drawn on the CPU from a generator (:meth:`draw`) apart from the images, so that every rank
+    can draw the decisions of the whole global batch, take its own rows (:meth:`take`) and
+    apply them to its own images only: N ranks then see exactly the views one process would.
+    """
+
+    area: torch.Tensor
+    log_ratio: torch.Tensor
+    flip: torch.Tensor
+    shift_x: torch.Tensor
+    shift_y: torch.Tensor
+    jitter: torch.Tensor
+    brightness: torch.Tensor
+    contrast: torch.Tensor
+    saturation: torch.Tensor
+    grey: torch.Tensor
+    blur: torch.Tensor
+    solarize: torch.Tensor
+
+    @classmethod
+    def draw(cls, n: int, generator: torch.Generator, crop_min_scale: float) -> Views:
+        """Decisions for ``n`` images (see :func:`augment` for what they are)."""
+
+        def uniform(lo: float, hi: float) -> torch.Tensor:
+            return lo + (hi - lo) * torch.rand(n, generator=generator)
+
+        def chance(p: float) -> torch.Tensor:
+            return torch.rand(n, generator=generator) < p
+
+        # the order of the draws is part of a run's reproducibility: keep it
+        area, log_ratio = uniform(crop_min_scale, 1.0), uniform(np.log(3 / 4), np.log(4 / 3))
+        flip = torch.where(uniform(0, 1) < 0.5, -1.0, 1.0)
+        shift_x, shift_y = uniform(-1, 1), uniform(-1, 1)
+        jitter = chance(0.8)
+        brightness, contrast, saturation = (uniform(1 - s, 1 + s) for s in (0.4, 0.4, 0.2))
+        grey, blur, solarize = chance(0.2), chance(0.5), chance(0.1)
+        return cls(
+            area, log_ratio, flip, shift_x, shift_y, jitter, brightness, contrast, saturation,
+            grey, blur, solarize,
+        )  # fmt: skip
+
+    def take(self, rows: torch.Tensor) -> Views:
+        """The decisions of ``rows`` only (a rank's share of a global batch)."""
+        return Views(*(getattr(self, f.name)[rows] for f in fields(self)))
+
+    def apply(self, batch: torch.Tensor) -> torch.Tensor:
+        """Views of uint8 images (B, 3, H, W), one row of decisions each: normalised float,
+        channels-last, on the images' device."""
+        n, device = len(batch), batch.device
+
+        def per_image(values: torch.Tensor) -> torch.Tensor:
+            return values.to(device).view(n, 1, 1, 1)
+
+        x = batch.float() / 255
+        area, log_ratio = self.area.to(device), self.log_ratio.to(device)
+        width = torch.sqrt(area * log_ratio.exp()).clamp(max=1.0)
+        height = torch.sqrt(area / log_ratio.exp()).clamp(max=1.0)
+        theta = torch.zeros(n, 2, 3, device=device)
+        theta[:, 0, 0], theta[:, 1, 1] = width * self.flip.to(device), height
+        theta[:, 0, 2] = self.shift_x.to(device) * (1 - width)
+        theta[:, 1, 2] = self.shift_y.to(device) * (1 - height)
+        x = F.grid_sample(
+            x,
+            F.affine_grid(theta, list(x.shape), align_corners=False),
+            mode="bilinear",
+            padding_mode="reflection",
+            align_corners=False,
+        )
+
+        grey = _grey(x)
+        brightness, contrast, saturation = (
+            per_image(v) for v in (self.brightness, self.contrast, self.saturation)
+        )
+        jittered = x * brightness
+        mean = grey.mean((2, 3), keepdim=True) * brightness
+        jittered = (jittered - mean) * contrast + mean
+        jittered_grey = _grey(jittered)
+        jittered = jittered_grey + (jittered - jittered_grey) * saturation
+        x = torch.where(per_image(self.jitter), jittered, x).clamp(0, 1)
+        x = torch.where(per_image(self.grey), _grey(x).expand_as(x), x)
+        x = torch.where(
+            per_image(self.blur),
+            F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False),
+            x,
+        )
+        x = torch.where(per_image(self.solarize) & (x >= 0.5), 1 - x, x)
+        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
 def augment(batch: torch.Tensor, generator: torch.Generator, crop_min_scale: float) -> torch.Tensor:
     """MoCo v3 views of uint8 images (B, 3, H, W): normalised float, channels-last.
 
     Random resized crop (area ``crop_min_scale``..1, aspect 3/4..4/3) with a random horizontal
     flip in one affine resampling; colour jitter (p 0.8: brightness, contrast, saturation 0.4,
     0.4, 0.2; hue is left out at these sizes); grayscale (p 0.2); blur (p 0.5); solarize (p 0.1).
-    Parameters are drawn on the CPU from ``generator`` so runs repeat on any device.
+    Parameters are drawn on the CPU from ``generator`` (:class:`Views`) so runs repeat on any
+    device.
     """
-    n, device = len(batch), batch.device
-
-    def uniform(lo: float, hi: float, size: tuple[int, ...] = ()) -> torch.Tensor:
-        return (lo + (hi - lo) * torch.rand((n, *size), generator=generator)).to(device)
-
-    def chance(p: float) -> torch.Tensor:
-        return (torch.rand(n, generator=generator) < p).to(device).view(n, 1, 1, 1)
-
-    x = batch.float() / 255
-    area, log_ratio = uniform(crop_min_scale, 1.0), uniform(np.log(3 / 4), np.log(4 / 3))
-    width = torch.sqrt(area * log_ratio.exp()).clamp(max=1.0)
-    height = torch.sqrt(area / log_ratio.exp()).clamp(max=1.0)
-    flip = torch.where(uniform(0, 1) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(n, 2, 3, device=device)
-    theta[:, 0, 0], theta[:, 1, 1] = width * flip, height
-    theta[:, 0, 2], theta[:, 1, 2] = uniform(-1, 1) * (1 - width), uniform(-1, 1) * (1 - height)
-    x = F.grid_sample(
-        x,
-        F.affine_grid(theta, list(x.shape), align_corners=False),
-        mode="bilinear",
-        padding_mode="reflection",
-        align_corners=False,
-    )
-
-    grey = _grey(x)
-    jitter = chance(0.8)
-    brightness, contrast, saturation = (
-        uniform(1 - s, 1 + s).view(n, 1, 1, 1) for s in (0.4, 0.4, 0.2)
-    )
-    jittered = x * brightness
-    mean = grey.mean((2, 3), keepdim=True) * brightness
-    jittered = (jittered - mean) * contrast + mean
-    jittered_grey = _grey(jittered)
-    jittered = jittered_grey + (jittered - jittered_grey) * saturation
-    x = torch.where(jitter, jittered, x).clamp(0, 1)
-    x = torch.where(chance(0.2), _grey(x).expand_as(x), x)
-    x = torch.where(
-        chance(0.5), F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False), x
-    )
-    x = torch.where(chance(0.1) & (x >= 0.5), 1 - x, x)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+    return Views.draw(len(batch), generator, crop_min_scale).apply(batch)
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
@@ -120,16 +182,24 @@ def _grey(x: torch.Tensor) -> torch.Tensor:
 
 
 def embed_images(
-    backbone: torch.nn.Module, pixels: np.ndarray, device: torch.device, batch_size: int = 1024
+    backbone: torch.nn.Module,
+    pixels: np.ndarray,
+    device: torch.device,
+    batch_size: int = 1024,
+    rows: torch.Tensor | None = None,
 ) -> np.ndarray:
-    """Backbone features of uint8 pixels (n, 3, H, W), in order, without augmentation."""
+    """Backbone features of uint8 pixels (n, 3, H, W), in order, without augmentation.
+
+    With ``rows`` only those images (a rank's share), in the order of ``rows``.
+    """
     backbone.eval().to(device)
+    rows = torch.arange(len(pixels)) if rows is None else rows
 
     def forward(index: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            return backbone(to_input(pixels, index, device))
+            return backbone(to_input(pixels, rows[index], device))
 
-    return predict(forward, len(pixels), batch_size).numpy()
+    return predict(forward, len(rows), batch_size).numpy()
 
 
 class PairSampler:
@@ -177,6 +247,85 @@ def build_samplers(
     return samplers, statistics
 
 
+class Objectives(nn.Module):
+    """The losses of all of a step's rules in one forward pass, so that DDP reduces the
+    gradients once per step (it allows one forward per backward).
+
+    Args:
+        model: the MoCo v3 model; its momentum encoder moves once per step, with the first rule.
+    """
+
+    def __init__(self, model: MoCoV3) -> None:
+        super().__init__()
+        self.model = model
+
+    @override
+    def forward(
+        self, views: list[tuple[torch.Tensor, torch.Tensor]], momentum: float
+    ) -> list[torch.Tensor]:
+        """One MoCo v3 loss per pair of view batches (this rank's queries against all keys)."""
+        return [self.model(x1, x2, momentum if i == 0 else 1.0) for i, (x1, x2) in enumerate(views)]
+
+
+def rank_views(
+    sampler: PairSampler,
+    batch_size: int,
+    pixels: np.ndarray,
+    generator: torch.Generator,
+    crop_min_scale: float,
+    ranks: Ranks,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's two view batches of one global batch of ``batch_size`` pairs.
+
+    Every rank draws the same global batch of pairs and the same view decisions for all of it
+    from the same generator, then decodes and augments only its slice (pairs ``rank, rank + N,
+    ...``): the ranks together hold exactly one process's batch, and their generators stay equal.
+    """
+    first, second = sampler.sample(batch_size, generator)
+    mine = ranks.shard(torch.arange(batch_size))
+    views = []
+    for rows in (first, second):
+        decisions = Views.draw(batch_size, generator, crop_min_scale).take(mine)
+        images = torch.as_tensor(np.asarray(pixels[rows[mine].numpy()])).to(ranks.device)
+        views.append(decisions.apply(images))
+    return views[0], views[1]
+
+
+def step_losses(
+    net: nn.Module,
+    samplers: dict[str, PairSampler],
+    pixels: np.ndarray,
+    generator: torch.Generator,
+    config: ContrastiveConfig,
+    momentum: float,
+    ranks: Ranks,
+) -> list[torch.Tensor]:
+    """The forward pass of one step: this rank's loss for each of ``config.rules``, in order.
+
+    Each loss is the mean over this rank's equal share of the global batch, its queries against
+    the keys of all ranks; DDP's average of the gradients over the ranks then makes the step
+    the global batch's mean, as in one process.
+
+    Args:
+        net: :class:`Objectives` of the model (DDP-wrapped under torchrun).
+        samplers: a pair sampler per rule.
+        pixels: uint8 training images (n, 3, H, W), which the samplers index.
+        generator: the run's generator, in the same state on every rank.
+        config: the run (rules, ``batch_size``, ``crop_min_scale``).
+        momentum: of the momentum encoder's update, made once, with the first rule.
+        ranks: where this process stands.
+    """
+    views = [
+        rank_views(
+            samplers[rule], config.batch_size, pixels, generator, config.crop_min_scale, ranks
+        )
+        for rule in config.rules
+    ]
+    device = ranks.device
+    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        return net(views, momentum)
+
+
 def train_contrastive(
     config: ContrastiveConfig,
     log: Callable[[str], None] = print,
@@ -186,14 +335,36 @@ def train_contrastive(
 
     With ``config.resume`` set to an interrupted run's id, that run's own config is used and
     training continues after its last checkpoint.
+
+    Under torchrun every rank runs this (see :mod:`core.distributed`): each takes its share of
+    every global batch of ``batch_size`` pairs, contrasts its queries with the keys of all ranks
+    (:meth:`core.models.contrastive.MoCoV3.contrastive_loss`), and DDP averages the gradients,
+    so a step is the global batch's step; rank 0 alone writes the run folder and checkpoints.
+
+    Raises:
+        ValueError: if ``batch_size`` does not split evenly over the ranks (the keys of all
+            ranks are gathered in equal shares).
     """
     root = DataRoot(Path(config.data))
+    ranks = Ranks(config.device)
+    device = ranks.device
+    log = log if ranks.is_main else (lambda line: None)  # rank 0 speaks for the run
+    resumed, checkpoint = None, None
     if config.resume:
-        run = RunWriter.resume(root.runs, config.resume, progress=progress)
-        config = ContrastiveConfig.from_dict(
-            {**run.config, "data": config.data, "device": config.device, "resume": config.resume}
+        # rank 0 reopens the run; every rank then reads its config and checkpoint
+        if ranks.is_main:
+            resumed = RunWriter.resume(root.runs, config.resume, progress=progress)
+        saved, folder = ranks.broadcast(
+            (resumed.config, str(resumed.path)) if resumed is not None else None
         )
-    device = resolve_device(config.device)
+        config = ContrastiveConfig.from_dict(
+            {**saved, "data": config.data, "device": config.device, "resume": config.resume}
+        )
+        checkpoint = Path(folder) / CHECKPOINT_FILE
+    if config.batch_size % ranks.world:
+        raise ValueError(
+            f"batch_size {config.batch_size} does not split evenly over {ranks.world} processes"
+        )
     generator = seed_everything(config.seed)
     images = source_images(root, config.source)
     held_out = holdout_cells(root, config.holdout_share, config.block_size, config.split_seed)
@@ -201,18 +372,17 @@ def train_contrastive(
     samplers, statistics = build_samplers(
         train_images, config.rules, config.pairs, str(root.catalog)
     )
-    pixels = load_pixels(train_images, config.px, root.cache / "pixels")
+    with ranks.main_first():  # rank 0 fills the pixel cache, the others read it
+        pixels = load_pixels(train_images, config.px, root.cache / "pixels")
 
-    model = (
+    model = ranks.prepare(
         MoCoV3(
             create_backbone(config.backbone, seed=config.seed),
             config.dim,
             config.mlp_dim,
             config.temperature,
         )
-        .to(device)
-        .to(memory_format=torch.channels_last)
-    )
+    ).to(memory_format=torch.channels_last)
     trainer = OneCycle(
         [p for p in model.parameters() if p.requires_grad],
         config.lr,
@@ -222,49 +392,50 @@ def train_contrastive(
         config.batch_size,
     )
     total_steps = config.epochs * config.steps_per_epoch
-    if not config.resume:
-        resolved = asdict(config) | {"label": f"contrastive {config.objective}"}
-        run = RunWriter(root.runs, "contrastive", resolved, progress=progress)
-    with run:
-        start = 0
-        if config.resume:
-            start = load_checkpoint(
-                run.path / CHECKPOINT_FILE, model, trainer.optimiser, trainer.schedule, generator
+    resolved = asdict(config) | {
+        "label": f"contrastive {config.objective}",
+        "processes": ranks.world,
+    }
+
+    def start() -> RunWriter:
+        return resumed or RunWriter(root.runs, "contrastive", resolved, progress=progress)
+
+    with ranks.run_writer(start) as run:
+        start_epoch = 0
+        if checkpoint is not None:
+            # every rank the same state: weights, optimiser, schedule and shuffling generator
+            start_epoch = load_checkpoint(
+                checkpoint, model, trainer.optimiser, trainer.schedule, generator
             )
-            run.keep_epochs(start)
-            log(f"resuming {run.run_id} after epoch {start}")
-        run.progress(epoch=start, epochs=config.epochs)
+            run.keep_epochs(start_epoch)
+            message = f"resuming after epoch {start_epoch} on {ranks.world} process(es)"
+            run.log(message)
+            log(f"{run.run_id}: {message}")
+        net = ranks.ddp(Objectives(model))
+        run.progress(epoch=start_epoch, epochs=config.epochs)
         run.log(
             f"{config.objective}: {len(train_images)} training images ({len(images) - len(train_images)} "
-            f"held out), pairs { ({r: s['count'] for r, s in statistics.items()}) }, device {device}"
+            f"held out), pairs { ({r: s['count'] for r, s in statistics.items()}) }, "
+            f"device {device} x {ranks.world} process(es)"
         )
-        for epoch in range(start + 1, config.epochs + 1):
+        weights = list(config.rules.values())
+        for epoch in range(start_epoch + 1, config.epochs + 1):
             model.train()
             started, totals = time.perf_counter(), dict.fromkeys(config.rules, 0.0)
             for step in range(config.steps_per_epoch):
                 momentum = cosine_momentum(
                     (epoch - 1) * config.steps_per_epoch + step, total_steps, config.base_momentum
                 )
+                rule_losses = step_losses(net, samplers, pixels, generator, config, momentum, ranks)
                 loss = torch.zeros((), device=device)
-                for i, (rule, weight) in enumerate(config.rules.items()):
-                    first, second = samplers[rule].sample(config.batch_size, generator)
-                    views = [
-                        augment(
-                            torch.as_tensor(np.asarray(pixels[rows.numpy()])).to(device),
-                            generator,
-                            config.crop_min_scale,
-                        )
-                        for rows in (first, second)
-                    ]
-                    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                        # the momentum encoder moves once per step, with the first rule
-                        rule_loss = model(*views, momentum if i == 0 else 1.0)
+                for rule, weight, rule_loss in zip(config.rules, weights, rule_losses, strict=True):
                     totals[rule] += float(rule_loss.detach())
                     loss = loss + weight * rule_loss
                 trainer.step(loss)
             seconds = time.perf_counter() - started
             losses = {
-                f"loss_{rule}": total / config.steps_per_epoch for rule, total in totals.items()
+                f"loss_{rule}": ranks.sum(total) / ranks.world / config.steps_per_epoch
+                for rule, total in totals.items()
             }
             pair_images = 2 * config.batch_size * config.steps_per_epoch * len(config.rules)
             run.log_epoch(
@@ -274,21 +445,22 @@ def train_contrastive(
                 seconds=round(seconds, 2),
                 images_per_s=round(pair_images / seconds, 1),
             )
-            save_checkpoint(
-                run.path / CHECKPOINT_FILE,
-                model,
-                trainer.optimiser,
-                trainer.schedule,
-                epoch,
-                generator,
-            )
+            if ranks.is_main:
+                save_checkpoint(
+                    run.path / CHECKPOINT_FILE,
+                    model,
+                    trainer.optimiser,
+                    trainer.schedule,
+                    epoch,
+                    generator,
+                )
             run.progress(epoch=epoch, epochs=config.epochs, loss=sum(losses.values()))
             log(
                 f"contrastive {config.objective} epoch {epoch}/{config.epochs}: "
                 + ", ".join(f"{k} {v:.3f}" for k, v in losses.items())
                 + f" ({seconds:.1f} s)"
             )
-        _finish(run, root, config, model, images, held_out, statistics, device)
+        _finish(run, root, config, model, images, held_out, statistics, ranks)
     log(f"contrastive {config.objective}: run {run.run_id}")
     return run.run_id
 
@@ -301,9 +473,21 @@ def _finish(
     images: pd.DataFrame,
     held_out: set[int],
     statistics: dict[str, dict],
-    device: torch.device,
+    ranks: Ranks,
 ) -> None:
-    """Save the encoder, per-cell embeddings of every image, and the run's metrics."""
+    """Save the encoder, per-cell embeddings of every image, and the run's metrics.
+
+    Every rank embeds its share of the images with rank 0's weights and BatchNorm statistics;
+    rank 0 gathers them and writes.
+    """
+    with ranks.main_first():  # the held-out images' pixels are not cached yet
+        pixels = load_pixels(images, config.px, root.cache / "pixels")
+    ranks.broadcast_buffers(model)
+    rows = ranks.shard(torch.arange(len(images)))
+    mine = embed_images(model.backbone, pixels, ranks.device, rows=rows)
+    embeddings = ranks.gather_rows(rows, mine, len(images))
+    if not ranks.is_main:
+        return
     save_backbone(
         model.backbone,
         run.path / BACKBONE_FILE,
@@ -314,8 +498,6 @@ def _finish(
         {k: v.cpu() for k, v in model.state_dict().items()},
         {"kind": "contrastive", "objective": config.objective, "backbone": config.backbone},
     )
-    pixels = load_pixels(images, config.px, root.cache / "pixels")
-    embeddings = embed_images(model.backbone, pixels, device)
     cells = images["cell_id"].to_numpy(np.int64)
     frame = pd.DataFrame(embeddings).groupby(cells).mean()
     run.write_embeddings(frame.index.to_numpy(np.int64), frame.to_numpy(np.float32))
