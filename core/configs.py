@@ -278,7 +278,7 @@ class UGEConfig(Config):
     stage2_questions: int = 4000
     """Spatial-reasoning walks stage 2 trains on, beside the place captions."""
     batch_size: int = 16
-    """Image-text pairs per step."""
+    """Image-text pairs per step (the global batch: under torchrun each rank embeds its share)."""
     lr: float = 3e-3
     """LoRA learning rate."""
     graph_lr: float = 2e-3
@@ -287,6 +287,8 @@ class UGEConfig(Config):
     """InfoNCE temperature (the paper: 0.01 with a pretrained VLM; 0.05 for the tiny model)."""
     lora_r: int = 8
     """LoRA rank."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA adapters' input in stage 1."""
     pooling: Literal["last", "mean"] = "last"
     """Token pooling of the embedding: the last token or the mean."""
     dim: int | None = None

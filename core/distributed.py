@@ -11,6 +11,9 @@ Contract:
   slice of each global batch (positions ``rank, rank + N, ...``). A trainer's loss is the sum
   over its slice divided by the *global* batch size, times N: DDP averages gradients over the
   ranks, so the step is the global batch's mean gradient, as in one process.
+- A loss with in-batch negatives (InfoNCE) is computed over the whole global batch on every
+  rank: :meth:`Ranks.gather_batch` reassembles the batch's embeddings in order, gradients flow
+  through the rank's own rows only, and the loss is scaled by N as above.
 - BatchNorm is synchronised across ranks on GPUs (:class:`torch.nn.SyncBatchNorm`, which
   PyTorch runs on GPUs only); on CPU each rank normalises its own slice, so N gloo ranks
   match one process only within a tolerance (stated in the tests).
@@ -82,14 +85,27 @@ class Ranks:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return model.to(self.device)
 
-    def ddp(self, model: nn.Module) -> nn.Module:
+    def ddp(self, model: nn.Module, trainable_only: bool = False) -> nn.Module:
         """``model`` whose gradients are averaged over the ranks (itself in one process).
 
         Wrap again whenever the set of trainable parameters changes (a backbone unfrozen):
         DDP fixes the parameters it reduces when it is built.
+
+        Args:
+            model: the module; its ``forward`` is what the trainer calls, once per step.
+            trainable_only: DDP leaves frozen parameters and all buffers alone (no broadcast
+                from rank 0, when wrapped or on each forward): every rank loaded them itself from
+                one checkpoint, as the frozen weights of a VLM under LoRA. The trainable ones
+                are broadcast from rank 0 when wrapped and their gradients averaged, as always.
         """
         if self.world == 1:
             return model
+        if trainable_only:
+            frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+            buffers = [name for name, _ in model.named_buffers()]
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                model, frozen + buffers
+            )
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
 
@@ -123,6 +139,35 @@ class Ranks:
         for index, part in pieces:
             out[index] = part
         return out
+
+    def map_rows(self, n: int, compute: Callable[[torch.Tensor], np.ndarray]) -> np.ndarray:
+        """``compute(rows)`` of rows ``0 .. n-1`` as one array in row order, on every rank;
+        each rank computes its share (:meth:`shard`) and the shares are gathered."""
+        rows = self.shard(torch.arange(n))
+        return self.gather_rows(rows, compute(rows), n)
+
+    def gather_batch(self, mine: torch.Tensor, n: int) -> torch.Tensor:
+        """The global batch of ``n`` rows, in order, from every rank's :meth:`shard` of it.
+
+        For losses with in-batch negatives: every rank computes the loss over the whole batch.
+        Gradients flow only into this rank's own rows (the other ranks' rows are copies), so
+        the loss each rank backpropagates is the global loss times the world size: DDP's
+        average of the ranks' gradients is then the global loss's gradient.
+
+        Args:
+            mine: this rank's rows ``rank, rank + N, ...`` of the batch, ``(len, ...)``.
+            n: the global batch size.
+        """
+        if self.world == 1:
+            return mine
+        size = -(-n // self.world)  # the largest share; smaller ones are padded to it
+        padded = mine.new_zeros((size, *mine.shape[1:]))
+        padded[: len(mine)] = mine.detach()
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        torch.distributed.all_gather(parts, padded)
+        # row k of rank r is row k * N + r of the batch
+        rows = torch.stack(parts, 1).flatten(0, 1)[:n]
+        return rows.index_copy(0, torch.arange(self.rank, n, self.world, device=mine.device), mine)
 
     def broadcast(self, value: T) -> T:
         """Rank 0's ``value`` on every rank."""

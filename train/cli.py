@@ -460,7 +460,7 @@ def uge(config: UGEConfig, schedule: Literal["demo", "paper"] = "demo") -> int:
     """
     from train.uge import train_uge
 
-    print(f"uge run {train_uge(config)}")
+    train_uge(config)  # rank 0 logs the run id
     return 0
 
 

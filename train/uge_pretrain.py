@@ -19,7 +19,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
+from core.distributed import Ranks
 from core.io import building
 from core.models.uge import load_vlm
 from core.models.uge_run import PRETRAINING_MARKER
@@ -74,6 +76,18 @@ def caption_batch(
     return dict(batch)
 
 
+def caption_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Next-token cross-entropy summed over the labelled tokens (fp32), and their number."""
+    targets = labels[:, 1:].reshape(-1)
+    loss = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        targets,
+        ignore_index=-100,
+        reduction="sum",
+    )
+    return loss, int((targets != -100).sum())
+
+
 def pretrain_captioning(
     base: str | Path,
     out: str | Path,
@@ -86,8 +100,13 @@ def pretrain_captioning(
     max_caption_tokens: int = 200,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    ranks: Ranks | None = None,
 ) -> Path:
     """Train every weight of the VLM in ``base`` on image -> caption; save it to ``out``.
+
+    On several ranks (:class:`~core.distributed.Ranks`) every rank draws the same batches and
+    takes its shard of each; the loss is the global batch's mean over its caption tokens, as in
+    one process, and rank 0 writes ``out`` while the others wait for it.
 
     Args:
         base: the randomly initialised tiny checkpoint folder.
@@ -95,27 +114,32 @@ def pretrain_captioning(
         data: UGData; only the training file's caption pairs are used.
         steps: optimiser steps.
         load_images: ``(data, samples, px) -> PIL images`` (the trainer's own loader).
-        batch_size, lr, image_px, max_caption_tokens, seed: the schedule.
+        batch_size, lr, image_px, max_caption_tokens, seed: the schedule (global batch size).
         log: progress lines.
+        ranks: the ranks of the run (default: this process alone, on the automatic device).
 
     Returns:
         ``out``.
     """
+    ranks = ranks or Ranks()
     samples = [s for s in data.files[TRAIN_FILE] if s.pair_type == PAIR_CAPTION]
     if len(samples) < batch_size:
         raise ValueError(
             f"{data.root}: {len(samples)} caption pairs, fewer than a batch of {batch_size}"
         )
-    model, processor = load_vlm(base, dtype="float32")
+    if batch_size < ranks.world:
+        raise ValueError(f"a batch of {batch_size} cannot be shared by {ranks.world} processes")
+    model, processor = load_vlm(base, dtype="float32", device=ranks.device)
     model.train()
     for param in model.parameters():
         param.requires_grad_(True)
+    net = ranks.ddp(model, trainable_only=True)
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(seed)
     started, recent = time.perf_counter(), []
     for step in range(1, steps + 1):
-        rows = torch.randperm(len(samples), generator=generator)[:batch_size].tolist()
-        batch = [samples[i] for i in rows]
+        rows = torch.randperm(len(samples), generator=generator)[:batch_size]
+        batch = [samples[i] for i in ranks.shard(rows).tolist()]
         inputs = caption_batch(
             processor,
             load_images(data, batch, image_px),
@@ -123,35 +147,43 @@ def pretrain_captioning(
             image_px,
             max_caption_tokens,
         )
-        loss = model(**{k: v.to(model.device) for k, v in inputs.items()}, use_cache=False).loss
+        labels = inputs.pop("labels").to(ranks.device)
+        logits = net(**{k: v.to(ranks.device) for k, v in inputs.items()}, use_cache=False).logits
+        total, count = caption_loss_sum(logits, labels)
+        tokens = ranks.sum(count)  # the global batch's caption tokens
+        # the global mean once DDP averages the ranks' gradients
+        loss = total * (ranks.world / tokens)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimiser.step()
-        recent = (recent + [float(loss.detach())])[-50:]
+        recent = (recent + [ranks.sum(float(total.detach())) / tokens])[-50:]
         if step % max(1, steps // 10) == 0 or step == steps:
             log(
                 f"tiny VLM captioning pretraining step {step}/{steps}: loss {sum(recent) / len(recent):.3f} "
                 f"({time.perf_counter() - started:.0f} s)"
             )
     out = Path(out)
-    with building(out, replace=True) as staged:
-        model.eval().save_pretrained(staged)
-        processor.save_pretrained(staged)
-        (staged / PRETRAINING_MARKER).write_text(
-            json.dumps(
-                {
-                    "base": str(base),
-                    "ugdata": str(data.root),
-                    "steps": steps,
-                    "batch_size": batch_size,
-                    "lr": lr,
-                    "image_px": image_px,
-                    "seed": seed,
-                    "final_loss": sum(recent) / len(recent),
-                },
-                indent=2,
+    if ranks.is_main:
+        with building(out, replace=True) as staged:
+            model.eval().save_pretrained(staged)
+            processor.save_pretrained(staged)
+            (staged / PRETRAINING_MARKER).write_text(
+                json.dumps(
+                    {
+                        "base": str(base),
+                        "ugdata": str(data.root),
+                        "steps": steps,
+                        "batch_size": batch_size,
+                        "lr": lr,
+                        "image_px": image_px,
+                        "seed": seed,
+                        "processes": ranks.world,
+                        "final_loss": sum(recent) / len(recent),
+                    },
+                    indent=2,
+                )
+                + "\n"
             )
-            + "\n"
-        )
+    ranks.barrier()  # the others read the folder once rank 0 has renamed it into place
     return out

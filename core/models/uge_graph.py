@@ -42,23 +42,34 @@ def graph_records(data: UGData, samples: Sequence[UGSample]) -> list[GraphRecord
     return [files[graph_file(sample)] for sample in samples]
 
 
-def node_vectors(
-    embedder: UGEEmbedder, records: Sequence[GraphRecord], batch_size: int = 128
-) -> dict[str, torch.Tensor]:
-    """The embedding of every node text in ``records``, by node id (each node embedded once)."""
+def node_texts(records: Sequence[GraphRecord]) -> dict[str, str]:
+    """The text of every node in ``records``, by node id (each node once, in first-seen order)."""
     texts: dict[str, str] = {}
     for record in records:
         for node in record.nodes:
             texts.setdefault(node["node_id"], node["node_text"])
-    ids = list(texts)
+    return texts
+
+
+def embed_node_texts(
+    embedder: UGEEmbedder, texts: Sequence[str], batch_size: int = 128
+) -> torch.Tensor:
+    """Node texts embedded under the node task, ``(len(texts), dim)`` on the CPU."""
     with torch.no_grad():
         vectors = [
-            embedder.embed_texts([texts[i] for i in ids[k : k + batch_size]], NODE_TASK)
-            .float()
-            .cpu()
-            for k in range(0, len(ids), batch_size)
+            embedder.embed_texts(list(texts[k : k + batch_size]), NODE_TASK).float().cpu()
+            for k in range(0, len(texts), batch_size)
         ]
-    return dict(zip(ids, torch.cat(vectors), strict=True)) if ids else {}
+    return torch.cat(vectors) if vectors else torch.zeros(0, embedder.dim)
+
+
+def node_vectors(
+    embedder: UGEEmbedder, records: Sequence[GraphRecord], batch_size: int = 128
+) -> dict[str, torch.Tensor]:
+    """The embedding of every node text in ``records``, by node id (each node embedded once)."""
+    texts = node_texts(records)
+    vectors = embed_node_texts(embedder, list(texts.values()), batch_size)
+    return dict(zip(texts, vectors, strict=True))
 
 
 def graph_batch(

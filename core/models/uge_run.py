@@ -79,7 +79,9 @@ def settings(config: UGEConfig, lora: bool = True) -> UGESettings:
         dim=config.dim,
         image_min_pixels=pixels,
         image_max_pixels=pixels,
-        lora=LoraSettings(r=config.lora_r, alpha=2 * config.lora_r) if lora else None,
+        lora=LoraSettings(r=config.lora_r, alpha=2 * config.lora_r, dropout=config.lora_dropout)
+        if lora
+        else None,
     )
 
 
