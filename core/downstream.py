@@ -2,8 +2,8 @@
 
 - Visual place recognition: a database of one capture year, queries from another; a query is
   recognised at K when one of its K nearest database images (cosine) lies within ``radius_m``.
-  The search is faiss's (:mod:`core.search`): exact up to a million database images, and over a
-  prebuilt compressed index (IVF-SQ8, added in chunks) beyond, in query batches either way.
+  The search is faiss's (:mod:`core.search`), in query batches: exact up to a million database
+  images, IVF-SQ8 beyond (built from the array, or built chunk by chunk and passed in).
 - Socioeconomic estimation: mean image embedding per neighbourhood, standardised, PCA keeping
   99% of the variance, LASSO with 5-fold cross-validated alpha; R² of out-of-fold predictions.
 - Perception: Place Pulse 2 style pairwise votes; a logistic regression on the difference of the
@@ -32,7 +32,7 @@ from sklearn.preprocessing import StandardScaler
 from core.search import VectorIndex, plan_index
 
 #: Database images up to which :func:`recall_at_k` searches exactly: a batched evaluation scans a
-#: million 128-d vectors for ten thousand queries in about a minute on two cores.
+#: million 128-d vectors for ten thousand queries in a minute or two on two cores.
 EXACT_EVAL_MAX = 1_000_000
 
 

@@ -46,7 +46,7 @@ ADD_CHUNK = 65_536
 #: Version of the cache sidecar's layout; another version is rebuilt.
 CACHE_FORMAT = 1
 
-Kind = Literal["flat", "ivf-flat", "ivf-sq8"]
+Kind = Literal["flat", "ivf-sq8"]
 
 _threads: int | None = None
 
@@ -84,11 +84,9 @@ def _use_threads(queries: int) -> None:
 
 @dataclass(frozen=True)
 class IndexSpec:
-    """What index to build: ``flat`` (exact) or an IVF index with ``nlist`` cells.
-
-    ``ivf-flat`` keeps the vectors as they are (exact similarities of the candidates it finds),
-    ``ivf-sq8`` one byte per dimension (a quarter of the memory; similarities off by about
-    0.0005, at most 0.005 on clustered 128-d data); a search visits ``nprobe`` cells.
+    """What index to build: ``flat`` (exact) or ``ivf-sq8``, an IVF index with ``nlist`` cells
+    storing one byte a dimension (a quarter of float32; similarities off by about 0.0005, at
+    most 0.005 on clustered 128-d data), of which a search visits ``nprobe``.
     """
 
     kind: Kind = "flat"
@@ -102,31 +100,29 @@ class IndexSpec:
 
     def factory(self) -> str:
         """The faiss ``index_factory`` string."""
-        codes = {"flat": "Flat", "ivf-flat": "Flat", "ivf-sq8": "SQ8"}
-        return codes["flat"] if self.exact else f"IVF{self.nlist},{codes[self.kind]}"
+        return "Flat" if self.exact else f"IVF{self.nlist},SQ8"
 
     def memory_bytes(self, rows: int, dim: int) -> int:
         """Bytes the built index holds for ``rows`` vectors of width ``dim``: the codes, an IVF
-        index's row ids, centroids and quantiser tables (:meth:`VectorIndex.enable_reconstruct`
-        adds 8 bytes a row)."""
+        index's row ids, centroids and quantiser tables. Its lists grow by doubling, so the resident
+        memory of the codes and ids can reach twice this while they are added."""
         if self.exact:
             return rows * dim * 4
-        code, tables = {"ivf-flat": (dim * 4, 0), "ivf-sq8": (dim, 2 * dim * 4)}[self.kind]
-        return rows * (code + 8) + self.nlist * dim * 4 + tables
+        return rows * (dim + 8) + self.nlist * dim * 4 + 2 * dim * 4
 
 
 def plan_index(
     rows: int,
     dim: int,
     exact_max: int = EXACT_MAX,
-    kind: Kind = "ivf-flat",
+    kind: Kind = "ivf-sq8",
     nprobe: int | None = None,
 ) -> IndexSpec:
     """The index for ``rows`` vectors: exact up to ``exact_max`` rows, else ``kind``.
 
     An IVF index gets the power of two nearest below sqrt(rows) as its cell count (k-means and
     the assignment of every row stay minutes at 10 million rows on two cores) and visits 1/32 of
-    the cells per query (recall@10 about 0.97 on clustered data), at least 16.
+    the cells per query, at least 16 (bench/README.md, ``faiss``, measures recall and latency).
 
     Args:
         rows: how many vectors will be added.
@@ -262,18 +258,6 @@ class VectorIndex:
             rows[start : start + len(part)] = found_rows
         similarity[rows < 0] = -np.inf
         return similarity, rows
-
-    def enable_reconstruct(self) -> None:
-        """Let :meth:`reconstruct` read rows back (an IVF index keeps a row -> cell map, 8 bytes
-        a row); call before searching from several threads."""
-        if not self.spec.exact:
-            ivf = faiss.extract_index_ivf(self.faiss)
-            if ivf.direct_map.type == faiss.DirectMap.NoMap:
-                ivf.make_direct_map()
-
-    def reconstruct(self, row: int) -> np.ndarray:
-        """The stored (normalised; for SQ8 / PQ decoded) vector of one row."""
-        return self.faiss.reconstruct(int(row))
 
     def save(self, path: str | PathLike) -> dict[str, int]:
         """Write the index atomically to ``path``; returns :func:`file_stamp` of what was written."""

@@ -46,9 +46,9 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
 def test_the_plan_is_exact_up_to_the_threshold_and_ivf_above():
     assert plan_index(100_000, 128).kind == "flat"
     spec = plan_index(3_400_000, 128)
-    assert (spec.kind, spec.nlist, spec.nprobe) == ("ivf-flat", 1024, 32)
+    assert (spec.kind, spec.nlist, spec.nprobe) == ("ivf-sq8", 1024, 32)
     assert plan_index(10_000_000, 128, kind="ivf-sq8").nlist == 2048
-    assert plan_index(20_000, 32, exact_max=1000) == search.IndexSpec("ivf-flat", 128, 16)
+    assert plan_index(20_000, 32, exact_max=1000) == search.IndexSpec("ivf-sq8", 128, 16)
     # The stated memory of 10 M x 128-d codes: SQ8 one byte a dimension plus an 8-byte id.
     sq8 = plan_index(10_000_000, 128, kind="ivf-sq8").memory_bytes(10_000_000, 128)
     assert 1.36e9 < sq8 < 1.37e9
@@ -70,12 +70,12 @@ def test_the_exact_index_equals_numpy_brute_force():
 def test_ivf_above_a_lowered_threshold_finds_most_true_neighbours():
     database, queries = clustered(20_000), clustered(200, seed=1)
     index = EmbeddingIndex(np.arange(20_000) + 7, database, exact_max=1000)
-    assert not index.exact and index.index.spec.kind == "ivf-flat"
+    assert not index.exact and index.index.spec.kind == "ivf-sq8"
     assert index.cache_status == "memory"
-    truth_similarity, truth = brute_force(database, queries, 10)
+    _, truth = brute_force(database, queries, 10)
     found = [index.search(q, 10)["cell_id"].to_numpy() - 7 for q in queries]
     assert recall(found, truth) >= 0.9
-    # ivf-flat keeps the vectors: the similarities of what it finds are exact.
+    # Candidates are re-ranked by the exact cosine: the similarities shown are exact.
     one = index.search(queries[0], 10)
     unit = database / np.linalg.norm(database, axis=1, keepdims=True)
     expected = unit[one["cell_id"] - 7] @ (queries[0] / np.linalg.norm(queries[0]))
@@ -110,7 +110,7 @@ def test_the_cache_is_written_once_reused_and_rebuilt_when_the_embeddings_change
     written = files(tmp_path)
     assert set(written) == {INDEX_FILE, INDEX_FILE + ".json"}
     record = json.loads((tmp_path / (INDEX_FILE + ".json")).read_text())
-    assert record["rows"] == 20_000 and record["spec"]["kind"] == "ivf-flat"
+    assert record["rows"] == 20_000 and record["spec"]["kind"] == "ivf-sq8"
 
     again = EmbeddingIndex(ids, vectors, cache=cache, exact_max=1000)
     assert again.cache_status == "loaded"
