@@ -149,6 +149,15 @@ def _rounded(value: Any) -> Any:
     return value
 
 
+def _typed(value: Any, default: Any) -> Any:
+    """A command-line override converted to its default's type (bool from true/false/1/0)."""
+    if not isinstance(value, str) or isinstance(default, str) or default is None:
+        return value
+    if isinstance(default, bool):
+        return value.strip().lower() in ("1", "true", "yes")
+    return type(default)(float(value)) if isinstance(default, int) else type(default)(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -156,6 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", help="benchmarks to run (default: all registered)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="result folder")
     parser.add_argument("--repeat", type=int, default=None, help="override repeats per step")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a parameter of the named benchmarks (typed like its default), e.g. a size",
+    )
     parser.add_argument("--list", action="store_true", help="list benchmarks and exit")
     args = parser.parse_args(argv)
 
@@ -171,7 +187,17 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; registered: {sorted(REGISTRY)}")
     overrides = {} if args.repeat is None else {"repeat": args.repeat}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected NAME=VALUE")
+        overrides[key] = value
     for name in names:
-        payload = run_one(name, args.out, overrides)
+        params = REGISTRY[name].params
+        unknown_params = [k for k in overrides if k not in params and k != "repeat"]
+        if unknown_params:
+            parser.error(f"{name} has no parameter(s) {unknown_params}; it has {sorted(params)}")
+        typed = {k: _typed(v, params[k]) for k, v in overrides.items() if k in params}
+        payload = run_one(name, args.out, typed)
         print(summary(payload), flush=True)
     return 1 if failed and not args.names else 0

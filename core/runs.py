@@ -9,6 +9,9 @@ A run is a folder ``runs_root/<run_id>/`` holding
   plus any extra columns;
 - ``embeddings.parquet`` (optional): ``cell_id`` int64 and ``embedding``, a fixed-size list of
   float32, with the width in the schema metadata ``dim``;
+- ``embeddings.faiss`` and ``embeddings.faiss.json`` (a cache, written by whoever first searches
+  the embeddings of a run above ``core.search.EXACT_MAX`` cells where the folder is writable;
+  rebuilt when stale, safe to delete);
 - ``model.safetensors`` (optional), ``log.txt``, and ``progress.json`` (the last progress
   report, read by the job worker while the run is going);
 - written by some trainers: ``backbone.safetensors`` (an image encoder others can load as
@@ -54,6 +57,8 @@ EPOCHS_FILE = "metrics.csv"
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.parquet"
 EMBEDDINGS_FILE = "embeddings.parquet"
+#: The cached faiss index of the embeddings (beside it ``INDEX_FILE + ".json"``; core.search).
+INDEX_FILE = "embeddings.faiss"
 MODEL_FILE = "model.safetensors"
 LOG_FILE = "log.txt"
 BACKBONE_FILE = "backbone.safetensors"

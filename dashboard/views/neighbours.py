@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import streamlit as st
 
 from core.neighbours import EmbeddingIndex
-from core.runs import EMBEDDINGS_FILE, PREDICTIONS_FILE
+from core.runs import EMBEDDINGS_FILE, INDEX_FILE, PREDICTIONS_FILE
 from dashboard import common, data, maps
 
 
 @st.cache_resource(show_spinner="Indexing embeddings ...", max_entries=4)
 def embedding_index(run_path: str) -> EmbeddingIndex:
-    """The run's per-cell embeddings, normalised once per run and shared by all sessions."""
-    return EmbeddingIndex(*data.load_embeddings(run_path))
+    """The run's per-cell embeddings, indexed once per run and shared by all sessions (an
+    approximate index of a large run is cached in the run folder; see core.search)."""
+    return EmbeddingIndex(*data.load_embeddings(run_path), cache=Path(run_path) / INDEX_FILE)
 
 
 def embedding_runs(root: str) -> pd.DataFrame:
