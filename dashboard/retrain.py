@@ -247,7 +247,15 @@ def show_running(store: JobStore, job: Job, may_cancel: bool) -> None:
         st.rerun(scope="fragment")
 
 
-@st.fragment(run_every=POLL_SECONDS)
+def jobs_active(root: str) -> bool:
+    """Whether the data root's job store (read-only) holds a queued or running job."""
+    store = open_store(root, write=False)[0]
+    try:
+        return store is not None and bool(store.jobs(["running", "queued"], limit=1))
+    except (sqlite3.Error, OSError, ValueError):
+        return False
+
+
 def queue(root: str, write: bool, cancel_any: bool) -> None:
     """Running and queued jobs with live progress, and the last finished ones.
 
@@ -336,7 +344,11 @@ def panel(root: str) -> None:
             f"with `{data.RETRAIN_ENV}=1` (e.g. `make demo RETRAIN=1`) or put "
             f"`retraining: true` in `{DataRoot(root).root / data.SETTINGS_FILE}`."
         )
-    queue(root, enabled, cancel_any)
+    # Redrawn every few seconds while jobs may change: always with the form, and while a
+    # job is queued or running. A browsing session with nothing running does not poll: twenty
+    # idle tabs would otherwise rerun it ten times a second between them.
+    poll = enabled or jobs_active(root)
+    st.fragment(run_every=POLL_SECONDS if poll else None)(queue)(root, enabled, cancel_any)
 
 
 def enqueue_from_form(root: str, store: JobStore, caps: dict[str, int]) -> None:

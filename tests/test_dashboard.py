@@ -325,3 +325,19 @@ def test_retrain_form_enqueues_a_contrastive_job(app, demo_root, monkeypatch):
     assert job.config == {"objective": "spatial", "epochs": 8, "steps_per_epoch": 5, "seed": 0}
     assert any(f"#{job.id} contrastive spatial" in c.value for c in app.sidebar.caption)
     store.cancel(job.id)
+
+
+def test_browsing_polls_the_queue_only_while_a_job_is_queued_or_running(tmp_path, tiny_demo):
+    from dashboard import retrain
+
+    root = tmp_path / "city"
+    root.mkdir()
+    (root / "grid.parquet").symlink_to(tiny_demo / "grid.parquet")
+    assert not retrain.jobs_active(str(root))  # no store at all
+    store = JobStore.for_runs(DataRoot(root).runs)
+    job = store.enqueue("fusion", {"epochs": 1})
+    assert retrain.jobs_active(str(root))
+    store.cancel(job)
+    assert not retrain.jobs_active(str(root))
+    (DataRoot(root).runs / "jobs.sqlite").write_bytes(b"not a database")
+    assert not retrain.jobs_active(str(root))
