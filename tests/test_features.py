@@ -1,8 +1,10 @@
-"""The frozen-encoder feature cache: hits, misses, invalidation, resumption, pooling."""
+"""The frozen-encoder feature cache and the pixel cache: hits, misses, invalidation,
+resumption, how missing rows are shared among ranks, pooling."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,7 +13,15 @@ import torch
 
 from core.dataroot import DataRoot
 from core.datasets import street_images
-from core.features import FeatureSet, extract_features, pool_by_cell
+from core.features import (
+    FeatureSet,
+    ImageFiles,
+    _missing,
+    _share,
+    extract_features,
+    load_pixels,
+    pool_by_cell,
+)
 from core.models.backbones import create_backbone, save_backbone
 
 
@@ -106,6 +116,56 @@ def test_interrupted_extraction_resumes(images, tmp_path):
     )
     assert calls[0] == 150  # started at row 100, not 0
     np.testing.assert_allclose(resumed.matrix, full, rtol=1e-5, atol=1e-6)
+
+
+def test_missing_rows_are_shared_among_ranks_in_whole_batches():
+    # rows 0-9 and 30-34 are written; 10-29 and 35-99 are missing
+    missing = _missing([(0, 10), (30, 35), (0, 4)], 100)
+    assert missing == [(10, 30), (35, 100)]
+    assert _share(missing, 8, 0, 1) == missing  # one process takes everything
+    # 3 batches from row 10 (8, 8, 4 rows) and 9 from row 35: 12 batches, 6 per rank
+    assert _share(missing, 8, 0, 2) == [(10, 30), (35, 59)]
+    assert _share(missing, 8, 1, 2) == [(59, 100)]
+    for world in (1, 2, 3, 5, 16):
+        shares = [_share(missing, 8, rank, world) for rank in range(world)]
+        rows = [row for share in shares for first, stop in share for row in range(first, stop)]
+        assert rows == [row for first, stop in missing for row in range(first, stop)]
+        for share in shares:  # every slice starts at a batch boundary of its interval
+            assert all((first - 10) % 8 == 0 or (first - 35) % 8 == 0 for first, _ in share)
+    assert _missing([(0, 100)], 100) == []
+
+
+def test_pixels_equal_a_plain_decode_and_are_reused(images, tmp_path):
+    pixels = load_pixels(images, 32, tmp_path, workers=0, batch_size=64)
+    expected = np.stack([ImageFiles(list(images["path"]), 32)[i].numpy() for i in range(300)])
+    np.testing.assert_array_equal(pixels, expected)
+    assert [p.name for p in tmp_path.iterdir()] == [Path(pixels.filename).name]  # no .partial
+    stamp = Path(pixels.filename).stat().st_mtime_ns
+    again = load_pixels(images, 32, tmp_path, workers=0, batch_size=64)
+    assert Path(again.filename).stat().st_mtime_ns == stamp
+    assert load_pixels(images.iloc[:0], 32, tmp_path).shape == (0, 3, 32, 32)
+
+
+def test_interrupted_pixel_fill_resumes(images, tmp_path):
+    full = np.array(load_pixels(images, 32, tmp_path / "a", workers=0, batch_size=64))
+    done = load_pixels(images, 32, tmp_path / "b", workers=0, batch_size=64)
+    # Put the file back as a process killed after 128 rows leaves it: in the temporary folder,
+    # with a record of the rows written; mark a written row to see that it is not redone.
+    final = Path(done.filename)
+    partial = final.with_name(final.name + ".partial")
+    partial.mkdir()
+    store = partial / "pixels.npy"
+    final.rename(store)
+    rows = np.load(store, mmap_mode="r+")
+    rows[128:] = 0
+    rows[5] = 7
+    rows.flush()
+    (partial / "done-0-300.json").write_text(json.dumps({"start": 0, "stop": 300, "done": 128}))
+    resumed = load_pixels(images, 32, tmp_path / "b", workers=0, batch_size=64)
+    expected = full.copy()
+    expected[5] = 7
+    np.testing.assert_array_equal(resumed, expected)
+    assert not partial.exists()
 
 
 def test_mismatching_cache_metadata_is_an_error(images, tmp_path):

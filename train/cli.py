@@ -188,12 +188,9 @@ def perception(config: PerceptionConfig) -> int:
     Args:
         config: the perception encoder's training.
     """
-    from core.runs import BACKBONE_FILE, run_path
     from train.perception import train_perception
 
-    run_id = train_perception(config)
-    weights = run_path(DataRoot(Path(config.data)).runs, run_id) / BACKBONE_FILE
-    print(f"perception run {run_id}: ground weights at {weights}")
+    train_perception(config)  # rank 0 prints the run id and where its weights are
     return 0
 
 

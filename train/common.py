@@ -1,16 +1,21 @@
-"""Small pieces every training recipe uses: seeding, batching, augmentation, prediction."""
+"""Small pieces every training recipe uses: seeding, batching, augmentation, prediction, and
+the epoch and evaluation loops that run the same on one process and on N ranks."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from core.models.backbones import normalise
 from core.runs import BACKBONE_FILE, parse_run_id, run_path
+
+if TYPE_CHECKING:
+    from core.distributed import Ranks
 
 
 class OneCycle:
@@ -30,6 +35,10 @@ class OneCycle:
         self.optimiser.step()
         self.schedule.step()
         return loss.item()
+
+
+def quiet(line: str) -> None:
+    """The log of ranks other than 0: rank 0 speaks for the run."""
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -76,6 +85,73 @@ def predict(
 ) -> torch.Tensor:
     """Concatenate ``fn(index_batch)`` over all items, in order, in inference mode."""
     return torch.cat([fn(index).float().cpu() for index in batches(n, batch_size)])
+
+
+def train_epoch(
+    ranks: Ranks,
+    trainer: OneCycle,
+    rows: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+    loss_sum: Callable[[torch.Tensor], torch.Tensor],
+    min_rows: int = 1,
+) -> float:
+    """One pass over ``rows`` in shuffled global batches of ``batch_size``; the mean loss.
+
+    Every rank draws the same order from ``generator`` and takes its slice of each global
+    batch (:meth:`core.distributed.Ranks.shard`). ``loss_sum(mine)`` is the loss summed over
+    the rows ``mine``; it is scaled by N / (global batch size), so the gradient DDP averages
+    over the ranks is the global batch's mean gradient, as in one process. A global batch
+    with fewer than ``min_rows`` rows per rank is skipped (BatchNorm on a vector needs two).
+    """
+    total = 0.0
+    for index in batches(len(rows), batch_size, generator):
+        total += train_batch(ranks, trainer, rows[index], loss_sum, min_rows) or 0.0
+    return ranks.sum(total) / len(rows)
+
+
+def train_batch(
+    ranks: Ranks,
+    trainer: OneCycle,
+    batch: torch.Tensor,
+    loss_sum: Callable[[torch.Tensor], torch.Tensor],
+    min_rows: int = 1,
+) -> float | None:
+    """One optimisation step of :func:`train_epoch` on the global batch ``batch``.
+
+    Each rank takes its slice; ``loss_sum`` of it is scaled by N / (global batch size), so
+    DDP's averaging gives the global batch's mean gradient. Returns this rank's summed loss, or
+    None (no step) for a batch with fewer than ``min_rows`` rows per rank.
+    """
+    if len(batch) < min_rows * ranks.world:
+        return None
+    scale = ranks.world / len(batch)
+    return trainer.step(scale * loss_sum(ranks.shard(batch))) / scale
+
+
+def predict_shared(
+    ranks: Ranks | None,
+    model: torch.nn.Module,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    n: int,
+    batch_size: int = 512,
+) -> np.ndarray:
+    """``fn(rows)`` for all ``n`` rows in order, each rank computing its share (:func:`predict`).
+
+    ``model`` (what ``fn`` runs) is put in eval mode with rank 0's BatchNorm statistics, so
+    every rank evaluates the same model; the shares are gathered, so every rank gets all rows.
+    ``ranks`` None is one process.
+    """
+    model.eval()
+    if ranks is None:
+        return predict(fn, n, batch_size).numpy()
+    ranks.broadcast_buffers(model)
+    rows = ranks.shard(torch.arange(n))
+    if len(rows):
+        values = predict(lambda index: fn(rows[index]), len(rows), batch_size)
+    else:  # fewer rows than ranks: an empty share of the right width
+        values = predict(fn, 1)[:0]
+    return ranks.gather_rows(rows, values.numpy(), n)
 
 
 def resolve_weights(runs_root: Path, value: str | None) -> str | None:

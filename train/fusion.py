@@ -12,6 +12,7 @@ Kendall's tau is kept. The target is standardised on the training cells.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -32,17 +33,33 @@ from core.models.fusion import FusionRegressor, restore
 from core.progress import Progress
 from core.runs import RunWriter, load_run
 from core.scenes import filter_config, scores_path, select
-from train.common import OneCycle, augment_aerial, batches, seed_everything, to_input
+from train.common import (
+    OneCycle,
+    augment_aerial,
+    predict_shared,
+    quiet,
+    seed_everything,
+    to_input,
+    train_batch,
+    train_epoch,
+)
 
-
-def _quiet(line: str) -> None:
-    """The log of ranks other than 0: rank 0 speaks for the run."""
+#: Rows per rank a global batch needs to be stepped on: the fusion head's BatchNorm needs two.
+MIN_ROWS = 2
 
 
 def ground_inputs(
-    config: FusionConfig, root: DataRoot, cell_ids: np.ndarray, log=print
+    config: FusionConfig,
+    root: DataRoot,
+    cell_ids: np.ndarray,
+    log=print,
+    ranks: Ranks | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Frozen ground features (extracted or from the cache) pooled per cell, and image counts."""
+    """Frozen ground features (extracted or from the cache) pooled per cell, and image counts.
+
+    Under a process group every rank extracts its share of the missing features into the one
+    cache (:func:`core.features.extract_features`).
+    """
     images = street_images(root, config.ground, cell_ids)
     keep = np.ones(len(images), bool)
     if config.ground == "flickr" and config.flickr_subset != "all":
@@ -63,6 +80,7 @@ def ground_inputs(
         root.cache / "features",
         px=config.ground_px,
         device=config.device,
+        ranks=ranks,
     )
     log(
         f"ground features: {len(images)} {config.ground} images, {keep.sum()} kept "
@@ -95,40 +113,60 @@ class CellInputs:
 
 
 def cell_inputs(
-    config: FusionConfig, root: DataRoot, ids: np.ndarray, log=print
+    config: FusionConfig, root: DataRoot, ids: np.ndarray, log=print, ranks: Ranks | None = None
 ) -> tuple[CellInputs, np.ndarray]:
-    """The inputs of ``config`` for cells ``ids``, and the ground image count per cell."""
-    aerial = aerial_patches(root, ids, config.patch_m, config.aerial_px) if config.aerial else None
+    """The inputs of ``config`` for cells ``ids``, and the ground image count per cell.
+
+    With ``ranks``: rank 0 cuts and caches the aerial patches before the others read them, and
+    the ranks share the extraction of the ground features.
+    """
+    aerial = None
+    if config.aerial:
+        with ranks.main_first() if ranks is not None else nullcontext():
+            aerial = aerial_patches(root, ids, config.patch_m, config.aerial_px)
     if not config.ground:
         return CellInputs(aerial, None, None), np.zeros(len(ids), int)
-    pooled, counts = ground_inputs(config, root, ids, log)
+    pooled, counts = ground_inputs(config, root, ids, log, ranks)
     return CellInputs(aerial, torch.from_numpy(pooled), torch.from_numpy(counts > 0)), counts
 
 
-@torch.inference_mode()
-def predict_cells(
-    model: FusionRegressor, inputs: CellInputs, rows: torch.Tensor, device: torch.device
-) -> tuple[np.ndarray, np.ndarray]:
-    """Standardised predictions ``(len(rows),)`` and embeddings ``(len(rows), hidden)``."""
-    model.eval()
-    outputs, embeddings = [], []
-    for index in batches(len(rows), 512):
-        with bf16_autocast(device):
-            embedding = model.embed(*inputs.batch(rows[index], device)).float()
-        embeddings.append(embedding.cpu())
-        # the last layer in float32: bf16 scores would tie cells that Kendall's tau tells apart
-        outputs.append(model.out(embedding).squeeze(1).cpu())
-    return torch.cat(outputs).numpy(), torch.cat(embeddings).numpy()
-
-
 def predict_all(
-    model: FusionRegressor, inputs: CellInputs, n: int, ranks: Ranks
+    model: FusionRegressor,
+    inputs: CellInputs,
+    n: int,
+    ranks: Ranks | None,
+    device: torch.device | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`predict_cells` of all ``n`` cells, each rank predicting its share."""
-    ranks.broadcast_buffers(model)
-    rows = ranks.shard(torch.arange(n))
-    predicted, embeddings = predict_cells(model, inputs, rows, ranks.device)
-    return ranks.gather_rows(rows, predicted, n), ranks.gather_rows(rows, embeddings, n)
+    """Standardised predictions ``(n,)`` and embeddings ``(n, hidden)`` of all ``n`` cells.
+
+    Each rank predicts its share (:func:`train.common.predict_shared`); ``ranks`` None is one
+    process on ``device``.
+    """
+    device = ranks.device if ranks is not None else device
+
+    def predict(rows: torch.Tensor) -> torch.Tensor:
+        with bf16_autocast(device):
+            embedding = model.embed(*inputs.batch(rows, device)).float()
+        # the last layer in float32: bf16 scores would tie cells that Kendall's tau tells apart
+        return torch.cat([model.out(embedding), embedding], 1)
+
+    values = predict_shared(ranks, model, predict, n)
+    return values[:, 0], np.ascontiguousarray(values[:, 1:])
+
+
+def squared_error(
+    net: nn.Module,
+    inputs: CellInputs,
+    y: torch.Tensor,
+    mine: torch.Tensor,
+    device: torch.device,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """The squared error summed over the rows ``mine`` (the forward in bf16 autocast on a GPU,
+    the error in float32): the loss :func:`train.common.train_epoch` steps on."""
+    with bf16_autocast(device):
+        predicted = net(*inputs.batch(mine, device, generator))
+    return nn.functional.mse_loss(predicted.float(), y[mine].to(device), reduction="sum")
 
 
 def train_step(
@@ -140,23 +178,17 @@ def train_step(
     ranks: Ranks,
     generator: torch.Generator,
 ) -> float | None:
-    """One optimisation step on the global batch ``rows`` (bf16 autocast on a GPU).
+    """One optimisation step of ``train_fusion``'s epoch loop on the global batch ``rows``.
 
-    Each rank runs its slice; the loss is the slice's sum over the global batch size, times the
-    number of ranks, so DDP's averaging gives the global batch's mean gradient. Returns this
-    rank's summed squared error, or None for a batch too small to step on (BatchNorm needs two
-    samples per rank).
+    :func:`train.common.train_batch` with :func:`squared_error`: each rank runs its slice and
+    DDP's averaging gives the global batch's mean gradient. Returns this rank's summed squared
+    error, or None for a batch too small to step on (BatchNorm needs two samples per rank).
     """
-    if len(rows) < 2 * ranks.world:
-        return None
-    mine = ranks.shard(rows)
-    scale = ranks.world / len(rows)
-    with bf16_autocast(ranks.device):
-        predicted = net(*inputs.batch(mine, ranks.device, generator))
-    loss = scale * nn.functional.mse_loss(
-        predicted.float(), y[mine].to(ranks.device), reduction="sum"
-    )
-    return trainer.step(loss) / scale
+
+    def loss_sum(mine: torch.Tensor) -> torch.Tensor:
+        return squared_error(net, inputs, y, mine, ranks.device, generator)
+
+    return train_batch(ranks, trainer, rows, loss_sum, min_rows=MIN_ROWS)
 
 
 def train_fusion(config: FusionConfig, log=print, progress: Progress | None = None) -> str:
@@ -173,7 +205,7 @@ def train_fusion(config: FusionConfig, log=print, progress: Progress | None = No
     ranks = Ranks(config.device)
     device = ranks.device
     if not ranks.is_main:
-        log = _quiet
+        log = quiet
     cells = labelled_cells(
         root,
         config.year,
@@ -182,8 +214,7 @@ def train_fusion(config: FusionConfig, log=print, progress: Progress | None = No
         config.seed if config.split_seed is None else config.split_seed,
     )
     ids = cells["cell_id"].to_numpy()
-    with ranks.main_first():  # rank 0 fills the feature cache, the others read it
-        inputs, image_counts = cell_inputs(config, root, ids, log)
+    inputs, image_counts = cell_inputs(config, root, ids, log, ranks)
     generator = seed_everything(config.seed)
 
     train_rows = torch.from_numpy(np.flatnonzero(cells["split"].to_numpy() == "train"))
@@ -232,6 +263,10 @@ def train_fusion(config: FusionConfig, log=print, progress: Progress | None = No
             )
         best_tau, best_state, best_epoch = -np.inf, None, 0
         net, net_frozen = None, None
+
+        def loss_sum(mine: torch.Tensor) -> torch.Tensor:
+            return squared_error(net, inputs, y, mine, device, generator)
+
         for epoch in range(1, config.epochs + 1):
             frozen = epoch <= config.warmup_epochs
             if model.aerial is not None:
@@ -239,17 +274,22 @@ def train_fusion(config: FusionConfig, log=print, progress: Progress | None = No
             if frozen != net_frozen:
                 net, net_frozen = ranks.ddp(model), frozen
             model.train()
-            started, total = time.perf_counter(), 0.0
-            for index in batches(len(train_rows), config.batch_size, generator):
-                loss = train_step(net, trainer, inputs, y, train_rows[index], ranks, generator)
-                total += loss or 0.0
-            total = ranks.sum(total)
+            started = time.perf_counter()
+            loss = train_epoch(
+                ranks,
+                trainer,
+                train_rows,
+                config.batch_size,
+                generator,
+                loss_sum,
+                min_rows=MIN_ROWS,
+            )
             predicted = predict_all(model, inputs, len(ids), ranks)[0] * std + mean
             val_tau = kendall_tau_b(predicted[val_rows.numpy()], true[val_rows.numpy()])
             seconds = round(time.perf_counter() - started, 2)
             run.log_epoch(
                 epoch=epoch,
-                train_loss=total / len(train_rows),
+                train_loss=loss,
                 val_kendall_tau=val_tau,
                 aerial_frozen=frozen,
                 seconds=seconds,
@@ -257,11 +297,11 @@ def train_fusion(config: FusionConfig, log=print, progress: Progress | None = No
             run.progress(
                 epoch=epoch,
                 epochs=config.epochs,
-                loss=total / len(train_rows),
+                loss=loss,
                 val_kendall_tau=val_tau,
             )
             log(
-                f"{config.label} epoch {epoch}/{config.epochs}: loss {total / len(train_rows):.4f}, "
+                f"{config.label} epoch {epoch}/{config.epochs}: loss {loss:.4f}, "
                 f"val tau {val_tau:.3f} ({seconds} s)"
             )
             if best_state is None or (
@@ -306,7 +346,7 @@ def predict_run(run_dir: str | Path, device: str = "cpu") -> pd.DataFrame:
     model, config = restore(run, device)
     ids = run.predictions()["cell_id"].to_numpy()
     inputs, _ = cell_inputs(config, DataRoot(Path(config.data)), ids, log=lambda _: None)
-    standardised, _ = predict_cells(model, inputs, torch.arange(len(ids)), resolve_device(device))
+    standardised, _ = predict_all(model, inputs, len(ids), None, resolve_device(device))
     return pd.DataFrame(
         {
             "cell_id": ids,

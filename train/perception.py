@@ -4,6 +4,10 @@ Pairwise votes (``left_id, right_id, winner, category``) train one score per cat
 RankNet loss: P(left wins) = sigmoid(s(left) - s(right)); "equal" is a target of 0.5. The demo
 city generates such votes; a user supplies Place Pulse 2's ``votes.csv`` with its images in the
 catalog. The trained backbone is saved as "pp2-like" ground weights for the fusion model.
+
+Under ``torchrun --nproc-per-node N`` the ranks share the decoding of the pixel cache, train on
+their slices of each global batch of votes (:func:`train.common.train_epoch`) and judge their
+shares of the held-out votes, which are gathered; only rank 0 writes the run.
 """
 
 from __future__ import annotations
@@ -20,12 +24,20 @@ from torch import nn
 from core.configs import PerceptionConfig
 from core.dataroot import DataRoot
 from core.datasets import street_images
+from core.distributed import Ranks
 from core.features import load_pixels
 from core.io import read_table, require_columns
 from core.models.backbones import create_backbone, save_backbone
-from core.models.device import resolve_device
-from core.runs import BACKBONE_FILE, RunWriter
-from train.common import OneCycle, augment_street, batches, seed_everything, to_input
+from core.runs import BACKBONE_FILE, RunWriter, run_path
+from train.common import (
+    OneCycle,
+    augment_street,
+    predict_shared,
+    quiet,
+    seed_everything,
+    to_input,
+    train_epoch,
+)
 
 WINNER_TARGET = {"left": 1.0, "right": 0.0, "equal": 0.5}
 
@@ -59,7 +71,10 @@ class PerceptionModel(nn.Module):
 def train_perception(config: PerceptionConfig, log=print) -> str:
     """Train on votes, report held-out pair accuracy per category; returns the run id."""
     root = DataRoot(Path(config.data))
-    device = resolve_device(config.device)
+    ranks = Ranks(config.device)
+    device = ranks.device
+    if not ranks.is_main:
+        log = quiet
     generator = seed_everything(config.seed)
     images = street_images(root, "gsv")
     votes = read_votes(root.votes, pd.Index(images["id"]))
@@ -77,53 +92,53 @@ def train_perception(config: PerceptionConfig, log=print) -> str:
         np.random.default_rng(config.seed).random(len(votes)) < config.test_share
     )
     train_rows = torch.nonzero(~test).squeeze(1)
-    pixels = load_pixels(images, config.px, root.cache / "pixels")
+    pixels = load_pixels(images, config.px, root.cache / "pixels", ranks=ranks)
 
-    model = (
-        PerceptionModel(config.backbone, categories, config.seed)
-        .to(device)
-        .to(memory_format=torch.channels_last)
+    model = ranks.prepare(PerceptionModel(config.backbone, categories, config.seed)).to(
+        memory_format=torch.channels_last
     )
+    net = ranks.ddp(model)
     trainer = OneCycle(
         model.parameters(), config.lr, 1e-4, config.epochs, len(train_rows), config.batch_size
     )
 
-    def margin(rows: torch.Tensor, augment: bool) -> torch.Tensor:
+    def margin(module: nn.Module, rows: torch.Tensor, augment: bool) -> torch.Tensor:
         pair = torch.cat([left[rows], right[rows]])
         x = to_input(pixels, pair, device)
         if augment:
             x = augment_street(x, generator)
-        scores = model(x).gather(1, category[rows].repeat(2).to(device)[:, None]).squeeze(1)
+        scores = module(x).gather(1, category[rows].repeat(2).to(device)[:, None]).squeeze(1)
         return scores[: len(rows)] - scores[len(rows) :]
 
-    with RunWriter(root.runs, "perception", asdict(config)) as run:
+    def rank_loss(rows: torch.Tensor) -> torch.Tensor:
+        return nn.functional.binary_cross_entropy_with_logits(
+            margin(net, rows, True), target[rows].to(device), reduction="sum"
+        )
+
+    def decided(rows: torch.Tensor) -> torch.Tensor:
+        """Whether the model ranks each vote's winner higher."""
+        return (margin(model, rows, False).cpu() > 0) == (target[rows] > 0.5)
+
+    resolved = asdict(config) | {"processes": ranks.world}
+    with ranks.run_writer(lambda: RunWriter(root.runs, "perception", resolved)) as run:
         run.log(
-            f"{len(votes)} votes on {len(images)} images, categories {categories}, device {device}"
+            f"{len(votes)} votes on {len(images)} images, categories {categories}, "
+            f"device {device} x {ranks.world} process(es)"
         )
         for epoch in range(1, config.epochs + 1):
             model.train()
-            started, total = time.perf_counter(), 0.0
-            for index in batches(len(train_rows), config.batch_size, generator):
-                rows = train_rows[index]
-                loss = nn.functional.binary_cross_entropy_with_logits(
-                    margin(rows, True), target[rows].to(device)
-                )
-                total += trainer.step(loss) * len(rows)
-            accuracy = _pair_accuracy(model, margin, test, target, category, categories)
+            started = time.perf_counter()
+            loss = train_epoch(ranks, trainer, train_rows, config.batch_size, generator, rank_loss)
+            accuracy = _pair_accuracy(ranks, model, decided, test, target, category, categories)
             run.log_epoch(
                 epoch=epoch,
-                train_loss=total / len(train_rows),
+                train_loss=loss,
                 val_accuracy=accuracy["all"],
                 seconds=round(time.perf_counter() - started, 2),
             )
-            run.progress(
-                epoch=epoch,
-                epochs=config.epochs,
-                loss=total / len(train_rows),
-                val_accuracy=accuracy["all"],
-            )
+            run.progress(epoch=epoch, epochs=config.epochs, loss=loss, val_accuracy=accuracy["all"])
             log(
-                f"perception epoch {epoch}: loss {total / len(train_rows):.3f}, held-out accuracy {accuracy['all']:.3f}"
+                f"perception epoch {epoch}: loss {loss:.3f}, held-out accuracy {accuracy['all']:.3f}"
             )
         run.write_metrics({f"pair_accuracy_{k}": v for k, v in accuracy.items()})
         run.write_predictions(
@@ -140,32 +155,31 @@ def train_perception(config: PerceptionConfig, log=print) -> str:
         run.save_model(
             model.state_dict(), {"categories": ",".join(categories), "backbone": config.backbone}
         )
-        save_backbone(
-            model.backbone,
-            run.path / BACKBONE_FILE,
-            trained_on="pairwise perception votes",
-            px=str(config.px),
-        )
+        if ranks.is_main:
+            save_backbone(
+                model.backbone,
+                run.path / BACKBONE_FILE,
+                trained_on="pairwise perception votes",
+                px=str(config.px),
+            )
+    weights = run_path(root.runs, run.run_id) / BACKBONE_FILE
+    log(f"perception run {run.run_id}: ground weights at {weights}")
     return run.run_id
 
 
-@torch.inference_mode()
 def _pair_accuracy(
+    ranks: Ranks,
     model: nn.Module,
-    margin,
+    decided,
     test: torch.Tensor,
     target: torch.Tensor,
     category: torch.Tensor,
     categories: tuple[str, ...],
 ) -> dict[str, float]:
     """Share of decided held-out votes whose winner the model ranks higher, overall and per category."""
-    model.eval()
     rows = torch.nonzero(test & (target != 0.5)).squeeze(1)
-    correct = torch.cat(
-        [
-            (margin(rows[b], False).cpu() > 0) == (target[rows[b]] > 0.5)
-            for b in batches(len(rows), 1024)
-        ]
+    correct = torch.from_numpy(
+        predict_shared(ranks, model, lambda i: decided(rows[i]), len(rows), 1024) > 0.5
     )
     result = {"all": float(correct.float().mean())}
     for i, name in enumerate(categories):

@@ -10,6 +10,10 @@ Two ways to get a scene classifier:
 Either way every Flickr photo is scored, the scores are cached beside the catalog
 (``street/scene_scores-<run>.parquet``), and a ``scene`` run records the configuration, the
 filter's precision/recall where labels exist, and the backbone as ground weights.
+
+Under ``torchrun --nproc-per-node N`` the ranks share the decoding of the pixel cache, train on
+their slices of each global batch (:func:`train.common.train_epoch`) and score their shares of
+the photos, which are gathered; only rank 0 writes the run and the scores.
 """
 
 from __future__ import annotations
@@ -27,20 +31,21 @@ from torch import nn
 from core.configs import SceneTrainConfig
 from core.dataroot import DataRoot
 from core.datasets import street_images
+from core.distributed import Ranks
 from core.features import load_pixels
 from core.io import write_atomic
 from core.models.backbones import save_backbone
-from core.models.device import resolve_device
 from core.models.scene_filter import SceneClassifier, load_scene_classifier, read_scene_names
 from core.runs import BACKBONE_FILE, RunWriter
 from core.scenes import SceneFilterConfig, scores_path, select
 from train.common import (
     OneCycle,
     augment_street,
-    batches,
-    predict,
+    predict_shared,
+    quiet,
     seed_everything,
     to_input,
+    train_epoch,
 )
 
 
@@ -66,7 +71,10 @@ def _labels(root: DataRoot, photos: pd.DataFrame, scenes: tuple[str, ...]) -> np
 def train_scene_filter(config: SceneTrainConfig, log=print) -> str:
     """Train (or load), score all Flickr photos, record the filter's quality; returns the run id."""
     root = DataRoot(Path(config.data))
-    device = resolve_device(config.device)
+    ranks = Ranks(config.device)
+    device = ranks.device
+    if not ranks.is_main:
+        log = quiet
     generator = seed_everything(config.seed)
     photos = street_images(root, "flickr")
     if config.checkpoint:
@@ -85,11 +93,12 @@ def train_scene_filter(config: SceneTrainConfig, log=print) -> str:
         raise FileNotFoundError(
             f"{root.scene_labels}: no scene labels to train on; pass --checkpoint instead"
         )
-    model = model.to(device).to(memory_format=torch.channels_last)
-    pixels = load_pixels(photos, config.px, root.cache / "pixels")
+    model = ranks.prepare(model).to(memory_format=torch.channels_last)
+    pixels = load_pixels(photos, config.px, root.cache / "pixels", ranks=ranks)
     held_out = _held_out(photos["id"]) if not config.checkpoint else np.ones(len(photos), bool)
 
-    with RunWriter(root.runs, "scene", asdict(config)) as run:
+    resolved = asdict(config) | {"processes": ranks.world}
+    with ranks.run_writer(lambda: RunWriter(root.runs, "scene", resolved)) as run:
         if not config.checkpoint:
             _fit(
                 model,
@@ -99,14 +108,13 @@ def train_scene_filter(config: SceneTrainConfig, log=print) -> str:
                 ~held_out & (truth >= 0),
                 config,
                 generator,
-                device,
+                ranks,
                 run,
                 log,
             )
-        model.eval()
-        probabilities = predict(
-            lambda i: model(to_input(pixels, i, device)).softmax(1), len(photos)
-        ).numpy()
+        probabilities = predict_shared(
+            ranks, model, lambda i: model(to_input(pixels, i, device)).softmax(1), len(photos)
+        )
         scores = pd.DataFrame(probabilities, columns=[f"p_{s}" for s in scenes]).round(4)
         scores.insert(0, "id", photos["id"].to_numpy())
         metrics = {"photos": len(photos)}
@@ -129,13 +137,16 @@ def train_scene_filter(config: SceneTrainConfig, log=print) -> str:
         run.save_model(
             model.state_dict(), {"scenes": ",".join(scenes), "backbone": config.backbone}
         )
-        save_backbone(
-            model.backbone,
-            run.path / BACKBONE_FILE,
-            trained_on="scene classification",
-            px=str(config.px),
-        )
-        write_atomic(scores_path(root, run.run_id), lambda tmp: scores.to_parquet(tmp, index=False))
+        if ranks.is_main:
+            save_backbone(
+                model.backbone,
+                run.path / BACKBONE_FILE,
+                trained_on="scene classification",
+                px=str(config.px),
+            )
+            write_atomic(
+                scores_path(root, run.run_id), lambda tmp: scores.to_parquet(tmp, index=False)
+            )
         run.log(f"metrics {metrics}")
     log(f"scene filter run {run.run_id}: {metrics}")
     return run.run_id
@@ -149,43 +160,45 @@ def _fit(
     train: np.ndarray,
     config: SceneTrainConfig,
     generator: torch.Generator,
-    device: torch.device,
+    ranks: Ranks,
     run: RunWriter,
     log,
 ) -> None:
+    device = ranks.device
     train_index = torch.from_numpy(np.flatnonzero(train))
     held_out = torch.from_numpy(np.flatnonzero(evaluate))
     trainer = OneCycle(
         model.parameters(), config.lr, 1e-4, config.epochs, len(train_index), config.batch_size
     )
     run.log(
-        f"{int(train.sum())} labelled photos for training, {int(evaluate.sum())} held out, device {device}"
+        f"{int(train.sum())} labelled photos for training, {int(evaluate.sum())} held out, "
+        f"device {device} x {ranks.world} process(es)"
     )
+    net = ranks.ddp(model)
+
+    def cross_entropy(rows: torch.Tensor) -> torch.Tensor:
+        x = augment_street(to_input(pixels, rows, device), generator)
+        return nn.functional.cross_entropy(net(x), truth[rows].to(device), reduction="sum")
+
     for epoch in range(1, config.epochs + 1):
         model.train()
-        started, total = time.perf_counter(), 0.0
-        for index in batches(len(train_index), config.batch_size, generator):
-            rows = train_index[index]
-            x = augment_street(to_input(pixels, rows, device), generator)
-            loss = nn.functional.cross_entropy(model(x), truth[rows].to(device))
-            total += trainer.step(loss) * len(rows)
-        model.eval()
-        predicted = predict(
-            lambda i: model(to_input(pixels, held_out[i], device)).argmax(1), len(held_out)
+        started = time.perf_counter()
+        loss = train_epoch(ranks, trainer, train_index, config.batch_size, generator, cross_entropy)
+        predicted = predict_shared(
+            ranks,
+            model,
+            lambda i: model(to_input(pixels, held_out[i], device)).argmax(1),
+            len(held_out),
         )
-        accuracy = float((predicted == truth[held_out]).float().mean())
+        accuracy = float((predicted == truth[held_out].numpy()).mean())
         run.log_epoch(
             epoch=epoch,
-            train_loss=total / len(train_index),
+            train_loss=loss,
             val_accuracy=accuracy,
             seconds=round(time.perf_counter() - started, 2),
         )
-        run.progress(
-            epoch=epoch, epochs=config.epochs, loss=total / len(train_index), val_accuracy=accuracy
-        )
-        log(
-            f"scene epoch {epoch}: loss {total / len(train_index):.3f}, held-out accuracy {accuracy:.3f}"
-        )
+        run.progress(epoch=epoch, epochs=config.epochs, loss=loss, val_accuracy=accuracy)
+        log(f"scene epoch {epoch}: loss {loss:.3f}, held-out accuracy {accuracy:.3f}")
 
 
 def _filter_quality(
