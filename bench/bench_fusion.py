@@ -1,26 +1,38 @@
 """Fusion benchmarks: feature extraction vs a bare forward, cached vs recomputed ground
-features, and the wall time of ``make demo``'s data + runs."""
+features, the wall time of ``make demo``'s data + runs, and feature extraction and fusion
+training on N gloo ranks against one process."""
 
 from __future__ import annotations
 
+import json
+import multiprocessing
+import os
 import shutil
+import socket
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from bench.common import measure, register
+from core.configs import FusionConfig
 from core.dataroot import DataRoot
 from core.datasets import aerial_patches, labelled_cells, street_images
 from core.demo import DemoConfig, build_demo
+from core.distributed import Ranks
 from core.features import extract_features, load_pixels, pool_by_cell
 from core.models.backbones import create_backbone, normalise
 from core.models.fusion import FusionRegressor
+from core.runs import load_run
 from train.common import batches, to_input
 from train.demo_runs import ensure_default_runs
+from train.fusion import train_fusion
 
 
 def _demo_root(data: str) -> DataRoot:
@@ -173,3 +185,183 @@ def bench_demo_pipeline(repeat: int, seed: int) -> dict[str, Any]:
         "total_s": round(total, 1),
         "target_s": 360,
     }
+
+
+# --- N ranks against one process -----------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_main(
+    rank: int, world: int, threads: int, port: int, fn: Callable, args: tuple, out: str
+) -> None:
+    """One rank of :func:`_on_ranks`: joins the gloo group (as under torchrun) and runs ``fn``."""
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS=str(threads),
+    )
+    torch.set_num_threads(threads)
+    # torchrun's ranks are plain processes whose DataLoader workers fork; a spawned process
+    # would spawn them too, re-importing torch in every worker
+    multiprocessing.set_start_method("fork", force=True)
+    ranks = Ranks("cpu")
+    result = fn(ranks, *args)
+    if ranks.is_main:
+        Path(out).write_text(json.dumps(result))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _on_ranks(world: int, threads: int, fn: Callable, *args: Any) -> Any:
+    """``fn(ranks, *args)`` on ``world`` fresh processes (gloo, CPU) of ``threads`` intra-op
+    threads each; rank 0's result. One process is started the same way, so both sides pay the
+    same start-up, which the callers leave out of what they time anyway."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        torch.multiprocessing.start_processes(
+            _rank_main,
+            args=(world, threads, _free_port(), fn, args, str(out)),
+            nprocs=world,
+            start_method="spawn",
+        )
+        return json.loads(out.read_text())
+
+
+def _setups(processes: int) -> dict[str, tuple[int, int]]:
+    """What is compared: ``name -> (processes, threads per process)``.
+
+    One process uses every core for its intra-op threads (torch's default); ``processes``
+    ranks share the cores out, as torchrun does (``OMP_NUM_THREADS``). One process with that
+    same thread count per process separates the effect of the ranks from the effect of fewer
+    threads, which on a loaded 2-core machine is large (OpenMP threads spin-wait for cores the
+    DataLoader workers hold).
+    """
+    cores = os.cpu_count() or 1
+    per_rank = max(1, cores // processes)
+    return {
+        "one_process": (1, cores),
+        f"one_process_{per_rank}_thread": (1, per_rank),
+        f"{processes}_processes": (processes, per_rank),
+    }
+
+
+def _compared(rates: dict[str, float], processes: int) -> dict[str, float]:
+    """The speed-ups of ``processes`` ranks over one process (default threads, same threads)."""
+    one, same, many = rates.values()
+    return {
+        "speedup": round(many / one, 3),
+        "speedup_same_threads": round(many / same, 3),
+        "per_process_efficiency_same_threads": round(many / same / processes, 3),
+    }
+
+
+def _timed_extraction(
+    ranks: Ranks, table: str, name: str, px: int, batch_size: int, workers: int, cache: str
+) -> float:
+    """Seconds for ``extract_features`` of the images in ``table`` into a new cache, all ranks."""
+    with torch.inference_mode():  # warm the kernels, as the one-process benchmark does
+        create_backbone(name).eval()(torch.zeros(2, 3, px, px))
+    images = pd.read_parquet(table)
+    ranks.barrier()
+    start = time.perf_counter()
+    extract_features(
+        images, name, None, cache, px=px, batch_size=batch_size, workers=workers, ranks=ranks
+    )
+    ranks.barrier()
+    return time.perf_counter() - start
+
+
+@register(
+    "feature_extraction_ddp",
+    repeat=2,
+    data="data/demo",
+    backbones=(("convnet_small", 32, 6000), ("resnet18", 64, 3000)),
+    batch_size=64,
+    workers=2,
+    processes=2,
+)
+def bench_feature_extraction_ddp(
+    repeat: int, data: str, backbones: tuple, batch_size: int, workers: int, processes: int
+) -> dict[str, Any]:
+    """``extract_features`` filling a new cache on ``processes`` gloo ranks vs one process (see
+    :func:`_setups`): the same images, batch size and DataLoader workers per process; best of
+    ``repeat`` alternating runs each, timed between barriers (process start-up left out)."""
+    root = _demo_root(data)
+    results: dict[str, Any] = {"load_average_1min": os.getloadavg()[0]}
+    setups = _setups(processes)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, px, count in backbones:
+            table = Path(tmp) / f"{name}.parquet"
+            street_images(root, "gsv").iloc[:count][["id", "path"]].to_parquet(table)
+            times: dict[str, list[float]] = {setup: [] for setup in setups}
+            for attempt in range(repeat):
+                for setup, (world, threads) in setups.items():
+                    cache = Path(tmp) / f"{name}-{setup}-{attempt}"
+                    args = (str(table), name, px, batch_size, workers, str(cache))
+                    times[setup].append(_on_ranks(world, threads, _timed_extraction, *args))
+                    shutil.rmtree(cache)
+            rates = {setup: count / min(seconds) for setup, seconds in times.items()}
+            results[f"{name}@{px}px"] = (
+                {"images": count}
+                | {f"{setup}_img_s": round(rate, 1) for setup, rate in rates.items()}
+                | _compared(rates, processes)
+            )
+    return results
+
+
+def _timed_fusion(ranks: Ranks, config: dict) -> dict[str, Any]:
+    """Per-epoch seconds and training cells of one fusion run (rank 0's run folder)."""
+    run_id = train_fusion(FusionConfig.from_dict(config), log=lambda _: None)
+    if not ranks.is_main:
+        return {}
+    run = load_run(DataRoot(Path(config["data"])).runs / run_id)
+    return {
+        "epoch_s": [float(s) for s in run.epochs["seconds"]],
+        "train_cells": int((run.predictions()["split"] == "train").sum()),
+        "run_id": run_id,
+    }
+
+
+@register("fusion_ddp", repeat=1, data="data/demo", epochs=4, batch_size=128, processes=2)
+def bench_fusion_ddp(
+    repeat: int, data: str, epochs: int, batch_size: int, processes: int
+) -> dict[str, Any]:
+    """The default aerial+GSV fusion run (``convnet_small`` aerial @ 64 px, cached
+    ``convnet_small`` ground features @ 32 px, the whole demo city) on ``processes`` gloo ranks
+    vs one process (see :func:`_setups`), the same global batch; an epoch (training steps +
+    validation prediction over all cells) as the trainer times it, median of the epochs after
+    the first. A first one-epoch run fills the aerial and feature caches, so no timed run pays
+    for them; the runs' folders are removed afterwards."""
+    root = _demo_root(data)
+    config = {"data": str(root.root), "ground": "gsv", "device": "cpu", "batch_size": batch_size}
+    made = [_on_ranks(1, 1, _timed_fusion, config | {"epochs": 1})["run_id"]]
+    results: dict[str, Any] = {"load_average_1min": os.getloadavg()[0]}
+    setups = _setups(processes)
+    epoch_s: dict[str, list[float]] = {setup: [] for setup in setups}
+    for _ in range(repeat):
+        for setup, (world, threads) in setups.items():
+            timed = _on_ranks(world, threads, _timed_fusion, config | {"epochs": epochs})
+            epoch_s[setup] += timed["epoch_s"][1:]
+            results["train_cells"] = timed["train_cells"]
+            made.append(timed["run_id"])
+    for run_id in made:
+        shutil.rmtree(root.runs / run_id, ignore_errors=True)
+    rates = {
+        setup: results["train_cells"] / statistics.median(seconds)
+        for setup, seconds in epoch_s.items()
+    }
+    return (
+        results
+        | {f"{setup}_epoch_s": round(statistics.median(s), 3) for setup, s in epoch_s.items()}
+        | {f"{setup}_cells_s": round(rate, 1) for setup, rate in rates.items()}
+        | _compared(rates, processes)
+    )
