@@ -45,8 +45,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _one_step(rank: int, world: int, port: int, out: str) -> None:
-    """A rank of :func:`test_ranks_take_the_one_process_step`: one SGD step on 7 rows."""
+def join_as_rank(rank: int, world: int, port: int) -> Ranks:
+    """Join a gloo group of ``world`` CPU ranks on ``port`` as ``rank`` (a spawned process)."""
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -54,7 +54,12 @@ def _one_step(rank: int, world: int, port: int, out: str) -> None:
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
-    ranks = Ranks("cpu")
+    return Ranks("cpu")
+
+
+def _one_step(rank: int, world: int, port: int, out: str) -> None:
+    """A rank of :func:`test_ranks_take_the_one_process_step`: one SGD step on 7 rows."""
+    ranks = join_as_rank(rank, world, port)
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
     optimiser = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -33,7 +33,7 @@ from core.distributed import Ranks
 from core.models.uge import info_nce
 from core.models.uge_run import PRETRAINING_MARKER
 from core.runs import load_run
-from tests.test_distributed import TORCHRUN, _free_port, _ranks_of, _visible
+from tests.test_distributed import TORCHRUN, _free_port, _ranks_of, _visible, join_as_rank
 from train.cli import main
 from train.uge import train_uge
 from train.uge_bench import run_bench
@@ -76,14 +76,7 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def _gathered_step(rank: int, world: int, port: int, out: str) -> None:
     """A rank of :func:`test_ranks_take_the_one_process_infonce_step`."""
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    ranks = Ranks("cpu")
+    ranks = join_as_rank(rank, world, port)
     torch.manual_seed(0)
     model = _Pair()
     optimiser = torch.optim.SGD(model.parameters(), lr=0.5)
