@@ -215,6 +215,7 @@ def _weights(root: Path, run_id: str) -> dict[str, np.ndarray]:
     return load_file(DataRoot(root).runs / run_id / BACKBONE_FILE)
 
 
+@pytest.mark.slow  # whole torchrun runs: `pytest -m slow`
 @pytest.mark.parametrize("objective", ["temporal", "global"])
 def test_two_gloo_ranks_pretrain_like_one_process(city, trained, objective):
     runs = DataRoot(city).runs
@@ -252,6 +253,7 @@ def _epoch_reported(folder: Path) -> int:
         return 0
 
 
+@pytest.mark.slow  # whole torchrun runs: `pytest -m slow`
 def test_a_killed_rank_leaves_a_run_that_two_ranks_resume(city, trained, tmp_path):
     root = tmp_path / "city"  # a root of its own: the test looks for its one interrupted run
     shutil.copytree(city, root, ignore=shutil.ignore_patterns("runs"), symlinks=True)

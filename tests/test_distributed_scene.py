@@ -98,6 +98,7 @@ def _two_and_one(root: Path, args: list[str]):
     return one, two, log
 
 
+@pytest.mark.slow  # whole torchrun runs: `pytest -m slow`
 def test_two_gloo_ranks_train_the_scene_filter_like_one_process(city):
     one, two, log = _two_and_one(city, ["scene-filter", "--epochs", "3"])
     assert log.count("scene epoch 1:") == 1  # rank 0 speaks for the run
@@ -113,6 +114,7 @@ def test_two_gloo_ranks_train_the_scene_filter_like_one_process(city):
     assert len(two.predictions()) == len(b)
 
 
+@pytest.mark.slow  # whole torchrun runs: `pytest -m slow`
 def test_two_gloo_ranks_train_perception_like_one_process(city):
     one, two, log = _two_and_one(city, ["perception", "--epochs", "2"])
     assert log.count("perception epoch 1:") == 1 and log.count("ground weights at") == 1

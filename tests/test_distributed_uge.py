@@ -176,6 +176,7 @@ def _backbone(root: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow  # whole torchrun runs: `pytest -m slow`
 def test_two_gloo_ranks_pretrain_the_tiny_vlm_like_one_process(runs):
     one, two = _backbone(runs["one"][0]), _backbone(runs["two"][0])
     a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
@@ -190,6 +191,7 @@ def test_two_gloo_ranks_pretrain_the_tiny_vlm_like_one_process(runs):
     assert marks[1]["final_loss"] == pytest.approx(marks[0]["final_loss"], rel=LOSS_RTOL)
 
 
+@pytest.mark.slow  # whole torchrun runs: `pytest -m slow`
 def test_two_gloo_ranks_train_both_stages_like_one_process(runs):
     one = load_run(DataRoot(runs["one"][0]).runs / runs["one"][1])
     two = load_run(DataRoot(runs["two"][0]).runs / runs["two"][1])
@@ -219,6 +221,7 @@ def test_two_gloo_ranks_train_both_stages_like_one_process(runs):
     assert moved > 1e-3 and gap < ADAPTER_ATOL
 
 
+@pytest.mark.slow  # whole torchrun runs: `pytest -m slow`
 def test_ugbench_scores_the_two_rank_run_like_the_one_process_run(runs):
     one, two = (
         run_bench(DataRoot(root), run_id, candidates=4, max_queries=10)
