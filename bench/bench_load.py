@@ -295,7 +295,7 @@ def _level(root: Path, sessions: int, duration_s: float, think_s: float) -> dict
 
 
 @register(
-    "dashboard_load", city="data/demo", sessions=(1, 20), duration_s=60.0, think_s=1.0, runs=2
+    "dashboard_load", city="data/demo", sessions=(1, 20, 40), duration_s=60.0, think_s=1.0, runs=2
 )
 def bench_dashboard_load(
     city: str, sessions: tuple[int, ...], duration_s: float, think_s: float, runs: int

@@ -26,7 +26,7 @@ from core.sources.aerial import AerialRaster
 from core.sources.boundaries import districts, municipality_outline, read_buurten
 from core.sources.catalog import images_per_cell, read_catalog
 from core.sources.lbm import read_lbm
-from dashboard.maps import fit_view, lonlat_polygons, outline_strip, to_lon_lat
+from dashboard.maps import fit_view, lonlat_polygons, outline_strip, polygon_records, to_lon_lat
 
 RETRAIN_ENV = "STADSBEELD_RETRAIN"
 WORKER_ENV = "STADSBEELD_START_WORKER"
@@ -144,10 +144,17 @@ def load_labels(root: str) -> pd.DataFrame:
     return pd.DataFrame(labels.drop(columns="geometry"))
 
 
+@st.cache_data(show_spinner=False)
+def label_years(root: str) -> list[int]:
+    """The years the labels hold, oldest first (without copying the labels on every rerun)."""
+    return sorted(int(year) for year in load_labels(root)["jaar"].unique())
+
+
 @st.cache_resource(show_spinner="Loading the context layers ...")
 def load_context(root: str) -> dict:
-    """Map context as lon/lat polygons: the municipal outline and district boundaries (as
-    strips), water (if present), and the ``view`` that fits the data root's grid.
+    """Map context as serialised lon/lat polygons (``maps.polygon_records``): the municipal
+    outline and district boundaries (as strips), water (if present), and the ``view`` that
+    fits the data root's grid.
 
     Simplified to about 10 m so the whole municipality costs a few kilobytes. Shared, not
     copied, between reruns and sessions: callers must not modify it.
@@ -172,7 +179,12 @@ def load_context(root: str) -> dict:
             cells["lat"].max() + 0.0009,
         )
     )  # the far corners of the last cells
-    return {"outline": outline, "districts": district_lines, "water": water, "view": view}
+    return {
+        "outline": polygon_records(outline),
+        "districts": polygon_records(district_lines),
+        "water": polygon_records(water),
+        "view": view,
+    }
 
 
 def read_run_file(run_path: str | os.PathLike, name: str):

@@ -8,11 +8,11 @@ the 100 m squares itself.
 
 from __future__ import annotations
 
+import copy
+import functools
 import html
 import json
 import math
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -122,11 +122,32 @@ def categorical(values: pd.Series, palette: dict, title: str) -> tuple[np.ndarra
     return colours, Legend(title, [(palette[k], str(k)) for k in present])
 
 
-def _rounded(values: pd.Series, digits: int) -> list:
+def _rounded(values: pd.Series, digits: int) -> np.ndarray:
     """Values rounded for display (integers for ``digits=0``), missing ones as a dash."""
-    if digits == 0:
-        return [MISSING if pd.isna(v) else int(v) for v in values]
-    return [MISSING if pd.isna(v) else round(float(v), digits) for v in values]
+    numbers = pd.to_numeric(values).to_numpy(float)
+    missing = np.isnan(numbers)
+    numbers = np.nan_to_num(numbers).round(digits)
+    shown = (numbers.astype(np.int64) if digits == 0 else numbers).astype(object)
+    shown[missing] = MISSING
+    return shown
+
+
+@dataclass(frozen=True)
+class Records:
+    """A map layer's records (cells, or polygons), already serialised: the JSON array and its
+    length.
+
+    The pages cache layers, and every rerun sends the deck again. Kept as text, a cached
+    layer is serialised once, not on every rerun, and holds one string instead of tens of
+    thousands of dicts and lists; those made Streamlit's full garbage collection after each
+    script run cost about 0.15 s on the demo city, and took about 20 MB per layer.
+    """
+
+    json: str
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
 
 
 def cell_payload(
@@ -134,11 +155,8 @@ def cell_payload(
     colours: np.ndarray,
     values: pd.Series | None = None,
     details: pd.DataFrame | None = None,
-) -> list[dict]:
+) -> Records:
     """The slim per-cell records the map sends: position, colour and tooltip fields.
-
-    Records rather than a DataFrame: pydeck converts frames on every ``Layer`` it builds, and
-    a cached list of records costs nothing to reuse on a rerun.
 
     Args:
         cells: ``cell_id``, ``lon``, ``lat`` (lower-left corner), ``buurt_naam``, ``district``.
@@ -158,7 +176,7 @@ def cell_payload(
     )
     if values is not None:
         numeric = pd.api.types.is_numeric_dtype(values)
-        payload["v"] = _rounded(values, 3) if numeric else values.fillna(MISSING).to_numpy()
+        payload["v"] = _rounded(values, 3) if numeric else values.fillna(MISSING).to_numpy(object)
     details = details if details is not None else pd.DataFrame(index=cells.index)
     for key, column, digits in (
         ("t", "true", 3),
@@ -168,7 +186,7 @@ def cell_payload(
         ("f", "flickr", 0),
     ):
         payload[key] = _rounded(details[column], digits) if column in details else MISSING
-    return payload.to_dict(orient="records")
+    return Records(payload.to_json(orient="records", double_precision=6), len(payload))
 
 
 #: Most cells one map view sends at 100 m; a view with more shows coarser blocks instead, so
@@ -257,7 +275,7 @@ def tooltip(value_label: str) -> dict:
 
 
 def cell_layer(
-    payload: list[dict],
+    payload: Records,
     layer_id: str = "cells",
     opacity: float = 0.85,
     cell_size: float = CELL_SIZE,
@@ -316,13 +334,19 @@ def highlight_layer(
         for x, y in zip(x0, y0, strict=True)
     ]
     polygons = [p for frame in frames for p in lonlat_polygons(frame)]
-    return _fill_layer("selected", polygons, colour)
+    return _fill_layer("selected", polygon_records(polygons), colour)
 
 
-def _fill_layer(layer_id: str, polygons: list, colour: Sequence[int]) -> pdk.Layer:
+def polygon_records(polygons: list) -> Records:
+    """:func:`lonlat_polygons` lists as the records of a filled polygon layer."""
+    records = [{"polygon": p} for p in polygons]
+    return Records(json.dumps(records, separators=(",", ":")), len(records))
+
+
+def _fill_layer(layer_id: str, records: Records, colour: Sequence[int]) -> pdk.Layer:
     return pdk.Layer(
         "PolygonLayer",
-        [{"polygon": p} for p in polygons],
+        records,
         id=layer_id,
         get_polygon="polygon",
         get_fill_color=list(colour),
@@ -339,68 +363,42 @@ def context_layers(context: dict) -> tuple[list[pdk.Layer], list[pdk.Layer]]:
     outline are layers of their own, all filled polygons (see :func:`outline_strip`).
 
     Args:
-        context: ``water``, ``districts`` and ``outline`` as :func:`lonlat_polygons` lists, and
+        context: ``water``, ``districts`` and ``outline`` as :func:`polygon_records`, and
             the ``view`` that shows the data root's grid.
     """
+    none = polygon_records([])
     below = [_fill_layer("water", context["water"], WATER)] if context.get("water") else []
     above = [
-        _fill_layer("districts", context.get("districts", []), DISTRICT_LINE),
-        _fill_layer("outline", context.get("outline", []), OUTLINE),
+        _fill_layer("districts", context.get("districts", none), DISTRICT_LINE),
+        _fill_layer("outline", context.get("outline", none), OUTLINE),
     ]
     return below, above
 
 
-#: Layers with at least this many records have their data serialised once per records list.
-MEMO_MIN_RECORDS = 1_000
-#: How many serialised record lists are kept (the layer caches hold 32 layers).
-MEMO_ENTRIES = 64
-_serialised: OrderedDict[int, tuple[list, str]] = OrderedDict()
-_serialised_lock = threading.Lock()
-
-
 class CompactDeck(pdk.Deck):
-    """A ``pdk.Deck`` whose JSON has no indentation and whose big layers are serialised once.
+    """A ``pdk.Deck`` whose JSON has no indentation and splices in :class:`Records` as
+    they are.
 
     ``st.pydeck_chart`` sends ``to_json()`` on every rerun; pydeck indents it by two spaces per
-    level, which for a city of per-cell records is most of the bytes, and serialising the
-    city's records took about 0.1 s of every rerun. The page's layer caches hand the same
-    records list to every rerun and session, so its JSON is kept per list (by identity, for
-    the lifetime of the list; cached records are never modified).
+    level, which for a city of per-cell records is most of the bytes.
     """
 
     def to_json(self) -> str:
         fragments: dict[str, str] = {}
 
         def serialise(value: object) -> object:
+            if isinstance(value, Records):
+                token = f"@@records-{len(fragments)}@@"
+                fragments[token] = value.json
+                return token
             if isinstance(value, pd.DataFrame):  # pandas 3 frames have no __dict__
                 return value.to_dict(orient="records")
-            out = default_serialize(value)
-            data = out.get("data") if isinstance(out, dict) else None
-            if isinstance(data, list) and len(data) >= MEMO_MIN_RECORDS:
-                token = f"@@records-{len(fragments)}@@"
-                fragments[token] = _records_json(data)
-                out = {**out, "data": token}
-            return out
+            return default_serialize(value)
 
         text = json.dumps(self, sort_keys=True, default=serialise, separators=(",", ":"))
         for token, fragment in fragments.items():
             text = text.replace(json.dumps(token), fragment, 1)
         return text
-
-
-def _records_json(records: list) -> str:
-    """``records`` as compact JSON, remembered for the same list object."""
-    with _serialised_lock:
-        hit = _serialised.get(id(records))
-        if hit is not None and hit[0] is records:
-            _serialised.move_to_end(id(records))
-            return hit[1]
-    text = json.dumps(records, sort_keys=True, separators=(",", ":"))
-    with _serialised_lock:
-        _serialised[id(records)] = (records, text)  # the list is held: its id stays unique
-        while len(_serialised) > MEMO_ENTRIES:
-            _serialised.popitem(last=False)
-    return text
 
 
 def _mercator_y(lat: float) -> float:
@@ -423,13 +421,25 @@ def fit_view(bounds: Sequence[float], width_px: int = 640, height_px: int = 560)
 
 def deck(layers: list[pdk.Layer], value_label: str, view: pdk.ViewState) -> pdk.Deck:
     """A deck without base-map tiles (they cannot load offline), with the cell tooltip."""
+    shown = copy.copy(_empty_deck(value_label, view.latitude, view.longitude, view.zoom))
+    shown.layers = list(layers)
+    return shown
+
+
+@functools.lru_cache(maxsize=64)
+def _empty_deck(value_label: str, latitude: float, longitude: float, zoom: float) -> CompactDeck:
+    """A deck without layers, copied for every map drawn: ``pdk.Deck()`` tries to import its
+    Jupyter widget six times, and a failed import is not remembered, so building one per rerun
+    read and compiled that module six times under the import lock (a tenth of the server's
+    time with 20 sessions)."""
+    view = pdk.ViewState(latitude=latitude, longitude=longitude, zoom=zoom)
     return CompactDeck(
-        layers=layers, initial_view_state=view, map_style=None, tooltip=tooltip(value_label)
+        layers=[], initial_view_state=view, map_style=None, tooltip=tooltip(value_label)
     )
 
 
 def city_deck(
-    payload: list[dict],
+    payload: Records,
     context: dict,
     value_label: str,
     selected: Sequence[int] = (),

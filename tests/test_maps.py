@@ -18,40 +18,57 @@ def _records(n: int, value: int) -> list[dict]:
 
 
 def _plain(deck: pdk.Deck) -> dict:
-    return json.loads(json.dumps(deck, default=default_serialize))
+    """pydeck's own serialisation, with serialised records decoded where they sit."""
+
+    def serialise(value: object) -> object:
+        return (
+            json.loads(value.json) if isinstance(value, maps.Records) else default_serialize(value)
+        )
+
+    return json.loads(json.dumps(deck, default=serialise))
 
 
-def _deck(records: list[dict]) -> maps.CompactDeck:
+def _deck(records: maps.Records | list[dict]) -> maps.CompactDeck:
     view = pdk.ViewState(latitude=52.37, longitude=4.9, zoom=11)
     return maps.deck([maps.cell_layer(records), maps.highlight_layer([3])], "score", view)
 
 
-def test_the_compact_json_is_pydecks_json_without_indentation():
-    records = _records(maps.MEMO_MIN_RECORDS + 5, 10)
-    deck = _deck(records)
-    text = deck.to_json()
-    assert "\n" not in text and '"data":[{' in text
-    assert json.loads(text) == _plain(deck)
+def test_the_compact_json_is_pydecks_json_of_the_same_records_without_indentation():
+    records = _records(1_005, 10)
+    compact = _deck(maps.Records(json.dumps(records), len(records))).to_json()
+    assert "\n" not in compact and '"data":[{' in compact
+    assert json.loads(compact) == _plain(_deck(records))  # pydeck given the plain list
 
 
-def test_big_record_lists_are_serialised_once_and_never_stale():
-    records = _records(maps.MEMO_MIN_RECORDS, 10)
-    first = _deck(records).to_json()
-    assert maps._serialised[id(records)][0] is records  # remembered for this list
-    assert _deck(records).to_json() == first
-    other = _records(maps.MEMO_MIN_RECORDS, 99)  # same shape, other values: its own JSON
-    assert json.loads(_deck(other).to_json())["layers"][0]["data"][0]["c"][0] == 99
-    small = _records(3, 7)  # below the threshold: serialised inline, not remembered
-    assert json.loads(_deck(small).to_json()) == _plain(_deck(small))
-    assert id(small) not in maps._serialised
+def test_each_layer_gets_its_own_records():
+    first, second = (maps.Records(json.dumps(_records(3, k)), 3) for k in (10, 99))
+    view = pdk.ViewState(latitude=52.37, longitude=4.9, zoom=11)
+    layers = [maps.cell_layer(first, "a"), maps.cell_layer(second, "b")]
+    decoded = json.loads(maps.deck(layers, "score", view).to_json())
+    assert [layer["data"][0]["c"][0] for layer in decoded["layers"]] == [10, 99]
 
 
-def test_the_memo_is_bounded():
-    lists = [_records(maps.MEMO_MIN_RECORDS, k) for k in range(maps.MEMO_ENTRIES + 3)]
-    for records in lists:
-        _deck(records).to_json()
-    assert len(maps._serialised) == maps.MEMO_ENTRIES
-    assert id(lists[0]) not in maps._serialised and id(lists[-1]) in maps._serialised
+def test_cell_payload_holds_position_colour_and_tooltip_fields():
+    cells = pd.DataFrame(
+        {
+            "cell_id": [12134872, 12134873],
+            "lon": [4.8912345678, 4.9],
+            "lat": [52.3712345678, 52.38],
+            "buurt_naam": ["Jordaan", None],
+            "district": ["Centrum", "West"],
+        }
+    )
+    details = pd.DataFrame({"true": [4.12345, np.nan], "gsv": [3.0, np.nan]})
+    payload = maps.cell_payload(
+        cells, np.array([[1, 2, 3], [4, 5, 6]]), pd.Series([4.56789, np.nan]), details
+    )
+    assert len(payload) == 2
+    assert json.loads(payload.json) == [
+        {"p": [4.89123, 52.37123], "c": [1, 2, 3], "i": 12134872, "b": "Jordaan",
+         "d": "Centrum", "v": 4.568, "t": 4.123, "y": "–", "r": "–", "g": 3, "f": "–"},
+        {"p": [4.9, 52.38], "c": [4, 5, 6], "i": 12134873, "b": "", "d": "West",
+         "v": "–", "t": "–", "y": "–", "r": "–", "g": "–", "f": "–"},
+    ]  # fmt: skip
 
 
 def test_a_view_within_the_limit_stays_at_100_m():
@@ -90,3 +107,17 @@ def test_blocks_hold_the_mean_the_sum_the_count_and_the_most_common_value():
     assert first["lon"] == pytest.approx(lon[0]) and first["lat"] == pytest.approx(lat[0])
     classes = maps.aggregate_blocks(shown.assign(value=[7, 3, 3, 1]), 500.0, categorical=True)
     assert classes.set_index("cell_id").loc[first.name, "value"] == 3
+
+
+def test_decks_share_their_settings_but_not_their_layers():
+    view = pdk.ViewState(latitude=52.37, longitude=4.9, zoom=11)
+    records = maps.Records(json.dumps(_records(2, 5)), 2)
+    first = maps.deck([maps.cell_layer(records)], "score", view)
+    second = maps.deck([maps.highlight_layer([3])], "score", view)
+    assert [layer["id"] for layer in json.loads(first.to_json())["layers"]] == ["cells"]
+    assert [layer["id"] for layer in json.loads(second.to_json())["layers"]] == ["selected"]
+    other_view = maps.deck([], "residual", pdk.ViewState(latitude=52.0, longitude=5.0, zoom=9))
+    spec = json.loads(other_view.to_json())
+    assert (
+        spec["initialViewState"]["latitude"] == 52.0 and "residual" in other_view._tooltip["html"]
+    )

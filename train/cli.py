@@ -559,6 +559,10 @@ def dashboard(
     command = [sys.executable, "-m", "streamlit", "run", str(app)]
     command += ["--server.address", address, "--server.port", str(port)]
     command += ["--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    # Served, not developed: no source watcher (it resolved the path of every imported module
+    # after each script run, on the server's event loop) and no full garbage collection after
+    # every script run (it walked all the cached layers: 0.15 s of each map rerun).
+    command += ["--server.fileWatcherType", "none", "--runner.postScriptGC", "false"]
     return subprocess.call(command, env=env)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pandas as pd
 import streamlit as st
 
@@ -24,14 +26,33 @@ RUN_LAYERS = {
 }
 
 
-@st.cache_resource(show_spinner="Colouring the map ...", max_entries=32)
+@dataclass(frozen=True)
+class MapLayer:
+    """One layer as the page shows it: the map records and what the side panel says."""
+
+    payload: maps.Records
+    legend: maps.Legend
+    description: str
+    sources: list[str]
+    block: float  # the size of the squares drawn: 100 m, or coarser blocks
+    cells: int  # cells with a value
+    mean: float | None  # of the numeric values; None for classes
+    per_district: pd.DataFrame  # count and mean of the numeric values per district
+
+
+@st.cache_resource(show_spinner="Colouring the map ...", max_entries=64)
 def layer(
-    root: str, run_path: str | None, layer_name: str, year: int | None, year_from: int | None
-) -> tuple[list[dict], pd.DataFrame, maps.Legend, str, list[str], float]:
-    """One layer: its map records, the values shown (``cell_id, district, value`` per cell),
-    its legend, a description, the files it comes from and the size of the squares drawn
-    (100 m, or coarser blocks when the view holds more than ``maps.MAX_MAP_CELLS`` cells).
-    Shared between reruns: do not modify."""
+    root: str,
+    run_path: str | None,
+    layer_name: str,
+    year: int | None,
+    year_from: int | None,
+    split: str = "all",
+) -> MapLayer:
+    """One layer of labels (``run_path`` None) or of a run's predictions, with the numbers the
+    side panel shows, computed once: squares of 100 m, or coarser blocks when the view holds
+    more than ``maps.MAX_MAP_CELLS`` cells. A run's layer shows the cells of one ``split`` or
+    all. Shared between reruns and sessions: do not modify."""
     cells, coverage = data.load_cells(root), data.load_coverage(root)
     if run_path is None:
         labels = data.load_labels(root)
@@ -47,14 +68,19 @@ def layer(
         sources = [str(DataRoot(root).scores)]
     else:
         predictions = data.load_predictions(run_path).set_index("cell_id")
+        if split != "all":
+            predictions = predictions[predictions["split"] == split]
         values = predictions[layer_name].rename("value")
         details = predictions[["true", "predicted", "residual"]]
         description = f"{RUN_LAYERS[layer_name]} of run {run_path.rsplit('/', 1)[-1]}"
+        description += "" if split == "all" else f", {split} cells"
         sources = [f"{run_path}/{PREDICTIONS_FILE}"]
     shown = cells.merge(values, left_on="cell_id", right_index=True)
     shown = shown.merge(details, left_on="cell_id", right_index=True, how="left")
     shown = shown.merge(coverage[["cell_id", "gsv", "flickr"]], on="cell_id", how="left")
-    values = shown[["cell_id", "district", "value"]]
+    numbers = pd.to_numeric(shown["value"], errors="coerce").rename("value")
+    per_district = numbers.groupby(shown["district"]).agg(["count", "mean"]).round(3)
+    cells_shown = len(shown)
     block = maps.view_block_size(shown["cell_id"].to_numpy())
     if block > CELL_SIZE:
         categorical = layer_name in ("split", "lbm_class")
@@ -79,15 +105,15 @@ def layer(
         shown["value"],
         shown[[c for c in ("true", "predicted", "residual", "gsv", "flickr") if c in shown]],
     )
-    return payload, values, legend, description, sources, block
+    mean = float(numbers.mean()) if numbers.notna().any() else None
+    return MapLayer(payload, legend, description, sources, block, cells_shown, mean, per_district)
 
 
 def main() -> None:
     root = common.root_or_stop()
     st.title("City map")
-    labels = data.load_labels(root)
     runs = common.prediction_runs(root)
-    years = sorted(int(y) for y in labels["jaar"].unique())
+    years = data.label_years(root)
     controls = st.columns([2, 2, 1, 1])
     run = None
     with controls[0]:
@@ -114,38 +140,39 @@ def main() -> None:
             ),
         )
         split = controls[2].selectbox("Cells", ["all", "test", "val", "train"], key="map_split")
-    payload, values, legend, description, sources, block = layer(
-        root, None if run is None else str(run["path"]), layer_name, year, year_from
+    shown = layer(
+        root,
+        None if run is None else str(run["path"]),
+        layer_name,
+        year,
+        year_from,
+        "all" if run is None else split,
     )
-    if run is not None and split != "all":
-        kept = set(data.load_predictions(str(run["path"])).query("split == @split")["cell_id"])
-        values = values[values["cell_id"].isin(kept)]
-        if block == CELL_SIZE:  # blocks mix the splits: they stay whole
-            payload = [record for record in payload if record["i"] in kept]
 
     selected = common.selected_cell()
+    per_cell = shown.block == CELL_SIZE
     left, right = st.columns([3, 1])
     with left:
         chart = maps.city_deck(
-            payload,
+            shown.payload,
             data.load_context(root),
-            description.split(",")[0],
+            shown.description.split(",")[0],
             [] if selected is None else [selected],
-            cell_size=block,
+            cell_size=shown.block,
         )
         event = st.pydeck_chart(
             chart,
             height=620,
-            on_select="rerun" if block == CELL_SIZE else "ignore",  # a block is not a cell
+            on_select="rerun" if per_cell else "ignore",  # a block is not a cell
             selection_mode="single-object",
             key="city_map",
         )
-        picked = maps.selected_cells(event) if block == CELL_SIZE else []
+        picked = maps.selected_cells(event) if per_cell else []
         if picked and picked[0] != selected:
             common.select_cell(picked[0])
             st.rerun()
-        st.markdown(legend.html(), unsafe_allow_html=True)
-        if block == CELL_SIZE:
+        st.markdown(shown.legend.html(), unsafe_allow_html=True)
+        if per_cell:
             st.caption(
                 "Hover a cell for its scores and image counts; click it to open its details "
                 "below. Water, district lines and the municipal border are drawn without "
@@ -153,32 +180,25 @@ def main() -> None:
             )
         else:
             st.caption(
-                f"{len(values):,} cells are more than one view sends "
-                f"({maps.MAX_MAP_CELLS:,}), so the map shows {block:g} m blocks: hover one for "
-                "its cell count and mean values. Find a cell by its id on the Embedding "
+                f"{shown.cells:,} cells are more than one view sends "
+                f"({maps.MAX_MAP_CELLS:,}), so the map shows {shown.block:g} m blocks: hover one "
+                "for its cell count and mean values. Find a cell by its id on the Embedding "
                 "neighbours page to see it at 100 m."
             )
     with right:
-        numbers = pd.to_numeric(values["value"], errors="coerce")
-        st.metric("Cells shown", f"{len(values):,}")
-        if block > CELL_SIZE:
-            st.metric(f"{block:g} m blocks drawn", f"{len(payload):,}")
+        st.metric("Cells shown", f"{shown.cells:,}")
+        if not per_cell:
+            st.metric(f"{shown.block:g} m blocks drawn", f"{len(shown.payload):,}")
         if run is not None:
             for name in ("test_kendall_tau", "test_spearman", "test_r2", "test_mae"):
                 value = run.get(f"metrics.{name}")
                 if value is not None and not pd.isna(value):
                     st.metric(name.replace("test_", "test ").replace("_", " "), f"{value:.3f}")
-        elif numbers.notna().any():
-            st.metric("Mean", f"{numbers.mean():.3f}")
-        if numbers.notna().any():
-            per_district = (
-                values.assign(value=numbers)
-                .groupby("district")["value"]
-                .agg(["count", "mean"])
-                .round(3)
-            )
-            st.dataframe(per_district, width="stretch")
-        common.provenance(*sources)
+        elif shown.mean is not None:
+            st.metric("Mean", f"{shown.mean:.3f}")
+        if shown.mean is not None:
+            st.dataframe(shown.per_district, width="stretch")
+        common.provenance(*shown.sources)
     if selected is not None:
         common.cell_detail(root, selected, run)
     else:
