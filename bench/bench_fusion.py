@@ -25,7 +25,7 @@ from core.configs import FusionConfig
 from core.dataroot import DataRoot
 from core.datasets import aerial_patches, labelled_cells, street_images
 from core.demo import DemoConfig, build_demo
-from core.distributed import Ranks
+from core.distributed import Ranks, join_local_group
 from core.features import extract_features, load_pixels, pool_by_cell
 from core.models.backbones import create_backbone, normalise
 from core.models.fusion import FusionRegressor
@@ -200,20 +200,12 @@ def _rank_main(
     rank: int, world: int, threads: int, port: int, fn: Callable, args: tuple, out: str
 ) -> None:
     """One rank of :func:`_on_ranks`: joins the gloo group (as under torchrun) and runs ``fn``."""
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        OMP_NUM_THREADS=str(threads),
-    )
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
     # torchrun's ranks are plain processes whose DataLoader workers fork; a spawned process
     # would spawn them too, re-importing torch in every worker
     multiprocessing.set_start_method("fork", force=True)
-    ranks = Ranks("cpu")
+    ranks = join_local_group(rank, world, port)
     result = fn(ranks, *args)
     if ranks.is_main:
         Path(out).write_text(json.dumps(result))

@@ -56,7 +56,7 @@ from core.configs import (
     SceneTrainConfig,
     schedule_file,
 )
-from core.distributed import Ranks
+from core.distributed import Ranks, join_local_group
 from core.models.backbones import create_backbone, normalise
 from core.models.contrastive import MoCoV3
 from core.models.device import bf16_autocast
@@ -818,25 +818,12 @@ def part_ddp(context: Context) -> dict[str, Any]:
 
 def ddp_rank(rank: int, world: int, port: int, spec: dict[str, Any], out: str) -> None:
     """One rank of :func:`part_ddp`: torchrun's environment, ``Ranks``, the paper step."""
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
     wanted = torch.device(spec["device"])
     if wanted.type == "cpu":
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # the ranks share the cores
         torch.set_num_threads(1)
     sizes = SMOKE if spec["smoke"] else GPU
-    if wanted.type == "cpu":
-        from accelerate import PartialState
-
-        # a forked rank inherits the parent's one-process state; it must join the group itself
-        PartialState._reset_state()
-    ranks = Ranks(wanted)
+    ranks = join_local_group(rank, world, port, wanted)
     device = ranks.device
     joined = torch.distributed.is_initialized()
     if joined:

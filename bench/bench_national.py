@@ -14,6 +14,8 @@ sampled while each step runs.
 from __future__ import annotations
 
 import gzip
+import json
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,8 +29,10 @@ import psutil
 
 from bench.bench_load import MemorySampler
 from bench.common import register
+from core.dataroot import DataRoot
 from core.grid import (
     RD_NEW,
+    cell_index,
     cell_polygons,
     ids_from_index,
     read_grid,
@@ -36,6 +40,7 @@ from core.grid import (
     to_geodataframe,
     write_grid,
 )
+from core.sources.catalog import write_catalog
 from core.sources.lbm import SCORE_COLUMNS, read_lbm, write_lbm
 
 #: RD New cell indices (100 m) of a box around the Netherlands' land.
@@ -94,6 +99,75 @@ def _labels(scored: np.ndarray, years: tuple[int, ...], seed: int) -> gpd.GeoDat
     return gpd.GeoDataFrame(labels, geometry=labels["grid_id"].map(polygons).to_list(), crs=RD_NEW)
 
 
+def _grid(ids: np.ndarray, seed: int) -> gpd.GeoDataFrame:
+    """The grid as a data root holds it; each cell's "district" is its 50 km square, standing
+    in for the municipality, so the page's per-district table has a national size too."""
+    ix, iy = cell_index(ids)
+    district = pd.Series(ix // 500).astype(str) + "-" + pd.Series(iy // 500).astype(str)
+    return to_geodataframe(
+        ids,
+        split=spatial_split(ids, seed=seed),
+        buurt_naam=np.full(len(ids), ""),
+        district=("square " + district).to_numpy(),
+    )
+
+
+def _city_map_page(root: Path) -> dict[str, Any]:
+    """The city map page on the national root, run by Streamlit's AppTest as a session would:
+    the first run (every file read, the layer aggregated), a warm rerun, a switch to a new
+    layer and back to the first (cached), and the deck it sends."""
+    from streamlit.testing.v1 import AppTest
+
+    import dashboard
+
+    write_catalog(
+        pd.DataFrame(columns=["id", "source", "path", "heading", "captured_at", "x", "y"]),
+        root / "street" / "catalog.parquet",
+    )
+    settings = {
+        "STADSBEELD_DATA": str(root),
+        "STADSBEELD_RETRAIN": "0",
+        "STADSBEELD_START_WORKER": "0",
+    }
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    try:
+        app = AppTest.from_file(
+            str(Path(dashboard.__file__).parent / "app.py"), default_timeout=3600
+        )
+        first, _ = _step(app.run)
+        warm, _ = _step(app.run)
+        layer = next(box for box in app.selectbox if box.label == "Layer")
+        new_layer, _ = _step(lambda: layer.set_value("afw").run())
+        back, _ = _step(
+            lambda: (
+                next(box for box in app.selectbox if box.label == "Layer").set_value("lbm").run()
+            )
+        )
+        spec = app.get("deck_gl_json_chart")[0].proto.json
+        errors = [str(e.value) for e in app.exception]
+        metrics = {m.label: m.value for m in app.metric}
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return {
+        "first_run": first,
+        "warm_rerun": warm,
+        "new_layer": new_layer,
+        "back_to_cached_layer": back,
+        "deck_mb": len(spec) / 1e6,
+        "deck_cells": len(
+            next(x for x in json.loads(spec)["layers"] if x["id"] == "cells")["data"]
+        ),
+        "deck_gzip_mb": len(gzip.compress(spec.encode())) / 1e6,
+        "metrics": metrics,
+        "errors": errors,
+    }
+
+
 def _map_payload(scored: np.ndarray, seed: int) -> dict[str, Any]:
     """The city map's deck for the scored cells, as the page builds it (blocks), and its size."""
     from dashboard import maps
@@ -133,34 +207,36 @@ def _map_payload(scored: np.ndarray, seed: int) -> dict[str, Any]:
     scored=400_000,
     years=(2014, 2016, 2018, 2020, 2022),
     seed=0,
+    page=True,
 )
-def bench_national(cells: int, scored: int, years: tuple[int, ...], seed: int) -> dict[str, Any]:
-    """Grid, labels, neighbours and map payload at the Netherlands' sizes (see the module)."""
+def bench_national(
+    cells: int, scored: int, years: tuple[int, ...], seed: int, page: bool
+) -> dict[str, Any]:
+    """Grid, labels, neighbours, map payload and (``page``) the city map page at the
+    Netherlands' sizes (see the module)."""
     results: dict[str, Any] = {}
     results["synthesise_cells"], (ids, scored_ids) = _step(
         lambda: national_cells(cells, scored, seed)
     )
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        results["grid_build"], grid = _step(
-            lambda: to_geodataframe(ids, split=spatial_split(ids, seed=seed))
-        )
-        results["grid_write"], _ = _step(write_grid, grid, root / "grid.parquet")
+        paths = DataRoot(root)
+        results["grid_build"], grid = _step(lambda: _grid(ids, seed))
+        results["grid_write"], _ = _step(write_grid, grid, paths.grid)
         del grid
-        results["grid_read"], grid = _step(lambda: read_grid(root / "grid.parquet"))
-        results["grid_parquet_mb"] = (root / "grid.parquet").stat().st_size / 1e6
+        results["grid_read"], grid = _step(lambda: read_grid(paths.grid))
+        results["grid_parquet_mb"] = paths.grid.stat().st_size / 1e6
         del grid
         labels = _labels(scored_ids, years, seed)
-        results["labels_write"], _ = _step(
-            write_lbm, labels, root / "lbm_scores.csv", root / "lbm_grid.gpkg"
-        )
+        paths.scores.parent.mkdir(parents=True)
+        results["labels_write"], _ = _step(write_lbm, labels, paths.scores, paths.lbm_grid)
         del labels
-        results["labels_read"], labels = _step(
-            lambda: read_lbm(root / "lbm_scores.csv", root / "lbm_grid.gpkg")
-        )
+        results["labels_read"], labels = _step(lambda: read_lbm(paths.scores, paths.lbm_grid))
         results["label_rows"] = len(labels)
         del labels
-    results["map"] = _map_payload(scored_ids, seed)
+        results["map"] = _map_payload(scored_ids, seed)
+        if page:
+            results["page"] = _city_map_page(root)
     results |= {"cells": len(ids), "scored_cells": len(scored_ids), "years": len(years)}
     results["targets"] = {"map_payload_mb_max": 10.0, "map_warm_rerun_s_max": 1.0}
     return results

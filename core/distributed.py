@@ -27,6 +27,7 @@ Contract:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar
@@ -54,6 +55,24 @@ class _Follower:
         if not callable(getattr(RunWriter, name, None)):
             raise AttributeError(name)
         return lambda *args, **kwargs: None
+
+
+def join_local_group(rank: int, world: int, port: int, device: str | torch.device = "cpu") -> Ranks:
+    """Join a group of ``world`` ranks on this machine as ``rank``, as under torchrun.
+
+    For processes that tests and benchmarks start themselves (spawned or forked) instead of
+    torchrun: sets torchrun's environment and forgets any one-process state the parent held.
+    """
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    PartialState._reset_state()
+    return Ranks(device)
 
 
 class Ranks:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from core.dataroot import DataRoot
-from core.distributed import Ranks
+from core.distributed import Ranks, join_local_group
 from core.jobs import JobStore
 from core.models.backbones import create_backbone, save_backbone
 from core.runs import EPOCHS_FILE, list_runs, load_run
@@ -45,21 +45,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def join_as_rank(rank: int, world: int, port: int) -> Ranks:
-    """Join a gloo group of ``world`` CPU ranks on ``port`` as ``rank`` (a spawned process)."""
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    return Ranks("cpu")
-
-
 def _one_step(rank: int, world: int, port: int, out: str) -> None:
     """A rank of :func:`test_ranks_take_the_one_process_step`: one SGD step on 7 rows."""
-    ranks = join_as_rank(rank, world, port)
+    ranks = join_local_group(rank, world, port)
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
     optimiser = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -29,11 +29,12 @@ from safetensors.numpy import load_file
 
 from core.configs import ContrastiveConfig
 from core.dataroot import DataRoot
+from core.distributed import join_local_group
 from core.jobs import JobStore
 from core.models.backbones import create_backbone
 from core.models.contrastive import MoCoV3
 from core.runs import BACKBONE_FILE, CHECKPOINT_FILE, PROGRESS_FILE, list_runs, load_run
-from tests.test_distributed import TORCHRUN, _free_port, _ranks_of, _visible, join_as_rank
+from tests.test_distributed import TORCHRUN, _free_port, _ranks_of, _visible
 from train.contrastive import Objectives, PairSampler, augment, step_losses, train_contrastive
 from train.worker import Worker
 
@@ -86,7 +87,7 @@ def _parameters(model: MoCoV3) -> dict[str, np.ndarray]:
 def _rank_steps(rank: int, world: int, port: int, out: str, data: str) -> None:
     """A rank of :func:`test_two_ranks_take_the_one_process_steps_exactly`."""
     torch.set_num_threads(1)
-    ranks = join_as_rank(rank, world, port)
+    ranks = join_local_group(rank, world, port)
     # 8 pairs do not split over 3 ranks, but a run with a batch that does not split over the
     # ranks is refused before it reads anything
     with pytest.raises(ValueError, match="does not split evenly over 2 processes"):

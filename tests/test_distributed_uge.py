@@ -29,11 +29,11 @@ from torch import nn
 
 from core.configs import UGEConfig
 from core.dataroot import DataRoot
-from core.distributed import Ranks
+from core.distributed import Ranks, join_local_group
 from core.models.uge import info_nce
 from core.models.uge_run import PRETRAINING_MARKER
 from core.runs import load_run
-from tests.test_distributed import TORCHRUN, _free_port, _ranks_of, _visible, join_as_rank
+from tests.test_distributed import TORCHRUN, _free_port, _ranks_of, _visible
 from train.cli import main
 from train.uge import train_uge
 from train.uge_bench import run_bench
@@ -76,7 +76,7 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def _gathered_step(rank: int, world: int, port: int, out: str) -> None:
     """A rank of :func:`test_ranks_take_the_one_process_infonce_step`."""
-    ranks = join_as_rank(rank, world, port)
+    ranks = join_local_group(rank, world, port)
     torch.manual_seed(0)
     model = _Pair()
     optimiser = torch.optim.SGD(model.parameters(), lr=0.5)
