@@ -167,6 +167,32 @@ def summary(data: str | None = None) -> int:
     return 0
 
 
+def import_photos(folder: str, data: str | None = None) -> int:
+    """Add a folder of your own geotagged photos to the data root's street-level catalog.
+
+    Reads each JPEG's EXIF GPS position, direction and capture time, copies the photo into
+    DATA/street/photos/ and adds it to the catalog as source "other". Photos without a GPS
+    position (or unreadable, or outside the Netherlands) are listed, not placed. Importing a
+    folder again replaces its rows.
+
+    Args:
+        folder: Folder of photos (.jpg, .jpeg), searched recursively.
+        data: Data root (default: ``STADSBEELD_DATA``, else data/demo).
+    """
+    from core.sources.photos import import_photos as run_import
+
+    try:
+        done = run_import(folder, data or _default_data())
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for problem in done.problems.itertuples():
+        print(f"left out {problem.file}: {problem.problem}")
+    target = DataRoot(Path(data or _default_data())).catalog
+    print(f"{len(done.images)} photos added to {target}, {len(done.problems)} left out")
+    return 0 if len(done.images) or not len(done.problems) else 1
+
+
 def scene_filter(config: SceneTrainConfig) -> int:
     """Train the Places365-style scene classifier on the root's scene labels.
 
@@ -571,6 +597,7 @@ COMMANDS: dict[str, Callable[..., int]] = {
     "demo": demo,
     "fetch": fetch,
     "summary": summary,
+    "import-photos": import_photos,
     "scene-filter": scene_filter,
     "perception": perception,
     "fusion": fusion,
