@@ -42,8 +42,8 @@ class FetchArea:
         province: the province name, "" when unknown; for several, the provinces joined with
             ``, ``.
         outline: the outline (for several, their union), a valid (multi)polygon in EPSG:28992.
-        municipalities: each municipality with its own outline; default: the area itself as
-            one municipality.
+        municipalities: each municipality with its own outline, ordered by code; default: the
+            area itself as one municipality.
     """
 
     name: str
@@ -66,13 +66,14 @@ class FetchArea:
     def from_municipalities(
         cls, municipalities: Sequence[Municipality], name: str | None = None
     ) -> FetchArea:
-        """The union of municipalities fetched from PDOK, each once (by code), in order.
+        """The union of municipalities fetched from PDOK, each once, ordered by code: the same
+        municipalities in any order are the same area (its steps' parameters, the grid).
 
         Args:
             municipalities: at least one municipality.
             name: the area's name when several (default: their names joined with `` + ``).
         """
-        parts = tuple({m.code: m for m in municipalities}.values())
+        parts = tuple(sorted({m.code: m for m in municipalities}.values(), key=lambda m: m.code))
         if len(parts) == 1:
             (m,) = parts
             return cls(m.name, m.code, m.province, m.geometry, parts)

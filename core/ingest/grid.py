@@ -75,7 +75,7 @@ def cell_municipalities(ids: np.ndarray, municipalities: Sequence[Municipality])
     tree = shapely.STRtree([m.geometry for m in municipalities])
     which = np.full(len(ids), -1)
     point_idx, outline_idx = tree.query(points, predicate="intersects")
-    # a centre on a shared border lies in two outlines: the first in the list wins
+    # a centre on a shared border lies in two outlines: the first (lowest code) wins
     order = np.lexsort((outline_idx, point_idx))
     first = np.unique(point_idx[order], return_index=True)[1]
     which[point_idx[order][first]] = outline_idx[order][first]

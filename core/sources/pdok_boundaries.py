@@ -14,6 +14,7 @@ fetch.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +63,12 @@ class Municipality:
         return tuple(float(v) for v in self.geometry.bounds)
 
 
+@functools.cache
+def _lonlat_to_rd() -> Transformer:
+    """Lon/lat to RD New, built once: a province answered in lon/lat has dozens of outlines."""
+    return Transformer.from_crs("OGC:CRS84", RD_NEW, always_xy=True)
+
+
 def _outline(geometry: dict[str, Any] | None, source: str) -> BaseGeometry:
     """A GeoJSON geometry in RD New; one in lon/lat (the service's default CRS) is projected."""
     try:
@@ -71,7 +78,7 @@ def _outline(geometry: dict[str, Any] | None, source: str) -> BaseGeometry:
     if shape.is_empty or shape.geom_type not in ("Polygon", "MultiPolygon"):
         raise FetchError(f"{source}: the outline is not a polygon ({shape.geom_type})")
     if max(abs(v) for v in shape.bounds) <= 180:
-        to_rd = Transformer.from_crs("OGC:CRS84", RD_NEW, always_xy=True)
+        to_rd = _lonlat_to_rd()
         shape = shapely.transform(
             shape, lambda xy: np.column_stack(to_rd.transform(xy[:, 0], xy[:, 1]))
         )
