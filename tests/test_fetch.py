@@ -33,10 +33,11 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Response
 
 from core.dataroot import DataRoot
-from core.grid import cell_center, cell_polygons, read_grid
+from core.grid import cell_center, cell_id, cell_polygons, read_grid
 from core.ingest import SOURCES, FetchArea, FetchConfig, Source, run_fetch
 from core.ingest.area import Outline
 from core.ingest.config import CLIENT_NAMES, ENDPOINT_NAMES, SOURCE_NAMES, STEP_NAMES
+from core.ingest.grid import cell_municipalities
 from core.ingest.manifest import MANIFEST, Manifest
 from core.ingest.plan import choose_sources, format_plan, make_plan
 from core.ingest.steps import AerialSource, FlickrSource, LbmSource, client_names, endpoint_names
@@ -47,6 +48,7 @@ from core.sources.catalog import read_catalog
 from core.sources.flickr import REUSABLE_LICENSES
 from core.sources.http import Estimate, Politeness
 from core.sources.lbm import read_lbm
+from core.sources.pdok_boundaries import Municipality
 from core.sources.wmts import rd_tile_matrix_set
 from core.summary import summarize
 from core.ugdata import read_streets
@@ -791,3 +793,15 @@ def test_an_unknown_municipality_in_a_list_is_a_clear_error_before_anything_is_w
     assert "no municipality named 'Nergenshuizen'" in message
     assert "Westdorp" not in message
     assert not (tmp_path / "x").exists()
+
+
+def test_each_cell_lies_in_one_municipality():
+    """A cell's municipality is the one holding its centre; on a shared border the first; just
+    outside every outline the nearest."""
+    west = Municipality("West", "1", "P", shapely.box(120000, 480000, 121050, 481000))
+    east = Municipality("East", "2", "P", shapely.box(121050, 480000, 122000, 481000))
+    x = np.array([120050.0, 121050.0, 121150.0, 121950.0, 122250.0, 119850.0])
+    ids = cell_id(x, np.full(len(x), 480550.0))
+    assert np.allclose(cell_center(ids)[0], x)  # the centres the test chose
+    assert cell_municipalities(ids, [west, east]).tolist() == [0, 0, 1, 1, 1, 0]
+    assert cell_municipalities(ids, [west]).tolist() == [0] * 6

@@ -1,10 +1,11 @@
 """A fetch: a plan, then every chosen source's step into a data root, recorded in ``fetch.json``.
 
 The municipalities' outlines (PDOK) fix the box of everything else: one municipality's, or the
-union of several (a list, or every municipality of a province), all in one root. A plan is printed first,
-one line per source; then the steps run in data-flow order: the label sources
+union of several (a list, or every municipality of a province) in one root. A plan is printed
+first, one line per source; then the steps run in data-flow order: the label sources
 (:attr:`~core.ingest.source.Source.feeds_grid`), the grid (:func:`~core.ingest.grid.build_grid`),
-then the other sources of :data:`~core.ingest.steps.SOURCES`.
+then the other sources of :data:`~core.ingest.steps.SOURCES`. A root holds one area: a fetch of
+other municipalities into it is refused.
 
 Every step is resumable: the clients skip what is on disk, and a step recorded as done in
 ``fetch.json`` with the same parameters is not run again (``redo`` runs it anyway). A failing
