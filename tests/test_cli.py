@@ -356,3 +356,16 @@ def test_fetch_takes_the_municipality_and_its_old_option_spellings():
     assert fetch["gsv_headings"] == [0.0, 180.0] and fetch["redo"] == ["aerial", "osm"]
     assert fetch["lbm_release"] == ["scores.csv", "grid.gpkg"] and fetch["dry_run"] is True
     assert main(["fetch", "amsterdam", "--rate", "nope=3"]) == 2
+
+
+def test_fetch_takes_several_municipalities_or_all_of_a_province():
+    assert parsed("fetch", "amsterdam,amstelveen,diemen")["municipality"] == (
+        "amsterdam,amstelveen,diemen"
+    )
+    assert parsed("fetch", "[amsterdam, 'Bergen (NH)']")["municipality"] == [
+        "amsterdam",
+        "Bergen (NH)",
+    ]
+    province = parsed("fetch", "all", "--province", "Noord-Holland")
+    assert (province["municipality"], province["province"]) == ("all", "Noord-Holland")
+    assert main(["fetch", "all", "--dry-run"]) == 2  # which province: a clear error

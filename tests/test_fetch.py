@@ -5,6 +5,11 @@ The fakes serve the tiny demo city as Amsterdam: its extent is the PDOK outline,
 Leefbaarometer WFS, its aerial raster the PDOK WMTS, its streets, water and parks Overpass, its
 Flickr photos and GSV panoramas the Flickr and Street View APIs. A fetch of "amsterdam" must give
 a data root that the readers open and the fusion model trains on, as on the demo city.
+
+PDOK also serves two towns of the province Flevoland on the demo city: Westdorp, its western
+cells, and Oostdorp, its eastern cells, with a strip of cells between them in neither (and
+Verweg, far away in Utrecht). A fetch of both, by name or as the province, is one root over
+their union.
 """
 
 from __future__ import annotations
@@ -21,15 +26,18 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import shapely
 from pytest_httpserver import HTTPServer
 from werkzeug import Response
 
 from core.dataroot import DataRoot
-from core.grid import read_grid
+from core.grid import cell_center, cell_id, cell_polygons, read_grid
 from core.ingest import SOURCES, FetchArea, FetchConfig, Source, run_fetch
 from core.ingest.area import Outline
 from core.ingest.config import CLIENT_NAMES, ENDPOINT_NAMES, SOURCE_NAMES, STEP_NAMES
+from core.ingest.grid import cell_municipalities
 from core.ingest.manifest import MANIFEST, Manifest
 from core.ingest.plan import choose_sources, format_plan, make_plan
 from core.ingest.steps import AerialSource, FlickrSource, LbmSource, client_names, endpoint_names
@@ -40,6 +48,7 @@ from core.sources.catalog import read_catalog
 from core.sources.flickr import REUSABLE_LICENSES
 from core.sources.http import Estimate, Politeness
 from core.sources.lbm import read_lbm
+from core.sources.pdok_boundaries import Municipality
 from core.sources.wmts import rd_tile_matrix_set
 from core.summary import summarize
 from core.ugdata import read_streets
@@ -47,7 +56,7 @@ from tests.fakes.flickr import FakeFlickr, install_flickr
 from tests.fakes.gsv import FakeGsv, install_gsv
 from tests.fakes.lbm_wfs import install_lbm_wfs
 from tests.fakes.overpass import install_overpass
-from tests.fakes.pdok_boundaries import demo_outline, install_pdok_boundaries
+from tests.fakes.pdok_boundaries import demo_outline, install_pdok_boundaries, municipality
 from tests.fakes.wmts import FakeWmts, install_wmts
 from train.cli import main
 
@@ -55,6 +64,32 @@ FLICKR_KEY = "flickr-Key-5f1d9c0e7a"
 GSV_KEY = "AIzaGsv-Key-0b7c1e9d44"
 #: Coarse aerial (level 10, 3.36 m/px: a few tiles), no rate limit, the demo's photo dates.
 FAST = {"resolution": 4.0, "rate": {"all": 0.0}, "flickr_since": "2000-01-01", "quiet": True}
+#: The two towns on the demo city: name, code, and which of the demo's cells are theirs.
+TOWNS = (("Westdorp", "9001", "west"), ("Oostdorp", "9002", "east"))
+
+
+def town_cells(tiny_demo: Path) -> dict[str, np.ndarray]:
+    """The demo's cell ids of each town, by code: the western and eastern 40 % of the extent,
+    cut on cell edges (a cell's centre lies 50 m inside them)."""
+    ids = read_grid(DataRoot(tiny_demo).grid)["cell_id"].to_numpy()
+    x, _ = cell_center(ids)
+    minx, _, maxx, _ = demo_outline(tiny_demo).bounds
+    cut = round((maxx - minx) * 0.4, -2)
+    side = {"west": x < minx + cut, "east": x > maxx - cut}
+    return {code: ids[side[where]] for _, code, where in TOWNS}
+
+
+def town_records(tiny_demo: Path) -> list[dict]:
+    """The PDOK records of the two towns and of Verweg, far away in another province."""
+    cells = town_cells(tiny_demo)
+    towns = [
+        municipality(name, code, "Flevoland", shapely.union_all(cell_polygons(cells[code])))
+        for name, code, _ in TOWNS
+    ]
+    return [
+        *towns,
+        municipality("Verweg", "9003", "Utrecht", shapely.box(135000, 455000, 136000, 456000)),
+    ]
 
 
 @dataclass
@@ -85,7 +120,7 @@ def services(tiny_demo):
     server = HTTPServer(host="127.0.0.1", port=0)
     server.start()
     urls = {
-        "pdok": install_pdok_boundaries(server, tiny_demo),
+        "pdok": install_pdok_boundaries(server, tiny_demo, extra=town_records(tiny_demo)),
         "lbm": install_lbm_wfs(server, tiny_demo),
         "overpass": install_overpass(server, tiny_demo),
     }
@@ -592,3 +627,181 @@ def test_a_downloaded_release_and_osm_file_are_imported(services, fetched, tiny_
     paths = DataRoot(out)
     assert len(read_streets(paths.streets).xy) == steps["osm"]["street_nodes"]
     assert read_catalog(paths.catalog).images.empty  # no street-level source: an empty catalog
+
+
+# --- several municipalities, one root --------------------------------------------------------
+
+
+def test_the_config_takes_several_municipalities_or_a_whole_province():
+    several = FetchConfig("westdorp, Oostdorp,westdorp")
+    assert several.names == ["westdorp", "Oostdorp"] and not several.whole_province
+    assert several.out_path == Path("data/westdorp-and-1-more")
+    assert FetchConfig(["Bergen (NH)", "'s-Gravenhage"]).names == ["Bergen (NH)", "'s-Gravenhage"]
+    province = FetchConfig("all", province="Noord-Holland")
+    assert province.whole_province and province.out_path == Path("data/noord-holland")
+    assert FetchConfig("ALL", province="Fryslân", out="here").out_path == Path("here")
+    assert FetchConfig("amsterdam").names == ["amsterdam"]  # one name: as before
+    with pytest.raises(ValueError, match="municipality 'all': give the province with --province"):
+        FetchConfig("all")
+    with pytest.raises(ValueError, match=r"municipality \['amsterdam', 'all'\]: 'all' stands"):
+        FetchConfig("amsterdam,all", province="Noord-Holland")
+    with pytest.raises(ValueError, match="municipality: give the municipality's official name"):
+        FetchConfig(" , ")
+
+
+@pytest.fixture(scope="module")
+def region(services, tmp_path_factory):
+    """One full fetch of Westdorp and Oostdorp with both keys set: root, exit code, output."""
+    root = tmp_path_factory.mktemp("fetch") / "towns"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("FLICKR_API_KEY", FLICKR_KEY)
+        env.setenv("GOOGLE_MAPS_API_KEY", GSV_KEY)
+        env.delenv("GOOGLE_MAPS_SIGNING_SECRET", raising=False)
+        code, output = fetch(services.config(root, municipality="westdorp,oostdorp"))
+    return root, code, output
+
+
+def test_several_municipalities_are_one_root_over_their_union(region, tiny_demo):
+    root, code, output = region
+    assert code == 0, output
+    cells = town_cells(tiny_demo)
+    union = shapely.union_all(cell_polygons(np.concatenate(list(cells.values()))))
+    km2 = union.area / 1e6
+    assert f"fetch plan for Westdorp + Oostdorp: 2 municipalities (Flevoland), {km2:.1f} km2" in (
+        output
+    )
+    assert "municipalities: Westdorp (9001), Oostdorp (9002)" in output
+    assert "PDOK municipality outlines: 2 requests" in output
+
+    grid = read_grid(DataRoot(root).grid)
+    assert sorted(grid["cell_id"]) == sorted(np.concatenate(list(cells.values())))
+    for name, code_, _ in TOWNS:
+        theirs = grid[grid["gemeente_code"] == code_]
+        assert set(theirs["cell_id"]) == set(cells[code_]) and len(theirs) > 0
+        assert set(theirs["gemeente_naam"]) == set(theirs["district"]) == {name}
+
+    paths = DataRoot(root)
+    labels = read_lbm(paths.scores, paths.lbm_grid)
+    demo = read_lbm(DataRoot(tiny_demo).scores, DataRoot(tiny_demo).lbm_grid)
+    demo = demo[demo["jaar"] == 2020]
+    for ids in cells.values():
+        expected = set(demo.loc[demo["cell_id"].isin(ids), "cell_id"])
+        assert set(labels.loc[labels["cell_id"].isin(ids), "cell_id"]) == expected
+        assert expected  # labels of both towns, and none of the strip between them
+    assert set(labels["cell_id"]) <= set(grid["cell_id"])
+    assert grid["labelled"].sum() == labels["cell_id"].nunique()
+
+    images = read_catalog(paths.catalog).images
+    for source in ("flickr", "gsv"):
+        rows = images[images["source"] == source]
+        assert all(rows["cell_id"].isin(ids).any() for ids in cells.values()), source
+    # Street View is looked up along the towns' streets only: a panorama lies within the 50 m
+    # search radius of a town, never deep in the 300 m strip between them
+    gsv_rows = images[images["source"] == "gsv"]
+    assert shapely.contains_xy(union.buffer(60), gsv_rows["x"], gsv_rows["y"]).all()
+    demo_ids = read_grid(DataRoot(tiny_demo).grid)["cell_id"].to_numpy()
+    assert not shapely.contains_xy(union.buffer(60), *cell_center(demo_ids)).all()
+
+    manifest = json.loads((root / MANIFEST).read_text())
+    assert [(m["name"], m["code"], m["province"]) for m in manifest["municipalities"]] == [
+        ("Westdorp", "9001", "Flevoland"),
+        ("Oostdorp", "9002", "Flevoland"),
+    ]
+    assert manifest["asked"] == {"municipality": ["westdorp", "oostdorp"], "province": None}
+    assert manifest["municipality"]["code"] == "9001,9002"
+    assert manifest["municipality"]["area_km2"] == pytest.approx(union.area / 1e6, abs=1e-3)
+    minx, miny, maxx, maxy = union.bounds
+    margin = AerialSource.margin_m
+    assert manifest["steps"]["aerial"]["params"]["bbox"] == [
+        minx - margin,
+        miny - margin,
+        maxx + margin,
+        maxy + margin,
+    ]
+    assert manifest["steps"]["lbm"]["params"]["bbox"] == [minx, miny, maxx, maxy]
+
+
+def test_the_same_municipalities_continue_a_root_and_others_are_refused(
+    services, region, fetched, monkeypatch
+):
+    root, code, _ = region
+    assert code == 0
+    monkeypatch.setenv("FLICKR_API_KEY", FLICKR_KEY)
+    monkeypatch.setenv("GOOGLE_MAPS_API_KEY", GSV_KEY)
+    before = services.image_requests()
+    code, printed = fetch(services.config(root, municipality="Oostdorp,westdorp"))
+    assert code == 0
+    for step in STEP_NAMES:
+        assert f"{step}: done before, skipped" in printed
+    assert services.image_requests() == before
+
+    manifest = (root / MANIFEST).read_bytes()
+    others = {
+        "westdorp": "[Westdorp (9001)]",
+        "westdorp,oostdorp,amsterdam": "[Amsterdam (0363), Westdorp (9001), Oostdorp (9002)]",
+    }
+    for other, listed in others.items():
+        for dry_run in (False, True):
+            with pytest.raises(ValueError) as error:
+                fetch(services.config(root, municipality=other, dry_run=dry_run))
+            assert str(error.value) == (
+                f"{root}: holds a fetch of [Westdorp (9001), Oostdorp (9002)], not of the "
+                f"municipalities asked for {listed}; rerun with the same municipalities to "
+                "continue it, or fetch into another --out"
+            )
+    assert (root / MANIFEST).read_bytes() == manifest
+    amsterdam, _, _ = fetched
+    with pytest.raises(ValueError, match=r"holds a fetch of \[Amsterdam \(0363\)\], not of"):
+        fetch(services.config(amsterdam, municipality="westdorp,oostdorp", dry_run=True))
+
+
+def test_a_province_fetches_every_municipality_it_holds(services, region, tmp_path):
+    root, _, _ = region
+    out = tmp_path / "flevoland"
+    services.server.clear_log()
+    code, printed = fetch(
+        services.config(out, municipality="all", province="flevoland", sources=["lbm"])
+    )
+    assert code == 0, printed
+    assert "fetch plan for Flevoland: 2 municipalities (Flevoland)" in printed
+    assert "PDOK municipality outlines of a province: 1 requests" in printed
+    asked = [
+        r.args.get("ligt_in_provincie_naam")
+        for r, _ in services.server.log
+        if r.path.endswith("/gemeentegebied/items")
+    ]
+    assert asked == ["flevoland", "Flevoland"]  # as typed, then as PDOK writes it
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert [m["code"] for m in manifest["municipalities"]] == ["9001", "9002"]
+    assert manifest["asked"] == {"municipality": ["all"], "province": "flevoland"}
+    grid = read_grid(DataRoot(out).grid)
+    by_name = read_grid(DataRoot(root).grid)
+    assert grid[["cell_id", "gemeente_code"]].equals(by_name[["cell_id", "gemeente_code"]])
+
+    with pytest.raises(ValueError, match="no municipality lies in a province named 'Atlantis'"):
+        fetch(services.config(tmp_path / "x", municipality="all", province="atlantis"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_an_unknown_municipality_in_a_list_is_a_clear_error_before_anything_is_written(
+    services, tmp_path
+):
+    with pytest.raises(ValueError) as error:
+        fetch(services.config(tmp_path / "x", municipality="westdorp,atlantis,nergenshuizen"))
+    message = str(error.value)
+    assert "no municipality named 'Atlantis'" in message
+    assert "no municipality named 'Nergenshuizen'" in message
+    assert "Westdorp" not in message
+    assert not (tmp_path / "x").exists()
+
+
+def test_each_cell_lies_in_one_municipality():
+    """A cell's municipality is the one holding its centre; on a shared border the first; just
+    outside every outline the nearest."""
+    west = Municipality("West", "1", "P", shapely.box(120000, 480000, 121050, 481000))
+    east = Municipality("East", "2", "P", shapely.box(121050, 480000, 122000, 481000))
+    x = np.array([120050.0, 121050.0, 121150.0, 121950.0, 122250.0, 119850.0])
+    ids = cell_id(x, np.full(len(x), 480550.0))
+    assert np.allclose(cell_center(ids)[0], x)  # the centres the test chose
+    assert cell_municipalities(ids, [west, east]).tolist() == [0, 0, 1, 1, 1, 0]
+    assert cell_municipalities(ids, [west]).tolist() == [0] * 6

@@ -23,7 +23,11 @@ from core.sources.lbm_wfs import (
     import_lbm_release,
     lbm_layer,
 )
-from core.sources.pdok_boundaries import fetch_municipality, municipality_features
+from core.sources.pdok_boundaries import (
+    fetch_municipality,
+    fetch_province,
+    municipality_features,
+)
 from tests.fakes import FAST, Sleeps
 from tests.fakes.lbm_wfs import WFS_PATH, install_lbm_wfs
 from tests.fakes.pdok_boundaries import demo_outline, install_pdok_boundaries, municipality
@@ -322,3 +326,44 @@ def test_unknown_and_ambiguous_names_are_clear_errors(tiny_demo, httpserver, cli
     )
     with pytest.raises(FetchError, match="/broken/.*not JSON"):
         fetch_municipality("Amsterdam", client=client, endpoint=httpserver.url_for("/broken"))
+
+
+def utrecht_box(i: int) -> shapely.Polygon:
+    """A 1 km square in RD metres, the ``i``-th along a row near Utrecht."""
+    return shapely.box(130000 + 1000 * i, 455000, 131000 + 1000 * i, 456000)
+
+
+def test_a_province_lists_its_municipalities_over_pages_with_or_without_the_filter(
+    tiny_demo, httpserver, client
+):
+    """Every municipality whose ``ligt_in_provincie_naam`` is the province, by code; from a
+    server that filters on it (the exact name), and from one that ignores the filter (any
+    case)."""
+    utrecht = [
+        municipality(f"Gemeente {i}", f"9{i:03d}", "Utrecht", utrecht_box(i))
+        for i in (149, *range(149))  # served out of code order
+    ]
+    extra = [*utrecht, municipality("Vaals", "0981", "Limburg", utrecht_box(300))]
+    pdok = install_pdok_boundaries(httpserver, tiny_demo, extra=extra)
+    ignoring = install_pdok_boundaries(
+        httpserver, tiny_demo, extra=extra, path="/ignoring", filters=False
+    )
+    httpserver.clear_log()
+    for endpoint, name in ((pdok, "Utrecht"), (ignoring, "utrecht")):
+        found = fetch_province(name, client, endpoint)
+        assert [m.code for m in found] == sorted(r["code"] for r in utrecht)
+        assert {m.province for m in found} == {"Utrecht"}
+        box = utrecht_box(3)  # read back from lon/lat too: a square metre off in a km2
+        assert found[3].geometry.symmetric_difference(box).area < 1e-5 * box.area
+    pages = [r for r, _ in httpserver.log if r.path.endswith("/gemeentegebied/items")]
+    # pages of 100: 150 municipalities filtered, or all 153 (their province checked here; that
+    # server's next link drops the filter it ignored)
+    asked = [r.args.get("ligt_in_provincie_naam") for r in pages]
+    assert asked == ["Utrecht", "Utrecht", "utrecht", None]
+    noord_holland = fetch_province("Noord-Holland", client, pdok)
+    assert [(m.name, m.code) for m in noord_holland] == [
+        ("Amstelveen", "0362"),
+        ("Amsterdam", "0363"),
+    ]
+    with pytest.raises(ValueError, match=r"no municipality lies in a province named 'Friesland'"):
+        fetch_province("Friesland", client, pdok)

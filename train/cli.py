@@ -135,8 +135,10 @@ def fetch(config: FetchConfig) -> int:
 
     Fetches the outline (PDOK), prints a plan (requests, size, time, cost, licences), then the
     Leefbaarometer labels, grid, aerial mosaic, OSM streets, water and parks, Flickr photos and
-    Street View views. Resumable: rerun to continue. Keys come from FLICKR_API_KEY and
-    GOOGLE_MAPS_API_KEY (+ GOOGLE_MAPS_SIGNING_SECRET).
+    Street View views. Several municipalities (amsterdam,amstelveen,diemen), or all of a
+    province (all --province Noord-Holland), make one root over their union. Resumable: rerun
+    to continue. Keys come from FLICKR_API_KEY and GOOGLE_MAPS_API_KEY (+
+    GOOGLE_MAPS_SIGNING_SECRET).
 
     Args:
         config: what to fetch.

@@ -1,12 +1,15 @@
-"""Ingestion: a real data root for a Dutch municipality, fetched from public services.
+"""Ingestion: a real data root for a Dutch municipality, several, or a whole province, fetched
+from public services.
 
 ``run_fetch(FetchConfig(municipality="amsterdam"))`` prints a plan, then fetches the
 Leefbaarometer labels, the grid, the PDOK aerial mosaic, OpenStreetMap streets, water and parks,
 Flickr photos and Street View views, recording every step in ``fetch.json``.
+``FetchConfig("amsterdam,amstelveen,diemen")`` and ``FetchConfig("all",
+province="Noord-Holland")`` fetch the union of several municipalities into one root.
 
 - :mod:`core.ingest.config`: :class:`FetchConfig`, what a fetch is asked to do (cheap to
   import: the command line is built from it);
-- :mod:`core.ingest.area`: :class:`FetchArea`, the municipality and its PDOK outline;
+- :mod:`core.ingest.area`: :class:`FetchArea`, the municipalities and their PDOK outlines;
 - :mod:`core.ingest.source`: :class:`Source`, the interface of every download source;
 - :mod:`core.ingest.steps`: the sources and their registry :data:`SOURCES`;
 - :mod:`core.ingest.grid`: :func:`build_grid`, the grid step;

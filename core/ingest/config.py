@@ -33,6 +33,8 @@ CLIENT_NAMES: tuple[str, ...] = (
     "gsv",
 )
 DEFAULT_HEADINGS = (0.0, 90.0, 180.0, 270.0)
+#: The ``municipality`` that asks for every municipality of ``province``.
+EVERY_MUNICIPALITY = "all"
 
 
 def _option(name: str) -> str:
@@ -48,17 +50,20 @@ def _names(values: list[str] | None, known: tuple[str, ...], name: str) -> None:
 
 @dataclass
 class FetchConfig:
-    """One fetch of a Dutch municipality's data root from public services (``fetch``).
+    """One fetch of a data root for one Dutch municipality, several, or every municipality of a
+    province, from public services (``fetch``).
 
     Raises:
         ValueError: on construction, naming the option, for a malformed or unknown value.
     """
 
-    municipality: str
+    municipality: str | list[str]
     """Official Dutch name of the municipality, case-insensitive: amsterdam, utrecht,
-    "'s-Gravenhage", "Bergen (NH)"."""
+    "'s-Gravenhage", "Bergen (NH)"; several comma-separated (amsterdam,amstelveen,diemen) for one
+    root over their union; or all, with --province, for every municipality of that province."""
     out: str | None = None
-    """Data root to fill (default: data/<municipality>, lower case, other characters as -)."""
+    """Data root to fill (default: data/<municipality> for one, lower case, other characters as
+    -; data/<first>-and-<N>-more for several; data/<province> for all)."""
     year: int = 2020
     """Label year and aerial year: a Leefbaarometer edition and PDOK orthophoto year, e.g.
     2020."""
@@ -70,7 +75,8 @@ class FetchConfig:
     flickr and gsv are then skipped without their key, while asking for them without it is an
     error)."""
     province: str | None = None
-    """The municipality's province, when its name is ambiguous, e.g. Limburg."""
+    """The municipalities' province, when a name is ambiguous, e.g. Limburg; with the
+    municipality all, the province to fetch whole, e.g. Noord-Holland."""
     resolution: float = 0.25
     """Wanted aerial metres per pixel (> 0); the nearest PDOK level is used (0.25 -> 0.21 m,
     0.42, 0.84, ...)."""
@@ -112,8 +118,20 @@ class FetchConfig:
     """No progress bars."""
 
     def __post_init__(self) -> None:
-        if not self.municipality.strip():
+        names = self.names
+        if not names:
             raise ValueError("municipality: give the municipality's official name")
+        if EVERY_MUNICIPALITY in (n.lower() for n in names):
+            if len(names) > 1:
+                raise ValueError(
+                    f"municipality {names}: {EVERY_MUNICIPALITY!r} stands alone (every "
+                    "municipality of --province)"
+                )
+            if not (self.province or "").strip():
+                raise ValueError(
+                    f"municipality {EVERY_MUNICIPALITY!r}: give the province with --province, "
+                    "e.g. Noord-Holland"
+                )
         if self.sources is not None:
             if not self.sources:
                 raise ValueError(f"--sources: give at least one of {list(SOURCE_NAMES)}")
@@ -159,11 +177,29 @@ class FetchConfig:
         self.rate = rates
 
     @property
+    def names(self) -> list[str]:
+        """The municipality names asked for, as typed, each once (a string is split at
+        commas)."""
+        given = [self.municipality] if isinstance(self.municipality, str) else self.municipality
+        names = (n.strip() for name in given for n in str(name).split(","))
+        return list(dict.fromkeys(n for n in names if n))
+
+    @property
+    def whole_province(self) -> bool:
+        """Whether every municipality of ``province`` is asked for."""
+        return [n.lower() for n in self.names] == [EVERY_MUNICIPALITY]
+
+    @property
     def out_path(self) -> Path:
-        """The data root: ``out``, else ``data/<municipality>`` (lower case, other characters
-        as ``-``)."""
-        slug = re.sub(r"[^a-z0-9]+", "-", self.municipality.lower()).strip("-")
-        return Path(self.out or f"data/{slug}")
+        """The data root: ``out``, else ``data/<municipality>`` for one, ``data/<first>-and-<N>-
+        more`` for several, ``data/<province>`` for a whole province (lower case, other
+        characters as ``-``)."""
+        if self.out:
+            return Path(self.out)
+        first, *more = self.names
+        name = self.province if self.whole_province else first
+        slug = re.sub(r"[^a-z0-9]+", "-", str(name).lower()).strip("-")
+        return Path(f"data/{slug}" + (f"-and-{len(more)}-more" if more else ""))
 
     @property
     def years(self) -> list[int]:

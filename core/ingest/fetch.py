@@ -1,9 +1,11 @@
 """A fetch: a plan, then every chosen source's step into a data root, recorded in ``fetch.json``.
 
-The municipality's outline (PDOK) fixes the box of everything else. A plan is printed first,
-one line per source; then the steps run in data-flow order: the label sources
+The municipalities' outlines (PDOK) fix the box of everything else: one municipality's, or the
+union of several (a list, or every municipality of a province) in one root. A plan is printed
+first, one line per source; then the steps run in data-flow order: the label sources
 (:attr:`~core.ingest.source.Source.feeds_grid`), the grid (:func:`~core.ingest.grid.build_grid`),
-then the other sources of :data:`~core.ingest.steps.SOURCES`.
+then the other sources of :data:`~core.ingest.steps.SOURCES`. A root holds one area: a fetch of
+other municipalities into it is refused.
 
 Every step is resumable: the clients skip what is on disk, and a step recorded as done in
 ``fetch.json`` with the same parameters is not run again (``redo`` runs it anyway). A failing
@@ -54,19 +56,21 @@ def run_fetch(config: FetchConfig, say: Say = print) -> int:
 
     Raises:
         ValueError, FileNotFoundError: for a keyed source asked for without its key, a missing
-            import file, or an unknown or ambiguous municipality.
-        FetchError: when the municipality's outline cannot be fetched.
+            import file, an unknown or ambiguous municipality, a province without any, or a
+            root that holds a fetch of other municipalities.
+        FetchError: when a municipality's outline cannot be fetched.
     """
     chosen, skipped = choose_sources(config)
     area = Outline(config).find()
-    say(format_plan(area, config.out_path, make_plan(config, area, chosen, skipped)))
+    root = DataRoot(config.out_path)
+    manifest = Manifest(root, _header(config, area, chosen, skipped))
+    check_same_municipalities(manifest, area)
+    say(format_plan(area, root.root, make_plan(config, area, chosen, skipped)))
     if config.dry_run:
         say("dry run: nothing fetched")
         return 0
 
-    root = DataRoot(config.out_path)
     root.root.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(root, _header(config, area, chosen, skipped))
     for name, params, run, licence in fetch_steps(config, root, area, chosen, say):
         if name not in config.redo and manifest.done(name, params):
             say(f"{name}: done before, skipped (--redo {name} runs it again)")
@@ -118,11 +122,32 @@ def fetch_steps(
     ]
 
 
+def check_same_municipalities(manifest: Manifest, area: FetchArea) -> None:
+    """Refuse a fetch into a root whose ``fetch.json`` records other municipalities: a root
+    holds one area, and mixing two would mix their grids, labels and catalogs.
+
+    Raises:
+        ValueError: naming the root, the municipalities it holds and those asked for.
+    """
+    held = manifest.municipalities()
+    asked = area.municipalities
+    if not held or {str(m.get("code")) for m in held} == {m.code for m in asked}:
+        return
+    listed = ", ".join(f"{m.get('name')} ({m.get('code')})" for m in held)
+    wanted = ", ".join(f"{m.name} ({m.code})" for m in asked)
+    raise ValueError(
+        f"{manifest.root.root}: holds a fetch of [{listed}], not of the municipalities asked "
+        f"for [{wanted}]; rerun with the same municipalities to continue it, or fetch into "
+        "another --out"
+    )
+
+
 def _header(
     config: FetchConfig, area: FetchArea, chosen: dict[str, Source], skipped: dict[str, str]
 ) -> dict[str, Any]:
     """What ``fetch.json`` records of the fetch as a whole."""
     return {
+        "asked": {"municipality": config.names, "province": config.province},
         "municipality": {
             "name": area.name,
             "code": area.code,
@@ -130,6 +155,15 @@ def _header(
             "area_km2": round(area.area_km2, 3),
             "bbox_rd": area.bbox_rd,
         },
+        "municipalities": [
+            {
+                "name": m.name,
+                "code": m.code,
+                "province": m.province,
+                "area_km2": round(m.geometry.area / 1e6, 3),
+            }
+            for m in area.municipalities
+        ],
         "year": config.year,
         "label_years": config.years,
         "sources": list(chosen),

@@ -15,21 +15,33 @@ MANIFEST = "fetch.json"
 class Manifest:
     """``fetch.json`` of a data root, rewritten (atomically) after every step.
 
-    It holds ``created``, ``updated``, the header of the latest fetch (municipality, years,
-    sources, endpoints, licences, ...) and ``steps``: per step its ``status`` (``done`` or
-    ``failed``), ``finished``, ``params``, ``licence`` and what it returned (``outputs``,
-    counts) or its ``error``. Never a key.
+    It holds ``created``, ``updated``, the header of the latest fetch (the area and its
+    municipalities, years, sources, endpoints, licences, ...) and ``steps``: per step its
+    ``status`` (``done`` or ``failed``), ``finished``, ``params``, ``licence`` and what it
+    returned (``outputs``, counts) or its ``error``. Never a key. Reading it writes nothing.
     """
 
     def __init__(self, root: DataRoot, header: Mapping[str, Any]) -> None:
         self.path = root.root / MANIFEST
         self.root = root
-        old = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        try:
+            old = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{self.path}: not valid JSON ({exc})") from None
+        #: What the file held before this fetch (empty for a new root).
+        self.previous: dict[str, Any] = old
         self.data = {
             "created": old.get("created", utc_now()),
             **jsonable(header),
             "steps": old.get("steps", {}),
         }
+
+    def municipalities(self) -> list[dict[str, Any]]:
+        """The municipalities the root's earlier fetch covered (``name``, ``code``, ...); empty
+        for a new root. A root fetched before several municipalities were possible records
+        only ``municipality``."""
+        old = self.previous
+        return old.get("municipalities") or ([old["municipality"]] if "municipality" in old else [])
 
     def done(self, step: str, params: Mapping[str, Any]) -> bool:
         """Whether ``step`` is recorded as done with these parameters and its outputs exist."""

@@ -3,6 +3,7 @@ its requests, size, time at the rate limit, and key, cost and licence."""
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def make_plan(
     """One :class:`PlanLine` for the outline, then one per registered source (asks the LBM WFS
     and Flickr for counts)."""
     root = DataRoot(config.out_path)
-    lines = [PlanLine(Outline.name, Outline(config).estimate())]
+    lines = [PlanLine(Outline.name, Outline(config).estimate(area))]
     for name in SOURCES:
         if name not in chosen:
             lines.append(PlanLine(name, skipped=skipped[name]))
@@ -81,12 +82,21 @@ def _duration(seconds: float) -> str:
 
 
 def format_plan(area: FetchArea, root: Path, lines: list[PlanLine]) -> str:
-    """The plan as text: the municipality, one line per source and the totals."""
+    """The plan as text: the municipality (or the municipalities of the area), one line per
+    source and the totals."""
     bounds = ", ".join(f"{v:.0f}" for v in area.bbox_rd)
-    text = [
-        f"fetch plan for {area.name} ({area.code}, {area.province}), "
-        f"{area.area_km2:.1f} km2, RD bbox {bounds} -> {root}"
-    ]
+    size = f"{area.area_km2:.1f} km2, RD bbox {bounds} -> {root}"
+    parts = area.municipalities
+    if len(parts) == 1:
+        text = [f"fetch plan for {area.name} ({area.code}, {area.province}), {size}"]
+    else:
+        listed = ", ".join(f"{m.name} ({m.code})" for m in parts)
+        text = [
+            f"fetch plan for {area.name}: {len(parts)} municipalities ({area.province}), {size}",
+            *textwrap.wrap(
+                f"municipalities: {listed}", 100, initial_indent="  ", subsequent_indent="    "
+            ),
+        ]
     for line in lines:
         e = line.estimate
         if e is None:

@@ -5,13 +5,16 @@ collection ``gemeentegebied`` with one feature per municipality: properties ``na
 official Dutch name, e.g. ``Amsterdam``, ``'s-Gravenhage``), ``code``, ``identificatie``
 (``0363`` / ``GM0363``) and ``ligt_in_provincie_naam``. Items are GeoJSON, in RD New when asked
 with ``crs=http://www.opengis.net/def/crs/EPSG/0/28992``, filtered by property parameters
-(``naam=...``) and paged by cursor (``links`` with ``rel="next"``). No key; open data (CC0).
+(``naam=...`` for one municipality, ``ligt_in_provincie_naam=...`` for every municipality of a
+province) and paged by cursor (``links`` with ``rel="next"``). No key; open data (CC0).
 
-The outline defines the bbox and the grid of a whole fetch.
+The outlines (their union, for several municipalities) define the bbox and the grid of a whole
+fetch.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +35,10 @@ RD_CRS_URI = "http://www.opengis.net/def/crs/EPSG/0/28992"
 PDOK_POLITENESS = Politeness(requests_per_second=4.0, concurrency=1)
 #: A large municipality's full-resolution outline as GeoJSON, for the plan.
 OUTLINE_BYTES = 500_000
+_PAGE_SIZE = 100
 _MAX_PAGES = 50  # 342 municipalities: more pages means the server ignores the page size
+#: The property of a ``gemeentegebied`` naming its province.
+PROVINCE_PROPERTY = "ligt_in_provincie_naam"
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,12 @@ class Municipality:
         return tuple(float(v) for v in self.geometry.bounds)
 
 
+@functools.cache
+def _lonlat_to_rd() -> Transformer:
+    """Lon/lat to RD New, built once: a province answered in lon/lat has dozens of outlines."""
+    return Transformer.from_crs("OGC:CRS84", RD_NEW, always_xy=True)
+
+
 def _outline(geometry: dict[str, Any] | None, source: str) -> BaseGeometry:
     """A GeoJSON geometry in RD New; one in lon/lat (the service's default CRS) is projected."""
     try:
@@ -66,7 +78,7 @@ def _outline(geometry: dict[str, Any] | None, source: str) -> BaseGeometry:
     if shape.is_empty or shape.geom_type not in ("Polygon", "MultiPolygon"):
         raise FetchError(f"{source}: the outline is not a polygon ({shape.geom_type})")
     if max(abs(v) for v in shape.bounds) <= 180:
-        to_rd = Transformer.from_crs("OGC:CRS84", RD_NEW, always_xy=True)
+        to_rd = _lonlat_to_rd()
         shape = shapely.transform(
             shape, lambda xy: np.column_stack(to_rd.transform(xy[:, 0], xy[:, 1]))
         )
@@ -77,9 +89,31 @@ def municipality_features(
     name: str, client: HttpClient | None = None, endpoint: str = PDOK_BOUNDARIES_URL
 ) -> list[dict[str, Any]]:
     """GeoJSON features of ``gemeentegebied`` named ``name`` (case-insensitive), all pages."""
+    return _features("naam", name, client, endpoint)
+
+
+def province_features(
+    province: str, client: HttpClient | None = None, endpoint: str = PDOK_BOUNDARIES_URL
+) -> list[dict[str, Any]]:
+    """GeoJSON features of every ``gemeentegebied`` in ``province`` (its
+    ``ligt_in_provincie_naam``, case-insensitive), all pages."""
+    return _features(PROVINCE_PROPERTY, province, client, endpoint)
+
+
+def _features(
+    key: str, value: str, client: HttpClient | None, endpoint: str
+) -> list[dict[str, Any]]:
+    """The features whose property ``key`` equals ``value`` (case-insensitive), asked for with
+    the property filter ``key=value`` and checked here, so that a server ignoring the filter
+    still gives the right features (over more pages)."""
     client = client or HttpClient(PDOK_POLITENESS)
     next_url: str | None = f"{endpoint.rstrip('/')}/collections/{MUNICIPALITY_COLLECTION}/items"
-    params: dict[str, Any] | None = {"f": "json", "crs": RD_CRS_URI, "naam": name, "limit": 100}
+    params: dict[str, Any] | None = {
+        "f": "json",
+        "crs": RD_CRS_URI,
+        key: value,
+        "limit": _PAGE_SIZE,
+    }
     found: list[dict[str, Any]] = []
     pages = 0
     while next_url is not None:
@@ -95,7 +129,7 @@ def municipality_features(
         found += [
             f
             for f in page["features"]
-            if str((f.get("properties") or {}).get("naam", "")).casefold() == name.casefold()
+            if str((f.get("properties") or {}).get(key, "")).casefold() == value.casefold()
         ]
         next_url = next(
             (link.get("href") for link in page.get("links") or [] if link.get("rel") == "next"),
@@ -129,8 +163,7 @@ def fetch_municipality(
         features = [
             f
             for f in features
-            if str(f["properties"].get("ligt_in_provincie_naam", "")).casefold()
-            == province.casefold()
+            if str(f["properties"].get(PROVINCE_PROPERTY, "")).casefold() == province.casefold()
         ]
     where = f"{endpoint} collection {MUNICIPALITY_COLLECTION}"
     if not features:
@@ -144,7 +177,7 @@ def fetch_municipality(
             (
                 f["properties"].get("naam"),
                 f["properties"].get("code"),
-                f["properties"].get("ligt_in_provincie_naam"),
+                f["properties"].get(PROVINCE_PROPERTY),
             )
             for f in features
         ]
@@ -152,23 +185,67 @@ def fetch_municipality(
             f"{where}: {len(features)} municipalities are named {name!r}: {listed}; "
             "pass province= to choose one"
         )
-    properties = features[0]["properties"]
+    return _municipality(features[0], where)
+
+
+def fetch_province(
+    province: str, client: HttpClient | None = None, endpoint: str = PDOK_BOUNDARIES_URL
+) -> list[Municipality]:
+    """Every municipality of a province, by code, outlines in EPSG:28992.
+
+    Args:
+        province: the province as PDOK names it (``ligt_in_provincie_naam``, e.g.
+            ``"Noord-Holland"``, ``"Fryslân"``), case-insensitive.
+        client: the HTTP client (default: :data:`PDOK_POLITENESS`).
+        endpoint: the OGC API landing page.
+
+    Raises:
+        ValueError: if no municipality lies in a province of that name.
+        FetchError: naming the URL, for HTTP failures or answers that are not GeoJSON.
+    """
+    where = f"{endpoint} collection {MUNICIPALITY_COLLECTION}"
+    features = province_features(province, client, endpoint)
+    if not features:
+        raise ValueError(
+            f"{where}: no municipality lies in a province named {province!r}; use the "
+            "province's name as PDOK writes it, e.g. 'Noord-Holland', 'Fryslân', 'Limburg'"
+        )
+    return sorted((_municipality(f, where) for f in features), key=lambda m: m.code)
+
+
+def _municipality(feature: dict[str, Any], where: str) -> Municipality:
+    """The :class:`Municipality` of one ``gemeentegebied`` feature."""
+    properties = feature["properties"]
     code = str(properties.get("code") or properties.get("identificatie") or "")
-    geometry = _outline(features[0].get("geometry"), f"{where} {name!r}")
+    geometry = _outline(feature.get("geometry"), f"{where} {properties.get('naam')!r}")
     log.info("%s: %s (%s), %.1f km2", where, properties["naam"], code, geometry.area / 1e6)
     return Municipality(
-        str(properties["naam"]), code, str(properties.get("ligt_in_provincie_naam") or ""), geometry
+        str(properties["naam"]), code, str(properties.get(PROVINCE_PROPERTY) or ""), geometry
     )
 
 
 def estimate_municipality(
-    requests_per_second: float = PDOK_POLITENESS.requests_per_second,
+    requests_per_second: float = PDOK_POLITENESS.requests_per_second, municipalities: int = 1
 ) -> Estimate:
-    """One request for the outline (more only if the service ignores the name filter)."""
+    """One request per municipality named (more only if the service ignores the name
+    filter)."""
     return Estimate(
-        "PDOK municipality outline",
-        1,
-        OUTLINE_BYTES,
+        "PDOK municipality outline" + ("s" if municipalities > 1 else ""),
+        municipalities,
+        municipalities * OUTLINE_BYTES,
+        requests_per_second,
+        "open data (CC0), no key",
+    )
+
+
+def estimate_province(
+    municipalities: int, requests_per_second: float = PDOK_POLITENESS.requests_per_second
+) -> Estimate:
+    """One page of 100 outlines per request for a province's ``municipalities``."""
+    return Estimate(
+        "PDOK municipality outlines of a province",
+        max(1, -(-municipalities // _PAGE_SIZE)),
+        municipalities * OUTLINE_BYTES,
         requests_per_second,
         "open data (CC0), no key",
     )

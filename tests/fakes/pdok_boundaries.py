@@ -4,8 +4,9 @@
 a GeoJSON FeatureCollection with ``numberReturned``, ``timeStamp`` and ``links`` (``self``,
 ``next`` with a ``cursor`` parameter), features with ``id`` and the properties ``code``,
 ``identificatie``, ``naam``, ``ligt_in_provincie_code``, ``ligt_in_provincie_naam``. It filters
-on property parameters (``naam=...``, exact), pages with ``limit``/``cursor``, and answers in
-RD New when asked with ``crs=...EPSG/0/28992`` (``Content-Crs`` header), else in CRS84.
+on property parameters, exact (``naam=...`` for a municipality, ``ligt_in_provincie_naam=...``
+for every municipality of a province), pages with ``limit``/``cursor``, and answers in RD New
+when asked with ``crs=...EPSG/0/28992`` (``Content-Crs`` header), else in CRS84.
 """
 
 from __future__ import annotations
@@ -27,6 +28,21 @@ API_PATH = "/kadaster/bestuurlijkegebieden/ogc/v1"
 RD_URI = "http://www.opengis.net/def/crs/EPSG/0/28992"
 CRS84_URI = "http://www.opengis.net/def/crs/OGC/1.3/CRS84"
 _PROPERTIES = ("code", "identificatie", "naam", "ligt_in_provincie_code", "ligt_in_provincie_naam")
+#: The provinces' codes as the service writes them.
+PROVINCE_CODES = {
+    "Groningen": "PV20",
+    "Fryslân": "PV21",
+    "Drenthe": "PV22",
+    "Overijssel": "PV23",
+    "Flevoland": "PV24",
+    "Gelderland": "PV25",
+    "Utrecht": "PV26",
+    "Noord-Holland": "PV27",
+    "Zuid-Holland": "PV28",
+    "Zeeland": "PV29",
+    "Noord-Brabant": "PV30",
+    "Limburg": "PV31",
+}
 
 
 def demo_outline(root: str | Path | DataRoot) -> shapely.Geometry:
@@ -41,7 +57,7 @@ def municipality(name: str, code: str, province: str, outline: shapely.Geometry)
         "code": code,
         "identificatie": f"GM{code}",
         "naam": name,
-        "ligt_in_provincie_code": "PV27",
+        "ligt_in_provincie_code": PROVINCE_CODES[province],
         "ligt_in_provincie_naam": province,
         "geometry": shapely.MultiPolygon(getattr(outline, "geoms", [outline])),
     }
