@@ -14,6 +14,7 @@ from geopandas.testing import assert_geodataframe_equal
 
 from core.grid import cell_index, cell_origin, cell_polygons, cells_in_bounds
 from core.sources.lbm import (
+    CLASS_COLUMN,
     CLASS_NAMES,
     DIMENSIONS,
     LABEL_COLUMNS,
@@ -302,3 +303,48 @@ def test_write_lbm_round_trips(tmp_path: Path, release: tuple[Path, Path]) -> No
     # Writing again replaces the files.
     write_lbm(labels[labels["jaar"] == 2020], scores, grid)
     assert set(read_lbm(scores, grid)["jaar"]) == {2020}
+
+
+def test_the_published_class_is_used_where_the_labels_carry_one(tmp_path) -> None:
+    table = score_table()
+    derived = lbm_class(table["lbm"])
+    # published classes one above the bands, except two cells without one (0 and empty)
+    table[CLASS_COLUMN] = np.minimum(derived + 1, 9).astype(object)
+    table.loc[0, CLASS_COLUMN], table.loc[1, CLASS_COLUMN] = 0, None
+    scores, grid = tmp_path / "scores.csv", tmp_path / "grid.gpkg"
+    table.to_csv(scores, index=False)
+    grid_frame().to_file(grid, driver="GPKG")
+
+    labels = read_lbm(scores, grid).set_index(["grid_id", "jaar"])
+    expected = table.set_index(["grid_id", "jaar"]).loc[labels.index]
+    published = ~expected[CLASS_COLUMN].isin([0, None]).to_numpy()
+    assert published.sum() == len(table) - 2
+    np.testing.assert_array_equal(labels["lbm_class_published"], published)
+    want = np.where(published, expected[CLASS_COLUMN].fillna(0), lbm_class(expected["lbm"]))
+    np.testing.assert_array_equal(labels["lbm_class"], want.astype(int))
+
+    # written back and read again: the same classes, the same provenance
+    again_scores, again_grid = tmp_path / "again.csv", tmp_path / "again.gpkg"
+    write_lbm(read_lbm(scores, grid), again_scores, again_grid)
+    again = read_lbm(again_scores, again_grid).set_index(["grid_id", "jaar"]).loc[labels.index]
+    np.testing.assert_array_equal(again["lbm_class"], labels["lbm_class"])
+    np.testing.assert_array_equal(again["lbm_class_published"], labels["lbm_class_published"])
+
+
+@pytest.mark.parametrize("bad", [12, 2.5, "goed"])
+def test_a_published_class_that_is_no_class_names_the_file(tmp_path, bad) -> None:
+    table = score_table()
+    table[CLASS_COLUMN] = 5
+    table[CLASS_COLUMN] = table[CLASS_COLUMN].astype(object)
+    table.loc[3, CLASS_COLUMN] = bad
+    scores, grid = tmp_path / "scores.csv", tmp_path / "grid.gpkg"
+    table.to_csv(scores, index=False)
+    grid_frame().to_file(grid, driver="GPKG")
+    with pytest.raises(ValueError, match=rf"{scores}: column 'kscore' holds 1 values .* row 4"):
+        read_lbm(scores, grid)
+
+
+def test_labels_without_published_classes_fall_back_to_the_bands(release) -> None:
+    labels = read_lbm(*release)
+    assert not labels["lbm_class_published"].any()
+    np.testing.assert_array_equal(labels["lbm_class"], lbm_class(labels["lbm"]))

@@ -80,6 +80,7 @@ def test_fetch_pages_rebuilds_clipped_cells_and_reads_back(
     assert (scores, grid) == (DataRoot(tmp_path).scores, DataRoot(tmp_path).lbm_grid)
     got = read_lbm(scores, grid)
     assert_same_labels(got, demo_labels[demo_labels["jaar"] == 2020])
+    assert got["lbm_class_published"].all()  # the service's kscore came through to the root
     squares = gpd.read_file(grid)
     np.testing.assert_allclose(squares.area, 10_000.0)  # full cells, not clipped ones
     pages = get_feature_requests(httpserver)[-math.ceil(len(got) / 40) :]

@@ -26,7 +26,18 @@ from core.io import read_table, require_columns, write_atomic
 SCORE_COLUMNS = ("lbm", "afw", "fys", "onv", "soc", "vrz", "won")
 DIMENSIONS = ("fys", "onv", "soc", "vrz", "won")
 KEY_COLUMNS = ("grid_id", "jaar")
-LABEL_COLUMNS = ("grid_id", "cell_id", "jaar", *SCORE_COLUMNS, "lbm_class", "geometry")
+#: The published overall class 1..9 of a cell (the WFS's and the release's ``kscore``):
+#: optional in a score table; 0 or empty means no class.
+CLASS_COLUMN = "kscore"
+LABEL_COLUMNS = (
+    "grid_id",
+    "cell_id",
+    "jaar",
+    *SCORE_COLUMNS,
+    "lbm_class",
+    "lbm_class_published",
+    "geometry",
+)
 
 #: National mean of ``lbm``, so ``afw = lbm - NATIONAL_MEAN``. Approximate: the LBM 3.0
 #: documentation puts it at about 4.1; the exact value differs per edition (one 2024 WFS
@@ -46,7 +57,8 @@ CLASS_NAMES = (
 )
 
 #: Upper edges of classes 1..8 on ``afw`` (lbm minus NATIONAL_MEAN); class 9 is open-ended.
-#: The official LBM 3.0 boundaries could not be verified from the sources at hand, so these
+#: Only the fallback where labels carry no published class (:data:`CLASS_COLUMN`). The
+#: official LBM 3.0 boundaries could not be verified from the sources at hand, so these
 #: are approximate: equal 0.1-wide bands with "voldoende" centred on the national mean. They
 #: agree with the one published record found (afw +0.52 -> "uitstekend").
 AFW_CLASS_EDGES = (-0.35, -0.25, -0.15, -0.05, 0.05, 0.15, 0.25, 0.35)
@@ -88,8 +100,15 @@ def _examples(values: Sequence | np.ndarray) -> list:
 # --- classes and targets ---------------------------------------------------------------------
 
 
+def stored_columns(table: pd.DataFrame) -> list[str]:
+    """The release columns of a score table: keys, scores and the published class if it has
+    one."""
+    return [*KEY_COLUMNS, *SCORE_COLUMNS, *([CLASS_COLUMN] if CLASS_COLUMN in table else [])]
+
+
 def lbm_class(lbm: np.ndarray | pd.Series | float) -> np.ndarray:
-    """Leefbaarometer class 1..9 (:data:`CLASS_NAMES`) of overall scores.
+    """Approximate Leefbaarometer class 1..9 (:data:`CLASS_NAMES`) of overall scores, the
+    fallback for labels without a published class.
 
     Classes are bands of ``lbm - NATIONAL_MEAN`` with edges :data:`AFW_CLASS_EDGES`
     (approximate, see there), i.e. :data:`LBM_CLASS_EDGES` on ``lbm``; a value on an edge
@@ -211,12 +230,15 @@ def read_lbm(
             f"{geometry_file}: grid_ids {_examples(table.loc[ids == first, 'grid_id'].unique())} "
             f"all lie in the same 100 m cell {first}"
         )
+    published = table[CLASS_COLUMN].to_numpy() if CLASS_COLUMN in table else np.zeros(len(table))
+    published = np.nan_to_num(published.astype(np.float64)).astype(np.int64)
     labels = to_geodataframe(
         ids,
         grid_id=table["grid_id"],
         jaar=table["jaar"],
         **{c: table[c] for c in SCORE_COLUMNS},
-        lbm_class=lbm_class(table["lbm"]),
+        lbm_class=np.where(published > 0, published, lbm_class(table["lbm"])),
+        lbm_class_published=published > 0,
     )
     return labels[list(LABEL_COLUMNS)].sort_values(["jaar", "cell_id"], ignore_index=True)
 
@@ -241,6 +263,18 @@ def _validated_scores(table: pd.DataFrame, path: Path) -> pd.DataFrame:
                 f"{row + 1} (grid_id {table['grid_id'].iloc[row]!r}): {table[column].iloc[row]!r}"
             )
         table[column] = numbers.astype(np.float64)
+    if CLASS_COLUMN in table:
+        classes = pd.to_numeric(table[CLASS_COLUMN], errors="coerce")
+        empty = table[CLASS_COLUMN].isna() | (table[CLASS_COLUMN].astype(str).str.strip() == "")
+        bad = ~(empty | classes.isin(range(10))).to_numpy()
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise ValueError(
+                f"{path}: column {CLASS_COLUMN!r} holds {int(bad.sum())} values that are no "
+                f"class 1..9 (or 0/empty for none), e.g. row {row + 1}: "
+                f"{table[CLASS_COLUMN].iloc[row]!r}"
+            )
+        table[CLASS_COLUMN] = classes.fillna(0).astype(np.int64)
     fractional = (table["jaar"] % 1 != 0).to_numpy()
     if fractional.any():
         raise ValueError(
@@ -361,7 +395,11 @@ def write_lbm(
         raise ValueError(f"{grid_gpkg}: labels must be a GeoDataFrame with a CRS to write a grid")
     require_columns(labels, (*KEY_COLUMNS, *SCORE_COLUMNS), "labels")
     grid = labels[["grid_id", labels.geometry.name]].drop_duplicates("grid_id").to_crs(RD_NEW)
-    scores = pd.DataFrame(labels[[*KEY_COLUMNS, *SCORE_COLUMNS]])
+    scores = pd.DataFrame(labels[stored_columns(labels)])
+    if "lbm_class_published" in labels and labels["lbm_class_published"].any():
+        # as read_lbm returns them: the published classes go back as kscore, 0 where none
+        published = labels["lbm_class_published"].to_numpy(bool)
+        scores[CLASS_COLUMN] = np.where(published, labels["lbm_class"], 0)
     return (
         write_atomic(scores_csv, lambda tmp: scores.to_csv(tmp, index=False)),
         write_atomic(grid_gpkg, lambda tmp: grid.to_file(tmp, driver="GPKG", layer="grid")),

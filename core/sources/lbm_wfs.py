@@ -4,7 +4,8 @@ The WFS (GeoServer, ``https://geo.leefbaarometer.nl/lbm3/ows``) serves one layer
 ``lbm3:clippedgridscore{YY}`` (``YY`` = the year's last two digits), with the 100 m squares
 clipped to the built-up area. Features carry the deviations ``afw, fys, onv, soc, vrz, won``
 (and, depending on the edition, the overall ``lbm`` score, a cell ``id`` and the classes
-``kscore, kfys, ...``; the classes are ignored, :func:`core.sources.lbm.lbm_class` derives them).
+``kscore, kfys, ...``; the overall class ``kscore`` is kept as the cells' published class,
+the dimensions' classes are left out).
 It is paged with WFS 2.0 ``count``/``startIndex`` and filtered by an RD New bbox.
 
 Both paths end in the two-file release layout of :func:`core.sources.lbm.write_lbm` at
@@ -40,7 +41,15 @@ from core.dataroot import DataRoot
 from core.grid import RD_NEW, Bounds, clip_cells
 from core.io import write_atomic
 from core.sources.http import Estimate, FetchError, HttpClient, Politeness
-from core.sources.lbm import KEY_COLUMNS, NATIONAL_MEAN, SCORE_COLUMNS, read_lbm, write_lbm
+from core.sources.lbm import (
+    CLASS_COLUMN,
+    KEY_COLUMNS,
+    NATIONAL_MEAN,
+    SCORE_COLUMNS,
+    read_lbm,
+    stored_columns,
+    write_lbm,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +62,14 @@ LBM_POLITENESS = Politeness(requests_per_second=2.0, concurrency=1)
 BYTES_PER_FEATURE = 900
 
 #: Accepted names (lower case) of each release column, in order of preference. The WFS and
-#: the releases have used several spellings over the editions; classes (``kscore`` ...) are
-#: deliberately absent.
+#: the releases have used several spellings over the editions; of the classes only the overall
+#: one (``kscore``) is kept.
 COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
     "grid_id": ("grid_id", "gridid", "id", "grid_code", "gridcode"),
     "jaar": ("jaar", "year", "peiljaar"),
     "lbm": ("lbm", "lbm_score"),
     **{c: (c,) for c in ("afw", "fys", "onv", "soc", "vrz", "won")},
+    CLASS_COLUMN: (CLASS_COLUMN,),
 }
 
 
@@ -307,7 +317,7 @@ def fetch_lbm(
         raw = root.cache / "lbm_wfs" / f"{name}.gpkg"
         if refresh or not raw.is_file():
             features = fetch_lbm_features(year, bbox_rd, client, endpoint, page_size)
-            columns = [*KEY_COLUMNS, *SCORE_COLUMNS, "geometry"]
+            columns = [*stored_columns(features), "geometry"]
             write_atomic(raw, lambda tmp, f=features[columns]: f.to_file(tmp, layer="cells"))
         parts.append(read_lbm(raw))  # validates, rebuilds clipped cells to full squares
     if not parts:
@@ -439,7 +449,7 @@ def import_lbm_release(
             + ("" if years is None else f" and years {sorted(years)}")
         )
     raw = gpd.GeoDataFrame(
-        table[[*KEY_COLUMNS, *SCORE_COLUMNS]].merge(cells, on="grid_id"),
+        table[stored_columns(table)].merge(cells, on="grid_id"),
         geometry=cells.geometry.name,
         crs=RD_NEW,
     )

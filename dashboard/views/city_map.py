@@ -64,6 +64,8 @@ def layer(
         else:
             values = this_year[layer_name].dropna().rename("value")
             description = f"{LABEL_LAYERS[layer_name]}, {year}"
+            if layer_name == "lbm_class" and not this_year["lbm_class_published"].all():
+                description += ", approximate (bands of lbm) where no class is published"
         details = this_year[["lbm"]].rename(columns={"lbm": "true"})
         sources = [str(DataRoot(root).scores)]
     else:
