@@ -23,7 +23,14 @@ from core.grid import cell_center, cell_origin, read_grid
 from core.runs import EMBEDDINGS_FILE, PREDICTIONS_FILE, list_runs, load_run
 from core.scenes import scene_verdicts
 from core.sources.aerial import AerialRaster
-from core.sources.boundaries import districts, municipality_outline, read_buurten
+from core.sources.boundaries import (
+    UNIT_LEVELS,
+    cell_units,
+    districts,
+    municipality_outline,
+    read_buurten,
+    unit_polygons,
+)
 from core.sources.catalog import images_per_cell, read_catalog
 from core.sources.lbm import read_lbm
 from dashboard.maps import fit_view, lonlat_polygons, outline_strip, polygon_records, to_lon_lat
@@ -185,6 +192,35 @@ def load_context(root: str) -> dict:
         "water": polygon_records(water),
         "view": view,
     }
+
+
+@st.cache_resource(show_spinner="Loading the boundaries ...", max_entries=8)
+def load_units(root: str, level: str) -> pd.DataFrame:
+    """Planners' units of one level (``core.sources.boundaries.UNIT_LEVELS``) as map polygons:
+    one row per polygon part with ``unit``, ``name`` and ``polygon`` (lon/lat rings,
+    simplified to about 5 m). Shared between reruns and sessions: do not modify."""
+    units = unit_polygons(level)
+    parts = [lonlat_polygons(shape.simplify(5)) for shape in units.geometry]
+    return (
+        pd.DataFrame({"unit": units["unit"], "name": units["name"], "polygon": parts})
+        .explode("polygon")
+        .dropna(subset=["polygon"])
+        .reset_index(drop=True)
+    )
+
+
+@st.cache_data(show_spinner=False)
+def unit_levels(root: str) -> list[str]:
+    """The planners' units the root's grid names its cells by (finest first)."""
+    cells = load_cells(root)
+    return [level for level in UNIT_LEVELS if _names_units(cells, level)]
+
+
+def _names_units(cells: pd.DataFrame, level: str) -> bool:
+    try:
+        return bool((cell_units(cells, level) != "").any())
+    except ValueError:  # the grid has no buurt codes (not Amsterdam)
+        return False
 
 
 def read_run_file(run_path: str | os.PathLike, name: str):

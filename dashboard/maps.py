@@ -165,19 +165,50 @@ def cell_payload(
         details: optional ``true``, ``predicted``, ``residual``, ``gsv``, ``flickr`` per cell,
             aligned with ``cells``.
     """
-    payload = pd.DataFrame(
-        {
-            "p": np.stack([cells["lon"].to_numpy(), cells["lat"].to_numpy()], 1).round(5).tolist(),
-            "c": colours.tolist(),
-            "i": cells["cell_id"].to_numpy(),
-            "b": cells["buurt_naam"].fillna("").to_numpy(),
-            "d": cells["district"].fillna("").to_numpy(),
-        }
-    )
+    where = {
+        "p": np.stack([cells["lon"].to_numpy(), cells["lat"].to_numpy()], 1).round(5).tolist(),
+        "i": cells["cell_id"].to_numpy(),
+        "b": cells["buurt_naam"].fillna("").to_numpy(),
+        "d": cells["district"].fillna("").to_numpy(),
+    }
+    return _payload(where, colours, values, details)
+
+
+def unit_payload(
+    units: pd.DataFrame,
+    colours: np.ndarray,
+    values: pd.Series | None = None,
+    details: pd.DataFrame | None = None,
+) -> Records:
+    """Records of planners' units (buurten, wijken, stadsdelen) in :func:`cell_payload`'s
+    fields, with the unit's polygons instead of a position.
+
+    Args:
+        units: one row per polygon of a unit (a unit of several parts has several rows):
+            ``unit`` (code), ``name``, ``polygon`` (rings, as in :func:`lonlat_polygons`),
+            ``cells`` (scored cells in the unit) and ``few`` (too few cells to trust).
+        colours: ``(n, 4)`` RGBA per unit.
+        values, details: as for :func:`cell_payload`, aligned with ``units``.
+    """
+    count = units["cells"].astype(int).astype(str)
+    where = {
+        "polygon": units["polygon"].to_numpy(),
+        "i": units["unit"].to_numpy(),
+        "b": units["name"].to_numpy(),
+        "d": np.where(units["few"], "only " + count + " scored cells", count + " scored cells"),
+    }
+    return _payload(where, colours, values, details)
+
+
+def _payload(
+    where: dict, colours: np.ndarray, values: pd.Series | None, details: pd.DataFrame | None
+) -> Records:
+    payload = pd.DataFrame({**where, "c": colours.tolist()})
+    index = pd.RangeIndex(len(payload))
     if values is not None:
         numeric = pd.api.types.is_numeric_dtype(values)
         payload["v"] = _rounded(values, 3) if numeric else values.fillna(MISSING).to_numpy(object)
-    details = details if details is not None else pd.DataFrame(index=cells.index)
+    details = details if details is not None else pd.DataFrame(index=index)
     for key, column, digits in (
         ("t", "true", 3),
         ("y", "predicted", 3),
@@ -225,19 +256,7 @@ def aggregate_blocks(
         lower-left cell), ``lon``/``lat`` of that corner, ``cells``, ``buurt_naam`` (a
         description of the block) and the aggregated columns.
     """
-    blocks = shown.assign(block=block_id(shown["cell_id"].to_numpy(), block_size))
-    grouped = blocks.groupby("block", sort=True)
-    means = [c for c in ("true", "predicted", "residual") if c in blocks]
-    sums = [c for c in ("gsv", "flickr") if c in blocks]
-    out = grouped[means].mean() if means else pd.DataFrame(index=grouped.size().index)
-    out[sums] = grouped[sums].sum()
-    out["cells"] = grouped.size()
-    if not categorical:
-        out["value"] = grouped["value"].mean()
-    else:
-        out["value"] = _most_common(blocks, "value")
-    if "district" in blocks:
-        out["district"] = _most_common(blocks, "district")
+    out = aggregate_by(shown, block_id(shown["cell_id"].to_numpy(), block_size), categorical)
     ix, iy = cell_index(out.index.to_numpy())
     per_block = int(round(block_size / CELL_SIZE))
     corner = ids_from_index(ix * per_block, iy * per_block)
@@ -245,6 +264,30 @@ def aggregate_blocks(
     out["lon"], out["lat"] = to_lon_lat(*cell_origin(corner))
     size = f"{block_size / 1000:g} km" if block_size >= 1000 else f"{block_size:g} m"
     out["buurt_naam"] = out["cells"].map(lambda n: f"{n} cells in this {size} block")
+    return out
+
+
+def aggregate_by(shown: pd.DataFrame, keys: np.ndarray, categorical: bool = False) -> pd.DataFrame:
+    """Cells grouped by ``keys`` (a block or a planner's unit per cell): the mean of the
+    numbers (sum of image counts), the most common value of a categorical ``value``, the cell
+    count and the most common district; indexed by key (sorted).
+
+    Args:
+        shown: one row per cell: ``value`` and optionally ``true``, ``predicted``,
+            ``residual``, ``gsv``, ``flickr``, ``district``.
+        keys: the group of each cell, aligned with ``shown``.
+        categorical: ``value`` holds classes (most common per group), not numbers (mean).
+    """
+    groups = shown.assign(block=np.asarray(keys))
+    grouped = groups.groupby("block", sort=True)
+    means = [c for c in ("true", "predicted", "residual") if c in groups]
+    sums = [c for c in ("gsv", "flickr") if c in groups]
+    out = grouped[means].mean() if means else pd.DataFrame(index=grouped.size().index)
+    out[sums] = grouped[sums].sum()
+    out["cells"] = grouped.size()
+    out["value"] = _most_common(groups, "value") if categorical else grouped["value"].mean()
+    if "district" in groups:
+        out["district"] = _most_common(groups, "district")
     return out
 
 
@@ -259,11 +302,12 @@ def _most_common(frame: pd.DataFrame, column: str) -> pd.Series:
     )
 
 
-def tooltip(value_label: str) -> dict:
-    """The deck tooltip over :func:`cell_payload` records."""
+def tooltip(value_label: str, units: bool = False) -> dict:
+    """The deck tooltip over :func:`cell_payload` (or, with ``units``, :func:`unit_payload`)
+    records."""
     lines = [
-        "<b>cell {i}</b>",
-        "{b} ({d})",
+        "<b>{b}</b> ({i})" if units else "<b>cell {i}</b>",
+        "{d}" if units else "{b} ({d})",
         f"{html.escape(value_label)}: <b>{{v}}</b>",
         "true {t} · predicted {y} · residual {r}",
         "GSV {g} · Flickr {f} images",
@@ -292,6 +336,20 @@ def cell_layer(
         extruded=False,
         pickable=True,
         opacity=opacity,
+    )
+
+
+def unit_layer(payload: Records, layer_id: str = "units") -> pdk.Layer:
+    """Planners' units filled with their colour, from :func:`unit_payload` records."""
+    return pdk.Layer(
+        "PolygonLayer",
+        payload,
+        id=layer_id,
+        get_polygon="polygon",
+        get_fill_color="c",
+        stroked=False,
+        filled=True,
+        pickable=True,
     )
 
 
@@ -419,22 +477,27 @@ def fit_view(bounds: Sequence[float], width_px: int = 640, height_px: int = 560)
     )
 
 
-def deck(layers: list[pdk.Layer], value_label: str, view: pdk.ViewState) -> pdk.Deck:
-    """A deck without base-map tiles (they cannot load offline), with the cell tooltip."""
-    shown = copy.copy(_empty_deck(value_label, view.latitude, view.longitude, view.zoom))
+def deck(
+    layers: list[pdk.Layer], value_label: str, view: pdk.ViewState, units: bool = False
+) -> pdk.Deck:
+    """A deck without base-map tiles (they cannot load offline), with the cell (or unit)
+    tooltip."""
+    shown = copy.copy(_empty_deck(value_label, view.latitude, view.longitude, view.zoom, units))
     shown.layers = list(layers)
     return shown
 
 
 @functools.lru_cache(maxsize=64)
-def _empty_deck(value_label: str, latitude: float, longitude: float, zoom: float) -> CompactDeck:
+def _empty_deck(
+    value_label: str, latitude: float, longitude: float, zoom: float, units: bool
+) -> CompactDeck:
     """A deck without layers, copied for every map drawn: ``pdk.Deck()`` tries to import its
     Jupyter widget six times, and a failed import is not remembered, so building one per rerun
     read and compiled that module six times under the import lock (a tenth of the server's
     time with 20 sessions)."""
     view = pdk.ViewState(latitude=latitude, longitude=longitude, zoom=zoom)
     return CompactDeck(
-        layers=[], initial_view_state=view, map_style=None, tooltip=tooltip(value_label)
+        layers=[], initial_view_state=view, map_style=None, tooltip=tooltip(value_label, units)
     )
 
 
@@ -444,14 +507,17 @@ def city_deck(
     value_label: str,
     selected: Sequence[int] = (),
     cell_size: float = CELL_SIZE,
+    units: bool = False,
 ) -> pdk.Deck:
-    """The whole map: water, the coloured grid (100 m cells or ``cell_size`` blocks), district
-    lines, outline and the selection, opening on ``context["view"]``."""
+    """The whole map: water, the coloured grid (100 m cells or ``cell_size`` blocks) or
+    planners' units (``units``: :func:`unit_payload` records), district lines, outline and the
+    selection, opening on ``context["view"]``."""
     below, above = context_layers(context)
-    layers = [*below, cell_layer(payload, cell_size=cell_size), *above]
+    shown = unit_layer(payload) if units else cell_layer(payload, cell_size=cell_size)
+    layers = [*below, shown, *above]
     if len(selected):
         layers.append(highlight_layer(selected))
-    return deck(layers, value_label, context["view"])
+    return deck(layers, value_label, context["view"], units)
 
 
 def selected_cells(event: object, layer_id: str = "cells") -> list[int]:

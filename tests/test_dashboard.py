@@ -116,6 +116,35 @@ def test_choosing_another_layer_changes_the_map_data(app):
     assert "change in lbm" in app.markdown[0].value
 
 
+@pytest.mark.parametrize("level", ["buurt", "wijk", "stadsdeel"])
+def test_the_map_shows_planners_units_with_the_mean_of_their_scored_cells(app, demo_root, level):
+    app.run()
+    app.selectbox(key="map_units").set_value(level).run()
+    assert not app.exception
+    units = layer(deck_spec(app), "units")
+    assert units["@@type"] == "PolygonLayer" and units["pickable"]
+    # the mean of the latest lbm over each unit's scored cells, computed from the files
+    grid = read_grid(DataRoot(demo_root).grid).set_index("cell_id")
+    labels = read_lbm(DataRoot(demo_root).scores, DataRoot(demo_root).lbm_grid)
+    latest = labels[labels["jaar"] == labels["jaar"].max()].dropna(subset=["lbm"])
+    codes = grid.loc[latest["cell_id"], "buurt_code"].to_numpy()
+    key = {"buurt": codes, "wijk": pd.Series(codes).str[:2].to_numpy()}.get(
+        level, grid.loc[latest["cell_id"], "district"].to_numpy()
+    )
+    scored = pd.DataFrame({"unit": key, "lbm": latest["lbm"].to_numpy()})
+    expected = scored[scored["unit"] != ""].groupby("unit")["lbm"].agg(["mean", "size"])
+    drawn = {r["i"]: r for r in units["data"]}  # a unit of several parts: the same values
+    assert drawn.keys() == set(expected.index)
+    for unit, row in expected.iterrows():
+        assert drawn[unit]["v"] == pytest.approx(row["mean"], abs=1e-3)
+        assert drawn[unit]["d"].endswith(f"{int(row['size'])} scored cells")
+        # too few cells to trust: drawn faint and flagged, never hidden
+        assert (drawn[unit]["c"][3] < 255) == (row["size"] < 10)
+    assert any("fewer than 10 scored cells" in c.value for c in app.caption)
+    table = app.dataframe[0].value
+    assert {"cells", "mean", "few"} <= set(table.columns) and len(table) == len(expected)
+
+
 def test_a_view_over_the_cell_limit_draws_blocks_of_the_same_cells(app, monkeypatch):
     from dashboard import maps
 

@@ -63,6 +63,45 @@ def districts(buurten: gpd.GeoDataFrame | None = None) -> gpd.GeoDataFrame:
     return buurten.dissolve(by="district", as_index=False)[["district", "geometry"]]
 
 
+#: Planners' units, finest first, as the grid names a cell's unit.
+UNIT_LEVELS = ("buurt", "wijk", "stadsdeel")
+
+
+def unit_polygons(level: str, buurten: gpd.GeoDataFrame | None = None) -> gpd.GeoDataFrame:
+    """Polygons of one level of :data:`UNIT_LEVELS`, EPSG:28992, with ``unit`` (the code a
+    cell's :func:`cell_units` gives), ``name`` and ``geometry``.
+
+    Wijken are the unions of their buurten (a wijk's code is the first two letters of its
+    buurten's codes); the shipped file has no wijk names, so a wijk is named by its code and
+    stadsdeel.
+
+    Raises:
+        ValueError: for an unknown level.
+    """
+    buurten = read_buurten() if buurten is None else buurten
+    if level == "buurt":
+        out = buurten.assign(unit=buurten["code"], name=buurten["naam"])
+    elif level == "wijk":
+        out = buurten.assign(unit=buurten["code"].str[:2]).dissolve(by="unit", as_index=False)
+        out["name"] = "wijk " + out["unit"] + " (" + out["district"] + ")"
+    elif level == "stadsdeel":
+        out = districts(buurten).assign(unit=lambda d: d["district"], name=lambda d: d["district"])
+    else:
+        raise ValueError(f"unknown unit level {level!r}; expected one of {list(UNIT_LEVELS)}")
+    return out[["unit", "name", "geometry"]].reset_index(drop=True)
+
+
+def cell_units(cells: pd.DataFrame, level: str) -> pd.Series:
+    """The unit of each cell at ``level`` from the grid's ``buurt_code`` and ``district``
+    columns (:func:`assign_buurten`); empty where the cell lies in none."""
+    if level == "stadsdeel":
+        return cells["district"].fillna("").astype(str)
+    codes = cells["buurt_code"].fillna("").astype(str) if "buurt_code" in cells else None
+    if codes is None or level not in ("buurt", "wijk"):
+        raise ValueError(f"no {level!r} units: the grid has no buurt_code column")
+    return codes if level == "buurt" else codes.str[:2]
+
+
 def municipality_outline(buurten: gpd.GeoDataFrame | None = None) -> BaseGeometry:
     """The municipality of Amsterdam as one (multi)polygon in EPSG:28992."""
     buurten = read_buurten() if buurten is None else buurten
