@@ -9,10 +9,16 @@ import pandas as pd
 import streamlit as st
 
 from core.dataroot import DataRoot
+from core.sources.boundaries import cell_units
 from core.sources.lbm import SCORE_COLUMNS
-from dashboard import data
+from dashboard import data, maps
 
 CELL_KEY = "selected_cell"
+#: The finest choice of a map: the 100 m grid itself (or its blocks, for a big view).
+CELLS = "100 m cells"
+#: A unit with fewer scored cells than this is marked (drawn faint, flagged in the table).
+MIN_UNIT_CELLS = 10
+FEW_ALPHA = 90
 LAYER_NAMES = {
     "lbm": "overall score (lbm)",
     "afw": "deviation from national mean (afw)",
@@ -203,3 +209,47 @@ def street_images(root: str, cell_id: int, per_source: int = 6) -> None:
                 column.caption(f"{image.path}: {shown_image}. {caption}")
             else:
                 column.image(shown_image, caption=caption, width="stretch")
+
+
+def unit_picker(root: str, key: str) -> str:
+    """A selectbox: the 100 m cells (:data:`CELLS`) or a level of planners' units the root's
+    grid names (buurt, wijk, stadsdeel)."""
+    return st.selectbox("Show", [CELLS, *data.unit_levels(root)], key=key)
+
+
+def per_unit(root: str, shown: pd.DataFrame, level: str, categorical: bool) -> pd.DataFrame:
+    """Cells aggregated per planner's unit (``maps.aggregate_by``: the mean ``value``, or the
+    most common with ``categorical``, and ``cells``; ``few`` under :data:`MIN_UNIT_CELLS`),
+    one row per polygon part of each unit; units without cells in ``shown`` are left out.
+
+    Args:
+        shown: one row per cell with ``value``, the grid's ``buurt_code`` and ``district``,
+            and optionally ``true``, ``predicted``, ``residual``, ``gsv``, ``flickr``.
+    """
+    units = cell_units(shown, level).to_numpy()
+    inside = units != ""
+    aggregated = maps.aggregate_by(shown[inside], units[inside], categorical)
+    aggregated["few"] = aggregated["cells"] < MIN_UNIT_CELLS
+    return data.load_units(root, level).merge(aggregated, left_on="unit", right_index=True)
+
+
+def map_payload(
+    shown: pd.DataFrame,
+    colours: np.ndarray,
+    values: pd.Series,
+    details: pd.DataFrame | None,
+    unit: str,
+) -> maps.Records:
+    """The map's records of cells (``unit`` is :data:`CELLS`) or of :func:`per_unit` rows;
+    units with too few cells to trust are drawn faint, not hidden."""
+    if unit == CELLS:
+        return maps.cell_payload(shown, colours, values, details)
+    alpha = np.where(shown["few"], FEW_ALPHA, 255)[:, None]
+    return maps.unit_payload(shown, np.hstack([colours, alpha]), values, details)
+
+
+def unit_table(units: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
+    """One row per unit of :func:`per_unit` rows: its name, ``cells``, ``few`` and ``columns``
+    (renamed as given)."""
+    table = units.drop_duplicates("unit").set_index("name")
+    return table[["cells", *columns, "few"]].rename(columns=columns).round(3)

@@ -244,7 +244,26 @@ def test_coverage_page_maps_the_flickr_gaps(app):
     assert not app.exception
     assert len(gaps) == len(counts) and [r["c"] for r in gaps] != [r["c"] for r in counts]
     assert all(r["v"] == r["g"] for r in counts)
-    assert "Coverage per district" in [h.value for h in app.subheader]
+    assert "Coverage per stadsdeel" in [h.value for h in app.subheader]
+
+
+@pytest.mark.parametrize(
+    ("page", "key", "value_column"),
+    [
+        ("views/predicted.py", "pvt_units", "mean residual"),
+        ("views/sources.py", "sources_units", "gsv_abs_error"),
+        ("views/coverage.py", "coverage_units", "cells"),
+    ],
+)
+def test_every_map_page_shows_wijken(app, page, key, value_column):
+    app.run()
+    app.switch_page(page).run()
+    app.selectbox(key=key).set_value("wijk").run()
+    assert not app.exception, app.exception
+    units = layer(deck_spec(app), "units")["data"]
+    assert units and all(len(r["i"]) == 2 for r in units)  # Amsterdam's wijk codes: AA, AB, ..
+    tables = [frame.value for frame in app.dataframe]
+    assert any(value_column in table.columns and len(table) > 1 for table in tables)
 
 
 def test_runs_page_offers_gis_downloads(app):

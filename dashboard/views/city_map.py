@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 
 from core.dataroot import DataRoot
 from core.grid import CELL_SIZE
 from core.runs import PREDICTIONS_FILE
-from core.sources.boundaries import cell_units
 from core.sources.lbm import CLASS_NAMES
 from dashboard import common, data, maps
 
@@ -28,23 +26,8 @@ RUN_LAYERS = {
 }
 
 
-#: The finest choice of the map: the 100 m grid itself (or its blocks, for a big view).
-CELLS = "100 m cells"
 #: Layers of classes: blocks and units show their most common value, not a mean.
 CATEGORICAL = ("split", "lbm_class")
-#: A unit with fewer scored cells than this is marked (drawn faint, flagged in the table).
-MIN_UNIT_CELLS = 10
-FEW_ALPHA = 90
-
-
-def _per_unit(root: str, shown: pd.DataFrame, level: str, categorical: bool) -> pd.DataFrame:
-    """Scored cells aggregated per planner's unit, one row per polygon part of each unit
-    (:func:`maps.unit_payload`'s columns); units without scored cells are left out."""
-    units = cell_units(shown, level).to_numpy()
-    inside = units != ""
-    per_unit = maps.aggregate_by(shown[inside], units[inside], categorical)
-    per_unit["few"] = per_unit["cells"] < MIN_UNIT_CELLS
-    return data.load_units(root, level).merge(per_unit, left_on="unit", right_index=True)
 
 
 @dataclass(frozen=True)
@@ -69,7 +52,7 @@ def layer(
     year: int | None,
     year_from: int | None,
     split: str = "all",
-    unit: str = CELLS,
+    unit: str = common.CELLS,
 ) -> MapLayer:
     """One layer of labels (``run_path`` None) or of a run's predictions, with the numbers the
     side panel shows, computed once: squares of 100 m, or coarser blocks when the view holds
@@ -108,14 +91,11 @@ def layer(
     per_district = numbers.groupby(shown["district"]).agg(["count", "mean"]).round(3)
     cells_shown = len(shown)
     categorical = layer_name in CATEGORICAL
-    block = CELL_SIZE if unit != CELLS else maps.view_block_size(shown["cell_id"].to_numpy())
-    if unit != CELLS:
-        shown = _per_unit(root, shown, unit, categorical)
+    block = CELL_SIZE if unit != common.CELLS else maps.view_block_size(shown["cell_id"].to_numpy())
+    if unit != common.CELLS:
+        shown = common.per_unit(root, shown, unit, categorical)
         description += f", {'most common' if categorical else 'mean'} per {unit}"
-        per_district = shown.drop_duplicates("unit").set_index("name")[["cells", "value", "few"]]
-        per_district = per_district.rename(
-            columns={"value": "most common" if categorical else "mean"}
-        ).round(3)
+        per_district = common.unit_table(shown, {"value": "most common" if categorical else "mean"})
     elif block > CELL_SIZE:
         shown = maps.aggregate_blocks(shown, block, categorical)
         description += f", {'most common' if categorical else 'mean'} per {block:g} m block"
@@ -133,12 +113,7 @@ def layer(
     else:
         colours, legend = maps.sequential(shown["value"].to_numpy(float), description)
     details = shown[[c for c in ("true", "predicted", "residual", "gsv", "flickr") if c in shown]]
-    if unit == CELLS:
-        payload = maps.cell_payload(shown, colours, shown["value"], details)
-    else:  # units with too few cells to trust their mean are drawn faint, not hidden
-        alpha = np.where(shown["few"], FEW_ALPHA, 255)[:, None]
-        rgba = np.hstack([colours, alpha])
-        payload = maps.unit_payload(shown, rgba, shown["value"], details)
+    payload = common.map_payload(shown, colours, shown["value"], details, unit)
     mean = float(numbers.mean()) if numbers.notna().any() else None
     return MapLayer(payload, legend, description, sources, block, cells_shown, mean, per_district)
 
@@ -149,7 +124,8 @@ def main() -> None:
     runs = common.prediction_runs(root)
     years = data.label_years(root)
     controls = st.columns([2, 2, 1, 1, 1])
-    unit = controls[4].selectbox("Show", [CELLS, *data.unit_levels(root)], key="map_units")
+    with controls[4]:
+        unit = common.unit_picker(root, "map_units")
     run = None
     with controls[0]:
         run = common.run_picker(runs, "Scores from", key="map_run", optional=True)
@@ -186,7 +162,7 @@ def main() -> None:
     )
 
     selected = common.selected_cell()
-    per_cell = shown.block == CELL_SIZE and unit == CELLS
+    per_cell = shown.block == CELL_SIZE and unit == common.CELLS
     left, right = st.columns([3, 1])
     with left:
         chart = maps.city_deck(
@@ -195,7 +171,7 @@ def main() -> None:
             shown.description.split(",")[0],
             [] if selected is None else [selected],
             cell_size=shown.block,
-            units=unit != CELLS,
+            units=unit != common.CELLS,
         )
         event = st.pydeck_chart(
             chart,
@@ -215,12 +191,12 @@ def main() -> None:
                 "below. Water, district lines and the municipal border are drawn without "
                 "base-map tiles."
             )
-        elif unit != CELLS:
+        elif unit != common.CELLS:
             st.caption(
                 f"Each {unit} shows the "
                 f"{'most common value' if layer_name in CATEGORICAL else 'mean'} "
                 f"of its scored cells; hover one for its numbers. Faint ones have fewer than "
-                f"{MIN_UNIT_CELLS} scored cells, too few to trust."
+                f"{common.MIN_UNIT_CELLS} scored cells, too few to trust."
             )
         else:
             st.caption(

@@ -9,6 +9,7 @@ import streamlit as st
 
 from core.dataroot import DataRoot
 from core.runs import PREDICTIONS_FILE
+from core.sources.boundaries import cell_units
 from dashboard import common, data, maps
 
 COUNT_LAYERS = {
@@ -30,12 +31,27 @@ def filtered_column(coverage: pd.DataFrame) -> str:
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
-def coverage_layer(root: str, layer_name: str) -> tuple[list[dict], maps.Legend]:
-    """The map records and legend of one coverage layer (shared between reruns: do not modify)."""
+def coverage_layer(root: str, layer_name: str, unit: str) -> tuple[maps.Records, maps.Legend]:
+    """The map records and legend of one coverage layer, per cell or per planner's unit (the
+    mean count per cell; for the gap layer, the share of cells without a filtered photo).
+    Shared between reruns: do not modify."""
     coverage = data.load_coverage(root)
     shown = data.on_grid(root, coverage)
     filtered = filtered_column(coverage)
-    if layer_name == "gap":
+    gap = layer_name == "gap"
+    shown["value"] = (shown[filtered] == 0).astype(float) if gap else shown[layer_name]
+    if unit != common.CELLS:
+        shown = common.per_unit(root, shown, unit, categorical=False)
+        title = (
+            "share of cells without a filtered Flickr photo"
+            if gap
+            else f"{COUNT_LAYERS[layer_name]} per cell"
+        ) + f", mean per {unit}"
+        colours, legend = maps.sequential(
+            shown["value"].to_numpy(float), title, maps.SIMILARITY_PALETTE
+        )
+        values = shown["value"]
+    elif gap:
         labels = np.where(shown[filtered] == 0, "no filtered photo", "covered")
         colours, legend = maps.categorical(pd.Series(labels), GAP_PALETTE, COUNT_LAYERS["gap"])
         values = pd.Series(shown[filtered].to_numpy())
@@ -47,13 +63,19 @@ def coverage_layer(root: str, layer_name: str) -> tuple[list[dict], maps.Legend]
             maps.SIMILARITY_PALETTE,
             log=True,
         )
-    return maps.cell_payload(shown, colours, values, shown[["gsv", "flickr"]]), legend
+    details = shown[["gsv", "flickr"]]
+    return common.map_payload(shown, colours, values, details, unit), legend
 
 
-def coverage_map(root: str, layer_name: str) -> None:
-    payload, legend = coverage_layer(root, layer_name)
+def coverage_map(root: str, layer_name: str, unit: str) -> None:
+    payload, legend = coverage_layer(root, layer_name, unit)
     st.pydeck_chart(
-        maps.city_deck(payload, data.load_context(root), COUNT_LAYERS[layer_name]),
+        maps.city_deck(
+            payload,
+            data.load_context(root),
+            COUNT_LAYERS[layer_name],
+            units=unit != common.CELLS,
+        ),
         height=520,
         key="coverage_map",
     )
@@ -61,14 +83,16 @@ def coverage_map(root: str, layer_name: str) -> None:
 
 
 @st.cache_data(show_spinner=False)
-def per_district(root: str) -> pd.DataFrame:
-    """Share of cells with GSV, Flickr and filtered Flickr images, and median counts, per district."""
+def per_district(root: str, unit: str = "stadsdeel") -> pd.DataFrame:
+    """Share of cells with GSV, Flickr and filtered Flickr images, and median counts, per
+    planner's unit (stadsdeel by default)."""
     coverage = data.load_coverage(root)
     filtered = filtered_column(coverage)
     shown = data.on_grid(root, coverage)
-    shown = shown[shown["district"].fillna("") != ""]
+    shown = shown.assign(unit=cell_units(shown, unit))
+    shown = shown[shown["unit"] != ""].rename(columns={"unit": unit})
     return (
-        shown.groupby("district")
+        shown.groupby(unit)
         .agg(
             cells=("cell_id", "size"),
             with_gsv=("gsv", lambda c: (c > 0).mean()),
@@ -125,9 +149,11 @@ def main() -> None:
         key="coverage_layer",
         format_func=COUNT_LAYERS.get,
     )
-    coverage_map(root, layer_name)
-    st.subheader("Coverage per district")
-    st.dataframe(per_district(root), width="stretch")
+    unit = common.unit_picker(root, "coverage_units")
+    coverage_map(root, layer_name, unit)
+    level = "stadsdeel" if unit == common.CELLS else unit
+    st.subheader(f"Coverage per {level}")
+    st.dataframe(per_district(root, level), width="stretch")
 
     st.subheader("Error where coverage is thin")
     st.markdown(

@@ -58,14 +58,23 @@ def scatter(predictions: pd.DataFrame, target: str, title: str) -> go.Figure:
     return figure
 
 
-def residual_map(root: str, predictions: pd.DataFrame, title: str) -> None:
+def residual_map(root: str, predictions: pd.DataFrame, title: str, unit: str) -> None:
+    """The residuals on the map, per cell or as the mean per planner's unit (with its table)."""
     shown = data.on_grid(root, predictions[["cell_id", "true", "predicted", "residual"]])
-    colours, legend = maps.diverging(shown["residual"].to_numpy(float), title)
-    payload = maps.cell_payload(
-        shown, colours, shown["residual"], shown[["true", "predicted", "residual"]]
-    )
-    st.pydeck_chart(maps.city_deck(payload, data.load_context(root), "residual"), height=420)
+    shown = shown.assign(value=shown["residual"])
+    if unit != common.CELLS:
+        shown = common.per_unit(root, shown, unit, categorical=False)
+        title += f", mean per {unit}"
+    colours, legend = maps.diverging(shown["value"].to_numpy(float), title)
+    details = shown[["true", "predicted", "residual"]]
+    payload = common.map_payload(shown, colours, shown["value"], details, unit)
+    context = data.load_context(root)
+    chart = maps.city_deck(payload, context, "residual", units=unit != common.CELLS)
+    st.pydeck_chart(chart, height=420)
     st.markdown(legend.html(), unsafe_allow_html=True)
+    if unit != common.CELLS:
+        means = {"value": "mean residual", "true": "mean true", "predicted": "mean predicted"}
+        st.dataframe(common.unit_table(shown, means), width="stretch")
 
 
 def main() -> None:
@@ -78,7 +87,7 @@ def main() -> None:
             "from the sidebar."
         )
         return
-    left, middle, right = st.columns([3, 3, 1])
+    left, middle, right, units = st.columns([3, 3, 1, 1])
     with left:
         run = common.run_picker(runs, "Run", key="pvt_run")
     with middle:
@@ -89,6 +98,8 @@ def main() -> None:
             optional=True,
         )
     split = right.selectbox("Cells", ["test", "val", "train", "all"], key="pvt_split")
+    with units:
+        unit = common.unit_picker(root, "pvt_units")
     predictions = split_predictions(root, run, split)
     if predictions.empty:
         st.warning(f"Run {run['run_id']} has no {split} cells.")
@@ -110,7 +121,7 @@ def main() -> None:
         table = grouped_metrics(predictions, "district").set_index("district").round(3)
         st.dataframe(table, width="stretch")
         st.subheader("Residual map")
-        residual_map(root, predictions, f"residual of {run['run_id']} ({split} cells)")
+        residual_map(root, predictions, f"residual of {run['run_id']} ({split} cells)", unit)
     else:
         second = split_predictions(root, other, split)
         columns = st.columns(2)
@@ -120,7 +131,7 @@ def main() -> None:
             with column:
                 st.markdown(f"**{common.run_title(this)}**")
                 metric_row(frame)
-                residual_map(root, frame, f"residual of {this['run_id']} ({split} cells)")
+                residual_map(root, frame, f"residual of {this['run_id']} ({split} cells)", unit)
         both = predictions.merge(
             second[["cell_id", "residual"]], on="cell_id", suffixes=("", "_other")
         )

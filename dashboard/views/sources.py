@@ -9,6 +9,7 @@ import streamlit as st
 from core.dataroot import DataRoot
 from core.experiments import AERIAL_FLICKR_BUILDING, AERIAL_GSV, summarise_matrix
 from core.runs import PREDICTIONS_FILE
+from core.sources.boundaries import cell_units
 from dashboard import common, data, maps
 
 
@@ -82,6 +83,8 @@ def main() -> None:
             runs, "Flickr model", key="sources_flickr", default_label=AERIAL_FLICKR_BUILDING
         )
     split = split_column.selectbox("Cells", ["test", "all"], key="sources_split")
+    with split_column:
+        unit = common.unit_picker(root, "sources_units")
     if gsv_run is None or flickr_run is None:
         return
     first = data.on_grid(root, data.load_predictions(str(gsv_run["path"])))
@@ -95,15 +98,23 @@ def main() -> None:
         st.warning("The two runs share no cells here.")
         return
     both["difference"] = both["residual_flickr"].abs() - both["residual_gsv"].abs()
-    shown = both
-    title = "|error| of the Flickr model minus |error| of the GSV model"
-    colours, legend = maps.diverging(shown["difference"].to_numpy(float), title)
-    details = shown[["true", "predicted_gsv", "residual_gsv"]].rename(
-        columns={"predicted_gsv": "predicted", "residual_gsv": "residual"}
+    shown = both.assign(
+        value=both["difference"], predicted=both["predicted_gsv"], residual=both["residual_gsv"]
     )
-    payload = maps.cell_payload(shown, colours, shown["difference"], details)
+    title = "|error| of the Flickr model minus |error| of the GSV model"
+    if unit != common.CELLS:
+        shown = common.per_unit(root, shown, unit, categorical=False)
+        title += f", mean per {unit}"
+    colours, legend = maps.diverging(shown["value"].to_numpy(float), title)
+    details = shown[["true", "predicted", "residual"]]
+    payload = common.map_payload(shown, colours, shown["value"], details, unit)
     st.pydeck_chart(
-        maps.city_deck(payload, data.load_context(root), "Flickr |error| - GSV |error|"),
+        maps.city_deck(
+            payload,
+            data.load_context(root),
+            "Flickr |error| - GSV |error|",
+            units=unit != common.CELLS,
+        ),
         height=520,
         key="sources_map",
     )
@@ -118,9 +129,10 @@ def main() -> None:
         f"mean |error| GSV {both['residual_gsv'].abs().mean():.3f}, "
         f"Flickr {both['residual_flickr'].abs().mean():.3f}."
     )
+    where = both["district"] if unit == common.CELLS else cell_units(both, unit).rename(unit)
     per_district = (
-        both.assign(flickr_worse=both["difference"] > 0)
-        .groupby("district")
+        both.assign(flickr_worse=both["difference"] > 0)[where != ""]
+        .groupby(where[where != ""])
         .agg(
             cells=("cell_id", "size"),
             gsv_abs_error=("residual_gsv", lambda r: r.abs().mean()),
