@@ -31,7 +31,11 @@ MODALITIES = {
     "ground only": (False, True),
 }
 FLICKR_FILTERS = {"all": "all photos", "outdoor": "outdoor scenes", "building": "building scenes"}
-KINDS = {"fusion": "housing quality (fusion)", "contrastive": "street-view encoder (contrastive)"}
+KINDS = {
+    "fusion": "housing quality (fusion)",
+    "contrastive": "street-view encoder (contrastive)",
+    "uge": "VLM embeddings (UGE)",
+}
 OBJECTIVES = {
     "temporal": "temporal: same place, years apart",
     "spatial": "spatial: places within 100 m",
@@ -206,6 +210,19 @@ def contrastive_form() -> dict | None:
     }
 
 
+def uge_form() -> dict | None:
+    """The UGE options (the tiny VLM on the demo schedule); returns the job config when Train
+    was pressed. The worker builds the root's UGData first if it has none."""
+    with st.form("uge_form"):
+        stage1 = st.number_input("Stage 1 steps (LoRA)", 1, 100_000, 600, key="retrain_stage1")
+        stage2 = st.number_input("Stage 2 steps (graph)", 1, 100_000, 1000, key="retrain_stage2")
+        seed = st.number_input("Seed", 0, 10_000, 0, key="retrain_uge_seed")
+        submitted = st.form_submit_button("Train", type="primary", key="retrain_uge_submit")
+    if not submitted:
+        return None
+    return {"stage1_steps": int(stage1), "stage2_steps": int(stage2), "seed": int(seed)}
+
+
 def _age(timestamp: str | None) -> str:
     if not timestamp:
         return ""
@@ -218,6 +235,11 @@ def describe(job: Job) -> str:
     config = job.config
     if job.kind == "contrastive":
         return f"#{job.id} contrastive {config.get('objective', '?')}, {config.get('epochs', '?')} epochs"
+    if job.kind == "uge":
+        return (
+            f"#{job.id} uge, {config.get('stage1_steps', 600)} + "
+            f"{config.get('stage2_steps', 1000)} steps"
+        )
     what = "+".join(
         (["aerial"] if config.get("aerial", True) else [])
         + ([str(config["ground"])] if config.get("ground") else [])
@@ -354,7 +376,8 @@ def panel(root: str) -> None:
 def enqueue_from_form(root: str, store: JobStore, caps: dict[str, int]) -> None:
     """The model choice and its form; queues the job within the caps and starts a worker."""
     kind = st.selectbox("Model", list(KINDS), key="retrain_kind", format_func=KINDS.get)
-    config = fusion_form(root) if kind == "fusion" else contrastive_form()
+    forms = {"fusion": lambda: fusion_form(root), "contrastive": contrastive_form, "uge": uge_form}
+    config = forms[kind]()
     if config is None:
         return
     mine = queued_here()

@@ -375,6 +375,24 @@ def test_retrain_form_enqueues_a_contrastive_job(app, demo_root, monkeypatch):
     store.cancel(job.id)
 
 
+def test_retrain_form_enqueues_a_uge_job(app, demo_root, monkeypatch):
+    from core.configs import UGEConfig
+
+    monkeypatch.setenv("STADSBEELD_RETRAIN", "1")
+    store = JobStore.for_runs(DataRoot(demo_root).runs)
+    app.run()
+    app.selectbox(key="retrain_kind").set_value("uge").run()
+    app.number_input(key="retrain_stage1").set_value(20)
+    app.button(key="retrain_uge_submit").click().run()
+    assert not app.exception
+    job = store.jobs()[0]
+    assert (job.kind, job.status) == ("uge", "queued")
+    assert job.config == {"stage1_steps": 20, "stage2_steps": 1000, "seed": 0}
+    UGEConfig.from_dict(job.config)  # what the worker will build
+    assert any(f"#{job.id} uge, 20 + 1000 steps" in c.value for c in app.sidebar.caption)
+    store.cancel(job.id)
+
+
 def test_browsing_polls_the_queue_only_while_a_job_is_queued_or_running(tmp_path, tiny_demo):
     from dashboard import retrain
 

@@ -141,7 +141,7 @@ def test_queue_order_states_and_cancel(tmp_path):
         store.enqueue("fusion", {"data": {1, 2}})  # a set has no JSON form
     as_text = store.enqueue("fusion", {**QUICK, "data": tmp_path})  # a path is stored as text
     assert store.get(as_text).config["data"] == str(tmp_path)
-    assert JOB_KINDS == ("fusion", "contrastive")
+    assert JOB_KINDS == ("fusion", "contrastive", "uge")
 
 
 def test_concurrent_claims_never_share_a_job(tmp_path):
@@ -316,6 +316,25 @@ def test_worker_runs_queued_jobs_one_after_the_other(data_root):
         log = store.log_path(job.id).read_text()
         assert f"epoch {job.config['epochs']}/{job.config['epochs']}" in log and job.run_id in log
     assert "no queued jobs" in out and not worker_alive(runs)
+
+
+@pytest.mark.slow  # embeds every image of the tiny city: minutes on two cores
+def test_a_uge_job_builds_the_missing_ugdata_and_trains(data_root):
+    runs = DataRoot(data_root).runs
+    assert not (DataRoot(data_root).root / "ugdata").exists()
+    store = JobStore.for_runs(runs)
+    tiny = {"tiny_pretrain_steps": 2, "stage1_steps": 2, "stage2_steps": 2}
+    job_id = store.enqueue("uge", {**tiny, "stage2_questions": 8, "batch_size": 4})
+    worker = spawn_worker(data_root, "--exit-when-idle", "1", "--poll", "0.2")
+    try:
+        out, _ = worker.communicate(timeout=300)
+    finally:
+        stop(worker)
+    job = store.get(job_id)
+    assert job.status == "done", out + store.log_path(job_id).read_text()
+    assert (DataRoot(data_root).root / "ugdata" / "ugdata.json").is_file()
+    assert job.run_id in set(list_runs(runs, kind="uge")["run_id"])
+    assert "building it" in store.log_path(job_id).read_text()
 
 
 def test_cancel_restart_view_second_worker_and_sigterm(data_root):

@@ -79,9 +79,36 @@ def run_contrastive_job(config: dict, log: Callable[[str], None], progress: Prog
     return train_contrastive(ContrastiveConfig.from_dict(config), log=log, progress=progress)
 
 
+def run_uge_job(config: dict, log: Callable[[str], None], progress: Progress) -> str:
+    """Train one UGE (VLM embedding) run from a job config (:class:`core.configs.UGEConfig`
+    fields), building the root's UGData first when it has none (with the config's seed).
+
+    Raises:
+        ValueError: for an unknown key or an invalid config.
+    """
+    from core.configs import UGEConfig
+    from core.distributed import Ranks
+    from core.ugdata import build_ugdata
+    from train.uge import train_uge  # torch, only when a job runs
+
+    unknown = sorted(set(config) - {f.name for f in fields(UGEConfig)})
+    if unknown:
+        raise ValueError(f"uge job config: unknown keys {unknown}")
+    uge = UGEConfig.from_dict(config)
+    with Ranks(uge.device).main_first():  # under torchrun rank 0 builds, the others read
+        if not uge.ugdata_folder.exists():
+            log(f"no UGData at {uge.ugdata_folder}: building it (seed {uge.seed})")
+            build_ugdata(uge.data, uge.ugdata_folder, seed=uge.seed)
+    return train_uge(uge, log=log, progress=progress)
+
+
 #: One runner per :data:`core.jobs.JOB_KINDS`; a runner must call ``progress`` at least once an
-#: epoch, as a cancel takes effect there.
-JOB_RUNNERS: dict[str, Runner] = {"fusion": run_fusion_job, "contrastive": run_contrastive_job}
+#: epoch (a stage's steps, for UGE), as a cancel takes effect there.
+JOB_RUNNERS: dict[str, Runner] = {
+    "fusion": run_fusion_job,
+    "contrastive": run_contrastive_job,
+    "uge": run_uge_job,
+}
 
 
 class WorkerTerminated(BaseException):
