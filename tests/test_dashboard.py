@@ -235,6 +235,38 @@ def test_neighbours_page_returns_the_k_nearest_cells(app, demo_root):
     assert len(layer(deck_spec(app), "cells")["data"]) == 7
 
 
+def test_neighbours_side_by_side_count_the_cells_two_models_share(app, demo_root):
+    # Two runs: the circle of the test above, and the same circle with cells 1..3 moved a
+    # radian away, so the first cell's 7 nearest are 1..7 under one and 4..10 under the other:
+    # 4 shared.
+    ids = read_grid(DataRoot(demo_root).grid)["cell_id"].to_numpy()[:60]
+    angles = np.arange(len(ids)) / 1000
+    moved = angles + np.isin(np.arange(len(ids)), [1, 2, 3])
+    made = []
+    for label, theta in (("circle a", angles), ("circle b", moved)):
+        with RunWriter(DataRoot(demo_root).runs, "probe", {"label": label}) as run:
+            run.write_metrics({})
+            run.write_predictions(
+                pd.DataFrame({"cell_id": ids, "split": "test", "true": 0.0, "predicted": 0.0})
+            )
+            run.write_embeddings(ids, np.stack([np.cos(theta), np.sin(theta)], 1))
+        made.append(run.run_id)
+    app.session_state["selected_cell"] = int(ids[0])
+    app.run()
+    app.switch_page("views/neighbours.py").run()
+    app.selectbox(key="nb_kind").set_value("probe").run()
+    runs = app.selectbox(key="nb_run")
+    runs.set_value(next(i for i, o in enumerate(runs.options) if made[0] in str(o))).run()
+    app.slider(key="nb_k").set_value(7).run()
+    compare = app.multiselect(key="nb_compare")
+    other = next(n for n, label in enumerate(compare.options) if made[1] in label)
+    compare.set_value([other]).run()
+    assert not app.exception
+    shared = [m.value for m in app.metric if m.label.startswith("shared with")]
+    assert shared == ["4 of 7"]
+    assert len(app.get("deck_gl_json_chart")) == 2
+
+
 def test_coverage_page_maps_the_flickr_gaps(app):
     app.run()
     app.switch_page("views/coverage.py").run()

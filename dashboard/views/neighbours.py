@@ -90,22 +90,9 @@ def main() -> None:
         table = on_grid_table(root, run, index.neighbours(cell_id, k))
 
     cells = data.load_cells(root)
-    shown = data.on_grid(root, table[["cell_id", "similarity"]])
-    colours, legend = maps.sequential(
-        shown["similarity"].to_numpy(float), "cosine similarity", maps.SIMILARITY_PALETTE
-    )
-    payload = maps.cell_payload(shown, colours, shown["similarity"])
-    context = data.load_context(root)
-    below, above = maps.context_layers(context)
-    layers = [*below, maps.cell_layer(payload, opacity=1.0), *above]
-    if cell_id is not None:
-        layers.append(maps.highlight_layer([cell_id], (255, 0, 160)))
+    chart, legend = neighbour_deck(root, table, cell_id)
     event = st.pydeck_chart(
-        maps.deck(layers, "similarity", context["view"]),
-        height=560,
-        on_select="rerun",
-        selection_mode="single-object",
-        key="nb_map",
+        chart, height=560, on_select="rerun", selection_mode="single-object", key="nb_map"
     )
     picked = maps.selected_cells(event)
     if picked and cell_id is not None and picked[0] != cell_id and picked[0] in index:
@@ -129,6 +116,60 @@ def main() -> None:
         )
     st.dataframe(table.round(3), width="stretch", hide_index=True)
     common.provenance(f"{run['path']}/{EMBEDDINGS_FILE}")
+    if cell_id is not None:
+        side_by_side(root, runs, run, table, cell_id, k)
+
+
+def neighbour_deck(root: str, table: pd.DataFrame, cell_id: int | None) -> tuple:
+    """The found cells coloured by similarity, the chosen cell outlined; and the legend."""
+    shown = data.on_grid(root, table[["cell_id", "similarity"]])
+    colours, legend = maps.sequential(
+        shown["similarity"].to_numpy(float), "cosine similarity", maps.SIMILARITY_PALETTE
+    )
+    payload = maps.cell_payload(shown, colours, shown["similarity"])
+    context = data.load_context(root)
+    below, above = maps.context_layers(context)
+    layers = [*below, maps.cell_layer(payload, opacity=1.0), *above]
+    if cell_id is not None:
+        layers.append(maps.highlight_layer([cell_id], (255, 0, 160)))
+    return maps.deck(layers, "similarity", context["view"]), legend
+
+
+def side_by_side(
+    root: str, runs: pd.DataFrame, run: pd.Series, table: pd.DataFrame, cell_id: int, k: int
+) -> None:
+    """The same cell's k nearest cells under one or two more models, each beside the other,
+    with how many of them the models share."""
+    others = runs[runs["run_id"] != run["run_id"]].reset_index(drop=True)
+    if others.empty:
+        return
+    chosen = st.multiselect(
+        "Compare with other models (the same cell)",
+        list(range(len(others))),
+        format_func=lambda i: f"{others.loc[i, 'kind']}: {common.run_title(others.loc[i])}",
+        max_selections=2,
+        key="nb_compare",
+    )
+    if not chosen:
+        return
+    first = set(table["cell_id"])
+    columns = st.columns(len(chosen))
+    for number, (column, i) in enumerate(zip(columns, chosen, strict=True)):
+        other = others.loc[i]
+        with column:
+            st.markdown(f"**{other['kind']}** `{other['run_id']}`")
+            index = embedding_index(str(other["path"]))
+            if cell_id not in index:
+                st.caption(f"Cell {cell_id} has no embedding in this run.")
+                continue
+            found = on_grid_table(root, other, index.neighbours(cell_id, k))
+            st.pydeck_chart(
+                neighbour_deck(root, found, cell_id)[0], height=360, key=f"nb_side_{number}"
+            )
+            shared = len(first & set(found["cell_id"]))
+            st.metric(f"shared with {run['kind']} {run['run_id']}", f"{shared} of {k}")
+            st.dataframe(found.round(3), width="stretch", hide_index=True, height=240)
+            common.provenance(f"{other['path']}/{EMBEDDINGS_FILE}")
 
 
 main()
