@@ -17,7 +17,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/stadsbeeld demo --seed $(SEED) --extent $(EXTENT) --out $(DATA) --if-missing
-	$(VENV)/bin/stadsbeeld demo-runs --data $(DATA)
+	$(VENV)/bin/stadsbeeld demo-runs --data $(DATA) --queue-embeddings true
 	$(VENV)/bin/stadsbeeld dashboard --data $(DATA) --port $(PORT) $(if $(RETRAIN),--retrain true)
 
 test: $(VENV)/.installed

@@ -408,3 +408,28 @@ def test_a_killed_worker_is_reaped_and_leaves_no_run(data_root):
     assert re.search(r"epoch \d+/100000", job.error)  # the log tail
     assert not (runs / f".tmp-{job.run_id}").exists() and (runs / f".failed-{job.run_id}").is_dir()
     assert list_runs(runs).empty
+
+
+def test_make_demo_queues_each_embedding_run_once(data_root):
+    import fcntl
+
+    from core.jobs import JOBS_DIR, LOCK_FILE
+    from train.demo_runs import queue_embedding_runs
+
+    root = DataRoot(data_root)
+    lock = root.runs / JOBS_DIR / LOCK_FILE
+    lock.parent.mkdir(parents=True)
+    with open(lock, "wb") as held:  # a worker is alive: none is started
+        fcntl.flock(held, fcntl.LOCK_EX)
+        store = JobStore.for_runs(root.runs)
+        first = queue_embedding_runs(root, log=lambda _: None)
+        assert [store.get(j).kind for j in first] == ["contrastive", "uge"]
+        assert all(store.get(j).config == {} for j in first)  # the kinds' default schedules
+        assert queue_embedding_runs(root, log=lambda _: None) == []  # already queued
+        for job in first:
+            store.cancel(job)
+        with RunWriter(root.runs, "contrastive", {"label": "done"}) as run:
+            write_complete(run)
+        again = queue_embedding_runs(root, log=lambda _: None)  # a contrastive run exists
+        assert [store.get(j).kind for j in again] == ["uge"]
+        store.cancel(again[0])

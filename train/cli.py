@@ -309,7 +309,7 @@ def fusion_matrix(
     return 0
 
 
-def demo_runs(data: str | None = None, device: str = "auto") -> int:
+def demo_runs(data: str | None = None, device: str = "auto", queue_embeddings: bool = False) -> int:
     """Train the dashboard's default runs where missing.
 
     The scene filter, the perception encoder, and the fusion runs aerial, aerial+gsv and
@@ -318,10 +318,15 @@ def demo_runs(data: str | None = None, device: str = "auto") -> int:
     Args:
         data: Data root (default: ``STADSBEELD_DATA``, else data/demo).
         device: auto (CUDA when present, else CPU), cpu, cuda or cuda:N.
+        queue_embeddings: Also queue a default contrastive and UGE run for the job worker
+            (started if none is alive) unless the root has them (make demo does).
     """
-    from train.demo_runs import ensure_default_runs
+    from train.demo_runs import ensure_default_runs, queue_embedding_runs
 
-    ensure_default_runs(DataRoot(Path(data or _default_data())), device=device)
+    root = DataRoot(Path(data or _default_data()))
+    ensure_default_runs(root, device=device)
+    if queue_embeddings:
+        queue_embedding_runs(root)
     return 0
 
 

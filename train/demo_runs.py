@@ -1,8 +1,11 @@
 """The runs a fresh data root needs before the dashboard has predictions to show.
 
-``make demo`` calls ``python -m train demo-runs``: it trains the scene filter and the perception
-encoder (the demo's stand-ins for Places365 and Place Pulse 2 weights), then the default fusion
-configurations, each only when no complete run of it exists yet.
+``make demo`` calls ``python -m train demo-runs --queue-embeddings true``: it trains the scene
+filter and the perception encoder (the demo's stand-ins for Places365 and Place Pulse 2
+weights), then the default fusion configurations, each only when no complete run of it exists
+yet; then it queues a default contrastive and a default UGE run for the job worker (started if
+none is alive), so the dashboard comes up at once and the neighbours page offers all three
+methods when they finish.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from dataclasses import dataclass, replace
 
 from core.configs import FusionConfig, PerceptionConfig, SceneTrainConfig
 from core.dataroot import DataRoot
+from core.jobs import JobStore, start_worker, worker_alive
 from core.runs import BACKBONE_FILE, list_runs
 from train.fusion import train_fusion
 from train.perception import train_perception
@@ -87,3 +91,25 @@ def ensure_default_runs(root: DataRoot, device: str = "auto", log=print) -> list
         else:
             run_ids.append(train_fusion(config, log))
     return run_ids
+
+
+#: The embedding runs ``make demo`` queues: each kind with its default (CPU demo) schedule.
+QUEUED_KINDS = ("contrastive", "uge")
+
+
+def queue_embedding_runs(root: DataRoot, log=print) -> list[int]:
+    """Queue a default run of each of :data:`QUEUED_KINDS` for the job worker, unless the root
+    has a complete run or an active (queued or running) job of that kind, and start a worker
+    when jobs were queued and none is alive. Returns the ids of the jobs queued."""
+    store = JobStore.for_runs(root.runs)
+    active = {job.kind for job in store.jobs(["queued", "running"])}
+    queued = []
+    for kind in QUEUED_KINDS:
+        if kind in active or not list_runs(root.runs, kind=kind).empty:
+            continue
+        queued.append(store.enqueue(kind, {}))
+        log(f"queued a default {kind} run as job #{queued[-1]} for the worker")
+    if queued and not worker_alive(root.runs):
+        start_worker(root.root)
+        log(f"started a worker; its log: {root.runs / '.jobs' / 'worker.log'}")
+    return queued
