@@ -42,6 +42,13 @@ DERIVED_KEYS = (
     "target_std",
     "vlm_resolved",
     "ugdata_manifest",
+    "target",
+    "members",
+    "train_data",
+    "trained_year",
+    "aerial_raster",
+    "captured_years",
+    "uncertainty",
 )
 
 
@@ -192,6 +199,33 @@ class FusionConfig(Config):
             else []
         )
         return self.name or "+".join(parts)
+
+
+@dataclass
+class PredictConfig(Config):
+    """Applying trained fusion runs to every cell of a data root for one year (``predict``)."""
+
+    run: list[str] = field(default_factory=list)
+    """Fusion runs: ids in DATA/runs, or run folders (a run of another root); several make an
+    ensemble (e.g. the seeds of one configuration) whose spread is the uncertainty."""
+    data: str = DEFAULT_DATA
+    """Data root whose grid cells are predicted; the prediction folder goes to its runs/."""
+    year: int | None = None
+    """Year to predict: its aerial mosaic and street images captured around it (default: the
+    label year the runs were trained on)."""
+    window_years: int = 2
+    """Street images captured within this many years of --year are used (the Leefbaarometer
+    comes every two years)."""
+    device: str = "auto"
+    """auto (CUDA when present, else CPU), cpu, cuda or cuda:N."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.run, str):
+            self.run = [r for r in self.run.split(",") if r]
+        if not self.run:
+            raise ValueError("predict needs --run: one fusion run id or folder, or several")
+        if self.window_years < 0:
+            raise ValueError(f"window_years must be 0 or more, got {self.window_years}")
 
 
 @dataclass

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -86,15 +88,55 @@ def _check_split(
         )
 
 
+@dataclass(frozen=True)
+class Imagery:
+    """The imagery of one year: its aerial mosaic and the street images captured around it.
+
+    Training reads all of a root's imagery (no ``Imagery``); ``predict`` reads one year's.
+    """
+
+    year: int
+    """The year predicted."""
+    aerial: Path
+    """That year's aerial mosaic (:meth:`core.dataroot.DataRoot.aerial_for`)."""
+    window_years: int
+    """Street images captured within this many years of ``year`` count."""
+
+    @classmethod
+    def of(cls, root: DataRoot, year: int, window_years: int) -> Imagery:
+        """The imagery of ``year`` in ``root``.
+
+        Raises:
+            FileNotFoundError: if ``root`` has no aerial mosaic of ``year``.
+        """
+        return cls(year, root.aerial_for(year), window_years)
+
+    @property
+    def captured_years(self) -> tuple[int, int]:
+        """The first and last capture year of the street images used."""
+        return self.year - self.window_years, self.year + self.window_years
+
+    def captured(self, times: pd.Series) -> np.ndarray:
+        """Whether each capture time lies in the window; an unknown time does not."""
+        first, last = self.captured_years
+        years = pd.to_datetime(times).dt.year
+        return years.between(first, last).fillna(False).to_numpy(bool)
+
+
 def aerial_patches(
-    root: DataRoot, cell_ids: np.ndarray, size_m: float = 256.0, px: int = 64
+    root: DataRoot,
+    cell_ids: np.ndarray,
+    size_m: float = 256.0,
+    px: int = 64,
+    raster: Path | None = None,
 ) -> np.ndarray:
     """uint8 patches (n, 3, px, px) of ``size_m`` metres around each cell centre, cached.
 
     The cache key is the raster file (path, size, mtime), the patch geometry and the cell set, so
-    a changed raster or another extent never reuses stale patches.
+    a changed raster or another extent never reuses stale patches. ``raster`` is the mosaic to
+    cut (default: the root's, :attr:`core.dataroot.DataRoot.aerial`).
     """
-    raster = root.aerial
+    raster = root.aerial if raster is None else Path(raster)
     stat = raster.stat()
     key_text = json.dumps(
         [

@@ -19,6 +19,9 @@ CELLS = "100 m cells"
 #: A unit with fewer scored cells than this is marked (drawn faint, flagged in the table).
 MIN_UNIT_CELLS = 10
 FEW_ALPHA = 90
+#: The run kind of ``predict``'s folders (train.predict.PREDICTION_KIND; the pages never import
+#: train, which imports torch).
+PREDICTION_KIND = "prediction"
 LAYER_NAMES = {
     "lbm": "overall score (lbm)",
     "afw": "deviation from national mean (afw)",
@@ -89,11 +92,16 @@ def run_picker(
 
 
 def prediction_runs(root: str) -> pd.DataFrame:
-    """Complete runs that hold per-cell predictions against Leefbaarometer labels."""
+    """Complete runs that hold per-cell predictions against Leefbaarometer labels.
+
+    Prediction folders (``predict``: a year's scores of every cell, mostly without a label) are
+    left out; the runs page lists them.
+    """
     runs = data.load_runs(root)
     if runs.empty or "config.target" not in runs:
         return runs.iloc[0:0]
-    return runs[runs["config.target"].notna()].reset_index(drop=True)
+    keep = runs["config.target"].notna() & (runs["kind"] != PREDICTION_KIND)
+    return runs[keep].reset_index(drop=True)
 
 
 def selected_cell() -> int | None:

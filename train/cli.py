@@ -41,6 +41,7 @@ from core.configs import (
     ContrastiveConfig,
     FusionConfig,
     PerceptionConfig,
+    PredictConfig,
     SceneTrainConfig,
     UGEConfig,
     schedule_file,
@@ -306,6 +307,45 @@ def fusion_matrix(
     csv, md = write_report(results, folder, schedule_name)
     print(md.read_text())
     print(f"written {csv} and {md}")
+    return 0
+
+
+def predict(config: PredictConfig) -> int:
+    """Apply fusion runs (one, or an ensemble) to every grid cell of a data root for one year.
+
+    Uses that year's aerial mosaic and the street images captured within --window-years of
+    it; the root may be another one than the runs were trained on. Writes a prediction folder
+    (kind prediction) to DATA/runs: predictions.parquet (cell, year, predicted, uncertainty,
+    image counts), config.yaml and metrics.json (the calibration of the ensemble's intervals).
+
+    Args:
+        config: what to predict with, where and when.
+    """
+    from train.predict import predict as run_predict
+
+    run_predict(config)
+    return 0
+
+
+def runs(data: str | None = None, kind: str | None = None) -> int:
+    """List the complete runs of a data root, newest first (training runs and predictions).
+
+    Args:
+        data: Data root (default: ``STADSBEELD_DATA``, else data/demo).
+        kind: Only runs of this kind (fusion, prediction, contrastive, ...).
+    """
+    from core.runs import list_runs
+
+    found = list_runs(DataRoot(Path(data or _default_data())).runs, kind=kind)
+    columns = [
+        c
+        for c in ("run_id", "kind", "config.label", "config.target", "metrics.test_kendall_tau")
+        if c in found
+    ]
+    if found.empty:
+        print("no complete runs")
+    else:
+        print(found[columns].to_string(index=False))
     return 0
 
 
@@ -609,6 +649,8 @@ COMMANDS: dict[str, Callable[..., int]] = {
     "perception": perception,
     "fusion": fusion,
     "fusion-matrix": fusion_matrix,
+    "predict": predict,
+    "runs": runs,
     "demo-runs": demo_runs,
     "contrastive": contrastive,
     "contrastive-eval": contrastive_eval,

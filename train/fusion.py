@@ -23,7 +23,7 @@ from torch import nn
 
 from core.configs import FusionConfig
 from core.dataroot import DataRoot
-from core.datasets import aerial_patches, labelled_cells, street_images
+from core.datasets import Imagery, aerial_patches, labelled_cells, street_images
 from core.distributed import Ranks
 from core.features import extract_features, pool_by_cell
 from core.metrics import grouped_metrics, kendall_tau_b, score_metrics
@@ -54,14 +54,30 @@ def ground_inputs(
     cell_ids: np.ndarray,
     log=print,
     ranks: Ranks | None = None,
+    imagery: Imagery | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Frozen ground features (extracted or from the cache) pooled per cell, and image counts.
 
     Under a process group every rank extracts its share of the missing features into the one
-    cache (:func:`core.features.extract_features`).
+    cache (:func:`core.features.extract_features`). With ``imagery`` only the images captured
+    in its window are pooled; the features of all the cells' images are extracted, so that one
+    cache serves every year.
+
+    Raises:
+        ValueError: naming the year, when no image of the source was captured in the window.
     """
     images = street_images(root, config.ground, cell_ids)
     keep = np.ones(len(images), bool)
+    if imagery is not None:
+        keep = imagery.captured(images["captured_at"])
+        if not keep.any():
+            first, last = imagery.captured_years
+            years = pd.to_datetime(images["captured_at"]).dt.year
+            raise ValueError(
+                f"{root.catalog}: no {config.ground} street images of {imagery.year} "
+                f"(captured {first}..{last}) in these cells; their captures span "
+                f"{years.min():.0f}..{years.max():.0f}"
+            )
     if config.ground == "flickr" and config.flickr_subset != "all":
         path = scores_path(root, config.scene_run)
         if not path.exists():
@@ -71,7 +87,8 @@ def ground_inputs(
         scene_filter = filter_config(root, config.scene_run)
         if config.scene_threshold is not None:
             scene_filter = replace(scene_filter, threshold=config.scene_threshold)
-        keep = ~missing & select(scores.fillna(0.0), config.flickr_subset, scene_filter)
+        chosen = select(scores.fillna(0.0), config.flickr_subset, scene_filter)
+        keep = keep & ~missing & np.asarray(chosen, bool)
     started = time.perf_counter()
     features = extract_features(
         images,
@@ -113,20 +130,27 @@ class CellInputs:
 
 
 def cell_inputs(
-    config: FusionConfig, root: DataRoot, ids: np.ndarray, log=print, ranks: Ranks | None = None
+    config: FusionConfig,
+    root: DataRoot,
+    ids: np.ndarray,
+    log=print,
+    ranks: Ranks | None = None,
+    imagery: Imagery | None = None,
 ) -> tuple[CellInputs, np.ndarray]:
     """The inputs of ``config`` for cells ``ids``, and the ground image count per cell.
 
     With ``ranks``: rank 0 cuts and caches the aerial patches before the others read them, and
-    the ranks share the extraction of the ground features.
+    the ranks share the extraction of the ground features. With ``imagery``: one year's aerial
+    mosaic and street images (default: the root's mosaic and all its street images).
     """
     aerial = None
     if config.aerial:
+        raster = imagery.aerial if imagery is not None else None
         with ranks.main_first() if ranks is not None else nullcontext():
-            aerial = aerial_patches(root, ids, config.patch_m, config.aerial_px)
+            aerial = aerial_patches(root, ids, config.patch_m, config.aerial_px, raster)
     if not config.ground:
         return CellInputs(aerial, None, None), np.zeros(len(ids), int)
-    pooled, counts = ground_inputs(config, root, ids, log, ranks)
+    pooled, counts = ground_inputs(config, root, ids, log, ranks, imagery)
     return CellInputs(aerial, torch.from_numpy(pooled), torch.from_numpy(counts > 0)), counts
 
 

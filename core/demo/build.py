@@ -17,7 +17,7 @@ Layout of a demo data root (every file in the format a real source would give):
 - ``context/parks.gpkg``: parks and woods without their water, same format (for the spatial
   context captions of the VLM dataset; a real root takes them from OSM or BGT);
 - ``truth/cells.parquet``: the latent fields (for analysis only; no model reads them);
-- ``demo.json``: seed, extent, sizes and timings; written last.
+- ``demo.json``: seed, extent, sizes, the aerial mosaic's year and timings; written last.
 
 The whole tree is built under a temporary name beside ``out`` and renamed when complete.
 """
@@ -276,6 +276,8 @@ def _build_into(
         "cells": int(len(ids)),
         "labelled_cells": int(cells["labelled"].sum()),
         "label_years": list(city.LABEL_YEARS),
+        # the mosaic renders the latest label year's city (core.dataroot.DataRoot.aerial_years)
+        "aerial_year": city.LABEL_YEARS[-1],
         "images": {s: int(counts.get(s, 0)) for s in ("gsv", "flickr")},
         "street_nodes": int(len(graph.nodes)),
         "street_edges": int(len(graph.edges)),
