@@ -122,9 +122,6 @@ class Views:
         channels-last, on the images' device."""
         n, device = len(batch), batch.device
 
-        def per_image(values: torch.Tensor) -> torch.Tensor:
-            return values.to(device, torch.float32).view(n, 1, 1, 1)
-
         area, log_ratio = self.area.to(device), self.log_ratio.to(device)
         width = torch.sqrt(area * log_ratio.exp()).clamp(max=1.0)
         height = torch.sqrt(area / log_ratio.exp()).clamp(max=1.0)
@@ -156,16 +153,14 @@ class Views:
         saturation = saturation.view(n, 1, 1, 1)
         x = torch.addcmul(_grey(x) * (scale * (1 - saturation)) + shift, x, scale * saturation)
         x = x.clamp_(0, 1)
-        # lerp with a weight of exactly 0 or 1 returns one end exactly: a per-image choice,
-        # cheaper than torch.where on CPU
-        x = torch.lerp(x, _grey(x).expand_as(x), per_image(self.grey))
-        x = torch.lerp(x, _box_blur(x), per_image(self.blur))
+        x = _transform_rows(x, self.grey, lambda y: _grey(y).expand_as(y))
+        x = _transform_rows(x, self.blur, _box_blur)
         # min(x, 1 - x) is exactly 1 - x where x >= 0.5 and x elsewhere
-        x = torch.lerp(x, torch.minimum(x, 1 - x), per_image(self.solarize))
-        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        x = _transform_rows(x, self.solarize, lambda y: torch.minimum(y, 1 - y))
         std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) / std
         out = torch.empty_like(x, memory_format=torch.channels_last)
-        return torch.sub(x, mean, out=out).div_(std)
+        return torch.addcmul(-mean, x, 1 / std, out=out)
 
 
 def augment(batch: torch.Tensor, generator: torch.Generator, crop_min_scale: float) -> torch.Tensor:
@@ -184,6 +179,17 @@ def _grey(x: torch.Tensor) -> torch.Tensor:
     """Luma (ITU-R 601) of (B, 3, H, W) images in [0, 1], as (B, 1, H, W)."""
     # three multiply-adds on channel planes: no (B, 3, H, W) temporary
     return x[:, :1] * 0.299 + x[:, 1:2] * 0.587 + x[:, 2:] * 0.114
+
+
+def _transform_rows(
+    x: torch.Tensor, chosen: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """``x`` with ``transform`` applied to the images where ``chosen`` (a CPU bool per image)
+    is set, in place: only those images are transformed."""
+    rows = chosen.nonzero().squeeze(1).to(x.device)  # on the CPU: no device sync
+    if len(rows):
+        x.index_copy_(0, rows, transform(x.index_select(0, rows)))
+    return x
 
 
 def _box_blur(x: torch.Tensor) -> torch.Tensor:
