@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -12,14 +13,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.numpy import load_file
 
 from core.configs import ContrastiveConfig
 from core.dataroot import DataRoot
 from core.jobs import JobCancelled
+from core.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 from core.runs import list_runs, load_run
 from core.sources.catalog import read_catalog, write_catalog
-from train.contrastive import augment, train_contrastive
+from train.contrastive import Views, augment, train_contrastive
 
 TINY = {
     "epochs": 2,
@@ -51,6 +54,55 @@ def test_augment_gives_different_normalised_views_repeatably():
     assert torch.equal(first, again) and not torch.allclose(first, other)
     assert first.is_contiguous(memory_format=torch.channels_last)
     assert float(first.min()) > -3 and float(first.max()) < 3  # ImageNet-normalised [0, 1] pixels
+
+
+def reference_view(image: torch.Tensor, views: Views, i: int) -> torch.Tensor:
+    """Image ``i``'s view written out one step at a time, each step as torchvision defines it."""
+    x = image[None].double() / 255
+    area, log_ratio = float(views.area[i]), float(views.log_ratio[i])
+    width = min(math.sqrt(area * math.exp(log_ratio)), 1.0)
+    height = min(math.sqrt(area / math.exp(log_ratio)), 1.0)
+    theta = torch.tensor(
+        [
+            [width * float(views.flip[i]), 0.0, float(views.shift_x[i]) * (1 - width)],
+            [0.0, height, float(views.shift_y[i]) * (1 - height)],
+        ],
+        dtype=torch.float64,
+    )[None]
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, padding_mode="reflection", align_corners=False)
+
+    def luma(y: torch.Tensor) -> torch.Tensor:
+        return 0.299 * y[:, 0:1] + 0.587 * y[:, 1:2] + 0.114 * y[:, 2:3]
+
+    if views.jitter[i]:
+        x = x * float(views.brightness[i])  # brightness: towards black
+        grey_mean = luma(x).mean()
+        x = grey_mean + (x - grey_mean) * float(views.contrast[i])  # contrast: the grey mean
+        x = luma(x) + (x - luma(x)) * float(views.saturation[i])  # saturation: the luma
+    x = x.clamp(0, 1)
+    if views.grey[i]:
+        x = luma(x).expand_as(x)
+    if views.blur[i]:
+        x = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+    if views.solarize[i]:
+        x = torch.where(x >= 0.5, 1 - x, x)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    return ((x - mean) / std)[0]
+
+
+def test_augment_equals_each_step_done_image_by_image():
+    pixels = torch.randint(0, 256, (64, 3, 12, 10), generator=torch.Generator().manual_seed(2))
+    pixels = pixels.to(torch.uint8)
+    views = Views.draw(64, torch.Generator().manual_seed(3), 0.35)
+    for flag in (views.jitter, views.grey, views.blur, views.solarize, views.flip < 0):
+        assert 0 < int(flag.sum()) < 64  # every branch is taken and left out
+    out = views.apply(pixels)
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+    for i in range(64):
+        expected = reference_view(pixels[i], views, i).float()
+        torch.testing.assert_close(out[i], expected, rtol=0, atol=2e-5, msg=f"image {i}")
 
 
 @pytest.mark.parametrize("objective", ["temporal", "unified"])
