@@ -143,7 +143,7 @@ def html_map(layer: MapLayer, basemap: str | None = None, attribution: str | Non
     root.html.add_child(
         _overlay(
             "sources",
-            "bottom:28px;left:10px;max-width:45%;font-size:11px",
+            "bottom:56px;left:10px;max-width:45%;font-size:11px",  # above the scale bar
             f"Source: {sources}<br/>Exported by stadsbeeld on {made}",
         )
     )
