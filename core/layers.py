@@ -304,6 +304,8 @@ def map_layer(
             raise FileNotFoundError(f"{root.catalog}: image catalog not found")
         values = counts[["cell_id", name]].rename(columns={name: "value"})
     shown = cells.merge(values, on="cell_id")
+    if shown.empty:
+        raise ValueError(f"{', '.join(sources)}: no cell of {root.grid} has a {title}")
     if counts is not None:
         shown = shown.merge(counts.drop(columns=name, errors="ignore"), on="cell_id", how="left")
     if level == CELLS:

@@ -206,6 +206,16 @@ def test_bad_options_are_refused_clearly(tiny_demo, options, message):
         map_layer(tiny_demo, **options)
 
 
+def test_a_layer_without_cells_is_refused(tiny_demo, tmp_path):
+    with RunWriter(tmp_path / "runs", "fusion", {}) as writer:
+        writer.write_metrics({})
+        writer.write_predictions(
+            pd.DataFrame({"cell_id": [1], "split": ["val"], "true": [4.0], "predicted": [4.1]})
+        )
+    with pytest.raises(ValueError, match="predictions.parquet: no cell of .*grid.parquet has a"):
+        map_layer(tiny_demo, "true", run=writer.path, split="test")
+
+
 def test_unknown_format_is_refused():
     assert format_of("maps/x.GeoParquet") == "parquet"
     with pytest.raises(ValueError, match="cannot tell the format from the ending '.shp'"):
