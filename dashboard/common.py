@@ -9,6 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from core.dataroot import DataRoot
+from core.layers import MIN_UNIT_CELLS, SCORE_LAYERS
 from core.sources.boundaries import cell_units
 from core.sources.lbm import SCORE_COLUMNS
 from dashboard import data, maps
@@ -16,21 +17,13 @@ from dashboard import data, maps
 CELL_KEY = "selected_cell"
 #: The finest choice of a map: the 100 m grid itself (or its blocks, for a big view).
 CELLS = "100 m cells"
-#: A unit with fewer scored cells than this is marked (drawn faint, flagged in the table).
-MIN_UNIT_CELLS = 10
+#: Units with fewer scored cells than ``MIN_UNIT_CELLS`` (core.layers) are drawn this faint.
 FEW_ALPHA = 90
 #: The run kind of ``predict``'s folders (train.predict.PREDICTION_KIND; the pages never import
 #: train, which imports torch).
 PREDICTION_KIND = "prediction"
-LAYER_NAMES = {
-    "lbm": "overall score (lbm)",
-    "afw": "deviation from national mean (afw)",
-    "fys": "physical environment (fys)",
-    "onv": "nuisance and safety (onv)",
-    "soc": "social cohesion (soc)",
-    "vrz": "amenities (vrz)",
-    "won": "housing stock (won)",
-}
+#: The label scores' names, as the exports name them too.
+LAYER_NAMES = SCORE_LAYERS
 
 
 def root_or_stop() -> str:

@@ -1,5 +1,8 @@
 """The city map: colour scales, legends and the pydeck layers of the 100 m grid.
 
+The palettes, colour scales and legends live in :mod:`core.styles` and the aggregation to
+planners' units in :mod:`core.layers` (the exports use them too); they are re-exported here.
+
 Pure functions (no Streamlit), so the benchmarks measure exactly what the pages send. The grid
 goes to the browser as a ``GridCellLayer``: one slim record per cell (its lower-left corner in
 lon/lat, a colour and the tooltip fields) instead of a GeoJSON polygon per cell; deck.gl draws
@@ -24,28 +27,17 @@ import shapely
 from pydeck.bindings.json_tools import default_serialize
 
 from core.grid import CELL_SIZE, block_id, cell_index, cell_origin, ids_from_index
+from core.layers import aggregate_by as aggregate_by
+from core.styles import CLASS_PALETTE as CLASS_PALETTE
+from core.styles import DIVERGING_PALETTE as DIVERGING_PALETTE
+from core.styles import SCORE_PALETTE as SCORE_PALETTE
+from core.styles import SIMILARITY_PALETTE as SIMILARITY_PALETTE
+from core.styles import SPLIT_PALETTE as SPLIT_PALETTE
+from core.styles import Legend as Legend
+from core.styles import categorical as categorical
+from core.styles import diverging as diverging
+from core.styles import sequential as sequential
 
-#: Leefbaarometer-like sequential palette: red (low) .. yellow .. green (high).
-SCORE_PALETTE = np.array(
-    [[165, 0, 38], [244, 109, 67], [254, 224, 139], [166, 217, 106], [26, 152, 80]]
-)
-#: Diverging: blue (negative) .. light grey .. red (positive).
-DIVERGING_PALETTE = np.array([[33, 102, 172], [247, 247, 247], [178, 24, 43]])
-#: Similarity: pale .. deep purple.
-SIMILARITY_PALETTE = np.array([[203, 201, 226], [128, 125, 186], [63, 0, 125]])
-#: Leefbaarometer 3.0 classes 1 (very poor) .. 9 (excellent).
-CLASS_PALETTE = {
-    1: [128, 0, 38],
-    2: [189, 0, 38],
-    3: [227, 26, 28],
-    4: [252, 141, 89],
-    5: [254, 224, 139],
-    6: [217, 239, 139],
-    7: [145, 207, 96],
-    8: [26, 152, 80],
-    9: [0, 104, 55],
-}
-SPLIT_PALETTE = {"train": [189, 189, 189], "val": [116, 169, 207], "test": [230, 85, 13]}
 WATER = [166, 206, 227]
 DISTRICT_LINE = [110, 110, 110]
 OUTLINE = [40, 40, 40]
@@ -56,70 +48,6 @@ _TO_WGS84 = pyproj.Transformer.from_crs("EPSG:28992", "EPSG:4326", always_xy=Tru
 def to_lon_lat(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """RD New (EPSG:28992) metres to WGS84 lon/lat degrees."""
     return _TO_WGS84.transform(x, y)
-
-
-@dataclass(frozen=True)
-class Legend:
-    """What a map's colours mean: a title and (colour, label) stops."""
-
-    title: str
-    stops: list[tuple[list[int], str]]
-
-    def html(self) -> str:
-        """Small HTML legend: colour swatches with labels."""
-        items = "".join(
-            f'<span style="display:inline-flex;align-items:center;margin-right:10px">'
-            f'<span style="width:14px;height:14px;background:rgb({r},{g},{b});display:inline-block;'
-            f'margin-right:4px;border:1px solid #999"></span>{html.escape(label)}</span>'
-            for (r, g, b), label in self.stops
-        )
-        return f'<div style="font-size:0.85rem"><b>{html.escape(self.title)}</b><br/>{items}</div>'
-
-
-def _ramp(palette: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """Colours at positions ``t`` in [0, 1] along a palette, linearly interpolated."""
-    t = np.clip(np.nan_to_num(t, nan=0.5), 0, 1) * (len(palette) - 1)
-    i = np.minimum(t.astype(int), len(palette) - 2)
-    return (palette[i] + (palette[i + 1] - palette[i]) * (t - i)[:, None]).round().astype(int)
-
-
-def _number(value: float) -> str:
-    return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
-
-
-def sequential(
-    values: np.ndarray, title: str, palette: np.ndarray = SCORE_PALETTE, log: bool = False
-) -> tuple[np.ndarray, Legend]:
-    """Colours stretched between the 2nd and 98th percentile, and their legend.
-
-    ``log`` stretches ``log(1 + value)`` instead, for counts with a long tail.
-    """
-    scaled = np.log1p(values) if log else values
-    lo, hi = np.nanpercentile(scaled, [2, 98]) if np.isfinite(scaled).any() else (0.0, 1.0)
-    colours = _ramp(palette, (scaled - lo) / max(hi - lo, 1e-9))
-    stops = np.linspace(lo, hi, len(palette))
-    labels = [_number(np.expm1(s) if log else s) for s in stops]
-    labels[0], labels[-1] = f"≤ {labels[0]}", f"≥ {labels[-1]}"
-    return colours, Legend(title, [(c.tolist(), s) for c, s in zip(palette, labels, strict=True)])
-
-
-def diverging(values: np.ndarray, title: str) -> tuple[np.ndarray, Legend]:
-    """Colours symmetric around zero (blue negative, red positive), and their legend."""
-    finite = np.abs(values[np.isfinite(values)])
-    limit = max(float(np.percentile(finite, 98)) if finite.size else 1.0, 1e-9)
-    colours = _ramp(DIVERGING_PALETTE, (values / limit + 1) / 2)
-    labels = [f"≤ -{_number(limit)}", "0", f"≥ +{_number(limit)}"]
-    return colours, Legend(
-        title, [(c.tolist(), s) for c, s in zip(DIVERGING_PALETTE, labels, strict=True)]
-    )
-
-
-def categorical(values: pd.Series, palette: dict, title: str) -> tuple[np.ndarray, Legend]:
-    """Colours per category (grey for unknown ones), and the legend of those present."""
-    grey = [150, 150, 150]
-    colours = np.array([palette.get(v, grey) for v in values], dtype=int).reshape(-1, 3)
-    present = [k for k in palette if (values == k).any()]
-    return colours, Legend(title, [(palette[k], str(k)) for k in present])
 
 
 def _rounded(values: pd.Series, digits: int) -> np.ndarray:
@@ -265,41 +193,6 @@ def aggregate_blocks(
     size = f"{block_size / 1000:g} km" if block_size >= 1000 else f"{block_size:g} m"
     out["buurt_naam"] = out["cells"].map(lambda n: f"{n} cells in this {size} block")
     return out
-
-
-def aggregate_by(shown: pd.DataFrame, keys: np.ndarray, categorical: bool = False) -> pd.DataFrame:
-    """Cells grouped by ``keys`` (a block or a planner's unit per cell): the mean of the
-    numbers (sum of image counts), the most common value of a categorical ``value``, the cell
-    count and the most common district; indexed by key (sorted).
-
-    Args:
-        shown: one row per cell: ``value`` and optionally ``true``, ``predicted``,
-            ``residual``, ``gsv``, ``flickr``, ``district``.
-        keys: the group of each cell, aligned with ``shown``.
-        categorical: ``value`` holds classes (most common per group), not numbers (mean).
-    """
-    groups = shown.assign(block=np.asarray(keys))
-    grouped = groups.groupby("block", sort=True)
-    means = [c for c in ("true", "predicted", "residual") if c in groups]
-    sums = [c for c in ("gsv", "flickr") if c in groups]
-    out = grouped[means].mean() if means else pd.DataFrame(index=grouped.size().index)
-    out[sums] = grouped[sums].sum()
-    out["cells"] = grouped.size()
-    out["value"] = _most_common(groups, "value") if categorical else grouped["value"].mean()
-    if "district" in groups:
-        out["district"] = _most_common(groups, "district")
-    return out
-
-
-def _most_common(frame: pd.DataFrame, column: str) -> pd.Series:
-    """The most common ``column`` value per ``block`` (ties: the first in sort order)."""
-    counts = frame.groupby(["block", column], sort=True).size()
-    return (
-        counts.sort_values(ascending=False, kind="stable")
-        .groupby(level=0)
-        .head(1)
-        .reset_index(level=1)[column]
-    )
 
 
 def tooltip(value_label: str, units: bool = False) -> dict:

@@ -563,3 +563,33 @@ def test_a_data_root_without_runs_in_a_browser(browser, tiny_demo, tmp_path_fact
                 assert any("No fusion runs yet" in t for t in info.all_inner_texts()), title
     assert not DataRoot(root).runs.exists()
     assert snapshot(root) == before
+
+
+def test_the_html_export_draws_its_layer_offline(browser, tiny_demo, tmp_path):
+    from core.exports import write_layer
+    from core.layers import map_layer
+
+    layer = map_layer(tiny_demo, "lbm")
+    path = write_layer(layer, tmp_path / "lbm.html")
+    context = browser.new_context(viewport=VIEWPORT, offline=True)
+    page = context.new_page()
+    problems = []
+    page.on("pageerror", lambda error: problems.append(f"pageerror: {error}"))
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    try:
+        page.goto(path.as_uri())
+        shapes = page.locator(".leaflet-overlay-pane path")
+        shapes.first.wait_for()
+        assert shapes.count() == len(layer.table), problems
+        drawn = shapes.evaluate_all("paths => paths.map(p => p.getAttribute('fill'))")
+        expected = ["#{:02x}{:02x}{:02x}".format(*c) for c in layer.colours]
+        assert sorted(drawn) == sorted(expected)
+        shapes.first.dispatch_event("mouseover")
+        tooltip = page.locator(".leaflet-tooltip")
+        tooltip.wait_for()
+        assert "overall score (lbm)" in tooltip.inner_text()
+        assert layer.legend.title in page.locator("#legend").inner_text()
+        assert str(DataRoot(tiny_demo).scores) in page.locator("#sources").inner_text()
+        assert not problems
+    finally:
+        context.close()

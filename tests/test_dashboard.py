@@ -303,7 +303,12 @@ def test_runs_page_offers_gis_downloads(app):
     app.switch_page("views/runs.py").run()
     assert not app.exception
     labels = [b.proto.label for b in app.get("download_button")]
-    assert labels == ["GeoPackage (.gpkg)", "GeoParquet (.parquet)", "CSV (.csv)"]
+    assert labels == [
+        "GeoPackage (.gpkg)",
+        "GeoParquet (.parquet)",
+        "CSV (.csv)",
+        "HTML map (.html)",
+    ]
 
 
 def test_retraining_is_refused_unless_enabled(app, demo_root):

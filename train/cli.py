@@ -608,6 +608,51 @@ def job(job: int, data: str | None = None) -> int:
     return run_job_rank(data or _default_data(), job)
 
 
+def export(
+    layer: str,
+    out: str | None = None,
+    format: Literal["gpkg", "parquet", "csv", "html"] | None = None,
+    year: int | None = None,
+    year_from: int | None = None,
+    run: str | None = None,
+    split: Literal["all", "train", "val", "test"] = "all",
+    level: Literal["cells", "buurt", "wijk", "stadsdeel"] = "cells",
+    basemap: str | None = None,
+    attribution: str | None = None,
+    data: str | None = None,
+) -> int:
+    """Write a map layer as GeoPackage (with its QGIS style), GeoParquet, CSV or an HTML map.
+
+    The layer is coloured as the dashboard colours it: the GeoPackage carries those colours
+    and classes as the layer's default QGIS style; the HTML map opens in a browser without
+    the app (offline unless --basemap is given).
+
+    Args:
+        layer: A label score (lbm, afw, fys, onv, soc, vrz, won, lbm_class, change), a run's
+            predicted, true, residual or split, or an image count (gsv, flickr).
+        out: The file to write (default: the layer's name with the format's ending).
+        format: gpkg, parquet, csv or html (default: from the ending of --out, else gpkg).
+        year: The labels' year (default: the latest).
+        year_from: For change: the earlier year (default: the one before --year).
+        run: For a run's layer: the run id (under DATA/runs) or a run folder.
+        split: For a run's layer: the cells of one split, or all.
+        level: Per 100 m cell, or the mean per buurt, wijk or stadsdeel.
+        basemap: For html: an XYZ tile URL template drawn below the layer (default: none).
+        attribution: For html: the base map's attribution (default: its host name).
+        data: Data root (default: ``STADSBEELD_DATA``, else data/demo).
+    """
+    from core.exports import format_of, write_layer
+    from core.layers import map_layer
+
+    fmt = format_of(out, format) if out is not None else format_of("", format or "gpkg")
+    shown = map_layer(data or _default_data(), layer, year, year_from, run, split, level)
+    target = Path(out) if out is not None else Path(f"{shown.slug}.{fmt}")
+    written = write_layer(shown, target, fmt, basemap, attribution)
+    rows = f"{len(shown.table):,} {'cells' if level == 'cells' else level + ' units'}"
+    print(f"{shown.title}: {rows} written to {written}")
+    return 0
+
+
 def dashboard(
     data: str | None = None,
     address: str = "127.0.0.1",
@@ -660,6 +705,7 @@ COMMANDS: dict[str, Callable[..., int]] = {
     "uge-bench": uge_bench,
     "worker": worker,
     "job": job,
+    "export": export,
     "dashboard": dashboard,
 }
 

@@ -7,7 +7,8 @@ import plotly.express as px
 import streamlit as st
 import yaml
 
-from core.exports import FORMATS, export_bytes, prediction_layer
+from core.exports import FORMATS, export_bytes
+from core.layers import MapLayer, map_layer
 from core.runs import CONFIG_FILE, EPOCHS_FILE, METRICS_FILE, PREDICTIONS_FILE, load_run
 from dashboard import common, data, retrain
 
@@ -26,10 +27,17 @@ SUMMARY_COLUMNS = [
 ]
 
 
+@st.cache_resource(show_spinner="Preparing the downloads ...", max_entries=4)
+def prediction_layer(root: str, run_path: str) -> MapLayer:
+    """The run's predicted scores per cell, coloured as the city map colours them (shared
+    between reruns: do not modify)."""
+    counts = data.load_coverage(root)[["cell_id", "gsv", "flickr"]]
+    return map_layer(root, "predicted", run=run_path, image_counts=counts)
+
+
 @st.cache_data(show_spinner="Preparing the download ...", max_entries=8)
 def prediction_file(root: str, run_path: str, fmt: str) -> bytes:
-    layer = prediction_layer(data.load_predictions(run_path), data.load_cells(root))
-    return export_bytes(layer, fmt)
+    return export_bytes(prediction_layer(root, run_path), fmt)
 
 
 def main() -> None:
@@ -79,9 +87,18 @@ def main() -> None:
                 )
                 st.plotly_chart(chart, key="runs_epochs")
         if (run["path"] / PREDICTIONS_FILE).is_file():
-            st.markdown("**Predictions** per cell, as 100 m squares in EPSG:28992 (RD New)")
+            st.markdown(
+                "**Predictions** per cell, as 100 m squares in EPSG:28992 (RD New): the "
+                "GeoPackage opens in QGIS coloured as the city map, the HTML map in any browser "
+                "(`stadsbeeld export` writes any other layer)"
+            )
             buttons = st.columns(len(FORMATS))
-            names = {"gpkg": "GeoPackage", "parquet": "GeoParquet", "csv": "CSV"}
+            names = {
+                "gpkg": "GeoPackage",
+                "parquet": "GeoParquet",
+                "csv": "CSV",
+                "html": "HTML map",
+            }
             for column, (fmt, mime) in zip(buttons, FORMATS.items(), strict=True):
                 column.download_button(
                     f"{names[fmt]} (.{fmt})",
