@@ -155,22 +155,36 @@ def find_run(root: DataRoot, run: str | PathLike) -> Path:
     raise ValueError(f"{root.runs}: no run {str(run)!r}; the runs there: {listed}")
 
 
-def _label_values(
-    root: DataRoot, name: str, year: int | None, year_from: int | None
-) -> tuple[pd.DataFrame, str, str, list[str]]:
-    """The cells' values of a label layer (``cell_id``, ``value``, ``jaar``...), its title,
-    slug and source files."""
-    labels = read_lbm(root.scores, root.lbm_grid if root.lbm_grid.is_file() else None)
+def label_values(
+    labels: pd.DataFrame,
+    name: str,
+    year: int | None,
+    year_from: int | None,
+    source: str | PathLike,
+) -> tuple[pd.DataFrame, str, str]:
+    """The cells' values of a label layer (``cell_id``, ``value``, ``jaar``, ...), its title
+    and its slug.
+
+    Args:
+        labels: the labels as :func:`core.sources.lbm.read_lbm` returns them.
+        name: a label layer (:data:`LABEL_LAYERS`).
+        year: the year (default: the latest).
+        year_from: for ``change``, the earlier year (default: the one before ``year``).
+        source: the labels' file, for the messages.
+
+    Raises:
+        ValueError: naming ``source``, for a year the labels lack.
+    """
     years = sorted(int(y) for y in labels["jaar"].unique())
     year = years[-1] if year is None else year
     if name == "change" and year_from is None:
         earlier = [y for y in years if y < year]
         if not earlier:
-            raise ValueError(f"{root.scores}: no year before {year} to compare with")
+            raise ValueError(f"{source}: no year before {year} to compare with")
         year_from = earlier[-1]
     for wanted in (year, year_from) if name == "change" else (year,):
         if wanted not in years:
-            raise ValueError(f"{root.scores}: no labels of year {wanted}; the years are {years}")
+            raise ValueError(f"{source}: no labels of year {wanted}; the years are {years}")
     this_year = labels[labels["jaar"] == year].set_index("cell_id")
     if name == "change":
         before = labels[labels["jaar"] == year_from].set_index("cell_id")["lbm"]
@@ -186,24 +200,48 @@ def _label_values(
             values["value"] = values["value"].astype(int)
             if not published.all():
                 title += ", approximate (bands of lbm) where no class is published"
+    return values.reset_index(), title, slug
+
+
+def _label_values(
+    root: DataRoot, name: str, year: int | None, year_from: int | None
+) -> tuple[pd.DataFrame, str, str, list[str]]:
+    """:func:`label_values` of the root's label files, and those files."""
+    labels = read_lbm(root.scores, root.lbm_grid if root.lbm_grid.is_file() else None)
+    values, title, slug = label_values(labels, name, year, year_from, root.scores)
     sources = [str(root.scores)] + ([str(root.lbm_grid)] if root.lbm_grid.is_file() else [])
-    return values.reset_index(), title, slug, sources
+    return values, title, slug, sources
+
+
+def run_values(
+    predictions: pd.DataFrame, name: str, split: str, run_name: str
+) -> tuple[pd.DataFrame, str, str]:
+    """The cells' values of a run layer (``cell_id``, ``value`` and the other
+    :data:`RUN_COLUMNS`), its title and its slug.
+
+    Args:
+        predictions: the run's ``predictions.parquet``.
+        name: a run layer (:data:`RUN_LAYERS`).
+        split: the cells of one split, or ``all``.
+        run_name: the run's id, for the title.
+    """
+    if "residual" not in predictions:
+        predictions = predictions.assign(residual=predictions["predicted"] - predictions["true"])
+    if split != "all":
+        predictions = predictions[predictions["split"] == split]
+    values = predictions[["cell_id", *RUN_COLUMNS]].assign(value=predictions[name])
+    values = values.dropna(subset=["value"]).drop(columns=name)
+    title = f"{RUN_LAYERS[name]} of run {run_name}" + ("" if split == "all" else f", {split}")
+    slug = name if split == "all" else f"{name}_{split}"
+    return values, title, slug
 
 
 def _run_values(
     root: DataRoot, name: str, run: str | PathLike, split: str
 ) -> tuple[pd.DataFrame, str, str, list[str]]:
-    """The cells' values of a run layer, its title, slug and source files."""
+    """:func:`run_values` of a run of the root, and its predictions file."""
     folder = find_run(root, run)
-    predictions = load_run(folder).predictions()
-    if "residual" not in predictions:
-        predictions["residual"] = predictions["predicted"] - predictions["true"]
-    if split != "all":
-        predictions = predictions[predictions["split"] == split]
-    values = predictions[["cell_id", *RUN_COLUMNS]].assign(value=predictions[name])
-    values = values.dropna(subset=["value"]).drop(columns=name)
-    title = f"{RUN_LAYERS[name]} of run {folder.name}" + ("" if split == "all" else f", {split}")
-    slug = name if split == "all" else f"{name}_{split}"
+    values, title, slug = run_values(load_run(folder).predictions(), name, split, folder.name)
     return values, title, slug, [str(folder / PREDICTIONS_FILE)]
 
 
@@ -216,8 +254,8 @@ def _image_counts(root: DataRoot, ids: np.ndarray) -> pd.DataFrame | None:
     return images_per_cell(images, ids)[["gsv", "flickr"]].reset_index()
 
 
-def _colours(name: str, values: pd.Series, title: str) -> tuple[np.ndarray, Legend]:
-    """The dashboard's colours and legend of a layer's values."""
+def layer_colours(name: str, values: pd.Series, title: str) -> tuple[np.ndarray, Legend]:
+    """The dashboard's colours and legend of a layer's values (per cell, block or unit)."""
     if name == "split":
         return categorical(values, SPLIT_PALETTE, title)
     if name == "lbm_class":
@@ -319,18 +357,31 @@ def map_layer(
         title += f", {'most common' if name in CATEGORICAL else 'mean'} per {level}"
         slug += f"_{level}"
     table = gpd.GeoDataFrame(table.reset_index(drop=True), geometry=geometry, crs=RD_NEW)
-    colours, legend = _colours(name, table[name], title)
+    colours, legend = layer_colours(name, table[name], title)
     return MapLayer(name, title, table, colours, legend, tuple(sources), level, slug)
 
 
-def _per_unit(shown: pd.DataFrame, level: str, categorical: bool) -> pd.DataFrame:
-    """Scored cells aggregated per unit of ``level``, with the unit's polygon."""
+def unit_means(shown: pd.DataFrame, level: str, categorical: bool = False) -> pd.DataFrame:
+    """Cells aggregated per planner's unit of ``level`` (:func:`aggregate_by`, indexed by the
+    unit's code), with ``few`` where a unit has fewer than :data:`MIN_UNIT_CELLS` cells; cells
+    outside every unit are left out.
+
+    Args:
+        shown: one row per cell with ``value``, the grid's ``buurt_code`` and ``district``.
+        level: buurt, wijk or stadsdeel.
+        categorical: ``value`` holds classes (the most common per unit), not numbers.
+    """
     units = cell_units(shown, level).to_numpy()
     inside = units != ""
     per_unit = aggregate_by(shown[inside], units[inside], categorical)
     per_unit["few"] = per_unit["cells"] < MIN_UNIT_CELLS
+    return per_unit
+
+
+def _per_unit(shown: pd.DataFrame, level: str, categorical: bool) -> pd.DataFrame:
+    """:func:`unit_means` with each unit's polygon (EPSG:28992)."""
     polygons = pd.DataFrame(unit_polygons(level))
-    table = polygons.merge(per_unit, left_on="unit", right_index=True)
+    table = polygons.merge(unit_means(shown, level, categorical), left_on="unit", right_index=True)
     if categorical and pd.api.types.is_numeric_dtype(shown["value"]):
         table["value"] = table["value"].astype(shown["value"].dtype)
     return table

@@ -9,8 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from core.dataroot import DataRoot
-from core.layers import MIN_UNIT_CELLS, SCORE_LAYERS
-from core.sources.boundaries import cell_units
+from core.layers import SCORE_LAYERS, unit_means
 from core.sources.lbm import SCORE_COLUMNS
 from dashboard import data, maps
 
@@ -219,19 +218,10 @@ def unit_picker(root: str, key: str) -> str:
 
 
 def per_unit(root: str, shown: pd.DataFrame, level: str, categorical: bool) -> pd.DataFrame:
-    """Cells aggregated per planner's unit (``maps.aggregate_by``: the mean ``value``, or the
-    most common with ``categorical``, and ``cells``; ``few`` under :data:`MIN_UNIT_CELLS`),
-    one row per polygon part of each unit; units without cells in ``shown`` are left out.
-
-    Args:
-        shown: one row per cell with ``value``, the grid's ``buurt_code`` and ``district``,
-            and optionally ``true``, ``predicted``, ``residual``, ``gsv``, ``flickr``.
-    """
-    units = cell_units(shown, level).to_numpy()
-    inside = units != ""
-    aggregated = maps.aggregate_by(shown[inside], units[inside], categorical)
-    aggregated["few"] = aggregated["cells"] < MIN_UNIT_CELLS
-    return data.load_units(root, level).merge(aggregated, left_on="unit", right_index=True)
+    """``core.layers.unit_means`` of the cells in ``shown`` with each unit's map polygons: one
+    row per polygon part of each unit; units without cells in ``shown`` are left out."""
+    means = unit_means(shown, level, categorical)
+    return data.load_units(root, level).merge(means, left_on="unit", right_index=True)
 
 
 def map_payload(

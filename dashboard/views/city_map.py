@@ -7,27 +7,11 @@ from dataclasses import dataclass
 import pandas as pd
 import streamlit as st
 
+from core import layers
 from core.dataroot import DataRoot
 from core.grid import CELL_SIZE
 from core.runs import PREDICTIONS_FILE
-from core.sources.lbm import CLASS_NAMES
 from dashboard import common, data, maps
-
-LABEL_LAYERS = {
-    **common.LAYER_NAMES,
-    "lbm_class": "Leefbaarometer class 1..9",
-    "change": "change between two years",
-}
-RUN_LAYERS = {
-    "predicted": "predicted score",
-    "true": "true score",
-    "residual": "residual (predicted - true)",
-    "split": "split (train / val / test)",
-}
-
-
-#: Layers of classes: blocks and units show their most common value, not a mean.
-CATEGORICAL = ("split", "lbm_class")
 
 
 @dataclass(frozen=True)
@@ -63,34 +47,25 @@ def layer(
     cells, coverage = data.load_cells(root), data.load_coverage(root)
     if run_path is None:
         labels = data.load_labels(root)
+        source = DataRoot(root).scores
+        values, description, _ = layers.label_values(labels, layer_name, year, year_from, source)
         this_year = labels[labels["jaar"] == year].set_index("cell_id")
-        if layer_name == "change":
-            before = labels[labels["jaar"] == year_from].set_index("cell_id")["lbm"]
-            values = (this_year["lbm"] - before).dropna().rename("value")
-            description = f"change in lbm from {year_from} to {year}"
-        else:
-            values = this_year[layer_name].dropna().rename("value")
-            description = f"{LABEL_LAYERS[layer_name]}, {year}"
-            if layer_name == "lbm_class" and not this_year["lbm_class_published"].all():
-                description += ", approximate (bands of lbm) where no class is published"
         details = this_year[["lbm"]].rename(columns={"lbm": "true"})
-        sources = [str(DataRoot(root).scores)]
+        sources = [str(source)]
     else:
-        predictions = data.load_predictions(run_path).set_index("cell_id")
-        if split != "all":
-            predictions = predictions[predictions["split"] == split]
-        values = predictions[layer_name].rename("value")
-        details = predictions[["true", "predicted", "residual"]]
-        description = f"{RUN_LAYERS[layer_name]} of run {run_path.rsplit('/', 1)[-1]}"
-        description += "" if split == "all" else f", {split} cells"
+        predictions = data.load_predictions(run_path)
+        run_name = run_path.rsplit("/", 1)[-1]
+        values, description, _ = layers.run_values(predictions, layer_name, split, run_name)
+        details = predictions.set_index("cell_id")[["true", "predicted", "residual"]]
         sources = [f"{run_path}/{PREDICTIONS_FILE}"]
+    values = values.set_index("cell_id")["value"]
     shown = cells.merge(values, left_on="cell_id", right_index=True)
     shown = shown.merge(details, left_on="cell_id", right_index=True, how="left")
     shown = shown.merge(coverage[["cell_id", "gsv", "flickr"]], on="cell_id", how="left")
     numbers = pd.to_numeric(shown["value"], errors="coerce").rename("value")
     per_district = numbers.groupby(shown["district"]).agg(["count", "mean"]).round(3)
     cells_shown = len(shown)
-    categorical = layer_name in CATEGORICAL
+    categorical = layer_name in layers.CATEGORICAL
     block = CELL_SIZE if unit != common.CELLS else maps.view_block_size(shown["cell_id"].to_numpy())
     if unit != common.CELLS:
         shown = common.per_unit(root, shown, unit, categorical)
@@ -99,19 +74,7 @@ def layer(
     elif block > CELL_SIZE:
         shown = maps.aggregate_blocks(shown, block, categorical)
         description += f", {'most common' if categorical else 'mean'} per {block:g} m block"
-    if layer_name == "split":
-        colours, legend = maps.categorical(shown["value"], maps.SPLIT_PALETTE, description)
-    elif layer_name == "lbm_class":
-        colours, legend = maps.categorical(
-            shown["value"].astype(int), maps.CLASS_PALETTE, description
-        )
-        legend = maps.Legend(
-            legend.title, [(c, f"{k} {CLASS_NAMES[int(k) - 1]}") for c, k in legend.stops]
-        )
-    elif layer_name in ("residual", "change"):
-        colours, legend = maps.diverging(shown["value"].to_numpy(float), description)
-    else:
-        colours, legend = maps.sequential(shown["value"].to_numpy(float), description)
+    colours, legend = layers.layer_colours(layer_name, shown["value"], description)
     details = shown[[c for c in ("true", "predicted", "residual", "gsv", "flickr") if c in shown]]
     payload = common.map_payload(shown, colours, shown["value"], details, unit)
     mean = float(numbers.mean()) if numbers.notna().any() else None
@@ -131,9 +94,9 @@ def main() -> None:
         run = common.run_picker(runs, "Scores from", key="map_run", optional=True)
     year = year_from = None
     if run is None:
-        options = [c for c in LABEL_LAYERS if c != "change" or len(years) > 1]
+        options = [c for c in layers.LABEL_LAYERS if c != "change" or len(years) > 1]
         layer_name = controls[1].selectbox(
-            "Layer", options, key="map_layer", format_func=LABEL_LAYERS.get
+            "Layer", options, key="map_layer", format_func=layers.LABEL_LAYERS.get
         )
         year = controls[2].selectbox("Year", years, index=len(years) - 1, key="map_year")
         if layer_name == "change":
@@ -142,12 +105,12 @@ def main() -> None:
     else:
         layer_name = controls[1].selectbox(
             "Layer",
-            list(RUN_LAYERS),
+            list(layers.RUN_LAYERS),
             key="map_run_layer",
             format_func=lambda c: (
-                f"{RUN_LAYERS[c]} ({run['config.target']})"
+                f"{layers.RUN_LAYERS[c]} ({run['config.target']})"
                 if c in ("predicted", "true")
-                else RUN_LAYERS[c]
+                else layers.RUN_LAYERS[c]
             ),
         )
         split = controls[2].selectbox("Cells", ["all", "test", "val", "train"], key="map_split")
@@ -194,9 +157,9 @@ def main() -> None:
         elif unit != common.CELLS:
             st.caption(
                 f"Each {unit} shows the "
-                f"{'most common value' if layer_name in CATEGORICAL else 'mean'} "
+                f"{'most common value' if layer_name in layers.CATEGORICAL else 'mean'} "
                 f"of its scored cells; hover one for its numbers. Faint ones have fewer than "
-                f"{common.MIN_UNIT_CELLS} scored cells, too few to trust."
+                f"{layers.MIN_UNIT_CELLS} scored cells, too few to trust."
             )
         else:
             st.caption(
