@@ -239,6 +239,24 @@ def map_payload(
     return maps.unit_payload(shown, np.hstack([colours, alpha]), values, details)
 
 
+def value_map(
+    root: str, shown: pd.DataFrame, title: str, unit: str
+) -> tuple[maps.Records, maps.Legend, pd.DataFrame]:
+    """A diverging map of the cells' ``value`` (residuals, differences of errors), per cell or
+    as the mean per planner's unit: its records, its legend and the rows drawn.
+
+    Args:
+        shown: one row per cell, as :func:`data.on_grid` gives it, with ``value`` and
+            ``true``, ``predicted``, ``residual`` for the tooltip.
+    """
+    if unit != CELLS:
+        shown = per_unit(root, shown, unit, categorical=False)
+        title += f", mean per {unit}"
+    colours, legend = maps.diverging(shown["value"].to_numpy(float), title)
+    details = shown[["true", "predicted", "residual"]]
+    return map_payload(shown, colours, shown["value"], details, unit), legend, shown
+
+
 def unit_table(units: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
     """One row per unit of :func:`per_unit` rows: its name, ``cells``, ``few`` and ``columns``
     (renamed as given)."""

@@ -102,12 +102,7 @@ def main() -> None:
         value=both["difference"], predicted=both["predicted_gsv"], residual=both["residual_gsv"]
     )
     title = "|error| of the Flickr model minus |error| of the GSV model"
-    if unit != common.CELLS:
-        shown = common.per_unit(root, shown, unit, categorical=False)
-        title += f", mean per {unit}"
-    colours, legend = maps.diverging(shown["value"].to_numpy(float), title)
-    details = shown[["true", "predicted", "residual"]]
-    payload = common.map_payload(shown, colours, shown["value"], details, unit)
+    payload, legend, shown = common.value_map(root, shown, title, unit)
     st.pydeck_chart(
         maps.city_deck(
             payload,
