@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from core.dataroot import DataRoot
-from core.layers import SCORE_LAYERS, unit_means
+from core.layers import unit_means
 from core.sources.lbm import SCORE_COLUMNS
 from dashboard import data, maps
 
@@ -21,8 +22,6 @@ FEW_ALPHA = 90
 #: The run kind of ``predict``'s folders (train.predict.PREDICTION_KIND; the pages never import
 #: train, which imports torch).
 PREDICTION_KIND = "prediction"
-#: The label scores' names, as the exports name them too.
-LAYER_NAMES = SCORE_LAYERS
 
 
 def root_or_stop() -> str:
@@ -217,22 +216,24 @@ def unit_picker(root: str, key: str) -> str:
     return st.selectbox("Show", [CELLS, *data.unit_levels(root)], key=key)
 
 
-def per_unit(root: str, shown: pd.DataFrame, level: str, categorical: bool) -> pd.DataFrame:
+def per_unit(shown: pd.DataFrame, level: str, categorical: bool) -> pd.DataFrame:
     """``core.layers.unit_means`` of the cells in ``shown`` with each unit's map polygons: one
     row per polygon part of each unit; units without cells in ``shown`` are left out."""
     means = unit_means(shown, level, categorical)
-    return data.load_units(root, level).merge(means, left_on="unit", right_index=True)
+    return data.load_units(level).merge(means, left_on="unit", right_index=True)
+
+
+#: The columns a map's tooltip shows beside the value, where the rows have them.
+DETAIL_COLUMNS = ("true", "predicted", "residual", "gsv", "flickr")
 
 
 def map_payload(
-    shown: pd.DataFrame,
-    colours: np.ndarray,
-    values: pd.Series,
-    details: pd.DataFrame | None,
-    unit: str,
+    shown: pd.DataFrame, colours: np.ndarray, values: pd.Series, unit: str
 ) -> maps.Records:
-    """The map's records of cells (``unit`` is :data:`CELLS`) or of :func:`per_unit` rows;
-    units with too few cells to trust are drawn faint, not hidden."""
+    """The map's records of cells (``unit`` is :data:`CELLS`) or of :func:`per_unit` rows,
+    with the :data:`DETAIL_COLUMNS` they have; units with too few cells to trust are drawn
+    faint, not hidden."""
+    details = shown[[c for c in DETAIL_COLUMNS if c in shown]]
     if unit == CELLS:
         return maps.cell_payload(shown, colours, values, details)
     alpha = np.where(shown["few"], FEW_ALPHA, 255)[:, None]
@@ -240,21 +241,24 @@ def map_payload(
 
 
 def value_map(
-    root: str, shown: pd.DataFrame, title: str, unit: str
+    shown: pd.DataFrame,
+    title: str,
+    unit: str,
+    scale: Callable[[np.ndarray, str], tuple[np.ndarray, maps.Legend]] = maps.diverging,
 ) -> tuple[maps.Records, maps.Legend, pd.DataFrame]:
-    """A diverging map of the cells' ``value`` (residuals, differences of errors), per cell or
-    as the mean per planner's unit: its records, its legend and the rows drawn.
+    """A map of the cells' ``value`` coloured by ``scale`` (diverging: residuals, differences
+    of errors), per cell or as the mean per planner's unit: its records, its legend and the
+    rows drawn.
 
     Args:
-        shown: one row per cell, as :func:`data.on_grid` gives it, with ``value`` and
-            ``true``, ``predicted``, ``residual`` for the tooltip.
+        shown: one row per cell, as :func:`data.on_grid` gives it, with ``value`` and any of
+            :data:`DETAIL_COLUMNS` for the tooltip.
     """
     if unit != CELLS:
-        shown = per_unit(root, shown, unit, categorical=False)
+        shown = per_unit(shown, unit, categorical=False)
         title += f", mean per {unit}"
-    colours, legend = maps.diverging(shown["value"].to_numpy(float), title)
-    details = shown[["true", "predicted", "residual"]]
-    return map_payload(shown, colours, shown["value"], details, unit), legend, shown
+    colours, legend = scale(shown["value"].to_numpy(float), title)
+    return map_payload(shown, colours, shown["value"], unit), legend, shown
 
 
 def unit_table(units: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:

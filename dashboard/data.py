@@ -195,7 +195,7 @@ def load_context(root: str) -> dict:
 
 
 @st.cache_resource(show_spinner="Loading the boundaries ...", max_entries=8)
-def load_units(root: str, level: str) -> pd.DataFrame:
+def load_units(level: str) -> pd.DataFrame:
     """Planners' units of one level (``core.sources.boundaries.UNIT_LEVELS``) as map polygons:
     one row per polygon part with ``unit``, ``name`` and ``polygon`` (lon/lat rings,
     simplified to about 5 m). Shared between reruns and sessions: do not modify."""

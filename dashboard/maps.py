@@ -132,11 +132,10 @@ def _payload(
     where: dict, colours: np.ndarray, values: pd.Series | None, details: pd.DataFrame | None
 ) -> Records:
     payload = pd.DataFrame({**where, "c": colours.tolist()})
-    index = pd.RangeIndex(len(payload))
     if values is not None:
         numeric = pd.api.types.is_numeric_dtype(values)
         payload["v"] = _rounded(values, 3) if numeric else values.fillna(MISSING).to_numpy(object)
-    details = details if details is not None else pd.DataFrame(index=index)
+    details = details if details is not None else pd.DataFrame()
     for key, column, digits in (
         ("t", "true", 3),
         ("y", "predicted", 3),

@@ -230,8 +230,8 @@ def read_lbm(
             f"{geometry_file}: grid_ids {_examples(table.loc[ids == first, 'grid_id'].unique())} "
             f"all lie in the same 100 m cell {first}"
         )
-    published = table[CLASS_COLUMN].to_numpy() if CLASS_COLUMN in table else np.zeros(len(table))
-    published = np.nan_to_num(published.astype(np.float64)).astype(np.int64)
+    # _validated_scores made the published classes int64, 0 where none
+    published = table[CLASS_COLUMN] if CLASS_COLUMN in table else np.zeros(len(table), np.int64)
     labels = to_geodataframe(
         ids,
         grid_id=table["grid_id"],

@@ -16,7 +16,6 @@ importing a folder again replaces its rows instead of adding them twice.
 from __future__ import annotations
 
 import hashlib
-import shutil
 from dataclasses import dataclass
 from datetime import datetime
 from os import PathLike
@@ -119,12 +118,12 @@ def _photos(folder: Path) -> list[Path]:
     )
 
 
-def _copy(source: Path, target: Path) -> None:
-    """``source`` at ``target`` (atomically), unless an identical copy is there already."""
-    if target.is_file() and target.read_bytes() == source.read_bytes():
+def _copy(content: bytes, target: Path) -> None:
+    """A photo's ``content`` at ``target`` (atomically), unless an identical copy is there."""
+    if target.is_file() and target.read_bytes() == content:
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(target, lambda tmp: shutil.copyfile(source, tmp))
+    write_atomic(target, lambda tmp: Path(tmp).write_bytes(content))
 
 
 def import_photos(folder: str | PathLike, root: str | PathLike) -> PhotoImport:
@@ -154,13 +153,14 @@ def import_photos(folder: str | PathLike, root: str | PathLike) -> PhotoImport:
             where = f"lon {found['lon']:.5f}, lat {found['lat']:.5f}"
             problems.append((str(photo), f"position {where} lies outside the Netherlands"))
             continue
-        photo_id = "photo-" + hashlib.sha256(photo.read_bytes()).hexdigest()[:16]
+        content = photo.read_bytes()
+        photo_id = "photo-" + hashlib.sha256(content).hexdigest()[:16]
         if photo_id in seen:
             problems.append((str(photo), f"the same photo as {seen[photo_id]}"))
             continue
         seen[photo_id] = photo
         relative = photo.relative_to(folder)
-        _copy(photo, target_folder / relative)
+        _copy(content, target_folder / relative)
         x, y = _TO_RD.transform(found["lon"], found["lat"])
         rows.append(
             {

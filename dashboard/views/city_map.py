@@ -68,15 +68,14 @@ def layer(
     categorical = layer_name in layers.CATEGORICAL
     block = CELL_SIZE if unit != common.CELLS else maps.view_block_size(shown["cell_id"].to_numpy())
     if unit != common.CELLS:
-        shown = common.per_unit(root, shown, unit, categorical)
+        shown = common.per_unit(shown, unit, categorical)
         description += f", {'most common' if categorical else 'mean'} per {unit}"
         per_district = common.unit_table(shown, {"value": "most common" if categorical else "mean"})
     elif block > CELL_SIZE:
         shown = maps.aggregate_blocks(shown, block, categorical)
         description += f", {'most common' if categorical else 'mean'} per {block:g} m block"
     colours, legend = layers.layer_colours(layer_name, shown["value"], description)
-    details = shown[[c for c in ("true", "predicted", "residual", "gsv", "flickr") if c in shown]]
-    payload = common.map_payload(shown, colours, shown["value"], details, unit)
+    payload = common.map_payload(shown, colours, shown["value"], unit)
     mean = float(numbers.mean()) if numbers.notna().any() else None
     return MapLayer(payload, legend, description, sources, block, cells_shown, mean, per_district)
 

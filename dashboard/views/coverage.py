@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pandas as pd
 import plotly.express as px
@@ -39,32 +41,22 @@ def coverage_layer(root: str, layer_name: str, unit: str) -> tuple[maps.Records,
     shown = data.on_grid(root, coverage)
     filtered = filtered_column(coverage)
     gap = layer_name == "gap"
-    shown["value"] = (shown[filtered] == 0).astype(float) if gap else shown[layer_name]
-    if unit != common.CELLS:
-        shown = common.per_unit(root, shown, unit, categorical=False)
-        title = (
-            "share of cells without a filtered Flickr photo"
-            if gap
-            else f"{COUNT_LAYERS[layer_name]} per cell"
-        ) + f", mean per {unit}"
-        colours, legend = maps.sequential(
-            shown["value"].to_numpy(float), title, maps.SIMILARITY_PALETTE
-        )
-        values = shown["value"]
-    elif gap:
+    if gap and unit == common.CELLS:
         labels = np.where(shown[filtered] == 0, "no filtered photo", "covered")
         colours, legend = maps.categorical(pd.Series(labels), GAP_PALETTE, COUNT_LAYERS["gap"])
-        values = pd.Series(shown[filtered].to_numpy())
-    else:
-        values = shown[layer_name]
-        colours, legend = maps.sequential(
-            values.to_numpy(float),
-            f"{COUNT_LAYERS[layer_name]} per cell",
-            maps.SIMILARITY_PALETTE,
-            log=True,
-        )
-    details = shown[["gsv", "flickr"]]
-    return common.map_payload(shown, colours, values, details, unit), legend
+        return common.map_payload(shown, colours, shown[filtered], unit), legend
+    shown["value"] = (shown[filtered] == 0).astype(float) if gap else shown[layer_name]
+    title = (
+        "share of cells without a filtered Flickr photo"
+        if gap
+        else f"{COUNT_LAYERS[layer_name]} per cell"
+    )
+    # counts have a long tail per cell; a unit's mean count does not
+    scale = functools.partial(
+        maps.sequential, palette=maps.SIMILARITY_PALETTE, log=unit == common.CELLS
+    )
+    payload, legend, _ = common.value_map(shown, title, unit, scale)
+    return payload, legend
 
 
 def coverage_map(root: str, layer_name: str, unit: str) -> None:

@@ -61,9 +61,7 @@ def scatter(predictions: pd.DataFrame, target: str, title: str) -> go.Figure:
 def residual_map(root: str, predictions: pd.DataFrame, title: str, unit: str) -> None:
     """The residuals on the map, per cell or as the mean per planner's unit (with its table)."""
     shown = data.on_grid(root, predictions[["cell_id", "true", "predicted", "residual"]])
-    payload, legend, shown = common.value_map(
-        root, shown.assign(value=shown["residual"]), title, unit
-    )
+    payload, legend, shown = common.value_map(shown.assign(value=shown["residual"]), title, unit)
     context = data.load_context(root)
     chart = maps.city_deck(payload, context, "residual", units=unit != common.CELLS)
     st.pydeck_chart(chart, height=420)

@@ -102,7 +102,7 @@ def main() -> None:
         value=both["difference"], predicted=both["predicted_gsv"], residual=both["residual_gsv"]
     )
     title = "|error| of the Flickr model minus |error| of the GSV model"
-    payload, legend, shown = common.value_map(root, shown, title, unit)
+    payload, legend, shown = common.value_map(shown, title, unit)
     st.pydeck_chart(
         maps.city_deck(
             payload,
