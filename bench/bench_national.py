@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import geopandas as gpd
 import numpy as np
@@ -129,9 +130,7 @@ def _city_map_page(root: Path) -> dict[str, Any]:
         "STADSBEELD_RETRAIN": "0",
         "STADSBEELD_START_WORKER": "0",
     }
-    saved = {key: os.environ.get(key) for key in settings}
-    os.environ.update(settings)
-    try:
+    with mock.patch.dict(os.environ, settings):
         app = AppTest.from_file(
             str(Path(dashboard.__file__).parent / "app.py"), default_timeout=3600
         )
@@ -147,12 +146,6 @@ def _city_map_page(root: Path) -> dict[str, Any]:
         spec = app.get("deck_gl_json_chart")[0].proto.json
         errors = [str(e.value) for e in app.exception]
         metrics = {m.label: m.value for m in app.metric}
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     return {
         "first_run": first,
         "warm_rerun": warm,
