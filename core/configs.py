@@ -46,6 +46,7 @@ DERIVED_KEYS = (
     "members",
     "train_data",
     "trained_year",
+    "label_year",
     "aerial_raster",
     "captured_years",
     "uncertainty",
@@ -157,6 +158,9 @@ class FusionConfig(Config):
     """Weights file or run id of the frozen ground encoder (default: random initialisation)."""
     ground_px: int = 32
     """Street images are resized to this square, in pixels."""
+    window_years: int | None = None
+    """Only street images captured within this many years of the label year (default: all);
+    the aerial mosaic is always the label year's where the root has one."""
     epochs: int = 12
     """Training epochs; the epoch with the best validation tau is kept."""
     warmup_epochs: int = 0
@@ -181,6 +185,8 @@ class FusionConfig(Config):
     def __post_init__(self) -> None:
         if not self.aerial and self.ground is None:
             raise ValueError("a fusion run needs aerial imagery, ground imagery, or both")
+        if self.window_years is not None and self.window_years < 0:
+            raise ValueError(f"window_years must be 0 or more, got {self.window_years}")
         if self.ground is not None and self.ground not in GROUND_SOURCES:
             raise ValueError(f"ground must be one of {GROUND_SOURCES} or None, got {self.ground!r}")
         if self.flickr_subset not in SUBSETS:
@@ -224,6 +230,41 @@ class PredictConfig(Config):
             self.run = [r for r in self.run.split(",") if r]
         if not self.run:
             raise ValueError("predict needs --run: one fusion run id or folder, or several")
+        if self.window_years < 0:
+            raise ValueError(f"window_years must be 0 or more, got {self.window_years}")
+
+
+@dataclass
+class ChangeValidationConfig(Config):
+    """The held-out-year validation of predicted change (``validate-change``)."""
+
+    data: str = DEFAULT_DATA
+    """Data root with at least two label years."""
+    train_year: int | None = None
+    """The release the runs learn (default: the one before --test-year)."""
+    test_year: int | None = None
+    """The release whose change is predicted (default: the root's last)."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """One run per seed and configuration; together they are the ensemble."""
+    split_seed: int = 0
+    """Seed of the one spatial split every run shares (the test cells are common)."""
+    window_years: int = 1
+    """Street images captured within this many years of each year are used."""
+    epochs: int = 12
+    """Training epochs of each run."""
+    change_threshold: float | None = None
+    """A true change larger than this counts in the sign agreement (default: one standard
+    deviation of the test cells' true change)."""
+    fusion: dict[str, Any] = field(default_factory=dict)
+    """Other fusion options every run takes (e.g. ``{target: lbm, block_size: 500}``)."""
+    device: str = "auto"
+    """auto (CUDA when present, else CPU), cpu, cuda or cuda:N."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seeds, str):
+            self.seeds = [int(s) for s in self.seeds.split(",") if s]
+        if len(self.seeds) < 2:
+            raise ValueError(f"validate-change needs two seeds or more, got {self.seeds}")
         if self.window_years < 0:
             raise ValueError(f"window_years must be 0 or more, got {self.window_years}")
 

@@ -19,6 +19,13 @@ from core.sources.catalog import problem_examples, read_catalog
 from core.sources.lbm import read_lbm, target
 
 
+def label_year(root: DataRoot, year: int | None) -> int:
+    """The label year a run learns: ``year``, else the latest in the root's labels."""
+    if year is not None:
+        return int(year)
+    return int(read_lbm(root.scores, root.lbm_grid)["jaar"].max())
+
+
 def labelled_cells(
     root: DataRoot,
     year: int | None,
@@ -92,18 +99,19 @@ def _check_split(
 class Imagery:
     """The imagery of one year: its aerial mosaic and the street images captured around it.
 
-    Training reads all of a root's imagery (no ``Imagery``); ``predict`` reads one year's.
+    ``predict`` reads the year it predicts; a fusion run reads its label year's
+    (:meth:`for_training`).
     """
 
     year: int
-    """The year predicted."""
+    """The year predicted or learnt."""
     aerial: Path
     """That year's aerial mosaic (:meth:`core.dataroot.DataRoot.aerial_for`)."""
-    window_years: int
-    """Street images captured within this many years of ``year`` count."""
+    window_years: int | None
+    """Street images captured within this many years of ``year`` count (None: all)."""
 
     @classmethod
-    def of(cls, root: DataRoot, year: int, window_years: int) -> Imagery:
+    def of(cls, root: DataRoot, year: int, window_years: int | None) -> Imagery:
         """The imagery of ``year`` in ``root``.
 
         Raises:
@@ -111,13 +119,28 @@ class Imagery:
         """
         return cls(year, root.aerial_for(year), window_years)
 
+    @classmethod
+    def for_training(cls, root: DataRoot, year: int, window_years: int | None) -> Imagery:
+        """What a run learning the labels of ``year`` sees: that year's mosaic where the root
+        has one (else its only mosaic, whatever its year) and the street images of the window.
+        """
+        years = root.aerial_years()
+        if year in years:
+            return cls(year, years[year], window_years)
+        return cls(year, root.aerial, window_years)  # read only when the year has none
+
     @property
-    def captured_years(self) -> tuple[int, int]:
-        """The first and last capture year of the street images used."""
+    def captured_years(self) -> tuple[int, int] | None:
+        """The first and last capture year of the street images used (None: all)."""
+        if self.window_years is None:
+            return None
         return self.year - self.window_years, self.year + self.window_years
 
     def captured(self, times: pd.Series) -> np.ndarray:
-        """Whether each capture time lies in the window; an unknown time does not."""
+        """Whether each capture time lies in the window; an unknown time does not, unless
+        every image counts."""
+        if self.captured_years is None:
+            return np.ones(len(times), bool)
         first, last = self.captured_years
         years = pd.to_datetime(times).dt.year
         return years.between(first, last).fillna(False).to_numpy(bool)

@@ -38,6 +38,7 @@ from core.configs import (
     DERIVED_KEYS,
     OBJECTIVES,
     RULES,
+    ChangeValidationConfig,
     ContrastiveConfig,
     FusionConfig,
     PerceptionConfig,
@@ -324,6 +325,25 @@ def predict(config: PredictConfig) -> int:
     from train.predict import predict as run_predict
 
     run_predict(config)
+    return 0
+
+
+def validate_change(config: ChangeValidationConfig) -> int:
+    """Held-out-year validation of predicted change: does the Monitor page's change hold?
+
+    Trains the fusion model (aerial+GSV) and an aerial-only model on the earlier release
+    (one run per seed, one shared spatial split), predicts the earlier and the last release
+    from each year's imagery, and compares the predicted change with the labels' change on the
+    test cells: Kendall's tau, sign agreement on large changes, the error against carrying the
+    previous release forward, the calibration of the ensemble's intervals, per district.
+    Writes DATA/reports/change_validation.{json,csv,md}; the predictions stay in DATA/runs.
+
+    Args:
+        config: the root, years, seeds and schedule.
+    """
+    from train.change_validation import validate_change as run_validation
+
+    run_validation(config)
     return 0
 
 
@@ -695,6 +715,7 @@ COMMANDS: dict[str, Callable[..., int]] = {
     "fusion": fusion,
     "fusion-matrix": fusion_matrix,
     "predict": predict,
+    "validate-change": validate_change,
     "runs": runs,
     "demo-runs": demo_runs,
     "contrastive": contrastive,

@@ -23,7 +23,7 @@ from torch import nn
 
 from core.configs import FusionConfig
 from core.dataroot import DataRoot
-from core.datasets import Imagery, aerial_patches, labelled_cells, street_images
+from core.datasets import Imagery, aerial_patches, label_year, labelled_cells, street_images
 from core.distributed import Ranks
 from core.features import extract_features, pool_by_cell
 from core.metrics import grouped_metrics, kendall_tau_b, score_metrics
@@ -68,7 +68,7 @@ def ground_inputs(
     """
     images = street_images(root, config.ground, cell_ids)
     keep = np.ones(len(images), bool)
-    if imagery is not None:
+    if imagery is not None and imagery.captured_years is not None:
         keep = imagery.captured(images["captured_at"])
         if not keep.any():
             first, last = imagery.captured_years
@@ -238,7 +238,9 @@ def train_fusion(config: FusionConfig, log=print, progress: Progress | None = No
         config.seed if config.split_seed is None else config.split_seed,
     )
     ids = cells["cell_id"].to_numpy()
-    inputs, image_counts = cell_inputs(config, root, ids, log, ranks)
+    year = label_year(root, config.year)
+    imagery = Imagery.for_training(root, year, config.window_years)
+    inputs, image_counts = cell_inputs(config, root, ids, log, ranks, imagery)
     generator = seed_everything(config.seed)
 
     train_rows = torch.from_numpy(np.flatnonzero(cells["split"].to_numpy() == "train"))
@@ -272,6 +274,11 @@ def train_fusion(config: FusionConfig, log=print, progress: Progress | None = No
         "processes": ranks.world,
         "target_mean": mean,
         "target_std": std,
+        "label_year": year,
+        "aerial_raster": str(imagery.aerial) if config.aerial else None,
+        "captured_years": (
+            list(imagery.captured_years) if config.ground and imagery.captured_years else None
+        ),
     }
     with ranks.run_writer(
         lambda: RunWriter(root.runs, "fusion", resolved, progress=progress)

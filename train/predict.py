@@ -23,7 +23,7 @@ import torch
 
 from core.configs import FusionConfig, PredictConfig
 from core.dataroot import DataRoot
-from core.datasets import Imagery
+from core.datasets import Imagery, label_year
 from core.grid import read_grid
 from core.metrics import score_metrics
 from core.models.device import resolve_device
@@ -125,14 +125,6 @@ def load_members(runs_root: Path, values: list[str], device: str) -> list[Member
     return members
 
 
-def trained_year(config: FusionConfig) -> int:
-    """The label year a fusion run learnt: its ``year``, else its root's latest."""
-    if config.year is not None:
-        return int(config.year)
-    root = DataRoot(Path(config.data))
-    return int(read_lbm(root.scores, root.lbm_grid)["jaar"].max())
-
-
 def ensemble_predict(
     members: list[Member],
     root: DataRoot,
@@ -207,7 +199,7 @@ def predict(config: PredictConfig, log=print) -> str:
     members = load_members(root.runs, config.run, str(device))
     fusion = members[0].config
     train_root = DataRoot(Path(fusion.data))
-    learnt = trained_year(fusion)
+    learnt = label_year(train_root, fusion.year)
     year = learnt if config.year is None else config.year
     imagery = Imagery.of(root, year, config.window_years)
     ids = read_grid(root.grid)["cell_id"].to_numpy(np.int64)
@@ -261,7 +253,9 @@ def predict(config: PredictConfig, log=print) -> str:
         "train_data": str(train_root.root),
         "trained_year": learnt,
         "aerial_raster": str(imagery.aerial) if fusion.aerial else None,
-        "captured_years": list(imagery.captured_years) if fusion.ground else None,
+        "captured_years": list(imagery.captured_years)
+        if fusion.ground and imagery.captured_years
+        else None,
         "uncertainty": uncertainty,
         "device_resolved": str(device),
     }

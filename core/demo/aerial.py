@@ -8,9 +8,11 @@ Flight strips differ a little in brightness, as real mosaics do.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import rasterio
 import shapely
 from rasterio import features
@@ -18,12 +20,12 @@ from rasterio.transform import Affine, from_origin
 from rasterio.windows import Window
 from scipy import ndimage
 
-from core.demo.city import CityFields, park_geometry, water_geometry
+from core.demo.city import park_geometry, water_geometry
 from core.grid import CELL_SIZE, RD_NEW, cell_index
 from core.progress import Progress
 
 PIXEL_SIZE = 4.0  # metres; real PDOK imagery is 0.25 m and is cut by metres the same way
-_STRIP_ROWS = 512
+_TILE = 256  # px: the GeoTIFF's blocks, and the unit a year's mosaic is redrawn in
 
 # Roof colour by era: canal-house tiles, 19th-c. brick, post-war grey, 1970s beige, new dark.
 _ERA_STOPS = np.array([0.0, 0.3, 0.6, 0.75, 1.0])
@@ -42,11 +44,11 @@ def roof_colour(era: np.ndarray) -> np.ndarray:
     return np.stack([np.interp(era, _ERA_STOPS, _ROOF_COLOURS[:, c]) for c in range(3)], axis=-1)
 
 
-def _lattice(fields: CityFields, column: str) -> tuple[np.ndarray, int, int]:
+def _lattice(latents: pd.DataFrame, column: str) -> tuple[np.ndarray, int, int]:
     """A latent as a 2-D array (row 0 = southernmost cell row) plus the lattice origin."""
-    ix, iy = cell_index(fields.cells.index.to_numpy())
+    ix, iy = cell_index(latents.index.to_numpy())
     grid = np.zeros((iy.max() - iy.min() + 1, ix.max() - ix.min() + 1))
-    grid[iy - iy.min(), ix - ix.min()] = fields.cells[column].to_numpy(dtype=float)
+    grid[iy - iy.min(), ix - ix.min()] = latents[column].to_numpy(dtype=float)
     return grid, int(ix.min()), int(iy.min())
 
 
@@ -56,35 +58,74 @@ def _blocky_noise(rng: np.random.Generator, shape: tuple[int, int], block: int) 
 
 
 def write_aerial(
-    fields: CityFields,
+    latents: pd.DataFrame,
     bounds: tuple[float, float, float, float],
     streets: np.ndarray,
     path: Path,
     seed: int,
-    progress: Progress | None = None,
+    *,
+    like: Path | None = None,
+    changed: np.ndarray | None = None,
 ) -> Path:
     """Render the mosaic over ``bounds`` (RD metres) and write a tiled, compressed GeoTIFF.
 
+    The mosaic is drawn tile by tile (the file's 256 px blocks), each tile's textures seeded by
+    its position: a tile drawn from the same latents is the same in every year's mosaic, so
+    another year's mosaic is ``like`` a drawn one with only the tiles near its ``changed``
+    cells drawn again.
+
     Args:
-        fields: the city's latents.
+        latents: ``density``, ``era`` and ``greenery`` of the year, indexed by cell id.
         bounds: (minx, miny, maxx, maxy) of the mosaic; snapped outward to whole pixels.
         streets: street polygons (centre lines buffered to their width, see
             :func:`street_areas`), drawn as asphalt.
         path: output file; written under a temporary name and renamed when complete.
-        seed: seeds the textures, per strip, so the output does not depend on strip order.
-        progress: called with ``done`` and ``total`` rows after each strip.
+        seed: seeds the textures, per tile, so the output does not depend on tile order.
+        like: a mosaic of the same ``bounds`` drawn by this function from other latents.
+        changed: with ``like``, the cells whose latents differ from the ones ``like`` was drawn
+            from; only the tiles within a cell of them are drawn again.
     """
     minx, miny = np.floor(np.array(bounds[:2]) / PIXEL_SIZE) * PIXEL_SIZE
     maxx, maxy = np.ceil(np.array(bounds[2:]) / PIXEL_SIZE) * PIXEL_SIZE
     width, height = int((maxx - minx) / PIXEL_SIZE), int((maxy - miny) / PIXEL_SIZE)
-    transform = from_origin(minx, maxy, PIXEL_SIZE, PIXEL_SIZE)
-    latents = {name: _lattice(fields, name) for name in ("density", "era", "greenery")}
+    lattices = {name: _lattice(latents, name) for name in ("density", "era", "greenery")}
     shapes = {
         "water": shapely.STRtree([water_geometry()]),
         "park": shapely.STRtree([park_geometry()]),
         "street": shapely.STRtree(streets),
     }
-    profile = dict(
+    phase = np.random.default_rng([seed, 3]).random() * 6  # of the flight strips
+    tiles = [(top, left) for top in range(0, height, _TILE) for left in range(0, width, _TILE)]
+    if like is not None:
+        tiles = _tiles_near(tiles, changed, minx, maxy)
+    tmp = path.with_name(f".{path.name}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if like is not None:
+        shutil.copyfile(like, tmp)
+        dst = rasterio.open(tmp, "r+")
+    else:
+        dst = rasterio.open(
+            tmp, "w", **_profile(width, height, from_origin(minx, maxy, PIXEL_SIZE, PIXEL_SIZE))
+        )
+    with dst:
+        if (dst.width, dst.height) != (width, height):
+            raise ValueError(
+                f"{like}: {dst.width} x {dst.height} px, not the {width} x {height} of these bounds"
+            )
+        for top, left in tiles:
+            rows, cols = min(_TILE, height - top), min(_TILE, width - left)
+            transform = from_origin(
+                minx + left * PIXEL_SIZE, maxy - top * PIXEL_SIZE, PIXEL_SIZE, PIXEL_SIZE
+            )
+            rng = np.random.default_rng([seed, 3, top, left])
+            image = _render_tile(lattices, shapes, transform, (rows, cols), rng, phase)
+            dst.write(image.transpose(2, 0, 1), window=Window(left, top, cols, rows))
+    tmp.replace(path)
+    return path
+
+
+def _profile(width: int, height: int, transform: Affine) -> dict:
+    return dict(
         driver="GTiff",
         width=width,
         height=height,
@@ -93,30 +134,44 @@ def write_aerial(
         crs=RD_NEW,
         transform=transform,
         tiled=True,
-        blockxsize=256,
-        blockysize=256,
+        blockxsize=_TILE,
+        blockysize=_TILE,
         compress="deflate",
         zlevel=1,
         predictor=2,
         photometric="RGB",
     )
-    tmp = path.with_name(f".{path.name}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with rasterio.open(tmp, "w", **profile) as dst:
-        for top in range(0, height, _STRIP_ROWS):
-            rows = min(_STRIP_ROWS, height - top)
-            strip_transform = from_origin(minx, maxy - top * PIXEL_SIZE, PIXEL_SIZE, PIXEL_SIZE)
-            rng = np.random.default_rng([seed, 3, top])
-            image = _render_strip(latents, shapes, strip_transform, (rows, width), rng)
-            dst.write(image.transpose(2, 0, 1), window=Window(0, top, width, rows))
-            if progress is not None:
-                progress({"done": top + rows, "total": height})
-    tmp.replace(path)
-    return path
 
 
-def _render_strip(
-    latents: dict, shapes: dict, transform: Affine, shape: tuple[int, int], rng: np.random.Generator
+def _tiles_near(
+    tiles: list[tuple[int, int]], cells: np.ndarray | None, minx: float, maxy: float
+) -> list[tuple[int, int]]:
+    """The tiles within one cell of ``cells`` (their bilinear lookups reach that far)."""
+    if cells is None or len(cells) == 0:
+        return []
+    ix, iy = cell_index(np.asarray(cells, np.int64))
+    reach = 2 * CELL_SIZE  # the cell itself, and its neighbours' influence
+    left = ((ix * CELL_SIZE - reach - minx) / PIXEL_SIZE) // _TILE
+    right = (((ix + 1) * CELL_SIZE + reach - minx) / PIXEL_SIZE) // _TILE
+    top = ((maxy - (iy + 1) * CELL_SIZE - reach) / PIXEL_SIZE) // _TILE
+    bottom = ((maxy - iy * CELL_SIZE + reach) / PIXEL_SIZE) // _TILE
+    wanted = set()
+    for a, b, c, d in zip(left, right, top, bottom, strict=True):
+        wanted.update(
+            (int(r) * _TILE, int(k) * _TILE)
+            for r in range(int(c), int(d) + 1)
+            for k in range(int(a), int(b) + 1)
+        )
+    return [tile for tile in tiles if tile in wanted]
+
+
+def _render_tile(
+    latents: dict,
+    shapes: dict,
+    transform: Affine,
+    shape: tuple[int, int],
+    rng: np.random.Generator,
+    phase: float,
 ) -> np.ndarray:
     rows, cols = shape
     # Pixel centres in lattice units (cells, from the lattice origin), for bilinear lookups.
@@ -166,7 +221,7 @@ def _render_strip(
         image,
     )
 
-    strip_gain = 1 + 0.06 * np.sin(xs / 2000.0 + rng.random() * 6)  # flight strips
+    strip_gain = 1 + 0.06 * np.sin(xs / 2000.0 + phase)  # flight strips
     image = image * strip_gain[None, :, None] + rng.normal(0, 5, image.shape)
     return np.clip(image, 0, 255).astype(np.uint8)
 
@@ -174,3 +229,50 @@ def _render_strip(
 def street_areas(edges: np.ndarray, width: float = 10.0) -> np.ndarray:
     """Street centre lines (array of LineStrings) buffered to a carriageway of ``width`` m."""
     return shapely.buffer(edges, width / 2, cap_style="flat")
+
+
+def write_aerial_years(
+    yearly: dict[int, pd.DataFrame],
+    reference_year: int,
+    bounds: tuple[float, float, float, float],
+    streets: np.ndarray,
+    folder: Path,
+    seed: int,
+    progress: Progress | None = None,
+) -> dict[int, Path]:
+    """One mosaic per year: ``aerial.tif`` of ``reference_year``, ``<year>.tif`` of the others.
+
+    The reference mosaic is drawn whole; each other year's is a copy with the tiles near the
+    cells whose aerial latents differ redrawn (:func:`write_aerial`), so a year costs what
+    changed in it.
+
+    Args:
+        yearly: each year's latents (``density``, ``era``, ``greenery``), indexed by cell id.
+        reference_year: the year drawn whole, as ``aerial.tif``.
+        bounds: (minx, miny, maxx, maxy) of the mosaics, RD metres.
+        streets: street polygons (:func:`street_areas`).
+        folder: the data root's ``aerial/``.
+        seed: seeds the textures (:func:`write_aerial`).
+        progress: called with ``done`` and ``total`` mosaics as each is started and at the end.
+    """
+    reference = yearly[reference_year]
+    paths = {reference_year: folder / "aerial.tif"}
+    write_aerial(reference, bounds, streets, paths[reference_year], seed)
+    columns = ["density", "era", "greenery"]
+    for year in sorted(set(yearly) - {reference_year}):
+        if progress is not None:
+            progress({"done": len(paths), "total": len(yearly)})
+        latents = yearly[year]
+        differs = (latents[columns] - reference[columns]).abs().max(axis=1) > 1e-9
+        paths[year] = write_aerial(
+            latents,
+            bounds,
+            streets,
+            folder / f"{year}.tif",
+            seed,
+            like=paths[reference_year],
+            changed=latents.index.to_numpy()[differs.to_numpy()],
+        )
+    if progress is not None:
+        progress({"done": len(yearly), "total": len(yearly)})
+    return dict(sorted(paths.items()))

@@ -4,8 +4,9 @@ Layout of a demo data root (every file in the format a real source would give):
 
 - ``grid.parquet``: the extent's 100 m cells (GeoParquet) with buurt and district;
 - ``labels/lbm_scores.csv`` + ``labels/lbm_grid.gpkg``: Leefbaarometer 3.0 release format,
-  years 2016, 2018 and 2020;
-- ``aerial/aerial.tif``: tiled, compressed GeoTIFF mosaic, EPSG:28992, 4 m/pixel;
+  the release years 2016, 2018, 2020 and 2022;
+- ``aerial/aerial.tif`` + ``aerial/<year>.tif``: tiled, compressed GeoTIFF mosaics, EPSG:28992,
+  4 m/pixel, one per imagery year 2016..2024 (``aerial.tif`` is 2022's, the reference year);
 - ``street/catalog.parquet`` + ``street/images/{gsv,flickr}/<block>/<id>.jpg``: the
   street-level catalog and its JPEG files;
 - ``street/flickr_scene_labels.csv``: the true scene of each Flickr photo (to train and
@@ -17,6 +18,8 @@ Layout of a demo data root (every file in the format a real source would give):
 - ``context/parks.gpkg``: parks and woods without their water, same format (for the spatial
   context captions of the VLM dataset; a real root takes them from OSM or BGT);
 - ``truth/cells.parquet``: the latent fields (for analysis only; no model reads them);
+  ``truth/years.parquet``: the latents that change, per imagery year, with the change site
+  that moves them; ``truth/scores.parquet``: the scores of every imagery year;
 - ``demo.json``: seed, extent, sizes, the aerial mosaic's year and timings; written last.
 
 The whole tree is built under a temporary name beside ``out`` and renamed when complete.
@@ -41,14 +44,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from core.demo import city, street
-from core.demo.aerial import PIXEL_SIZE, street_areas, write_aerial
+from core.demo.aerial import street_areas, write_aerial_years
 from core.grid import CELL_SIZE, RD_NEW, cell_index, cell_polygons, to_geodataframe, write_grid
 from core.io import building, utc_now
 from core.progress import Progress
 from core.sources.catalog import write_catalog
 from core.sources.lbm import write_lbm
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 T = TypeVar("T")
 MANIFEST = "demo.json"
 _CHUNK = 2000
@@ -232,9 +235,8 @@ def _build_into(
         cells["x"].max() + CELL_SIZE / 2 + config.aerial_margin_m,
         cells["y"].max() + CELL_SIZE / 2 + config.aerial_margin_m,
     )
-    rows = int(np.ceil((bounds[3] - bounds[1]) / PIXEL_SIZE))
     with tqdm(
-        total=rows, unit="row", desc="aerial mosaic", disable=not show_progress
+        total=len(city.IMAGERY_YEARS), unit="year", desc="aerial mosaics", disable=not show_progress
     ) as aerial_bar:
 
         def aerial_progress(values: dict) -> None:
@@ -244,11 +246,12 @@ def _build_into(
 
         stages.run(
             "aerial mosaic",
-            write_aerial,
-            fields,
+            write_aerial_years,
+            fields.yearly,
+            city.REFERENCE_YEAR,
             bounds,
             street_areas(graph.edges["geometry"].to_numpy()),
-            root / "aerial" / "aerial.tif",
+            root / "aerial",
             config.seed,
             aerial_progress,
         )
@@ -268,6 +271,7 @@ def _build_into(
     truth = root / "truth"
     truth.mkdir()
     cells.drop(columns=["cell_id"]).reset_index().to_parquet(truth / "cells.parquet", index=False)
+    stages.run("truth by year", _write_truth_years, fields, ids, truth)
 
     counts = images["source"].value_counts()
     return {
@@ -276,8 +280,11 @@ def _build_into(
         "cells": int(len(ids)),
         "labelled_cells": int(cells["labelled"].sum()),
         "label_years": list(city.LABEL_YEARS),
-        # the mosaic renders the latest label year's city (core.dataroot.DataRoot.aerial_years)
-        "aerial_year": city.LABEL_YEARS[-1],
+        "imagery_years": list(city.IMAGERY_YEARS),
+        # aerial.tif is the reference year's; the others are aerial/<year>.tif
+        # (core.dataroot.DataRoot.aerial_years)
+        "aerial_year": city.REFERENCE_YEAR,
+        "change_sites": [asdict(site) for site in city.CHANGE_SITES],
         "images": {s: int(counts.get(s, 0)) for s in ("gsv", "flickr")},
         "street_nodes": int(len(graph.nodes)),
         "street_edges": int(len(graph.edges)),
@@ -285,6 +292,27 @@ def _build_into(
         "elapsed_s": round(time.perf_counter() - started, 1),
         "created": utc_now(),
     }
+
+
+def _write_truth_years(fields: city.CityFields, ids: np.ndarray, folder: Path) -> None:
+    """What changes, year by year: ``years.parquet`` (the yearly latents of every cell and the
+    change site that reaches it) and ``scores.parquet`` (the scores of every imagery year, also
+    the years without a release)."""
+    cells = fields.lookup(ids)
+    site = city.change_site(cells["x"].to_numpy(), cells["y"].to_numpy())
+    years = [
+        fields.yearly[year]
+        .loc[ids]
+        .assign(year=year, site=site)
+        .rename_axis("cell_id")
+        .reset_index()
+        for year in city.IMAGERY_YEARS
+    ]
+    pd.concat(years, ignore_index=True).to_parquet(folder / "years.parquet", index=False)
+    scores = pd.concat(
+        [city.scores(fields, year) for year in city.IMAGERY_YEARS], ignore_index=True
+    )
+    scores[scores["grid_id"].isin(ids)].to_parquet(folder / "scores.parquet", index=False)
 
 
 def _write_context(bounds: tuple[float, float, float, float], folder: Path) -> None:

@@ -21,7 +21,13 @@ from shapely.geometry.base import BaseGeometry
 from core.grid import CELL_SIZE, cell_index, grid_for_boundary
 from core.sources.boundaries import assign_buurten, municipality_outline, read_buurten
 
-LABEL_YEARS = (2016, 2018, 2020)
+#: Leefbaarometer releases: the years with labels.
+LABEL_YEARS = (2016, 2018, 2020, 2022)
+#: Years with imagery: a yearly aerial mosaic and street captures. The years after the last
+#: release have no labels: what monitoring predicts.
+IMAGERY_YEARS = tuple(range(2016, 2025))
+#: The year the latent fields' standardisation (and the mosaic ``aerial.tif``) refer to.
+REFERENCE_YEAR = LABEL_YEARS[-1]
 NATIONAL_MEAN = 4.1
 
 # -- the hand-drawn map (RD New metres) ---------------------------------------------------------
@@ -155,6 +161,56 @@ _UPKEEP_DISTRICT = {
 _UPKEEP_TREND = {"Noord": 0.35, "Oost": 0.2, "West": 0.2, "Nieuw-West": 0.1, "Zuidoost": 0.15}
 _SHOPS_DISTRICT = {"Centrum": 0.9, "West": 0.3, "Oost": 0.2, "Zuid": 0.3}
 
+#: Latents that change from year to year: facade upkeep, litter and shops (street-only) in every
+#: cell, building density, era and greenery (visible from the air) on the change sites.
+YEARLY_LATENTS = ("upkeep", "litter", "shops", "density", "era", "greenery")
+
+
+@dataclass(frozen=True)
+class ChangeSite:
+    """A place whose buildings or trees change between imagery years (real RD New positions).
+
+    Between ``first`` and ``last`` the change ramps linearly from nothing to all of it; it is
+    whole within ``radius`` metres of the centre and fades out over the next 30%.
+    """
+
+    name: str
+    x: float
+    y: float
+    radius: float
+    first: int
+    last: int
+    density: float = 0.0
+    """Added building density (clipped to 0..1)."""
+    era: float | None = None
+    """The era the changed buildings reach (new building: about 1)."""
+    greenery: float = 0.0
+    """Added greenery (clipped to 0..1)."""
+
+    def weight(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """How much of the change reaches points ``x, y``: 1 inside, fading to 0."""
+        distance = np.hypot(x - self.x, y - self.y)
+        return np.clip((1.3 * self.radius - distance) / (0.3 * self.radius), 0, 1)
+
+    def progress(self, year: int) -> float:
+        """Share of the change done by ``year``."""
+        return float(np.clip((year - self.first) / (self.last - self.first), 0, 1))
+
+
+#: Redevelopment and greening, in years that straddle the releases (density, era, greenery):
+#: Buiksloterham is done by 2021 (between releases), the Houthavens and the Bijlmer renewal run
+#: past the last release, the Sluisbuurt is built mostly after it (what only monitoring sees),
+#: and Slotervaart's streets get trees (visible from the air and the street). In ``lbm`` the
+#: sites gain 0.03 (Houthavens) to 0.17 (Bijlmer) more than the rest of their district from
+#: 2016 to 2024, against a city-wide spread of change of 0.05.
+CHANGE_SITES = (
+    ChangeSite("Buiksloterham", 122074, 489516, 450, 2017, 2021, 0.3, 0.98, 0.2),
+    ChangeSite("Houthavens", 120100, 489418, 350, 2019, 2023, 0.3, 0.98, 0.2),
+    ChangeSite("Sluisbuurt", 125637, 487713, 300, 2021, 2024, 0.4, 1.0, 0.15),
+    ChangeSite("Bijlmer renewal", 125000, 479300, 500, 2019, 2023, -0.1, 0.95, 0.25),
+    ChangeSite("Slotervaart trees", 117177, 485601, 900, 2018, 2022, greenery=0.35),
+)
+
 #: Score model: each dimension is a weighted sum of standardised components; the weights of
 #: the street-only components are about as large as the aerial ones (see README).
 SCORE_WEIGHTS: dict[str, dict[str, float]] = {
@@ -193,7 +249,7 @@ class CityFields:
     """Per-cell latents of the whole municipality, one row per cell id (sorted)."""
 
     cells: pd.DataFrame  # cell_id, buurt/district columns, latents, labelled flag
-    yearly: dict[int, pd.DataFrame]  # year -> cell_id-indexed street latents of that year
+    yearly: dict[int, pd.DataFrame]  # imagery year -> cell_id-indexed YEARLY_LATENTS
 
     def lookup(self, ids: np.ndarray) -> pd.DataFrame:
         """Rows of ``cells`` for the given cell ids (error if an id is outside the city)."""
@@ -311,21 +367,45 @@ def build_fields(seed: int) -> CityFields:
         }
     ).set_index("cell_id", drop=False)
 
-    yearly = {}
-    for year in LABEL_YEARS:
-        drift = np.vectorize(_UPKEEP_TREND.get)(district, 0.0) * (year - LABEL_YEARS[-1]) / 4
-        year_rng = np.random.default_rng([seed, 2, year])
-        yearly[year] = pd.DataFrame(
-            {
-                "upkeep": upkeep
-                + drift
-                + (0.15 * year_rng.standard_normal(len(ids)) if year != LABEL_YEARS[-1] else 0),
-                "litter": litter - 0.5 * drift,
-                "shops": shops,
-            },
-            index=cells.index,
-        )
+    yearly = {year: _year_latents(cells, year, seed) for year in IMAGERY_YEARS}
     return CityFields(cells=cells, yearly=yearly)
+
+
+def _year_latents(cells: pd.DataFrame, year: int, seed: int) -> pd.DataFrame:
+    """The :data:`YEARLY_LATENTS` of every cell in ``year``.
+
+    Upkeep drifts by district (:data:`_UPKEEP_TREND`, relative to the reference year) plus a
+    little noise per year; the change sites move density, era and greenery.
+    """
+    district = cells["district"].to_numpy()
+    drift = np.vectorize(_UPKEEP_TREND.get)(district, 0.0) * (year - REFERENCE_YEAR) / 4
+    year_rng = np.random.default_rng([seed, 2, year])
+    noise = 0.15 * year_rng.standard_normal(len(cells)) if year != REFERENCE_YEAR else 0
+    latents = {
+        "upkeep": cells["upkeep"].to_numpy() + drift + noise,
+        "litter": cells["litter"].to_numpy() - 0.5 * drift,
+        "shops": cells["shops"].to_numpy(),
+        **{
+            name: cells[name].to_numpy(dtype=float).copy()
+            for name in ("density", "era", "greenery")
+        },
+    }
+    x, y = cells["x"].to_numpy(), cells["y"].to_numpy()
+    for site in CHANGE_SITES:
+        reach = site.weight(x, y) * site.progress(year)
+        latents["density"] = np.clip(latents["density"] + site.density * reach, 0, 1)
+        latents["greenery"] = np.clip(latents["greenery"] + site.greenery * reach, 0, 1)
+        if site.era is not None:
+            latents["era"] = latents["era"] + (site.era - latents["era"]) * reach
+    return pd.DataFrame(latents, index=cells.index)
+
+
+def change_site(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The name of the change site that reaches each point, or ``""``."""
+    names = np.full(len(np.atleast_1d(x)), "", dtype=object)
+    for site in CHANGE_SITES:
+        names[(site.weight(np.asarray(x), np.asarray(y)) > 0) & (names == "")] = site.name
+    return names
 
 
 def era_value(era: np.ndarray) -> np.ndarray:
@@ -343,7 +423,7 @@ def scores(fields: CityFields, year: int) -> pd.DataFrame:
     mask = cells["labelled"].to_numpy()
     reference = {
         **{c: cells[c].to_numpy() for c in cells.columns},
-        **fields.yearly[LABEL_YEARS[-1]],
+        **fields.yearly[REFERENCE_YEAR],
     }
     current = {**{c: cells[c].to_numpy() for c in cells.columns}, **fields.yearly[year]}
     for comps in (reference, current):

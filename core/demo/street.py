@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import shapely
 
-from core.demo.city import LABEL_YEARS, CityFields, water_geometry
+from core.demo.city import IMAGERY_YEARS, YEARLY_LATENTS, CityFields, water_geometry
 from core.grid import CELL_SIZE, cell_id
 
 IMAGE_PX = 64  # stored size of the JPEG files (the dashboard shows them)
@@ -123,7 +123,8 @@ def sample_gsv(
     seed: int,
     max_locations_per_cell: int = 2,
 ) -> pd.DataFrame:
-    """GSV captures: panoramas at street midpoints, two to four headings, two or three years.
+    """GSV captures: panoramas at street midpoints, two to four headings, in two or three of
+    the imagery years.
 
     Returns:
         One row per image with position, heading, capture date, the facade's structure and
@@ -151,7 +152,7 @@ def sample_gsv(
         if rng.random() < 0.2:
             headings += [loc.bearing, loc.bearing + 180]
         n_years = 3 if rng.random() < 0.4 else 2
-        years = np.sort(rng.choice(LABEL_YEARS, n_years, replace=False))
+        years = np.sort(rng.choice(IMAGERY_YEARS, n_years, replace=False))
         for h in headings:
             facade = _facade_structure(rng)
             for year in years:
@@ -263,7 +264,9 @@ def sample_flickr(fields: CityFields, cell_ids: np.ndarray, seed: int, count: in
     drawn[ambiguous & ~on_topic] = "building"
     drawn[ambiguous & on_topic] = rng.choice(["people", "water"], int((ambiguous & on_topic).sum()))
     table["drawn"] = drawn
-    year = np.clip(np.round(2004 + 16 * rng.beta(2.2, 1.3, len(table))), 2004, 2020).astype(int)
+    last = IMAGERY_YEARS[-1]
+    year = np.clip(np.round(2004 + (last - 2004) * rng.beta(2.2, 1.3, len(table))), 2004, last)
+    year = year.astype(int)
     table["year"], table["month"], table["day"] = (
         year,
         rng.integers(1, 13, len(table)),
@@ -284,18 +287,18 @@ def sample_flickr(fields: CityFields, cell_ids: np.ndarray, seed: int, count: in
 def _attach_latents(
     table: pd.DataFrame, fields: CityFields, rng: np.random.Generator, framing: str
 ) -> pd.DataFrame:
-    """Add the cell's latents in the capture year (nearest label year) and per-capture nuisances."""
+    """Add the cell's latents in the capture year and per-capture nuisances.
+
+    A photo taken before the first imagery year shows that year's city.
+    """
     cells = fields.lookup(table["cell_id"].to_numpy())
-    for name in ("era", "greenery", "density", "water_near"):
-        table[name] = cells[name].to_numpy()
-    label_year = np.array(LABEL_YEARS)[
-        np.abs(table["year"].to_numpy()[:, None] - np.array(LABEL_YEARS)).argmin(1)
-    ]
-    for name in ("upkeep", "litter", "shops"):
+    table["water_near"] = cells["water_near"].to_numpy()
+    year = np.clip(table["year"].to_numpy(), IMAGERY_YEARS[0], IMAGERY_YEARS[-1])
+    for name in YEARLY_LATENTS:
         values = np.empty(len(table))
-        for year in LABEL_YEARS:
-            at = label_year == year
-            values[at] = fields.yearly[year].loc[table["cell_id"].to_numpy()[at], name].to_numpy()
+        for y in np.unique(year):
+            at = year == y
+            values[at] = fields.yearly[y].loc[table["cell_id"].to_numpy()[at], name].to_numpy()
         table[name] = values
     n = len(table)
     table["upkeep"] = (
