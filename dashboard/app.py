@@ -18,6 +18,7 @@ PAGES = [
     st.Page("views/predicted.py", title="Predicted vs true", icon=":material/scatter_plot:"),
     st.Page("views/sources.py", title="GSV vs Flickr", icon=":material/compare:"),
     st.Page("views/coverage.py", title="Coverage gaps", icon=":material/photo_library:"),
+    st.Page("views/monitor.py", title="Monitor", icon=":material/trending_up:"),
     st.Page("views/neighbours.py", title="Embedding neighbours", icon=":material/hub:"),
     st.Page("views/runs.py", title="Runs", icon=":material/folder_open:"),
 ]

@@ -27,6 +27,7 @@ PAGES = [
     "views/predicted.py",
     "views/sources.py",
     "views/coverage.py",
+    "views/monitor.py",
     "views/neighbours.py",
     "views/runs.py",
 ]

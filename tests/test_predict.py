@@ -68,7 +68,7 @@ def test_every_grid_cell_gets_the_members_mean_and_spread(city, seeds, ensemble)
     run, frame = ensemble
     grid = read_grid(DataRoot(city).grid)
     assert len(frame) == len(grid) and set(frame["cell_id"]) == set(grid["cell_id"])
-    assert np.isfinite(frame["predicted"]).all() and (frame["year"] == 2020).all()
+    assert np.isfinite(frame["predicted"]).all() and (frame["year"] == 2022).all()
     # Independently: each run re-predicts its own labelled cells from its saved weights.
     again = [predict_run(path).set_index("cell_id")["predicted"] for path in seeds]
     labelled = frame.set_index("cell_id").loc[again[0].index]
@@ -148,16 +148,17 @@ def test_predicting_another_root_of_another_extent(tmp_path_factory, city, seeds
 
 def test_a_year_without_aerial_imagery_is_a_clear_error_before_anything(city, seeds, capsys):
     before = sorted(os.listdir(DataRoot(city).runs))
-    argv = ["predict", "--run", str(seeds[0]), "--data", str(city), "--year", "2016"]
+    argv = ["predict", "--run", str(seeds[0]), "--data", str(city), "--year", "2030"]
     assert main(argv) == 2
     error = capsys.readouterr().err
-    assert "no aerial imagery of 2016; the years with a mosaic are [2020]" in error
+    years = ", ".join(str(y) for y in range(2016, 2025))
+    assert f"no aerial imagery of 2030; the years with a mosaic are [{years}]" in error
     assert sorted(os.listdir(DataRoot(city).runs)) == before
 
 
 def test_a_year_without_street_images_is_a_clear_error_before_anything(tmp_path, city, seeds):
     later = tmp_path / "later"
-    shutil.copytree(city, later, ignore=shutil.ignore_patterns("runs", "cache"))
+    shutil.copytree(city, later, ignore=shutil.ignore_patterns("runs", "cache", "20*.tif"))
     (later / "aerial" / "aerial.tif").rename(later / "aerial" / "2030.tif")
     assert DataRoot(later).aerial_years() == {2030: later / "aerial" / "2030.tif"}
     with pytest.raises(ValueError, match=r"no gsv street images of 2030 \(captured 2029..2031\)"):
@@ -181,7 +182,9 @@ def test_the_aerial_year_comes_from_the_manifests(tmp_path, tiny_demo):
 
     root = DataRoot(tmp_path)
     assert (root.demo_manifest.name, root.fetch_manifest.name) == (DEMO, FETCH)
-    assert DataRoot(tiny_demo).aerial_years() == {2020: DataRoot(tiny_demo).aerial}
+    years = DataRoot(tiny_demo).aerial_years()  # aerial.tif is of demo.json's aerial_year
+    assert list(years) == list(range(2016, 2025)) and years[2022] == DataRoot(tiny_demo).aerial
+    assert years[2016] == tiny_demo / "aerial" / "2016.tif"
     (tmp_path / "aerial").mkdir()
     (tmp_path / "aerial" / "mosaic.tif").write_bytes(b"")
     assert root.aerial_years() == {}  # nothing records its year
@@ -200,7 +203,7 @@ def test_a_predictions_config_repeats_it(ensemble):
     parser = build_parser("predict")
     argv = normalise(parser, "predict", ["--config", str(run.path / "config.yaml")])
     options = parser.parse_args(argv).as_dict()
-    assert options["run"] == run.config["run"] and options["year"] == 2020
+    assert options["run"] == run.config["run"] and options["year"] == 2022
     assert options["window_years"] == 100
 
 
@@ -218,3 +221,44 @@ def test_the_dashboard_pages_render_with_a_prediction_folder(city, ensemble, pag
     if page == "views/runs.py":
         listed = app.dataframe[0].value["run_id"].tolist()
         assert ensemble[0].run_id in listed
+
+
+def test_the_monitor_page_shows_the_change_since_the_last_release(
+    city, seeds, ensemble, monkeypatch
+):
+    """Predict 2024 with the ensemble that predicted 2022: the Monitor page pairs the two and
+    shows core.monitor's change, per cell on the map and in its numbers."""
+    from core.monitor import change
+
+    before, _ = ensemble
+    after, _ = predicted(city, seeds, year=2024, window_years=100)
+    expected = change(before, after).set_index("cell_id")
+    monkeypatch.setenv("STADSBEELD_DATA", str(city))
+    monkeypatch.setenv("STADSBEELD_START_WORKER", "0")
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    app = AppTest.from_file(APP, default_timeout=120)
+    app.run()
+    app.switch_page("views/monitor.py").run()
+    assert not app.exception, app.exception
+    assert after.run_id in app.selectbox(key="monitor_pair").options[0]
+    metrics = {m.label: m.value for m in app.metric}
+    assert metrics["Mean change 2022→2024"] == f"{expected['change'].mean():+.4f}"
+    assert metrics["Cells predicted"] == f"{len(expected):,}"
+    app.radio(key="monitor_layer").set_value("change").run()
+    cells = next(
+        layer
+        for layer in json.loads(app.get("deck_gl_json_chart")[0].proto.json)["layers"]
+        if layer.get("id") == "cells"
+    )["data"]
+    assert len(cells) == len(expected)
+    for record in cells[:20]:
+        assert record["v"] == pytest.approx(expected.loc[record["i"], "change"], abs=1e-3)
+    shown = app.dataframe[-1].value  # the cells to look at
+    look = expected[
+        (expected["change"].abs() >= float(app.number_input(key="monitor_threshold").value))
+        & (expected["change"].abs() >= 2 * expected["change_uncertainty"])
+    ]
+    assert sorted(shown["cell_id"]) == sorted(look.index)
+    source = next(c.value for c in app.main.caption if c.value.startswith("Source:"))
+    assert str(after.path) in source and str(before.path) in source

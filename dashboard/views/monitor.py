@@ -1,0 +1,167 @@
+"""Monitor: the latest predicted scores, the change since the last release, how sure it is, and
+the cells to look at; every number from two prediction folders of one ensemble."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from core.monitor import LOOK_Z, change, pairs, to_look_at
+from core.runs import load_run
+from core.sources.boundaries import cell_units
+from dashboard import common, data, maps
+
+LAYERS = {
+    "after": "predicted score",
+    "change": "change",
+    "change_uncertainty": "uncertainty of the change",
+    "look": "cells to look at",
+}
+LOOK_PALETTE = {
+    "rising": [178, 24, 43],
+    "falling": [33, 102, 172],
+    "no sure change": [220, 220, 220],
+}
+
+
+@st.cache_data(show_spinner=False)
+def prediction_pairs(root: str) -> list[tuple[str, str]]:
+    """(before, after) folders of every two predictions of one ensemble, latest year first."""
+    runs = data.load_runs(root, kind=common.PREDICTION_KIND)
+    loaded = []
+    for path in runs["path"]:
+        try:
+            loaded.append(load_run(path))
+        except (OSError, ValueError) as error:
+            st.warning(f"{path}: skipped, {error}")
+    return [(str(before.path), str(after.path)) for before, after in pairs(loaded)]
+
+
+@st.cache_data(show_spinner="Comparing the two years ...")
+def changes_on_grid(root: str, before: str, after: str) -> pd.DataFrame:
+    """:func:`core.monitor.change` of two prediction folders, joined to the grid."""
+    return data.on_grid(root, change(load_run(before), load_run(after)))
+
+
+def _title(before: str, after: str) -> str:
+    a, b = load_run(before), load_run(after)
+    label = b.config.get("label", b.run_id)
+    return f"{b.config['year']} vs {a.config['year']} · {label} · {b.run_id} / {a.run_id}"
+
+
+def main() -> None:
+    root = common.root_or_stop()
+    st.title("Monitor")
+    options = prediction_pairs(root)
+    if not options:
+        st.info(
+            "No two predictions of one ensemble yet. Predict the last release's year and a later "
+            "one with the same runs: `stadsbeeld predict --run A,B,C --year 2022` and "
+            "`--year 2024`, or queue **Predict a year** in the sidebar."
+        )
+        return
+    index = st.selectbox(
+        "Predictions",
+        range(len(options)),
+        format_func=lambda i: _title(*options[i]),
+        key="monitor_pair",
+    )
+    before, after = options[index]
+    a, b = load_run(before), load_run(after)
+    first, last = int(a.config["year"]), int(b.config["year"])
+    target = b.config.get("target", "score")
+    frame = changes_on_grid(root, before, after)
+    spread = float(np.nanstd(frame["change"])) or 0.01
+    left, middle, right = st.columns(3)
+    layer = left.radio(
+        "Layer",
+        list(LAYERS),
+        format_func=lambda k: f"{LAYERS[k]} ({last})" if k == "after" else LAYERS[k],
+        key="monitor_layer",
+    )
+    threshold = middle.number_input(
+        f"Large change (in {target})",
+        min_value=0.0,
+        value=round(spread, 3),
+        step=0.005,
+        format="%.3f",
+        key="monitor_threshold",
+    )
+    unit = common.unit_picker(root, key="monitor_unit")
+    with right:
+        st.caption(
+            f"A cell to look at changes by {threshold:.3f} or more, at least {LOOK_Z:g} times "
+            "the spread of the members' changes."
+        )
+    frame = frame.assign(
+        look=to_look_at(frame, threshold),
+        predicted=frame["predicted_after"],
+        true=frame["true_after"],
+    )
+    look = frame["look"]
+    columns = st.columns(4)
+    columns[0].metric("Cells predicted", f"{len(frame):,}")
+    columns[1].metric(f"Mean change {first}→{last}", f"{frame['change'].mean():+.4f}")
+    columns[2].metric(
+        "Median uncertainty of the change", f"{np.nanmedian(frame['change_uncertainty']):.4f}"
+    )
+    columns[3].metric("Cells to look at", f"{int(look.sum()):,}")
+
+    if layer == "look" and unit == common.CELLS:
+        labels = np.where(
+            look, np.where(frame["change"] > 0, "rising", "falling"), "no sure change"
+        )
+        colours, legend = maps.categorical(pd.Series(labels), LOOK_PALETTE, LAYERS["look"])
+        payload = common.map_payload(frame, colours, frame["change"], unit)
+        shown = frame
+    else:
+        value = {"after": "predicted_after", "look": "look"}.get(layer, layer)
+        title = (
+            f"{LAYERS[layer]} {first}→{last}" if layer != "after" else f"predicted {target} {last}"
+        )
+        scale = maps.diverging if layer == "change" else maps.sequential
+        if layer == "look":
+            title = "share of cells to look at"
+        payload, legend, shown = common.value_map(
+            frame.assign(value=frame[value].astype(float)), title, unit, scale
+        )
+    st.pydeck_chart(
+        maps.city_deck(payload, data.load_context(root), LAYERS[layer], units=unit != common.CELLS),
+        height=520,
+        key="monitor_map",
+    )
+    st.markdown(legend.html(), unsafe_allow_html=True)
+
+    if "buurt" in data.unit_levels(root):
+        st.subheader("Per buurt")
+        per_buurt = common.per_unit(frame.assign(value=frame["change"]), "buurt", categorical=False)
+        table = common.unit_table(
+            per_buurt, {"predicted": f"predicted {last}", "value": "mean change"}
+        )
+        names = per_buurt.drop_duplicates("unit").set_index("unit")["name"]
+        looks = frame["look"].groupby(cell_units(frame, "buurt").to_numpy()).sum()
+        table["cells to look at"] = looks.rename(names).reindex(table.index).fillna(0).astype(int)
+        st.dataframe(table.sort_values("mean change"), width="stretch")
+    st.subheader("Cells to look at")
+    st.dataframe(
+        frame.loc[
+            look,
+            [
+                "cell_id",
+                "buurt_naam",
+                "predicted_before",
+                "predicted_after",
+                "change",
+                "change_uncertainty",
+            ],
+        ]
+        .sort_values("change")
+        .round(4),
+        width="stretch",
+        hide_index=True,
+    )
+    common.provenance(before, after)
+
+
+main()
