@@ -35,7 +35,7 @@ from core.io import jsonable, move_folder, utc_now
 
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 #: The kinds a worker can run (:data:`train.worker.JOB_RUNNERS` has one runner for each).
-JOB_KINDS = ("fusion", "contrastive", "uge")
+JOB_KINDS = ("fusion", "contrastive", "uge", "predict")
 DB_FILE = "jobs.sqlite"
 JOBS_DIR = ".jobs"
 LOCK_FILE = "worker.lock"

@@ -20,7 +20,7 @@ from core.dataroot import DataRoot
 from core.jobs import DB_FILE, Job, JobStore, QueueFull, start_worker, worker_alive
 from core.runs import BACKBONE_FILE
 from core.sources.lbm import SCORE_COLUMNS
-from dashboard import data
+from dashboard import common, data
 
 POLL_SECONDS = 2.0
 SEEN_KEY = "jobs_seen_done"
@@ -35,6 +35,7 @@ KINDS = {
     "fusion": "housing quality (fusion)",
     "contrastive": "street-view encoder (contrastive)",
     "uge": "VLM embeddings (UGE)",
+    "predict": "predict a year (monitoring)",
 }
 OBJECTIVES = {
     "temporal": "temporal: same place, years apart",
@@ -223,6 +224,42 @@ def uge_form() -> dict | None:
     return {"stage1_steps": int(stage1), "stage2_steps": int(stage2), "seed": int(seed)}
 
 
+def predict_form(root: str) -> dict | None:
+    """Predict a year with fusion runs (an ensemble: the seeds of one configuration); returns
+    the job config when Predict was pressed. The Monitor page pairs the result with an
+    earlier prediction of the same runs."""
+    runs = data.load_runs(root, "fusion")
+    years = list(DataRoot(root).aerial_years())
+    if runs.empty or not years:
+        st.info("Predicting needs a fusion run and an aerial mosaic of a known year.")
+        return None
+    labels = runs["config.label"].fillna("").to_numpy()
+    newest = [i for i in range(len(runs)) if labels[i] == labels[0]]
+    with st.form("predict_form"):
+        chosen = st.multiselect(
+            "Runs (several: an ensemble)",
+            list(range(len(runs))),
+            default=newest[:3],
+            format_func=lambda i: common.run_title(runs.iloc[i]),
+            key="retrain_predict_runs",
+        )
+        year = st.selectbox("Year", years, index=len(years) - 1, key="retrain_predict_year")
+        window = st.number_input(
+            "Street images within (years)", 0, 20, 1, key="retrain_predict_window"
+        )
+        submitted = st.form_submit_button("Predict", type="primary", key="retrain_predict_submit")
+    if not submitted:
+        return None
+    if not chosen:
+        st.error("Choose at least one fusion run.")
+        return None
+    return {
+        "run": [str(runs["run_id"].iloc[i]) for i in chosen],
+        "year": int(year),
+        "window_years": int(window),
+    }
+
+
 def _age(timestamp: str | None) -> str:
     if not timestamp:
         return ""
@@ -235,6 +272,9 @@ def describe(job: Job) -> str:
     config = job.config
     if job.kind == "contrastive":
         return f"#{job.id} contrastive {config.get('objective', '?')}, {config.get('epochs', '?')} epochs"
+    if job.kind == "predict":
+        members = config.get("run", [])
+        return f"#{job.id} predict {config.get('year', '?')} with {len(members)} run(s)"
     if job.kind == "uge":
         return (
             f"#{job.id} uge, {config.get('stage1_steps', 600)} + "
@@ -376,7 +416,12 @@ def panel(root: str) -> None:
 def enqueue_from_form(root: str, store: JobStore, caps: dict[str, int]) -> None:
     """The model choice and its form; queues the job within the caps and starts a worker."""
     kind = st.selectbox("Model", list(KINDS), key="retrain_kind", format_func=KINDS.get)
-    forms = {"fusion": lambda: fusion_form(root), "contrastive": contrastive_form, "uge": uge_form}
+    forms = {
+        "fusion": lambda: fusion_form(root),
+        "contrastive": contrastive_form,
+        "uge": uge_form,
+        "predict": lambda: predict_form(root),
+    }
     config = forms[kind]()
     if config is None:
         return

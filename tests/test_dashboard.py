@@ -431,6 +431,27 @@ def test_retrain_form_enqueues_a_uge_job(app, demo_root, monkeypatch):
     store.cancel(job.id)
 
 
+def test_retrain_form_enqueues_a_predict_job(app, demo_root, monkeypatch):
+    from core.configs import PredictConfig
+    from core.runs import list_runs
+
+    monkeypatch.setenv("STADSBEELD_RETRAIN", "1")
+    store = JobStore.for_runs(DataRoot(demo_root).runs)
+    newest = list_runs(DataRoot(demo_root).runs, kind="fusion")["run_id"].iloc[0]
+    app.run()
+    app.selectbox(key="retrain_kind").set_value("predict").run()
+    assert app.selectbox(key="retrain_predict_year").options == [str(y) for y in range(2016, 2025)]
+    app.selectbox(key="retrain_predict_year").set_value(2024)
+    app.button(key="retrain_predict_submit").click().run()
+    assert not app.exception
+    job = store.jobs()[0]
+    assert (job.kind, job.status) == ("predict", "queued")
+    assert job.config == {"run": [newest], "year": 2024, "window_years": 1}
+    PredictConfig.from_dict(job.config)  # what the worker will run
+    assert any(f"#{job.id} predict 2024 with 1 run(s)" in c.value for c in app.sidebar.caption)
+    store.cancel(job.id)
+
+
 def test_browsing_polls_the_queue_only_while_a_job_is_queued_or_running(tmp_path, tiny_demo):
     from dashboard import retrain
 

@@ -27,7 +27,7 @@ from core.jobs import (
     start_worker,
     worker_alive,
 )
-from core.runs import RunWriter, list_runs, new_run_id
+from core.runs import RunWriter, list_runs, load_run, new_run_id
 
 REPO = Path(__file__).resolve().parents[1]
 # About 0.05 s an epoch on the tiny city; QUICK jobs take well under a second once torch is in.
@@ -316,6 +316,33 @@ def test_worker_runs_queued_jobs_one_after_the_other(data_root):
         log = store.log_path(job.id).read_text()
         assert f"epoch {job.config['epochs']}/{job.config['epochs']}" in log and job.run_id in log
     assert "no queued jobs" in out and not worker_alive(runs)
+
+
+def test_a_predict_job_predicts_a_year_with_the_runs_it_names(data_root):
+    runs = DataRoot(data_root).runs
+    store = JobStore.for_runs(runs)
+    trained = [store.enqueue("fusion", {**QUICK, "seed": seed, "split_seed": 0}) for seed in (0, 1)]
+    worker = spawn_worker(data_root, "--exit-when-idle", "1", "--poll", "0.2")
+    try:
+        worker.communicate(timeout=120)
+    finally:
+        stop(worker)
+    members = [store.get(job).run_id for job in trained]
+    job_id = store.enqueue("predict", {"run": members, "year": 2024, "window_years": 1})
+    bad = store.enqueue("predict", {"run": members, "year": 2031})
+    worker = spawn_worker(data_root, "--exit-when-idle", "1", "--poll", "0.2")
+    try:
+        out, _ = worker.communicate(timeout=120)
+    finally:
+        stop(worker)
+    job = store.get(job_id)
+    assert job.status == "done", out + store.log_path(job_id).read_text()
+    prediction = load_run(runs / job.run_id)
+    assert prediction.config["year"] == 2024
+    assert [m["run_id"] for m in prediction.config["members"]] == members
+    assert job.progress["epoch"] == job.progress["epochs"] == 1
+    failed = store.get(bad)
+    assert failed.status == "failed" and "no aerial imagery of 2031" in failed.error
 
 
 @pytest.mark.slow  # embeds every image of the tiny city: minutes on two cores

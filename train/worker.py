@@ -102,12 +102,34 @@ def run_uge_job(config: dict, log: Callable[[str], None], progress: Progress) ->
     return train_uge(uge, log=log, progress=progress)
 
 
+def run_predict_job(config: dict, log: Callable[[str], None], progress: Progress) -> str:
+    """Predict a year with fusion runs from a job config (:class:`core.configs.PredictConfig`
+    fields): the monitoring job the sidebar queues.
+
+    Raises:
+        ValueError: for an unknown key, or runs and a year that cannot be predicted.
+        FileNotFoundError: for a missing run or a year without an aerial mosaic.
+    """
+    from core.configs import PredictConfig
+    from train.predict import predict  # torch, only when a job runs
+
+    unknown = sorted(set(config) - {f.name for f in fields(PredictConfig)})
+    if unknown:
+        raise ValueError(f"predict job config: unknown keys {unknown}")
+    request = PredictConfig.from_dict(config)
+    progress({"epoch": 0, "epochs": 1, "stage": f"predicting {request.year}"})
+    run_id = predict(request, log=log)
+    progress({"epoch": 1, "epochs": 1, "run_id": run_id})
+    return run_id
+
+
 #: One runner per :data:`core.jobs.JOB_KINDS`; a runner must call ``progress`` at least once an
 #: epoch (a stage's steps, for UGE), as a cancel takes effect there.
 JOB_RUNNERS: dict[str, Runner] = {
     "fusion": run_fusion_job,
     "contrastive": run_contrastive_job,
     "uge": run_uge_job,
+    "predict": run_predict_job,
 }
 
 
