@@ -44,6 +44,10 @@ SECRET_PARAMS = frozenset(
     {"key", "api_key", "apikey", "signature", "client_secret", "token", "access_token"}
 )
 _SECRET_IN_URL = re.compile(r"(?i)([?&](?:" + "|".join(sorted(SECRET_PARAMS)) + r")=)[^&#\s'\"]*")
+# Secret values in URLs inside an answer (a Graph API ``paging.next`` repeats the token).
+_SECRET_IN_BODY = re.compile(
+    rb"(?i)([?&](?:" + "|".join(sorted(SECRET_PARAMS)).encode() + rb")=)[^&#\s'\"\\]*"
+)
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 #: Characters of a refused answer kept in :attr:`FetchError.body`.
 _ERROR_BODY_CHARS = 2000
@@ -376,7 +380,8 @@ def cached_session(
 
     For metadata and search requests, so that a rerun after a failure does not ask again:
     requests-cache answers them from ``path`` until they are ``expire_after`` old. The values
-    of :data:`SECRET_PARAMS` are not part of the cache keys and not stored. Image downloads
+    of :data:`SECRET_PARAMS` are not part of the cache keys, and are replaced by ``***`` in
+    URLs inside the answers before they are stored (and read). Image downloads
     do not go through it: they are files on disk already.
 
     Args:
@@ -387,7 +392,7 @@ def cached_session(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return requests_cache.CachedSession(
+    session = requests_cache.CachedSession(
         backend=requests_cache.SQLiteCache(path),
         expire_after=expire_after,
         allowable_codes=(200,),
@@ -395,6 +400,17 @@ def cached_session(
         ignored_parameters=sorted(SECRET_PARAMS),
         stale_if_error=False,
     )
+    session.hooks["response"].append(_redact_secrets_in_body)
+    return session
+
+
+def _redact_secrets_in_body(response: requests.Response, *args: Any, **kwargs: Any) -> None:
+    """Replace secret values in URLs of an answer by ``***`` before it is cached or read.
+
+    Clients that follow such a URL (a next page) put their own key back.
+    """
+    if _SECRET_IN_BODY.search(response.content):
+        response._content = _SECRET_IN_BODY.sub(rb"\1***", response.content)
 
 
 @dataclass(frozen=True)
