@@ -12,6 +12,7 @@ from core.sources.http import (
     HttpClient,
     Politeness,
     RateLimiter,
+    cached_session,
     redact,
     retry_after_s,
 )
@@ -212,3 +213,15 @@ def test_a_refused_answer_keeps_its_body_without_the_key(httpserver):
         client.get(httpserver.url_for("/graph"), {"access_token": "MLY|123|secret"})
     assert caught.value.status == 401 and caught.value.body == body
     assert "MLY|123|secret" not in str(caught.value) and "access_token=***" in str(caught.value)
+
+
+def test_the_cache_keeps_answers_but_not_images(httpserver, tmp_path):
+    httpserver.expect_request("/meta").respond_with_json({"status": "OK"})
+    httpserver.expect_request("/img").respond_with_data(b"\xff\xd8\xff", content_type="image/jpeg")
+    for _ in range(2):
+        client = HttpClient(FAST, session=cached_session(tmp_path / "c.sqlite"), sleep=Sleeps())
+        assert client.get_json(httpserver.url_for("/meta"), {"key": "k-123"}) == {"status": "OK"}
+        assert client.get(httpserver.url_for("/img")).content == b"\xff\xd8\xff"
+    paths = [request.path for request, _ in httpserver.log]
+    assert paths.count("/meta") == 1 and paths.count("/img") == 2
+    assert b"k-123" not in (tmp_path / "c.sqlite").read_bytes()

@@ -350,7 +350,7 @@ class GsvSource(Source):
             pano_csv=self._panos(),
             max_requests=self.config.gsv_max_requests,
             api_key=self.key(),
-            client=self.client(),
+            client=self.client(cache=root),  # metadata cached; the views are files
             endpoint=self.endpoint,
             show_progress=self.config.show_progress,
         )

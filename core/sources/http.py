@@ -381,8 +381,8 @@ def cached_session(
     For metadata and search requests, so that a rerun after a failure does not ask again:
     requests-cache answers them from ``path`` until they are ``expire_after`` old. The values
     of :data:`SECRET_PARAMS` are not part of the cache keys, and are replaced by ``***`` in
-    URLs inside the answers before they are stored (and read). Image downloads
-    do not go through it: they are files on disk already.
+    URLs inside the answers before they are stored (and read). Images (``image/*``) are not
+    stored: they are files on disk already, so one client may fetch both.
 
     Args:
         path: the SQLite file (created with its folder).
@@ -399,9 +399,15 @@ def cached_session(
         allowable_methods=("GET",),
         ignored_parameters=sorted(SECRET_PARAMS),
         stale_if_error=False,
+        filter_fn=_not_an_image,
     )
     session.hooks["response"].append(_redact_secrets_in_body)
     return session
+
+
+def _not_an_image(response: requests.Response) -> bool:
+    """Whether an answer may be cached: images are files on disk, never cache entries."""
+    return not response.headers.get("Content-Type", "").startswith("image/")
 
 
 def _redact_secrets_in_body(response: requests.Response, *args: Any, **kwargs: Any) -> None:
