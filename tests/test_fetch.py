@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import shapely
 from pytest_httpserver import HTTPServer
@@ -36,7 +37,13 @@ from core.dataroot import DataRoot
 from core.grid import cell_center, cell_id, cell_polygons, read_grid
 from core.ingest import SOURCES, FetchArea, FetchConfig, Source, run_fetch
 from core.ingest.area import Outline
-from core.ingest.config import CLIENT_NAMES, ENDPOINT_NAMES, SOURCE_NAMES, STEP_NAMES
+from core.ingest.config import (
+    CLIENT_NAMES,
+    ENDPOINT_NAMES,
+    OPT_IN_SOURCES,
+    SOURCE_NAMES,
+    STEP_NAMES,
+)
 from core.ingest.grid import cell_municipalities
 from core.ingest.manifest import MANIFEST, Manifest
 from core.ingest.plan import choose_sources, format_plan, make_plan
@@ -48,13 +55,17 @@ from core.sources.catalog import read_catalog
 from core.sources.flickr import REUSABLE_LICENSES
 from core.sources.http import Estimate, Politeness
 from core.sources.lbm import read_lbm
+from core.sources.mapillary import tiles
 from core.sources.pdok_boundaries import Municipality
+from core.sources.street_fetch import grid_bbox_wgs84
 from core.sources.wmts import rd_tile_matrix_set
 from core.summary import summarize
 from core.ugdata import read_streets
+from tests.fakes.amsterdam_panorama import install_amsterdam_panorama
 from tests.fakes.flickr import FakeFlickr, install_flickr
 from tests.fakes.gsv import FakeGsv, install_gsv
 from tests.fakes.lbm_wfs import install_lbm_wfs
+from tests.fakes.mapillary import install_mapillary
 from tests.fakes.overpass import install_overpass
 from tests.fakes.pdok_boundaries import demo_outline, install_pdok_boundaries, municipality
 from tests.fakes.wmts import FakeWmts, install_wmts
@@ -62,6 +73,7 @@ from train.cli import main
 
 FLICKR_KEY = "flickr-Key-5f1d9c0e7a"
 GSV_KEY = "AIzaGsv-Key-0b7c1e9d44"
+MAPILLARY_TOKEN = "MLY|7777777|0b7c1e9d44aa0b7c1e9d44aa"
 #: Coarse aerial (level 10, 3.36 m/px: a few tiles), no rate limit, the demo's photo dates.
 FAST = {"resolution": 4.0, "rate": {"all": 0.0}, "flickr_since": "2000-01-01", "quiet": True}
 #: The two towns on the demo city: name, code, and which of the demo's cells are theirs.
@@ -234,8 +246,8 @@ def test_the_config_module_is_cheap_to_import():
         ({"lbm_release": ["a.csv", "b.gpkg", "c.gpkg"]}, "--lbm-release ['a.csv', 'b.gpkg', "),
         ({"lbm_release": []}, "--lbm-release []: expected the scores CSV and the grid"),
         (
-            {"sources": ["lbm", "mapillary"]},
-            "--sources ['lbm', 'mapillary']: unknown ['mapillary']",
+            {"sources": ["lbm", "instagram"]},
+            "--sources ['lbm', 'instagram']: unknown ['instagram']",
         ),
         ({"sources": []}, "--sources: give at least one of"),
         ({"redo": ["labels"]}, "--redo ['labels']: unknown ['labels']"),
@@ -279,7 +291,15 @@ def test_the_config_parses_its_values():
 
 
 def test_every_source_declares_its_name_licence_service_and_politeness():
-    assert list(SOURCES) == ["lbm", "aerial", "osm", "flickr", "gsv"]  # data-flow order
+    assert list(SOURCES) == [  # data-flow order
+        "lbm",
+        "aerial",
+        "osm",
+        "flickr",
+        "gsv",
+        "amsterdam_panorama",
+        "mapillary",
+    ]
     config = FetchConfig("amsterdam")
     for name, source in SOURCES.items():
         assert issubclass(source, Source) and not inspect.isabstract(source)
@@ -292,8 +312,9 @@ def test_every_source_declares_its_name_licence_service_and_politeness():
         assert (source.key_env is None) == (source.key_help == "")
         built = source(config)  # no --endpoint, no --rate: the defaults
         assert built.endpoint == source.endpoint and built.politeness == source.politeness
-    assert [s.name for s in SOURCES.values() if s.key_env] == ["flickr", "gsv"]
+    assert [s.name for s in SOURCES.values() if s.key_env] == ["flickr", "gsv", "mapillary"]
     assert [s.name for s in SOURCES.values() if s.feeds_grid] == ["lbm"]
+    assert [s.name for s in SOURCES.values() if s.opt_in] == ["amsterdam_panorama", "mapillary"]
 
 
 def test_endpoint_and_rate_options_reach_each_source(monkeypatch):
@@ -376,6 +397,8 @@ def test_a_registered_source_is_planned_fetched_and_recorded_without_other_edits
         "flickr": "no key: set FLICKR_API_KEY (https://www.flickr.com/services/api/keys/)",
         "gsv": "no key: set GOOGLE_MAPS_API_KEY (a Google Maps Platform key with the Street "
         "View Static API enabled)",
+        "amsterdam_panorama": "not in --sources (runs only when named)",
+        "mapillary": "not in --sources (runs only when named)",
     }
     assert manifest["licences"]["counter"] == CounterSource.licence
     assert manifest["endpoints"]["counter"] == CounterSource.endpoint
@@ -393,7 +416,10 @@ def test_the_plan_counts_every_registered_source(services, tmp_path, registry):
     area = Outline(config).find()
     chosen, skipped = choose_sources(config)
     assert list(chosen) == ["aerial"]
-    assert skipped == dict.fromkeys(["lbm", "osm", "flickr", "gsv", "counter"], "not in --sources")
+    assert skipped == dict.fromkeys(
+        ["lbm", "osm", "flickr", "gsv", "amsterdam_panorama", "mapillary", "counter"],
+        "not in --sources",
+    )
     lines = make_plan(config, area, chosen, skipped)
     assert [line.source for line in lines] == ["pdok", *SOURCE_NAMES, "counter"]
     text = format_plan(area, config.out_path, lines).splitlines()
@@ -583,6 +609,65 @@ def test_keys_never_reach_the_output_or_any_file(fetched):
                 assert key.encode() not in path.read_bytes(), path
 
 
+def test_the_open_street_level_sources_fetch_into_the_catalog(
+    services, tiny_demo, tmp_path, monkeypatch
+):
+    bbox = grid_bbox_wgs84(DataRoot(tiny_demo).grid)
+    panoramas = install_amsterdam_panorama(services.server, bbox, count=5)
+    images = install_mapillary(services.server, bbox, token=MAPILLARY_TOKEN, count=8)
+    monkeypatch.setenv("MAPILLARY_TOKEN", MAPILLARY_TOKEN)
+    out = tmp_path / "amsterdam"
+    endpoints = services.endpoints | {
+        "amsterdam_panorama": panoramas.endpoint,
+        "mapillary": images.endpoint,
+    }
+
+    def config(**options: Any) -> FetchConfig:
+        return services.config(
+            out,
+            sources=["amsterdam_panorama", "mapillary"],
+            panorama_headings=[0, 120, 240],
+            panorama_since="2018-01-01",
+            endpoint=endpoints,
+            **options,
+        )
+
+    code, printed = fetch(config())
+    assert code == 0, printed
+    assert "Amsterdam panoramas: 4 requests" in printed  # 3 panoramas since 2018, 1 page
+    assert "Mapillary: " in printed and "CC BY-SA 4.0" in printed
+    catalog = read_catalog(DataRoot(out).catalog, check_images=True)
+    assert catalog.problems.empty
+    counts = catalog.images["source"].value_counts().to_dict()
+    assert counts == {"amsterdam_panorama": 3 * 3, "mapillary": 8}
+    assert (
+        catalog.images.loc[catalog.images["source"] == "amsterdam_panorama", "captured_at"]
+        >= pd.Timestamp("2018-01-01", tz="UTC")
+    ).all()
+    steps = json.loads((out / MANIFEST).read_text())["steps"]
+    assert steps["amsterdam_panorama"]["panoramas_per_year"] == {"2019": 2, "2021": 1}
+    assert steps["mapillary"]["images"] == 8 and steps["mapillary"]["status"] == "done"
+    assert steps["mapillary"]["licence"].startswith("Mapillary: every image CC BY-SA 4.0")
+    for name in ("amsterdam_panorama", "mapillary"):
+        assert (out / "cache" / "http" / f"{name}.sqlite").is_file()
+    assert MAPILLARY_TOKEN not in printed
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert b"0b7c1e9d44aa" not in path.read_bytes(), path
+
+    # a redo asks only the plan's questions again: the searches come from the cache
+    asked = panoramas.api_requests, images.searches
+    fetched_images = sum(panoramas.image_requests.values()), sum(images.thumb_requests.values())
+    code, printed = fetch(config(redo=["amsterdam_panorama", "mapillary"]))
+    assert code == 0, printed
+    sample = min(4, len(tiles(bbox)))
+    assert (panoramas.api_requests, images.searches) == (asked[0] + 1, asked[1] + sample)
+    assert (
+        sum(panoramas.image_requests.values()),
+        sum(images.thumb_requests.values()),
+    ) == fetched_images
+
+
 def test_a_failing_step_stops_the_fetch_and_a_rerun_resumes_it(services, tiny_demo, tmp_path):
     out = tmp_path / "amsterdam"
     served = FetchArea("Amsterdam", "0363", "Noord-Holland", demo_outline(tiny_demo))
@@ -732,7 +817,8 @@ def test_the_same_municipalities_continue_a_root_and_others_are_refused(
     code, printed = fetch(services.config(root, municipality="Oostdorp,westdorp"))
     assert code == 0
     for step in STEP_NAMES:
-        assert f"{step}: done before, skipped" in printed
+        if step not in OPT_IN_SOURCES:  # a fetch without --sources leaves them out
+            assert f"{step}: done before, skipped" in printed
     assert services.image_requests() == before
 
     manifest = (root / MANIFEST).read_bytes()

@@ -121,7 +121,7 @@ def test_bad_rows_are_rejected_and_reported(tmp_path: Path) -> None:
             ("nofile", "flickr", "img/gone.jpg", 0, "2020-01-01", *DAM_LONLAT),
             ("twice", "gsv", image, 0, "2020-01-01", *DAM_LONLAT),
             ("twice", "other", image, 0, "2020-01-01", *DAM_LONLAT),
-            ("insta", "instagram", image, 0, "2020-01-01", *DAM_LONLAT),
+            ("insta", "Insta gram!", image, 0, "2020-01-01", *DAM_LONLAT),
             ("when", "gsv", image, 0, "yesterday", *DAM_LONLAT),
             ("which way", "gsv", image, "north", "2020-01-01", *DAM_LONLAT),
             ("where", "gsv", image, 0, "2020-01-01", np.nan, DAM_LONLAT[1]),
@@ -145,7 +145,7 @@ def test_bad_rows_are_rejected_and_reported(tmp_path: Path) -> None:
         (5, "missing file"),
         (6, "duplicate id"),
         (7, "duplicate id"),
-        (8, "unknown source"),
+        (8, "bad source"),
         (9, "bad captured_at"),
         (10, "bad heading"),
         (11, "missing position"),
@@ -155,15 +155,16 @@ def test_bad_rows_are_rejected_and_reported(tmp_path: Path) -> None:
     assert text["swapped"] == "lat/lon swapped? (lon=52.3731, lat=4.8926)"
     assert text["nofile"] == f"image file not found: {tmp_path / 'img' / 'gone.jpg'}"
     assert text["twice"] == "duplicate id 'twice' (2 rows)"
-    assert (
-        text["insta"] == "unknown source 'instagram' (expected one of ['gsv', 'flickr', 'other'])"
+    assert text["insta"] == (
+        "bad source 'Insta gram!' (expected a name of lower-case letters, digits and _, such as "
+        "gsv, flickr, mapillary or other)"
     )
     assert text["when"] == "captured_at 'yesterday' is not an ISO 8601 time"
     assert text["which way"] == "heading 'north' is not a number"
     assert text["where"] == "missing or non-numeric lon/lat"
     assert catalog.summary().endswith(
         "9 rejected (1 outside the Netherlands, 1 swapped position, 1 missing file, "
-        "2 duplicate id, 1 unknown source, 1 bad captured_at, 1 bad heading, 1 missing position)"
+        "2 duplicate id, 1 bad source, 1 bad captured_at, 1 bad heading, 1 missing position)"
     )
 
 

@@ -12,6 +12,7 @@ from core.sources.http import (
     HttpClient,
     Politeness,
     RateLimiter,
+    cached_session,
     redact,
     retry_after_s,
 )
@@ -179,3 +180,48 @@ def test_download_many_resumes_without_refetching(httpserver, tmp_path):
     assert (tmp_path / "5.bin").read_bytes() == b"tile5"
     with pytest.raises(FetchError, match="1 tiles failed .* 6 on disk are kept"):
         report.raise_for_failures("tiles")
+
+
+def test_download_many_takes_items_in_bounded_batches(httpserver, tmp_path):
+    drawn = []
+    seen_at_request = []
+
+    def handler(request):
+        seen_at_request.append(len(drawn))
+        return Response(b"tile")
+
+    httpserver.expect_request("/t").respond_with_handler(handler)
+
+    def items():
+        for i in range(200):
+            drawn.append(i)
+            yield httpserver.url_for("/t"), tmp_path / f"{i}.bin", None
+
+    politeness = Politeness(requests_per_second=0, concurrency=2, retries=0)
+    report = HttpClient(politeness, sleep=Sleeps()).download_many(items(), show_progress=False)
+    assert report.fetched == 200
+    # the first request starts before more than one batch (8 items per thread) is drawn
+    assert seen_at_request[0] <= 2 * 8
+    assert max(seen_at_request) == 200
+
+
+def test_a_refused_answer_keeps_its_body_without_the_key(httpserver):
+    body = '{"error": {"message": "Invalid OAuth access token data.", "code": 190}}'
+    httpserver.expect_request("/graph").respond_with_data(body, status=401)
+    client = HttpClient(FAST, sleep=Sleeps())
+    with pytest.raises(FetchError) as caught:
+        client.get(httpserver.url_for("/graph"), {"access_token": "MLY|123|secret"})
+    assert caught.value.status == 401 and caught.value.body == body
+    assert "MLY|123|secret" not in str(caught.value) and "access_token=***" in str(caught.value)
+
+
+def test_the_cache_keeps_answers_but_not_images(httpserver, tmp_path):
+    httpserver.expect_request("/meta").respond_with_json({"status": "OK"})
+    httpserver.expect_request("/img").respond_with_data(b"\xff\xd8\xff", content_type="image/jpeg")
+    for _ in range(2):
+        client = HttpClient(FAST, session=cached_session(tmp_path / "c.sqlite"), sleep=Sleeps())
+        assert client.get_json(httpserver.url_for("/meta"), {"key": "k-123"}) == {"status": "OK"}
+        assert client.get(httpserver.url_for("/img")).content == b"\xff\xd8\xff"
+    paths = [request.path for request, _ in httpserver.log]
+    assert paths.count("/meta") == 1 and paths.count("/img") == 2
+    assert b"k-123" not in (tmp_path / "c.sqlite").read_bytes()

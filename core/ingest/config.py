@@ -14,14 +14,25 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-SourceName = Literal["lbm", "aerial", "osm", "flickr", "gsv"]
-StepName = Literal["lbm", "grid", "aerial", "osm", "flickr", "gsv"]
+SourceName = Literal["lbm", "aerial", "osm", "flickr", "gsv", "amsterdam_panorama", "mapillary"]
+StepName = Literal[
+    "lbm", "grid", "aerial", "osm", "flickr", "gsv", "amsterdam_panorama", "mapillary"
+]
 #: The sources in data-flow order: the keys of :data:`core.ingest.steps.SOURCES`.
 SOURCE_NAMES: tuple[str, ...] = SourceName.__args__
 #: The steps a fetch records in ``fetch.json``: the sources, with the grid after the labels.
 STEP_NAMES: tuple[str, ...] = StepName.__args__
 #: Services whose base URL ``--endpoint`` overrides: the outline's (PDOK), then each source's.
-ENDPOINT_NAMES: tuple[str, ...] = ("pdok", "lbm", "wmts", "overpass", "flickr", "gsv")
+ENDPOINT_NAMES: tuple[str, ...] = (
+    "pdok",
+    "lbm",
+    "wmts",
+    "overpass",
+    "flickr",
+    "gsv",
+    "amsterdam_panorama",
+    "mapillary",
+)
 #: HTTP clients whose rate ``--rate`` sets (besides ``all``): the outline's, then each source's.
 CLIENT_NAMES: tuple[str, ...] = (
     "pdok",
@@ -31,7 +42,13 @@ CLIENT_NAMES: tuple[str, ...] = (
     "flickr",
     "flickr-images",
     "gsv",
+    "amsterdam_panorama",
+    "amsterdam_panorama-images",
+    "mapillary",
+    "mapillary-images",
 )
+#: Sources a fetch runs only when --sources names them (a whole city's panoramas is large).
+OPT_IN_SOURCES: tuple[str, ...] = ("amsterdam_panorama", "mapillary")
 DEFAULT_HEADINGS = (0.0, 90.0, 180.0, 270.0)
 #: The ``municipality`` that asks for every municipality of ``province``.
 EVERY_MUNICIPALITY = "all"
@@ -71,9 +88,10 @@ class FetchConfig:
     """More Leefbaarometer editions to fetch besides --year, e.g. 2018 2016 (the change between
     editions)."""
     sources: list[SourceName] | None = None
-    """Sources to fetch, in any order: lbm, aerial, osm, flickr, gsv (default: every source;
-    flickr and gsv are then skipped without their key, while asking for them without it is an
-    error)."""
+    """Sources to fetch, in any order: lbm, aerial, osm, flickr, gsv, amsterdam_panorama,
+    mapillary (default: lbm, aerial, osm, flickr and gsv; flickr and gsv are then skipped without
+    their key, while asking for a keyed source without it is an error; amsterdam_panorama and
+    mapillary run only when named)."""
     province: str | None = None
     """The municipalities' province, when a name is ambiguous, e.g. Limburg; with the
     municipality all, the province to fetch whole, e.g. Noord-Holland."""
@@ -97,6 +115,17 @@ class FetchConfig:
     gsv_panos: str | None = None
     """A CSV or Parquet file of extra Street View panorama ids (column pano_id) to fetch as well:
     older captures, which the API finds only by id."""
+    panorama_since: str | None = None
+    """Earliest capture date of Amsterdam panoramas, an ISO date, e.g. 2018-01-01 (default:
+    all, from 2016)."""
+    panorama_until: str | None = None
+    """Latest capture date of Amsterdam panoramas, an ISO date (default: today)."""
+    panorama_headings: list[float] = field(default_factory=lambda: list(DEFAULT_HEADINGS))
+    """Compass headings of the perspective views cut from each Amsterdam panorama, degrees."""
+    panorama_fov: float = 90.0
+    """Horizontal field of view of the Amsterdam panorama views, degrees (0 < fov < 180)."""
+    mapillary_since: str | None = None
+    """Earliest capture time of Mapillary images, an ISO date or date-time (default: all)."""
     lbm_release: list[str] | None = None
     """Import a downloaded Leefbaarometer release instead of the WFS: the scores CSV and the
     grid GeoPackage, or one zip holding both."""
@@ -105,13 +134,14 @@ class FetchConfig:
     extract) instead of Overpass."""
     endpoint: dict[str, str] = field(default_factory=dict)
     """Another base URL per service (a mirror, a proxy, a test server), by service name: pdok,
-    lbm, wmts, overpass, flickr, gsv."""
+    lbm, wmts, overpass, flickr, gsv, amsterdam_panorama, mapillary."""
     rate: dict[str, float] = field(default_factory=dict)
     """Requests per second per HTTP client (0 = no limit), by client name: pdok, lbm, wmts,
-    overpass, flickr, flickr-images, gsv, or all."""
+    overpass, flickr, flickr-images, gsv, amsterdam_panorama, amsterdam_panorama-images,
+    mapillary, mapillary-images, or all."""
     redo: list[StepName] = field(default_factory=list)
     """Steps to run again even when fetch.json records them as done: lbm, grid, aerial, osm,
-    flickr, gsv."""
+    flickr, gsv, amsterdam_panorama, mapillary."""
     dry_run: bool = False
     """Print the plan (requests, size, time, cost, licences) and stop."""
     quiet: bool = False
@@ -149,6 +179,15 @@ class FetchConfig:
         if not self.gsv_headings:
             raise ValueError("--gsv-headings: give at least one heading")
         _datetime(self.flickr_since)
+        for name in ("panorama_since", "panorama_until", "mapillary_since"):
+            if getattr(self, name) is not None:
+                _datetime(getattr(self, name), name)
+        self.panorama_headings = [float(h) for h in self.panorama_headings]
+        self.panorama_fov = float(self.panorama_fov)
+        if not self.panorama_headings:
+            raise ValueError("--panorama-headings: give at least one heading")
+        if not 0 < self.panorama_fov < 180:
+            raise ValueError(f"--panorama-fov {self.panorama_fov}: must be in (0, 180)")
         _licence_choice(self.flickr_licenses)
         if self.lbm_release is not None and not 1 <= len(self.lbm_release) <= 2:
             raise ValueError(
@@ -211,6 +250,11 @@ class FetchConfig:
         """``flickr_since`` as a datetime."""
         return _datetime(self.flickr_since)
 
+    def date_of(self, name: str) -> datetime | None:
+        """The date option ``name`` (``panorama_since``, ...) parsed; None when unset."""
+        text = getattr(self, name)
+        return None if text is None else _datetime(text, name)
+
     @property
     def licence_ids(self) -> frozenset[int] | None:
         """The Flickr licence ids to keep; None keeps every licence."""
@@ -246,13 +290,13 @@ class FetchConfig:
         return self.rate.get(client, self.rate.get("all"))
 
 
-def _datetime(text: str) -> datetime:
-    """``flickr_since`` parsed."""
+def _datetime(text: str, name: str = "flickr_since") -> datetime:
+    """A date option (``flickr_since`` and the like) parsed."""
     try:
         return datetime.fromisoformat(text)
     except (TypeError, ValueError):
         raise ValueError(
-            f"--flickr-since {text!r}: expected an ISO date such as 2004-01-01"
+            f"{_option(name)} {text!r}: expected an ISO date such as 2004-01-01"
         ) from None
 
 

@@ -23,11 +23,13 @@ def choose_sources(config: FetchConfig) -> tuple[dict[str, Source], dict[str, st
             has no key.
         FileNotFoundError: for a local file to import that does not exist.
     """
-    asked = config.sources or list(SOURCES)
+    asked = config.sources or [name for name, s in SOURCES.items() if not s.opt_in]
     chosen, skipped = {}, {}
     for name, source in SOURCES.items():
         if name not in asked:
-            skipped[name] = "not in --sources"
+            skipped[name] = "not in --sources" + (
+                " (runs only when named)" if source.opt_in and config.sources is None else ""
+            )
             continue
         if source.key_env is not None and source.key() is None:
             if config.sources is not None:

@@ -14,11 +14,12 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from core.dataroot import DataRoot
-from core.sources.http import Estimate, HttpClient, Politeness
+from core.sources.http import CACHE_EXPIRY, Estimate, HttpClient, Politeness, cached_session
 
 if TYPE_CHECKING:
     from core.ingest.area import FetchArea
@@ -49,6 +50,8 @@ class Service:
     """The environment variable holding its API key; None when it needs none."""
     key_help: ClassVar[str] = ""
     """Where to get a key."""
+    cache_expiry: ClassVar[timedelta] = CACHE_EXPIRY
+    """How long its cached answers are reused (see :meth:`client`)."""
 
     def __init__(self, config: FetchConfig) -> None:
         self.config = config
@@ -70,11 +73,17 @@ class Service:
         """The secret values set for it (its key), scrubbed from every message."""
         return [s for s in (cls.key(),) if s]
 
-    def client(self, name: str | None = None) -> HttpClient:
+    def client(self, name: str | None = None, cache: DataRoot | None = None) -> HttpClient:
         """A new HTTP client ``name`` (default: the first of :attr:`politeness`) that scrubs
-        :meth:`secrets`."""
-        politeness = self.politeness[name or next(iter(self.politeness))]
-        return HttpClient(politeness, secrets=self.secrets())
+        :meth:`secrets`; with ``cache``, its answers are kept in
+        ``cache/http/<name>.sqlite`` of that data root (metadata and search clients)."""
+        name = name or next(iter(self.politeness))
+        session = (
+            cached_session(cache.cache / "http" / f"{name}.sqlite", self.cache_expiry)
+            if cache
+            else None
+        )
+        return HttpClient(self.politeness[name], secrets=self.secrets(), session=session)
 
 
 class Source(Service, ABC):
@@ -88,6 +97,8 @@ class Source(Service, ABC):
     feeds_grid: ClassVar[bool] = False
     """True for sources of labels: they run before the grid is built, which then holds and
     flags the cells they label."""
+    opt_in: ClassVar[bool] = False
+    """True for sources a fetch runs only when ``--sources`` names them."""
 
     @abstractmethod
     def params(self, area: FetchArea) -> dict[str, Any]:

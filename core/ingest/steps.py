@@ -6,7 +6,10 @@ registry :data:`SOURCES` in data-flow order:
 2. ``aerial``: the PDOK aerial mosaic of the year;
 3. ``osm``: OpenStreetMap streets, water and parks (Overpass, or a local OSM file);
 4. ``flickr``: Flickr photos, and 5. ``gsv``: Google Street View views along the OSM streets,
-   into the catalog.
+   into the catalog;
+6. ``amsterdam_panorama``: the City of Amsterdam's panoramas cut into views, and
+   7. ``mapillary``: Mapillary images, into the catalog (both only when ``--sources`` names
+   them; their search answers are cached under ``cache/http/``).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,7 +30,7 @@ from core.dataroot import DataRoot
 from core.grid import RD_NEW, Bounds, cell_id, grid_for_boundary
 from core.ingest.area import FetchArea, Outline
 from core.ingest.source import Say, Service, Source, outputs
-from core.sources import flickr, gsv
+from core.sources import amsterdam_panorama, flickr, gsv, mapillary
 from core.sources.catalog import WGS84
 from core.sources.http import Estimate, Politeness, redact
 from core.sources.lbm import read_lbm
@@ -347,7 +350,7 @@ class GsvSource(Source):
             pano_csv=self._panos(),
             max_requests=self.config.gsv_max_requests,
             api_key=self.key(),
-            client=self.client(),
+            client=self.client(cache=root),  # metadata cached; the views are files
             endpoint=self.endpoint,
             show_progress=self.config.show_progress,
         )
@@ -372,6 +375,135 @@ class GsvSource(Source):
         )
 
 
+class AmsterdamPanoramaSource(Source):
+    """The City of Amsterdam's panoramas in the outline's WGS84 box, captured between
+    ``panorama_since`` and ``panorama_until``, cut into views at ``panorama_headings`` with
+    ``panorama_fov``."""
+
+    name = "amsterdam_panorama"
+    licence = amsterdam_panorama.LICENCE
+    service = "amsterdam_panorama"
+    endpoint = amsterdam_panorama.PANORAMA_API
+    politeness = {
+        "amsterdam_panorama": amsterdam_panorama.API_POLITENESS,
+        "amsterdam_panorama-images": amsterdam_panorama.IMAGE_POLITENESS,
+    }
+    opt_in = True
+
+    @override
+    def params(self, area: FetchArea) -> dict[str, Any]:
+        c = self.config
+        return {
+            "endpoint": self.endpoint,
+            "bbox_lonlat": area.bbox_wgs84,
+            "since": c.panorama_since,
+            "until": c.panorama_until,
+            "headings": c.panorama_headings,
+            "fov": c.panorama_fov,
+        }
+
+    @override
+    def estimate(self, root: DataRoot, area: FetchArea) -> Estimate:
+        return amsterdam_panorama.estimate_amsterdam_panorama(
+            area.bbox_wgs84,
+            **self._window(),
+            spec=self._spec(),
+            client=self.client("amsterdam_panorama"),
+            endpoint=self.endpoint,
+            image_politeness=self.politeness["amsterdam_panorama-images"],
+        )
+
+    @override
+    def fetch(self, root: DataRoot, area: FetchArea, say: Say = print) -> dict[str, Any]:
+        done = amsterdam_panorama.fetch_amsterdam_panorama(
+            root,
+            area.bbox_wgs84,
+            **self._window(),
+            spec=self._spec(),
+            client=self.client("amsterdam_panorama", cache=root),
+            image_client=self.client("amsterdam_panorama-images"),
+            endpoint=self.endpoint,
+            show_progress=self.config.show_progress,
+        )
+        years = done.rows.drop_duplicates("pano_id")["captured_at"].dt.year.value_counts()
+        return {
+            "outputs": outputs(root, done.catalog),
+            "panoramas": int(done.rows["pano_id"].nunique()),
+            "views": len(done.rows),
+            "fetched": done.report.fetched,
+            "skipped": done.report.skipped,
+            "panoramas_per_year": {str(int(y)): int(n) for y, n in sorted(years.items())},
+        }
+
+    def _window(self) -> dict[str, Any]:
+        since, until = (self.config.date_of(n) for n in ("panorama_since", "panorama_until"))
+        return {"after": since and since.date(), "before": until and until.date()}
+
+    def _spec(self) -> amsterdam_panorama.ViewSpec:
+        c = self.config
+        return amsterdam_panorama.ViewSpec(headings=tuple(c.panorama_headings), fov=c.panorama_fov)
+
+
+class MapillarySource(Source):
+    """Mapillary images in the outline's WGS84 box, captured since ``mapillary_since``."""
+
+    name = "mapillary"
+    licence = (
+        f"Mapillary: every image {mapillary.LICENCE} ({mapillary.LICENCE_URL}); creator "
+        "recorded per row, attribution and share-alike needed"
+    )
+    service = "mapillary"
+    endpoint = mapillary.GRAPH
+    politeness = {
+        "mapillary": mapillary.API_POLITENESS,
+        "mapillary-images": mapillary.IMAGE_POLITENESS,
+    }
+    key_env = mapillary.TOKEN_ENV
+    key_help = "a client token from https://www.mapillary.com/dashboard/developers"
+    opt_in = True
+    cache_expiry = timedelta(days=1)
+    """Short: the thumbnail URLs in the answers are signed and expire."""
+
+    @override
+    def params(self, area: FetchArea) -> dict[str, Any]:
+        return {
+            "endpoint": self.endpoint,
+            "bbox_lonlat": area.bbox_wgs84,
+            "since": self.config.mapillary_since,
+        }
+
+    @override
+    def estimate(self, root: DataRoot, area: FetchArea) -> Estimate:
+        return mapillary.estimate_mapillary(
+            area.bbox_wgs84,
+            since=self.config.date_of("mapillary_since"),
+            token=self.key(),
+            client=self.client("mapillary"),
+            endpoint=self.endpoint,
+            image_politeness=self.politeness["mapillary-images"],
+        )
+
+    @override
+    def fetch(self, root: DataRoot, area: FetchArea, say: Say = print) -> dict[str, Any]:
+        done = mapillary.fetch_mapillary(
+            root,
+            area.bbox_wgs84,
+            since=self.config.date_of("mapillary_since"),
+            token=self.key(),
+            client=self.client("mapillary", cache=root),
+            image_client=self.client("mapillary-images"),
+            endpoint=self.endpoint,
+            show_progress=self.config.show_progress,
+        )
+        return {
+            "outputs": outputs(root, done.catalog),
+            "images": len(done.rows),
+            "sequences": int(done.rows["sequence"].nunique()),
+            "fetched": done.report.fetched,
+            "skipped": done.report.skipped,
+        }
+
+
 def street_points(root: DataRoot, area: FetchArea, spacing_m: float) -> np.ndarray:
     """WGS84 points every ``spacing_m`` along the streets whose cell is in the area."""
     points = gsv.street_points_lonlat(root.streets, spacing_m)
@@ -382,7 +514,16 @@ def street_points(root: DataRoot, area: FetchArea, spacing_m: float) -> np.ndarr
 #: The sources a fetch can run, by name, in data-flow order (a source may use what an earlier
 #: one wrote: the grid the labels, Street View the OSM streets). Register a new source here.
 SOURCES: dict[str, type[Source]] = {
-    source.name: source for source in (LbmSource, AerialSource, OsmSource, FlickrSource, GsvSource)
+    source.name: source
+    for source in (
+        LbmSource,
+        AerialSource,
+        OsmSource,
+        FlickrSource,
+        GsvSource,
+        AmsterdamPanoramaSource,
+        MapillarySource,
+    )
 }
 
 

@@ -25,7 +25,10 @@ from pyproj import CRS, Transformer
 from core.grid import RD_NEW, cell_id
 from core.io import read_table, require_columns, write_atomic
 
+#: The sources every count lists (0 where absent); the catalog accepts any :data:`SOURCE_NAME`.
 SOURCES = ("gsv", "flickr", "other")
+#: A source name: lower-case letters, digits and ``_`` (``amsterdam_panorama``, ``mapillary``).
+SOURCE_NAME = r"[a-z][a-z0-9_]*"
 REQUIRED_COLUMNS = ("id", "source", "path", "heading", "captured_at")
 OPTIONAL_COLUMNS = ("pano_id", "title", "tags", "license")
 IMAGE_COLUMNS = (
@@ -47,9 +50,15 @@ WGS84 = "EPSG:4326"
 HEADING_RANGE = (0.0, 360.0)
 #: Earliest plausible capture time per source: Google Street View launched in May 2007 (in
 #: the Netherlands from 2008), Flickr in February 2004 (older "taken" dates are scans or
-#: unset camera clocks, and say nothing about today's street); other sources from 1990, the
+#: unset camera clocks, and say nothing about today's street), the City of Amsterdam's
+#: panoramas in 2014 (its own camera from 2016); other sources from 1990, the
 #: first plausible label year (core.sources.lbm.FIRST_YEAR).
-FIRST_CAPTURE = {"gsv": "2007-01-01", "flickr": "2004-01-01", "other": "1990-01-01"}
+FIRST_CAPTURE = {
+    "gsv": "2007-01-01",
+    "flickr": "2004-01-01",
+    "amsterdam_panorama": "2014-01-01",
+    "other": "1990-01-01",
+}
 #: Slack on "not in the future" for clocks and time zones.
 _FUTURE_SLACK = pd.Timedelta(days=1)
 #: A JPEG ends in an end-of-image marker; a valid file may carry a short trailer after it.
@@ -80,7 +89,8 @@ class Catalog:
     def summary(self) -> str:
         """One line: images per source, cells covered and rejected rows by problem."""
         per_source = self.images["source"].value_counts()
-        sources = ", ".join(f"{s} {int(per_source.get(s, 0))}" for s in SOURCES)
+        names = [*SOURCES, *sorted(set(per_source.index) - set(SOURCES))]
+        sources = ", ".join(f"{s} {int(per_source.get(s, 0))}" for s in names)
         text = (
             f"{self.path.name}: {len(self.images)} images ({sources}) in "
             f"{self.images['cell_id'].nunique()} cells; "
@@ -99,7 +109,8 @@ def read_catalog(
 
     Rows are rejected, listed in ``problems`` and counted in one warning (which names the
     first row of each kind of problem, with its file: :func:`problem_examples`) when: the id is
-    missing or duplicated (every row of a duplicated id), the source is not gsv/flickr/other,
+    missing or duplicated (every row of a duplicated id), the source is not a name
+    (:data:`SOURCE_NAME`: gsv, flickr, amsterdam_panorama, mapillary, other, ...),
     the path is missing, lies outside ``root`` (``/etc/passwd``, ``../../x.jpg``; with
     ``check_files`` also through symlinks) or (with ``check_files``) the file does not exist,
     (with ``check_images``) the file is not a readable image, heading is not a number or not
@@ -141,9 +152,12 @@ def read_catalog(
 
     source = table["source"].astype(str).str.strip().str.lower()
     flag(
-        ~source.isin(SOURCES).to_numpy(),
-        "unknown source",
-        lambda i: f"unknown source {table['source'][i]!r} (expected one of {list(SOURCES)})",
+        ~source.str.fullmatch(SOURCE_NAME).to_numpy(),
+        "bad source",
+        lambda i: (
+            f"bad source {table['source'][i]!r} (expected a name of lower-case letters, "
+            "digits and _, such as gsv, flickr, mapillary or other)"
+        ),
     )
 
     no_path = _blank(table["path"])

@@ -5,14 +5,20 @@ retries with exponential backoff on 429 / 5xx / connection errors, and ``Retry-A
 Downloads are resumable (a file already on disk is skipped) and atomic (temp file + rename),
 and an optional validator rejects corrupt payloads (a truncated JPEG tile) before they land.
 
-API keys travel as query parameters (Flickr ``api_key``, Google ``key``/``signature``); every
-message, log line and exception this module produces has their values replaced by ``***``.
+API keys travel as query parameters (Flickr ``api_key``, Google ``key``/``signature``, Mapillary
+``access_token``); every message, log line and exception this module produces has their values
+replaced by ``***``.
+
+Metadata and search answers can be cached on disk (:func:`cached_session`, requests-cache with a
+SQLite file): a rerun after a failure answers the requests it made before from the cache, without
+waiting for the rate limit; secrets are left out of the cache keys and the stored requests.
 """
 
 from __future__ import annotations
 
 import email.utils
 import functools
+import itertools
 import logging
 import os
 import random
@@ -22,6 +28,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -33,10 +40,20 @@ from tqdm.auto import tqdm
 log = logging.getLogger(__name__)
 
 #: Query parameters whose values are secrets and never appear in logs, errors or files.
-SECRET_PARAMS = frozenset({"key", "api_key", "apikey", "signature", "client_secret", "token"})
+SECRET_PARAMS = frozenset(
+    {"key", "api_key", "apikey", "signature", "client_secret", "token", "access_token"}
+)
 _SECRET_IN_URL = re.compile(r"(?i)([?&](?:" + "|".join(sorted(SECRET_PARAMS)) + r")=)[^&#\s'\"]*")
+# Secret values in URLs inside an answer (a Graph API ``paging.next`` repeats the token).
+_SECRET_IN_BODY = re.compile(
+    rb"(?i)([?&](?:" + "|".join(sorted(SECRET_PARAMS)).encode() + rb")=)[^&#\s'\"\\]*"
+)
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+#: Characters of a refused answer kept in :attr:`FetchError.body`.
+_ERROR_BODY_CHARS = 2000
 USER_AGENT = "stadsbeeld/0.1 (+https://github.com/stadsbeeld; urban imagery research)"
+#: How long a cached metadata answer is reused by default.
+CACHE_EXPIRY = timedelta(days=7)
 
 
 class FetchError(RuntimeError):
@@ -45,11 +62,14 @@ class FetchError(RuntimeError):
     Attributes:
         status: the HTTP status when the failure was one (404, or 503 after the last
             retry); None for connection errors, corrupt payloads and other failures.
+        body: the start of the refused answer (secrets redacted), for clients that read an
+            API's error JSON; empty when there was none.
     """
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, body: str = "") -> None:
         super().__init__(message)
         self.status = status
+        self.body = body
 
 
 @dataclass(frozen=True)
@@ -150,6 +170,9 @@ class DownloadReport:
             )
 
 
+#: Download items submitted per thread at a time by :meth:`HttpClient.download_many`.
+_ITEMS_PER_THREAD = 8
+
 #: Checks a downloaded payload; raises ValueError when it is corrupt.
 Validator = Callable[[bytes], None]
 
@@ -201,9 +224,10 @@ class HttpClient:
         p = self.politeness
         problem = ""
         for attempt in range(p.retries + 1):
-            self._limiter.wait()
-            with self._count_lock:
-                self.requests_made += 1
+            if not self._cached(full):  # a cached answer costs the service nothing
+                self._limiter.wait()
+                with self._count_lock:
+                    self.requests_made += 1
             wait: float | None = None
             status: int | None = None
             try:
@@ -231,14 +255,24 @@ class HttpClient:
                             status,
                         )
                 else:
+                    body = scrub(response.text[:_ERROR_BODY_CHARS])
                     raise FetchError(
-                        f"{shown}: HTTP {response.status_code} {scrub(response.text[:200])!r}",
+                        f"{shown}: HTTP {response.status_code} {body[:200]!r}",
                         response.status_code,
+                        body,
                     )
             if attempt == p.retries:
                 break
             self.backoff(attempt, f"{shown}: {problem}", wait)
         raise FetchError(f"{shown}: {problem} after {p.retries + 1} attempts", status)
+
+    def _cached(self, url: str) -> bool:
+        """Whether a cached session holds a fresh answer to GET ``url``."""
+        cache = getattr(self.session, "cache", None)
+        if cache is None:
+            return False
+        cached = cache.get_response(cache.create_key(requests.Request("GET", url)))
+        return cached is not None and not cached.is_expired
 
     def backoff(self, attempt: int, reason: str, wait: float | None = None) -> None:
         """Wait before retry ``attempt + 1`` of a failed request, and log why.
@@ -304,6 +338,8 @@ class HttpClient:
     ) -> DownloadReport:
         """Download ``(url, dest, params)`` items with ``concurrency`` threads.
 
+        Items are taken from ``items`` in bounded batches (a few per thread), never all at
+        once, so a generator over a million images is not turned into a million pending tasks.
         Files already on disk are skipped without a request. A failing item is recorded in the
         report and the others go on; call :meth:`DownloadReport.raise_for_failures` after.
         """
@@ -329,9 +365,58 @@ class HttpClient:
             tqdm(total=total, desc=desc, unit="file", disable=not show_progress) as bar,
             ThreadPoolExecutor(self.politeness.concurrency) as pool,
         ):
-            for _ in pool.map(one, items):
-                bar.update(1)
+            batch = max(1, self.politeness.concurrency) * _ITEMS_PER_THREAD
+            iterator = iter(items)
+            while chunk := list(itertools.islice(iterator, batch)):
+                for _ in pool.map(one, chunk):
+                    bar.update(1)
         return report
+
+
+def cached_session(
+    path: str | PathLike, expire_after: timedelta = CACHE_EXPIRY
+) -> requests.Session:
+    """A ``requests`` session that keeps good (HTTP 200) GET answers in a SQLite file.
+
+    For metadata and search requests, so that a rerun after a failure does not ask again:
+    requests-cache answers them from ``path`` until they are ``expire_after`` old. The values
+    of :data:`SECRET_PARAMS` are not part of the cache keys, and are replaced by ``***`` in
+    URLs inside the answers before they are stored (and read). Images (``image/*``) are not
+    stored: they are files on disk already, so one client may fetch both.
+
+    Args:
+        path: the SQLite file (created with its folder).
+        expire_after: how long an answer is reused.
+    """
+    import requests_cache  # only fetches that cache need it
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    session = requests_cache.CachedSession(
+        backend=requests_cache.SQLiteCache(path),
+        expire_after=expire_after,
+        allowable_codes=(200,),
+        allowable_methods=("GET",),
+        ignored_parameters=sorted(SECRET_PARAMS),
+        stale_if_error=False,
+        filter_fn=_not_an_image,
+    )
+    session.hooks["response"].append(_redact_secrets_in_body)
+    return session
+
+
+def _not_an_image(response: requests.Response) -> bool:
+    """Whether an answer may be cached: images are files on disk, never cache entries."""
+    return not response.headers.get("Content-Type", "").startswith("image/")
+
+
+def _redact_secrets_in_body(response: requests.Response, *args: Any, **kwargs: Any) -> None:
+    """Replace secret values in URLs of an answer by ``***`` before it is cached or read.
+
+    Clients that follow such a URL (a next page) put their own key back.
+    """
+    if _SECRET_IN_BODY.search(response.content):
+        response._content = _SECRET_IN_BODY.sub(rb"\1***", response.content)
 
 
 @dataclass(frozen=True)
