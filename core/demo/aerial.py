@@ -112,14 +112,16 @@ def write_aerial(
             raise ValueError(
                 f"{like}: {dst.width} x {dst.height} px, not the {width} x {height} of these bounds"
             )
-        for top, left in tiles:
-            rows, cols = min(_TILE, height - top), min(_TILE, width - left)
+        for top, lefts in _runs(tiles):
+            rows = min(_TILE, height - top)
+            widths = [min(_TILE, width - left) for left in lefts]
             transform = from_origin(
-                minx + left * PIXEL_SIZE, maxy - top * PIXEL_SIZE, PIXEL_SIZE, PIXEL_SIZE
+                minx + lefts[0] * PIXEL_SIZE, maxy - top * PIXEL_SIZE, PIXEL_SIZE, PIXEL_SIZE
             )
-            rng = np.random.default_rng([seed, 3, top, left])
-            image = _render_tile(lattices, shapes, transform, (rows, cols), rng, phase)
-            dst.write(image.transpose(2, 0, 1), window=Window(left, top, cols, rows))
+            rngs = [np.random.default_rng([seed, 3, top, left]) for left in lefts]
+            textures = _textures(rngs, rows, widths)
+            image = _render_window(lattices, shapes, transform, textures, phase)
+            dst.write(image.transpose(2, 0, 1), window=Window(lefts[0], top, sum(widths), rows))
     tmp.replace(path)
     return path
 
@@ -165,14 +167,44 @@ def _tiles_near(
     return [tile for tile in tiles if tile in wanted]
 
 
-def _render_tile(
-    latents: dict,
-    shapes: dict,
-    transform: Affine,
-    shape: tuple[int, int],
-    rng: np.random.Generator,
-    phase: float,
+def _runs(tiles: list[tuple[int, int]]) -> list[tuple[int, list[int]]]:
+    """The tiles as runs of neighbours in a tile row: ``(top, [left, ...])``, drawn together
+    (the water and parks are rasterised once a run, not once a tile)."""
+    runs: list[tuple[int, list[int]]] = []
+    for top, left in sorted(tiles):
+        if runs and runs[-1][0] == top and runs[-1][1][-1] + _TILE == left:
+            runs[-1][1].append(left)
+        else:
+            runs.append((top, [left]))
+    return runs
+
+
+def _textures(
+    rngs: list[np.random.Generator], rows: int, widths: list[int]
+) -> dict[str, np.ndarray]:
+    """The random textures of tiles side by side, each drawn from its own generator in one
+    fixed order, so a tile's pixels do not depend on which tiles are drawn with it."""
+    drawn = []
+    for rng, cols in zip(rngs, widths, strict=True):
+        shape = (rows, cols)
+        drawn.append(
+            {
+                "small": _blocky_noise(rng, shape, 3),
+                "large": _blocky_noise(rng, shape, 7),
+                "trees": rng.random(shape),
+                "lawn": _blocky_noise(rng, shape, 2),
+                "park": rng.random(shape),
+                "water": rng.standard_normal(shape),
+                "grain": rng.normal(0, 5, (*shape, 3)),
+            }
+        )
+    return {name: np.concatenate([d[name] for d in drawn], axis=1) for name in drawn[0]}
+
+
+def _render_window(
+    latents: dict, shapes: dict, transform: Affine, textures: dict[str, np.ndarray], phase: float
 ) -> np.ndarray:
+    shape = textures["trees"].shape
     rows, cols = shape
     # Pixel centres in lattice units (cells, from the lattice origin), for bilinear lookups.
     xs = transform.c + (np.arange(cols) + 0.5) * PIXEL_SIZE
@@ -198,31 +230,29 @@ def _render_tile(
             ).astype(bool)
         )
 
-    small, large = _blocky_noise(rng, shape, 3), _blocky_noise(rng, shape, 7)
-    parcels = np.where(
-        look["era"] > 0.5, large, small
-    )  # post-war slabs are bigger than canal houses
+    # post-war slabs are bigger than canal houses
+    parcels = np.where(look["era"] > 0.5, textures["large"], textures["small"])
     building = (
         (parcels < 0.95 * look["density"]) & ~masks["street"] & ~masks["water"] & ~masks["park"]
     )
-    trees = rng.random(shape) < 0.45 * look["greenery"]
-    lawn = _blocky_noise(rng, shape, 2) < look["greenery"]
+    trees = textures["trees"] < 0.45 * look["greenery"]
+    lawn = textures["lawn"] < look["greenery"]
 
     image = np.where(lawn[..., None], _GRASS, _PAVING)
     image = np.where((trees & ~building)[..., None], _TREE, image)
     jitter = 1 + 0.12 * (parcels[..., None] - 0.5)
     image = np.where(building[..., None], roof_colour(look["era"]) * jitter, image)
     image = np.where(masks["street"][..., None], _ASPHALT, image)
-    park_texture = np.where((rng.random(shape) < 0.5)[..., None], _TREE, _GRASS)
+    park_texture = np.where((textures["park"] < 0.5)[..., None], _TREE, _GRASS)
     image = np.where((masks["park"] & ~masks["street"])[..., None], park_texture, image)
     image = np.where(
         masks["water"][..., None],
-        _WATER * (1 + 0.05 * rng.standard_normal(shape))[..., None],
+        _WATER * (1 + 0.05 * textures["water"])[..., None],
         image,
     )
 
     strip_gain = 1 + 0.06 * np.sin(xs / 2000.0 + phase)  # flight strips
-    image = image * strip_gain[None, :, None] + rng.normal(0, 5, image.shape)
+    image = image * strip_gain[None, :, None] + textures["grain"]
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
