@@ -8,10 +8,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import streamlit as st
+import streamlit.components.v1 as components
 
+from core.basemaps import Basemap
 from core.dataroot import DataRoot
+from core.grid import CELL_SIZE, cell_center, cell_origin
 from core.layers import unit_means
 from core.sources.lbm import SCORE_COLUMNS
+from core.webmap import cell_map
 from dashboard import data, maps
 
 CELL_KEY = "selected_cell"
@@ -22,6 +26,17 @@ FEW_ALPHA = 90
 #: The run kind of ``predict``'s folders (train.predict.PREDICTION_KIND; the pages never import
 #: train, which imports torch).
 PREDICTION_KIND = "prediction"
+
+
+def basemap_note(basemap: Basemap) -> str:
+    """One line saying what the map is drawn on: the base map and its provider, or why none
+    (the app then draws water and boundaries itself)."""
+    if basemap.tiles:
+        return f"Base map: {basemap.name} ({basemap.attribution_text})."
+    drawn = "water, district lines and the municipal border are drawn by the app"
+    if basemap.note:
+        return f"Offline base map: {basemap.note}, so {drawn}."
+    return f"No base map (basemap: none): {drawn}."
 
 
 def root_or_stop() -> str:
@@ -155,13 +170,19 @@ def cell_detail(root: str, cell_id: int, run: pd.Series | None = None) -> None:
     )
     labels = data.load_labels(root)
     scores = labels[labels["cell_id"] == cell_id].set_index("jaar")[list(SCORE_COLUMNS)]
-    aerial, facts = st.columns([1, 2])
-    with aerial:
-        patch = data.aerial_patch(root, cell_id)
-        if patch is None:
-            st.caption("No aerial imagery over this cell.")
-        else:
-            st.image(patch, caption="Aerial, 300 m around the cell centre", width="stretch")
+    local, facts = st.columns([1, 1])
+    with local:
+        components.html(local_map(root, cell_id, data.basemap(root)), height=LOCAL_MAP_PX)
+        st.caption(
+            "Aerial, 300 m around the cell"
+            + (
+                ""
+                if data.aerial_patch(root, cell_id, LOCAL_PATCH_M) is not None
+                else " (none here)"
+            )
+            + "; arrows are Street View images along their heading, dots photos without "
+            "one (blue GSV, pink Flickr): click one for the photo."
+        )
     with facts:
         if scores.empty:
             st.caption("No Leefbaarometer score for this cell (too few residents).")
@@ -178,6 +199,39 @@ def cell_detail(root: str, cell_id: int, run: pd.Series | None = None) -> None:
                     f"residual {p['predicted'] - p['true']:+.3f}"
                 )
     street_images(root, cell_id)
+
+
+#: The cell panel's local map: its height, and the aerial patch it shows around the cell.
+LOCAL_MAP_PX = 360
+LOCAL_PATCH_M = 300.0
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def local_map(root: str, cell_id: int, basemap: Basemap) -> str:
+    """The cell panel's folium map (:func:`core.webmap.cell_map`) as a standalone HTML page:
+    the aerial patch over ``basemap``, the cell's square and its street images as markers."""
+    x0, y0 = cell_origin(np.array([cell_id]))
+    cx, cy = cell_center(np.array([cell_id]))
+    half = LOCAL_PATCH_M / 2
+    images = data.load_images(root)
+    mine = images[images["cell_id"] == cell_id].copy()
+    mine["lon"], mine["lat"] = maps.to_lon_lat(mine["x"].to_numpy(), mine["y"].to_numpy())
+    catalog_dir = DataRoot(root).catalog.parent
+    mine["thumbnail"] = [data.thumbnail_uri(str(catalog_dir / p)) for p in mine["path"]]
+    shown = cell_map(
+        _lonlat_bounds(x0[0], y0[0], x0[0] + CELL_SIZE, y0[0] + CELL_SIZE),
+        mine.to_dict("records"),
+        data.aerial_patch(root, cell_id, LOCAL_PATCH_M),
+        _lonlat_bounds(cx[0] - half, cy[0] - half, cx[0] + half, cy[0] + half),
+        basemap,
+    )
+    return shown.get_root().render()
+
+
+def _lonlat_bounds(west: float, south: float, east: float, north: float) -> tuple:
+    """RD New bounds as lon/lat (west, south, east, north)."""
+    lon, lat = maps.to_lon_lat(np.array([west, east]), np.array([south, north]))
+    return (float(lon[0]), float(lat[0]), float(lon[1]), float(lat[1]))
 
 
 def street_images(root: str, cell_id: int, per_source: int = 6) -> None:

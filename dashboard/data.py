@@ -6,6 +6,8 @@ it; runs are listed with a short TTL so a run a worker finishes shows up without
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import warnings
 from pathlib import Path
@@ -18,6 +20,7 @@ import streamlit as st
 import yaml
 from PIL import Image
 
+from core import basemaps
 from core.dataroot import DataRoot
 from core.grid import cell_center, cell_origin, read_grid
 from core.runs import EMBEDDINGS_FILE, PREDICTIONS_FILE, list_runs, load_run
@@ -39,6 +42,10 @@ RETRAIN_ENV = "STADSBEELD_RETRAIN"
 WORKER_ENV = "STADSBEELD_START_WORKER"
 SETTINGS_FILE = "dashboard.yaml"
 SECRET_ENV = "STADSBEELD_RETRAIN_SECRET"
+BASEMAP_ENV = "STADSBEELD_BASEMAP"
+BASEMAP_ATTRIBUTION_ENV = "STADSBEELD_BASEMAP_ATTRIBUTION"
+#: How long the reachability probe of ``basemap: auto`` is trusted.
+BASEMAP_PROBE_TTL_S = 600
 #: Caps on active (queued or running) jobs and the training processes per job (above 1 the
 #: worker runs each job under torchrun), overridable in ``dashboard.yaml``.
 JOB_SETTINGS = {"max_jobs_per_session": 3, "max_jobs_queued": 10, "worker_processes": 1}
@@ -122,6 +129,34 @@ def start_worker_enabled(root: str | os.PathLike) -> bool:
     return _switch(WORKER_ENV, "start_worker", root, default=True)[0]
 
 
+def basemap(root: str | os.PathLike) -> basemaps.Basemap:
+    """The maps' base map: ``STADSBEELD_BASEMAP``, else ``basemap`` in ``dashboard.yaml``, else
+    ``auto`` (PDOK's grey map when this server reaches it, none otherwise); a URL template's
+    attribution from ``STADSBEELD_BASEMAP_ATTRIBUTION`` or ``basemap_attribution``.
+
+    Raises:
+        ValueError: for a setting that names no base map (the message names where it is set).
+    """
+    configured = settings(root)
+    where = f"{Path(root) / SETTINGS_FILE}: basemap"
+    spec = configured.get("basemap", basemaps.AUTO)
+    if os.environ.get(BASEMAP_ENV, "").strip():
+        spec, where = os.environ[BASEMAP_ENV], f"${BASEMAP_ENV}"
+    if spec is None or spec is False:  # YAML reads a bare `~`/`null` as null, `no`/`off` as false
+        spec = basemaps.NONE
+    if not isinstance(spec, str):
+        raise ValueError(f"{where}: expected a name or an XYZ URL template, got {spec!r}")
+    attribution = os.environ.get(BASEMAP_ATTRIBUTION_ENV) or configured.get("basemap_attribution")
+    return _resolved_basemap(spec, None if attribution is None else str(attribution), where)
+
+
+@st.cache_resource(show_spinner=False, ttl=BASEMAP_PROBE_TTL_S)
+def _resolved_basemap(spec: str, attribution: str | None, where: str) -> basemaps.Basemap:
+    """:func:`core.basemaps.resolve`, cached so ``auto`` probes the tile service once per
+    :data:`BASEMAP_PROBE_TTL_S` for all sessions, not on every rerun."""
+    return basemaps.resolve(spec, attribution, where=where)
+
+
 @st.cache_data(show_spinner="Loading the grid ...")
 def load_cells(root: str) -> pd.DataFrame:
     """Cells with buurt/district, the lon/lat of their lower-left corner and of their centre."""
@@ -157,8 +192,14 @@ def label_years(root: str) -> list[int]:
     return sorted(int(year) for year in load_labels(root)["jaar"].unique())
 
 
-@st.cache_resource(show_spinner="Loading the context layers ...")
 def load_context(root: str) -> dict:
+    """:func:`context_layers` with the :func:`basemap` the maps draw under them (``basemap``);
+    a new dict each call, sharing the cached layers."""
+    return {**context_layers(root), "basemap": basemap(root)}
+
+
+@st.cache_resource(show_spinner="Loading the context layers ...")
+def context_layers(root: str) -> dict:
     """Map context as serialised lon/lat polygons (``maps.polygon_records``): the municipal
     outline and district boundaries (as strips), water (if present), and the ``view`` that
     fits the data root's grid.
@@ -336,19 +377,33 @@ def street_thumbnail(path: str) -> np.ndarray | str:
         return f"not a readable image ({type(exc).__name__})"
 
 
+@st.cache_data(show_spinner=False, max_entries=512)
+def thumbnail_uri(path: str, px: int = 200) -> str:
+    """A street image as a small JPEG data URI (at most ``px`` on a side) for a map popup, or
+    the note :func:`street_thumbnail` gives why it cannot be shown."""
+    image = street_thumbnail(path)
+    if isinstance(image, str):
+        return image
+    small = Image.fromarray(image)
+    small.thumbnail((px, px))
+    out = io.BytesIO()
+    small.save(out, "JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode("ascii")
+
+
 @st.cache_data(show_spinner="Loading the street-level catalog ...")
 def load_images(root: str) -> pd.DataFrame:
     """Catalog images inside the grid, with the latest scene run's verdict on Flickr photos.
 
-    Columns: ``id, source, path, cell_id, captured_at, heading``, and for Flickr photos ``scene``,
+    Columns: ``id, source, path, cell_id, captured_at, heading, x, y`` (RD New), ``license``
+    where the catalog has it, and for Flickr photos ``scene``,
     ``scene_p`` and the subset flags ``all, outdoor, building`` (missing without a scene run).
     """
     paths = DataRoot(root)
     images = pd.DataFrame(read_catalog(paths.catalog, check_files=False).images)
     images = images[images["cell_id"].isin(load_cells(root)["cell_id"])]
-    columns = [
-        c for c in ("id", "source", "path", "cell_id", "captured_at", "heading") if c in images
-    ]
+    wanted = ("id", "source", "path", "cell_id", "captured_at", "heading", "x", "y", "license")
+    columns = [c for c in wanted if c in images]
     images = images[columns].reset_index(drop=True)
     scene_runs = load_runs(root, "scene")
     if len(scene_runs):

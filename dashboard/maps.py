@@ -26,6 +26,7 @@ import pyproj
 import shapely
 from pydeck.bindings.json_tools import default_serialize
 
+from core.basemaps import Basemap
 from core.grid import CELL_SIZE, block_id, cell_index, cell_origin, ids_from_index
 from core.layers import aggregate_by as aggregate_by
 from core.styles import CLASS_PALETTE as CLASS_PALETTE
@@ -42,6 +43,8 @@ WATER = [166, 206, 227]
 DISTRICT_LINE = [110, 110, 110]
 OUTLINE = [40, 40, 40]
 MISSING = "–"
+#: The grid's opacity over base-map tiles: streets and buildings show through the colours.
+OVER_TILES_OPACITY = 0.7
 _TO_WGS84 = pyproj.Transformer.from_crs("EPSG:28992", "EPSG:4326", always_xy=True)
 
 
@@ -231,7 +234,7 @@ def cell_layer(
     )
 
 
-def unit_layer(payload: Records, layer_id: str = "units") -> pdk.Layer:
+def unit_layer(payload: Records, layer_id: str = "units", opacity: float = 1.0) -> pdk.Layer:
     """Planners' units filled with their colour, from :func:`unit_payload` records."""
     return pdk.Layer(
         "PolygonLayer",
@@ -242,6 +245,7 @@ def unit_layer(payload: Records, layer_id: str = "units") -> pdk.Layer:
         stroked=False,
         filled=True,
         pickable=True,
+        opacity=opacity,
     )
 
 
@@ -310,14 +314,17 @@ def context_layers(context: dict) -> tuple[list[pdk.Layer], list[pdk.Layer]]:
     """Layers drawn below (water) and above (district boundaries, outline) the grid.
 
     The app must read without base-map tiles (offline), so water, districts and the municipal
-    outline are layers of their own, all filled polygons (see :func:`outline_strip`).
+    outline are layers of their own, all filled polygons (see :func:`outline_strip`); over a
+    base map the tiles draw the water.
 
     Args:
-        context: ``water``, ``districts`` and ``outline`` as :func:`polygon_records`, and
-            the ``view`` that shows the data root's grid.
+        context: ``water``, ``districts`` and ``outline`` as :func:`polygon_records`, the
+            ``view`` that shows the data root's grid, and optionally the ``basemap``.
     """
     none = polygon_records([])
-    below = [_fill_layer("water", context["water"], WATER)] if context.get("water") else []
+    tiles = context.get("basemap") is not None and context["basemap"].tiles
+    water = context.get("water") and not tiles
+    below = [_fill_layer("water", context["water"], WATER)] if water else []
     above = [
         _fill_layer("districts", context.get("districts", none), DISTRICT_LINE),
         _fill_layer("outline", context.get("outline", none), OUTLINE),
@@ -369,28 +376,54 @@ def fit_view(bounds: Sequence[float], width_px: int = 640, height_px: int = 560)
     )
 
 
+def map_style(basemap: Basemap | None) -> list[dict]:
+    """The deck's ``mapStyle``: a GL style with ``basemap``'s raster tiles, or an empty one.
+
+    Streamlit draws a deck's base map with react-map-gl and passes it ``mapStyle`` when that is
+    a string or, for a list, its first element, which may be a whole style object; so a
+    raster source needs no style URL, no token and no JavaScript (deck.gl's ``TileLayer``
+    would need a ``renderSubLayers`` function, which JSON cannot carry). Without a style
+    Streamlit loads Carto's, so "none" sends an empty one: the page then fetches nothing.
+    """
+    if basemap is None or not basemap.tiles:
+        return [{"version": 8, "sources": {}, "layers": []}]
+    return [basemap.maplibre_style()]
+
+
 def deck(
-    layers: list[pdk.Layer], value_label: str, view: pdk.ViewState, units: bool = False
+    layers: list[pdk.Layer],
+    value_label: str,
+    view: pdk.ViewState,
+    units: bool = False,
+    basemap: Basemap | None = None,
 ) -> pdk.Deck:
-    """A deck without base-map tiles (they cannot load offline), with the cell (or unit)
-    tooltip."""
-    shown = copy.copy(_empty_deck(value_label, view.latitude, view.longitude, view.zoom, units))
+    """A deck over ``basemap``'s tiles (none by default), with the cell (or unit) tooltip."""
+    shown = copy.copy(
+        _empty_deck(value_label, view.latitude, view.longitude, view.zoom, units, basemap)
+    )
     shown.layers = list(layers)
     return shown
 
 
 @functools.lru_cache(maxsize=64)
 def _empty_deck(
-    value_label: str, latitude: float, longitude: float, zoom: float, units: bool
+    value_label: str,
+    latitude: float,
+    longitude: float,
+    zoom: float,
+    units: bool,
+    basemap: Basemap | None,
 ) -> CompactDeck:
     """A deck without layers, copied for every map drawn: ``pdk.Deck()`` tries to import its
     Jupyter widget six times, and a failed import is not remembered, so building one per rerun
     read and compiled that module six times under the import lock (a tenth of the server's
     time with 20 sessions)."""
     view = pdk.ViewState(latitude=latitude, longitude=longitude, zoom=zoom)
-    return CompactDeck(
+    empty = CompactDeck(
         layers=[], initial_view_state=view, map_style=None, tooltip=tooltip(value_label, units)
     )
+    empty.map_style = map_style(basemap)  # pydeck's constructor takes no list
+    return empty
 
 
 def city_deck(
@@ -403,13 +436,19 @@ def city_deck(
 ) -> pdk.Deck:
     """The whole map: water, the coloured grid (100 m cells or ``cell_size`` blocks) or
     planners' units (``units``: :func:`unit_payload` records), district lines, outline and the
-    selection, opening on ``context["view"]``."""
+    selection over ``context["basemap"]`` (if any), opening on ``context["view"]``."""
     below, above = context_layers(context)
-    shown = unit_layer(payload) if units else cell_layer(payload, cell_size=cell_size)
+    basemap = context.get("basemap")
+    tiles = basemap is not None and basemap.tiles
+    shown = (
+        unit_layer(payload, opacity=OVER_TILES_OPACITY if tiles else 1.0)
+        if units
+        else cell_layer(payload, cell_size=cell_size, opacity=OVER_TILES_OPACITY if tiles else 0.85)
+    )
     layers = [*below, shown, *above]
     if len(selected):
         layers.append(highlight_layer(selected))
-    return deck(layers, value_label, context["view"], units)
+    return deck(layers, value_label, context["view"], units, basemap)
 
 
 def selected_cells(event: object, layer_id: str = "cells") -> list[int]:

@@ -657,8 +657,10 @@ def export(
         run: For a run's layer: the run id (under DATA/runs) or a run folder.
         split: For a run's layer: the cells of one split, or all.
         level: Per 100 m cell, or the mean per buurt, wijk or stadsdeel.
-        basemap: For html: an XYZ tile URL template drawn below the layer (default: none).
-        attribution: For html: the base map's attribution (default: its host name).
+        basemap: For html: the base map drawn below the layer: none, auto (PDOK's grey map if
+            reachable), pdok-grey, pdok-colour, pdok-pastel, pdok-water, pdok-aerial, osm, or
+            an XYZ tile URL template (default: none).
+        attribution: For html: a URL template's attribution (default: its host name).
         data: Data root (default: ``STADSBEELD_DATA``, else data/demo).
     """
     from core.exports import format_of, write_layer

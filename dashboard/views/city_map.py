@@ -126,10 +126,11 @@ def main() -> None:
     selected = common.selected_cell()
     per_cell = shown.block == CELL_SIZE and unit == common.CELLS
     left, right = st.columns([3, 1])
+    context = data.load_context(root)
     with left:
         chart = maps.city_deck(
             shown.payload,
-            data.load_context(root),
+            context,
             shown.description.split(",")[0],
             [] if selected is None else [selected],
             cell_size=shown.block,
@@ -147,11 +148,10 @@ def main() -> None:
             common.select_cell(picked[0])
             st.rerun()
         st.markdown(shown.legend.html(), unsafe_allow_html=True)
+        st.caption(common.basemap_note(context["basemap"]))
         if per_cell:
             st.caption(
-                "Hover a cell for its scores and image counts; click it to open its details "
-                "below. Water, district lines and the municipal border are drawn without "
-                "base-map tiles."
+                "Hover a cell for its scores and image counts; click it to open its details below."
             )
         elif unit != common.CELLS:
             st.caption(

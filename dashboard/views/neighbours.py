@@ -132,7 +132,7 @@ def neighbour_deck(root: str, table: pd.DataFrame, cell_id: int | None) -> tuple
     layers = [*below, maps.cell_layer(payload, opacity=1.0), *above]
     if cell_id is not None:
         layers.append(maps.highlight_layer([cell_id], (255, 0, 160)))
-    return maps.deck(layers, "similarity", context["view"]), legend
+    return maps.deck(layers, "similarity", context["view"], basemap=context["basemap"]), legend
 
 
 def side_by_side(

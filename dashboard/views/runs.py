@@ -36,8 +36,12 @@ def prediction_layer(root: str, run_path: str) -> MapLayer:
 
 
 @st.cache_data(show_spinner="Preparing the download ...", max_entries=8)
-def prediction_file(root: str, run_path: str, fmt: str) -> bytes:
-    return export_bytes(prediction_layer(root, run_path), fmt)
+def prediction_file(
+    root: str, run_path: str, fmt: str, basemap: str | None, attribution: str
+) -> bytes:
+    """The run's predictions as ``fmt``; an HTML map over the dashboard's base map (the URL
+    template ``basemap``, None for none)."""
+    return export_bytes(prediction_layer(root, run_path), fmt, basemap, attribution or None)
 
 
 def main() -> None:
@@ -99,10 +103,11 @@ def main() -> None:
                 "csv": "CSV",
                 "html": "HTML map",
             }
+            basemap = data.basemap(root)
             for column, (fmt, mime) in zip(buttons, FORMATS.items(), strict=True):
                 column.download_button(
                     f"{names[fmt]} (.{fmt})",
-                    prediction_file(root, str(run["path"]), fmt),
+                    prediction_file(root, str(run["path"]), fmt, basemap.url, basemap.attribution),
                     file_name=f"{run['run_id']}-predictions.{fmt}",
                     mime=mime,
                     key=f"download_{fmt}",
