@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -171,6 +172,10 @@ def test_demo_builds_prints_a_summary_and_respects_existing_output(tmp_path, cap
     assert "already exists" in capsys.readouterr().err
     assert main([*args, "--if-missing"]) == 0
     assert "already built" in capsys.readouterr().out
+    manifest = json.loads((out / "demo.json").read_text())
+    (out / "demo.json").write_text(json.dumps({**manifest, "generator_version": 1}))
+    assert main([*args, "--if-missing"]) == 0  # an older city is kept, with a note
+    assert "built by demo generator 1" in capsys.readouterr().out
     assert main([*args, "--if-missing", "--seed", "3"]) == 2
     assert "holds another demo city ({'seed': 7})" in capsys.readouterr().err
 

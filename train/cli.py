@@ -97,12 +97,13 @@ def demo(
         force_delete_runs: Rebuild the output if it exists and delete its runs/ (every trained
             run and the job database).
     """
-    from core.demo import MANIFEST, build_demo
+    from core.demo import GENERATOR_VERSION, MANIFEST, build_demo
     from core.summary import summarize
 
     target = Path(out or _default_data())
     if (target / MANIFEST).exists() and if_missing:
-        built = json.loads((target / MANIFEST).read_text())["config"]
+        manifest = json.loads((target / MANIFEST).read_text())
+        built = manifest["config"]
         wanted = {k: getattr(config, k) for k in ("seed", "extent", "flickr_photos")}
         differs = {k: built.get(k) for k, v in wanted.items() if built.get(k) != v}
         if differs:
@@ -111,6 +112,13 @@ def demo(
                 "choose another --out"
             )
         print(f"demo city already built in {target} (remove it to rebuild)")
+        if manifest.get("generator_version", 1) < GENERATOR_VERSION:
+            print(
+                f"note: {target} was built by demo generator {manifest.get('generator_version', 1)}; "
+                f"generator {GENERATOR_VERSION} adds imagery for every year 2016..2024 and the 2022 "
+                f"release (the Monitor page needs them): rebuild with `stadsbeeld demo --out "
+                f"{target} --force` (runs trained on the old city stay, but describe it)"
+            )
         return 0
     replace = force or force_delete_runs
     if target.exists() and not replace:
