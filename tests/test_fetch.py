@@ -19,6 +19,7 @@ import contextlib
 import inspect
 import io
 import json
+import shutil
 import subprocess
 import sys
 import typing
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import rasterio
 import shapely
 from pytest_httpserver import HTTPServer
 from werkzeug import Response
@@ -598,6 +600,23 @@ def test_a_rerun_requests_no_tile_or_image_again(services, fetched, monkeypatch)
     assert code == 0 and "aerial: done" in printed and "gsv: done" in printed
     assert "lbm: done before, skipped" in printed
     assert services.image_requests() == before  # the clients skip what is on disk
+
+
+def test_more_aerial_years_are_fetched_as_mosaics_named_for_their_year(services, fetched, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(fetched[0], root)
+    before = sum(services.wmts.tile_requests.values())
+    code, printed = fetch(services.config(root, dry_run=True, aerial_years=[2019]))
+    assert code == 0 and "PDOK aerial 2020_ortho25 (level 10" in printed and "+ 2019" in printed
+    code, printed = fetch(services.config(root, sources=["aerial"], aerial_years=[2019, 2020]))
+    assert code == 0 and "aerial: done" in printed
+    years = DataRoot(root).aerial_years()
+    assert years == {2019: root / "aerial" / "2019.tif", 2020: root / "aerial" / "aerial.tif"}
+    with rasterio.open(years[2019]) as later, rasterio.open(years[2020]) as first:
+        assert later.tags()["WMTS_LAYER"] == "2019_ortho25"
+        assert (later.bounds, later.res) == (first.bounds, first.res)
+    # the 2019 tiles were asked for once each; the 2020 ones came from the tile cache
+    assert sum(services.wmts.tile_requests.values()) - before == len(services.wmts.tile_requests)
 
 
 def test_keys_never_reach_the_output_or_any_file(fetched):

@@ -87,6 +87,9 @@ class FetchConfig:
     extra_years: list[int] = field(default_factory=list)
     """More Leefbaarometer editions to fetch besides --year, e.g. 2018 2016 (the change between
     editions)."""
+    aerial_years: list[int] = field(default_factory=list)
+    """More PDOK orthophoto years to fetch besides --year, each as aerial/<year>.tif, e.g. 2023
+    2024 (imagery newer than the labels, for predict and the Monitor page)."""
     sources: list[SourceName] | None = None
     """Sources to fetch, in any order: lbm, aerial, osm, flickr, gsv, amsterdam_panorama,
     mapillary (default: lbm, aerial, osm, flickr and gsv; flickr and gsv are then skipped without
@@ -170,6 +173,9 @@ class FetchConfig:
         _names(self.redo, STEP_NAMES, "redo")
         self.year = int(self.year)
         self.extra_years = [int(y) for y in self.extra_years]
+        self.aerial_years = [
+            y for y in dict.fromkeys(int(y) for y in self.aerial_years) if y != self.year
+        ]
         self.resolution = float(self.resolution)
         self.gsv_spacing = float(self.gsv_spacing)
         self.gsv_headings = [float(h) for h in self.gsv_headings]

@@ -107,7 +107,8 @@ class LbmSource(Source):
 
 
 class AerialSource(Source):
-    """The PDOK aerial orthomosaic of ``year`` over the outline's box and a margin."""
+    """The PDOK aerial orthomosaic of ``year`` over the outline's box and a margin
+    (``aerial/aerial.tif``), and of each of ``aerial_years`` (``aerial/<year>.tif``)."""
 
     name = "aerial"
     licence = (
@@ -129,39 +130,60 @@ class AerialSource(Source):
 
     @override
     def params(self, area: FetchArea) -> dict[str, Any]:
-        return {
+        params = {
             "endpoint": self.endpoint,
             "year": self.config.year,
             "resolution": self.config.resolution,
             "bbox": self.bbox_rd(area),
         }
+        if self.config.aerial_years:  # only then, so earlier fetches stay done
+            params["other_years"] = self.config.aerial_years
+        return params
 
     @override
     def estimate(self, root: DataRoot, area: FetchArea) -> Estimate:
         c = self.config
-        e = estimate_aerial(self.bbox_rd(area), c.year, c.resolution, self.politeness["wmts"])
-        return replace(e, note=f"{e.note}; CC BY 4.0 Beeldmateriaal Nederland")
+        years = [c.year, *c.aerial_years]
+        each = [
+            estimate_aerial(self.bbox_rd(area), y, c.resolution, self.politeness["wmts"])
+            for y in years
+        ]
+        first = each[0]
+        return replace(
+            first,
+            source=first.source + "".join(f" + {y}" for y in c.aerial_years),
+            requests=sum(e.requests for e in each),
+            bytes=sum(e.bytes for e in each),
+            note=f"{first.note}; CC BY 4.0 Beeldmateriaal Nederland",
+        )
 
     @override
     def fetch(self, root: DataRoot, area: FetchArea, say: Say = print) -> dict[str, Any]:
-        done = fetch_aerial(
-            root.root,
-            self.bbox_rd(area),
-            self.config.year,
-            resolution=self.config.resolution,
-            endpoint=self.endpoint,
-            client=self.client(),
-            show_progress=self.config.show_progress,
-        )
+        years = [self.config.year, *self.config.aerial_years]
+        done = [
+            fetch_aerial(
+                root.root,
+                self.bbox_rd(area),
+                year,
+                resolution=self.config.resolution,
+                endpoint=self.endpoint,
+                client=self.client(),
+                show_progress=self.config.show_progress,
+                mosaic_name="aerial.tif" if year == self.config.year else f"{year}.tif",
+            )
+            for year in years
+        ]
+        main = done[0]
         return {
-            "outputs": outputs(root, done.path),
-            "layer": done.layer,
-            "tile_matrix": done.matrix.identifier,
-            "metres_per_pixel": round(done.matrix.resolution, 4),
-            "tiles": len(done.tiles),
-            "fetched": done.fetched,
-            "skipped": done.skipped,
-            "missing": len(done.missing),
+            "outputs": outputs(root, *(d.path for d in done)),
+            "layer": main.layer,
+            "other_layers": [d.layer for d in done[1:]],
+            "tile_matrix": main.matrix.identifier,
+            "metres_per_pixel": round(main.matrix.resolution, 4),
+            "tiles": sum(len(d.tiles) for d in done),
+            "fetched": sum(d.fetched for d in done),
+            "skipped": sum(d.skipped for d in done),
+            "missing": sum(len(d.missing) for d in done),
         }
 
 

@@ -440,8 +440,10 @@ def fetch_aerial(
     compress: str = "jpeg",
     cache_dir: str | PathLike | None = None,
     show_progress: bool = True,
+    mosaic_name: str = "aerial.tif",
 ) -> AerialFetch:
-    """Download PDOK aerial tiles over ``bbox_rd`` and mosaic them into ``aerial/aerial.tif``.
+    """Download PDOK aerial tiles over ``bbox_rd`` and mosaic them into ``aerial/aerial.tif``
+    (or ``aerial/<mosaic_name>``: another year's mosaic is ``<year>.tif``).
 
     Tiles land in ``{cache_dir}/{layer}/{set}/{level}/{col}/{row}.{ext}`` (``cache_dir``
     defaults to ``cache/pdok_wmts`` of the data root); tiles on disk are not fetched again,
@@ -460,6 +462,7 @@ def fetch_aerial(
         compress: mosaic compression, ``"jpeg"`` (YCbCr, quality 90) or ``"deflate"``.
         cache_dir: where tiles are cached.
         show_progress: show progress bars.
+        mosaic_name: the mosaic's file name in ``aerial/``.
 
     Raises:
         ValueError: if the layer, the EPSG:28992 matrix set or the format is not offered.
@@ -527,7 +530,7 @@ def fetch_aerial(
     path = write_mosaic(
         tiles,
         tile_file,
-        DataRoot(root).root / "aerial" / "aerial.tif",
+        DataRoot(root).root / "aerial" / mosaic_name,
         compress=compress,
         tags={
             "SOURCE": template.split("{", 1)[0],
