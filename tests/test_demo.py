@@ -9,6 +9,7 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 import pytest
+import rasterio
 
 from core.demo import MANIFEST, DemoConfig, build_demo, city, extent_cells
 from core.grid import cell_center, read_grid
@@ -84,6 +85,15 @@ def test_same_seed_gives_identical_files(tiny_demo, tiny_config, tmp_path):
     pd.testing.assert_frame_equal(first, second)
     for rel in first["path"].iloc[:: max(1, len(first) // 20)]:
         assert filecmp.cmp(tiny_demo / "street" / rel, again / "street" / rel, shallow=False)
+    mosaics = sorted(p.name for p in (tiny_demo / "aerial").iterdir())
+    assert mosaics == sorted(p.name for p in (again / "aerial").iterdir())
+    assert len(mosaics) == len(city.IMAGERY_YEARS)
+    for name in mosaics:  # the pixels of every year's mosaic
+        with (
+            rasterio.open(tiny_demo / "aerial" / name) as a,
+            rasterio.open(again / "aerial" / name) as b,
+        ):
+            np.testing.assert_array_equal(a.read(), b.read())
 
 
 def test_another_seed_gives_another_city(fields):

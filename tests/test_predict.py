@@ -22,7 +22,7 @@ from core.runs import RunWriter, list_runs, load_run, new_run_id
 from tests.test_dashboard import APP, PAGES
 from train.cli import build_parser, main, normalise
 from train.fusion import predict_run, train_fusion
-from train.predict import predict
+from train.predict import predict, spread
 
 QUICK = {"epochs": 2, "batch_size": 64, "block_size": 300.0, "aerial_px": 32}
 #: Another extent than the tiny city's: the cells east of it.
@@ -108,6 +108,16 @@ def test_identical_members_have_zero_uncertainty_and_one_member_none(city, seeds
     assert alone["uncertainty"].isna().all()
     assert run.metrics["coverage_50"] is None and run.config["uncertainty"].startswith("none")
     np.testing.assert_array_equal(alone["predicted"], frame["predicted"])
+
+
+def test_the_spread_grows_with_the_members_disagreement():
+    rng = np.random.default_rng(0)
+    base = rng.normal(4.0, 0.2, 50)
+    widths = [spread(np.stack([base, base + d, base - d])) for d in (0.0, 0.01, 0.05)]
+    np.testing.assert_allclose(widths[0], 0.0, atol=1e-12)  # identical members
+    np.testing.assert_allclose(widths[1], 0.01)  # the sample std of (x, x + d, x - d) is d
+    assert (widths[2] > widths[1]).all()
+    assert np.isnan(spread(base[None])).all()  # one member: no spread
 
 
 def test_a_model_that_predicts_a_constant_predicts_it_everywhere(city, seeds):
