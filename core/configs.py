@@ -216,8 +216,9 @@ class FusionConfig(Config):
         return self.name or "+".join(parts)
 
 
-def ground_sources(value: str | list[str] | tuple[str, ...]) -> list[str]:
-    """The source names of ``--ground``: ``"gsv"``, ``"amsterdam_panorama,mapillary"`` or a list.
+def ground_sources(value: str | list[str] | tuple[str, ...], option: str = "ground") -> list[str]:
+    """The source names of ``--ground``: ``"gsv"``, ``"amsterdam_panorama,mapillary"`` or a list;
+    ``option`` names the option in errors.
 
     Raises:
         ValueError: for no name, a name that is not a catalog source name, or one given twice.
@@ -231,12 +232,12 @@ def ground_sources(value: str | list[str] | tuple[str, ...]) -> list[str]:
     bad = [n for n in names if not re.fullmatch(SOURCE_NAME, n)]
     if bad:
         raise ValueError(
-            f"ground: {bad} are not source names (lower-case letters, digits and _, such as "
+            f"{option}: {bad} are not source names (lower-case letters, digits and _, such as "
             f"{', '.join(GROUND_SOURCES)})"
         )
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
-        raise ValueError(f"ground: {twice} given more than once")
+        raise ValueError(f"{option}: {twice} given more than once")
     return names
 
 
@@ -309,7 +310,7 @@ class ContrastiveConfig(EncoderConfig):
     objective: Objective = "temporal"
     """Positive pairs: temporal, spatial, global, or unified (a weighted sum of the three)."""
     source: str = "gsv"
-    """Catalog source whose images are trained on."""
+    """Catalog source whose images are trained on (gsv, amsterdam_panorama, mapillary, ...)."""
     loss_weights: dict[str, float] = field(default_factory=lambda: dict.fromkeys(RULES, 1.0))
     """Weight of each rule's loss in the unified objective (temporal, spatial, global)."""
     pairs: PairConfig = field(default_factory=PairConfig)
@@ -348,6 +349,7 @@ class ContrastiveConfig(EncoderConfig):
             self.pairs = PairConfig(**self.pairs)
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        (self.source,) = ground_sources([self.source], "source")  # one catalog source name
         unknown = sorted(set(self.loss_weights) - set(RULES))
         if unknown:
             raise ValueError(f"loss_weights: unknown rules {unknown}; the rules are {RULES}")

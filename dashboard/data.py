@@ -31,7 +31,7 @@ from core.sources.boundaries import (
     read_buurten,
     unit_polygons,
 )
-from core.sources.catalog import images_per_cell, read_catalog
+from core.sources.catalog import images_per_cell, read_catalog, source_names
 from core.sources.lbm import read_lbm
 from dashboard.maps import fit_view, lonlat_polygons, outline_strip, polygon_records, to_lon_lat
 
@@ -340,14 +340,16 @@ def street_thumbnail(path: str) -> np.ndarray | str:
 def load_images(root: str) -> pd.DataFrame:
     """Catalog images inside the grid, with the latest scene run's verdict on Flickr photos.
 
-    Columns: ``id, source, path, cell_id, captured_at, heading``, and for Flickr photos ``scene``,
+    Columns: ``id, source, path, cell_id, captured_at, heading, license``, and for Flickr photos ``scene``,
     ``scene_p`` and the subset flags ``all, outdoor, building`` (missing without a scene run).
     """
     paths = DataRoot(root)
     images = pd.DataFrame(read_catalog(paths.catalog, check_files=False).images)
     images = images[images["cell_id"].isin(load_cells(root)["cell_id"])]
     columns = [
-        c for c in ("id", "source", "path", "cell_id", "captured_at", "heading") if c in images
+        c
+        for c in ("id", "source", "path", "cell_id", "captured_at", "heading", "license")
+        if c in images
     ]
     images = images[columns].reset_index(drop=True)
     scene_runs = load_runs(root, "scene")
@@ -359,13 +361,21 @@ def load_images(root: str) -> pd.DataFrame:
     return images
 
 
+def catalog_sources(root: str, always: tuple[str, ...] = ()) -> list[str]:
+    """The sources with images in the grid, in :func:`core.sources.catalog.source_names`
+    order, plus ``always`` (shown even without images)."""
+    present = set(load_images(root)["source"])
+    return [s for s in source_names(load_images(root)["source"]) if s in present or s in always]
+
+
 @st.cache_data(show_spinner="Counting images per cell ...")
 def load_coverage(root: str) -> pd.DataFrame:
-    """Images per cell: ``gsv``, ``flickr`` and, with a scene run, ``flickr_outdoor`` and
-    ``flickr_building`` (the filtered subsets), indexed like the grid."""
+    """Images per cell: one column per source of the catalog (:func:`catalog_sources`; ``gsv``
+    and ``flickr`` always) and, with a scene run, ``flickr_outdoor`` and ``flickr_building``
+    (the filtered subsets), indexed like the grid."""
     images, cells = load_images(root), load_cells(root)
     ids = cells["cell_id"].to_numpy()
-    counts = images_per_cell(images, ids)[["gsv", "flickr"]]
+    counts = images_per_cell(images, ids)[catalog_sources(root, always=("gsv", "flickr"))]
     for subset in ("outdoor", "building"):
         if subset in images:
             kept = images[(images["source"] == "flickr") & (images[subset] == True)]  # noqa: E712 (NaN rows)

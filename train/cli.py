@@ -506,6 +506,7 @@ def ugdata(
     max_images: int | None = None,
     hops: int = 2,
     holdout_district: str | None = None,
+    sources: list[str] | None = None,
 ) -> int:
     """Build UGData: images anchored to the street graph, spatial captions and paths.
 
@@ -519,6 +520,8 @@ def ugdata(
         max_images: A seeded random subset of the images.
         hops: Hops of each image's street subgraph.
         holdout_district: A district kept out of training (heldout.jsonl).
+        sources: Anchor only the images of these catalog sources (e.g.
+            amsterdam_panorama,mapillary; default every source).
     """
     from core.ugdata import build_ugdata
 
@@ -531,6 +534,7 @@ def ugdata(
         max_images=max_images,
         hops=hops,
         holdout_district=holdout_district,
+        sources=sources,
     )
     print(json.dumps({k: manifest[k] for k in ("counts", "timings_s") if k in manifest}, indent=2))
     print(f"UGData written to {folder}")

@@ -384,7 +384,7 @@ def sample_panorama(
     blurred views, bright daylight.
 
     Returns:
-        One row per view, in :func:`sample_gsv`'s columns.
+        One row per view, in :func:`sample_gsv`'s columns plus ``main_street``.
     """
     rng = np.random.default_rng([seed, 10])
     main = main_streets(graph)
@@ -417,6 +417,7 @@ def sample_panorama(
             "year": year,
             "month": rng.integers(3, 11, n),
             "day": rng.integers(1, 28, n),
+            "main_street": spots["main"].to_numpy()[location],
         }
     )
     table["cell_id"] = cell_id(table["x"].to_numpy(), table["y"].to_numpy())
