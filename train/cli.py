@@ -262,7 +262,8 @@ def fusion_matrix(
 ) -> int:
     """The paper's experiment matrix over several seeds; writes fusion_matrix.csv and .md.
 
-    aerial, GSV, aerial+GSV, aerial+Flickr (all/outdoor/building) and ground-weight variants.
+    aerial, GSV, aerial+GSV, aerial+Flickr (all/outdoor/building), the open sources the catalog
+    holds (aerial+amsterdam_panorama, aerial+mapillary, both pooled) and ground-weight variants.
 
     Args:
         config: the options every configuration shares.
@@ -292,7 +293,10 @@ def fusion_matrix(
     weights.setdefault("random", None)
     if not scene_run:
         raise ValueError("--scene-run is needed for the outdoor and building Flickr subsets")
-    configs = matrix_configs(base, scene_run, weights)
+    from core.sources.catalog import read_catalog
+
+    sources = read_catalog(root.catalog, check_files=False).images["source"].unique()
+    configs = matrix_configs(base, scene_run, weights, sources)
     if only:
         unknown = sorted(set(only) - {c.label for c in configs})
         if unknown:
