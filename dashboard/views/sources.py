@@ -225,7 +225,7 @@ def matrix(root: str) -> None:
 
 def main() -> None:
     root = common.root_or_stop()
-    st.title("Street-level sources")
+    st.title("Sources compared")
     st.markdown(
         "Where each source has images, how old they are, and what each adds to the aerial "
         "model: Google Street View, Flickr, the City of Amsterdam's panoramas, Mapillary, "
