@@ -13,6 +13,7 @@ stay fast; the valid backbone names are spelt out here and checked against the r
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -21,15 +22,17 @@ from core import ASSETS
 from core.dataroot import DEFAULT_DATA, DataRoot
 from core.pairs import PairConfig
 from core.scenes import SUBSETS, SceneFilterConfig
+from core.sources import SOURCE_NAME
 
 #: Names in :func:`core.models.backbones.create_backbone`'s registry.
 Backbone = Literal["convnet_small", "resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base"]
 #: Leefbaarometer score columns a fusion model can learn, and the 1..9 class.
 Target = Literal["lbm", "afw", "fys", "onv", "soc", "vrz", "won", "lbm_class"]
-GroundSource = Literal["gsv", "flickr"]
 FlickrSubset = Literal["all", "outdoor", "building"]
 Objective = Literal["temporal", "spatial", "global", "unified"]
-GROUND_SOURCES: tuple[str, ...] = GroundSource.__args__
+#: The street-level sources the demo city and the fetch clients write; ``--ground`` takes any
+#: catalog source (:data:`core.sources.SOURCE_NAME`), or several.
+GROUND_SOURCES = ("gsv", "flickr", "amsterdam_panorama", "mapillary")
 RULES = ("temporal", "spatial", "global")
 OBJECTIVES: tuple[str, ...] = Objective.__args__
 #: Values a trainer records in a run's ``config.yaml`` beside the config's fields: derived from
@@ -144,8 +147,10 @@ class FusionConfig(Config):
     """Aerial patches are resized to this square, in pixels."""
     patch_m: float = 256.0
     """Side of the aerial patch around each cell's centre, in metres."""
-    ground: GroundSource | None = "gsv"
-    """Street-level source of the ground branch (none: aerial only)."""
+    ground: str | None = "gsv"
+    """Street-level source of the ground branch (gsv, flickr, amsterdam_panorama, mapillary,
+    other, any catalog source), or several joined by commas, whose images are pooled per cell
+    together (none: aerial only)."""
     flickr_subset: FlickrSubset = "all"
     """Flickr photos kept by the scene filter: all, outdoor or building scenes."""
     scene_run: str | None = None
@@ -187,24 +192,53 @@ class FusionConfig(Config):
             raise ValueError("a fusion run needs aerial imagery, ground imagery, or both")
         if self.window_years is not None and self.window_years < 0:
             raise ValueError(f"window_years must be 0 or more, got {self.window_years}")
-        if self.ground is not None and self.ground not in GROUND_SOURCES:
-            raise ValueError(f"ground must be one of {GROUND_SOURCES} or None, got {self.ground!r}")
+        if self.ground is not None:
+            self.ground = ",".join(ground_sources(self.ground))
         if self.flickr_subset not in SUBSETS:
             raise ValueError(f"flickr_subset must be one of {SUBSETS}, got {self.flickr_subset!r}")
-        if self.ground == "flickr" and self.flickr_subset != "all" and not self.scene_run:
+        if "flickr" in self.sources and self.flickr_subset != "all" and not self.scene_run:
             raise ValueError(
                 f"the {self.flickr_subset!r} Flickr subset needs --scene-run (a scene filter run)"
             )
 
     @property
+    def sources(self) -> tuple[str, ...]:
+        """The ground branch's sources, in the order given (empty: aerial only)."""
+        return tuple(self.ground.split(",")) if self.ground else ()
+
+    @property
     def label(self) -> str:
-        """Short description, e.g. ``aerial+flickr(building)``."""
-        parts = (["aerial"] if self.aerial else []) + (
-            [self.ground + (f"({self.flickr_subset})" if self.ground == "flickr" else "")]
-            if self.ground
-            else []
-        )
+        """Short description, e.g. ``aerial+flickr(building)`` or
+        ``aerial+amsterdam_panorama+mapillary``."""
+        parts = (["aerial"] if self.aerial else []) + [
+            s + (f"({self.flickr_subset})" if s == "flickr" else "") for s in self.sources
+        ]
         return self.name or "+".join(parts)
+
+
+def ground_sources(value: str | list[str] | tuple[str, ...], option: str = "ground") -> list[str]:
+    """The source names of ``--ground``: ``"gsv"``, ``"amsterdam_panorama,mapillary"`` or a list;
+    ``option`` names the option in errors.
+
+    Raises:
+        ValueError: for no name, a name that is not a catalog source name, or one given twice.
+    """
+    items = value.split(",") if isinstance(value, str) else list(value)
+    names = [str(n).strip().lower() for n in items if str(n).strip()]
+    if not names:
+        raise ValueError(
+            "ground: give a source (e.g. gsv, or amsterdam_panorama,mapillary) or none"
+        )
+    bad = [n for n in names if not re.fullmatch(SOURCE_NAME, n)]
+    if bad:
+        raise ValueError(
+            f"{option}: {bad} are not source names (lower-case letters, digits and _, such as "
+            f"{', '.join(GROUND_SOURCES)})"
+        )
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"{option}: {twice} given more than once")
+    return names
 
 
 @dataclass
@@ -276,7 +310,7 @@ class ContrastiveConfig(EncoderConfig):
     objective: Objective = "temporal"
     """Positive pairs: temporal, spatial, global, or unified (a weighted sum of the three)."""
     source: str = "gsv"
-    """Catalog source whose images are trained on."""
+    """Catalog source whose images are trained on (gsv, amsterdam_panorama, mapillary, ...)."""
     loss_weights: dict[str, float] = field(default_factory=lambda: dict.fromkeys(RULES, 1.0))
     """Weight of each rule's loss in the unified objective (temporal, spatial, global)."""
     pairs: PairConfig = field(default_factory=PairConfig)
@@ -315,6 +349,7 @@ class ContrastiveConfig(EncoderConfig):
             self.pairs = PairConfig(**self.pairs)
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        (self.source,) = ground_sources([self.source], "source")  # one catalog source name
         unknown = sorted(set(self.loss_weights) - set(RULES))
         if unknown:
             raise ValueError(f"loss_weights: unknown rules {unknown}; the rules are {RULES}")

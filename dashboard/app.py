@@ -16,7 +16,7 @@ from dashboard.data import data_root, is_data_root, skipped_runs
 PAGES = [
     st.Page("views/city_map.py", title="City map", icon=":material/map:", default=True),
     st.Page("views/predicted.py", title="Predicted vs true", icon=":material/scatter_plot:"),
-    st.Page("views/sources.py", title="GSV vs Flickr", icon=":material/compare:"),
+    st.Page("views/sources.py", title="Sources compared", icon=":material/compare:"),
     st.Page("views/coverage.py", title="Coverage gaps", icon=":material/photo_library:"),
     st.Page("views/monitor.py", title="Monitor", icon=":material/trending_up:"),
     st.Page("views/neighbours.py", title="Embedding neighbours", icon=":material/hub:"),

@@ -234,12 +234,29 @@ def _lonlat_bounds(west: float, south: float, east: float, north: float) -> tupl
     return (float(lon[0]), float(lat[0]), float(lon[1]), float(lat[1]))
 
 
+#: Display names of the street-level sources; others show their catalog name.
+SOURCE_TITLES = {
+    "gsv": "Street View",
+    "flickr": "Flickr",
+    "amsterdam_panorama": "Amsterdam panoramas",
+    "mapillary": "Mapillary",
+    "other": "Own photos",
+}
+
+
+def source_title(source: str) -> str:
+    """A source's display name (:data:`SOURCE_TITLES`, else its catalog name)."""
+    return SOURCE_TITLES.get(source, source)
+
+
 def street_images(root: str, cell_id: int, per_source: int = 6) -> None:
-    """A cell's GSV and Flickr images, Flickr ones with their scene and the filter's verdict."""
+    """A cell's images of every source (GSV and Flickr always), Flickr ones with their scene
+    and the filter's verdict, the others with their heading."""
     images = data.load_images(root)
     mine = images[images["cell_id"] == cell_id]
     catalog_dir = DataRoot(root).catalog.parent
-    for source, title in (("gsv", "Street View"), ("flickr", "Flickr")):
+    for source in data.catalog_sources(root, always=("gsv", "flickr")):
+        title = source_title(source)
         shown = mine[mine["source"] == source].head(per_source)
         total = int((mine["source"] == source).sum())
         st.markdown(
@@ -255,7 +272,7 @@ def street_images(root: str, cell_id: int, per_source: int = 6) -> None:
             if source == "flickr" and isinstance(getattr(image, "scene", None), str):
                 verdict = "kept" if image.building else "dropped"
                 caption = f"{image.scene} ({image.scene_p:.2f}), building filter: {verdict}"
-            elif source == "gsv" and not pd.isna(getattr(image, "heading", np.nan)):
+            elif source != "flickr" and not pd.isna(getattr(image, "heading", np.nan)):
                 caption += f", heading {image.heading:.0f}°"
             shown_image = data.street_thumbnail(str(path))
             if isinstance(shown_image, str):

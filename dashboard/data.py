@@ -34,7 +34,7 @@ from core.sources.boundaries import (
     read_buurten,
     unit_polygons,
 )
-from core.sources.catalog import images_per_cell, read_catalog
+from core.sources.catalog import images_per_cell, read_catalog, source_names
 from core.sources.lbm import read_lbm
 from dashboard.maps import fit_view, lonlat_polygons, outline_strip, polygon_records, to_lon_lat
 
@@ -414,13 +414,21 @@ def load_images(root: str) -> pd.DataFrame:
     return images
 
 
+def catalog_sources(root: str, always: tuple[str, ...] = ()) -> list[str]:
+    """The sources with images in the grid, in :func:`core.sources.catalog.source_names`
+    order, plus ``always`` (shown even without images)."""
+    present = set(load_images(root)["source"])
+    return [s for s in source_names(load_images(root)["source"]) if s in present or s in always]
+
+
 @st.cache_data(show_spinner="Counting images per cell ...")
 def load_coverage(root: str) -> pd.DataFrame:
-    """Images per cell: ``gsv``, ``flickr`` and, with a scene run, ``flickr_outdoor`` and
-    ``flickr_building`` (the filtered subsets), indexed like the grid."""
+    """Images per cell: one column per source of the catalog (:func:`catalog_sources`; ``gsv``
+    and ``flickr`` always) and, with a scene run, ``flickr_outdoor`` and ``flickr_building``
+    (the filtered subsets), indexed like the grid."""
     images, cells = load_images(root), load_cells(root)
     ids = cells["cell_id"].to_numpy()
-    counts = images_per_cell(images, ids)[["gsv", "flickr"]]
+    counts = images_per_cell(images, ids)[catalog_sources(root, always=("gsv", "flickr"))]
     for subset in ("outdoor", "building"):
         if subset in images:
             kept = images[(images["source"] == "flickr") & (images[subset] == True)]  # noqa: E712 (NaN rows)

@@ -69,7 +69,7 @@ VIEWPORT = {"width": 1400, "height": 1000}
 PAGES = {
     "City map": "city-map.png",
     "Predicted vs true": "predicted-vs-true.png",
-    "GSV vs Flickr": "gsv-vs-flickr.png",
+    "Sources compared": "gsv-vs-flickr.png",
     "Coverage gaps": "coverage-gaps.png",
     "Embedding neighbours": "embedding-neighbours.png",
     "Runs": "runs.png",
@@ -558,7 +558,7 @@ def test_a_data_root_without_runs_in_a_browser(browser, tiny_demo, tmp_path_fact
     with serve(root, tmp_path_factory, retrain=False) as server, new_page(browser, server) as page:
         for title in visit_every_page(page, server):
             assert "No training jobs yet." in sidebar_text(page), title
-            if title == "GSV vs Flickr":
+            if title == "Sources compared":
                 info = page.locator('[data-testid="stMain"] [data-testid="stAlert"]')
                 assert any("No fusion runs yet" in t for t in info.all_inner_texts()), title
     assert not DataRoot(root).runs.exists()

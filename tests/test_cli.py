@@ -243,13 +243,16 @@ def test_fusion_matrix_command_on_a_tiny_city(tiny_demo, tmp_path, capsys):
         "| aerial+flickr(all) |",
         "| aerial+flickr(outdoor) |",
         "| aerial+flickr(building) |",
+        "| aerial+amsterdam_panorama |",
+        "| aerial+mapillary |",
+        "| aerial+amsterdam_panorama+mapillary |",
         "| aerial+gsv [places-like weights] |",
         "| aerial+gsv [random weights] |",
     ):
         assert row in table
     assert "share of that gap closed by building-filtered Flickr" in table
     before = pd.read_csv(out / "fusion_matrix.csv")
-    assert len(before) == 9
+    assert len(before) == 12
 
     # Extending the matrix: one configuration again, merged into the report in place of its rows.
     extra = "aerial+gsv [random-again weights]"
@@ -274,7 +277,7 @@ def test_fusion_matrix_command_on_a_tiny_city(tiny_demo, tmp_path, capsys):
     )
     assert code == 0
     after = pd.read_csv(out / "fusion_matrix.csv")
-    assert len(after) == 9 and set(after["configuration"]) == set(before["configuration"])
+    assert len(after) == 12 and set(after["configuration"]) == set(before["configuration"])
     old, new = (
         frame.set_index("configuration")["run_id"].sort_index() for frame in (before, after)
     )

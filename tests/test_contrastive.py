@@ -123,6 +123,30 @@ def test_a_run_saves_encoder_embeddings_and_pair_statistics(root, objective):
     assert not (run.path / "checkpoint.safetensors").exists()
 
 
+def test_temporal_pairs_of_the_panorama_source_come_from_place_and_time_alone(root):
+    from core.pairs import PairConfig, temporal_pairs
+    from train.contrastive import source_images
+
+    run_id = train_contrastive(
+        config(root, objective="temporal", source="amsterdam_panorama"), log=lambda _: None
+    )
+    run = load_run(DataRoot(root).runs / run_id)
+    assert run.config["source"] == "amsterdam_panorama"
+    assert run.metrics["pairs"]["temporal"]["count"] > 0
+    catalog = read_catalog(DataRoot(root).catalog, check_files=False).images
+    ids, _ = run.embeddings()
+    assert set(ids) == set(catalog.loc[catalog["source"] == "amsterdam_panorama", "cell_id"])
+    # every panorama has its own id per capture: the pairs join different panoramas of one
+    # place and heading, captured in different years, found by position and time only
+    images = source_images(DataRoot(root), "amsterdam_panorama")
+    images = images.merge(catalog[["id", "pano_id"]], on="id")
+    pairs = temporal_pairs(images, PairConfig())
+    a, b = images.iloc[pairs["a"]], images.iloc[pairs["b"]]
+    assert len(pairs) and (a["pano_id"].to_numpy() != b["pano_id"].to_numpy()).all()
+    years = a["captured_at"].dt.year.to_numpy(), b["captured_at"].dt.year.to_numpy()
+    assert (years[0] != years[1]).all()
+
+
 def test_an_interrupted_run_resumes_to_the_same_weights(root):
     straight = train_contrastive(config(root, epochs=3, seed=5), log=lambda _: None)
 

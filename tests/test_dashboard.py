@@ -280,6 +280,53 @@ def test_coverage_page_maps_the_flickr_gaps(app):
     assert "Coverage per stadsdeel" in [h.value for h in app.subheader]
 
 
+def test_coverage_page_counts_every_source(app, demo_root):
+    from core.sources.catalog import images_per_cell, read_catalog
+
+    app.run()
+    app.switch_page("views/coverage.py").run()
+    options = app.selectbox(key="coverage_layer").options
+    assert {"Amsterdam panoramas images", "Mapillary images"} <= set(options)
+    app.selectbox(key="coverage_layer").set_value("mapillary").run()
+    assert not app.exception, app.exception
+    cells = layer(deck_spec(app), "cells")["data"]
+    catalog = read_catalog(DataRoot(demo_root).catalog, check_files=False).images
+    counts = images_per_cell(catalog, np.array([r["i"] for r in cells]))["mapillary"]
+    assert [r["v"] for r in cells] == counts.tolist() and counts.sum() > 0
+    table = next(f.value for f in app.dataframe if "with_mapillary" in f.value.columns)
+    assert {"with_amsterdam_panorama", "median_mapillary"} <= set(table.columns)
+    assert [m.label for m in app.metric][:5] == [
+        "Cells",
+        "with Street View",
+        "with Flickr",
+        "with Amsterdam panoramas",
+        "with Mapillary",
+    ]
+
+
+def test_sources_page_compares_three_sources_with_their_coverage_maps(app, demo_root):
+    from core.sources.catalog import images_per_cell, read_catalog
+
+    app.run()
+    app.switch_page("views/sources.py").run()
+    chosen = ["gsv", "amsterdam_panorama", "mapillary"]
+    app.multiselect(key="sources_chosen").set_value(chosen).run()
+    assert not app.exception, app.exception
+    table = app.dataframe[0].value
+    assert list(table.index) == ["Street View", "Amsterdam panoramas", "Mapillary"]
+    catalog = read_catalog(DataRoot(demo_root).catalog, check_files=False).images
+    assert table["images"].tolist() == [int((catalog["source"] == s).sum()) for s in chosen]
+    assert table.loc["Mapillary", "licence"] == "CC BY-SA 4.0 (synthetic)"
+    assert table.loc["Mapillary", "cells covered"] < table.loc["Street View", "cells covered"]
+    for i, source in enumerate(chosen):  # one coverage map per source, in the chosen order
+        cells = layer(deck_spec(app, i), "cells")["data"]
+        counts = images_per_cell(catalog, np.array([r["i"] for r in cells]))[source]
+        assert [r["v"] for r in cells] == counts.tolist()
+    assert "Each source in the fusion model" in [h.value for h in app.subheader]
+    app.multiselect(key="sources_chosen").set_value(["mapillary"]).run()
+    assert any("Choose two sources or more" in i.value for i in app.info)
+
+
 @pytest.mark.parametrize(
     ("page", "key", "value_column"),
     [

@@ -72,14 +72,29 @@ def test_a_model_needs_some_input():
     ("changes", "message"),
     [
         ({"aerial": False, "ground": None}, "needs aerial imagery, ground imagery, or both"),
-        ({"ground": "mapillary"}, "ground must be one of"),
+        ({"ground": "Street View"}, r"\['street view'\] are not source names"),
+        ({"ground": "gsv,mapillary,gsv"}, r"\['gsv'\] given more than once"),
+        ({"ground": " , "}, "give a source"),
         ({"ground": "flickr", "flickr_subset": "building"}, "needs --scene-run"),
+        ({"ground": "gsv,flickr", "flickr_subset": "outdoor"}, "needs --scene-run"),
         ({"flickr_subset": "night"}, "flickr_subset must be one of"),
     ],
 )
 def test_bad_configurations_are_clear_errors(changes, message):
     with pytest.raises(ValueError, match=message):
         FusionConfig(**changes)
+
+
+def test_ground_takes_one_source_or_several_and_labels_them():
+    assert FusionConfig(ground="mapillary").label == "aerial+mapillary"
+    several = FusionConfig(ground=" amsterdam_panorama, Mapillary ")
+    assert several.ground == "amsterdam_panorama,mapillary"  # as config.yaml records it
+    assert several.sources == ("amsterdam_panorama", "mapillary")
+    assert several.label == "aerial+amsterdam_panorama+mapillary"
+    listed = FusionConfig(aerial=False, ground=["gsv", "flickr"], flickr_subset="all")
+    assert listed.ground == "gsv,flickr" and listed.label == "gsv+flickr(all)"
+    assert FusionConfig.from_dict({"ground": listed.ground}).sources == ("gsv", "flickr")
+    assert FusionConfig(ground=None).sources == ()
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +174,42 @@ def test_ground_only_and_sparse_flickr_run(tiny_demo, ground_weights):
             assert (
                 predictions["ground_images"] == 0
             ).any()  # image-less cells are kept and predicted
+
+
+def test_fusion_on_two_sources_pools_their_images_per_cell(tiny_demo, ground_weights):
+    from core.features import extract_features, pool_by_cell
+    from core.sources.catalog import images_per_cell, read_catalog
+    from train.fusion import ground_inputs
+
+    sources = ("amsterdam_panorama", "mapillary")
+    config = FusionConfig(
+        data=str(tiny_demo), ground=",".join(sources), ground_weights=str(ground_weights), **QUICK
+    )
+    run = load_run(DataRoot(tiny_demo).runs / train_fusion(config, log=lambda _: None))
+    assert run.config["ground"] == "amsterdam_panorama,mapillary"
+    assert run.config["label"] == run.metrics["label"] == "aerial+amsterdam_panorama+mapillary"
+    predictions = run.predictions()
+    assert np.isfinite(predictions["predicted"]).all()
+    ids = predictions["cell_id"].to_numpy()
+    catalog = read_catalog(DataRoot(tiny_demo).catalog).images
+    counts = images_per_cell(catalog, ids)
+    assert run.metrics["ground_images"] == {s: int(counts[s].sum()) for s in sources}
+    assert all(run.metrics["ground_images"].values())
+    np.testing.assert_array_equal(
+        predictions["ground_images"], counts[list(sources)].sum(axis=1).to_numpy()
+    )
+    # the pooled vector is the mean over every image of both sources in the cell
+    pooled, per_source = ground_inputs(config, DataRoot(tiny_demo), ids, log=lambda _: None)
+    assert list(per_source.columns) == list(sources)
+    both = catalog[catalog["source"].isin(sources)].sort_values("id", ignore_index=True)
+    features = extract_features(
+        both, "convnet_small", str(ground_weights), DataRoot(tiny_demo).cache / "features"
+    )
+    expected, total = pool_by_cell(
+        features, pd.Series(both["cell_id"].to_numpy(), index=both["id"].to_numpy()), ids
+    )
+    np.testing.assert_array_equal(per_source.sum(axis=1).to_numpy(), total)
+    np.testing.assert_allclose(pooled, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_missing_or_mismatched_ground_weights_are_clear_errors(tiny_demo, tmp_path):

@@ -89,6 +89,22 @@ def test_every_grid_cell_gets_the_members_mean_and_spread(city, seeds, ensemble)
     assert run.config["uncertainty"].startswith("standard deviation (ddof 1) of 2")
 
 
+def test_a_prediction_counts_the_images_of_each_source_it_pools(city):
+    sources = ("amsterdam_panorama", "mapillary")
+    run = DataRoot(city).runs / train_fusion(
+        FusionConfig(data=str(city), ground=",".join(sources), **QUICK), log=quiet
+    )
+    prediction, frame = predicted(city, [run], window_years=100)
+    grid = read_grid(DataRoot(city).grid)["cell_id"].to_numpy()
+    for source in sources:
+        images = street_images(DataRoot(city), source, grid)
+        assert frame[f"{source}_images"].sum() == len(images) > 0
+    assert (frame["gsv_images"] == 0).all() and (frame["flickr_images"] == 0).all()
+    covered = (frame["amsterdam_panorama_images"] + frame["mapillary_images"]) > 0
+    assert prediction.metrics["cells_with_ground_images"] == int(covered.sum())
+    assert prediction.config["label"].startswith("aerial+amsterdam_panorama+mapillary x1")
+
+
 def test_calibration_is_the_share_of_test_scores_inside_the_gaussian_intervals(ensemble):
     run, frame = ensemble
     test = frame[frame["split"] == "test"]

@@ -83,10 +83,7 @@ def test_read_lonlat_csv(tmp_path: Path) -> None:
     assert pd.isna(images["captured_at"][2])
     assert images["pano_id"][0] == "p1" and images["license"].isna().all()
     assert catalog.problems.empty and list(catalog.problems.columns) == list(PROBLEM_COLUMNS)
-    assert (
-        catalog.summary()
-        == "catalog.csv: 3 images (gsv 2, flickr 1, other 0) in 3 cells; 0 rejected"
-    )
+    assert catalog.summary() == "catalog.csv: 3 images (gsv 2, flickr 1) in 3 cells; 0 rejected"
 
 
 @pytest.mark.parametrize("form", ["rd.csv", "rd.parquet", "wgs84.geoparquet", "rd.geoparquet"])
@@ -245,9 +242,21 @@ def test_images_per_cell_counts_by_source(catalog_images: gpd.GeoDataFrame) -> N
     counts = images_per_cell(catalog_images, cells)
 
     assert counts.index.name == "cell_id" and counts.index.tolist() == cells.tolist()
-    assert list(counts.columns) == ["gsv", "flickr", "other"]
-    assert counts.to_numpy().tolist() == [[1, 0, 0], [0, 0, 0], [0, 1, 0]]
+    assert list(counts.columns) == ["gsv", "flickr", "amsterdam_panorama", "mapillary", "other"]
+    assert counts.to_numpy().tolist() == [[1, 0, 0, 0, 0], [0, 0, 0, 0, 0], [0, 1, 0, 0, 0]]
     assert (counts.dtypes == np.int64).all()
+
+
+def test_images_per_cell_counts_every_source_of_the_catalog(
+    catalog_images: gpd.GeoDataFrame,
+) -> None:
+    images = catalog_images.copy()
+    images.loc[0, "source"], images.loc[1, "source"] = "mapillary", "kartaview"
+    counts = images_per_cell(images, np.unique(images["cell_id"]))
+
+    assert list(counts.columns)[-1] == "kartaview"  # after the known sources
+    assert counts["kartaview"].sum() == 1 and counts["mapillary"].sum() == 1
+    assert counts.to_numpy().sum() == len(images)
 
 
 @pytest.mark.parametrize("name", ["out.parquet", "out.csv"])

@@ -261,6 +261,28 @@ def test_export_round_trip(tiny_demo, city, tmp_path):
         build_ugdata(str(tiny_demo), str(out))
 
 
+def test_ugdata_anchors_the_images_of_any_chosen_source(tiny_demo, city, tmp_path):
+    out = tmp_path / "ugdata"
+    manifest = build_ugdata(str(tiny_demo), str(out), sources=["mapillary"])
+    mapillary = city.images[city.images["source"] == "mapillary"]
+    assert manifest["images"] == len(mapillary) > 0
+    assert manifest["images_per_source"] == {"mapillary": len(mapillary)}
+    assert manifest["options"]["sources"] == ["mapillary"]
+    data = read_ugdata(out)
+    captions = [s for s in data.files["train.jsonl"] if s.pair_type == PAIR_CAPTION]
+    assert {s.meta["source"] for s in captions} == {"mapillary"}
+    assert {s.meta["image_id"] for s in captions} == set(mapillary["id"])
+    for sample in captions:
+        node = city.graph.index_of(sample.meta["node_id"])
+        image = mapillary.set_index("id").loc[sample.meta["image_id"]]
+        assert node == image["node"]  # anchored to its nearest street node
+        assert data.image_path(sample).is_file()
+    text = " ".join(s.positive_messages[0][0]["content"] for s in captions)
+    assert "Mapillary" in text and "Flickr photo from" not in text
+    with pytest.raises(ValueError, match=r"no usable images of the sources \['kartaview'\]"):
+        build_ugdata(str(tiny_demo), str(tmp_path / "none"), sources=["kartaview"])
+
+
 def test_malformed_input_names_file_and_line(tmp_path, samples):
     path = tmp_path / "bad.jsonl"
     good = json.dumps(samples[0].to_json())

@@ -270,7 +270,8 @@ def fusion_matrix(
 ) -> int:
     """The paper's experiment matrix over several seeds; writes fusion_matrix.csv and .md.
 
-    aerial, GSV, aerial+GSV, aerial+Flickr (all/outdoor/building) and ground-weight variants.
+    aerial, GSV, aerial+GSV, aerial+Flickr (all/outdoor/building), the open sources the catalog
+    holds (aerial+amsterdam_panorama, aerial+mapillary, both pooled) and ground-weight variants.
 
     Args:
         config: the options every configuration shares.
@@ -300,7 +301,10 @@ def fusion_matrix(
     weights.setdefault("random", None)
     if not scene_run:
         raise ValueError("--scene-run is needed for the outdoor and building Flickr subsets")
-    configs = matrix_configs(base, scene_run, weights)
+    from core.sources.catalog import read_catalog
+
+    sources = read_catalog(root.catalog, check_files=False).images["source"].unique()
+    configs = matrix_configs(base, scene_run, weights, sources)
     if only:
         unknown = sorted(set(only) - {c.label for c in configs})
         if unknown:
@@ -514,6 +518,7 @@ def ugdata(
     max_images: int | None = None,
     hops: int = 2,
     holdout_district: str | None = None,
+    sources: list[str] | None = None,
 ) -> int:
     """Build UGData: images anchored to the street graph, spatial captions and paths.
 
@@ -527,6 +532,8 @@ def ugdata(
         max_images: A seeded random subset of the images.
         hops: Hops of each image's street subgraph.
         holdout_district: A district kept out of training (heldout.jsonl).
+        sources: Anchor only the images of these catalog sources (e.g.
+            amsterdam_panorama,mapillary; default every source).
     """
     from core.ugdata import build_ugdata
 
@@ -539,6 +546,7 @@ def ugdata(
         max_images=max_images,
         hops=hops,
         holdout_district=holdout_district,
+        sources=sources,
     )
     print(json.dumps({k: manifest[k] for k in ("counts", "timings_s") if k in manifest}, indent=2))
     print(f"UGData written to {folder}")

@@ -55,30 +55,66 @@ def ground_inputs(
     log=print,
     ranks: Ranks | None = None,
     imagery: Imagery | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, pd.DataFrame]:
     """Frozen ground features (extracted or from the cache) pooled per cell, and image counts.
 
-    Under a process group every rank extracts its share of the missing features into the one
-    cache (:func:`core.features.extract_features`). With ``imagery`` only the images captured
-    in its window are pooled; the features of all the cells' images are extracted, so that one
-    cache serves every year.
+    With several sources (``--ground amsterdam_panorama,mapillary``) the images of all of them
+    are pooled per cell together (docs/DESIGN.md, "Several ground sources"); each source's
+    features are extracted into its own cache, the one a single-source run uses. Under a
+    process group every rank extracts its share of the missing features into the one cache
+    (:func:`core.features.extract_features`). With ``imagery`` only the images captured in its
+    window are pooled; the features of all the cells' images are extracted, so that one cache
+    serves every year.
+
+    Returns:
+        The pooled features ``(cells, dim)`` and the images pooled per cell and source (int
+        columns ``config.sources``, rows in ``cell_ids``' order).
 
     Raises:
-        ValueError: naming the year, when no image of the source was captured in the window.
+        ValueError: naming the source, when the catalog has no usable image of it in these
+            cells, or naming the year, when no image of the sources was captured in the window.
     """
-    images = street_images(root, config.ground, cell_ids)
+    sums, counts = None, {}
+    for source in config.sources:
+        pooled, count = _source_features(config, root, source, cell_ids, log, ranks, imagery)
+        total = pooled.astype(np.float64) * count[:, None]
+        sums = total if sums is None else sums + total
+        counts[source] = count
+    counts = pd.DataFrame(counts)
+    if imagery is not None and imagery.captured_years is not None and not counts.to_numpy().any():
+        first, last = imagery.captured_years
+        raise ValueError(
+            f"{root.catalog}: no {'+'.join(config.sources)} street images of {imagery.year} "
+            f"(captured {first}..{last}) in these cells"
+        )
+    pooled = (sums / np.maximum(counts.sum(axis=1).to_numpy(), 1)[:, None]).astype(np.float32)
+    return pooled, counts
+
+
+def _source_features(
+    config: FusionConfig,
+    root: DataRoot,
+    source: str,
+    cell_ids: np.ndarray,
+    log,
+    ranks: Ranks | None,
+    imagery: Imagery | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One source's features pooled per cell and its image count per cell
+    (:func:`ground_inputs`); the scene filter applies to Flickr."""
+    images = street_images(root, source, cell_ids)
     keep = np.ones(len(images), bool)
     if imagery is not None and imagery.captured_years is not None:
         keep = imagery.captured(images["captured_at"])
-        if not keep.any():
+        if not keep.any() and len(config.sources) == 1:
             first, last = imagery.captured_years
             years = pd.to_datetime(images["captured_at"]).dt.year
             raise ValueError(
-                f"{root.catalog}: no {config.ground} street images of {imagery.year} "
+                f"{root.catalog}: no {source} street images of {imagery.year} "
                 f"(captured {first}..{last}) in these cells; their captures span "
                 f"{years.min():.0f}..{years.max():.0f}"
             )
-    if config.ground == "flickr" and config.flickr_subset != "all":
+    if source == "flickr" and config.flickr_subset != "all":
         path = scores_path(root, config.scene_run)
         if not path.exists():
             raise FileNotFoundError(f"{path}: no scene scores for scene run {config.scene_run!r}")
@@ -100,7 +136,7 @@ def ground_inputs(
         ranks=ranks,
     )
     log(
-        f"ground features: {len(images)} {config.ground} images, {keep.sum()} kept "
+        f"ground features: {len(images)} {source} images, {keep.sum()} kept "
         f"({time.perf_counter() - started:.1f} s incl. cache)"
     )
     image_cells = pd.Series(images["cell_id"].to_numpy(), index=images["id"].to_numpy())
@@ -136,8 +172,9 @@ def cell_inputs(
     log=print,
     ranks: Ranks | None = None,
     imagery: Imagery | None = None,
-) -> tuple[CellInputs, np.ndarray]:
-    """The inputs of ``config`` for cells ``ids``, and the ground image count per cell.
+) -> tuple[CellInputs, pd.DataFrame]:
+    """The inputs of ``config`` for cells ``ids``, and the ground images pooled per cell and
+    source (:func:`ground_inputs`; no columns without a ground branch).
 
     With ``ranks``: rank 0 cuts and caches the aerial patches before the others read them, and
     the ranks share the extraction of the ground features. With ``imagery``: one year's aerial
@@ -149,9 +186,10 @@ def cell_inputs(
         with ranks.main_first() if ranks is not None else nullcontext():
             aerial = aerial_patches(root, ids, config.patch_m, config.aerial_px, raster)
     if not config.ground:
-        return CellInputs(aerial, None, None), np.zeros(len(ids), int)
+        return CellInputs(aerial, None, None), pd.DataFrame(index=range(len(ids)))
     pooled, counts = ground_inputs(config, root, ids, log, ranks, imagery)
-    return CellInputs(aerial, torch.from_numpy(pooled), torch.from_numpy(counts > 0)), counts
+    has_ground = torch.from_numpy(counts.sum(axis=1).to_numpy() > 0)
+    return CellInputs(aerial, torch.from_numpy(pooled), has_ground), counts
 
 
 def predict_all(
@@ -240,7 +278,8 @@ def train_fusion(config: FusionConfig, log=print, progress: Progress | None = No
     ids = cells["cell_id"].to_numpy()
     year = label_year(root, config.year)
     imagery = Imagery.for_training(root, year, config.window_years)
-    inputs, image_counts = cell_inputs(config, root, ids, log, ranks, imagery)
+    inputs, source_counts = cell_inputs(config, root, ids, log, ranks, imagery)
+    image_counts = source_counts.sum(axis=1).to_numpy(np.int64)
     generator = seed_everything(config.seed)
 
     train_rows = torch.from_numpy(np.flatnonzero(cells["split"].to_numpy() == "train"))
@@ -289,8 +328,10 @@ def train_fusion(config: FusionConfig, log=print, progress: Progress | None = No
             f"target {config.target}, device {device} x {ranks.world} process(es)"
         )
         if config.ground:
+            per_source = ", ".join(f"{s} {int(n)}" for s, n in source_counts.sum().items())
             run.log(
-                f"ground: {int(image_counts.sum())} images, {int((image_counts > 0).sum())} cells with images"
+                f"ground: {int(image_counts.sum())} images ({per_source}), "
+                f"{int((image_counts > 0).sum())} cells with images"
             )
         best_tau, best_state, best_epoch = -np.inf, None, 0
         net, net_frozen = None, None
@@ -346,7 +387,11 @@ def train_fusion(config: FusionConfig, log=print, progress: Progress | None = No
         result = cells.assign(
             predicted=predicted, residual=predicted - true, ground_images=image_counts
         )
-        metrics = {"best_epoch": best_epoch, "label": config.label}
+        metrics = {
+            "best_epoch": best_epoch,
+            "label": config.label,
+            "ground_images": {s: int(n) for s, n in source_counts.sum().items()},
+        }
         for split in ("train", "val", "test"):
             part = result[result["split"] == split]
             metrics.update(

@@ -7,10 +7,15 @@ deviation over seeds) and the paper's two derived figures, computed per seed and
 - gain of aerial+GSV over aerial: (tau(aerial+GSV) - tau(aerial)) / tau(aerial);
 - share of that gap closed by building-filtered Flickr:
   (tau(aerial+Flickr building) - tau(aerial)) / (tau(aerial+GSV) - tau(aerial)).
+
+Where the catalog holds the open sources (the City of Amsterdam's panoramas, Mapillary), each
+adds an ``aerial+<source>`` row and both together an ``aerial+amsterdam_panorama+mapillary``
+row.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,9 +29,16 @@ from core.io import write_atomic
 from core.runs import load_run, run_path
 from train.fusion import train_fusion
 
+#: Open street-level sources the matrix adds where the catalog has them: each on its own and
+#: all of them pooled (``--ground amsterdam_panorama,mapillary``).
+OPEN_SOURCES = ("amsterdam_panorama", "mapillary")
+
 
 def matrix_configs(
-    base: FusionConfig, scene_run: str, ground_weights: dict[str, str | None]
+    base: FusionConfig,
+    scene_run: str,
+    ground_weights: dict[str, str | None],
+    sources: Iterable[str] = (),
 ) -> list[FusionConfig]:
     """The configurations of the matrix.
 
@@ -35,6 +47,8 @@ def matrix_configs(
         scene_run: the scene filter run for the outdoor and building subsets.
         ground_weights: name -> weights file of the ground encoders to compare; the first one is
             the default used by every other configuration.
+        sources: the catalog's sources; those of :data:`OPEN_SOURCES` among them get
+            ``aerial+<source>`` rows, and two or more of them a row of them pooled.
     """
     default_weights = next(iter(ground_weights.values()))
 
@@ -51,6 +65,9 @@ def matrix_configs(
         make("aerial+flickr(outdoor)", ground="flickr", flickr_subset="outdoor"),
         make("aerial+flickr(building)", ground="flickr", flickr_subset="building"),
     ]
+    present = [s for s in OPEN_SOURCES if s in set(sources)]
+    groups = [[s] for s in present] + ([present] if len(present) > 1 else [])
+    configs += [make("aerial+" + "+".join(g), ground=",".join(g)) for g in groups]
     for name, weights in list(ground_weights.items())[1:]:
         configs.append(
             replace(make(f"aerial+gsv [{name} weights]", ground="gsv"), ground_weights=weights)

@@ -131,8 +131,9 @@ def ensemble_predict(
     ids: np.ndarray,
     imagery: Imagery,
     log=print,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Every member's scores ``(members, cells)`` and the ground images pooled per cell.
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """Every member's scores ``(members, cells)`` and the ground images pooled per cell and
+    source (:func:`train.fusion.ground_inputs`).
 
     The inputs are computed once (the members share them) and each model predicts them.
     """
@@ -144,6 +145,20 @@ def ensemble_predict(
             standardised, _ = predict_all(member.model, inputs, len(ids), None, device)
         scores.append(member.unstandardise(standardised.astype(np.float64)))
     return np.stack(scores), counts
+
+
+#: Image-count columns every prediction has (0 where the runs read no such images).
+IMAGE_COUNT_SOURCES = ("gsv", "flickr")
+
+
+def image_columns(counts: pd.DataFrame, n: int) -> dict[str, np.ndarray]:
+    """``<source>_images`` per cell: for :data:`IMAGE_COUNT_SOURCES` (zeros unless pooled)
+    and for every source the runs pool (``counts``' columns)."""
+    sources = [*IMAGE_COUNT_SOURCES, *(s for s in counts.columns if s not in IMAGE_COUNT_SOURCES)]
+    return {
+        f"{s}_images": counts[s].to_numpy(np.int64) if s in counts else np.zeros(n, np.int64)
+        for s in sources
+    }
 
 
 def spread(scores: np.ndarray) -> np.ndarray:
@@ -232,8 +247,7 @@ def predict(config: PredictConfig, log=print) -> str:
             "predicted": mean,
             "uncertainty": std,
             "year": np.full(len(ids), year, np.int64),
-            "gsv_images": counts if fusion.ground == "gsv" else np.zeros(len(ids), np.int64),
-            "flickr_images": counts if fusion.ground == "flickr" else np.zeros(len(ids), np.int64),
+            **image_columns(counts, len(ids)),
             **{f"member_{i}": s for i, s in enumerate(scores)},
         }
     )
@@ -263,7 +277,7 @@ def predict(config: PredictConfig, log=print) -> str:
         "cells": len(ids),
         "members": len(members),
         "year": year,
-        "cells_with_ground_images": int((counts > 0).sum()),
+        "cells_with_ground_images": int((counts.sum(axis=1) > 0).sum()),
         "mean_uncertainty": float(np.nanmean(std)) if len(members) > 1 else None,
         "calibration_cells": len(test),
         **coverage(test_mean, test_std, test_true),

@@ -7,8 +7,8 @@ Layout of a demo data root (every file in the format a real source would give):
   the release years 2016, 2018, 2020 and 2022;
 - ``aerial/aerial.tif`` + ``aerial/<year>.tif``: tiled, compressed GeoTIFF mosaics, EPSG:28992,
   4 m/pixel, one per imagery year 2016..2024 (``aerial.tif`` is 2022's, the reference year);
-- ``street/catalog.parquet`` + ``street/images/{gsv,flickr}/<block>/<id>.jpg``: the
-  street-level catalog and its JPEG files;
+- ``street/catalog.parquet`` + ``street/images/<source>/<block>/<id>.jpg``: the
+  street-level catalog and its JPEG files, of the sources :data:`STREET_SOURCES`;
 - ``street/flickr_scene_labels.csv``: the true scene of each Flickr photo (to train and
   evaluate the scene filter);
 - ``graph/streets.gpkg``: street graph, layers ``nodes`` and ``edges`` as osmnx writes them;
@@ -51,7 +51,17 @@ from core.progress import Progress
 from core.sources.catalog import write_catalog
 from core.sources.lbm import write_lbm
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
+#: The demo's street-level sources, in catalog order.
+STREET_SOURCES = ("gsv", "flickr", "amsterdam_panorama", "mapillary")
+#: JPEG quality per source: survey cameras are stored best, crowd-sourced phone images worst.
+JPEG_QUALITY = {"gsv": 90, "flickr": 82, "amsterdam_panorama": 90, "mapillary": 70}
+LICENCES = {
+    "gsv": "synthetic",
+    "flickr": "CC BY 2.0 (synthetic)",
+    "amsterdam_panorama": "Gemeente Amsterdam open data (synthetic)",
+    "mapillary": "CC BY-SA 4.0 (synthetic)",
+}
 T = TypeVar("T")
 MANIFEST = "demo.json"
 _CHUNK = 2000
@@ -208,18 +218,28 @@ def _build_into(
         "sample flickr", street.sample_flickr, fields, ids, config.seed, config.flickr_photos
     )
     flickr = flickr[flickr["cell_id"].isin(ids)].reset_index(drop=True)
-    images = pd.concat([gsv, flickr], ignore_index=True)
-    images["path"] = [
-        f"images/{s}/{_block(c)}/{i}.jpg"
-        for s, c, i in zip(images["source"], images["cell_id"], images["id"], strict=True)
-    ]
+    panorama = stages.run(
+        "sample amsterdam_panorama", street.sample_panorama, fields, graph, ids, config.seed
+    )
+    mapillary = stages.run(
+        "sample mapillary", street.sample_mapillary, fields, graph, ids, config.seed
+    )
+    # GSV and Flickr render in the chunks (and seeds) they always had; each newer source in
+    # its own, so adding a source leaves the others' pixels as they were
+    groups = [pd.concat([gsv, flickr], ignore_index=True), panorama, mapillary]
+    for group in groups:
+        group["path"] = [
+            f"images/{s}/{_block(c)}/{i}.jpg"
+            for s, c, i in zip(group["source"], group["cell_id"], group["id"], strict=True)
+        ]
+    images = pd.concat(groups, ignore_index=True)
 
     bar = tqdm(total=len(images), unit="img", desc="street images", disable=not show_progress)
     start = time.perf_counter()
     done = 0
     if progress is not None:
         progress({"stage": "street images"})
-    for count in _render_all(images, root / "street", config):
+    for count in _render_all(groups, root / "street", config):
         bar.update(count)
         done += count
         if progress is not None:
@@ -285,7 +305,7 @@ def _build_into(
         # (core.dataroot.DataRoot.aerial_years)
         "aerial_year": city.REFERENCE_YEAR,
         "change_sites": [asdict(site) for site in city.CHANGE_SITES],
-        "images": {s: int(counts.get(s, 0)) for s in ("gsv", "flickr")},
+        "images": {s: int(counts.get(s, 0)) for s in STREET_SOURCES},
         "street_nodes": int(len(graph.nodes)),
         "street_edges": int(len(graph.edges)),
         "timings_s": timings,
@@ -345,13 +365,20 @@ def _block(cell: int) -> str:
     return f"{ix // 10}_{iy // 10}"  # 1 km folders keep directory listings small
 
 
-def _render_all(images: pd.DataFrame, street_root: Path, config: DemoConfig) -> Iterator[int]:
-    """Render and encode images in chunks, in parallel; yields the count done per chunk."""
-    for folder in {str(Path(p).parent) for p in images["path"]}:
+def _render_all(
+    groups: Sequence[pd.DataFrame], street_root: Path, config: DemoConfig
+) -> Iterator[int]:
+    """Render and encode images in chunks, in parallel; yields the count done per chunk.
+
+    Each group is chunked on its own; the first keeps the seeds ``[seed, row]`` it always had,
+    group ``k`` gets ``[seed, k, row]``.
+    """
+    for folder in {str(Path(p).parent) for group in groups for p in group["path"]}:
         (street_root / folder).mkdir(parents=True, exist_ok=True)
     chunks = [
-        (images.iloc[i : i + _CHUNK], street_root, [config.seed, i])
-        for i in range(0, len(images), _CHUNK)
+        (group.iloc[i : i + _CHUNK], street_root, [config.seed, *([k] if k else []), i])
+        for k, group in enumerate(groups)
+        for i in range(0, len(group), _CHUNK)
     ]
     if config.workers <= 1:
         for chunk in chunks:
@@ -363,7 +390,7 @@ def _render_all(images: pd.DataFrame, street_root: Path, config: DemoConfig) -> 
 
 def _render_chunk(table: pd.DataFrame, street_root: Path, seed: list[int]) -> int:
     pixels = street.render(table, seed=int(np.random.SeedSequence(seed).generate_state(1)[0]))
-    quality = np.where(table["source"].to_numpy() == "gsv", 90, 82)
+    quality = table["source"].map(JPEG_QUALITY).to_numpy()
     for image, rel, q in zip(pixels, table["path"], quality, strict=True):
         Image.fromarray(image).resize((street.IMAGE_PX, street.IMAGE_PX), Image.BILINEAR).save(
             street_root / rel, "JPEG", quality=int(q)
@@ -384,7 +411,8 @@ def _write_catalog(images: pd.DataFrame, street_root: Path) -> None:
             "pano_id": images["pano_id"],
             "title": images.get("title"),
             "tags": images.get("tags"),
-            "license": np.where(images["source"] == "flickr", "CC BY 2.0 (synthetic)", "synthetic"),
+            "license": images["source"].map(LICENCES),
+            "sequence": images.get("sequence"),
         }
     )
     write_catalog(catalog, street_root / "catalog.parquet")

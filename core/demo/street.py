@@ -191,9 +191,7 @@ def sample_gsv(
     table["pano_id"] = [
         f"pano_{loc:06d}_{y}" for loc, y in zip(table["location"], table["year"], strict=True)
     ]
-    table["scene"] = table["drawn"] = "street"
-    table["source"] = "gsv"
-    table["night"] = False
+    table = _street_captures(table, "gsv")
     return _attach_latents(table, fields, rng, framing="gsv")
 
 
@@ -285,11 +283,18 @@ def sample_flickr(fields: CityFields, cell_ids: np.ndarray, seed: int, count: in
 
 
 def _attach_latents(
-    table: pd.DataFrame, fields: CityFields, rng: np.random.Generator, framing: str
+    table: pd.DataFrame,
+    fields: CityFields,
+    rng: np.random.Generator,
+    framing: str,
+    daylight: tuple[float, float] = (0.55, 1.15),
+    blur: float = 0.25,
 ) -> pd.DataFrame:
     """Add the cell's latents in the capture year and per-capture nuisances.
 
-    A photo taken before the first imagery year shows that year's city.
+    A photo taken before the first imagery year shows that year's city. ``daylight`` (the
+    range of day shots' brightness) and ``blur`` (the share of blurred captures) set a
+    source's image quality.
     """
     cells = fields.lookup(table["cell_id"].to_numpy())
     table["water_near"] = cells["water_near"].to_numpy()
@@ -307,7 +312,7 @@ def _attach_latents(
     season = (table["month"].to_numpy() % 12) // 3  # 0 winter, 1 spring, 2 summer, 3 autumn
     table["season"] = season
     table["daylight"] = np.where(
-        table["night"], rng.uniform(0.12, 0.3, n), rng.uniform(0.55, 1.15, n)
+        table["night"], rng.uniform(0.12, 0.3, n), rng.uniform(*daylight, n)
     )
     if framing == "gsv":
         table["horizon"], table["ground"] = rng.uniform(0.12, 0.3, n), rng.uniform(0.76, 0.86, n)
@@ -317,11 +322,196 @@ def _attach_latents(
         table["ground"] = np.where(close, rng.uniform(0.85, 0.97, n), rng.uniform(0.62, 0.8, n))
     table["shift"] = rng.uniform(0, 1, n)
     table["car"] = rng.random(n) < 0.3
-    table["blur"] = rng.random(n) < 0.25
+    table["blur"] = rng.random(n) < blur
     table["captured_at"] = pd.to_datetime(
         pd.DataFrame({"year": table["year"], "month": table["month"], "day": table["day"]})
     )
     return table
+
+
+#: Every this many rows and columns of the street lattice is a main street (a through road).
+MAIN_STREET_EVERY = 4
+#: Share of main and of side streets the panorama car's capture points lie on.
+PANORAMA_SHARE = {"main": 0.5, "side": 0.08}
+#: Capture years of a panorama location: main streets are driven more often.
+PANORAMA_YEARS = {"main": (3, 5), "side": (2, 3)}
+#: How far the car's yearly positions and headings at one location scatter (metres, degrees).
+PANORAMA_JITTER = (1.0, 3.0)
+#: Street cells per Mapillary route (at least :data:`MAPILLARY_MIN_ROUTES` routes).
+MAPILLARY_CELLS_PER_ROUTE = 400
+MAPILLARY_MIN_ROUTES = 3
+#: Street segments walked per route; two images per segment.
+MAPILLARY_ROUTE_EDGES = 25
+#: Phone and action-camera positions are noisier than a survey car's (metres).
+MAPILLARY_GPS_M = 3.0
+
+
+def main_streets(graph: StreetGraph) -> np.ndarray:
+    """Whether each edge of ``graph`` is a main street: on every :data:`MAIN_STREET_EVERY`-th
+    row (east-west) or column (north-south) of the street lattice."""
+    u = graph.edges["u"].to_numpy()
+    east_west = (graph.edges["v"].to_numpy() - u) == 10_000
+    line = np.where(east_west, u % 10_000, u // 10_000)
+    return line % MAIN_STREET_EVERY == 0
+
+
+def _edge_points(graph: StreetGraph, at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Points at fraction ``at`` along each edge, from ``u`` to ``v``."""
+    ends = shapely.get_coordinates(graph.edges["geometry"].to_numpy()).reshape(-1, 2, 2)
+    start, end = ends[:, 0], ends[:, 1]
+    point = start + (end - start) * at[:, None]
+    return point[:, 0], point[:, 1]
+
+
+def _street_captures(table: pd.DataFrame, source: str) -> pd.DataFrame:
+    """The columns every street-level source shares: a street scene by day, of ``source``."""
+    table["scene"] = table["drawn"] = "street"
+    table["source"] = source
+    table["night"] = False
+    return table
+
+
+def sample_panorama(
+    fields: CityFields, graph: StreetGraph, cell_ids: np.ndarray, seed: int
+) -> pd.DataFrame:
+    """City of Amsterdam style panorama views: the city's car drives the streets in several
+    years, and each capture point gives one perspective view facing a facade.
+
+    Capture points lie on half the main streets (:func:`main_streets`) and few side streets;
+    main streets are driven in three or four of the imagery years, side streets in two. The
+    car's yearly positions at a point scatter by about a metre and its views by a few degrees,
+    so the same place in another year is a temporal pair without any id. Good quality: few
+    blurred views, bright daylight.
+
+    Returns:
+        One row per view, in :func:`sample_gsv`'s columns plus ``main_street``.
+    """
+    rng = np.random.default_rng([seed, 10])
+    main = main_streets(graph)
+    driven = rng.random(len(main)) < np.where(main, PANORAMA_SHARE["main"], PANORAMA_SHARE["side"])
+    x, y = _edge_points(graph, rng.uniform(0.3, 0.7, len(main)))
+    side = np.where(rng.random(len(main)) < 0.5, 90.0, -90.0)  # the facade the view faces
+    heading = (graph.edges["bearing"].to_numpy() + side) % 360
+    spots = pd.DataFrame({"x": x, "y": y, "heading": heading, "main": main})
+    spots["cell_id"] = cell_id(x, y)
+    spots = spots[driven & spots["cell_id"].isin(cell_ids).to_numpy()]
+    density = fields.lookup(spots["cell_id"].to_numpy())["density"].to_numpy()
+    spots = spots[density > 0.1].reset_index(drop=True)
+    low = np.where(spots["main"], PANORAMA_YEARS["main"][0], PANORAMA_YEARS["side"][0])
+    high = np.where(spots["main"], PANORAMA_YEARS["main"][1], PANORAMA_YEARS["side"][1])
+    n_years = rng.integers(low, high)
+    order = rng.random((len(spots), len(IMAGERY_YEARS))).argsort(1)
+    chosen = np.arange(len(IMAGERY_YEARS))[None, :] < n_years[:, None]
+    location, slot = np.nonzero(chosen)
+    year = np.asarray(IMAGERY_YEARS)[order[location, slot]]
+    n = len(location)
+    metres, degrees = PANORAMA_JITTER
+    table = pd.DataFrame(
+        {
+            "location": location,
+            "x": spots["x"].to_numpy()[location] + rng.normal(0, metres, n),
+            "y": spots["y"].to_numpy()[location] + rng.normal(0, metres, n),
+            "heading": (
+                (spots["heading"].to_numpy()[location] + rng.normal(0, degrees, n)) % 360
+            ).round(1),
+            "year": year,
+            "month": rng.integers(3, 11, n),
+            "day": rng.integers(1, 28, n),
+            "main_street": spots["main"].to_numpy()[location],
+        }
+    )
+    table["cell_id"] = cell_id(table["x"].to_numpy(), table["y"].to_numpy())
+    table = table[table["cell_id"].isin(cell_ids)].reset_index(drop=True)
+    facades = pd.DataFrame(
+        [_facade_structure(rng) for _ in range(len(spots))], columns=list(FACADE_COLUMNS)
+    )
+    table[list(FACADE_COLUMNS)] = facades.iloc[table["location"].to_numpy()].to_numpy()
+    table["pano_id"] = [
+        f"TMX_demo_{year}_pano_{loc:06d}"
+        for loc, year in zip(table["location"], table["year"], strict=True)
+    ]
+    table["id"] = [
+        f"amsterdam_panorama_{pano}_{int(h) % 360:03d}"
+        for pano, h in zip(table["pano_id"], table["heading"], strict=True)
+    ]
+    table = _street_captures(table, "amsterdam_panorama")
+    return _attach_latents(table, fields, rng, framing="gsv", daylight=(0.75, 1.15), blur=0.05)
+
+
+def sample_mapillary(
+    fields: CityFields, graph: StreetGraph, cell_ids: np.ndarray, seed: int
+) -> pd.DataFrame:
+    """Mapillary style crowd-sourced images: a few routes (one sequence each) walked through
+    busy streets, two images per street segment facing the way of travel.
+
+    One route per :data:`MAPILLARY_CELLS_PER_ROUTE` street cells (at least
+    :data:`MAPILLARY_MIN_ROUTES`), starting where the city is dense, so coverage is patchy and
+    clustered. Capture years are mostly recent (one date per sequence), positions carry phone
+    GPS noise, and quality varies: half the images are blurred, daylight is duller.
+
+    Returns:
+        One row per image, in :func:`sample_gsv`'s columns plus ``sequence``.
+    """
+    rng = np.random.default_rng([seed, 11])
+    edges = graph.edges
+    # each edge both ways: a walk leaves a node along any of its streets
+    ends = np.concatenate([edges["u"].to_numpy(), edges["v"].to_numpy()])
+    others = np.concatenate([edges["v"].to_numpy(), edges["u"].to_numpy()])
+    edge_of = np.tile(np.arange(len(edges)), 2)
+    forward = np.repeat([True, False], len(edges))
+    by_node = pd.Series(np.arange(len(ends))).groupby(ends).apply(np.asarray).to_dict()
+    nodes = graph.nodes["osmid"].to_numpy()
+    node_cells = cell_id(graph.nodes["x"].to_numpy(), graph.nodes["y"].to_numpy())
+    near = fields.cells.reindex(node_cells)
+    weight = (
+        near["district"].map(_DISTRICT_ACTIVITY).fillna(0).to_numpy()
+        * np.nan_to_num(near["density"].to_numpy())
+        * np.isin(node_cells, cell_ids)
+    )
+    routes = max(MAPILLARY_MIN_ROUTES, round(len(cell_ids) / MAPILLARY_CELLS_PER_ROUTE))
+    starts = rng.choice(len(nodes), routes, p=weight / weight.sum())
+    steps = []
+    for route, start in enumerate(starts):
+        node, came = nodes[start], -1
+        for _ in range(MAPILLARY_ROUTE_EDGES):
+            ways = by_node.get(node)
+            if ways is None:
+                break
+            onward = ways[edge_of[ways] != came] if len(ways) > 1 else ways
+            way = onward[rng.integers(len(onward))]
+            steps.append((route, edge_of[way], forward[way]))
+            node, came = others[way], edge_of[way]
+    route, edge, ahead = (np.array(c) for c in zip(*steps, strict=True))
+    route, edge, ahead = (np.repeat(c, 2) for c in (route, edge, ahead))
+    along = np.tile([0.3, 0.8], len(route) // 2)
+    x, y = _edge_points(
+        StreetGraph(graph.nodes, edges.iloc[edge]), np.where(ahead, along, 1 - along)
+    )
+    n = len(route)
+    bearing = edges["bearing"].to_numpy()[edge] + np.where(ahead, 0.0, 180.0)
+    first, last = IMAGERY_YEARS[0], IMAGERY_YEARS[-1]
+    route_year = np.round(first + (last - first) * rng.beta(4.0, 1.3, len(starts))).astype(int)
+    route_month, route_day = rng.integers(1, 13, len(starts)), rng.integers(1, 28, len(starts))
+    table = pd.DataFrame(
+        {
+            "x": x + rng.normal(0, MAPILLARY_GPS_M, n),
+            "y": y + rng.normal(0, MAPILLARY_GPS_M, n),
+            "heading": ((bearing + rng.normal(0, 8.0, n)) % 360).round(1),
+            "year": route_year[route],
+            "month": route_month[route],
+            "day": route_day[route],
+            "sequence": [f"demo_sequence_{seed}_{r:04d}" for r in route],
+        }
+    )
+    table["cell_id"] = cell_id(table["x"].to_numpy(), table["y"].to_numpy())
+    table = table[table["cell_id"].isin(cell_ids)].reset_index(drop=True)
+    table[list(FACADE_COLUMNS)] = pd.DataFrame(
+        [_facade_structure(rng) for _ in range(len(table))], index=table.index
+    )
+    table["id"] = [f"mapillary_{seed}{i:07d}" for i in range(len(table))]
+    table["pano_id"] = None
+    table = _street_captures(table, "mapillary")
+    return _attach_latents(table, fields, rng, framing="gsv", daylight=(0.4, 0.95), blur=0.55)
 
 
 _TITLE_WORDS = {

@@ -24,11 +24,11 @@ from pyproj import CRS, Transformer
 
 from core.grid import RD_NEW, cell_id
 from core.io import read_table, require_columns, write_atomic
+from core.sources import SOURCE_NAME
 
-#: The sources every count lists (0 where absent); the catalog accepts any :data:`SOURCE_NAME`.
-SOURCES = ("gsv", "flickr", "other")
-#: A source name: lower-case letters, digits and ``_`` (``amsterdam_panorama``, ``mapillary``).
-SOURCE_NAME = r"[a-z][a-z0-9_]*"
+#: The sources every count lists (0 where absent), then any other :data:`SOURCE_NAME` a
+#: catalog holds (:func:`source_names`).
+SOURCES = ("gsv", "flickr", "amsterdam_panorama", "mapillary", "other")
 REQUIRED_COLUMNS = ("id", "source", "path", "heading", "captured_at")
 OPTIONAL_COLUMNS = ("pano_id", "title", "tags", "license")
 IMAGE_COLUMNS = (
@@ -87,16 +87,26 @@ class Catalog:
     path: Path
 
     def summary(self) -> str:
-        """One line: images per source, cells covered and rejected rows by problem."""
+        """One line: images per source (GSV and Flickr always, others where present), cells
+        covered and rejected rows by problem."""
         per_source = self.images["source"].value_counts()
-        names = [*SOURCES, *sorted(set(per_source.index) - set(SOURCES))]
-        sources = ", ".join(f"{s} {int(per_source.get(s, 0))}" for s in names)
+        sources = ", ".join(
+            f"{s} {int(per_source.get(s, 0))}"
+            for s in source_names(self.images["source"])
+            if s in ("gsv", "flickr") or s in per_source.index
+        )
         text = (
             f"{self.path.name}: {len(self.images)} images ({sources}) in "
             f"{self.images['cell_id'].nunique()} cells; "
             f"{self.problems['row'].nunique()} rejected"
         )
         return text + (f" ({_kind_counts(self.problems)})" if len(self.problems) else "")
+
+
+def source_names(sources: pd.Series) -> list[str]:
+    """:data:`SOURCES`, then the other source names in ``sources``, sorted: the columns of
+    every per-source count."""
+    return [*SOURCES, *sorted(set(sources.dropna().astype(str)) - set(SOURCES))]
 
 
 def read_catalog(
@@ -433,14 +443,15 @@ def images_per_cell(images: pd.DataFrame, cell_ids: np.ndarray) -> pd.DataFrame:
     """Number of images per cell and source.
 
     Returns:
-        int64 DataFrame indexed by ``cell_id`` (``cell_ids`` in their order) with columns
-        ``gsv``, ``flickr``, ``other``; 0 for cells without images.
+        int64 DataFrame indexed by ``cell_id`` (``cell_ids`` in their order) with one column
+        per source (:func:`source_names`: every one of :data:`SOURCES`, then any other source
+        of ``images``); 0 for cells without images.
     """
     inside = images[_in_cells(images, cell_ids)]
     counts = inside.groupby(["cell_id", "source"]).size().unstack(fill_value=0)
     counts = counts.reindex(
         index=pd.Index(np.asarray(cell_ids, dtype=np.int64), name="cell_id"),
-        columns=list(SOURCES),
+        columns=source_names(images["source"]),
         fill_value=0,
     )
     counts.columns.name = None

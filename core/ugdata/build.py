@@ -7,7 +7,7 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -64,14 +64,34 @@ class UGBuild:
     samples: list[UGSample]
     graphs: dict[str, GraphRecord]
     images: int
+    per_source: dict[str, int]
 
 
-def select_images(context: CityContext, max_images: int | None, seed: int) -> np.ndarray:
-    """Row indices of the images to use: all, or a seeded random subset in catalog order."""
-    n = len(context.images)
-    if max_images is None or max_images >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng([seed, 61]).choice(n, max_images, replace=False))
+def select_images(
+    context: CityContext,
+    max_images: int | None,
+    seed: int,
+    sources: Sequence[str] | None = None,
+) -> np.ndarray:
+    """Row indices of the images to anchor: all (or those of ``sources``), or a seeded random
+    subset of them, in catalog order.
+
+    Raises:
+        ValueError: when none of the catalog's images is of ``sources``, naming the sources it
+            has.
+    """
+    rows = np.arange(len(context.images))
+    if sources is not None:
+        rows = rows[context.images["source"].isin(list(sources)).to_numpy()]
+        if not len(rows):
+            present = sorted(context.images["source"].unique())
+            raise ValueError(
+                f"no usable images of the sources {list(sources)} to anchor; the catalog has "
+                f"{present}"
+            )
+    if max_images is None or max_images >= len(rows):
+        return rows
+    return np.sort(np.random.default_rng([seed, 61]).choice(rows, max_images, replace=False))
 
 
 def build_samples(
@@ -83,6 +103,7 @@ def build_samples(
     max_nodes: int = 64,
     paths_per_node: int = 2,
     captioner: Captioner | None = None,
+    sources: Sequence[str] | None = None,
 ) -> UGBuild:
     """Caption, graph-caption and reasoning samples for the images of a city.
 
@@ -99,10 +120,12 @@ def build_samples(
         max_nodes: node cap of a graph record.
         paths_per_node: reasoning paths per anchor node.
         captioner: the captioner (default :class:`TemplateCaptioner` with ``seed``).
+        sources: anchor only the images of these catalog sources (default: every source);
+            the others still count in the captions' context (e.g. photos nearby).
     """
     captioner = captioner or TemplateCaptioner(seed, context.radius)
     out = Path(os.path.abspath(out))
-    rows = select_images(context, max_images, seed)
+    rows = select_images(context, max_images, seed, sources)
     images = context.images.iloc[rows].reset_index(drop=True)
     nodes = images["node"].to_numpy(np.int64)
     xy = images[["x", "y"]].to_numpy(float)
@@ -181,7 +204,8 @@ def build_samples(
                     meta,
                 )
             )
-    return UGBuild(samples=samples, graphs=graphs, images=len(images))
+    per_source = {str(k): int(n) for k, n in images["source"].value_counts().sort_index().items()}
+    return UGBuild(samples=samples, graphs=graphs, images=len(images), per_source=per_source)
 
 
 def _image_meta(row: dict[str, str], facts: PlaceFacts, node_id: str, cell: int) -> dict[str, Any]:
@@ -271,6 +295,7 @@ def build_ugdata(
     holdout_district: str | None = None,
     paths_per_node: int = 2,
     max_nodes: int = 64,
+    sources: Sequence[str] | None = None,
 ) -> dict:
     """Build UGData for the data root ``data`` into the new folder ``out``, atomically.
 
@@ -289,6 +314,8 @@ def build_ugdata(
             ``train.jsonl`` (samples crossing into it are left out of both).
         paths_per_node: reasoning paths per anchor node.
         max_nodes: node cap of a graph record.
+        sources: anchor only the images of these catalog sources (e.g. ``["mapillary"]``);
+            default every source.
 
     Returns:
         The manifest: counts per file and pair type, graphs, images, options and timings.
@@ -325,6 +352,7 @@ def build_ugdata(
         hops=hops,
         max_nodes=max_nodes,
         paths_per_node=paths_per_node,
+        sources=sources,
     )
     t = lap("samples", t)
     files = {TRAIN_FILE: built.samples}
@@ -356,12 +384,14 @@ def build_ugdata(
                 "paths_per_node": paths_per_node,
                 "max_nodes": max_nodes,
                 "radius_m": context.radius,
+                "sources": list(sources) if sources is not None else None,
             },
             "context_layers": {
                 "water": context.water is not None,
                 "parks": context.parks is not None,
             },
             "images": built.images,
+            "images_per_source": built.per_source,
             "street_nodes": len(context.graph.node_ids),
             "street_edges": len(context.graph.edges),
             "graphs": graphs,

@@ -68,6 +68,14 @@ _HEADING = ("The camera faces {dir}.", "The view looks {dir}.", "It is taken fac
 _SOURCE = {
     "gsv": ("It is a street-view capture from {y}.", "A street-view car captured it in {y}."),
     "flickr": ("It is a Flickr photo from {y}.", "Someone posted this photo on Flickr in {y}."),
+    "amsterdam_panorama": (
+        "It is a view from the city's panorama survey of {y}.",
+        "The City of Amsterdam's panorama car captured it in {y}.",
+    ),
+    "mapillary": (
+        "It is a crowd-sourced Mapillary image from {y}.",
+        "A Mapillary contributor captured it in {y}.",
+    ),
     "other": ("It was captured in {y}.",),
 }
 _DENSITY = {

@@ -14,6 +14,7 @@ from core.runs import PREDICTIONS_FILE
 from core.sources.boundaries import cell_units
 from dashboard import common, data, maps
 
+#: Layers beside each source's images (:func:`layer_title`).
 COUNT_LAYERS = {
     "gsv": "GSV images",
     "flickr": "Flickr photos (all)",
@@ -21,6 +22,21 @@ COUNT_LAYERS = {
     "flickr_building": "Flickr photos, building scenes",
     "gap": "cells without a filtered Flickr photo",
 }
+
+
+def layer_title(name: str) -> str:
+    """A count layer's title: :data:`COUNT_LAYERS`, else the source's images."""
+    return COUNT_LAYERS.get(name) or f"{common.source_title(name)} images"
+
+
+def count_layers(root: str, coverage: pd.DataFrame) -> list[str]:
+    """The count columns of ``coverage`` to offer: every source of the catalog (GSV and Flickr
+    first), the filtered Flickr subsets present, and the gap layer."""
+    sources = data.catalog_sources(root, always=("gsv", "flickr"))
+    subsets = [c for c in ("flickr_outdoor", "flickr_building") if c in coverage]
+    return [*sources[:2], *subsets, *sources[2:], "gap"]
+
+
 #: Bins of image counts for the error-vs-coverage chart.
 COUNT_BINS = [-0.5, 0.5, 2.5, 5.5, 10.5, np.inf]
 COUNT_LABELS = ["0", "1-2", "3-5", "6-10", "> 10"]
@@ -43,13 +59,13 @@ def coverage_layer(root: str, layer_name: str, unit: str) -> tuple[maps.Records,
     gap = layer_name == "gap"
     if gap and unit == common.CELLS:
         labels = np.where(shown[filtered] == 0, "no filtered photo", "covered")
-        colours, legend = maps.categorical(pd.Series(labels), GAP_PALETTE, COUNT_LAYERS["gap"])
+        colours, legend = maps.categorical(pd.Series(labels), GAP_PALETTE, layer_title("gap"))
         return common.map_payload(shown, colours, shown[filtered], unit), legend
     shown["value"] = (shown[filtered] == 0).astype(float) if gap else shown[layer_name]
     title = (
         "share of cells without a filtered Flickr photo"
         if gap
-        else f"{COUNT_LAYERS[layer_name]} per cell"
+        else f"{layer_title(layer_name)} per cell"
     )
     # counts have a long tail per cell; a unit's mean count does not
     scale = functools.partial(
@@ -65,7 +81,7 @@ def coverage_map(root: str, layer_name: str, unit: str) -> None:
         maps.city_deck(
             payload,
             data.load_context(root),
-            COUNT_LAYERS[layer_name],
+            layer_title(layer_name),
             units=unit != common.CELLS,
         ),
         height=520,
@@ -76,25 +92,22 @@ def coverage_map(root: str, layer_name: str, unit: str) -> None:
 
 @st.cache_data(show_spinner=False)
 def per_district(root: str, unit: str = "stadsdeel") -> pd.DataFrame:
-    """Share of cells with GSV, Flickr and filtered Flickr images, and median counts, per
-    planner's unit (stadsdeel by default)."""
+    """Share of cells with images of each source and with filtered Flickr photos, and the
+    median counts, per planner's unit (stadsdeel by default)."""
     coverage = data.load_coverage(root)
     filtered = filtered_column(coverage)
+    sources = data.catalog_sources(root, always=("gsv", "flickr"))
     shown = data.on_grid(root, coverage)
     shown = shown.assign(unit=cell_units(shown, unit))
     shown = shown[shown["unit"] != ""].rename(columns={"unit": unit})
-    return (
-        shown.groupby(unit)
-        .agg(
-            cells=("cell_id", "size"),
-            with_gsv=("gsv", lambda c: (c > 0).mean()),
-            with_flickr=("flickr", lambda c: (c > 0).mean()),
-            with_filtered_flickr=(filtered, lambda c: (c > 0).mean()),
-            median_gsv=("gsv", "median"),
-            median_flickr=("flickr", "median"),
-        )
-        .round(3)
-    )
+
+    def covered(counts: pd.Series) -> float:
+        return (counts > 0).mean()
+
+    shares = {f"with_{s}": (s, covered) for s in sources}
+    shares["with_filtered_flickr"] = (filtered, covered)
+    medians = {f"median_{s}": (s, "median") for s in sources}
+    return shown.groupby(unit).agg(cells=("cell_id", "size"), **shares, **medians).round(3)
 
 
 def error_by_coverage(
@@ -121,25 +134,26 @@ def main() -> None:
     images = data.load_images(root)
     scene_run = images.attrs.get("scene_run")
     filtered = filtered_column(coverage)
-    counts = st.columns(4)
+    sources = data.catalog_sources(root, always=("gsv", "flickr"))
+    shares = {f"with {common.source_title(s)}": coverage[s] for s in sources}
+    if filtered != "flickr":
+        shares[f"with {layer_title(filtered).lower()}"] = coverage[filtered]
+    counts = st.columns(1 + len(shares))
     counts[0].metric("Cells", f"{len(coverage):,}")
-    counts[1].metric("with GSV", f"{100 * (coverage['gsv'] > 0).mean():.0f}%")
-    counts[2].metric("with Flickr", f"{100 * (coverage['flickr'] > 0).mean():.0f}%")
-    counts[3].metric(
-        f"with {COUNT_LAYERS[filtered].lower()}", f"{100 * (coverage[filtered] > 0).mean():.0f}%"
-    )
+    for column, (label, values) in zip(counts[1:], shares.items(), strict=True):
+        column.metric(label, f"{100 * (values > 0).mean():.0f}%")
     if scene_run is None:
         st.info(
             "No scene filter run yet, so Flickr photos are not filtered: "
             "`python -m train scene-filter` scores them."
         )
-    options = [k for k in COUNT_LAYERS if k in coverage or k == "gap"]
+    options = count_layers(root, coverage)
     layer_name = st.selectbox(
         "Layer",
         options,
         index=options.index("gap"),
         key="coverage_layer",
-        format_func=COUNT_LAYERS.get,
+        format_func=layer_title,
     )
     unit = common.unit_picker(root, "coverage_units")
     coverage_map(root, layer_name, unit)
@@ -166,15 +180,15 @@ def main() -> None:
             run = common.run_picker(
                 runs, "Run", key="coverage_run", default_label="aerial+flickr(building)"
             )
-        source = "flickr" if run.get("config.ground") == "flickr" else "gsv"
+        counted = [c for c in options if c in coverage]
+        first = str(run.get("config.ground") or "gsv").split(",")[0]
+        default = filtered if first == "flickr" else first if first in counted else "gsv"
         count = right.selectbox(
             "Count",
-            [c for c in COUNT_LAYERS if c in coverage],
-            index=[c for c in COUNT_LAYERS if c in coverage].index(
-                filtered if source == "flickr" else "gsv"
-            ),
+            counted,
+            index=counted.index(default),
             key="coverage_count",
-            format_func=COUNT_LAYERS.get,
+            format_func=layer_title,
         )
         table = error_by_coverage(root, coverage, run, count)
         chart = px.bar(
@@ -183,7 +197,7 @@ def main() -> None:
             y="mean_abs_error",
             text="cells",
             labels={
-                "images": f"{COUNT_LAYERS[count]} in the cell",
+                "images": f"{layer_title(count)} in the cell",
                 "mean_abs_error": "mean |residual|",
             },
             title=f"{common.run_title(run)}: test error by coverage (bar labels: cells)",
