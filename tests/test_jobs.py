@@ -141,7 +141,7 @@ def test_queue_order_states_and_cancel(tmp_path):
         store.enqueue("fusion", {"data": {1, 2}})  # a set has no JSON form
     as_text = store.enqueue("fusion", {**QUICK, "data": tmp_path})  # a path is stored as text
     assert store.get(as_text).config["data"] == str(tmp_path)
-    assert JOB_KINDS == ("fusion", "contrastive", "uge")
+    assert JOB_KINDS == ("fusion", "contrastive", "uge", "predict")
 
 
 def test_concurrent_claims_never_share_a_job(tmp_path):
