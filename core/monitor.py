@@ -26,6 +26,8 @@ from core.runs import Run
 
 #: A cell to look at: its change is this many times its uncertainty, or more.
 LOOK_Z = 2.0
+#: The held-out-year validation's report in a root's ``reports/`` (``validate-change``).
+VALIDATION_FILE = "change_validation.json"
 
 
 def member_columns(predictions: pd.DataFrame) -> list[str]:

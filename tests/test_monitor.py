@@ -141,3 +141,28 @@ def test_the_held_out_year_validation_compares_change_with_the_labels(validated)
 def test_validation_needs_two_label_years(tmp_path, tiny_demo):
     with pytest.raises(ValueError, match="train_year 2022 must be before test_year 2022"):
         validate_change(ChangeValidationConfig(data=str(tiny_demo), train_year=2022))
+
+
+def test_the_monitor_page_shows_the_validation_it_rests_on(validated, monkeypatch):
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    from tests.test_dashboard import APP
+
+    root, report = validated
+    monkeypatch.setenv("STADSBEELD_DATA", str(root))
+    monkeypatch.setenv("STADSBEELD_START_WORKER", "0")
+    st.cache_data.clear()
+    app = AppTest.from_file(APP, default_timeout=120)
+    app.run()
+    app.switch_page("views/monitor.py").run()
+    assert not app.exception, app.exception
+    assert len(app.selectbox(key="monitor_pair").options) == 2  # one pair per configuration
+    trust = app.dataframe[-1].value
+    assert list(trust.index) == ["aerial+gsv", "aerial"]
+    ensemble = report["configurations"]["aerial+gsv"]["ensemble"]
+    assert trust.loc["aerial+gsv", "MAE carry forward"] == pytest.approx(
+        ensemble["mae_carry_forward"], abs=1e-3
+    )
+    sources = [c.value for c in app.main.caption if c.value.startswith("Source:")]
+    assert "change_validation.json" in sources[-1]

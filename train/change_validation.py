@@ -34,7 +34,7 @@ from core.dataroot import DataRoot
 from core.grid import read_grid
 from core.io import jsonable, utc_now, write_atomic
 from core.metrics import kendall_tau_b, mae
-from core.monitor import member_columns
+from core.monitor import VALIDATION_FILE, member_columns
 from core.runs import load_run
 from core.sources.lbm import read_lbm
 from train.fusion import train_fusion
@@ -196,7 +196,7 @@ def validate_change(config: ChangeValidationConfig, log=print) -> dict:
     folder = root.reports
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(
-        folder / "change_validation.json",
+        folder / VALIDATION_FILE,
         lambda tmp: tmp.write_text(json.dumps(jsonable(report), indent=2)),
     )
     write_atomic(

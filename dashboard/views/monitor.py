@@ -3,11 +3,14 @@ the cells to look at; every number from two prediction folders of one ensemble."
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core.monitor import LOOK_Z, change, pairs, to_look_at
+from core.dataroot import DataRoot
+from core.monitor import LOOK_Z, VALIDATION_FILE, change, pairs, to_look_at
 from core.runs import load_run
 from core.sources.boundaries import cell_units
 from dashboard import common, data, maps
@@ -42,6 +45,42 @@ def prediction_pairs(root: str) -> list[tuple[str, str]]:
 def changes_on_grid(root: str, before: str, after: str) -> pd.DataFrame:
     """:func:`core.monitor.change` of two prediction folders, joined to the grid."""
     return data.on_grid(root, change(load_run(before), load_run(after)))
+
+
+def validation(root: str) -> None:
+    """The held-out-year validation of change (``validate-change``), where the root has one:
+    how far the page's change can be trusted."""
+    path = DataRoot(root).reports / VALIDATION_FILE
+    if not path.is_file():
+        st.caption(
+            "No held-out-year validation of change for this root yet: "
+            "`stadsbeeld validate-change` measures how well predicted change matches the "
+            "labels' change (README, Monitoring)."
+        )
+        return
+    try:
+        report = json.loads(path.read_text())
+        rows = {
+            name: {
+                "tau of change": c["ensemble"]["tau_change"],
+                "sign right (large changes)": c["ensemble"]["sign_agreement"],
+                "MAE carry forward": c["ensemble"]["mae_carry_forward"],
+                "MAE carry forward + change": c["ensemble"]["mae_carry_forward_plus_change"],
+                "change inside its 90% interval": c["calibration_change"]["coverage_90"],
+            }
+            for name, c in report["configurations"].items()
+        }
+    except (ValueError, KeyError, TypeError) as error:
+        st.warning(f"{path}: not a validation report ({error}); skipped")
+        return
+    st.subheader("How far to trust the change")
+    st.caption(
+        f"Trained on {report['train_year']}, predicting {report['train_year']}→"
+        f"{report['test_year']} on held-out cells: a model beats the planner's default only "
+        "where 'MAE carry forward + change' is below 'MAE carry forward'."
+    )
+    st.dataframe(pd.DataFrame(rows).T.round(3), width="stretch")
+    common.provenance(path)
 
 
 def _title(before: str, after: str) -> str:
@@ -162,6 +201,7 @@ def main() -> None:
         hide_index=True,
     )
     common.provenance(before, after)
+    validation(root)
 
 
 main()
