@@ -628,7 +628,7 @@ def test_keys_never_reach_the_output_or_any_file(fetched):
                 assert key.encode() not in path.read_bytes(), path
 
 
-def test_the_open_street_level_sources_fetch_into_the_catalog(
+def test_the_open_street_level_sources_fetch_into_the_catalog_and_fusion_trains_on_them(
     services, tiny_demo, tmp_path, monkeypatch
 ):
     bbox = grid_bbox_wgs84(DataRoot(tiny_demo).grid)
@@ -644,7 +644,7 @@ def test_the_open_street_level_sources_fetch_into_the_catalog(
     def config(**options: Any) -> FetchConfig:
         return services.config(
             out,
-            sources=["amsterdam_panorama", "mapillary"],
+            sources=["lbm", "aerial", "amsterdam_panorama", "mapillary"],
             panorama_headings=[0, 120, 240],
             panorama_since="2018-01-01",
             endpoint=endpoints,
@@ -673,6 +673,17 @@ def test_the_open_street_level_sources_fetch_into_the_catalog(
     for path in out.rglob("*"):
         if path.is_file():
             assert b"0b7c1e9d44aa" not in path.read_bytes(), path
+
+    # the fetched labels, mosaic and the two open sources train a fusion run
+    options = ["--data", str(out), "--schedule", "demo", "--epochs", "2", "--batch-size", "64"]
+    options += ["--block-size", "300", "--ground", "amsterdam_panorama,mapillary"]
+    code, _, error = run(["fusion", *options, "--device", "cpu"])
+    assert code == 0, error
+    trained = load_run(list_runs(DataRoot(out).runs, kind="fusion")["path"].iloc[0])
+    assert trained.config["label"] == "aerial+amsterdam_panorama+mapillary"
+    pooled = trained.metrics["ground_images"]  # the images inside the labelled cells
+    assert set(pooled) == {"amsterdam_panorama", "mapillary"} and sum(pooled.values()) > 0
+    assert pooled["amsterdam_panorama"] <= 9 and pooled["mapillary"] <= 8
 
     # a redo asks only the plan's questions again: the searches come from the cache
     asked = panoramas.api_requests, images.searches
