@@ -19,6 +19,7 @@ import streamlit as st
 from core.dataroot import DataRoot
 from core.jobs import DB_FILE, Job, JobStore, QueueFull, start_worker, worker_alive
 from core.runs import BACKBONE_FILE
+from core.sources.catalog import source_names
 from core.sources.lbm import SCORE_COLUMNS
 from dashboard import common, data
 
@@ -132,11 +133,13 @@ def fusion_form(root: str) -> dict | None:
     scene_runs = data.load_runs(root, "scene")
     with st.form("retrain_form"):
         modalities = st.selectbox("Imagery", list(MODALITIES), key="retrain_modalities")
-        ground = st.selectbox(
-            "Ground source",
-            ["gsv", "flickr"],
+        present = data.load_images(root)["source"].unique()
+        ground = st.multiselect(
+            "Ground sources (several: pooled together)",
+            [s for s in source_names(pd.Series(present)) if s in present] or ["gsv"],
+            default=["gsv"] if "gsv" in present else list(present[:1]),
             key="retrain_ground",
-            format_func={"gsv": "Google Street View", "flickr": "Flickr"}.get,
+            format_func=common.source_title,
         )
         subset = st.selectbox(
             "Flickr filter",
@@ -169,16 +172,19 @@ def fusion_form(root: str) -> dict | None:
     if not submitted:
         return None
     aerial, uses_ground = MODALITIES[modalities]
+    if uses_ground and not ground:
+        st.error("Choose at least one ground source, or 'aerial only'.")
+        return None
     config = {
         "aerial": aerial,
-        "ground": ground if uses_ground else None,
+        "ground": ",".join(ground) if uses_ground else None,
         "target": target,
         "epochs": int(epochs),
         "seed": int(seed),
         "block_size": float(block_size),
         "ground_weights": weights[encoder],
     }
-    if uses_ground and ground == "flickr":
+    if uses_ground and "flickr" in ground:
         config["flickr_subset"] = subset
         if subset != "all":
             if scene_runs.empty:
@@ -282,7 +288,7 @@ def describe(job: Job) -> str:
         )
     what = "+".join(
         (["aerial"] if config.get("aerial", True) else [])
-        + ([str(config["ground"])] if config.get("ground") else [])
+        + (str(config["ground"]).split(",") if config.get("ground") else [])
     )
     return f"#{job.id} {job.kind} {what} → {config.get('target', '')}, {config.get('epochs', '?')} epochs"
 

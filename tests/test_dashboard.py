@@ -444,6 +444,24 @@ def test_the_map_opens_on_the_data_roots_extent(app, demo_root):
     assert view["zoom"] > 13  # a 1.5 km extent, not the whole city
 
 
+def test_retrain_form_trains_on_any_sources_of_the_catalog(app, demo_root, monkeypatch):
+    monkeypatch.setenv("STADSBEELD_RETRAIN", "1")
+    store = JobStore.for_runs(DataRoot(demo_root).runs)
+    app.run()
+    ground = app.multiselect(key="retrain_ground")
+    assert {"Street View", "Flickr", "Amsterdam panoramas", "Mapillary"} <= set(ground.options)
+    ground.set_value(["amsterdam_panorama", "mapillary"])
+    app.button(key="retrain_submit").click().run()
+    assert not app.exception
+    job = store.jobs()[0]
+    assert (job.kind, job.config["ground"]) == ("fusion", "amsterdam_panorama,mapillary")
+    assert any(
+        f"#{job.id} fusion aerial+amsterdam_panorama+mapillary" in c.value
+        for c in app.sidebar.caption
+    )
+    store.cancel(job.id)
+
+
 def test_retrain_form_enqueues_a_contrastive_job(app, demo_root, monkeypatch):
     monkeypatch.setenv("STADSBEELD_RETRAIN", "1")
     store = JobStore.for_runs(DataRoot(demo_root).runs)
