@@ -216,7 +216,7 @@ def street_images(
         ValueError: naming the catalog when no usable image of the source is left; the
             message counts the rejected rows and names the first of each kind.
     """
-    catalog = read_catalog(root.catalog, check_images=True)
+    catalog = read_catalog(root.catalog, check_images=True, sources=[source])
     images = catalog.images[catalog.images["source"] == source]
     if cell_ids is not None:
         images = images[images["cell_id"].isin(cell_ids)]

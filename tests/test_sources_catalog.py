@@ -283,3 +283,14 @@ def test_write_catalog_rejects_unknown_formats(
         write_catalog(catalog_images, tmp_path / "out.json")
     with pytest.raises(ValueError, match=r"images: missing columns \['x', 'y'\]"):
         write_catalog(catalog_images.drop(columns=["x", "y"]), tmp_path / "out.csv")
+
+
+def test_reading_some_sources_checks_only_their_rows(tmp_path: Path) -> None:
+    rows = good_rows(tmp_path)
+    rows.to_csv(tmp_path / "catalog.csv", index=False)
+    (tmp_path / "img" / "b.jpg").unlink()  # the Flickr row's file is gone
+    gsv = read_catalog(tmp_path / "catalog.csv", sources=["gsv"])
+    assert gsv.images["id"].tolist() == ["a", "c"] and gsv.problems.empty
+    with pytest.warns(UserWarning, match="missing file"):
+        both = read_catalog(tmp_path / "catalog.csv", sources=["gsv", "flickr"])
+    assert both.images["id"].tolist() == ["a", "c"] and both.problems["id"].tolist() == ["b"]

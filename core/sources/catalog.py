@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -114,6 +114,7 @@ def read_catalog(
     check_files: bool = True,
     check_images: bool = False,
     root: str | PathLike | None = None,
+    sources: Collection[str] | None = None,
 ) -> Catalog:
     """Read and check an image catalog.
 
@@ -135,6 +136,8 @@ def read_catalog(
             is not truncated, so that no unreadable image reaches training; implies
             ``check_files``. About a millisecond per image.
         root: the folder every image must lie in; default the catalog's folder.
+        sources: read and check only the rows of these sources (a trainer of one source
+            need not open every other source's image files).
 
     Raises:
         FileNotFoundError: if the catalog does not exist.
@@ -144,6 +147,8 @@ def read_catalog(
     path = Path(path)
     table = read_table(path, "image catalog")
     require_columns(table, REQUIRED_COLUMNS, path)
+    if sources is not None:
+        table = table[table["source"].astype(str).str.strip().str.lower().isin(list(sources))]
     table = table.reset_index(drop=True)
     ids = table["id"]
     id_text = ids.astype(str).str.strip().to_numpy()
