@@ -3,12 +3,12 @@
 ``stadsbeeld demo-runs --queue-embeddings true`` (what ``make demo`` runs) trains the default
 runs, queues a default contrastive and UGE run and starts the worker; the dashboard is served
 at once, and when the two jobs finish the neighbours page offers all three kinds of embedding.
+On a small demo root (3 x 2 km) with the default schedules.
 Slow: the UGE job builds UGData and pretrains the tiny VLM (minutes on two cores).
 """
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import time
@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from core.dataroot import DataRoot
+from core.demo import DemoConfig, build_demo
 from core.jobs import JobStore
 from tests.test_browser import browser, new_page, open_page, serve, settle  # noqa: F401
 
@@ -24,10 +25,14 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
+#: Six 1 km blocks, so that the default runs' spatial split (1 km blocks) has test cells.
+EXTENT = "bbox:120000,485000,123000,487000"
+
+
 @pytest.fixture(scope="module")
-def demo_root(tmp_path_factory, tiny_demo):
+def demo_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("make-demo") / "city"
-    shutil.copytree(tiny_demo, root, ignore=shutil.ignore_patterns("runs"))
+    build_demo(root, DemoConfig(extent=EXTENT, flickr_photos=3000, workers=1), show_progress=False)
     return root
 
 
