@@ -27,7 +27,7 @@ from tests.fakes.flickr import install_flickr
 
 KEY = "flickr-key-0123456789abcdef"
 SINCE = datetime(2000, 1, 1)
-UNTIL = datetime(2024, 1, 1)
+UNTIL = datetime(2025, 1, 1)  # after the demo's last Flickr year, 2024
 
 
 @pytest.fixture
