@@ -502,7 +502,9 @@ def test_retrain_form_enqueues_a_predict_job(app, demo_root, monkeypatch):
 
     monkeypatch.setenv("STADSBEELD_RETRAIN", "1")
     store = JobStore.for_runs(DataRoot(demo_root).runs)
-    newest = list_runs(DataRoot(demo_root).runs, kind="fusion")["run_id"].iloc[0]
+    runs = list_runs(DataRoot(demo_root).runs, kind="fusion")
+    # preselected: the newest run's configuration, up to three of its runs (newest first)
+    newest = runs.loc[runs["config.label"] == runs["config.label"].iloc[0], "run_id"].head(3)
     app.run()
     app.selectbox(key="retrain_kind").set_value("predict").run()
     assert app.selectbox(key="retrain_predict_year").options == [str(y) for y in range(2016, 2025)]
@@ -511,9 +513,10 @@ def test_retrain_form_enqueues_a_predict_job(app, demo_root, monkeypatch):
     assert not app.exception
     job = store.jobs()[0]
     assert (job.kind, job.status) == ("predict", "queued")
-    assert job.config == {"run": [newest], "year": 2024, "window_years": 1}
+    assert job.config == {"run": newest.tolist(), "year": 2024, "window_years": 1}
     PredictConfig.from_dict(job.config)  # what the worker will run
-    assert any(f"#{job.id} predict 2024 with 1 run(s)" in c.value for c in app.sidebar.caption)
+    described = f"#{job.id} predict 2024 with {len(newest)} run(s)"
+    assert any(described in c.value for c in app.sidebar.caption)
     store.cancel(job.id)
 
 

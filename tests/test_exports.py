@@ -104,8 +104,8 @@ def test_the_style_table_is_the_one_qgis_writes(tiny_demo, tmp_path):
 
 def test_class_layer_is_categorized_with_the_class_colours(tiny_demo, tmp_path):
     path = write_layer(map_layer(tiny_demo, "lbm_class"), tmp_path / "c.gpkg")
-    back = pyogrio.read_dataframe(path, layer="lbm_class_2020")
-    renderer = ET.fromstring(_style(path, "lbm_class_2020")["styleQML"].split("\n", 1)[1])
+    back = pyogrio.read_dataframe(path, layer="lbm_class_2022")
+    renderer = ET.fromstring(_style(path, "lbm_class_2022")["styleQML"].split("\n", 1)[1])
     renderer = renderer.find("renderer-v2")
     assert renderer.get("type") == "categorizedSymbol" and renderer.get("attr") == "lbm_class"
     values = [int(c.get("value")) for c in renderer.iter("category")]
