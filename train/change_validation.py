@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
@@ -38,7 +37,7 @@ from core.monitor import VALIDATION_FILE, member_columns
 from core.runs import load_run
 from core.sources.lbm import read_lbm
 from train.fusion import train_fusion
-from train.predict import predict
+from train.predict import coverage, predict
 
 #: The configurations compared: the fusion model and one that sees only the aerial mosaic.
 CONFIGURATIONS = {"aerial+gsv": {"ground": "gsv"}, "aerial": {"ground": None}}
@@ -60,15 +59,6 @@ def release_years(root: DataRoot, config: ChangeValidationConfig) -> tuple[int, 
     if train >= test:
         raise ValueError(f"train_year {train} must be before test_year {test}")
     return int(train), int(test)
-
-
-def interval_coverage(centre: np.ndarray, std: np.ndarray, true: np.ndarray) -> dict[str, float]:
-    """Share of ``true`` inside the central 50% and 90% Gaussian intervals."""
-    result = {}
-    for level in (0.5, 0.9):
-        z = NormalDist().inv_cdf(0.5 + level / 2)
-        result[f"coverage_{round(level * 100)}"] = float((np.abs(true - centre) <= z * std).mean())
-    return result
 
 
 def change_scores(
@@ -174,10 +164,10 @@ def validate_change(config: ChangeValidationConfig, log=print) -> dict:
             "ensemble": change_scores(
                 ensemble_change, b["predicted"].to_numpy(), true_before, true_after, threshold
             ),
-            "calibration_scores": interval_coverage(
+            "calibration_scores": coverage(
                 b["predicted"].to_numpy(), b["uncertainty"].to_numpy(), true_after
             ),
-            "calibration_change": interval_coverage(ensemble_change, change_std, true_change),
+            "calibration_change": coverage(ensemble_change, change_std, true_change),
         }
         for district, rows in pd.Series(np.arange(len(test)), index=test).groupby(
             districts.reindex(test).fillna("").to_numpy()
