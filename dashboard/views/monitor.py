@@ -29,8 +29,10 @@ LOOK_PALETTE = {
 
 
 @st.cache_data(show_spinner=False)
-def prediction_pairs(root: str) -> list[tuple[str, str]]:
-    """(before, after) folders of every two predictions of one ensemble, latest year first."""
+def prediction_pairs(root: str) -> list[tuple[str, str, int, int, str, str]]:
+    """Every two predictions of one ensemble, latest year first, each folder read once:
+    ``(before folder, after folder, first year, last year, target, title)`` (plain tuples:
+    the cache pickles them, and a class of this page script would not pickle)."""
     runs = data.load_runs(root, kind=common.PREDICTION_KIND)
     loaded = []
     for path in runs["path"]:
@@ -38,7 +40,18 @@ def prediction_pairs(root: str) -> list[tuple[str, str]]:
             loaded.append(load_run(path))
         except (OSError, ValueError) as error:
             st.warning(f"{path}: skipped, {error}")
-    return [(str(before.path), str(after.path)) for before, after in pairs(loaded)]
+    return [
+        (
+            str(a.path),
+            str(b.path),
+            int(a.config["year"]),
+            int(b.config["year"]),
+            b.config.get("target", "score"),
+            f"{b.config['year']} vs {a.config['year']} · {b.config.get('label', b.run_id)} · "
+            f"{b.run_id} / {a.run_id}",
+        )
+        for a, b in pairs(loaded)
+    ]
 
 
 @st.cache_data(show_spinner="Comparing the two years ...")
@@ -83,12 +96,6 @@ def validation(root: str) -> None:
     common.provenance(path)
 
 
-def _title(before: str, after: str) -> str:
-    a, b = load_run(before), load_run(after)
-    label = b.config.get("label", b.run_id)
-    return f"{b.config['year']} vs {a.config['year']} · {label} · {b.run_id} / {a.run_id}"
-
-
 def main() -> None:
     root = common.root_or_stop()
     st.title("Monitor")
@@ -103,13 +110,10 @@ def main() -> None:
     index = st.selectbox(
         "Predictions",
         range(len(options)),
-        format_func=lambda i: _title(*options[i]),
+        format_func=lambda i: options[i][-1],
         key="monitor_pair",
     )
-    before, after = options[index]
-    a, b = load_run(before), load_run(after)
-    first, last = int(a.config["year"]), int(b.config["year"])
-    target = b.config.get("target", "score")
+    before, after, first, last, target, _ = options[index]
     frame = changes_on_grid(root, before, after)
     spread = float(np.nanstd(frame["change"])) or 0.01
     left, middle, right = st.columns(3)
