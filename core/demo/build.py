@@ -403,7 +403,7 @@ def _write_catalog(images: pd.DataFrame, street_root: Path) -> None:
         {
             "id": images["id"],
             "source": images["source"],
-            "path": [str(street_root.resolve() / p) for p in images["path"]],
+            "path": [os.path.join(street_root, p) for p in images["path"]],
             "x": images["x"].round(2),
             "y": images["y"].round(2),
             "heading": images["heading"],

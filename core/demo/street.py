@@ -573,7 +573,8 @@ def render(table: pd.DataFrame, seed: int, px: int = RENDER_PX) -> np.ndarray:
     dirt = _sigmoid(-1.3 * col("upkeep"))
 
     sky = np.where(day[..., None] > 0.4, np.array([120, 165, 215]), np.array([22, 28, 52]))
-    img = np.broadcast_to(sky, (n, px, px, 3)).astype(np.float32).copy()
+    # float64 throughout, painted in place: each layer writes only the pixels it covers
+    img = np.broadcast_to(sky, (n, px, px, 3)).astype(np.float64)
 
     facade_rgb = np.stack(
         [np.interp(table["era"], _ERA_STOPS, _FACADE[:, c]) for c in range(3)], -1
@@ -588,7 +589,7 @@ def render(table: pd.DataFrame, seed: int, px: int = RENDER_PX) -> np.ndarray:
     )
     in_facade = (v >= horizon) & (v < ground)
     face = facade_rgb[:, None, None, :] * np.where(stains, 0.72, 1.0)[..., None]
-    img = np.where(in_facade[..., None], face, img)
+    np.copyto(img, face, where=in_facade[..., None])
 
     # Windows: old facades have few tall windows, post-war ones long bands of glass.
     era = col("era")
@@ -606,24 +607,29 @@ def render(table: pd.DataFrame, seed: int, px: int = RENDER_PX) -> np.ndarray:
         (day < 0.4)[..., None] & lit[..., None], np.array([235, 205, 120]), np.array([62, 78, 98])
     )
     glass = np.where(broken[..., None], np.array([112, 88, 58]), glass)
-    img = np.where(window[..., None], glass, img)
+    np.copyto(img, glass, where=window[..., None])
 
     # Shop fronts: a band of awnings above the pavement.
     shop_band = in_facade & (v >= ground - 0.1)
     shop_here = (
         (np.floor((u + col("shift")) * 4) * 7.1 + col("tree_seed") % 101) * 0.618 % 1
     ) < _sigmoid(1.4 * col("shops") - 0.6)
-    awning = _hue((table["awning_hue"].to_numpy()[:, None, None] + np.floor(u * 4) * 0.21) % 1)
-    img = np.where((shop_band & shop_here)[..., None], awning, img)
+    # Four awnings across the frame: colour the four, then spread them over their quarters.
+    quarters = np.arange(4, dtype=np.float32) * 0.21
+    quarter_hues = _hue((table["awning_hue"].to_numpy()[:, None] + quarters) % 1)
+    awning = quarter_hues[:, np.floor(u[0] * 4).astype(int)]
+    np.copyto(img, awning, where=(shop_band & shop_here)[..., None])
 
     # Pavement and litter.
     pavement = v >= ground
-    img = np.where(pavement[..., None], np.array([118, 116, 112], np.float32), img)
+    np.copyto(img, np.array([118, 116, 112], np.float32), where=pavement[..., None])
     litter = pavement & (
         rng.random((n, px, px), dtype=np.float32)
         < 0.015 + 0.14 * _sigmoid(1.5 * col("litter") - 0.5)
     )
-    img = np.where(litter[..., None], _hue(rng.random((n, px, px), dtype=np.float32)), img)
+    # Only the litter pixels need a colour; the draw covers every pixel to keep the stream.
+    litter_hue = rng.random((n, px, px), dtype=np.float32)
+    img[litter] = _hue(litter_hue[litter])
 
     # Trees: up to three crowns; leaves follow the season.
     leaf = _LEAVES[table["season"].to_numpy()][:, None, None, :]
@@ -638,7 +644,7 @@ def render(table: pd.DataFrame, seed: int, px: int = RENDER_PX) -> np.ndarray:
         crown = present & ((u - tu) ** 2 + (v - tv) ** 2 < r**2)
         if k == 0:
             crown &= (table["season"].to_numpy() != 0)[:, None, None]
-        img = np.where(crown[..., None], leaf, img)
+        np.copyto(img, leaf, where=crown[..., None])
 
     off_topic = ~table["drawn"].isin(BUILDING_SCENES).to_numpy()
     if off_topic.any():
@@ -652,59 +658,60 @@ def render(table: pd.DataFrame, seed: int, px: int = RENDER_PX) -> np.ndarray:
         & (v > ground - 0.06)
         & (v < ground + 0.08)
     )
-    img = np.where(car[..., None], _hue(table["shift"].to_numpy()[:, None, None] * 3 % 1), img)
+    np.copyto(img, _hue(table["shift"].to_numpy()[:, None, None] * 3 % 1), where=car[..., None])
     img = img * day[..., None] + rng.standard_normal(img.shape, dtype=np.float32) * 4
     blurred = (
         img + np.roll(img, 1, 1) + np.roll(img, 1, 2) + np.roll(img, -1, 1) + np.roll(img, -1, 2)
     ) / 5
-    img = np.where(col("blur").astype(bool)[..., None], blurred, img)
+    np.copyto(img, blurred, where=col("blur").astype(bool)[..., None])
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
 def _scenes(
     img: np.ndarray, table: pd.DataFrame, rng: np.random.Generator, u: np.ndarray, v: np.ndarray
 ) -> np.ndarray:
-    """Overlay the off-topic Flickr scenes on the rendered facades."""
+    """Paint the off-topic Flickr scenes over the rendered facades ``img`` (float64), in place."""
     scene = table["drawn"].to_numpy()[:, None, None]
     n = len(table)
     r = rng.random((n, 6))[:, :, None, None]
     # Water: sky, a thin row of distant facades, water with ripples, a boat.
     water = (scene == "water") & (v > 0.42)
     ripples = 55 + 18 * np.sin(v * 90 + r[:, 0] * 6)
-    img = np.where(
-        water[..., None], np.stack([ripples * 0.7, ripples * 1.25, ripples * 1.6], -1), img
+    np.copyto(
+        img, np.stack([ripples * 0.7, ripples * 1.25, ripples * 1.6], -1), where=water[..., None]
     )
     boat = (
         (scene == "water")
         & (np.abs(u - r[:, 1]) < 0.22)
         & (np.abs(v - 0.62 - 0.2 * r[:, 2]) < 0.05)
     )
-    img = np.where(boat[..., None], np.array([150, 40, 30]), img)
+    np.copyto(img, np.array([150, 40, 30]), where=boat[..., None])
     # Park: lawn and a wall of trees.
     park = scene == "park"
-    img = np.where((park & (v > 0.55))[..., None], np.array([90, 140, 60]), img)
-    img = np.where((park & (v > 0.2) & (v <= 0.55))[..., None], np.array([52, 100, 44]), img)
+    np.copyto(img, np.array([90, 140, 60]), where=(park & (v > 0.55))[..., None])
+    np.copyto(img, np.array([52, 100, 44]), where=(park & (v > 0.2) & (v <= 0.55))[..., None])
     # People in front of a facade: heads and bodies over a third of the frame.
     for k in range(3):
         cu = (r[:, k] + 0.3 * k) % 1
         body = (scene == "people") & (np.abs(u - cu) < 0.11) & (v > 0.45)
         head = (scene == "people") & ((u - cu) ** 2 + (v - 0.36) ** 2 < 0.07**2)
-        img = np.where(body[..., None], _hue(r[:, 3 + k % 3, :, :] % 1), img)
-        img = np.where(head[..., None], np.array([222, 180, 150]), img)
+        np.copyto(img, _hue(r[:, 3 + k % 3, :, :] % 1), where=body[..., None])
+        np.copyto(img, np.array([222, 180, 150]), where=head[..., None])
     # Food: a plate on a table, nothing of the street.
     food = scene == "food"
     plate = (u - 0.5) ** 2 + (v - 0.55) ** 2 < 0.3**2
-    img = np.where(food[..., None], np.array([120, 82, 50]), img)
-    img = np.where((food & plate)[..., None], np.array([235, 232, 225]), img)
+    np.copyto(img, np.array([120, 82, 50]), where=food[..., None])
+    np.copyto(img, np.array([235, 232, 225]), where=(food & plate)[..., None])
     bits = (
         food & ((u - 0.5) ** 2 + (v - 0.55) ** 2 < 0.17**2) & (rng.random((n, *u.shape[1:])) < 0.5)
     )
-    img = np.where(bits[..., None], _hue(r[:, 4] % 1), img)
+    np.copyto(img, _hue(r[:, 4] % 1), where=bits[..., None])
     # Interior: a warm wall with windows onto bright sky; at a glance, a facade.
     inside = scene == "interior"
     wall = np.stack([170 + 60 * r[:, 5], 140 + 40 * r[:, 5], np.full_like(r[:, 5], 110.0)], -1)
-    img = np.where(inside[..., None], wall, img)
+    np.copyto(img, wall, where=inside[..., None])
     pane = inside & ((np.abs(u - 0.3) < 0.12) | (np.abs(u - 0.72) < 0.12)) & (v > 0.2) & (v < 0.6)
-    img = np.where(pane[..., None], np.array([200, 220, 240]), img)
+    np.copyto(img, np.array([200, 220, 240]), where=pane[..., None])
     sofa = inside & (v > 0.75) & (np.abs(u - r[:, 2]) < 0.3)
-    return np.where(sofa[..., None], np.array([70, 50, 60]), img)
+    np.copyto(img, np.array([70, 50, 60]), where=sofa[..., None])
+    return img

@@ -491,12 +491,24 @@ def write_catalog(images: pd.DataFrame, path: str | PathLike) -> Path:
     rest = [c for c in images.columns if c not in first and c not in DERIVED_COLUMNS]
     table = pd.DataFrame(images[first + rest]).reset_index(drop=True)
     folder = path.parent.resolve()
-    table["path"] = [
-        p if pd.isna(p) else os.path.relpath(Path(p).resolve(), folder) for p in table["path"]
-    ]
+    table["path"] = _relative_paths(table["path"], folder)
     if suffix == ".csv":
         return write_atomic(path, lambda tmp: table.to_csv(tmp, index=False))
     return write_atomic(path, lambda tmp: table.to_parquet(tmp, index=False))
+
+
+def _relative_paths(paths: pd.Series, folder: Path) -> list:
+    """``paths`` relative to ``folder``; each image's folder is resolved once, not each file
+    (a catalog has many images per folder, and resolving is a few system calls a level)."""
+    resolved: dict[str, str] = {}
+
+    def relative(p: str | PathLike) -> str:
+        parent, name = os.path.split(os.fspath(p))
+        if parent not in resolved:
+            resolved[parent] = os.path.relpath(os.path.realpath(parent or "."), folder)
+        return os.path.normpath(os.path.join(resolved[parent], name))
+
+    return [p if pd.isna(p) else relative(p) for p in paths]
 
 
 def merge_catalog(rows: pd.DataFrame, catalog: str | PathLike) -> Path:
