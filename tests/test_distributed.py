@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +26,14 @@ import pytest
 import torch
 from torch import nn
 
+from core.configs import FusionConfig, PredictConfig
 from core.dataroot import DataRoot
 from core.distributed import Ranks, join_local_group
 from core.jobs import JobStore
 from core.models.backbones import create_backbone, save_backbone
 from core.runs import EPOCHS_FILE, list_runs, load_run
+from train.fusion import train_fusion
+from train.predict import predict
 from train.worker import Worker
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -206,3 +210,30 @@ def test_a_worker_runs_a_job_on_two_ranks(city):
     assert "x 2 process(es)" in (run.path / "log.txt").read_text()
     assert store.log_path(job_id).read_text().count("epoch 1/2") == 1  # rank 0 speaks, once
     assert run.predictions()["predicted"].notna().all()
+
+
+def test_a_worker_predicts_on_two_ranks_into_one_folder(city):
+    """A predict job on a two-process worker: the ranks share the cells, rank 0 writes the
+    one prediction folder, and it equals the prediction of one process."""
+    root, weights = city
+    runs = DataRoot(root).runs
+    fusion = FusionConfig(data=str(root), ground="gsv", ground_weights=str(weights), epochs=1)
+    member = train_fusion(replace(fusion, batch_size=64, block_size=300.0), log=lambda _: None)
+    request = {"run": [member], "window_years": 100, "device": "cpu"}
+    one = load_run(runs / predict(PredictConfig(data=str(root), **request), log=lambda _: None))
+    before = set(list_runs(runs, "prediction")["run_id"])
+    store = JobStore.for_runs(runs)
+    job_id = store.enqueue("predict", request)
+    Worker(root, processes=2, say=lambda _: None).loop(once=True)
+    job = store.get(job_id)
+    assert job.status == "done", job.error
+    assert set(list_runs(runs, "prediction")["run_id"]) - before == {job.run_id}
+    assert not [p for p in runs.iterdir() if "prediction" in p.name and p.name.startswith(".")]
+    two = load_run(runs / job.run_id)
+    assert two.config["processes"] == 2
+    assert store.log_path(job_id).read_text().count("predicting ") == 1  # rank 0 speaks, once
+    a, b = one.predictions(), two.predictions()
+    np.testing.assert_array_equal(b["cell_id"], a["cell_id"])
+    np.testing.assert_array_equal(b["gsv_images"], a["gsv_images"])
+    np.testing.assert_allclose(b["predicted"], a["predicted"], rtol=1e-5, atol=1e-6)
+    assert two.metrics["cells"] == one.metrics["cells"] == len(b)
