@@ -8,6 +8,7 @@ batch (PyTorch synchronises BatchNorm on GPUs only).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -164,6 +166,37 @@ def _visible(runs: Path) -> set[str]:
     )
 
 
+def kill_rank_one(
+    parent: psutil.Process,
+    trained: Callable[[], bool],
+    ended: Callable[[float], object],
+    timeout: float = 120.0,
+) -> None:
+    """SIGKILL rank 1 of the two training ranks below ``parent`` mid-training.
+
+    Waits for both ranks, then until ``trained()`` says an epoch is done, kills rank 1 and
+    waits ``ended(timeout)`` for the launcher (torchrun, or the worker running it) to give up.
+    Every rank is gone by then: torchrun stopped rank 0 too. Whatever is still running below
+    ``parent`` when the helper leaves, by failure or not, is killed.
+    """
+    try:
+        ranks = _ranks_of(parent)
+        deadline = time.monotonic() + timeout
+        while not trained():
+            assert time.monotonic() < deadline, "no epoch was trained"
+            assert all(rank.is_running() for rank in ranks.values()), "a rank ended early"
+            time.sleep(0.2)
+        ranks[1].send_signal(signal.SIGKILL)
+        ended(timeout)
+        _, alive = psutil.wait_procs(list(ranks.values()), timeout=10)
+        assert not alive, f"ranks left running: {alive}"
+    finally:
+        with contextlib.suppress(psutil.Error):  # a launcher that ended has no children
+            for child in parent.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    child.kill()
+
+
 def test_a_killed_rank_fails_the_worker_job_cleanly(city):
     root, weights = city
     runs = DataRoot(root).runs
@@ -175,17 +208,10 @@ def test_a_killed_rank_fails_the_worker_job_cleanly(city):
     worker = Worker(root, processes=2, say=lambda _: None)
     thread = threading.Thread(target=worker.loop, kwargs={"once": True})
     thread.start()
-    try:
-        ranks = _ranks_of(psutil.Process())
-        deadline = time.monotonic() + 120
-        while store.get(job_id).progress.get("epoch", 0) < 1:  # rank 0 reports epochs
-            assert time.monotonic() < deadline, "no epoch was reported"
-            time.sleep(0.2)
-        ranks[1].send_signal(signal.SIGKILL)
-        thread.join(120)
-    finally:
-        for rank in psutil.Process().children(recursive=True):
-            rank.kill()
+    # rank 0 reports epochs to the store
+    kill_rank_one(
+        psutil.Process(), lambda: store.get(job_id).progress.get("epoch", 0) >= 1, thread.join
+    )
     assert not thread.is_alive()
     job = store.get(job_id)
     assert job.status == "failed"
