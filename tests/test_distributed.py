@@ -25,15 +25,19 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+import streamlit as st
 import torch
+from streamlit import config as st_config
+from streamlit.testing.v1 import AppTest
 from torch import nn
 
 from core.configs import FusionConfig, PredictConfig
 from core.dataroot import DataRoot
 from core.distributed import Ranks, join_local_group
-from core.jobs import JobStore
+from core.jobs import LOCK_FILE, WORKER_LOG, JobStore, worker_alive
 from core.models.backbones import create_backbone, save_backbone
 from core.runs import EPOCHS_FILE, list_runs, load_run
+from tests.test_dashboard import APP
 from train.fusion import train_fusion
 from train.predict import predict
 from train.worker import Worker
@@ -275,3 +279,40 @@ def test_a_worker_predicts_on_two_ranks_into_one_folder(city):
     np.testing.assert_array_equal(b["gsv_images"], a["gsv_images"])
     np.testing.assert_allclose(b["predicted"], a["predicted"], rtol=1e-5, atol=1e-6)
     assert two.metrics["cells"] == one.metrics["cells"] == len(b)
+
+
+def test_worker_processes_in_dashboard_yaml_reach_the_worker(tiny_demo, tmp_path, monkeypatch):
+    """The retrain form starts the worker with ``worker_processes`` from ``dashboard.yaml``."""
+    root = tmp_path / "city"
+    shutil.copytree(tiny_demo, root, ignore=shutil.ignore_patterns("runs", "cache"))
+    (root / "dashboard.yaml").write_text(
+        "retraining: true\nstart_worker: true\nworker_processes: 2\n"
+    )
+    for env in ("STADSBEELD_RETRAIN", "STADSBEELD_START_WORKER", "STADSBEELD_RETRAIN_SECRET"):
+        monkeypatch.delenv(env, raising=False)  # the file decides
+    monkeypatch.setenv("STADSBEELD_DATA", str(root))
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    address = st_config.get_option("server.address")
+    st_config.set_option("server.address", "127.0.0.1")  # anyone may train on loopback
+    store = JobStore.for_runs(DataRoot(root).runs)
+    try:
+        app = AppTest.from_file(APP, default_timeout=120).run()
+        app.selectbox(key="retrain_kind").set_value("contrastive").run()
+        app.button(key="retrain_contrastive_submit").click().run()
+        assert not app.exception
+    finally:
+        st_config.set_option("server.address", address)
+    (job,) = store.jobs()
+    store.cancel(job.id)  # what the worker runs is not the point: how many processes it would
+    log, lock = store.log_dir / WORKER_LOG, store.log_dir / LOCK_FILE
+    deadline = time.monotonic() + 60
+    while "waiting for jobs" not in (log.read_text() if log.is_file() else ""):
+        assert time.monotonic() < deadline, "the dashboard started no worker"
+        time.sleep(0.2)
+    assert "2 process(es) per job" in log.read_text()
+    worker = psutil.Process(int(lock.read_text()))  # the worker writes its pid into its lock
+    assert worker.cmdline()[-2:] == ["--processes", "2"]
+    worker.terminate()
+    worker.wait(60)
+    assert not worker_alive(store.runs_root)

@@ -273,7 +273,10 @@ class Worker:
         if threading.current_thread() is threading.main_thread():
             previous = {s: signal.signal(s, self._on_signal) for s in handled}
         try:
-            self.say(f"worker {os.getpid()} on {self.root.root}: waiting for jobs")
+            self.say(
+                f"worker {os.getpid()} on {self.root.root}, {self.processes} process(es) per "
+                "job: waiting for jobs"
+            )
             idle_since = time.monotonic()
             while not self.stopping:
                 for job_id in self.store.reap(stale_after):
