@@ -5,10 +5,15 @@ million of them (where people live) in each release. The benchmark draws a land 
 many cells inside the RD New bounds from smooth random noise (blobs the size of provinces and
 towns), scores the most "urban" 0.4 million over five release years, and times the code paths
 a national data root goes through: the grid's build, write and read, the labels' write and read
-in the release format, the nearest-neighbour index over a 128-d embedding of every cell, and
-the city map's payload for the scored cells (which the map draws as blocks: see
-``dashboard.maps.view_block_size``). Peak memory is the benchmark process's resident set,
-sampled while each step runs.
+in the release format, and the city map's payload for the scored cells (which the map draws as
+blocks: see ``dashboard.maps.view_block_size``). Peak memory is the benchmark process's
+resident set, sampled while each step runs.
+
+The neighbour index and place recognition at national sizes are not measured here but by
+``python -m bench faiss`` (:mod:`bench.bench_faiss`), at the same sizes: kNN build and query
+over 3.4 million 128-d cell embeddings against exact search, and Recall@K with its memory and
+time over 10 million simulated street images (README, the ``faiss`` rows of the benchmark
+table).
 """
 
 from __future__ import annotations
@@ -205,8 +210,8 @@ def _map_payload(scored: np.ndarray, seed: int) -> dict[str, Any]:
 def bench_national(
     cells: int, scored: int, years: tuple[int, ...], seed: int, page: bool
 ) -> dict[str, Any]:
-    """Grid, labels, neighbours, map payload and (``page``) the city map page at the
-    Netherlands' sizes (see the module)."""
+    """Grid, labels, map payload and (``page``) the city map page at the Netherlands' sizes
+    (see the module; the neighbour index and Recall@K at these sizes are ``bench faiss``)."""
     results: dict[str, Any] = {}
     results["synthesise_cells"], (ids, scored_ids) = _step(
         lambda: national_cells(cells, scored, seed)

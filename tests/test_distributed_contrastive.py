@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ from core.distributed import join_local_group
 from core.jobs import JobStore
 from core.models.backbones import create_backbone
 from core.models.contrastive import MoCoV3
+from core.pairs import spatial_pairs
 from core.runs import BACKBONE_FILE, CHECKPOINT_FILE, PROGRESS_FILE, list_runs, load_run
 from tests.test_distributed import TORCHRUN, _free_port, _ranks_of, _visible
 from train.contrastive import Objectives, PairSampler, augment, step_losses, train_contrastive
@@ -52,31 +54,44 @@ LOSS_RTOL = 0.05
 
 # --- the step, exactly: 2 spawned ranks against an independent one-process computation -------
 
-#: Two rules (one with a pair table, one without) and a global batch of 8 pairs.
-STEP = ContrastiveConfig(
-    objective="unified",
-    loss_weights={"temporal": 0.5, "spatial": 0.0, "global": 1.0},
-    batch_size=8,
-    dim=16,
-    mlp_dim=32,
-)
+#: The objectives whose steps are checked, each on a global batch of 8 pairs: temporal (a pair
+#: table of its own) with global (no table), spatial alone (the pairs of :func:`spatial_pairs`
+#: on the images' positions) and all three rules at once.
+STEPS_OF = {
+    "temporal+global": ContrastiveConfig(
+        objective="unified", loss_weights={"temporal": 0.5, "spatial": 0.0, "global": 1.0}
+    ),
+    "spatial": ContrastiveConfig(objective="spatial"),
+    "unified": ContrastiveConfig(
+        objective="unified", loss_weights={"temporal": 0.5, "spatial": 0.3, "global": 1.0}
+    ),
+}
+STEP = {"batch_size": 8, "dim": 16, "mlp_dim": 32}
 STEPS, MOMENTUM, LR = 3, 0.9, 0.05
 
 
-def _step_inputs() -> tuple[np.ndarray, dict[str, PairSampler], MoCoV3]:
-    """Images, pair samplers and a model, the same in every process.
+def _step_config(name: str) -> ContrastiveConfig:
+    return replace(STEPS_OF[name], **STEP)
+
+
+def _step_inputs(config: ContrastiveConfig) -> tuple[np.ndarray, dict[str, PairSampler], MoCoV3]:
+    """Images, pair samplers for ``config``'s rules and a model, the same in every process.
 
     The model is in eval mode: BatchNorm then normalises with its (fixed) running statistics,
     as if there were none, so one process and two ranks must agree to float rounding.
     """
     pixels = np.random.default_rng(0).integers(0, 256, (20, 3, 32, 32), dtype=np.uint8)
-    pairs = pd.DataFrame({"a": np.arange(0, 18, 2), "b": np.arange(1, 19, 2)})
-    samplers = {
-        "temporal": PairSampler("temporal", pairs, len(pixels)),
-        "global": PairSampler("global", None, len(pixels)),
+    # 20 images 40 m apart on a 5 x 4 grid: each has 2-6 spatial partners within 100 m
+    places = pd.DataFrame({"x": 40.0 * (np.arange(20) % 5), "y": 40.0 * (np.arange(20) // 5)})
+    tables = {
+        "temporal": pd.DataFrame({"a": np.arange(0, 18, 2), "b": np.arange(1, 19, 2)}),
+        "spatial": spatial_pairs(places, config.pairs),
+        "global": None,
     }
+    assert len(tables["spatial"]) > STEP["batch_size"]
+    samplers = {rule: PairSampler(rule, tables[rule], len(pixels)) for rule in config.rules}
     torch.manual_seed(0)  # the heads draw from the global stream
-    model = MoCoV3(create_backbone("convnet_small", seed=0, width=4), STEP.dim, STEP.mlp_dim)
+    model = MoCoV3(create_backbone("convnet_small", seed=0, width=4), config.dim, config.mlp_dim)
     return pixels, samplers, model.eval()
 
 
@@ -85,32 +100,61 @@ def _parameters(model: MoCoV3) -> dict[str, np.ndarray]:
 
 
 def _rank_steps(rank: int, world: int, port: int, out: str, data: str) -> None:
-    """A rank of :func:`test_two_ranks_take_the_one_process_steps_exactly`."""
+    """A rank of :func:`test_two_ranks_take_the_one_process_steps_exactly`: the steps of every
+    objective of :data:`STEPS_OF`, one after the other in one group (a spawn costs seconds)."""
     torch.set_num_threads(1)
     ranks = join_local_group(rank, world, port)
     # 8 pairs do not split over 3 ranks, but a run with a batch that does not split over the
     # ranks is refused before it reads anything
     with pytest.raises(ValueError, match="does not split evenly over 2 processes"):
         train_contrastive(ContrastiveConfig(data=data, batch_size=7, device="cpu"))
-    pixels, samplers, model = _step_inputs()
-    net = ranks.ddp(Objectives(model))
+    for name in STEPS_OF:
+        config = _step_config(name)
+        pixels, samplers, model = _step_inputs(config)
+        net = ranks.ddp(Objectives(model))
+        optimiser = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+        generator = torch.Generator().manual_seed(1)
+        losses = []
+        for _ in range(STEPS):
+            per_rule = step_losses(net, samplers, pixels, generator, config, MOMENTUM, ranks)
+            loss = sum(w * x for w, x in zip(config.rules.values(), per_rule, strict=True))
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            losses.append([ranks.sum(float(x.detach())) / ranks.world for x in per_rule])
+        np.savez(
+            f"{out}-{name}-{rank}.npz",
+            losses=np.array(losses),
+            generator=generator.get_state().numpy(),
+            **_parameters(model),
+        )
+    torch.distributed.destroy_process_group()
+
+
+def _one_process_steps(
+    config: ContrastiveConfig,
+) -> tuple[list[list[float]], torch.Generator, MoCoV3]:
+    """The steps of ``config`` in one process, independently of the ranks' code: the whole
+    batch through MoCoV3 itself. Its per-rule losses, generator and model."""
+    pixels, samplers, model = _step_inputs(config)
     optimiser = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
     generator = torch.Generator().manual_seed(1)
     losses = []
     for _ in range(STEPS):
-        per_rule = step_losses(net, samplers, pixels, generator, STEP, MOMENTUM, ranks)
-        loss = sum(w * x for w, x in zip(STEP.rules.values(), per_rule, strict=True))
+        per_rule = []
+        for i, rule in enumerate(config.rules):
+            first, second = samplers[rule].sample(config.batch_size, generator)
+            views = [
+                augment(torch.from_numpy(pixels[rows.numpy()]), generator, config.crop_min_scale)
+                for rows in (first, second)
+            ]
+            per_rule.append(model(*views, MOMENTUM if i == 0 else 1.0))
+        loss = sum(w * x for w, x in zip(config.rules.values(), per_rule, strict=True))
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-        losses.append([ranks.sum(float(x.detach())) / ranks.world for x in per_rule])
-    np.savez(
-        f"{out}-{rank}.npz",
-        losses=np.array(losses),
-        generator=generator.get_state().numpy(),
-        **_parameters(model),
-    )
-    torch.distributed.destroy_process_group()
+        losses.append([float(x.detach()) for x in per_rule])
+    return losses, generator, model
 
 
 def test_two_ranks_take_the_one_process_steps_exactly(tmp_path):
@@ -121,41 +165,26 @@ def test_two_ranks_take_the_one_process_steps_exactly(tmp_path):
         nprocs=2,
         start_method="spawn",
     )
-    got = [np.load(f"{out}-{rank}.npz") for rank in (0, 1)]
-
-    # one process, independently of the ranks' code: the whole batch through MoCoV3 itself
-    pixels, samplers, model = _step_inputs()
-    optimiser = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
-    generator = torch.Generator().manual_seed(1)
-    expected = []
-    for _ in range(STEPS):
-        per_rule = []
-        for i, rule in enumerate(STEP.rules):
-            first, second = samplers[rule].sample(STEP.batch_size, generator)
-            views = [
-                augment(torch.from_numpy(pixels[rows.numpy()]), generator, STEP.crop_min_scale)
-                for rows in (first, second)
-            ]
-            per_rule.append(model(*views, MOMENTUM if i == 0 else 1.0))
-        loss = sum(w * x for w, x in zip(STEP.rules.values(), per_rule, strict=True))
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        expected.append([float(x.detach()) for x in per_rule])
-
-    # the loss over the global batch: each rank's queries met the keys of both ranks
-    np.testing.assert_allclose(got[0]["losses"], expected, rtol=1e-5)
-    # every rank drew the same pairs and view decisions: the generators stayed equal
-    assert np.array_equal(got[0]["generator"], generator.get_state().numpy())
-    assert np.array_equal(got[1]["generator"], got[0]["generator"])
-    for name, value in _parameters(model).items():
-        # base encoder and predictor: DDP's average made the global batch's SGD step; the
-        # momentum encoder followed them identically on both ranks
-        np.testing.assert_allclose(got[0][name], value, rtol=1e-4, atol=1e-6, err_msg=name)
-        assert np.array_equal(got[1][name], got[0][name]), name
-    moved = [n for n in got[0].files if n.startswith("momentum_encoder.")]
-    changed = [n for n in moved if not np.array_equal(got[0][n], _step_inputs()[2].state_dict()[n])]
-    assert changed, "the momentum encoder did not move"
+    for name in STEPS_OF:
+        got = [np.load(f"{out}-{name}-{rank}.npz") for rank in (0, 1)]
+        config = _step_config(name)
+        expected, generator, model = _one_process_steps(config)
+        assert got[0]["losses"].shape == (STEPS, len(config.rules)), name
+        # the loss over the global batch: each rank's queries met the keys of both ranks
+        np.testing.assert_allclose(got[0]["losses"], expected, rtol=1e-5, err_msg=name)
+        # every rank drew the same pairs and view decisions: the generators stayed equal
+        assert np.array_equal(got[0]["generator"], generator.get_state().numpy()), name
+        assert np.array_equal(got[1]["generator"], got[0]["generator"]), name
+        for key, value in _parameters(model).items():
+            # base encoder and predictor: DDP's average made the global batch's SGD step; the
+            # momentum encoder followed them identically on both ranks
+            where = f"{name}: {key}"
+            np.testing.assert_allclose(got[0][key], value, rtol=1e-4, atol=1e-6, err_msg=where)
+            assert np.array_equal(got[1][key], got[0][key]), where
+        moved = [n for n in got[0].files if n.startswith("momentum_encoder.")]
+        initial = _step_inputs(config)[2].state_dict()
+        changed = [n for n in moved if not np.array_equal(got[0][n], initial[n])]
+        assert changed, f"{name}: the momentum encoder did not move"
 
 
 # --- whole runs under torchrun -------------------------------------------------------------

@@ -27,8 +27,9 @@ import pytest
 from core.dataroot import DataRoot
 from core.datasets import street_images
 from core.features import extract_features, load_pixels
-from core.runs import list_runs, load_run
+from core.runs import EPOCHS_FILE, list_runs, load_run
 from core.scenes import scores_path
+from tests.test_distributed import _visible, kill_rank_one
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -121,6 +122,44 @@ def test_two_gloo_ranks_train_perception_like_one_process(city):
     assert set(two.metrics) == set(one.metrics)  # every category judged on the whole split
     for name, value in one.metrics.items():
         assert two.metrics[name] == pytest.approx(value, abs=PAIR_ACCURACY_ATOL), name
+
+
+@pytest.mark.parametrize(
+    ("args", "kind"),
+    [
+        pytest.param(["scene-filter", "--epochs", "200"], "scene", id="scene-filter"),
+        # 16 px: a perception epoch (24,000 votes) at 32 px takes 15 s on the busy 2 cores
+        pytest.param(
+            ["perception", "--epochs", "200", "--px", "16"], "perception", id="perception"
+        ),
+    ],
+)
+def test_a_killed_rank_fails_the_trainer_cleanly(city, tmp_path, args, kind):
+    """SIGKILL rank 1 after an epoch: torchrun fails, rank 0 stops, no run becomes visible."""
+    runs = DataRoot(city).runs
+    before, scores = _visible(runs), set(DataRoot(city).catalog.parent.glob("scene_scores-*"))
+    launcher = subprocess.Popen(
+        [*TORCHRUN, "--nproc-per-node=2", "-m", "train", *args, "--data", str(city)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        # rank 0 appends each epoch to the run folder it is writing, beside runs/ and hidden
+        kill_rank_one(
+            psutil.Process(launcher.pid),
+            lambda: any(runs.glob(f".tmp-{kind}-*/{EPOCHS_FILE}")),
+            launcher.wait,
+        )
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    assert launcher.returncode != 0
+    assert _visible(runs) == before  # no half-written run folder is visible
+    listed = list_runs(runs)
+    assert listed.empty or set(listed["run_id"]) <= before
+    assert set(DataRoot(city).catalog.parent.glob("scene_scores-*")) == scores
 
 
 # --- the caches, filled by ranks -----------------------------------------------------------------

@@ -9,6 +9,11 @@ measured on the training root's held-out test cells (docs/DESIGN.md, "Prediction
 The prediction is a run folder of kind ``prediction`` (:class:`core.runs.RunWriter`), so
 ``list_runs``, ``stadsbeeld runs`` and the dashboard's runs page see it. Everything that can be
 wrong with the request (the runs, the year's imagery) is found before the folder is created.
+
+Under ``torchrun`` (a worker with ``worker_processes`` above 1) the ranks share the work as the
+trainers' evaluation does (:mod:`core.distributed`): each extracts its share of the missing
+street-image features and predicts its share of the cells, the shares are gathered, and only
+rank 0 writes the one prediction folder.
 """
 
 from __future__ import annotations
@@ -19,17 +24,17 @@ from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
-import torch
 
 from core.configs import FusionConfig, PredictConfig
 from core.dataroot import DataRoot
 from core.datasets import Imagery, label_year
+from core.distributed import Ranks
 from core.grid import read_grid
 from core.metrics import score_metrics
-from core.models.device import resolve_device
 from core.models.fusion import FusionRegressor, restore
 from core.runs import Run, RunWriter, load_run, parse_run_id, run_path
 from core.sources.lbm import read_lbm, target
+from train.common import quiet
 from train.fusion import cell_inputs, predict_all
 
 PREDICTION_KIND = "prediction"
@@ -131,18 +136,19 @@ def ensemble_predict(
     ids: np.ndarray,
     imagery: Imagery,
     log=print,
+    ranks: Ranks | None = None,
 ) -> tuple[np.ndarray, pd.DataFrame]:
     """Every member's scores ``(members, cells)`` and the ground images pooled per cell and
     source (:func:`train.fusion.ground_inputs`).
 
-    The inputs are computed once (the members share them) and each model predicts them.
+    The inputs are computed once (the members share them) and each model predicts them. With
+    ``ranks`` each rank extracts and predicts its share, and every rank gets all the scores.
     """
-    inputs, counts = cell_inputs(members[0].config, root, ids, log, None, imagery)
+    inputs, counts = cell_inputs(members[0].config, root, ids, log, ranks, imagery)
     device = next(members[0].model.parameters()).device
     scores = []
     for member in members:
-        with torch.inference_mode():
-            standardised, _ = predict_all(member.model, inputs, len(ids), None, device)
+        standardised, _ = predict_all(member.model, inputs, len(ids), ranks, device)
         scores.append(member.unstandardise(standardised.astype(np.float64)))
     return np.stack(scores), counts
 
@@ -210,7 +216,10 @@ def predict(config: PredictConfig, log=print) -> str:
     root = DataRoot(Path(config.data))
     if not root.grid.is_file():
         raise FileNotFoundError(f"{root.grid}: no grid; {root.root} is not a data root")
-    device = resolve_device(config.device)
+    ranks = Ranks(config.device)  # one process: world 1, and nothing below is shared
+    device = ranks.device
+    if not ranks.is_main:
+        log = quiet  # rank 0 speaks for the prediction
     members = load_members(root.runs, config.run, str(device))
     fusion = members[0].config
     train_root = DataRoot(Path(fusion.data))
@@ -219,7 +228,7 @@ def predict(config: PredictConfig, log=print) -> str:
     imagery = Imagery.of(root, year, config.window_years)
     ids = read_grid(root.grid)["cell_id"].to_numpy(np.int64)
     log(f"predicting {len(ids)} cells of {root.root} for {year} with {len(members)} run(s)")
-    scores, counts = ensemble_predict(members, root, ids, imagery, log)
+    scores, counts = ensemble_predict(members, root, ids, imagery, log, ranks)
     mean, std = scores.mean(axis=0), spread(scores)
 
     splits = member_splits(members)
@@ -231,7 +240,12 @@ def predict(config: PredictConfig, log=print) -> str:
         test_mean, test_std = mean[rows], std[rows]
     elif len(test):
         test_scores, _ = ensemble_predict(
-            members, train_root, test, Imagery.of(train_root, learnt, config.window_years), log
+            members,
+            train_root,
+            test,
+            Imagery.of(train_root, learnt, config.window_years),
+            log,
+            ranks,
         )
         test_mean, test_std = test_scores.mean(axis=0), spread(test_scores)
     else:
@@ -272,6 +286,7 @@ def predict(config: PredictConfig, log=print) -> str:
         else None,
         "uncertainty": uncertainty,
         "device_resolved": str(device),
+        "processes": ranks.world,
     }
     metrics = {
         "cells": len(ids),
@@ -283,7 +298,7 @@ def predict(config: PredictConfig, log=print) -> str:
         **coverage(test_mean, test_std, test_true),
         **{f"test_{k}": v for k, v in score_metrics(test_mean, test_true).items()},
     }
-    with RunWriter(root.runs, PREDICTION_KIND, resolved) as run:
+    with ranks.run_writer(lambda: RunWriter(root.runs, PREDICTION_KIND, resolved)) as run:
         run.log(f"{len(ids)} cells of {root.root}, year {year}, members {config.run}")
         run.log(f"uncertainty: {uncertainty}")
         run.log(
@@ -292,5 +307,5 @@ def predict(config: PredictConfig, log=print) -> str:
         )
         run.write_metrics(metrics)
         run.write_predictions(predictions)
-    log(f"prediction {run.run_id}: {len(ids)} cells, {year}; {run.path}")
+    log(f"prediction {run.run_id}: {len(ids)} cells, {year}; {root.runs / run.run_id}")
     return run.run_id

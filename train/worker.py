@@ -14,8 +14,11 @@ terminated") and end the worker cleanly.
 With ``processes`` above 1 the worker launches each job as ``torchrun --nproc-per-node N -m
 train job --job ID`` in a process group of its own (:func:`run_job_rank` on every rank) and
 waits for it; rank 0 reports heartbeat and progress to the store and reads cancel requests, as
-the worker does for a job in its own process. A rank that dies makes torchrun stop the others;
-the job is then failed with the log's tail, and SIGTERM of the worker stops the whole group.
+the worker does for a job in its own process. Every job kind shares its work among the ranks
+and only rank 0 writes (:mod:`core.distributed`): fusion, contrastive and UGE train on them,
+predict extracts and predicts a share of the cells on each. A rank that dies makes torchrun stop
+the others; the job is then failed with the log's tail, and SIGTERM of the worker stops the
+whole group.
 
 This module imports torch only when a job runs, so a worker that finds another one holding the
 lock exits in a fraction of a second.
@@ -273,7 +276,10 @@ class Worker:
         if threading.current_thread() is threading.main_thread():
             previous = {s: signal.signal(s, self._on_signal) for s in handled}
         try:
-            self.say(f"worker {os.getpid()} on {self.root.root}: waiting for jobs")
+            self.say(
+                f"worker {os.getpid()} on {self.root.root}, {self.processes} process(es) per "
+                "job: waiting for jobs"
+            )
             idle_since = time.monotonic()
             while not self.stopping:
                 for job_id in self.store.reap(stale_after):
