@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import os
 import time
 import warnings
 from pathlib import Path
@@ -10,6 +12,7 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 from pyproj import Transformer
 
 from core.grid import cell_id, cells_in_bounds
@@ -294,3 +297,31 @@ def test_reading_some_sources_checks_only_their_rows(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="missing file"):
         both = read_catalog(tmp_path / "catalog.csv", sources=["gsv", "flickr"])
     assert both.images["id"].tolist() == ["a", "c"] and both.problems["id"].tolist() == ["b"]
+
+
+def jpeg_bytes(colour: tuple[int, int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), colour).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def test_an_image_damaged_after_its_check_is_caught_by_the_next_read(tmp_path: Path) -> None:
+    """A readable file is not parsed again while unchanged; any change in size or time of
+    change sends it through the check again."""
+    (tmp_path / "img").mkdir()
+    rows = pd.DataFrame({"id": ["a", "b"], "source": "gsv", "path": ["img/a.jpg", "img/b.jpg"]})
+    rows = rows.assign(x=121_000.0, y=487_000.0, heading=0.0, captured_at="2020-06-01")
+    rows.to_csv(tmp_path / "catalog.csv", index=False)
+    good = jpeg_bytes((200, 30, 30))
+    for name in ("a", "b"):
+        (tmp_path / "img" / f"{name}.jpg").write_bytes(good)
+    assert read_catalog(tmp_path / "catalog.csv", check_images=True).problems.empty
+
+    (tmp_path / "img" / "a.jpg").write_bytes(good[: len(good) // 2])  # truncated: smaller
+    b = tmp_path / "img" / "b.jpg"
+    stat = b.stat()
+    b.write_bytes(b"\x00" * stat.st_size)  # same size, overwritten: a new time of change
+    os.utime(b, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    with pytest.warns(UserWarning, match="unreadable image"):
+        again = read_catalog(tmp_path / "catalog.csv", check_images=True)
+    assert sorted(again.problems["id"]) == ["a", "b"] and again.images.empty

@@ -198,21 +198,24 @@ def predict_all(
     n: int,
     ranks: Ranks | None,
     device: torch.device | None = None,
+    rows: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Standardised predictions ``(n,)`` and embeddings ``(n, hidden)`` of all ``n`` cells.
+    """Standardised predictions ``(n,)`` and embeddings ``(n, hidden)`` of all ``n`` cells, or
+    of the cells ``rows`` only, in their order (the validation cells after each epoch).
 
     Each rank predicts its share (:func:`train.common.predict_shared`); ``ranks`` None is one
     process on ``device``.
     """
     device = ranks.device if ranks is not None else device
 
-    def predict(rows: torch.Tensor) -> torch.Tensor:
+    def predict(index: torch.Tensor) -> torch.Tensor:
+        cells = index if rows is None else rows[index]
         with bf16_autocast(device):
-            embedding = model.embed(*inputs.batch(rows, device)).float()
+            embedding = model.embed(*inputs.batch(cells, device)).float()
         # the last layer in float32: bf16 scores would tie cells that Kendall's tau tells apart
         return torch.cat([model.out(embedding), embedding], 1)
 
-    values = predict_shared(ranks, model, predict, n)
+    values = predict_shared(ranks, model, predict, n if rows is None else len(rows))
     return values[:, 0], np.ascontiguousarray(values[:, 1:])
 
 
@@ -356,8 +359,8 @@ def train_fusion(config: FusionConfig, log=print, progress: Progress | None = No
                 loss_sum,
                 min_rows=MIN_ROWS,
             )
-            predicted = predict_all(model, inputs, len(ids), ranks)[0] * std + mean
-            val_tau = kendall_tau_b(predicted[val_rows.numpy()], true[val_rows.numpy()])
+            predicted = predict_all(model, inputs, len(ids), ranks, rows=val_rows)[0] * std + mean
+            val_tau = kendall_tau_b(predicted, true[val_rows.numpy()])
             seconds = round(time.perf_counter() - started, 2)
             run.log_epoch(
                 epoch=epoch,

@@ -193,7 +193,7 @@ def read_catalog(
         reasons = {
             i: reason
             for i in np.flatnonzero(~no_path & ~escaped & ~absent)
-            if (reason := image_problem(files[i])) is not None
+            if (reason := _checked_problem(files[i])) is not None
         }
         unreadable = np.zeros(len(table), dtype=bool)
         unreadable[list(reasons)] = True
@@ -311,6 +311,27 @@ def image_problem(file: str | PathLike) -> str | None:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         return f"not a readable image ({exc})"
     return None
+
+
+#: Files this process found readable, with the (size, mtime_ns) they had then. One command
+#: reads a catalog's images several times (``demo-runs``: the scene filter and a Flickr fusion
+#: run, perception and a GSV fusion run); a file unchanged since its check is not parsed again.
+_READABLE: dict[str, tuple[int, int]] = {}
+
+
+def _checked_problem(file: str) -> str | None:
+    """:func:`image_problem`, skipped for a file found readable before and unchanged since."""
+    try:
+        status = os.stat(file)
+    except OSError:
+        return image_problem(file)
+    stamp = (status.st_size, status.st_mtime_ns)
+    if _READABLE.get(file) == stamp:
+        return None
+    reason = image_problem(file)
+    if reason is None:
+        _READABLE[file] = stamp
+    return reason
 
 
 def _blank(values: pd.Series) -> np.ndarray:
