@@ -27,11 +27,12 @@ from core.datasets import aerial_patches, labelled_cells, street_images
 from core.demo import DemoConfig, build_demo
 from core.distributed import Ranks, join_local_group
 from core.features import extract_features, load_pixels, pool_by_cell
+from core.jobs import FINAL_STATES, JobStore
 from core.models.backbones import create_backbone, normalise
 from core.models.fusion import FusionRegressor
 from core.runs import load_run
 from train.common import batches, to_input
-from train.demo_runs import ensure_default_runs
+from train.demo_runs import ensure_default_runs, queue_embedding_runs
 from train.fusion import train_fusion
 
 
@@ -167,23 +168,58 @@ def bench_cached_epoch(
     }
 
 
-@register("demo_pipeline", repeat=1, seed=7)
-def bench_demo_pipeline(repeat: int, seed: int) -> dict[str, Any]:
-    """What ``make demo`` does before the dashboard starts, on a fresh data root: the whole city,
-    the scene filter, the perception encoder, features, and the three default fusion runs."""
+@register("demo_pipeline", repeat=1, seed=7, queued_timeout_s=5400.0)
+def bench_demo_pipeline(repeat: int, seed: int, queued_timeout_s: float) -> dict[str, Any]:
+    """What ``make demo`` does, on a fresh data root: before the dashboard starts, the whole
+    city, the scene filter, the perception encoder, features and the three default fusion runs
+    (target 6 minutes); after it, the default contrastive and UGE runs the worker trains from
+    the queue (timed from the dashboard's start to each run being listed)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "demo"
         start = time.perf_counter()
         build_demo(out, DemoConfig(seed=seed), show_progress=False)
         data_s = time.perf_counter() - start
         ensure_default_runs(DataRoot(out), log=lambda _: None)
-        total = time.perf_counter() - start
+        dashboard_s = time.perf_counter() - start
+        queued = _queued_jobs(DataRoot(out), queued_timeout_s)
         shutil.rmtree(out, ignore_errors=True)
     return {
         "data_s": round(data_s, 1),
-        "runs_s": round(total - data_s, 1),
-        "total_s": round(total, 1),
+        "runs_s": round(dashboard_s - data_s, 1),
+        "total_s": round(dashboard_s, 1),
         "target_s": 360,
+        "queued": queued,
+    }
+
+
+def _queued_jobs(root: DataRoot, timeout_s: float) -> dict[str, dict[str, Any]]:
+    """Queue the embedding runs as ``make demo`` does, wait for the worker to finish them, and
+    say per kind when its run was listed (seconds after queueing) and how long it trained."""
+    queued_at = time.time()
+    job_ids = queue_embedding_runs(root, log=lambda _: None)
+    store = JobStore.for_runs(root.runs)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        jobs = [store.get(i) for i in job_ids]
+        if all(job.status in FINAL_STATES for job in jobs):
+            break
+        time.sleep(5)
+
+    def seconds(stamp: str | None, since: float) -> float | None:
+        return None if stamp is None else round(pd.Timestamp(stamp).timestamp() - since, 1)
+
+    return {
+        job.kind: {
+            "status": job.status,
+            "listed_after_s": seconds(job.finished, queued_at) if job.status == "done" else None,
+            "training_s": (
+                seconds(job.finished, pd.Timestamp(job.started).timestamp())
+                if job.started
+                else None
+            ),
+            "error": job.error,
+        }
+        for job in (store.get(i) for i in job_ids)
     }
 
 

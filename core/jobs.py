@@ -34,6 +34,8 @@ from core.dataroot import DataRoot
 from core.io import jsonable, move_folder, utc_now
 
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
+#: The states a job never leaves.
+FINAL_STATES = ("done", "failed", "cancelled")
 #: The kinds a worker can run (:data:`train.worker.JOB_RUNNERS` has one runner for each).
 JOB_KINDS = ("fusion", "contrastive", "uge", "predict")
 DB_FILE = "jobs.sqlite"
