@@ -8,6 +8,8 @@ root, and no new files or folders), except where a job is queued on purpose.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -36,7 +38,8 @@ from tests.bad_inputs.damage import (
     write_run,
 )
 
-APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
+REPO = Path(__file__).resolve().parents[2]
+APP = str(REPO / "dashboard" / "app.py")
 PAGES = [
     "views/city_map.py",
     "views/predicted.py",
@@ -522,6 +525,65 @@ def test_the_queue_has_a_global_cap(city, env):
     assert not app.exception
     assert len(store.jobs()) == 2
     assert any("Job not queued: 2 jobs are already queued" in w for w in sidebar_warnings(app))
+
+
+def test_two_sessions_queueing_at_once_share_the_caps(city, env, tmp_path):
+    """Two dashboard sessions, each in a process of its own, click "Queue" at the same time:
+    together they queue exactly the global cap, each within its share, every job once, and
+    each refused click says why."""
+    root, _, _ = city
+    (root / "dashboard.yaml").write_text(
+        "max_jobs_per_session: 3\nmax_jobs_queued: 4\n", encoding="utf-8"
+    )
+    environment = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "STADSBEELD_DATA": str(root),
+        "STADSBEELD_RETRAIN": "1",
+        "STADSBEELD_START_WORKER": "0",
+    }
+    environment.pop("STADSBEELD_RETRAIN_SECRET", None)
+    go, ready = tmp_path / "go", [tmp_path / f"ready-{i}" for i in range(2)]
+    sessions = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.bad_inputs.session", str(r), str(go), "4"],
+            cwd=REPO,
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in ready
+    ]
+    try:
+        deadline = time.monotonic() + 180
+        while not all(r.exists() for r in ready):
+            assert all(s.poll() is None for s in sessions), [s.communicate() for s in sessions]
+            assert time.monotonic() < deadline, "the sessions did not render in 180 s"
+            time.sleep(0.1)
+        go.touch()
+        results = []
+        for session in sessions:
+            out, err = session.communicate(timeout=180)
+            assert session.returncode == 0, err
+            results.append(json.loads(out.splitlines()[-1]))
+    finally:
+        for session in sessions:
+            if session.poll() is None:
+                session.kill()
+                session.communicate()
+    mine = [set(r["mine"]) for r in results]
+    assert not mine[0] & mine[1] and all(len(m) <= 3 for m in mine)
+    jobs = JobStore.for_runs(DataRoot(root).runs).jobs()
+    assert sorted(j.id for j in jobs) == sorted(mine[0] | mine[1])  # none lost, none twice
+    assert len(jobs) == 4 and {j.status for j in jobs} == {"queued"}
+    refusals = [note for r in results for note in r["refusals"]]
+    assert sum(note is None for note in refusals) == 4  # one click, one job
+    assert all(
+        note.startswith(("Job not queued: 4 jobs are already", "Job not queued: 3 of your jobs"))
+        for note in refusals
+        if note is not None
+    ), refusals
 
 
 def test_the_caps_are_checked_where_jobs_are_enqueued(tmp_path):
