@@ -12,6 +12,10 @@ Contract:
   is. NaN with one member.
 - A cell to look at has a change of at least ``threshold`` (in the target's units) that is at
   least ``z`` times its uncertainty.
+- A prediction folder whose config or predictions lack what a change needs (a whole-number
+  year, a list of member run ids, ``uncertainty`` and one ``member_<i>`` column per member) is
+  not usable (:func:`unusable` says why): the Monitor page leaves it out with that note rather
+  than crash or show a change without its uncertainty.
 - Nothing here imports torch: the dashboard's Monitor page reads it.
 """
 
@@ -21,8 +25,10 @@ from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from core.runs import Run
+from core.runs import CONFIG_FILE, PREDICTION_COLUMNS, PREDICTIONS_FILE, Run
 
 #: A cell to look at: its change is this many times its uncertainty, or more.
 LOOK_Z = 2.0
@@ -33,6 +39,37 @@ VALIDATION_FILE = "change_validation.json"
 def member_columns(predictions: pd.DataFrame) -> list[str]:
     """The per-member score columns of a prediction (``member_0``, ``member_1``, ...)."""
     return [c for c in predictions.columns if c.startswith("member_")]
+
+
+def unusable(prediction: Run) -> str | None:
+    """Why a prediction folder cannot make a change (None when it can), naming the file.
+
+    Its config must give ``year`` as a whole number and ``members`` as a list of ``{run_id:
+    ...}``; its ``predictions.parquet`` must hold the run columns, ``uncertainty`` and
+    ``member_0`` ... ``member_<n-1>`` for its n members. Reads only the Parquet footer, so a
+    page can check every folder it lists.
+    """
+    config = prediction.path / CONFIG_FILE
+    year = prediction.config.get("year")
+    if isinstance(year, bool) or not isinstance(year, int):
+        return f"{config}: year {year!r} is not a year"
+    members = prediction.config.get("members")
+    if (
+        not isinstance(members, list)
+        or not members
+        or not all(isinstance(m, dict) and isinstance(m.get("run_id"), str) for m in members)
+    ):
+        return f"{config}: members {members!r} is not a list of runs ({{run_id: ...}})"
+    path = prediction.path / PREDICTIONS_FILE
+    try:
+        names = pq.read_schema(path).names
+    except (pa.ArrowException, OSError) as exc:
+        return f"{path}: not a readable Parquet file ({exc})"
+    wanted = [*PREDICTION_COLUMNS, "uncertainty", *(f"member_{i}" for i in range(len(members)))]
+    missing = [c for c in wanted if c not in names]
+    if missing:
+        return f"{path}: missing column(s) {missing} of a prediction of {len(members)} member(s)"
+    return None
 
 
 def comparable(before: Run, after: Run) -> str | None:

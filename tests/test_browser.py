@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from core.dataroot import DataRoot
@@ -47,6 +48,7 @@ from tests.bad_inputs.damage import (
     snapshot,
     street_images_of_a_cell,
     truncate,
+    write_prediction,
     write_run,
 )
 
@@ -71,6 +73,7 @@ PAGES = {
     "Predicted vs true": "predicted-vs-true.png",
     "Sources compared": "gsv-vs-flickr.png",
     "Coverage gaps": "coverage-gaps.png",
+    "Monitor": "monitor.png",
     "Embedding neighbours": "embedding-neighbours.png",
     "Runs": "runs.png",
 }
@@ -438,6 +441,7 @@ class DamagedCity:
     newest: str  # the run whose predictions.parquet is truncated
     cell: int  # the cell whose street images are an HTML page and an image bomb
     images: dict[str, str]  # those images' catalog paths -> the placeholder the panel shows
+    predictions: dict[int, str]  # year -> prediction folder id: 2020, 2022 good; 2024, 2026 not
 
 
 def visit_every_page(page, dashboard: Dashboard) -> Iterator[str]:
@@ -463,16 +467,22 @@ def sidebar_warnings(page) -> list[str]:
 
 @pytest.fixture(scope="module")
 def damaged_city(tmp_path_factory, tiny_demo) -> Iterator[DamagedCity]:
-    """The tiny demo city with three of the corpus's dashboard damages at once: garbage bytes as
-    ``runs/jobs.sqlite``, the newer of two runs with a truncated ``predictions.parquet``, and one
-    cell's GSV images replaced by an HTML page and a 30000x30000 PNG bomb (alternately)."""
+    """The tiny demo city with four of the corpus's dashboard damages at once: garbage bytes as
+    ``runs/jobs.sqlite``, the newer of two runs with a truncated ``predictions.parquet``, one
+    cell's GSV images replaced by an HTML page and a 30000x30000 PNG bomb (alternately), and, of
+    four predictions by those two runs (2020 to 2026), 2024's with a truncated
+    ``predictions.parquet`` and 2026's without its ``uncertainty`` column."""
     root = tmp_path_factory.mktemp("damaged") / "city"
     shutil.copytree(tiny_demo, root)
     runs = DataRoot(root).runs
     ids = read_grid(DataRoot(root).grid)["cell_id"].to_numpy()
     older = write_run(runs, ids, AERIAL_GSV)
     newest = write_run(runs, ids, "aerial")
+    predictions = {y: write_prediction(runs, ids, y, [older, newest]) for y in range(2020, 2027, 2)}
     truncate(runs / newest / PREDICTIONS_FILE)
+    truncate(runs / predictions[2024] / PREDICTIONS_FILE)
+    without = runs / predictions[2026] / PREDICTIONS_FILE
+    pd.read_parquet(without).drop(columns="uncertainty").to_parquet(without)
     (runs / DB_FILE).write_bytes(b"this is not a database\n" * 200)
     cell, paths = street_images_of_a_cell(root, at_least=2)
     damages = [
@@ -486,7 +496,7 @@ def damaged_city(tmp_path_factory, tiny_demo) -> Iterator[DamagedCity]:
         images[relative] = note
     before = snapshot(root)
     with serve(root, tmp_path_factory, retrain=False) as server:
-        yield DamagedCity(server, before, older, newest, cell, images)
+        yield DamagedCity(server, before, older, newest, cell, images, predictions)
 
 
 def test_a_broken_job_store_and_an_unreadable_run_in_a_browser(browser, damaged_city):
@@ -514,6 +524,37 @@ def test_a_broken_job_store_and_an_unreadable_run_in_a_browser(browser, damaged_
                 page.keyboard.press("Escape")
                 assert any(city.older in o for o in options), options
                 assert not any(city.newest in o for o in options), options
+    assert not [m for m in city.dashboard.console if m.startswith("pageerror")], (
+        city.dashboard.console
+    )
+    assert snapshot(city.dashboard.root) == city.before
+
+
+def test_damaged_prediction_folders_on_the_monitor_page_in_a_browser(browser, damaged_city):
+    """The Monitor page draws the change of the two good predictions; the sidebar names the one
+    whose file is unreadable, the page the one that lacks a column a change needs."""
+    city = damaged_city
+    runs = DataRoot(city.dashboard.root).runs
+    truncated, incomplete = (runs / city.predictions[y] for y in (2024, 2026))
+    with new_page(browser, city.dashboard) as page:
+        page.goto(city.dashboard.url)
+        settle(page, 0)
+        open_page(page, "Monitor", seconds=0)
+        assert not page.locator('[data-testid="stException"]').count()
+        skipped = [n for n in sidebar_warnings(page) if truncated.name in n]
+        assert len(skipped) == 1 and str(truncated / PREDICTIONS_FILE) in skipped[0], skipped
+        main = page.locator('[data-testid="stMain"]')
+        notes = main.locator('[data-testid="stAlert"]').all_inner_texts()
+        assert [n for n in notes if f"skipping prediction {incomplete.name}: {incomplete}" in n], (
+            notes
+        )
+        assert not [n for n in notes if truncated.name in n], notes  # said once, in the sidebar
+        pair = main.get_by_role("combobox", name="Predictions").input_value()
+        assert pair.startswith("2022 vs 2020") and pair.endswith(
+            f"{city.predictions[2022]} / {city.predictions[2020]}"
+        ), pair
+        main.locator('[data-testid="stDeckGlJsonChart"]').first.wait_for()
+        assert "Cells predicted" in main.inner_text()
     assert not [m for m in city.dashboard.console if m.startswith("pageerror")], (
         city.dashboard.console
     )

@@ -437,6 +437,85 @@ def test_a_killed_worker_is_reaped_and_leaves_no_run(data_root):
     assert list_runs(runs).empty
 
 
+def test_after_a_killed_worker_a_fresh_one_runs_the_next_job(data_root):
+    """SIGKILL mid-epoch with a job queued behind: the next worker reaps the dead one's job by
+    itself, then runs the queued job to completion; only that job's run is listed."""
+    runs = DataRoot(data_root).runs
+    store = JobStore.for_runs(runs)
+    killed_job = store.enqueue("fusion", ENDLESS)
+    next_job = store.enqueue("fusion", QUICK)
+    first = spawn_worker(data_root)
+    try:
+        wait_for(lambda: running_epoch(store, killed_job) >= 1, 60, "the first epoch")
+        assert store.get(next_job).status == "queued"  # one job at a time
+        os.kill(first.pid, signal.SIGKILL)
+        first.communicate(timeout=10)
+    finally:
+        stop(first)
+    partial = store.get(killed_job).run_id
+    assert (runs / f".tmp-{partial}").is_dir()
+
+    fresh = spawn_worker(data_root, "--exit-when-idle", "1", "--poll", "0.2")
+    try:
+        out, _ = fresh.communicate(timeout=120)
+    finally:
+        stop(fresh)
+    assert fresh.returncode == 0, out
+    assert f"job {killed_job}: its worker died; marked failed" in out
+    dead, done = store.get(killed_job), store.get(next_job)
+    assert dead.status == "failed" and dead.error.startswith(
+        f"worker died (pid {first.pid} is gone"
+    )
+    assert done.status == "done", out + store.log_path(next_job).read_text()
+    assert done.pid == fresh.pid != first.pid and done.started > dead.finished  # reaped first
+    assert done.progress["epoch"] == done.progress["epochs"] == QUICK["epochs"]
+    assert list(list_runs(runs)["run_id"]) == [done.run_id]
+    assert (runs / f".failed-{partial}").is_dir()
+    assert not [p.name for p in runs.iterdir() if p.name.startswith(".tmp-")]
+    assert not worker_alive(runs)
+
+
+def test_a_killed_contrastive_job_resumes_through_the_queue(data_root):
+    """A contrastive job killed mid-run (SIGKILL of its worker) leaves a ``.failed-`` folder
+    with the last epoch's checkpoint; a job ``{"resume": run id}`` run by a fresh worker continues
+    that run in place to a complete run with every epoch once (README: ``--resume`` continues an
+    interrupted or failed run)."""
+    runs = DataRoot(data_root).runs
+    store = JobStore.for_runs(runs)
+    # Six short epochs: the kill lands after the first one's checkpoint, well before the end.
+    tiny = {"epochs": 6, "steps_per_epoch": 2, "batch_size": 16, "dim": 16, "mlp_dim": 32}
+    killed_job = store.enqueue("contrastive", {**tiny, "device": "cpu", "seed": 5})
+    worker = spawn_worker(data_root)
+    try:
+        wait_for(lambda: running_epoch(store, killed_job) >= 1, 120, "the first epoch")
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.communicate(timeout=10)
+    finally:
+        stop(worker)
+    run_id = store.get(killed_job).run_id
+    assert (runs / f".tmp-{run_id}" / "checkpoint.safetensors").is_file()
+    assert list_runs(runs).empty  # killed before the end: nothing complete
+
+    resume_job = store.enqueue("contrastive", {"resume": run_id, "device": "cpu"})
+    fresh = spawn_worker(data_root, "--exit-when-idle", "1", "--poll", "0.2")
+    try:
+        out, _ = fresh.communicate(timeout=180)
+    finally:
+        stop(fresh)
+    assert store.get(killed_job).status == "failed"
+    resumed = store.get(resume_job)
+    assert resumed.status == "done", out + store.log_path(resume_job).read_text()
+    assert resumed.run_id == run_id and resumed.pid == fresh.pid
+    run = load_run(runs / run_id)
+    assert run.epochs["epoch"].tolist() == list(range(1, tiny["epochs"] + 1))  # each once
+    assert (runs / run_id / "backbone.safetensors").is_file()
+    log = (runs / run_id / "log.txt").read_text()
+    assert f"resumed from .failed-{run_id}" in log and "worker died" in log
+    assert re.search(r"resuming after epoch [1-5] ", log), log
+    assert list(list_runs(runs)["run_id"]) == [run_id]
+    assert not [p.name for p in runs.iterdir() if p.name.startswith((".tmp-", ".failed-"))]
+
+
 def test_make_demo_queues_each_embedding_run_once(data_root):
     import fcntl
 

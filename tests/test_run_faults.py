@@ -299,3 +299,114 @@ def test_two_processes_enqueuing_at_once_lose_and_repeat_no_job(tmp_path):
         (who, i) for who in ("first", "second") for i in range(20)
     )
     assert store.claim(os.getpid()) is None
+
+
+def _race(runs: Path, go: Path, sessions: int, attempts: int, claimers: int, caps: dict) -> tuple:
+    """``sessions`` processes, each one dashboard session's enqueue path (its own ids as ``mine``,
+    the caps checked where the job is inserted), and ``claimers`` processes claiming and finishing
+    jobs as a worker does, all started by ``go`` on one SQLite file. Meanwhile this process reads
+    the active jobs (queued or running) again and again, each read one consistent snapshot.
+
+    Returns:
+        (each session's ``{"mine": ids, "refused": messages}``, each claimer's claimed ids, the
+        largest number of active jobs seen at once, the largest of one session's seen at once).
+    """
+    session = """
+        import json, time
+        from pathlib import Path
+        from core.jobs import JobStore, QueueFull
+        store = JobStore.for_runs({runs!r})
+        mine, refused = [], []
+        while not Path({go!r}).exists():
+            time.sleep(0.005)
+        for i in range({attempts}):
+            try:
+                mine.append(store.enqueue(
+                    "fusion", {{"seed": i, "by": {who!r}}},
+                    max_active={max_active}, mine=mine, max_mine={max_mine},
+                ))
+            except QueueFull as full:
+                refused.append(str(full))
+            time.sleep(0.005)  # a person clicks; the claimers get a turn
+        print(json.dumps({{"mine": mine, "refused": refused}}))
+        """
+    claimer = """
+        import json, os, time
+        from pathlib import Path
+        from core.jobs import JobStore
+        store = JobStore.for_runs({runs!r})
+        claimed = []
+        while not Path({go!r}).exists():
+            time.sleep(0.005)
+        while not Path({go!r}).with_name("stop").exists():
+            job = store.claim(os.getpid())
+            if job is None:
+                time.sleep(0.005)
+                continue
+            time.sleep(0.02)  # trains
+            store.finish(job.id, "fusion-20260101-000000-{who}")
+            claimed.append(job.id)
+        print(json.dumps(claimed))
+        """
+    children = [
+        spawn(session.format(runs=str(runs), go=str(go), who=f"s{i}", attempts=attempts, **caps))
+        for i in range(sessions)
+    ] + [
+        spawn(claimer.format(runs=str(runs), go=str(go), who=f"c{i:03d}")) for i in range(claimers)
+    ]
+    store = JobStore.for_runs(runs)
+    time.sleep(1.0)  # all importing and waiting
+    go.write_text("go")
+    most, most_one = 0, 0
+    while any(child.poll() is None for child in children[:sessions]) or (
+        claimers and store.jobs(["queued", "running"], limit=1)
+    ):
+        active = store.jobs(["queued", "running"], limit=10_000)
+        most = max(most, len(active))
+        per_session = [sum(j.config["by"] == f"s{i}" for j in active) for i in range(sessions)]
+        most_one = max(most_one, *per_session)
+    (go.parent / "stop").write_text("stop")
+    results = []
+    for child in children:
+        stdout, stderr = child.communicate(timeout=60)
+        assert child.returncode == 0, stderr
+        results.append(json.loads(stdout))
+    return results[:sessions], results[sessions:], most, most_one
+
+
+def test_sessions_queueing_at_once_never_pass_the_caps(tmp_path):
+    """Four sessions each try six jobs at once, nobody claims: exactly the global cap is queued,
+    no session has more than its share, and every refusal is the cap's message."""
+    runs = tmp_path / "runs"
+    JobStore.for_runs(runs)
+    caps = {"max_active": 5, "max_mine": 2}
+    sessions, _, most, most_one = _race(runs, tmp_path / "go", 4, 6, 0, caps)
+    ids = [i for s in sessions for i in s["mine"]]
+    assert len(ids) == len(set(ids)) == caps["max_active"]  # the cap exactly, none twice
+    assert all(len(s["mine"]) <= caps["max_mine"] for s in sessions)
+    assert sorted(j.id for j in JobStore.for_runs(runs).jobs()) == sorted(ids)  # none lost
+    refused = [m for s in sessions for m in s["refused"]]
+    assert len(refused) == 4 * 6 - caps["max_active"]
+    assert all(
+        m == "5 jobs are already queued or running (at most 5)"
+        or m == "2 of your jobs are already queued or running (at most 2)"
+        for m in refused
+    ), refused
+    assert most <= caps["max_active"] and most_one <= caps["max_mine"]
+
+
+def test_sessions_queueing_while_workers_claim_lose_and_repeat_no_job(tmp_path):
+    """Four sessions enqueue within the caps while two claimers run jobs as they come: every
+    queued job runs exactly once, none is lost, and the active jobs never pass either cap."""
+    runs = tmp_path / "runs"
+    JobStore.for_runs(runs)
+    caps = {"max_active": 4, "max_mine": 2}
+    sessions, claimers, most, most_one = _race(runs, tmp_path / "go", 4, 25, 2, caps)
+    ids = sorted(i for s in sessions for i in s["mine"])
+    ran = sorted(i for c in claimers for i in c)
+    jobs = JobStore.for_runs(runs).jobs(limit=10_000)
+    assert ran == ids == sorted(j.id for j in jobs)  # each queued job ran exactly once
+    assert {j.status for j in jobs} == {"done"}
+    assert all(c for c in claimers)  # both claimers took part
+    assert [m for s in sessions for m in s["refused"]]  # the caps were reached ...
+    assert most <= caps["max_active"] and most_one <= caps["max_mine"]  # ... and held

@@ -4,13 +4,14 @@ the cells to look at; every number from two prediction folders of one ensemble."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 
 from core.dataroot import DataRoot
-from core.monitor import LOOK_Z, VALIDATION_FILE, change, pairs, to_look_at
+from core.monitor import LOOK_Z, VALIDATION_FILE, change, pairs, to_look_at, unusable
 from core.runs import load_run
 from core.sources.boundaries import cell_units
 from dashboard import common, data, maps
@@ -29,18 +30,30 @@ LOOK_PALETTE = {
 
 
 @st.cache_data(show_spinner=False)
-def prediction_pairs(root: str) -> list[tuple[str, str, int, int, str, str]]:
-    """Every two predictions of one ensemble, latest year first, each folder read once:
-    ``(before folder, after folder, first year, last year, target, title)`` (plain tuples:
-    the cache pickles them, and a class of this page script would not pickle)."""
-    runs = data.load_runs(root, kind=common.PREDICTION_KIND)
-    loaded = []
-    for path in runs["path"]:
+def prediction_pairs(
+    folders: tuple[str, ...],
+) -> tuple[list[tuple[str, str, int, int, str, str]], list[str]]:
+    """Every two of the prediction ``folders`` made by one ensemble, latest year first, each
+    folder read once: ``(before folder, after folder, first year, last year, target, title)``
+    (plain tuples: the cache pickles them, and a class of this page script would not pickle),
+    and a note for each folder left out because it cannot make a change.
+
+    Keyed by the folders the root lists (re-listed every few seconds), so a new prediction
+    appears and a folder that became unreadable drops out without a restart.
+    """
+    loaded, notes = [], []
+    for path in folders:
         try:
-            loaded.append(load_run(path))
+            run = load_run(path)
         except (OSError, ValueError) as error:
-            st.warning(f"{path}: skipped, {error}")
-    return [
+            problem = str(error) if path in str(error) else f"{path}: {error}"
+        else:
+            problem = unusable(run)
+        if problem is None:
+            loaded.append(run)
+        else:
+            notes.append(f"skipping prediction {Path(path).name}: {problem}")
+    options = [
         (
             str(a.path),
             str(b.path),
@@ -52,6 +65,7 @@ def prediction_pairs(root: str) -> list[tuple[str, str, int, int, str, str]]:
         )
         for a, b in pairs(loaded)
     ]
+    return options, notes
 
 
 @st.cache_data(show_spinner="Comparing the two years ...")
@@ -99,7 +113,10 @@ def validation(root: str) -> None:
 def main() -> None:
     root = common.root_or_stop()
     st.title("Monitor")
-    options = prediction_pairs(root)
+    folders = data.load_runs(root, kind=common.PREDICTION_KIND)["path"]
+    options, notes = prediction_pairs(tuple(str(f) for f in folders))
+    for note in notes:
+        st.warning(note, icon=":material/warning:")
     if not options:
         st.info(
             "No two predictions of one ensemble yet. Predict the last release's year and a later "
@@ -114,7 +131,12 @@ def main() -> None:
         key="monitor_pair",
     )
     before, after, first, last, target, _ = options[index]
-    frame = changes_on_grid(root, before, after)
+    try:
+        frame = changes_on_grid(root, before, after)
+    except (OSError, ValueError, KeyError) as error:
+        # A folder changed on disk after it was listed and checked: say which, keep the page.
+        st.error(f"Cannot compare {Path(before).name} and {Path(after).name}: {error}")
+        return
     spread = float(np.nanstd(frame["change"])) or 0.01
     left, middle, right = st.columns(3)
     layer = left.radio(

@@ -39,6 +39,42 @@ def write_run(runs_root: Path, ids: np.ndarray, label: str) -> str:
     return run.run_id
 
 
+def write_prediction(
+    runs_root: Path, ids: np.ndarray, year: int, members: list[str], data: str | None = None
+) -> str:
+    """A prediction folder as ``stadsbeeld predict`` writes one (kind ``prediction``): ``year``'s
+    scores of every cell by the runs ``members``, their mean, spread and per-member columns, so
+    that two of them of other years make a change on the Monitor page; returns its id.
+
+    ``data`` is the data root the config names (default: the runs folder's parent); predictions
+    of one change must name the same one.
+    """
+    rng = np.random.default_rng(year)
+    scores = rng.normal(4.0 + 0.01 * (year - 2020), 0.2, size=(len(members), len(ids)))
+    table = pd.DataFrame(
+        {
+            "cell_id": ids,
+            "split": "unseen",
+            "true": np.nan,
+            "predicted": scores.mean(axis=0),
+            "uncertainty": scores.std(axis=0, ddof=1),
+            "year": year,
+            **{f"member_{i}": row for i, row in enumerate(scores)},
+        }
+    )
+    config = {
+        "data": data or str(runs_root.parent),
+        "year": year,
+        "label": f"fusion x{len(members)} ({year})",
+        "target": "won",
+        "members": [{"run_id": m} for m in members],
+    }
+    with RunWriter(runs_root, "prediction", config) as run:
+        run.write_metrics({"cells": len(ids), "members": len(members), "year": year})
+        run.write_predictions(table)
+    return run.run_id
+
+
 def snapshot(root: Path) -> dict[str, tuple]:
     """Every file (bytes hash, mtime) and folder under ``root``."""
     state = {}

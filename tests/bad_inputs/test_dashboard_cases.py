@@ -8,14 +8,19 @@ root, and no new files or folders), except where a job is queued on purpose.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import streamlit as st
+import yaml
 from streamlit import config as st_config
 from streamlit.testing.v1 import AppTest
 
@@ -23,44 +28,61 @@ from core.dataroot import DataRoot
 from core.experiments import AERIAL_GSV
 from core.grid import read_grid
 from core.jobs import DB_FILE, JobStore, QueueFull
-from core.runs import EMBEDDINGS_FILE, PREDICTIONS_FILE
+from core.runs import EMBEDDINGS_FILE, PREDICTIONS_FILE, load_run
 from tests.bad_inputs.damage import (
     png_header,
     snapshot,
     street_images_of_a_cell,
     truncate,
+    write_prediction,
     write_run,
 )
 
-APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
+REPO = Path(__file__).resolve().parents[2]
+APP = str(REPO / "dashboard" / "app.py")
 PAGES = [
     "views/city_map.py",
     "views/predicted.py",
     "views/sources.py",
     "views/coverage.py",
+    "views/monitor.py",
     "views/neighbours.py",
     "views/runs.py",
 ]
 
 
+#: The years of the base root's prediction folders (the Monitor page pairs them).
+PREDICTED_YEARS = (2020, 2022, 2024)
+
+
 @pytest.fixture(scope="module")
 def base_root(tmp_path_factory, tiny_demo):
-    """The tiny demo city with two runs (``older``, then ``newest``)."""
+    """The tiny demo city with two runs (``older``, then ``newest``) and, made by those two, a
+    prediction folder of each of :data:`PREDICTED_YEARS`, so that every visit of the Monitor page
+    draws a change: (root, older, newest, {year: prediction folder's id})."""
     root = tmp_path_factory.mktemp("bad_dash") / "city"
     shutil.copytree(tiny_demo, root)
+    runs = DataRoot(root).runs
     ids = read_grid(DataRoot(root).grid)["cell_id"].to_numpy()
-    older = write_run(DataRoot(root).runs, ids, AERIAL_GSV)
-    newest = write_run(DataRoot(root).runs, ids, "aerial")
-    return root, older, newest
+    older = write_run(runs, ids, AERIAL_GSV)
+    newest = write_run(runs, ids, "aerial")
+    predictions = {y: write_prediction(runs, ids, y, [older, newest]) for y in PREDICTED_YEARS}
+    return root, older, newest, predictions
 
 
 @pytest.fixture
 def city(base_root, tmp_path):
     """A private copy of the demo root: (root, older run id, newest run id)."""
-    source, older, newest = base_root
+    source, older, newest, _ = base_root
     root = tmp_path / "city"
     shutil.copytree(source, root)
     return root, older, newest
+
+
+@pytest.fixture
+def predictions(base_root) -> dict[int, str]:
+    """The id of the prediction folder of each year in :data:`PREDICTED_YEARS` (in ``city`` too)."""
+    return base_root[3]
 
 
 @pytest.fixture
@@ -260,6 +282,132 @@ def test_an_invalid_cap_in_the_settings_is_reported(city, env):
     assert snapshot(root) == before
 
 
+# -- prediction folders (the Monitor page) -----------------------------------------------------
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    path = folder / "config.yaml"
+    config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    path.write_text(yaml.safe_dump(config | changes), encoding="utf-8")
+
+
+def _keep_columns(folder: Path, drop: Callable[[str], bool]) -> None:
+    path = folder / PREDICTIONS_FILE
+    table = pd.read_parquet(path)
+    table[[c for c in table.columns if not drop(c)]].to_parquet(path)
+
+
+def monitor_options(app: AppTest) -> list[str]:
+    """The Monitor page's choice of two predictions (each option names both folders)."""
+    return [str(option) for option in app.selectbox(key="monitor_pair").options]
+
+
+def test_the_monitor_page_pairs_every_two_predictions(city, predictions, env):
+    """Good input still passes: three years of one ensemble make three changes, latest first."""
+    root, _, _ = city
+    before = snapshot(root)
+    app = open_app(root, env)
+    visit_every_page(app)
+    app.switch_page("views/monitor.py").run()
+    assert not app.exception, app.exception
+    ids = predictions
+    expected = [(2024, 2022), (2024, 2020), (2022, 2020)]
+    options = monitor_options(app)
+    assert len(options) == 3, options
+    for option, (after, earlier) in zip(options, expected, strict=True):
+        assert option.startswith(f"{after} vs {earlier}") and option.endswith(
+            f"{ids[after]} / {ids[earlier]}"
+        ), option
+    assert [m.label for m in app.metric][0] == "Cells predicted"
+    assert not app.warning
+    assert snapshot(root) == before
+
+
+@pytest.mark.parametrize(
+    ("damage", "where"),
+    [
+        pytest.param(lambda f: truncate(f / PREDICTIONS_FILE), "sidebar", id="truncated"),
+        pytest.param(
+            lambda f: (f / PREDICTIONS_FILE).write_bytes(b"PAR1 not parquet"),
+            "sidebar",
+            id="garbage",
+        ),
+        pytest.param(
+            lambda f: (f / "config.yaml").write_text("year: [2024\n", encoding="utf-8"),
+            "sidebar",
+            id="config-not-yaml",
+        ),
+        pytest.param(
+            lambda f: _keep_columns(f, lambda c: c.startswith("member_")),
+            "page",
+            id="without-member-columns",
+        ),
+        pytest.param(
+            lambda f: _keep_columns(f, lambda c: c == "uncertainty"),
+            "page",
+            id="without-uncertainty",
+        ),
+        pytest.param(
+            lambda f: _keep_columns(f, lambda c: c == "member_1"),
+            "page",
+            id="a-member-column-missing",
+        ),
+        pytest.param(
+            lambda f: _edit_config(f, year="twenty twenty-four"), "page", id="year-not-a-number"
+        ),
+        pytest.param(lambda f: _edit_config(f, year=None), "page", id="year-missing"),
+        pytest.param(
+            lambda f: _edit_config(f, members="all of them"), "page", id="members-not-a-list"
+        ),
+    ],
+)
+def test_a_damaged_prediction_folder_is_skipped_with_a_note(city, predictions, env, damage, where):
+    """The Monitor page leaves out a prediction folder it cannot read (the sidebar names one
+    whose files are unreadable, the page one whose files lack what a change needs) and still
+    draws the change of the other two."""
+    root, _, _ = city
+    bad = DataRoot(root).runs / predictions[2024]
+    damage(bad)
+    before = snapshot(root)
+    app = open_app(root, env)
+    visit_every_page(app)
+    app.switch_page("views/monitor.py").run()
+    assert not app.exception, app.exception
+    sidebar = [w for w in sidebar_warnings(app) if predictions[2024] in w]
+    page = [w.value for w in app.main.warning if predictions[2024] in w.value]
+    notes = sidebar if where == "sidebar" else page
+    assert len(notes) == 1 and str(bad) in notes[0], (sidebar, page)
+    assert not (page if where == "sidebar" else sidebar), (sidebar, page)
+    options = monitor_options(app)
+    assert len(options) == 1 and options[0].startswith("2022 vs 2020"), options
+    assert predictions[2024] not in options[0]
+    assert [m.label for m in app.metric][0] == "Cells predicted"
+    assert snapshot(root) == before
+
+
+def test_the_monitor_page_follows_prediction_folders_as_they_come_and_break(city, predictions, env):
+    """A prediction made while a session is open appears, and one damaged meanwhile drops out
+    with its note, once the runs are re-listed (every 10 s): no restart, no exception."""
+    root, older, newest = city
+    app = open_app(root, env)
+    app.switch_page("views/monitor.py").run()
+    assert len(monitor_options(app)) == 3
+    runs = DataRoot(root).runs
+    ids = read_grid(DataRoot(root).grid)["cell_id"].to_numpy()
+    # as predict on the root the others were made on (the copy's fixture root)
+    data = load_run(runs / predictions[2020]).config["data"]
+    later = write_prediction(runs, ids, 2026, [older, newest], data=data)
+    truncate(runs / predictions[2024] / PREDICTIONS_FILE)
+    time.sleep(10.5)  # data.list_readable_runs re-lists the runs after 10 s
+    app.run()
+    assert not app.exception, app.exception
+    options = monitor_options(app)
+    assert [o[:12] for o in options] == ["2026 vs 2022", "2026 vs 2020", "2022 vs 2020"], options
+    assert all(predictions[2024] not in o for o in options)
+    assert any(later in o for o in options)
+    assert [w for w in sidebar_warnings(app) if predictions[2024] in w]
+
+
 # -- street images ------------------------------------------------------------------------------
 
 
@@ -377,6 +525,65 @@ def test_the_queue_has_a_global_cap(city, env):
     assert not app.exception
     assert len(store.jobs()) == 2
     assert any("Job not queued: 2 jobs are already queued" in w for w in sidebar_warnings(app))
+
+
+def test_two_sessions_queueing_at_once_share_the_caps(city, env, tmp_path):
+    """Two dashboard sessions, each in a process of its own, click "Queue" at the same time:
+    together they queue exactly the global cap, each within its share, every job once, and
+    each refused click says why."""
+    root, _, _ = city
+    (root / "dashboard.yaml").write_text(
+        "max_jobs_per_session: 3\nmax_jobs_queued: 4\n", encoding="utf-8"
+    )
+    environment = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "STADSBEELD_DATA": str(root),
+        "STADSBEELD_RETRAIN": "1",
+        "STADSBEELD_START_WORKER": "0",
+    }
+    environment.pop("STADSBEELD_RETRAIN_SECRET", None)
+    go, ready = tmp_path / "go", [tmp_path / f"ready-{i}" for i in range(2)]
+    sessions = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.bad_inputs.session", str(r), str(go), "4"],
+            cwd=REPO,
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in ready
+    ]
+    try:
+        deadline = time.monotonic() + 180
+        while not all(r.exists() for r in ready):
+            assert all(s.poll() is None for s in sessions), [s.communicate() for s in sessions]
+            assert time.monotonic() < deadline, "the sessions did not render in 180 s"
+            time.sleep(0.1)
+        go.touch()
+        results = []
+        for session in sessions:
+            out, err = session.communicate(timeout=180)
+            assert session.returncode == 0, err
+            results.append(json.loads(out.splitlines()[-1]))
+    finally:
+        for session in sessions:
+            if session.poll() is None:
+                session.kill()
+                session.communicate()
+    mine = [set(r["mine"]) for r in results]
+    assert not mine[0] & mine[1] and all(len(m) <= 3 for m in mine)
+    jobs = JobStore.for_runs(DataRoot(root).runs).jobs()
+    assert sorted(j.id for j in jobs) == sorted(mine[0] | mine[1])  # none lost, none twice
+    assert len(jobs) == 4 and {j.status for j in jobs} == {"queued"}
+    refusals = [note for r in results for note in r["refusals"]]
+    assert sum(note is None for note in refusals) == 4  # one click, one job
+    assert all(
+        note.startswith(("Job not queued: 4 jobs are already", "Job not queued: 3 of your jobs"))
+        for note in refusals
+        if note is not None
+    ), refusals
 
 
 def test_the_caps_are_checked_where_jobs_are_enqueued(tmp_path):
