@@ -11,11 +11,13 @@ import hmac
 import ipaddress
 import os
 import sqlite3
+from dataclasses import asdict
 from datetime import UTC, datetime
 
 import pandas as pd
 import streamlit as st
 
+from core.configs import ContrastiveConfig, FusionConfig, UGEConfig
 from core.dataroot import DataRoot
 from core.jobs import DB_FILE, Job, JobStore, QueueFull, start_worker, worker_alive
 from core.runs import BACKBONE_FILE
@@ -273,24 +275,28 @@ def _age(timestamp: str | None) -> str:
     return f"{seconds:.0f} s ago" if seconds < 120 else f"{seconds / 60:.0f} min ago"
 
 
+#: Each trainable job kind's configuration, whose defaults a job leaves out.
+JOB_CONFIGS = {"fusion": FusionConfig, "contrastive": ContrastiveConfig, "uge": UGEConfig}
+
+
 def describe(job: Job) -> str:
-    """One line per job: id, what it trains, its state."""
+    """One line per job: id, what it trains, its state (a setting the job leaves out is its
+    kind's default, as the worker runs it)."""
     config = job.config
+    if job.kind in JOB_CONFIGS:
+        config = asdict(JOB_CONFIGS[job.kind]()) | config
     if job.kind == "contrastive":
-        return f"#{job.id} contrastive {config.get('objective', '?')}, {config.get('epochs', '?')} epochs"
+        return f"#{job.id} contrastive {config['objective']}, {config['epochs']} epochs"
     if job.kind == "predict":
         members = config.get("run", [])
         return f"#{job.id} predict {config.get('year', '?')} with {len(members)} run(s)"
     if job.kind == "uge":
-        return (
-            f"#{job.id} uge, {config.get('stage1_steps', 600)} + "
-            f"{config.get('stage2_steps', 1000)} steps"
-        )
+        return f"#{job.id} uge, {config['stage1_steps']} + {config['stage2_steps']} steps"
     what = "+".join(
-        (["aerial"] if config.get("aerial", True) else [])
-        + (str(config["ground"]).split(",") if config.get("ground") else [])
+        (["aerial"] if config["aerial"] else [])
+        + (str(config["ground"]).split(",") if config["ground"] else [])
     )
-    return f"#{job.id} {job.kind} {what} → {config.get('target', '')}, {config.get('epochs', '?')} epochs"
+    return f"#{job.id} {job.kind} {what} → {config['target']}, {config['epochs']} epochs"
 
 
 def show_running(store: JobStore, job: Job, may_cancel: bool) -> None:

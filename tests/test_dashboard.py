@@ -534,3 +534,26 @@ def test_browsing_polls_the_queue_only_while_a_job_is_queued_or_running(tmp_path
     assert not retrain.jobs_active(str(root))
     (DataRoot(root).runs / "jobs.sqlite").write_bytes(b"not a database")
     assert not retrain.jobs_active(str(root))
+
+
+def test_a_job_line_names_the_schedule_the_worker_runs(tmp_path):
+    """``make demo`` queues its contrastive and UGE runs with empty configs: the sidebar names
+    the kinds' default schedules, and a setting the job gives wins."""
+    from dashboard import retrain
+
+    store = JobStore.for_runs(tmp_path / "runs")
+    lines = [
+        retrain.describe(store.get(store.enqueue(kind, config)))
+        for kind, config in [
+            ("contrastive", {}),
+            ("uge", {}),
+            ("fusion", {}),
+            ("fusion", {"aerial": False, "ground": "gsv,flickr", "epochs": 3}),
+        ]
+    ]
+    assert lines == [
+        "#1 contrastive temporal, 8 epochs",
+        "#2 uge, 600 + 1000 steps",
+        "#3 fusion aerial+gsv → won, 12 epochs",
+        "#4 fusion gsv+flickr → won, 3 epochs",
+    ]
