@@ -19,7 +19,14 @@ import pytest
 from core.dataroot import DataRoot
 from core.demo import DemoConfig, build_demo
 from core.jobs import JobStore
-from tests.test_browser import browser, new_page, open_page, serve, settle  # noqa: F401
+from tests.test_browser import (  # noqa: F401
+    browser,
+    new_page,
+    open_page,
+    serve,
+    settle,
+    sync_api,
+)
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +63,13 @@ def test_the_queued_embedding_runs_appear_on_the_neighbours_page(
     store = JobStore.for_runs(DataRoot(demo_root).runs)
     with serve(demo_root, tmp_path_factory, retrain=True) as dashboard:
         ready = time.monotonic()
-        deadline = ready + 1200
+        with new_page(browser, dashboard) as page:  # the sidebar shows the two jobs training
+            page.goto(dashboard.url)
+            settle(page)
+            jobs = page.locator('[data-testid="stSidebarUserContent"]')
+            sync_api.expect(jobs).to_contain_text("#1 contrastive temporal, 8 epochs")
+            sync_api.expect(jobs).to_contain_text("#2 uge, 600 + 1000 steps")
+        deadline = ready + 2400
         while {job.status for job in store.jobs()} != {"done"}:
             failed = [job for job in store.jobs() if job.status in ("failed", "cancelled")]
             assert not failed, failed[0].error

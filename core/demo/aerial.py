@@ -238,21 +238,20 @@ def _render_window(
     trees = textures["trees"] < 0.45 * look["greenery"]
     lawn = textures["lawn"] < look["greenery"]
 
+    # painted in place, layer by layer: each layer computes only the pixels it covers
     image = np.where(lawn[..., None], _GRASS, _PAVING)
-    image = np.where((trees & ~building)[..., None], _TREE, image)
-    jitter = 1 + 0.12 * (parcels[..., None] - 0.5)
-    image = np.where(building[..., None], roof_colour(look["era"]) * jitter, image)
-    image = np.where(masks["street"][..., None], _ASPHALT, image)
-    park_texture = np.where((textures["park"] < 0.5)[..., None], _TREE, _GRASS)
-    image = np.where((masks["park"] & ~masks["street"])[..., None], park_texture, image)
-    image = np.where(
-        masks["water"][..., None],
-        _WATER * (1 + 0.05 * textures["water"])[..., None],
-        image,
+    np.copyto(image, _TREE, where=(trees & ~building)[..., None])
+    image[building] = roof_colour(look["era"][building]) * (
+        1 + 0.12 * (parcels[building][:, None] - 0.5)
     )
+    np.copyto(image, _ASPHALT, where=masks["street"][..., None])
+    park = masks["park"] & ~masks["street"]
+    image[park] = np.where((textures["park"][park] < 0.5)[:, None], _TREE, _GRASS)
+    water = masks["water"]
+    image[water] = _WATER * (1 + 0.05 * textures["water"][water])[:, None]
 
-    strip_gain = 1 + 0.06 * np.sin(xs / 2000.0 + phase)  # flight strips
-    image = image * strip_gain[None, :, None] + textures["grain"]
+    image *= (1 + 0.06 * np.sin(xs / 2000.0 + phase))[None, :, None]  # flight strips
+    image += textures["grain"]
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
