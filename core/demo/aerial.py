@@ -9,7 +9,12 @@ Flight strips differ a little in brightness, as real mosaics do.
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import Executor, ProcessPoolExecutor
+from contextlib import nullcontext
+from functools import partial
+from itertools import repeat
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -66,6 +71,7 @@ def write_aerial(
     *,
     like: Path | None = None,
     changed: np.ndarray | None = None,
+    pool: Executor | None = None,
 ) -> Path:
     """Render the mosaic over ``bounds`` (RD metres) and write a tiled, compressed GeoTIFF.
 
@@ -84,20 +90,31 @@ def write_aerial(
         like: a mosaic of the same ``bounds`` drawn by this function from other latents.
         changed: with ``like``, the cells whose latents differ from the ones ``like`` was drawn
             from; only the tiles within a cell of them are drawn again.
+        pool: processes made by :func:`drawing_pool` for these ``streets``, drawing runs of
+            tiles in parallel (the file is written here, in order); None draws here.
     """
     minx, miny = np.floor(np.array(bounds[:2]) / PIXEL_SIZE) * PIXEL_SIZE
     maxx, maxy = np.ceil(np.array(bounds[2:]) / PIXEL_SIZE) * PIXEL_SIZE
     width, height = int((maxx - minx) / PIXEL_SIZE), int((maxy - miny) / PIXEL_SIZE)
     lattices = {name: _lattice(latents, name) for name in ("density", "era", "greenery")}
-    shapes = {
-        "water": shapely.STRtree([water_geometry()]),
-        "park": shapely.STRtree([park_geometry()]),
-        "street": shapely.STRtree(streets),
-    }
     phase = np.random.default_rng([seed, 3]).random() * 6  # of the flight strips
     tiles = [(top, left) for top in range(0, height, _TILE) for left in range(0, width, _TILE)]
     if like is not None:
         tiles = _tiles_near(tiles, changed, minx, maxy)
+    runs = [
+        _Run(
+            top,
+            lefts,
+            min(_TILE, height - top),
+            [min(_TILE, width - left) for left in lefts],
+            from_origin(
+                minx + lefts[0] * PIXEL_SIZE, maxy - top * PIXEL_SIZE, PIXEL_SIZE, PIXEL_SIZE
+            ),
+        )
+        for top, lefts in _runs(tiles)
+    ]
+    draw = partial(_draw_run, lattices=lattices, seed=seed, phase=phase)
+    images = pool.map(draw, runs) if pool is not None else map(draw, runs, repeat(_shapes(streets)))
     tmp = path.with_name(f".{path.name}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     if like is not None:
@@ -112,18 +129,56 @@ def write_aerial(
             raise ValueError(
                 f"{like}: {dst.width} x {dst.height} px, not the {width} x {height} of these bounds"
             )
-        for top, lefts in _runs(tiles):
-            rows = min(_TILE, height - top)
-            widths = [min(_TILE, width - left) for left in lefts]
-            transform = from_origin(
-                minx + lefts[0] * PIXEL_SIZE, maxy - top * PIXEL_SIZE, PIXEL_SIZE, PIXEL_SIZE
-            )
-            rngs = [np.random.default_rng([seed, 3, top, left]) for left in lefts]
-            textures = _textures(rngs, rows, widths)
-            image = _render_window(lattices, shapes, transform, textures, phase)
-            dst.write(image.transpose(2, 0, 1), window=Window(lefts[0], top, sum(widths), rows))
+        for run, image in zip(runs, images, strict=True):
+            window = Window(run.lefts[0], run.top, sum(run.widths), run.rows)
+            dst.write(image.transpose(2, 0, 1), window=window)
     tmp.replace(path)
     return path
+
+
+class _Run(NamedTuple):
+    """Neighbouring tiles of one tile row, drawn together."""
+
+    top: int
+    lefts: list[int]
+    rows: int
+    widths: list[int]
+    transform: Affine
+
+
+#: The shapes a drawing process rasterises, set once per process by :func:`drawing_pool`.
+_POOL_SHAPES: dict[str, shapely.STRtree] = {}
+
+
+def _shapes(streets: np.ndarray) -> dict[str, shapely.STRtree]:
+    return {
+        "water": shapely.STRtree([water_geometry()]),
+        "park": shapely.STRtree([park_geometry()]),
+        "street": shapely.STRtree(streets),
+    }
+
+
+def _set_pool_shapes(streets: np.ndarray) -> None:
+    _POOL_SHAPES.update(_shapes(streets))
+
+
+def drawing_pool(streets: np.ndarray, workers: int) -> ProcessPoolExecutor:
+    """Processes that draw mosaics over ``streets`` (:func:`write_aerial`'s ``pool``)."""
+    return ProcessPoolExecutor(workers, initializer=_set_pool_shapes, initargs=(streets,))
+
+
+def _draw_run(
+    run: _Run,
+    shapes: dict[str, shapely.STRtree] | None = None,
+    *,
+    lattices: dict,
+    seed: int,
+    phase: float,
+) -> np.ndarray:
+    """The pixels of a run of tiles (rows, width, 3); in a pool, over the pool's shapes."""
+    rngs = [np.random.default_rng([seed, 3, run.top, left]) for left in run.lefts]
+    textures = _textures(rngs, run.rows, run.widths)
+    return _render_window(lattices, shapes or _POOL_SHAPES, run.transform, textures, phase)
 
 
 def _profile(width: int, height: int, transform: Affine) -> dict:
@@ -268,6 +323,7 @@ def write_aerial_years(
     folder: Path,
     seed: int,
     progress: Progress | None = None,
+    workers: int = 1,
 ) -> dict[int, Path]:
     """One mosaic per year: ``aerial.tif`` of ``reference_year``, ``<year>.tif`` of the others.
 
@@ -283,10 +339,25 @@ def write_aerial_years(
         folder: the data root's ``aerial/``.
         seed: seeds the textures (:func:`write_aerial`).
         progress: called with ``done`` and ``total`` mosaics as each is started and at the end.
+        workers: processes drawing tiles (:func:`drawing_pool`); 1 draws in this process.
     """
+    with drawing_pool(streets, workers) if workers > 1 else nullcontext() as pool:
+        return _write_years(yearly, reference_year, bounds, streets, folder, seed, progress, pool)
+
+
+def _write_years(
+    yearly: dict[int, pd.DataFrame],
+    reference_year: int,
+    bounds: tuple[float, float, float, float],
+    streets: np.ndarray,
+    folder: Path,
+    seed: int,
+    progress: Progress | None,
+    pool: Executor | None,
+) -> dict[int, Path]:
     reference = yearly[reference_year]
     paths = {reference_year: folder / "aerial.tif"}
-    write_aerial(reference, bounds, streets, paths[reference_year], seed)
+    write_aerial(reference, bounds, streets, paths[reference_year], seed, pool=pool)
     columns = ["density", "era", "greenery"]
     for year in sorted(set(yearly) - {reference_year}):
         if progress is not None:
@@ -301,6 +372,7 @@ def write_aerial_years(
             seed,
             like=paths[reference_year],
             changed=latents.index.to_numpy()[differs.to_numpy()],
+            pool=pool,
         )
     if progress is not None:
         progress({"done": len(yearly), "total": len(yearly)})

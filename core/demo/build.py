@@ -83,7 +83,7 @@ class DemoConfig:
     aerial_margin_m: float = 300.0
     """Aerial mosaic beyond the extent's cells, in metres."""
     workers: int = field(default_factory=lambda: min(2, os.cpu_count() or 1))
-    """Processes rendering the street images."""
+    """Processes rendering the street images and drawing the aerial mosaics."""
 
 
 def extent_cells(fields: city.CityFields, extent: str) -> np.ndarray:
@@ -274,6 +274,7 @@ def _build_into(
             root / "aerial",
             config.seed,
             aerial_progress,
+            config.workers,
         )
 
     stages.run(
