@@ -16,7 +16,7 @@ import rasterio
 
 from core.dataroot import DataRoot
 from core.demo import DemoConfig, build_demo, city
-from core.demo.aerial import street_areas, write_aerial
+from core.demo.aerial import street_areas, write_aerial, write_aerial_years
 from core.grid import CELL_SIZE
 from core.sources.lbm import read_lbm
 
@@ -96,6 +96,21 @@ def test_a_redrawn_year_equals_that_year_drawn_whole(root, tmp_path):
         bounds = tuple(reference.bounds)
     whole = write_aerial(fields.yearly[2019], bounds, streets, tmp_path / "whole.tif", seed=7)
     np.testing.assert_array_equal(_pixels(whole), _pixels(root.aerial_for(2019)))
+
+
+def test_mosaics_drawn_by_worker_processes_equal_those_drawn_in_one(root, tmp_path):
+    """The build draws with its workers (the root above was built with one): every year's
+    mosaic, the reference drawn whole and the others redrawn, comes out the same."""
+    fields = city.build_fields(7)
+    edges = gpd.read_file(root.root / "graph" / "streets.gpkg", layer="edges")
+    streets = street_areas(edges["geometry"].to_numpy())
+    with rasterio.open(root.aerial) as reference:
+        bounds = tuple(reference.bounds)
+    drawn = write_aerial_years(
+        fields.yearly, city.REFERENCE_YEAR, bounds, streets, tmp_path, seed=7, workers=2
+    )
+    for year, path in drawn.items():
+        np.testing.assert_array_equal(_pixels(path), _pixels(root.aerial_for(year)))
 
 
 def test_street_images_see_their_capture_year(root):
