@@ -307,7 +307,14 @@ def show_running(store: JobStore, job: Job, may_cancel: bool) -> None:
     )
     status = "cancelling" if job.cancel_requested else "running"
     st.markdown(f"**{describe(job)}**: {status}")
-    st.progress(min(epoch / max(epochs, 1), 1.0), text=f"epoch {epoch}/{epochs}")
+    stage = progress.get("stage")
+    if isinstance(stage, str):  # a stage before the epochs (building data, a pretraining)
+        where = f"{stage}: {epoch}/{epochs}"
+    elif stage is not None:  # UGE's two stages count steps
+        where = f"stage {stage}: step {epoch}/{epochs}"
+    else:
+        where = f"epoch {epoch}/{epochs}"
+    st.progress(min(epoch / max(epochs, 1), 1.0), text=where)
     facts = []
     if progress.get("loss") is not None:
         facts.append(f"loss {progress['loss']:.4f}")

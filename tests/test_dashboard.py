@@ -399,6 +399,17 @@ def test_a_restarted_dashboard_sees_the_running_job(app, demo_root):
     progress = app.get("progress")
     assert progress and "epoch 2/5" in progress[0].proto.text
     assert any("val tau 0.310" in c.value for c in app.sidebar.caption)
+    # stages before the epochs (a UGE job's pretraining) and UGE's stages of steps
+    for reported, shown in [
+        (
+            {"stage": "pretraining the tiny VLM", "epoch": 300, "epochs": 2000},
+            "pretraining the tiny VLM: 300/2000",
+        ),
+        ({"stage": 2, "epoch": 50, "epochs": 1000}, "stage 2: step 50/1000"),
+    ]:
+        store.report(job_id, reported)
+        app.run()
+        assert shown in app.get("progress")[0].proto.text
     store.fail(job_id, "test over")
 
 

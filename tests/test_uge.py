@@ -20,6 +20,7 @@ from core.ugdata import PAIR_GRAPH, TRAIN_FILE, read_ugdata
 from train.cli import main
 from train.uge import train_uge
 from train.uge_bench import BenchResult, run_bench, stage_gains, write_report
+from train.uge_pretrain import PRETRAINING_STAGE
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,14 @@ def trained(tmp_path_factory, tiny_demo):
         batch_size=8,
         device="cpu",
     )
-    return root, config, train_uge(config, log=lambda _: None)
+    progress = []
+    run_id = train_uge(config, log=lambda _: None, progress=progress.append)
+    PROGRESS[run_id] = progress
+    return root, config, run_id
+
+
+#: What each run of the module told its job's progress, in order.
+PROGRESS: dict[str, list[dict]] = {}
 
 
 def test_a_run_saves_adapters_graph_model_and_cell_embeddings(trained):
@@ -68,6 +76,10 @@ def test_a_run_saves_adapters_graph_model_and_cell_embeddings(trained):
         f"tiny-qwen2vl-captions-3-{p.name.rsplit('-', 1)[1]}" for p in pretrained
     ]
     assert run.config["vlm_resolved"] == str(pretrained[0])
+    # a job's progress (the sidebar) follows the pretraining, then the stages' steps
+    reported = [(p.get("stage"), p.get("epoch")) for p in PROGRESS[run_id]]
+    assert reported[:3] == [(PRETRAINING_STAGE, 1), (PRETRAINING_STAGE, 2), (PRETRAINING_STAGE, 3)]
+    assert reported[3:] == sorted(set(reported[3:])) and reported[-1] == (2, 10)
 
 
 def test_restored_stage_2_reproduces_the_run_embeddings(trained):

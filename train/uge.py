@@ -80,6 +80,7 @@ def vlm_folder(
     log: Callable[[str], None] = print,
     data: UGData | None = None,
     ranks: Ranks | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> Path:
     """The backbone folder (:func:`~core.models.uge_run.backbone_folder`): ``config.vlm``, else
     the tiny Qwen2-VL after its captioning pretraining on this UGData (``data`` if already read;
@@ -103,6 +104,7 @@ def vlm_folder(
             image_px=config.image_px,
             log=log,
             ranks=ranks,
+            progress=progress,
         )
     return folder
 
@@ -318,7 +320,7 @@ def train_uge(
         )
     root = DataRoot(config.data)
     data = read_ugdata(config.ugdata_folder, check_images=True)
-    vlm = vlm_folder(config, log, data, ranks)
+    vlm = vlm_folder(config, log, data, ranks, progress)
     generator = seed_everything(config.seed)
     embedder = UGEEmbedder.from_folder(vlm, settings(config), device=ranks.device)
     if ranks.world > 1:  # each rank its own LoRA dropout masks (the adapters start as rank 0's)

@@ -17,6 +17,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,9 @@ from core.io import building
 from core.models.uge import load_vlm
 from core.models.uge_run import PRETRAINING_MARKER
 from core.ugdata import PAIR_CAPTION, TRAIN_FILE, UGData, UGSample
+
+#: The stage a job's progress names during the captioning pretraining.
+PRETRAINING_STAGE = "pretraining the tiny VLM"
 
 PROMPT = "Describe where this street-level image was taken."
 
@@ -101,6 +105,7 @@ def pretrain_captioning(
     seed: int = 0,
     log: Callable[[str], None] = print,
     ranks: Ranks | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> Path:
     """Train every weight of the VLM in ``base`` on image -> caption; save it to ``out``.
 
@@ -117,6 +122,8 @@ def pretrain_captioning(
         batch_size, lr, image_px, max_caption_tokens, seed: the schedule (global batch size).
         log: progress lines.
         ranks: the ranks of the run (default: this process alone, on the automatic device).
+        progress: called with the stage, step, steps and loss 20 times in the pretraining (a
+            job's progress: the sidebar shows it, and a cancel takes effect there).
 
     Returns:
         ``out``.
@@ -158,6 +165,9 @@ def pretrain_captioning(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimiser.step()
         recent = (recent + [ranks.sum(float(total.detach())) / tokens])[-50:]
+        if progress is not None and (step % max(1, steps // 20) == 0 or step == steps):
+            loss_now = sum(recent) / len(recent)
+            progress({"stage": PRETRAINING_STAGE, "epoch": step, "epochs": steps, "loss": loss_now})
         if step % max(1, steps // 10) == 0 or step == steps:
             log(
                 f"tiny VLM captioning pretraining step {step}/{steps}: loss {sum(recent) / len(recent):.3f} "

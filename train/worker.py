@@ -101,6 +101,7 @@ def run_uge_job(config: dict, log: Callable[[str], None], progress: Progress) ->
     with Ranks(uge.device).main_first():  # under torchrun rank 0 builds, the others read
         if not uge.ugdata_folder.exists():
             log(f"no UGData at {uge.ugdata_folder}: building it (seed {uge.seed})")
+            progress({"stage": "building UGData", "epoch": 0, "epochs": 1})
             build_ugdata(uge.data, uge.ugdata_folder, seed=uge.seed)
     return train_uge(uge, log=log, progress=progress)
 
