@@ -413,17 +413,22 @@ def test_cancel_restart_view_second_worker_and_sigterm(data_root):
     assert list_runs(runs).empty and not worker_alive(runs)
 
 
-def test_a_killed_worker_is_reaped_and_leaves_no_run(data_root):
-    runs = DataRoot(data_root).runs
-    store = JobStore.for_runs(runs)
-    job_id = store.enqueue("fusion", ENDLESS)
+def kill_worker_after_an_epoch(data_root, store: JobStore, job_id: int, timeout: float) -> None:
+    """Start a worker, and SIGKILL it once job ``job_id`` has finished an epoch."""
     worker = spawn_worker(data_root)
     try:
-        wait_for(lambda: running_epoch(store, job_id) >= 1, 60, "the first epoch")
+        wait_for(lambda: running_epoch(store, job_id) >= 1, timeout, "the first epoch")
         os.kill(worker.pid, signal.SIGKILL)
         worker.communicate(timeout=10)
     finally:
         stop(worker)
+
+
+def test_a_killed_worker_is_reaped_and_leaves_no_run(data_root):
+    runs = DataRoot(data_root).runs
+    store = JobStore.for_runs(runs)
+    job_id = store.enqueue("fusion", ENDLESS)
+    kill_worker_after_an_epoch(data_root, store, job_id, 60)
     job = store.get(job_id)
     # Nobody has said otherwise yet.
     assert job.status == "running" and (runs / f".tmp-{job.run_id}").is_dir()
@@ -485,13 +490,7 @@ def test_a_killed_contrastive_job_resumes_through_the_queue(data_root):
     # Six short epochs: the kill lands after the first one's checkpoint, well before the end.
     tiny = {"epochs": 6, "steps_per_epoch": 2, "batch_size": 16, "dim": 16, "mlp_dim": 32}
     killed_job = store.enqueue("contrastive", {**tiny, "device": "cpu", "seed": 5})
-    worker = spawn_worker(data_root)
-    try:
-        wait_for(lambda: running_epoch(store, killed_job) >= 1, 120, "the first epoch")
-        os.kill(worker.pid, signal.SIGKILL)
-        worker.communicate(timeout=10)
-    finally:
-        stop(worker)
+    kill_worker_after_an_epoch(data_root, store, killed_job, 120)
     run_id = store.get(killed_job).run_id
     assert (runs / f".tmp-{run_id}" / "checkpoint.safetensors").is_file()
     assert list_runs(runs).empty  # killed before the end: nothing complete

@@ -342,38 +342,25 @@ def write_aerial_years(
         workers: processes drawing tiles (:func:`drawing_pool`); 1 draws in this process.
     """
     with drawing_pool(streets, workers) if workers > 1 else nullcontext() as pool:
-        return _write_years(yearly, reference_year, bounds, streets, folder, seed, progress, pool)
-
-
-def _write_years(
-    yearly: dict[int, pd.DataFrame],
-    reference_year: int,
-    bounds: tuple[float, float, float, float],
-    streets: np.ndarray,
-    folder: Path,
-    seed: int,
-    progress: Progress | None,
-    pool: Executor | None,
-) -> dict[int, Path]:
-    reference = yearly[reference_year]
-    paths = {reference_year: folder / "aerial.tif"}
-    write_aerial(reference, bounds, streets, paths[reference_year], seed, pool=pool)
-    columns = ["density", "era", "greenery"]
-    for year in sorted(set(yearly) - {reference_year}):
+        reference = yearly[reference_year]
+        paths = {reference_year: folder / "aerial.tif"}
+        write_aerial(reference, bounds, streets, paths[reference_year], seed, pool=pool)
+        columns = ["density", "era", "greenery"]
+        for year in sorted(set(yearly) - {reference_year}):
+            if progress is not None:
+                progress({"done": len(paths), "total": len(yearly)})
+            latents = yearly[year]
+            differs = (latents[columns] - reference[columns]).abs().max(axis=1) > 1e-9
+            paths[year] = write_aerial(
+                latents,
+                bounds,
+                streets,
+                folder / f"{year}.tif",
+                seed,
+                like=paths[reference_year],
+                changed=latents.index.to_numpy()[differs.to_numpy()],
+                pool=pool,
+            )
         if progress is not None:
-            progress({"done": len(paths), "total": len(yearly)})
-        latents = yearly[year]
-        differs = (latents[columns] - reference[columns]).abs().max(axis=1) > 1e-9
-        paths[year] = write_aerial(
-            latents,
-            bounds,
-            streets,
-            folder / f"{year}.tif",
-            seed,
-            like=paths[reference_year],
-            changed=latents.index.to_numpy()[differs.to_numpy()],
-            pool=pool,
-        )
-    if progress is not None:
-        progress({"done": len(yearly), "total": len(yearly)})
+            progress({"done": len(yearly), "total": len(yearly)})
     return dict(sorted(paths.items()))
