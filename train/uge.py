@@ -74,6 +74,9 @@ from train.uge_pretrain import pretrain_captioning
 
 T = TypeVar("T")
 
+#: The stage a job's progress names while stage 2's graphs and images are embedded.
+STAGE2_INPUTS = "embedding stage 2's graph nodes and images"
+
 
 def vlm_folder(
     config: UGEConfig,
@@ -349,6 +352,7 @@ def train_uge(
             embedder.save_adapters(run.path / ADAPTERS_DIR)
 
         started = time.perf_counter()
+        run.progress(stage=STAGE2_INPUTS, epoch=0, epochs=1)  # minutes on a whole city
         questions = subset(walks_with_graphs(data, train), config.stage2_questions, config.seed)
         heldout = [s for s in data.files.get(HELDOUT_FILE, []) if s.pair_type == PAIR_GRAPH]
         records = graph_records(data, stage2 + questions + heldout)
