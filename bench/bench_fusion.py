@@ -199,11 +199,10 @@ def _queued_jobs(root: DataRoot, timeout_s: float) -> dict[str, dict[str, Any]]:
     job_ids = queue_embedding_runs(root, log=lambda _: None)
     store = JobStore.for_runs(root.runs)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        jobs = [store.get(i) for i in job_ids]
-        if all(job.status in FINAL_STATES for job in jobs):
-            break
+    jobs = [store.get(i) for i in job_ids]
+    while time.monotonic() < deadline and not all(job.status in FINAL_STATES for job in jobs):
         time.sleep(5)
+        jobs = [store.get(i) for i in job_ids]
 
     def seconds(stamp: str | None, since: float) -> float | None:
         return None if stamp is None else round(pd.Timestamp(stamp).timestamp() - since, 1)
@@ -219,7 +218,7 @@ def _queued_jobs(root: DataRoot, timeout_s: float) -> dict[str, dict[str, Any]]:
             ),
             "error": job.error,
         }
-        for job in (store.get(i) for i in job_ids)
+        for job in jobs
     }
 
 

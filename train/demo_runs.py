@@ -104,6 +104,7 @@ def ensure_default_runs(
     ``quiet`` silences the trainers' lines (theirs are printed by their own processes);
     ``base`` is the fusion runs' schedule (default: the demo schedule, ``FusionConfig()``).
     """
+    base = base or FusionConfig()
     made: dict[str, str] = {}
     running: dict[Future, str] = {}
     threads = max(1, (os.cpu_count() or 1) // processes)
@@ -111,7 +112,7 @@ def ensure_default_runs(
         ProcessPoolExecutor(
             processes,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=torch_threads,
+            initializer=_torch_threads,
             initargs=(threads,),
         )
         if processes > 1
@@ -121,7 +122,7 @@ def ensure_default_runs(
             for name, needs in DEFAULT_RUNS.items():
                 if name in made or name in running.values() or not set(needs) <= set(made):
                     continue
-                kind, config = _default_config(root, name, device, made, base or FusionConfig())
+                kind, config = _default_config(root, name, device, made, base)
                 existing = _latest(root, kind, **_identity(kind, config))
                 if existing:
                     log(f"{name}: run {existing} exists")
@@ -138,7 +139,7 @@ def ensure_default_runs(
     return [made[c["name"]] for c in DEFAULT_CONFIGURATIONS]
 
 
-def torch_threads(threads: int) -> None:
+def _torch_threads(threads: int) -> None:
     """Give this process ``threads`` intra-op threads (a default run's process)."""
     import torch
 

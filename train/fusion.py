@@ -192,16 +192,16 @@ def cell_inputs(
     return CellInputs(aerial, torch.from_numpy(pooled), has_ground), counts
 
 
-def predict_all(
+def predict_cells(
     model: FusionRegressor,
     inputs: CellInputs,
-    n: int,
+    rows: torch.Tensor,
     ranks: Ranks | None,
     device: torch.device | None = None,
-    rows: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Standardised predictions ``(n,)`` and embeddings ``(n, hidden)`` of all ``n`` cells, or
-    of the cells ``rows`` only, in their order (the validation cells after each epoch).
+    """Standardised predictions ``(len(rows),)`` and embeddings ``(len(rows), hidden)`` of the
+    cells ``rows`` of ``inputs``, in their order (all of them, or the validation cells after
+    each epoch).
 
     Each rank predicts its share (:func:`train.common.predict_shared`); ``ranks`` None is one
     process on ``device``.
@@ -209,13 +209,12 @@ def predict_all(
     device = ranks.device if ranks is not None else device
 
     def predict(index: torch.Tensor) -> torch.Tensor:
-        cells = index if rows is None else rows[index]
         with bf16_autocast(device):
-            embedding = model.embed(*inputs.batch(cells, device)).float()
+            embedding = model.embed(*inputs.batch(rows[index], device)).float()
         # the last layer in float32: bf16 scores would tie cells that Kendall's tau tells apart
         return torch.cat([model.out(embedding), embedding], 1)
 
-    values = predict_shared(ranks, model, predict, n if rows is None else len(rows))
+    values = predict_shared(ranks, model, predict, len(rows))
     return values[:, 0], np.ascontiguousarray(values[:, 1:])
 
 
@@ -359,7 +358,7 @@ def train_fusion(config: FusionConfig, log=print, progress: Progress | None = No
                 loss_sum,
                 min_rows=MIN_ROWS,
             )
-            predicted = predict_all(model, inputs, len(ids), ranks, rows=val_rows)[0] * std + mean
+            predicted = predict_cells(model, inputs, val_rows, ranks)[0] * std + mean
             val_tau = kendall_tau_b(predicted, true[val_rows.numpy()])
             seconds = round(time.perf_counter() - started, 2)
             run.log_epoch(
@@ -385,7 +384,7 @@ def train_fusion(config: FusionConfig, log=print, progress: Progress | None = No
                 best_tau, best_epoch = val_tau, epoch
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         model.load_state_dict(best_state)
-        predicted, embeddings = predict_all(model, inputs, len(ids), ranks)
+        predicted, embeddings = predict_cells(model, inputs, torch.arange(len(ids)), ranks)
         predicted = predicted * std + mean
         result = cells.assign(
             predicted=predicted, residual=predicted - true, ground_images=image_counts
@@ -425,7 +424,9 @@ def predict_run(run_dir: str | Path, device: str = "cpu") -> pd.DataFrame:
     model, config = restore(run, device)
     ids = run.predictions()["cell_id"].to_numpy()
     inputs, _ = cell_inputs(config, DataRoot(Path(config.data)), ids, log=lambda _: None)
-    standardised, _ = predict_all(model, inputs, len(ids), None, resolve_device(device))
+    standardised, _ = predict_cells(
+        model, inputs, torch.arange(len(ids)), None, resolve_device(device)
+    )
     return pd.DataFrame(
         {
             "cell_id": ids,

@@ -24,6 +24,7 @@ from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
+import torch
 
 from core.configs import FusionConfig, PredictConfig
 from core.dataroot import DataRoot
@@ -35,7 +36,7 @@ from core.models.fusion import FusionRegressor, restore
 from core.runs import Run, RunWriter, load_run, parse_run_id, run_path
 from core.sources.lbm import read_lbm, target
 from train.common import quiet
-from train.fusion import cell_inputs, predict_all
+from train.fusion import cell_inputs, predict_cells
 
 PREDICTION_KIND = "prediction"
 #: What every member of an ensemble must share: the training data, label year and target (what
@@ -148,7 +149,7 @@ def ensemble_predict(
     device = next(members[0].model.parameters()).device
     scores = []
     for member in members:
-        standardised, _ = predict_all(member.model, inputs, len(ids), ranks, device)
+        standardised, _ = predict_cells(member.model, inputs, torch.arange(len(ids)), ranks, device)
         scores.append(member.unstandardise(standardised.astype(np.float64)))
     return np.stack(scores), counts
 
