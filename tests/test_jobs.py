@@ -84,6 +84,16 @@ def stop(process: subprocess.Popen) -> None:
     process.communicate(timeout=10)
 
 
+def run_worker_until_idle(data_root, timeout: float) -> tuple[subprocess.Popen, str]:
+    """Run a worker until its queue has been empty for a second; the process and its output."""
+    worker = spawn_worker(data_root, "--exit-when-idle", "1", "--poll", "0.2")
+    try:
+        out, _ = worker.communicate(timeout=timeout)
+    finally:
+        stop(worker)
+    return worker, out
+
+
 def running_epoch(store: JobStore, job_id: int) -> int:
     job = store.get(job_id)
     assert job.status in ("queued", "running"), f"job {job_id} ended early: {job}"
@@ -299,11 +309,7 @@ def test_worker_runs_queued_jobs_one_after_the_other(data_root):
     store = JobStore.for_runs(runs)
     first = store.enqueue("fusion", QUICK)
     second = store.enqueue("fusion", {**QUICK, "epochs": 3, "seed": 1, "data": "/elsewhere"})
-    worker = spawn_worker(data_root, "--exit-when-idle", "1", "--poll", "0.2")
-    try:
-        out, _ = worker.communicate(timeout=60)
-    finally:
-        stop(worker)
+    worker, out = run_worker_until_idle(data_root, 60)
     assert worker.returncode == 0, out
     ran = [store.get(first), store.get(second)]
     assert [job.status for job in ran] == ["done", "done"], out
@@ -322,19 +328,11 @@ def test_a_predict_job_predicts_a_year_with_the_runs_it_names(data_root):
     runs = DataRoot(data_root).runs
     store = JobStore.for_runs(runs)
     trained = [store.enqueue("fusion", {**QUICK, "seed": seed, "split_seed": 0}) for seed in (0, 1)]
-    worker = spawn_worker(data_root, "--exit-when-idle", "1", "--poll", "0.2")
-    try:
-        worker.communicate(timeout=120)
-    finally:
-        stop(worker)
+    run_worker_until_idle(data_root, 120)
     members = [store.get(job).run_id for job in trained]
     job_id = store.enqueue("predict", {"run": members, "year": 2024, "window_years": 1})
     bad = store.enqueue("predict", {"run": members, "year": 2031})
-    worker = spawn_worker(data_root, "--exit-when-idle", "1", "--poll", "0.2")
-    try:
-        out, _ = worker.communicate(timeout=120)
-    finally:
-        stop(worker)
+    _, out = run_worker_until_idle(data_root, 120)
     job = store.get(job_id)
     assert job.status == "done", out + store.log_path(job_id).read_text()
     prediction = load_run(runs / job.run_id)
@@ -352,11 +350,7 @@ def test_a_uge_job_builds_the_missing_ugdata_and_trains(data_root):
     store = JobStore.for_runs(runs)
     tiny = {"tiny_pretrain_steps": 2, "stage1_steps": 2, "stage2_steps": 2}
     job_id = store.enqueue("uge", {**tiny, "stage2_questions": 8, "batch_size": 4})
-    worker = spawn_worker(data_root, "--exit-when-idle", "1", "--poll", "0.2")
-    try:
-        out, _ = worker.communicate(timeout=300)
-    finally:
-        stop(worker)
+    _, out = run_worker_until_idle(data_root, 300)
     job = store.get(job_id)
     assert job.status == "done", out + store.log_path(job_id).read_text()
     assert (DataRoot(data_root).root / "ugdata" / "ugdata.json").is_file()
@@ -460,11 +454,7 @@ def test_after_a_killed_worker_a_fresh_one_runs_the_next_job(data_root):
     partial = store.get(killed_job).run_id
     assert (runs / f".tmp-{partial}").is_dir()
 
-    fresh = spawn_worker(data_root, "--exit-when-idle", "1", "--poll", "0.2")
-    try:
-        out, _ = fresh.communicate(timeout=120)
-    finally:
-        stop(fresh)
+    fresh, out = run_worker_until_idle(data_root, 120)
     assert fresh.returncode == 0, out
     assert f"job {killed_job}: its worker died; marked failed" in out
     dead, done = store.get(killed_job), store.get(next_job)
@@ -496,11 +486,7 @@ def test_a_killed_contrastive_job_resumes_through_the_queue(data_root):
     assert list_runs(runs).empty  # killed before the end: nothing complete
 
     resume_job = store.enqueue("contrastive", {"resume": run_id, "device": "cpu"})
-    fresh = spawn_worker(data_root, "--exit-when-idle", "1", "--poll", "0.2")
-    try:
-        out, _ = fresh.communicate(timeout=180)
-    finally:
-        stop(fresh)
+    fresh, out = run_worker_until_idle(data_root, 180)
     assert store.get(killed_job).status == "failed"
     resumed = store.get(resume_job)
     assert resumed.status == "done", out + store.log_path(resume_job).read_text()
